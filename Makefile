@@ -1,0 +1,34 @@
+# `make test` and `make demo` create or reuse .venv. torch is pinned to the local CPU wheel FIRST
+# so that no dependency pulls a multi-GB CUDA build; the package itself never pins torch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv test demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps clip-anytorch
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv lint
+	$(VENV)/bin/pytest
+
+demo: venv
+	$(VENV)/bin/dpagg demo
+
+bench: venv
+	$(PY) bench/core_timings.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

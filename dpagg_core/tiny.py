@@ -1,0 +1,84 @@
+"""Tiny Stable-Diffusion-structured models built in code, for tests, benchmarks and the demo.
+
+Same classes and conditioning path as SD1.x (CLIPTextModel -> UNet2DConditionModel cross-attention,
+AutoencoderKL with 4 latent channels, DDPM noise schedule), with random weights and the real CLIP
+tokenizer vocabulary, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+
+
+def tiny_text_encoder(hidden_size: int = 32, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=hidden_size,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 8, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_pipeline(hidden_size: int = 32, seed: int = 0):
+    """A ``StableDiffusionPipeline`` of tiny random components (32 px images -> 16 px latents)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, clip_sample=False
+    )
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(hidden_size, seed),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet(hidden_size, seed=seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
