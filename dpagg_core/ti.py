@@ -1,0 +1,282 @@
+"""Per-image textual inversion (TI), batched, over a small backend protocol.
+
+The training loop exists once, here. A *backend* (``dpagg_core.diffusers_backend`` for diffusers
+pipelines, ``nodes/comfy_backend.py`` for ComfyUI MODEL/CLIP/VAE objects) knows how to encode
+images, encode a prompt whose placeholder slots hold trainable vectors, add noise and run the
+denoiser. It knows nothing about optimisers, seeds or batching.
+
+Privacy reasoning (DESIGN.md invariant 1). The DP mechanism downstream adds noise calibrated to the
+replace-one sensitivity of the *mean* of per-image embeddings, 2C/n after clipping to norm C. That
+calibration is only valid if embedding i is a function of image i and public inputs alone: if
+image j could influence embedding i, replacing image j would move several rows and the
+sensitivity bound would be wrong. So, inside a batch:
+
+* every image has its own trainable rows (an ``[N, v, dim]`` parameter per encoder key), and the
+  frozen models process each batch element separately (no BatchNorm, no cross-sample statistics;
+  CLIP and the UNet use LayerNorm/GroupNorm per sample, attention within a sample);
+* the loss is the *sum* over the batch of each image's mean loss, so d loss / d row i is exactly
+  d loss_i / d row i (no 1/B factor that would tie the step to the batch size);
+* the optimizer is AdamW, which is element-wise: its moments, bias correction and decoupled weight
+  decay of row i only read row i's gradient and value. No global gradient-norm clipping, no
+  dynamic loss scaler (its global overflow skip would couple rows); every row is stepped every step;
+* all randomness (timestep, diffusion noise, template, flip, posterior sample) comes from a
+  per-image ``torch.Generator`` seeded from ``(seed, global image index)``, so image i sees the same
+  random stream whether it is trained alone, in any batch, or on any rank of ``torchrun``.
+
+Tests check these properties numerically in float64 (tests/test_ti.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------
+# Templates (Gal et al. 2022, as in diffusers examples/textual_inversion/textual_inversion.py).
+# '{}' marks where the placeholder's v trainable vectors go.
+# ----------------------------------------------------------------------------------------------
+
+OBJECT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+STYLE_TEMPLATES: tuple[str, ...] = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+
+TEMPLATES: dict[str, tuple[str, ...]] = {"style": STYLE_TEMPLATES, "object": OBJECT_TEMPLATES}
+
+PLACEHOLDER = "{}"
+MAX_VECTORS = 8
+
+
+class Cancelled(RuntimeError):
+    """Training was cancelled by ``should_cancel()``; nothing partial is returned."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend protocol
+# ----------------------------------------------------------------------------------------------
+
+
+class LatentDist(NamedTuple):
+    """Per-image latent posterior in the backend's latent space (what ``predict`` consumes).
+
+    ``mean``: ``[B, C, h, w]``. ``std``: same shape, or ``None`` when the backend only has a
+    deterministic encoding (the trainer then always uses ``mean``).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor | None
+
+
+@runtime_checkable
+class TIBackend(Protocol):
+    """What the TI trainer needs from a model. Implementations hold *frozen* models.
+
+    Every method must treat the batch dimension as independent samples: output row b may depend
+    only on input row b (and on frozen weights). Models must be in eval mode with no dropout and no
+    batch-statistics layers; the backend never modifies the token-embedding matrix (placeholders
+    are substituted in the embedding *output*), so all non-placeholder rows stay bit-identical.
+
+    Attributes
+    ----------
+    model_family:
+        ``'sd1' | 'sd2' | 'sdxl'``; recorded in the ``EmbeddingSet``.
+    base_model_id:
+        Public identifier of the checkpoint (e.g. a hash or repo id); may be ``''``.
+    encoder_keys:
+        Keys of the trainable vectors, exactly as in the released file: ``('emb_params',)`` for
+        SD1/SD2, ``('clip_l', 'clip_g')`` for SDXL.
+    embedding_dims:
+        Token-embedding width per key, e.g. ``{'emb_params': 768}`` or
+        ``{'clip_l': 768, 'clip_g': 1280}``.
+    prediction_type:
+        ``'epsilon' | 'v_prediction'`` (informational; ``training_target`` implements it).
+    num_train_timesteps:
+        Timesteps are drawn uniformly from ``range(num_train_timesteps)``.
+    device:
+        Where ``encode_images``/``encode_prompts``/``predict`` run; the trainer moves its inputs
+        (images, noise, trainable vectors) there.
+    dtype:
+        The dtype of the frozen weights. Trainable vectors are kept in float32, or float64 when
+        this is float64 (used by the independence tests).
+    """
+
+    model_family: str
+    base_model_id: str
+    encoder_keys: tuple[str, ...]
+    embedding_dims: dict[str, int]
+    prediction_type: str
+    num_train_timesteps: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def prepare(self, *, gradient_checkpointing: bool) -> None:
+        """Freeze all weights (``requires_grad_(False)``), set eval mode, load models onto
+        ``device``, and enable gradient checkpointing where the models support it."""
+        ...
+
+    def initializer_embedding(self, text: str) -> dict[str, torch.Tensor]:
+        """Token-embedding rows of ``text`` (no BOS/EOS/padding), per key: ``[k, dim]`` where
+        ``k`` is the number of tokens ``text`` tokenizes to (the same for every key). The trainer
+        decides what to do with ``k != 1``. Returned on CPU, float32 or float64."""
+        ...
+
+    def encode_images(self, images: torch.Tensor) -> LatentDist:
+        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` (on ``device``) -> latent posterior (already in
+        the scaled space ``predict`` expects, e.g. times ``vae.config.scaling_factor``). Called
+        once per image (and once per flipped copy) under ``torch.no_grad()``."""
+        ...
+
+    def encode_prompts(
+        self, templates: Sequence[str], vectors: dict[str, torch.Tensor], *, image_size: int
+    ) -> Any:
+        """Conditioning for a batch of prompts with trainable placeholder vectors.
+
+        ``templates[b]`` contains exactly one ``'{}'``; it is replaced by ``v`` placeholder slots
+        whose token embeddings are ``vectors[key][b]`` (``[B, v, dim]`` per key, differentiable;
+        gradients must flow back to them). ``image_size`` is the training resolution in pixels
+        (SDXL uses it for its size/crop time ids). Returns an opaque conditioning object that
+        ``predict`` consumes (SD1/SD2: hidden states; SDXL: hidden states plus pooled embeddings
+        and time ids)."""
+        ...
+
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """Forward diffusion: ``x_t`` for integer ``timesteps`` ``[B]`` (on ``device``)."""
+        ...
+
+    def training_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What ``predict`` should output: ``noise`` for epsilon models, the velocity for
+        v-prediction models."""
+        ...
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Denoiser output at ``timesteps`` given ``encode_prompts``' conditioning,
+        same shape as ``noisy``."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class TIConfig:
+    """Textual-inversion hyper-parameters. All of them are public (they never depend on images).
+
+    ``learning_rate``: AdamW step size. With ``scale_lr`` it is multiplied by ``batch_size`` (the
+    configured value, not the size of the current chunk, so an image's trajectory never depends
+    on how many images share its chunk). Because the loss is a *sum* of per-image losses, no
+    scaling is needed for correctness; the option only mirrors the usual TI recipe.
+    ``vectors``: placeholder vectors per image, 1..8.
+    ``initializer``: text whose token embedding initialises every vector and is the public centre
+    of the released mean. It must be one token, unless ``multi_token_initializer='average'``, in
+    which case the mean of its token embeddings is used.
+    ``templates``: ``'style'`` or ``'object'`` (Gal et al.'s small ImageNet template lists) or an
+    explicit sequence of strings each with one ``'{}'``.
+    ``resolution``: images are resized (shorter side) and centre-cropped to this size; ``None``
+    keeps the given size (must be a multiple of 8).
+    ``batch_size``: images trained together; larger sets are split into chunks trained one after
+    the other, each fully and independently.
+    ``flip``: random horizontal flip per image per step (both latents are encoded once).
+    ``sample_latents``: draw the VAE latent from its posterior (mean + std * eps, eps from the
+    image's own generator) each step; otherwise use the posterior mean.
+    ``mixed_precision``: ``'no'`` (fp32), ``'bf16'`` or ``'fp16'`` autocast on CUDA. On CPU
+    ``'bf16'`` falls back to fp32 with a warning and ``'fp16'`` is refused. fp16 uses a fixed,
+    public loss scale (``fp16_loss_scale``) and zeroes a row's gradient when it is not finite
+    (per row: a global overflow skip would couple images).
+    ``seed``: drives only the TI randomness (timesteps, noise, template, flip, latent sample).
+    """
+
+    steps: int = 500
+    learning_rate: float = 5e-3
+    scale_lr: bool = False
+    vectors: int = 1
+    initializer: str = "painting"
+    multi_token_initializer: Literal["error", "average"] = "error"
+    templates: str | tuple[str, ...] = "style"
+    resolution: int | None = None
+    batch_size: int = 8
+    flip: bool = True
+    sample_latents: bool = True
+    mixed_precision: MixedPrecision = "no"
+    fp16_loss_scale: float = 1024.0
+    gradient_checkpointing: bool = False
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+
+
+def train_embeddings(
+    backend: TIBackend,
+    images: torch.Tensor,
+    config: TIConfig,
+    *,
+    dataset_id: str = "",
+    base_model_id: str | None = None,
+    image_indices: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+):
+    """Train one TI embedding per image; returns an ``EmbeddingSet`` (being implemented)."""
+    raise NotImplementedError
