@@ -1,0 +1,852 @@
+"""The privacy ledger: a per-dataset budget and every DP release, in one SQLite file.
+
+Why a ledger (DESIGN.md, invariant 5): the privacy guarantee covers *everything* released about a
+dataset, so every release is recorded before its result leaves the mechanism, over-budget requests
+are refused before any noise is drawn, and re-running an identical request returns the stored
+release (post-processing of a released value is free, Dwork & Roth 2014, Prop. 2.1) instead of
+drawing fresh noise, which would spend budget again.
+
+Storage: the stdlib ``sqlite3`` module, one file (default ``paths.default_ledger_path()``).
+
+* Journal mode: the classic rollback journal (``journal_mode=DELETE``) with
+  ``synchronous=FULL``. Both it and WAL are atomic and durable under process kill and power loss
+  with FULL sync; the rollback journal is chosen because it keeps the ledger a single file at rest,
+  needs no shared-memory ``-shm`` file (WAL does not work on network file systems and cannot be
+  read from a read-only directory), and dpagg writes a handful of rows per run, so WAL's
+  reader/writer concurrency buys nothing. A process killed mid-transaction leaves a hot journal
+  that the next opener rolls back automatically.
+* Concurrency: every release runs in ONE ``BEGIN IMMEDIATE`` transaction (idempotency lookup,
+  budget check, a first write that proves the file is writable, the noise draw, the final row,
+  ``COMMIT``). ``BEGIN IMMEDIATE`` takes the write lock before the budget is read, so two processes
+  cannot both see the same remaining budget. Waiting for the lock is bounded by ``busy_timeout``.
+* Schema: versioned by ``PRAGMA user_version`` and marked by ``PRAGMA application_id``; created on
+  first use inside a write transaction (safe when several processes start at once).
+
+Composition (what "spent" means). Each release is charged its plan's ``(plan.epsilon,
+plan.delta)`` — the accountant's bound for that plan — and the ledger reports the tighter of two
+sound bounds for all recorded releases plus the new one:
+
+1. Basic composition (Dwork, Kenthapadi, McSherry, Mironov, Naor 2006; Dwork & Roth 2014,
+   Thm 3.16): ``(sum eps_i, sum delta_i)``. Always available; holds for adaptively chosen plans.
+2. Privacy-loss-distribution composition (dp-accounting's ``PLDAccountant``, pessimistic
+   discretisation, Meiser & Mohammadi 2018; Koskela et al. 2020; Doroshenko et al. 2022), used only
+   when every plan has a ``DpEvent`` (``accountant.dp_events``) and all plans share one neighbouring
+   relation: the epsilon of the composed events at the budget's delta, ``(eps_pld, delta_total)``.
+   PLD composition is valid for adaptive composition because each release is a fixed mechanism
+   given its public plan.
+
+Either bound is a valid (epsilon, delta) guarantee for the composed releases, so a request is
+granted if either fits the budget, and the reported spend is the fitting bound with the smaller
+epsilon. Comparisons allow a 1e-9 relative slack so that, e.g., three releases of epsilon 0.1 fit a
+budget of 0.3 despite floating-point rounding (0.1+0.1+0.1 > 0.3 in binary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpagg_core import accountant, mechanism
+from dpagg_core.accountant import PrivacyPlan
+from dpagg_core.errors import BudgetExceeded, DpaggError, LedgerError
+from dpagg_core.paths import default_ledger_path
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x44504147  # "DPAG": marks a dpagg ledger, so a foreign SQLite file is refused.
+DEFAULT_TIMEOUT_S = 30.0
+REL_TOL = 1e-9
+MODES = ("clip", "normalize")
+
+# Test hook: called inside the release transaction after the noise is drawn and the row written,
+# right before COMMIT. Tests use it to kill a process at the worst moment. Never set in production.
+_before_commit_hook: Callable[[], None] | None = None
+
+_SCHEMA = """
+CREATE TABLE datasets (
+    dataset_id    TEXT PRIMARY KEY,
+    epsilon_total REAL NOT NULL CHECK (epsilon_total > 0),
+    delta_total   REAL NOT NULL CHECK (delta_total >= 0 AND delta_total < 1),
+    created       TEXT NOT NULL,
+    updated       TEXT NOT NULL
+);
+CREATE TABLE releases (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset_id    TEXT NOT NULL REFERENCES datasets (dataset_id),
+    request_key   TEXT NOT NULL UNIQUE,
+    name          TEXT NOT NULL,
+    created       TEXT NOT NULL,
+    plan          TEXT NOT NULL,
+    epsilon       REAL NOT NULL,
+    delta         REAL NOT NULL,
+    clip_norm     REAL NOT NULL,
+    centre_kind   TEXT NOT NULL,
+    mode          TEXT NOT NULL,
+    base_model_id TEXT NOT NULL,
+    item_shape    TEXT NOT NULL,
+    vector        BLOB,
+    record        TEXT
+);
+CREATE INDEX releases_by_dataset ON releases (dataset_id);
+"""
+
+_FIX_PATH = "pass another file with --ledger or the DPAGG_LEDGER environment variable"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A composed (epsilon, delta) guarantee and the composition rule that gave it."""
+
+    epsilon: float
+    delta: float
+    composition: str  # "none" (no releases) | "basic" | "pld"
+
+
+@dataclass(frozen=True)
+class LedgerRelease:
+    """A release as returned by :meth:`Ledger.release`.
+
+    ``spent_*`` is the composed spend of the dataset *after* this release (unchanged when
+    ``reused``); ``budget_*`` the dataset's budget.
+    """
+
+    release: mechanism.Release
+    reused: bool
+    release_id: int
+    spent_epsilon: float
+    spent_delta: float
+    budget_epsilon: float
+    budget_delta: float
+    composition: str = "basic"
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+
+
+def _fits(spend: Spend, budget_epsilon: float, budget_delta: float) -> bool:
+    return spend.epsilon <= budget_epsilon * (1 + REL_TOL) and spend.delta <= budget_delta * (
+        1 + REL_TOL
+    )
+
+
+def _basic(plans: Sequence[PrivacyPlan]) -> Spend:
+    eps = math.fsum(float(p.epsilon) for p in plans)
+    delta = math.fsum(float(p.delta) for p in plans)
+    return Spend(eps, delta, "basic")
+
+
+def _pld(plans: Sequence[PrivacyPlan], delta: float) -> Spend | None:
+    """PLD composition of the plans' DpEvents at ``delta``; None where it does not apply."""
+    if not plans or not 0 < delta < 1:
+        return None
+    compose = getattr(accountant, "composed_epsilon", None)
+    dp_events = getattr(accountant, "dp_events", None)
+    if compose is None or dp_events is None:
+        return None
+    if len({p.neighbouring for p in plans}) != 1:
+        return None
+    try:
+        events = [dp_events(p) for p in plans]
+    except (NotImplementedError, DpaggError):
+        return None
+    if any(e is None for e in events):
+        return None
+    eps = compose(events, delta, plans[0].neighbouring)
+    if eps is None or not math.isfinite(eps):
+        return None
+    return Spend(float(eps), float(delta), "pld")
+
+
+def charged_blocks(calls: Sequence[PrivacyPlan]) -> list[PrivacyPlan]:
+    """The plan blocks charged for a sequence of releases (one entry per ``dp_mean`` call).
+
+    A plan with ``releases = k`` states its (epsilon, delta) for k calls in total; calls of one
+    identical plan on one dataset are charged in blocks of k: ``ceil(c / k)`` blocks for c calls.
+    Sound because c <= ceil(c/k) * k calls of the same mechanism are covered by that many k-fold
+    compositions (k = 1, the default, charges every call).
+    """
+    counts: dict[PrivacyPlan, int] = {}
+    for plan in calls:
+        counts[plan] = counts.get(plan, 0) + 1
+    blocks: list[PrivacyPlan] = []
+    for plan, c in counts.items():
+        blocks += [plan] * math.ceil(c / max(1, int(plan.releases)))
+    return blocks
+
+
+def composed_spend(calls: Sequence[PrivacyPlan], budget_delta: float) -> Spend:
+    """The composed spend of the releases ``calls`` (module docstring: rule and soundness).
+
+    Returns the basic bound, or the PLD bound at ``budget_delta`` when basic composition exceeds
+    that delta or PLD gives a smaller epsilon.
+    """
+    plans = charged_blocks(calls)
+    if not plans:
+        return Spend(0.0, 0.0, "none")
+    basic = _basic(plans)
+    pld = _pld(plans, budget_delta)
+    if pld is None:
+        return basic
+    basic_delta_ok = basic.delta <= budget_delta * (1 + REL_TOL)
+    if not basic_delta_ok or pld.epsilon < basic.epsilon:
+        return pld
+    return basic
+
+
+# --------------------------------------------------------------------------------------------
+# Request key
+
+
+def _as_float64(vectors: Any) -> np.ndarray:
+    if hasattr(vectors, "detach"):  # torch.Tensor, without importing torch here
+        vectors = vectors.detach().cpu().double().numpy()
+    return np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
+
+
+def request_key(
+    vectors: np.ndarray,
+    *,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    center: np.ndarray | None,
+    centre_kind: str,
+    mode: str,
+    name: str,
+    base_model_id: str,
+) -> str:
+    """sha256 over every input that determines the release (length-prefixed, unambiguous).
+
+    Two requests with the same key would be answered by the same mechanism on the same data, so
+    the stored answer is returned instead of a fresh draw (post-processing is free).
+    ``base_model_id`` is included because it is written into the stored privacy record.
+    """
+    arr = _as_float64(vectors)
+    content = hashlib.sha256(
+        json.dumps(list(arr.shape)).encode() + arr.astype("<f8", copy=False).tobytes()
+    ).hexdigest()
+    centre_bytes = b"none" if center is None else _as_float64(center).astype("<f8").tobytes()
+    h = hashlib.sha256()
+    for tag, value in (
+        ("dpagg-ledger-request", b"v1"),
+        ("dataset_id", dataset_id.encode()),
+        ("vectors", content.encode()),
+        ("plan", json.dumps(plan.to_dict(), sort_keys=True).encode()),
+        ("clip_norm", float(clip_norm).hex().encode()),
+        ("center", centre_bytes),
+        ("centre_kind", centre_kind.encode()),
+        ("mode", mode.encode()),
+        ("name", name.encode()),
+        ("base_model_id", base_model_id.encode()),
+    ):
+        for part in (tag.encode(), value):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _check_budget_value(epsilon: float | None, delta: float | None, who: str) -> None:
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        raise DpaggError(f"{who} epsilon={epsilon!r} is invalid: give a finite number > 0.")
+    if delta is not None and not (math.isfinite(delta) and 0 <= delta < 1):
+        raise DpaggError(f"{who} delta={delta!r} is invalid: give a number in [0, 1).")
+
+
+def _plan_from_json(text: str) -> PrivacyPlan:
+    return PrivacyPlan(**json.loads(text))
+
+
+class Ledger:
+    """Per-dataset privacy budgets and every release, in one SQLite file.
+
+    ``path`` defaults to ``paths.default_ledger_path()`` (env ``DPAGG_LEDGER``, else the user data
+    dir); parent folders are created on first use. ``timeout`` bounds the wait for another process
+    holding the write lock (SQLite busy timeout), after which :class:`LedgerError` is raised.
+    Each operation opens its own connection, so a ``Ledger`` can be shared across threads and
+    pickled into worker processes.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_ledger_path()
+        self.timeout = float(timeout)
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+    # ---- connection and error handling ------------------------------------------------------
+
+    def _error(self, exc: BaseException) -> LedgerError:
+        msg = str(exc)
+        name = getattr(exc, "sqlite_errorname", "")
+        p = self.path
+        if "locked" in msg or "busy" in msg or name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            text = (
+                f"privacy ledger {p} is locked by another process for more than "
+                f"{self.timeout:g} s ({msg}). No release was made. Fix: wait for the other dpagg "
+                f"or ComfyUI run to finish and retry, or {_FIX_PATH}."
+            )
+        elif (
+            "readonly" in msg
+            or "read-only" in msg
+            or "unable to open" in msg
+            or isinstance(exc, PermissionError)
+            or name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"))
+        ):
+            text = (
+                f"privacy ledger {p} cannot be written: the file or its folder is read-only or "
+                f"missing ({msg}). No release was made. Fix: make {p} and its folder writable, or "
+                f"{_FIX_PATH}."
+            )
+        elif isinstance(exc, OSError):
+            text = (
+                f"privacy ledger {p} cannot be created ({msg}). No release was made. Fix: make "
+                f"{p.parent} writable, or {_FIX_PATH}."
+            )
+        else:
+            text = (
+                f"privacy ledger {p} is corrupt or not a dpagg ledger ({msg}). No release was "
+                f"made. Fix: move the file aside and restore a backup (keep it: it records the "
+                f"budget already spent; a fresh ledger forgets it), or {_FIX_PATH}."
+            )
+        return LedgerError(text)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """An autocommit connection (transactions are explicit) with a valid schema."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._error(exc) from exc
+        try:
+            con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            con.execute("PRAGMA synchronous = FULL")
+            con.execute("PRAGMA foreign_keys = ON")
+            self._ensure_schema(con)
+            yield con  # sqlite errors raised in the caller's block are mapped here too
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        finally:
+            con.close()
+
+    def _schema_state(self, con: sqlite3.Connection) -> str:
+        """'ok', 'empty' (create it), or raise LedgerError for a foreign or newer file."""
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id == 0 and version == 0 and tables == 0:
+            return "empty"
+        if app_id != APPLICATION_ID:
+            raise LedgerError(
+                f"{self.path} is an SQLite file but not a dpagg privacy ledger (application_id "
+                f"{app_id:#x}). No release was made. Fix: {_FIX_PATH}; do not point dpagg at "
+                f"another program's database."
+            )
+        if version != SCHEMA_VERSION:
+            raise LedgerError(
+                f"privacy ledger {self.path} has schema version {version}, this dpagg reads "
+                f"version {SCHEMA_VERSION}. No release was made. Fix: use the dpagg version that "
+                f"wrote it (upgrade dpagg), or {_FIX_PATH}."
+            )
+        return "ok"
+
+    def _ensure_schema(self, con: sqlite3.Connection) -> None:
+        if self._schema_state(con) == "ok":
+            return
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if self._schema_state(con) == "empty":  # re-check under the write lock
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            con.execute("COMMIT")
+        finally:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _budget(con: sqlite3.Connection, dataset_id: str) -> tuple[float, float] | None:
+        row = con.execute(
+            "SELECT epsilon_total, delta_total FROM datasets WHERE dataset_id = ?", (dataset_id,)
+        ).fetchone()
+        return None if row is None else (float(row[0]), float(row[1]))
+
+    @staticmethod
+    def _plans(con: sqlite3.Connection, dataset_id: str) -> list[PrivacyPlan]:
+        """Recorded plans, with the charged (epsilon, delta) as stored in the row."""
+        plans = []
+        for plan_json, eps, delta in con.execute(
+            "SELECT plan, epsilon, delta FROM releases WHERE dataset_id = ? ORDER BY id",
+            (dataset_id,),
+        ):
+            try:
+                plan = _plan_from_json(plan_json)
+            except (TypeError, ValueError) as exc:
+                raise LedgerError(
+                    f"privacy ledger has an unreadable plan for dataset {dataset_id!r} ({exc}); "
+                    f"the ledger is corrupt. Fix: restore a backup, or {_FIX_PATH}."
+                ) from exc
+            if plan.epsilon != eps or plan.delta != delta:
+                raise LedgerError(
+                    f"privacy ledger row for dataset {dataset_id!r} is inconsistent (charged "
+                    f"{eps}, {delta} vs plan {plan.epsilon}, {plan.delta}); the ledger is corrupt."
+                    f" Fix: restore a backup, or {_FIX_PATH}."
+                )
+            plans.append(plan)
+        return plans
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def status(self, dataset_id: str) -> dict[str, Any]:
+        """Budget, composed spend, remaining budget and number of releases of ``dataset_id``.
+
+        ``{"dataset_id", "budget": {"epsilon","delta"} | None, "spent": {"epsilon","delta"},
+        "remaining": {"epsilon","delta"} | None, "releases": int, "composition": str}``.
+        Under PLD composition the spend is reported at the budget's delta, so remaining delta is 0
+        and only epsilon is left to spend (the next request is re-composed from scratch).
+        """
+        with self._connect() as con:
+            con.execute("BEGIN")
+            try:
+                budget = self._budget(con, dataset_id)
+                plans = self._plans(con, dataset_id)
+            finally:
+                con.execute("ROLLBACK")
+        spend = composed_spend(plans, budget[1] if budget else 0.0)
+        out: dict[str, Any] = {
+            "dataset_id": dataset_id,
+            "budget": None,
+            "spent": {"epsilon": spend.epsilon, "delta": spend.delta},
+            "remaining": None,
+            "releases": len(plans),
+            "composition": spend.composition,
+        }
+        if budget is not None:
+            out["budget"] = {"epsilon": budget[0], "delta": budget[1]}
+            out["remaining"] = {
+                "epsilon": max(0.0, budget[0] - spend.epsilon),
+                "delta": max(0.0, budget[1] - spend.delta),
+            }
+        return out
+
+    def _effective_budget(
+        self,
+        stored: tuple[float, float] | None,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+        dataset_id: str,
+    ) -> tuple[float, float]:
+        """The budget a request is checked against.
+
+        No stored budget: the requested one, else this release's own (epsilon, delta). A stored
+        budget is never raised implicitly: a larger requested value is refused (raise it with
+        ``set_budget``); a smaller one acts as an extra cap for this request.
+        """
+        if stored is None:
+            return (
+                float(plan.epsilon if budget_epsilon is None else budget_epsilon),
+                float(plan.delta if budget_delta is None else budget_delta),
+            )
+        eps, delta = stored
+        for label, req, cur in (("epsilon", budget_epsilon, eps), ("delta", budget_delta, delta)):
+            if req is not None and req > cur * (1 + REL_TOL):
+                raise BudgetExceeded(
+                    f"budget_{label}={req:g} is above dataset {dataset_id!r}'s recorded budget "
+                    f"{label} {cur:g} in {self.path}. A budget is never raised implicitly. Fix: "
+                    f"raise it deliberately with `dpagg ledger set-budget` (Ledger.set_budget), "
+                    f"or drop budget_{label}."
+                )
+        return (
+            eps if budget_epsilon is None else min(eps, budget_epsilon),
+            delta if budget_delta is None else min(delta, budget_delta),
+        )
+
+    @staticmethod
+    def _refusal(
+        dataset_id: str,
+        path: Path,
+        spent: Spend,
+        plan: PrivacyPlan,
+        after: Spend,
+        budget: tuple[float, float],
+    ) -> BudgetExceeded:
+        return BudgetExceeded(
+            f"privacy budget of dataset {dataset_id!r} would be exceeded: spent "
+            f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} ({spent.composition} "
+            f"composition); budget epsilon={budget[0]:.6g}, delta={budget[1]:.3g}; requested "
+            f"epsilon={plan.epsilon:.6g}, delta={plan.delta:.3g} (total would be "
+            f"epsilon={after.epsilon:.6g}, delta={after.delta:.3g}). No noise was drawn, nothing "
+            f"was spent. Fix: use a larger noise (smaller epsilon) for this release, or raise the "
+            f"budget deliberately with `dpagg ledger set-budget` (ledger {path})."
+        )
+
+    def _check_locked(
+        self,
+        con: sqlite3.Connection,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+    ) -> tuple[tuple[float, float] | None, tuple[float, float], list[PrivacyPlan], Spend]:
+        stored = self._budget(con, dataset_id)
+        budget = self._effective_budget(stored, plan, budget_epsilon, budget_delta, dataset_id)
+        plans = self._plans(con, dataset_id)
+        after = composed_spend([*plans, plan], budget[1])
+        if not _fits(after, *budget):
+            raise self._refusal(
+                dataset_id, self.path, composed_spend(plans, budget[1]), plan, after, budget
+            )
+        return stored, budget, plans, after
+
+    def check(
+        self,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None = None,
+        budget_delta: float | None = None,
+    ) -> dict[str, Any]:
+        """Dry run of a release of ``plan``: raises BudgetExceeded if it would be refused.
+
+        Returns ``{"budget": {...}, "spent_after": {...}, "composition": str}``. Draws nothing and
+        writes nothing (a concurrent release may still take the budget first).
+        """
+        _validate_ids(dataset_id, "check")
+        _check_plan(plan)
+        _check_budget_value(budget_epsilon, budget_delta, "budget")
+        with self._connect() as con:
+            con.execute("BEGIN")
+            try:
+                _, budget, _, after = self._check_locked(
+                    con, dataset_id, plan, budget_epsilon, budget_delta
+                )
+            finally:
+                con.execute("ROLLBACK")
+        return {
+            "budget": {"epsilon": budget[0], "delta": budget[1]},
+            "spent_after": {"epsilon": after.epsilon, "delta": after.delta},
+            "composition": after.composition,
+        }
+
+    def set_budget(self, dataset_id: str, epsilon: float, delta: float) -> dict[str, Any]:
+        """Set (raise or lower) the budget of ``dataset_id``; returns the new :meth:`status`.
+
+        Lowering it below what is already spent (composed at the new delta) is refused with
+        BudgetExceeded: the spent privacy cannot be taken back.
+        """
+        _validate_ids(dataset_id, "set_budget")
+        _check_budget_value(epsilon, delta, "set_budget")
+        epsilon, delta = float(epsilon), float(delta)
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    plans = self._plans(con, dataset_id)
+                    spent = composed_spend(plans, delta)
+                    if not _fits(spent, epsilon, delta):
+                        raise BudgetExceeded(
+                            f"cannot set the budget of dataset {dataset_id!r} to epsilon="
+                            f"{epsilon:g}, delta={delta:g}: already spent epsilon="
+                            f"{spent.epsilon:.6g}, delta={spent.delta:.3g} ({spent.composition} "
+                            f"composition at delta={delta:g}) in {self.path}. Spent privacy cannot "
+                            f"be taken back. Fix: choose a budget at least the spent amount."
+                        )
+                    now = _now()
+                    con.execute(
+                        "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, "
+                        "updated) VALUES (?, ?, ?, ?, ?) ON CONFLICT (dataset_id) DO UPDATE SET "
+                        "epsilon_total = excluded.epsilon_total, delta_total = "
+                        "excluded.delta_total, updated = excluded.updated",
+                        (dataset_id, epsilon, delta, now, now),
+                    )
+                    con.execute("COMMIT")
+                finally:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        return self.status(dataset_id)
+
+    def release(
+        self,
+        vectors: Any,
+        *,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        clip_norm: float,
+        center: np.ndarray | None = None,
+        centre_kind: str = "origin",
+        name: str,
+        base_model_id: str = "",
+        budget_epsilon: float | None = None,
+        budget_delta: float | None = None,
+        mode: str = "clip",
+    ) -> LedgerRelease:
+        """Release one DP mean of ``vectors`` [n, D] under ``plan``, recorded in the ledger.
+
+        Order (invariant 5): inputs are validated (``mechanism.check_inputs``) before anything is
+        touched; then in ONE ``BEGIN IMMEDIATE`` transaction: an identical earlier request returns
+        its stored release (``reused=True``, nothing spent); the composed spend of recorded + this
+        release is checked against the budget (refused with BudgetExceeded before any noise is
+        drawn); a first row is written (so a read-only or full disk fails before the draw); the
+        noise is drawn (``mechanism.dp_mean``); the row is completed and committed. The result is
+        returned only after COMMIT: if anything fails before, the transaction is rolled back and
+        the drawn value is discarded without ever leaving this function, so nothing was released.
+        """
+        _validate_ids(dataset_id, "release", name=name)
+        if mode not in MODES:
+            raise DpaggError(f"mode={mode!r} is invalid: use one of {MODES}.")
+        if not isinstance(centre_kind, str) or not isinstance(base_model_id, str):
+            raise DpaggError("centre_kind and base_model_id must be strings.")
+        _check_plan(plan)
+        _check_budget_value(budget_epsilon, budget_delta, "budget")
+        arr = _as_float64(vectors)
+        ctr = None if center is None else _as_float64(center)
+        # Everything dp_mean would refuse is refused here, before the ledger is even opened.
+        mechanism.check_inputs(arr, plan, clip_norm, ctr, mode=mode)
+        mechanism.privacy_record(
+            plan, clip_norm, mode=mode, centre_kind=centre_kind, base_model_id=base_model_id
+        )
+        key = request_key(
+            arr,
+            dataset_id=dataset_id,
+            plan=plan,
+            clip_norm=clip_norm,
+            center=ctr,
+            centre_kind=centre_kind,
+            mode=mode,
+            name=name,
+            base_model_id=base_model_id,
+        )
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    result = self._release_locked(
+                        con,
+                        arr,
+                        key=key,
+                        dataset_id=dataset_id,
+                        plan=plan,
+                        clip_norm=clip_norm,
+                        center=ctr,
+                        centre_kind=centre_kind,
+                        name=name,
+                        base_model_id=base_model_id,
+                        budget_epsilon=budget_epsilon,
+                        budget_delta=budget_delta,
+                        mode=mode,
+                    )
+                    if not result.reused:
+                        if _before_commit_hook is not None:
+                            _before_commit_hook()
+                        con.execute("COMMIT")
+                finally:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        return result
+
+    def _release_locked(
+        self,
+        con: sqlite3.Connection,
+        arr: np.ndarray,
+        *,
+        key: str,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        clip_norm: float,
+        center: np.ndarray | None,
+        centre_kind: str,
+        name: str,
+        base_model_id: str,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+        mode: str,
+    ) -> LedgerRelease:
+        row = con.execute(
+            "SELECT id, vector, record, item_shape FROM releases WHERE request_key = ?", (key,)
+        ).fetchone()
+        if row is not None:
+            stored = self._budget(con, dataset_id)
+            assert stored is not None, "a release row without its dataset budget"
+            spent = composed_spend(self._plans(con, dataset_id), stored[1])
+            return LedgerRelease(
+                release=_make_release(row[1], row[2], row[3]),
+                reused=True,
+                release_id=int(row[0]),
+                spent_epsilon=spent.epsilon,
+                spent_delta=spent.delta,
+                budget_epsilon=stored[0],
+                budget_delta=stored[1],
+                composition=spent.composition,
+            )
+
+        stored, budget, _, after = self._check_locked(
+            con, dataset_id, plan, budget_epsilon, budget_delta
+        )
+        now = _now()
+        if stored is None:  # first release of this dataset sets its budget
+            con.execute(
+                "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, updated) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (dataset_id, budget[0], budget[1], now, now),
+            )
+        # First write to the releases table BEFORE the draw: proves the file is writable (a
+        # read-only file only fails on the first write, not on BEGIN IMMEDIATE).
+        cur = con.execute(
+            "INSERT INTO releases (dataset_id, request_key, name, created, plan, epsilon, delta, "
+            "clip_norm, centre_kind, mode, base_model_id, item_shape) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                dataset_id,
+                key,
+                name,
+                now,
+                json.dumps(plan.to_dict(), sort_keys=True),
+                float(plan.epsilon),
+                float(plan.delta),
+                float(clip_norm),
+                centre_kind,
+                mode,
+                base_model_id,
+                json.dumps([int(d) for d in arr.shape[1:]]),
+            ),
+        )
+        release_id = int(cur.lastrowid)
+        release = mechanism.dp_mean(
+            arr,
+            plan=plan,
+            clip_norm=clip_norm,
+            center=center,
+            mode=mode,
+            base_model_id=base_model_id,
+            centre_kind=centre_kind,
+        )
+        vec = np.ascontiguousarray(np.asarray(release.vector, dtype=np.float64))
+        con.execute(
+            "UPDATE releases SET vector = ?, record = ? WHERE id = ?",
+            (vec.astype("<f8").tobytes(), json.dumps(release.record, sort_keys=True), release_id),
+        )
+        return LedgerRelease(
+            release=release,
+            reused=False,
+            release_id=release_id,
+            spent_epsilon=after.epsilon,
+            spent_delta=after.delta,
+            budget_epsilon=budget[0],
+            budget_delta=budget[1],
+            composition=after.composition,
+        )
+
+    def list_releases(
+        self, dataset_id: str | None = None, *, with_vectors: bool = False
+    ) -> list[dict[str, Any]]:
+        """Recorded releases (oldest first), of one dataset or all; vectors only if asked."""
+        sql = f"SELECT {_COLUMNS} FROM releases"
+        args: tuple[Any, ...] = ()
+        if dataset_id is not None:
+            sql += " WHERE dataset_id = ?"
+            args = (dataset_id,)
+        with self._connect() as con:
+            rows = con.execute(sql + " ORDER BY id", args).fetchall()
+        return [_row_dict(r, with_vectors) for r in rows]
+
+    def get_release(self, release_id: int) -> dict[str, Any]:
+        """One recorded release, with its vector (np.float64 [D]) and record."""
+        with self._connect() as con:
+            row = con.execute(
+                f"SELECT {_COLUMNS} FROM releases WHERE id = ?", (int(release_id),)
+            ).fetchone()
+        if row is None:
+            raise DpaggError(
+                f"no release with id {release_id} in ledger {self.path}. Fix: list them with "
+                f"`dpagg ledger list`."
+            )
+        return _row_dict(row, True)
+
+
+_COLUMN_NAMES = (
+    "id",
+    "dataset_id",
+    "request_key",
+    "name",
+    "created",
+    "plan",
+    "epsilon",
+    "delta",
+    "clip_norm",
+    "centre_kind",
+    "mode",
+    "base_model_id",
+    "item_shape",
+    "vector",
+    "record",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+
+
+def _row_dict(row: Sequence[Any], with_vectors: bool) -> dict[str, Any]:
+    d = dict(zip(_COLUMN_NAMES, row, strict=True))
+    d["plan"] = json.loads(d["plan"])
+    d["record"] = json.loads(d["record"]) if d["record"] is not None else None
+    d["item_shape"] = json.loads(d["item_shape"])
+    if with_vectors:
+        d["vector"] = _vector(d["vector"], d["item_shape"])
+    else:
+        del d["vector"]
+    return d
+
+
+def _vector(blob: bytes, item_shape: list[int]) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f8").astype(np.float64).reshape(item_shape)
+
+
+def _make_release(vector_blob: bytes, record_json: str, item_shape: str) -> mechanism.Release:
+    vector = _vector(vector_blob, json.loads(item_shape))
+    return mechanism.Release(vector=vector, record=json.loads(record_json))
+
+
+def _validate_ids(dataset_id: Any, who: str, *, name: Any = "x") -> None:
+    if not isinstance(dataset_id, str) or not dataset_id:
+        raise DpaggError(f"{who}: dataset_id={dataset_id!r} is invalid: give a non-empty string.")
+    if not isinstance(name, str) or not name:
+        raise DpaggError(f"{who}: name={name!r} is invalid: give a non-empty string.")
+
+
+def _check_plan(plan: Any) -> None:
+    if not isinstance(plan, PrivacyPlan):
+        raise DpaggError(
+            f"plan={plan!r} is not a PrivacyPlan: build one with accountant.calibrate."
+        )
+    eps, delta = plan.epsilon, plan.delta
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise DpaggError(f"plan.epsilon={eps!r} is invalid: it must be a finite number >= 0.")
+    if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
+        raise DpaggError(f"plan.delta={delta!r} is invalid: it must lie in [0, 1).")
