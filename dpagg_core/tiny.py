@@ -69,8 +69,12 @@ def tiny_pipeline(hidden_size: int = 32, seed: int = 0):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, clip_sample=False
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        clip_sample=False,
     )
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),

@@ -1,0 +1,557 @@
+"""The ``dpagg`` command: account, aggregate, train, run, demo, audit, ledger, inspect.
+
+Every command takes ``--json`` (machine-readable output on stdout). Errors are one line on stderr
+naming the offending parameter and the fix, with exit status 2; nothing is spent on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import DpaggError
+
+log = logging.getLogger("dpagg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def _record_text(record: dict[str, str]) -> str:
+    width = max(len(k) for k in record)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in sorted(record.items()))
+
+
+def _budget_text(summary: dict[str, Any]) -> str:
+    b = summary["budget"]
+    return (
+        f"budget: spent epsilon {b['spent_epsilon']:.4g} of {b['epsilon']:.4g} "
+        f"(remaining {b['remaining_epsilon']:.4g}), delta {b['spent_delta']:.3g} of "
+        f"{b['delta']:.3g} [{b['composition']} composition]"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared argument groups
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_plan_args(p: argparse.ArgumentParser, *, allow_noise: bool = True) -> None:
+    g = p.add_argument_group("privacy plan")
+    target = g.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="target epsilon (calibrates the noise)")
+    if allow_noise:
+        target.add_argument(
+            "--noise-multiplier",
+            type=float,
+            help="noise std / sensitivity of the mean; prints the epsilon it costs",
+        )
+    g.add_argument("--delta", type=float, default=None, help="delta (default 1/(10 n))")
+    g.add_argument("--sampling", choices=("full", "wor", "poisson"), default="full")
+    g.add_argument("--m", type=int, help="subsample size for --sampling wor")
+    g.add_argument("--q", type=float, help="sampling rate for --sampling poisson")
+    g.add_argument("--releases", type=int, default=1, help="releases the plan covers (k)")
+
+
+def _add_ledger_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ledger", type=Path, help="ledger file (default: user data dir, $DPAGG_LEDGER)"
+    )
+
+
+def _add_release_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("release")
+    g.add_argument("--clip-norm", type=float, help="clip norm C (public; see suggest-clip-norm)")
+    g.add_argument("--centre", choices=("initializer", "origin"), default=None)
+    g.add_argument("--clip-mode", choices=("clip", "normalize"), default="clip")
+    g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")
+    g.add_argument("--out-dir", type=Path, required=True, help="folder for <name>.safetensors")
+    g.add_argument("--budget-epsilon", type=float, help="dataset budget on first release")
+    g.add_argument("--budget-delta", type=float, help="dataset delta budget on first release")
+    g.add_argument("--a1111-pt", action="store_true", help="also write an A1111 .pt file")
+    _add_ledger_args(p)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-image textual inversion")
+    g.add_argument("--images", type=Path, required=True, help="folder of private images")
+    g.add_argument("--model", type=Path, required=True, help="diffusers folder or checkpoint")
+    g.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="override model detection")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--learning-rate", type=float, default=None)
+    g.add_argument("--vectors", type=int, default=1, help="vectors per token (1-8)")
+    g.add_argument("--initializer", default="painting", help="one-token initializer (public)")
+    g.add_argument("--templates", choices=("style", "object"), default="style")
+    g.add_argument("--resolution", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best)")
+    g.add_argument("--seed", type=int, default=0, help="TI randomness only (never the DP noise)")
+
+
+def _default_delta(n: int, delta: float | None) -> float:
+    return 1.0 / (10.0 * n) if delta is None else delta
+
+
+def _plan(args: argparse.Namespace, n: int):
+    from .accountant import calibrate, epsilon_for
+
+    delta = _default_delta(n, args.delta)
+    common = {
+        "delta": delta,
+        "n": n,
+        "sampling": args.sampling,
+        "m": args.m,
+        "q": args.q,
+        "releases": args.releases,
+    }
+    if getattr(args, "noise_multiplier", None) is not None:
+        return epsilon_for(args.noise_multiplier, **common)
+    return calibrate(args.epsilon, **common)
+
+
+def _ledger(args: argparse.Namespace):
+    from .ledger import Ledger
+
+    return Ledger(args.ledger)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from .accountant import plan_summary
+
+    if args.n is None:
+        raise DpaggError("--n is required: the number of private images (public under replace-one)")
+    plan = _plan(args, args.n)
+    _emit(args, {"plan": plan.to_dict()}, plan_summary(plan))
+    return 0
+
+
+def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre: str) -> int:
+    from .release import release_embeddings
+
+    if args.clip_norm is None:
+        raise DpaggError(
+            "--clip-norm is required: choose C from public data (`dpagg suggest-clip-norm`) "
+            "or prior knowledge; never from the private embeddings"
+        )
+    outcome = release_embeddings(
+        eset,
+        plan=plan,
+        clip_norm=args.clip_norm,
+        name=args.name,
+        out_dir=args.out_dir,
+        ledger=_ledger(args),
+        centre=args.centre or default_centre,
+        mode=args.clip_mode,
+        budget_epsilon=args.budget_epsilon,
+        budget_delta=args.budget_delta,
+        a1111_pt=args.a1111_pt,
+    )
+    summary = outcome.summary()
+    head = (
+        "re-used the identical earlier release (nothing spent)"
+        if outcome.reused
+        else f"released {outcome.path}"
+    )
+    text = "\n".join(
+        [
+            head,
+            f"use it in a prompt as: {outcome.prompt}",
+            "privacy record (stored in the file header):",
+            _record_text(outcome.record),
+            _budget_text(summary),
+        ]
+    )
+    _emit(args, summary, text)
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from .embeddings import load_private
+
+    eset = load_private(args.embeddings)
+    plan = _plan(args, eset.n)
+    default_centre = "initializer" if eset.centre is not None else "origin"
+    return _release_and_report(args, eset, plan, default_centre=default_centre)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .embeddings import describe
+
+    info = describe(args.file)
+    lines = [f"{args.file}:"]
+    for k, v in info.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            lines.append(_record_text({str(a): str(b) for a, b in v.items()}) if v else "  -")
+        else:
+            lines.append(f"{k}: {v}")
+    _emit(args, info, "\n".join(lines))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+
+    plan = _plan(args, args.n)
+    result = audit(
+        plan,
+        clip_norm=1.0,
+        dim=args.dim,
+        trials=args.trials,
+        confidence=args.confidence,
+    )
+    payload = {
+        "plan": plan.to_dict(),
+        "claimed_epsilon": result.claimed_epsilon,
+        "empirical_epsilon_lower_bound": result.empirical_epsilon_lower_bound,
+        "confidence": result.confidence,
+        "trials": result.trials,
+        "passed": result.passed,
+    }
+    _emit(args, payload, result.summary())
+    return 0 if result.passed else 1
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    if args.ledger_cmd == "set-budget":
+        status = ledger.set_budget(args.dataset, args.epsilon, args.delta)
+        _emit(args, status, f"budget of {args.dataset} set: {json.dumps(status, default=str)}")
+        return 0
+    releases = ledger.list_releases(args.dataset)
+    datasets = sorted({r["dataset_id"] for r in releases} | ({args.dataset} - {None}))
+    statuses = {d: ledger.status(d) for d in datasets}
+    lines = [f"ledger {ledger.path}"]
+    for d, st in statuses.items():
+        lines.append(f"dataset {d}: {json.dumps(st, default=str)}")
+        for r in releases:
+            if r["dataset_id"] == d:
+                lines.append(
+                    f"  #{r['id']} {r['created']} name={r['name']} epsilon={r['epsilon']:.4g} "
+                    f"delta={r['delta']:.3g} C={r['clip_norm']:.4g} sampling="
+                    f"{r['plan']['sampling']}"
+                )
+    _emit(
+        args,
+        {"ledger": str(ledger.path), "datasets": statuses, "releases": releases},
+        "\n".join(lines),
+    )
+    return 0
+
+
+# --- training-based commands ------------------------------------------------------------------
+
+
+def _ti_config(args: argparse.Namespace, **overrides: Any):
+    from .ti import TIConfig
+
+    values: dict[str, Any] = {
+        "vectors": args.vectors,
+        "initializer": args.initializer,
+        "templates": args.templates,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "seed": args.seed,
+    }
+    if args.steps is not None:
+        values["steps"] = args.steps
+    if args.learning_rate is not None:
+        values["learning_rate"] = args.learning_rate
+    values.update(overrides)
+    return TIConfig(**values)
+
+
+def _progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    from tqdm.auto import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+        bar["b"].n = done
+        bar["b"].refresh()
+
+    def close() -> None:
+        if "b" in bar:
+            bar["b"].close()
+
+    return update, close
+
+
+def _train_set(args: argparse.Namespace, images_dir: Path, *, method: str = "ti"):
+    """Per-image embeddings of ``images_dir`` (kept in memory). Returns (eset, model)."""
+    from .images import load_image_folder
+
+    if method == "clip":
+        from .clip_image import clip_image_embeddings
+
+        loaded = load_image_folder(images_dir, resolution=None)
+        eset = clip_image_embeddings(args.model, loaded.pixels, dataset_id=loaded.dataset_id)
+        return eset, None
+    from .diffusers_backend import DiffusersBackend
+    from .models import load_pipeline
+
+    model = load_pipeline(
+        args.model,
+        family=args.family,
+        prediction_type=args.prediction_type,
+        device=args.device,
+    )
+    backend = DiffusersBackend.from_loaded(model)
+    config = _ti_config(args, resolution=args.resolution or backend.default_resolution)
+    loaded = load_image_folder(images_dir, resolution=config.resolution)
+    update, close = _progress_bar(f"per-image TI ({loaded.count} images)")
+    try:
+        if _distributed_world() > 1:
+            from .distributed import train_distributed
+
+            eset = train_distributed(
+                backend, loaded.pixels, config, dataset_id=loaded.dataset_id, progress=update
+            )
+        else:
+            from .ti import train_embeddings
+
+            eset = train_embeddings(
+                backend, loaded.pixels, config, dataset_id=loaded.dataset_id, progress=update
+            )
+    finally:
+        close()
+    return eset, model
+
+
+def _distributed_world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    eset, _ = _train_set(args, args.images)
+    if eset is None or not _is_rank0():
+        return 0
+    payload = {
+        "n": eset.n,
+        "kind": eset.kind,
+        "shapes": {k: list(v.shape) for k, v in eset.vectors.items()},
+    }
+    if args.keep_private_embeddings:
+        from .embeddings import save_private
+
+        path = save_private(eset, args.keep_private_embeddings)
+        log.warning(
+            "wrote PRIVATE per-image embeddings to %s: each row can leak its image; keep this "
+            "file as private as the images and never put it in an embeddings folder",
+            path,
+        )
+        payload["private_file"] = str(path)
+    text = f"trained {eset.n} per-image embeddings {payload['shapes']}" + (
+        f"; private copy at {payload['private_file']}"
+        if "private_file" in payload
+        else " (kept in memory only; pass --keep-private-embeddings FILE to keep them)"
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .images import count_images
+
+    n = count_images(args.images)
+    plan = _plan(args, n)  # errors in the plan surface before any training
+    if args.method == "dpsgd":
+        return _run_dpsgd(args, plan)
+    eset, model = _train_set(args, args.images, method=args.method)
+    if not _is_rank0():
+        return 0
+    if args.clip_norm is None and args.method == "clip":
+        args.clip_norm = 1.0  # L2-normalised CLIP image embeddings around the origin
+    code = _release_and_report(
+        args, eset, plan, default_centre="initializer" if eset.centre is not None else "origin"
+    )
+    if args.preview and model is not None:
+        from .preview import preview_grid
+
+        png = preview_grid(model, args.out_dir / f"{args.name}.safetensors", args.name)
+        print(f"preview: {png}")
+    return code
+
+
+def _run_dpsgd(args: argparse.Namespace, plan) -> int:
+    raise DpaggError("--method dpsgd is not available yet in this build")
+
+
+def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    eset, _ = _train_set(args, args.public_images)
+    centre = eset.flat_centre()
+    flat = eset.flat()
+    dists = np.linalg.norm(flat - (0 if centre is None else centre), axis=1)
+    c = float(np.quantile(dists, args.quantile))
+    payload = {
+        "clip_norm": c,
+        "quantile": args.quantile,
+        "n_public": int(eset.n),
+        "distances": {
+            "min": float(dists.min()),
+            "median": float(np.median(dists)),
+            "max": float(dists.max()),
+        },
+    }
+    text = (
+        f"suggested --clip-norm {c:.4g} (the {args.quantile:.0%} quantile of {eset.n} PUBLIC "
+        f"images' distances to the initializer centre; median {np.median(dists):.4g}).\n"
+        "Use the same model, initializer, vectors and TI settings for the private run."
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON on stdout")
+    common.add_argument("-v", "--verbose", action="store_true")
+
+    parser = argparse.ArgumentParser(
+        prog="dpagg",
+        description="Differentially private textual-inversion embeddings (DPAgg-TI).",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"dpagg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("account", parents=[common], help="noise <-> epsilon for a plan")
+    _add_plan_args(p)
+    p.add_argument("--n", type=int, help="number of private images")
+    p.set_defaults(func=cmd_account)
+
+    p = sub.add_parser(
+        "aggregate", parents=[common], help="release a DP mean of a private embedding set"
+    )
+    p.add_argument("--embeddings", type=Path, required=True, help="private embedding set file")
+    _add_plan_args(p, allow_noise=False)
+    _add_release_args(p)
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("train", parents=[common], help="per-image textual inversion")
+    _add_train_args(p)
+    p.add_argument(
+        "--keep-private-embeddings",
+        type=Path,
+        help="write the PRIVATE per-image embeddings to this file (a warning is printed)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", parents=[common], help="train per image, then release privately")
+    _add_train_args(p)
+    _add_plan_args(p, allow_noise=False)
+    _add_release_args(p)
+    p.add_argument("--method", choices=("ti", "clip", "dpsgd"), default="ti")
+    p.add_argument("--preview", action="store_true", help="also render a small preview grid")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("suggest-clip-norm", parents=[common], help="pick C from PUBLIC images")
+    _add_train_args(p)
+    p.set_defaults(images=None)
+    for action in p._actions:
+        if action.dest == "images":
+            action.required = False
+    p.add_argument("--public-images", type=Path, required=True, help="PUBLIC images only")
+    p.add_argument("--quantile", type=float, default=0.9)
+    p.set_defaults(func=cmd_suggest_clip_norm)
+
+    p = sub.add_parser("audit", parents=[common], help="empirical privacy audit of the mechanism")
+    _add_plan_args(p)
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--dim", type=int, default=4)
+    p.add_argument("--trials", type=int, default=5000)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("ledger", parents=[common], help="show the ledger or set a budget")
+    lsub = p.add_subparsers(dest="ledger_cmd", required=True)
+    ls = lsub.add_parser("show", parents=[common], help="budgets and releases")
+    ls.add_argument("--dataset", default=None)
+    _add_ledger_args(ls)
+    lb = lsub.add_parser("set-budget", parents=[common], help="set or raise a dataset's budget")
+    lb.add_argument("--dataset", required=True)
+    lb.add_argument("--epsilon", type=float, required=True)
+    lb.add_argument("--delta", type=float, required=True)
+    _add_ledger_args(lb)
+    p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("inspect", parents=[common], help="print a released file's privacy record")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", parents=[common], help="end-to-end demo on a tiny offline model")
+    p.add_argument("--out-dir", type=Path, default=None, help="where to write (default: temp)")
+    p.add_argument("--aggregation-only", action="store_true", help="skip the TI training part")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="dpagg: %(levelname)s: %(message)s",
+    )
+    for name in ("epsilon", "delta", "noise_multiplier", "clip_norm", "q"):
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    try:
+        return int(args.func(args) or 0)
+    except DpaggError as exc:
+        print(f"dpagg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

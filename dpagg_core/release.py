@@ -1,0 +1,209 @@
+"""One release, end to end: EmbeddingSet -> ledger (budget, DP mean) -> released embedding file.
+
+Shared by the CLI and the ComfyUI DP Aggregate node so both follow the same order:
+
+1. everything that can be wrong with the request (name, output folder, centre, shapes) is checked
+   BEFORE the ledger is touched, so bad input never spends budget;
+2. :meth:`Ledger.release` checks the budget, draws the noise and records the release in one
+   transaction (DESIGN invariant 5); an identical earlier request returns the stored release;
+3. the released vector is written with :func:`embeddings.write_released`. Writing is
+   post-processing of a DP output (Dwork & Roth 2014, Prop. 2.1), so if it fails the release stays
+   spent, and re-running the identical request writes it again without spending.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .accountant import PrivacyPlan
+from .embeddings import (
+    EmbeddingSet,
+    next_free_name,
+    read_released,
+    sanitize_name,
+    write_released,
+)
+from .errors import DpaggError
+from .ledger import Ledger, request_key
+
+CENTRES = ("initializer", "origin")
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    """What a release produced: the file, the prompt string and the ledger's view afterwards."""
+
+    path: Path
+    name: str
+    record: dict[str, str]
+    reused: bool
+    release_id: int
+    spent_epsilon: float
+    spent_delta: float
+    budget_epsilon: float
+    budget_delta: float
+    composition: str
+    vectors: dict[str, torch.Tensor]
+
+    @property
+    def prompt(self) -> str:
+        """The exact prompt fragment that selects this release in ComfyUI."""
+        return f"embedding:{self.name}"
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return max(0.0, self.budget_epsilon - self.spent_epsilon)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "file": str(self.path),
+            "prompt": self.prompt,
+            "reused": self.reused,
+            "release_id": self.release_id,
+            "record": self.record,
+            "budget": {
+                "epsilon": self.budget_epsilon,
+                "delta": self.budget_delta,
+                "spent_epsilon": self.spent_epsilon,
+                "spent_delta": self.spent_delta,
+                "remaining_epsilon": self.remaining_epsilon,
+                "composition": self.composition,
+            },
+        }
+
+
+def centre_vector(eset: EmbeddingSet, centre: str) -> np.ndarray | None:
+    """The public centre to clip around: the initializer token's embedding, or the origin."""
+    if centre not in CENTRES:
+        raise DpaggError(f"centre={centre!r} is unknown; use one of {CENTRES}")
+    if centre == "origin":
+        return None
+    flat = eset.flat_centre()
+    if flat is None:
+        raise DpaggError(
+            f"centre='initializer' but this {eset.kind} set has no initializer embedding; "
+            "use centre='origin' (natural for L2-normalised CLIP image embeddings)"
+        )
+    return flat
+
+
+def _writable_folder(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DpaggError(f"output folder {out_dir} is inside a file ({probe}); pass a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DpaggError(f"output folder {out_dir} is not writable; pass a folder you can write")
+
+
+def _existing_release(out_dir: Path, vectors: dict[str, torch.Tensor]) -> Path | None:
+    """A file in ``out_dir`` that already holds exactly these released tensors, if any."""
+    if not out_dir.is_dir():
+        return None
+    for path in sorted(out_dir.glob("*.safetensors")):
+        try:
+            tensors, record = read_released(path)
+        except DpaggError:
+            continue
+        if record.get("format", "").startswith("dpagg-release") and set(tensors) == set(vectors):
+            if all(torch.equal(tensors[k], vectors[k].float()) for k in vectors):
+                return path
+    return None
+
+
+def release_embeddings(
+    eset: EmbeddingSet,
+    *,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    name: str,
+    out_dir: str | os.PathLike[str],
+    ledger: Ledger,
+    centre: str = "initializer",
+    mode: str = "clip",
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+    new_name_per_release: bool = False,
+    a1111_pt: bool = False,
+) -> ReleaseOutcome:
+    """Release one DP mean of ``eset`` and write it as ``<out_dir>/<name>.safetensors``.
+
+    Privacy: the mechanism is the Gaussian mean of :func:`mechanism.dp_mean` (replace-one
+    sensitivity 2C/denominator around a public centre), accounted by ``plan`` and charged to
+    ``eset.dataset_id`` in the ledger. ``clip_norm`` and ``centre`` must be public choices.
+
+    ``new_name_per_release`` (ComfyUI): a new release gets the first free ``name``, ``name-2``,
+    ... so prompt caches never serve an old release; otherwise (CLI) an existing ``name`` is an
+    error raised before anything is spent. An identical earlier request (same data, plan, C,
+    centre, mode, name) spends nothing and returns the file that already holds it.
+    """
+    base = sanitize_name(name)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DpaggError(f"output folder {out} is a file; pass a folder")
+    _writable_folder(out)
+    centre_vec = centre_vector(eset, centre)
+    if not eset.dataset_id:
+        raise DpaggError("this embedding set has no dataset_id; it is needed to keep its budget")
+    vectors = eset.flat()
+    request = {
+        "dataset_id": eset.dataset_id,
+        "plan": plan,
+        "clip_norm": clip_norm,
+        "center": centre_vec,
+        "centre_kind": centre,
+        "mode": mode,
+        "name": base,
+        "base_model_id": eset.base_model_id,
+    }
+    key = request_key(vectors, **request)
+    recorded = any(r["request_key"] == key for r in ledger.list_releases(eset.dataset_id))
+    target = base
+    if not recorded:
+        if new_name_per_release:
+            target = next_free_name(out, base)
+        elif next_free_name(out, base) != base:
+            raise DpaggError(
+                f"an embedding named {base!r} already exists in {out}; dpagg never overwrites: "
+                f"choose another --name (e.g. {next_free_name(out, base)!r}). Nothing was spent."
+            )
+
+    result = ledger.release(
+        vectors,
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+        **request,
+    )
+    released = eset.unflat(result.release.vector)
+    path = _existing_release(out, released) if result.reused else None
+    if path is None:
+        if result.reused:
+            target = next_free_name(out, base) if new_name_per_release else base
+        try:
+            path = write_released(out, target, released, result.release.record, a1111_pt=a1111_pt)
+        except DpaggError as exc:
+            raise DpaggError(
+                f"release {result.release_id} is recorded and its budget spent, but writing the "
+                f"file failed: {exc}. Re-run the identical command to write it without spending "
+                "again."
+            ) from exc
+    return ReleaseOutcome(
+        path=path,
+        name=path.stem,
+        record=dict(result.release.record),
+        reused=result.reused,
+        release_id=result.release_id,
+        spent_epsilon=result.spent_epsilon,
+        spent_delta=result.spent_delta,
+        budget_epsilon=result.budget_epsilon,
+        budget_delta=result.budget_delta,
+        composition=result.composition,
+        vectors=released,
+    )
