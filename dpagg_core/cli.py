@@ -71,7 +71,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, allow_noise: bool = True) -> N
 
 def _add_ledger_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--ledger", type=Path, help="ledger file (default: user data dir, $DPAGG_LEDGER)"
+        "--ledger", type=Path, help="ledger file (default: $DPAGG_LEDGER or the user data dir)"
     )
 
 
