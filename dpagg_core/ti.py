@@ -28,12 +28,19 @@ Tests check these properties numerically in float64 (tests/test_ti.py).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+from .errors import DpaggError
+
+if TYPE_CHECKING:
+    from .embeddings import EmbeddingSet
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +274,374 @@ class TIConfig:
     seed: int = 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """The template list for ``TIConfig.templates`` (a preset name or explicit strings)."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise DpaggError(
+                f"templates={templates!r} is not a template set: use 'style' or 'object', or pass "
+                "a list of prompts each containing one '{}'"
+            )
+        return TEMPLATES[templates]
+    out = tuple(templates)
+    if not out:
+        raise DpaggError("templates is empty: pass 'style', 'object' or prompts containing '{}'")
+    for t in out:
+        if not isinstance(t, str) or t.count(PLACEHOLDER) != 1:
+            raise DpaggError(
+                f"template {t!r} must be a string with exactly one '{{}}' (the placeholder)"
+            )
+    return out
+
+
+def validate_config(config: TIConfig, device: torch.device | str | None = None) -> None:
+    """Raise ``DpaggError`` naming the offending ``TIConfig`` field and the fix."""
+    c = config
+    if not isinstance(c.steps, int) or c.steps < 1:
+        raise DpaggError(f"steps={c.steps!r}: must be a positive integer (e.g. 500)")
+    if not (isinstance(c.learning_rate, (int, float)) and 0 < c.learning_rate < float("inf")):
+        raise DpaggError(f"learning_rate={c.learning_rate!r}: must be positive (e.g. 5e-3)")
+    if not isinstance(c.vectors, int) or not 1 <= c.vectors <= MAX_VECTORS:
+        raise DpaggError(
+            f"vectors={c.vectors!r}: the number of vectors per token must be an integer "
+            f"from 1 to {MAX_VECTORS}"
+        )
+    if not isinstance(c.initializer, str) or not c.initializer.strip():
+        raise DpaggError("initializer is empty: give a word such as 'painting' or 'style'")
+    if c.multi_token_initializer not in ("error", "average"):
+        raise DpaggError(
+            f"multi_token_initializer={c.multi_token_initializer!r}: use 'error' or 'average'"
+        )
+    resolve_templates(c.templates)
+    if c.resolution is not None and (
+        not isinstance(c.resolution, int) or c.resolution < 8 or c.resolution % 8
+    ):
+        raise DpaggError(
+            f"resolution={c.resolution!r}: must be a multiple of 8 (e.g. 512), or None to keep "
+            "the images' size"
+        )
+    if not isinstance(c.batch_size, int) or c.batch_size < 1:
+        raise DpaggError(f"batch_size={c.batch_size!r}: must be a positive integer")
+    if c.mixed_precision not in ("no", "bf16", "fp16"):
+        raise DpaggError(f"mixed_precision={c.mixed_precision!r}: use 'no', 'bf16' or 'fp16'")
+    if not (c.fp16_loss_scale > 0 and c.fp16_loss_scale < float("inf")):
+        raise DpaggError(f"fp16_loss_scale={c.fp16_loss_scale!r}: must be a positive number")
+    if not (len(c.adam_betas) == 2 and all(0 <= b < 1 for b in c.adam_betas)):
+        raise DpaggError(f"adam_betas={c.adam_betas!r}: two numbers in [0, 1)")
+    if not c.adam_eps > 0:
+        raise DpaggError(f"adam_eps={c.adam_eps!r}: must be positive")
+    if not c.weight_decay >= 0:
+        raise DpaggError(f"weight_decay={c.weight_decay!r}: must be >= 0")
+    if not isinstance(c.warmup_steps, int) or c.warmup_steps < 0:
+        raise DpaggError(f"warmup_steps={c.warmup_steps!r}: must be an integer >= 0")
+    if not isinstance(c.seed, int) or c.seed < 0:
+        raise DpaggError(f"seed={c.seed!r}: must be an integer >= 0")
+    if device is not None and torch.device(device).type != "cuda" and c.mixed_precision == "fp16":
+        raise DpaggError(
+            f"mixed_precision='fp16' needs a CUDA device, the model is on {torch.device(device)}: "
+            "use mixed_precision='no' (or 'bf16') on CPU"
+        )
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DpaggError(f"images: expected a tensor [N, 3, H, W] in [-1, 1], got {shape}")
+    if images.shape[0] < 1:
+        raise DpaggError("images: the image set is empty; give at least one image")
+    if not images.is_floating_point():
+        raise DpaggError(f"images: expected a float tensor in [-1, 1], got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise DpaggError("images: contains NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.001 or hi > 1.001:
+        raise DpaggError(
+            f"images: values span [{lo:.3g}, {hi:.3g}], expected [-1, 1] (map pixels x/127.5-1)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness: one generator per image, keyed by (seed, global index)
+# ----------------------------------------------------------------------------------------------
+
+
+def image_seed(seed: int, index: int) -> int:
+    """64-bit seed of image ``index``'s generator. Independent of batching, chunking and rank.
+
+    This is TI randomness only (timesteps, diffusion noise, template, flip, latent sample); it is
+    never used by the DP mechanism (DESIGN.md invariant 3)."""
+    digest = hashlib.sha256(f"dpagg-ti/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(image_seed(seed, index))
+
+
+@dataclass
+class _Draw:
+    template: int
+    flip: bool
+    timestep: int
+    noise: torch.Tensor
+    latent_eps: torch.Tensor
+
+
+def _draw(gen: torch.Generator, n_templates: int, n_timesteps: int, shape, dtype) -> _Draw:
+    """One step's randomness for one image, always in the same order and amount (so the stream
+    does not depend on options such as ``flip`` or ``sample_latents``)."""
+    template = int(torch.randint(n_templates, (1,), generator=gen))
+    flip = bool(torch.rand((1,), generator=gen) < 0.5)
+    timestep = int(torch.randint(n_timesteps, (1,), generator=gen))
+    noise = torch.randn(shape, generator=gen, dtype=dtype)
+    latent_eps = torch.randn(shape, generator=gen, dtype=dtype)
+    return _Draw(template, flip, timestep, noise, latent_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (antialiased bilinear), then centre crop to ``size x size``.
+    Per-image operation (no statistics across the batch)."""
+    n, _, h, w = images.shape
+    if h == size and w == size:
+        return images
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = torch.nn.functional.interpolate(
+        images, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+    )
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return out[:, :, top : top + size, left : left + size].clamp(-1, 1)
+
+
+def param_dtype(backend: TIBackend) -> torch.dtype:
+    """Trainable vectors: float64 for float64 models (tests), float32 otherwise (master copy)."""
+    return torch.float64 if backend.dtype == torch.float64 else torch.float32
+
+
+def initializer_rows(backend: TIBackend, config: TIConfig) -> dict[str, torch.Tensor]:
+    """The initializer's token embedding per key, ``[dim]``, applying the multi-token policy."""
+    emb = backend.initializer_embedding(config.initializer)
+    counts = {k: int(v.shape[0]) for k, v in emb.items()}
+    if set(emb) != set(backend.encoder_keys):
+        raise DpaggError(
+            f"backend returned initializer keys {sorted(emb)}, expected "
+            f"{list(backend.encoder_keys)}"
+        )
+    k = next(iter(counts.values()))
+    if k == 0:
+        raise DpaggError(
+            f"initializer={config.initializer!r} tokenizes to nothing: give a word such as "
+            "'painting'"
+        )
+    if k != 1 and config.multi_token_initializer == "error":
+        raise DpaggError(
+            f"initializer={config.initializer!r} is {k} tokens, not one: choose a single-token "
+            "word (e.g. 'painting', 'style', 'photo'), or set multi_token_initializer='average' "
+            "to start from the mean of its token embeddings"
+        )
+    return {key: v.detach().to("cpu", torch.float64).mean(0) for key, v in emb.items()}
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, mixed_precision: str) -> Iterator[None]:
+    if device.type == "cuda" and mixed_precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        with torch.autocast("cuda", dtype=dtype):
+            yield
+    else:
+        yield
+
+
+def ti_loss_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image, ``[B]``, computed in at least float32."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    diff = pred.to(dtype) - target.to(dtype)
+    return diff.pow(2).flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+
+def train_vectors(
+    backend: TIBackend,
+    images: torch.Tensor,
+    config: TIConfig,
+    *,
+    image_indices: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The training loop. Returns ``(vectors, centre)``: per key ``[N, v, dim]`` float32 (float64
+    for float64 models) on CPU, and the public centre ``[v, dim]`` float32.
+
+    ``image_indices`` are the global indices of ``images`` (they key the per-image generators);
+    default ``range(N)``. See ``train_embeddings`` for the privacy reasoning."""
+    device = torch.device(backend.device)
+    validate_config(config, device)
+    _check_images(images)
+    n = images.shape[0]
+    indices = list(range(n)) if image_indices is None else [int(i) for i in image_indices]
+    if len(indices) != n or len(set(indices)) != n or min(indices) < 0:
+        raise DpaggError(
+            f"image_indices: need {n} distinct non-negative indices, one per image, got {indices!r}"
+        )
+    if config.resolution is not None:
+        images = resize_center_crop(images, config.resolution)
+    size = int(images.shape[-1])
+    if images.shape[-2] % 8 or images.shape[-1] % 8:
+        raise DpaggError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} px: height and width must be "
+            "multiples of 8; set resolution (e.g. 512)"
+        )
+    if config.mixed_precision == "bf16" and device.type != "cuda":
+        log.warning(
+            "mixed_precision='bf16' is only used on CUDA; training in float32 on %s", device
+        )
+
+    templates = resolve_templates(config.templates)
+    backend.prepare(gradient_checkpointing=config.gradient_checkpointing)
+    pdtype = param_dtype(backend)
+    init = initializer_rows(backend, config)
+    v = config.vectors
+    centre = {k: init[k].to(torch.float32).expand(v, -1).clone() for k in backend.encoder_keys}
+
+    chunks = [list(range(s, min(s + config.batch_size, n))) for s in range(0, n, config.batch_size)]
+    total = config.steps * len(chunks)
+    done = 0
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in backend.encoder_keys}
+    for chunk in chunks:
+        rows = _train_chunk(
+            backend,
+            images[chunk],
+            [indices[i] for i in chunk],
+            config,
+            templates,
+            {k: init[k].to(pdtype) for k in init},
+            pdtype,
+            size,
+            should_cancel,
+            progress,
+            done,
+            total,
+        )
+        done += config.steps
+        for k in out:
+            out[k].append(rows[k])
+    return {k: torch.cat(out[k], 0) for k in out}, centre
+
+
+def _train_chunk(
+    backend: TIBackend,
+    images: torch.Tensor,
+    indices: list[int],
+    config: TIConfig,
+    templates: tuple[str, ...],
+    init: dict[str, torch.Tensor],
+    pdtype: torch.dtype,
+    size: int,
+    should_cancel: Callable[[], bool] | None,
+    progress: Callable[[int, int], None] | None,
+    done: int,
+    total: int,
+) -> dict[str, torch.Tensor]:
+    device = torch.device(backend.device)
+    b = images.shape[0]
+    gens = [image_generator(config.seed, i) for i in indices]
+
+    # Latents are encoded once per image (and once per flipped copy), not every step.
+    with torch.no_grad():
+        x = images.to(device)
+        dist = backend.encode_images(x)
+        dist_flip = backend.encode_images(x.flip(-1)) if config.flip else dist
+    shape = tuple(dist.mean.shape[1:])
+    ldtype = dist.mean.dtype
+
+    params = [
+        torch.nn.Parameter(init[k].to(device).expand(b, config.vectors, -1).clone())
+        for k in backend.encoder_keys
+    ]
+    lr = config.learning_rate * (config.batch_size if config.scale_lr else 1)
+    # AdamW is element-wise (moments, bias correction, decoupled decay): row i's update reads
+    # only row i. foreach/fused variants compute the same per-element formula.
+    opt = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=tuple(config.adam_betas),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    warm = config.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+    )
+    fp16 = device.type == "cuda" and config.mixed_precision == "fp16"
+    scale = config.fp16_loss_scale if fp16 else 1.0
+    n_t = int(backend.num_train_timesteps)
+
+    for _ in range(config.steps):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("textual inversion cancelled; no embeddings were produced")
+        draws = [_draw(g, len(templates), n_t, shape, ldtype) for g in gens]
+        flips = torch.tensor([d.flip for d in draws], device=device).view(-1, 1, 1, 1)
+        mean = torch.where(flips, dist_flip.mean, dist.mean)
+        latents = mean
+        if config.sample_latents and dist.std is not None:
+            std = torch.where(flips, dist_flip.std, dist.std)
+            eps = torch.stack([d.latent_eps for d in draws]).to(device)
+            latents = mean + std * eps
+        noise = torch.stack([d.noise for d in draws]).to(device)
+        t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
+        noisy = backend.add_noise(latents, noise, t)
+        target = backend.training_target(latents, noise, t)
+        vectors = dict(zip(backend.encoder_keys, params, strict=True))
+        with _autocast(device, config.mixed_precision):
+            cond = backend.encode_prompts(
+                [templates[d.template] for d in draws], vectors, image_size=size
+            )
+            pred = backend.predict(noisy, t, cond)
+        # Sum (not mean) over images: d loss / d row i = d loss_i / d row i, batch-size free.
+        loss = ti_loss_per_image(pred, target).sum()
+        (loss * scale).backward()
+        if fp16:
+            _unscale_rowwise(params, scale)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    return {k: p.detach().to("cpu") for k, p in zip(backend.encoder_keys, params, strict=True)}
+
+
+def _unscale_rowwise(params: list[torch.nn.Parameter], scale: float) -> None:
+    """Divide by the fixed loss scale; a row (image) whose gradient is not finite gets a zero
+    gradient for this step. The decision for row i reads only row i (unlike GradScaler, whose
+    global skip would let one image's overflow change every other image's trajectory)."""
+    bad = None
+    for p in params:
+        if p.grad is None:
+            continue
+        p.grad.div_(scale)
+        row_bad = ~torch.isfinite(p.grad).flatten(1).all(1)
+        bad = row_bad if bad is None else bad | row_bad
+    if bad is not None:
+        for p in params:
+            if p.grad is not None:
+                p.grad[bad] = 0
+
+
 def train_embeddings(
     backend: TIBackend,
     images: torch.Tensor,
@@ -277,6 +652,85 @@ def train_embeddings(
     image_indices: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-):
-    """Train one TI embedding per image; returns an ``EmbeddingSet`` (being implemented)."""
-    raise NotImplementedError
+) -> EmbeddingSet:
+    """Train one textual-inversion embedding per image and return them as an ``EmbeddingSet``.
+
+    ``images``: ``[N, 3, H, W]`` in ``[-1, 1]``. All N images train together in chunks of
+    ``config.batch_size``; image i has its own ``v`` vectors per encoder key, initialised to the
+    initializer's token embedding. The result's ``centre`` is that embedding repeated over the
+    ``v`` vectors: public (it depends only on the model and the initializer text), so it may serve
+    as the clipping centre of the DP mean (DESIGN.md invariant 2).
+
+    Privacy: row i of the result is a deterministic function of image i, its global index,
+    ``config`` and the frozen model (DESIGN.md invariant 1) — no cross-sample normalisation,
+    element-wise AdamW, no global clipping or loss-scaler skip, per-image generators. Replacing one
+    image therefore changes exactly one row, which is the replace-one neighbouring relation the
+    accountant assumes (sensitivity 2C/n of the clipped mean).
+
+    ``progress(done, total)`` is called after every optimizer step (total = steps x chunks);
+    ``should_cancel()`` is polled before every step and, when true, ``Cancelled`` is raised and
+    nothing is returned. ``dataset_id`` is stored as given; ``base_model_id`` defaults to the
+    backend's.
+    """
+    from .embeddings import EmbeddingSet
+
+    vectors, centre = train_vectors(
+        backend,
+        images,
+        config,
+        image_indices=image_indices,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    return EmbeddingSet(
+        vectors={k: t.to(torch.float32).contiguous() for k, t in vectors.items()},
+        kind="textual_inversion",
+        model_family=backend.model_family,
+        base_model_id=backend.base_model_id if base_model_id is None else base_model_id,
+        centre=centre,
+        initializer=config.initializer,
+        dataset_id=dataset_id,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    backend: TIBackend,
+    images: torch.Tensor,
+    vectors: dict[str, torch.Tensor],
+    config: TIConfig,
+    *,
+    samples: int = 16,
+    seed: int = 12345,
+) -> torch.Tensor:
+    """TI loss of given per-image ``vectors`` (``[N, v, dim]`` per key), ``[N, samples]``.
+
+    Uses common random numbers: the draws depend on ``(seed, image index, sample)`` only, so two
+    sets of vectors evaluated with the same seed see identical timesteps, noise and templates
+    (paired comparison, e.g. before vs after training). No flip; posterior mean latents."""
+    device = torch.device(backend.device)
+    _check_images(images)
+    if config.resolution is not None:
+        images = resize_center_crop(images, config.resolution)
+    templates = resolve_templates(config.templates)
+    backend.prepare(gradient_checkpointing=False)
+    dist = backend.encode_images(images.to(device))
+    shape, ldtype = tuple(dist.mean.shape[1:]), dist.mean.dtype
+    gens = [image_generator(seed, i) for i in range(images.shape[0])]
+    vec = {k: t.to(device, param_dtype(backend)) for k, t in vectors.items()}
+    out = []
+    for _ in range(samples):
+        draws = [
+            _draw(g, len(templates), int(backend.num_train_timesteps), shape, ldtype) for g in gens
+        ]
+        noise = torch.stack([d.noise for d in draws]).to(device)
+        t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
+        noisy = backend.add_noise(dist.mean, noise, t)
+        target = backend.training_target(dist.mean, noise, t)
+        with _autocast(device, config.mixed_precision):
+            cond = backend.encode_prompts(
+                [templates[d.template] for d in draws], vec, image_size=int(images.shape[-1])
+            )
+            pred = backend.predict(noisy, t, cond)
+        out.append(ti_loss_per_image(pred, target).cpu())
+    return torch.stack(out, 1)
