@@ -99,8 +99,6 @@ def run_demo(args: argparse.Namespace) -> int:
             "--ledger",
             str(ledger),
         ]
-        second = [*first[:4], "--epsilon", "0.5", *first[6:]]
-        second[second.index("demo_style")] = "demo_style_again"
     else:
         _banner("1. a tiny SD-structured model (built offline) and 8 bundled 'private' images")
         model = _tiny_model(out)
@@ -132,10 +130,10 @@ def run_demo(args: argparse.Namespace) -> int:
             "--ledger",
             str(ledger),
         ]
-        second = list(first)
-        second[second.index("--epsilon") + 1] = "0.5"
-        second[second.index("demo_style")] = "demo_style_again"
 
+    second = list(first)
+    second[second.index("--epsilon") + 1] = "0.5"
+    second[second.index("demo_style")] = "demo_style_again"
     _banner("2. train per image (if any), calibrate to epsilon = 1, release through the ledger")
     code = cli_main([*first, *json_flag])
     if code != 0:
