@@ -630,10 +630,10 @@ _ABS_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\|/|~[\\/]?)")
 
 
 def _check_record(record: Mapping[str, str]) -> dict[str, str]:
+    """Strings only, reserved keys kept, no local paths (invariant 6); adds ``format``."""
     if not isinstance(record, Mapping):
         raise DpaggError(f"record must be a dict of strings, got {type(record).__name__}")
     out: dict[str, str] = {}
-    home = str(Path.home())
     for k, v in record.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise DpaggError(
@@ -644,7 +644,7 @@ def _check_record(record: Mapping[str, str]) -> dict[str, str]:
             raise DpaggError(f"record key {k!r} is reserved for private embedding sets")
         if k == "format" and v != RELEASE_FORMAT:
             raise DpaggError(f"record key 'format' is reserved; dpagg writes {RELEASE_FORMAT!r}")
-        if _ABS_PATH.match(v.strip()) or (len(home) > 1 and home in v):
+        if _ABS_PATH.match(v.strip()) or "\\" in v:
             raise DpaggError(
                 f"record[{k!r}] looks like a local path ({v!r}); released metadata must hold no "
                 "paths or file names (use a public model id or a hash instead)"

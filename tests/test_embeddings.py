@@ -314,7 +314,12 @@ def test_metadata_holds_record_and_no_input_paths_or_names(tmp_path):
             assert needle.encode() not in raw, (f.name, needle)
 
     # A local path in the record is refused before anything is written.
-    for value in [str(images / names[0]), "C:\\Users\\alice\\ckpt.safetensors", "~/models/x"]:
+    for value in [
+        str(images / names[0]),
+        "C:\\Users\\alice\\ckpt.safetensors",
+        "~/models/x",
+        "models\\sd15.ckpt",
+    ]:
         with pytest.raises(DpaggError, match="local path"):
             E.write_released(
                 out, "leaky", {"emb_params": torch.ones(1, 8)}, {"base_model_id": value}
