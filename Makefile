@@ -28,7 +28,8 @@ demo: venv
 	$(VENV)/bin/dpagg demo
 
 bench: venv
-	$(PY) bench/core_timings.py
+	$(PY) bench/calibrate_timing.py
+	$(PY) bench/aggregate_timing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
