@@ -43,6 +43,7 @@ budget of 0.3 despite floating-point rounding (0.1+0.1+0.1 > 0.3 in binary).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -209,8 +210,6 @@ def composed_spend(calls: Sequence[PrivacyPlan], budget_delta: float) -> Spend:
 
 
 def _as_float64(vectors: Any) -> np.ndarray:
-    if hasattr(vectors, "detach"):  # torch.Tensor, without importing torch here
-        vectors = vectors.detach().cpu().double().numpy()
     return np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
 
 
@@ -538,6 +537,7 @@ class Ledger:
         """
         _validate_ids(dataset_id, "check")
         _check_plan(plan)
+        _check_plan_cost(plan)
         _check_budget_value(budget_epsilon, budget_delta, "budget")
         with self._connect() as con:
             con.execute("BEGIN")
@@ -625,13 +625,13 @@ class Ledger:
             raise DpaggError("centre_kind and base_model_id must be strings.")
         _check_plan(plan)
         _check_budget_value(budget_epsilon, budget_delta, "budget")
-        arr = _as_float64(vectors)
-        ctr = None if center is None else _as_float64(center)
         # Everything dp_mean would refuse is refused here, before the ledger is even opened.
-        mechanism.check_inputs(arr, plan, clip_norm, ctr, mode=mode)
+        # check_inputs returns float64 numpy copies (it also accepts torch tensors).
+        arr, ctr = mechanism.check_inputs(vectors, plan, clip_norm, center, mode=mode)
         mechanism.privacy_record(
             plan, clip_norm, mode=mode, centre_kind=centre_kind, base_model_id=base_model_id
         )
+        _check_plan_cost(plan)
         key = request_key(
             arr,
             dataset_id=dataset_id,
@@ -850,3 +850,40 @@ def _check_plan(plan: Any) -> None:
         raise DpaggError(f"plan.epsilon={eps!r} is invalid: it must be a finite number >= 0.")
     if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
         raise DpaggError(f"plan.delta={delta!r} is invalid: it must lie in [0, 1).")
+
+
+@functools.lru_cache(maxsize=256)
+def _reference_epsilon(
+    z: float, delta: float, n: int, sampling: str, m: Any, q: Any, releases: int, rel: str
+) -> float:
+    return float(
+        accountant.epsilon_for(
+            z, delta, n, sampling, m=m, q=q, releases=releases, neighbouring=rel
+        ).epsilon
+    )
+
+
+def _check_plan_cost(plan: PrivacyPlan) -> None:
+    """Refuse a plan whose stated epsilon understates what its noise costs.
+
+    The ledger charges ``plan.epsilon``; a hand-built or stale plan with a smaller epsilon than
+    the accountant's bound for its noise multiplier would be under-charged. Overstating is fine
+    (conservative). Raises DpaggError before anything is drawn or written.
+    """
+    ref = _reference_epsilon(
+        float(plan.noise_multiplier),
+        float(plan.delta),
+        int(plan.n),
+        plan.sampling,
+        plan.m,
+        plan.q,
+        int(plan.releases),
+        plan.neighbouring,
+    )
+    if plan.epsilon < ref * (1 - REL_TOL):
+        raise DpaggError(
+            f"plan.epsilon={plan.epsilon:.6g} understates the privacy cost of its noise: the "
+            f"accountant gives epsilon={ref:.6g} for noise_multiplier={plan.noise_multiplier:g}, "
+            f"delta={plan.delta:g}. Fix: build the plan with accountant.calibrate or "
+            f"accountant.epsilon_for (`dpagg account`) instead of by hand."
+        )
