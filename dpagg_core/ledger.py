@@ -22,9 +22,12 @@ Storage: the stdlib ``sqlite3`` module, one file (default ``paths.default_ledger
 * Schema: versioned by ``PRAGMA user_version`` and marked by ``PRAGMA application_id``; created on
   first use inside a write transaction (safe when several processes start at once).
 
-Composition (what "spent" means). Each release is charged its plan's ``(plan.epsilon,
-plan.delta)`` — the accountant's bound for that plan — and the ledger reports the tighter of two
-sound bounds for all recorded releases plus the new one:
+Composition (what "spent" means). A plan states ``(plan.epsilon, plan.delta)`` for
+``plan.releases`` calls of the mechanism; calls of one identical plan on a dataset are charged in
+blocks of that many (``charged_blocks``; the default ``releases=1`` charges every call). A plan
+whose stated epsilon is below the accountant's bound for its noise multiplier is refused
+(``accountant.epsilon_for``), so a hand-built plan cannot under-charge. The ledger then takes the
+tighter of two sound bounds for all charged blocks, recorded plus new:
 
 1. Basic composition (Dwork, Kenthapadi, McSherry, Mironov, Naor 2006; Dwork & Roth 2014,
    Thm 3.16): ``(sum eps_i, sum delta_i)``. Always available; holds for adaptively chosen plans.
@@ -38,7 +41,8 @@ sound bounds for all recorded releases plus the new one:
 Either bound is a valid (epsilon, delta) guarantee for the composed releases, so a request is
 granted if either fits the budget, and the reported spend is the fitting bound with the smaller
 epsilon. Comparisons allow a 1e-9 relative slack so that, e.g., three releases of epsilon 0.1 fit a
-budget of 0.3 despite floating-point rounding (0.1+0.1+0.1 > 0.3 in binary).
+budget of 0.3 despite floating-point rounding (0.1+0.1+0.1 > 0.3 in binary); the guarantee is then
+the budget up to a factor 1 + 1e-9.
 """
 
 from __future__ import annotations
