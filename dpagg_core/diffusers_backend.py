@@ -53,6 +53,7 @@ class DiffusersBackend:
         model_family: str,
         base_model_id: str = "",
         device: torch.device | str | None = None,
+        prediction_type: str | None = None,
     ) -> None:
         from diffusers import DDPMScheduler
 
@@ -75,7 +76,8 @@ class DiffusersBackend:
             k: int(te.get_input_embeddings().embedding_dim)
             for k, te in zip(self.encoder_keys, self.text_encoders, strict=True)
         }
-        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+        overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config, **overrides)
         self.prediction_type: str = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise DpaggError(
@@ -95,9 +97,11 @@ class DiffusersBackend:
         base_model_id: str = "",
         model_family: str | None = None,
         device: torch.device | str | None = None,
+        prediction_type: str | None = None,
     ) -> DiffusersBackend:
         """Wrap a diffusers SD1/SD2/SDXL pipeline. ``model_family`` defaults to 'sdxl' when the
-        pipeline has ``text_encoder_2``, else 'sd2' for 1024-wide text encoders, else 'sd1'."""
+        pipeline has ``text_encoder_2``, else 'sd2' for 1024-wide text encoders, else 'sd1'.
+        ``prediction_type`` overrides the scheduler config's."""
         te2 = getattr(pipe, "text_encoder_2", None)
         if te2 is not None:
             family = model_family or "sdxl"
@@ -115,7 +119,29 @@ class DiffusersBackend:
             model_family=family,
             base_model_id=base_model_id,
             device=device,
+            prediction_type=prediction_type,
         )
+
+    @classmethod
+    def from_loaded(
+        cls, model: Any, *, device: torch.device | str | None = None
+    ) -> DiffusersBackend:
+        """Wrap a ``dpagg_core.models.LoadedModel`` (its family, prediction type and public
+        ``base_model_id``)."""
+        return cls.from_pipeline(
+            model.pipe,
+            base_model_id=model.base_model_id,
+            model_family=model.family,
+            prediction_type=model.prediction_type,
+            device=device,
+        )
+
+    @property
+    def default_resolution(self) -> int:
+        """The model's native training resolution in pixels (UNet sample size x VAE factor):
+        512 for SD1.x / SD2-base, 768 for SD2 768-v, 1024 for SDXL."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * factor
 
     # -- protocol -------------------------------------------------------------------------------
 

@@ -348,7 +348,7 @@ def validate_config(config: TIConfig, device: torch.device | str | None = None) 
         )
 
 
-def _check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise DpaggError(f"images: expected a tensor [N, 3, H, W] in [-1, 1], got {shape}")
@@ -452,6 +452,18 @@ def initializer_rows(backend: TIBackend, config: TIConfig) -> dict[str, torch.Te
     return {key: v.detach().to("cpu", torch.float64).mean(0) for key, v in emb.items()}
 
 
+def public_centre(
+    backend: TIBackend, config: TIConfig, init: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The public centre ``[v, dim]`` float32 per key: the initializer embedding repeated over the
+    ``v`` vectors. A function of the model and the (public) initializer text only."""
+    init = initializer_rows(backend, config) if init is None else init
+    return {
+        k: init[k].to(torch.float32).expand(config.vectors, -1).clone()
+        for k in backend.encoder_keys
+    }
+
+
 @contextlib.contextmanager
 def _autocast(device: torch.device, mixed_precision: str) -> Iterator[None]:
     if device.type == "cuda" and mixed_precision in ("bf16", "fp16"):
@@ -490,7 +502,7 @@ def train_vectors(
     default ``range(N)``. See ``train_embeddings`` for the privacy reasoning."""
     device = torch.device(backend.device)
     validate_config(config, device)
-    _check_images(images)
+    check_images(images)
     n = images.shape[0]
     indices = list(range(n)) if image_indices is None else [int(i) for i in image_indices]
     if len(indices) != n or len(set(indices)) != n or min(indices) < 0:
@@ -514,8 +526,7 @@ def train_vectors(
     backend.prepare(gradient_checkpointing=config.gradient_checkpointing)
     pdtype = param_dtype(backend)
     init = initializer_rows(backend, config)
-    v = config.vectors
-    centre = {k: init[k].to(torch.float32).expand(v, -1).clone() for k in backend.encoder_keys}
+    centre = public_centre(backend, config, init)
 
     chunks = [list(range(s, min(s + config.batch_size, n))) for s in range(0, n, config.batch_size)]
     total = config.steps * len(chunks)
@@ -709,7 +720,7 @@ def evaluate_loss(
     sets of vectors evaluated with the same seed see identical timesteps, noise and templates
     (paired comparison, e.g. before vs after training). No flip; posterior mean latents."""
     device = torch.device(backend.device)
-    _check_images(images)
+    check_images(images)
     if config.resolution is not None:
         images = resize_center_crop(images, config.resolution)
     templates = resolve_templates(config.templates)
