@@ -195,7 +195,9 @@ def check_inputs(
             )
         if not np.isfinite(cen).all():
             raise DpaggError("center contains NaN or inf; pass a finite public centre.")
-        if not np.isfinite(arr - cen).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            overflow = not np.isfinite(arr - cen).all()
+        if overflow:
             raise DpaggError("vectors - center overflows float64; rescale the embeddings.")
     if centre_kind is not None:
         _check_record_text(centre_kind, "centre_kind", _CENTRE_KIND, allow_empty=False)
@@ -238,14 +240,22 @@ def _check_record_text(value: Any, name: str, pattern: re.Pattern[str], allow_em
 
 
 def _row_norms(rows: np.ndarray) -> np.ndarray:
-    """L2 norm of each row of a 2-D finite float64 array, safe against overflow and underflow."""
-    fast = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    if fast.size == 0 or (fast.min() > 1e-150 and fast.max() < 1e150):
-        return fast
-    scale = np.abs(rows).max(axis=1)
-    safe = np.where(scale > 0, scale, 1.0)
-    scaled = rows / safe[:, None]
-    return scale * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+    """L2 norm of each row of a 2-D finite float64 array, safe against underflow; a norm above
+    the float64 range comes out as inf (still correctly "> C")."""
+    with np.errstate(over="ignore", under="ignore"):
+        fast = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        if fast.size == 0 or (fast.min() > 1e-150 and fast.max() < 1e150):
+            return fast
+        scale = np.abs(rows).max(axis=1)
+        safe = np.where(scale > 0, scale, 1.0)
+        scaled = rows / safe[:, None]
+        return scale * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows (finite, non-zero) divided by their L2 norm, without overflow or underflow."""
+    scaled = rows / np.abs(rows).max(axis=1)[:, None]  # entries in [-1, 1], max |.| = 1
+    return scaled / np.sqrt(np.einsum("ij,ij->i", scaled, scaled))[:, None]
 
 
 def clip_rows(rows: np.ndarray, clip_norm: float, mode: str = "clip") -> np.ndarray:
@@ -256,7 +266,8 @@ def clip_rows(rows: np.ndarray, clip_norm: float, mode: str = "clip") -> np.ndar
     stays zero (norm 0 <= C, so the sensitivity bound still holds).
     The bound ``||row|| <= C`` must hold exactly, not up to rounding: rows are scaled to
     ``C * (1 - 1e-12)`` (a harmless 1e-12 relative shrink that absorbs the rounding error of
-    computing a norm), and rows above that after rounding are shrunk again. Returns a new array.
+    computing a norm), and rows still above that after rounding (e.g. subnormal input, whose
+    norm is inexact) are rescaled again. Returns a new array.
     """
     rows = np.array(rows, dtype=np.float64, copy=True)
     if rows.ndim != 2:
@@ -271,12 +282,13 @@ def clip_rows(rows: np.ndarray, clip_norm: float, mode: str = "clip") -> np.ndar
     scale = norms > target if mode == "clip" else norms > 0
     if not scale.any():
         return rows
-    rows *= np.where(scale, target / np.where(scale, norms, 1.0), 1.0)[:, None]
-    for _ in range(64):  # rounding guard; rarely needs a single step
-        over = _row_norms(rows) > target
+    rows[scale] = _unit_rows(rows[scale]) * target
+    for _ in range(16):  # rounding guard: rarely needed, one step for all but subnormal input
+        now = _row_norms(rows)
+        over = now > target
         if not over.any():
             return rows
-        rows[over] *= 1.0 - _CLIP_SLACK
+        rows[over] = _unit_rows(rows[over]) * (target * (1.0 - _CLIP_SLACK))
     raise DpaggError(  # pragma: no cover - unreachable for finite input
         "clipping failed to reach the clip norm; rescale the embeddings."
     )
