@@ -1,15 +1,103 @@
 """Privacy accounting for DPAgg releases, on Google's dp-accounting library.
 
-(Interface fixed here; implementation in progress.)
+A release is the clipped mean of a public-size sample of per-image embeddings plus Gaussian noise
+of standard deviation ``z * Delta``, where ``Delta`` is the L2 sensitivity of that mean under the
+plan's neighbouring relation and ``z`` is the plan's ``noise_multiplier``. This module converts
+between ``z`` and ``(epsilon, delta)``; every bound comes from dp-accounting (no hand-written RDP or
+PLD), and every number it reports is a valid upper bound on the true epsilon (pessimistic PLD
+discretisation, a finite RDP order set, a safety margin on root-finder tolerances).
+
+Modes (``sampling``; ``k = releases``; replace-one adjacency with ``n`` public unless stated):
+
+========  ===========================  =============================================================
+sampling  sensitivity of the mean      accountant
+========  ===========================  =============================================================
+full      2C/n                         k = 1: analytic Gaussian (Balle & Wang 2018, Thm 8), exact.
+                                       k > 1: PLD of the k-fold Gaussian (dp-accounting).
+wor       2C/m (m of n, no             k = 1: analytic Gaussian at delta0 = delta*n/m, amplified by
+          replacement)                 subsampling without replacement (Balle, Barthe, Gaboardi
+                                       2018, Thm 10). Also RDP (Wang, Balle, Kasiviswanathan 2019,
+                                       Thm 27); the smaller epsilon is reported.
+                                       k > 1: min of RDP with ``SampledWithoutReplacementDpEvent``
+                                       and the unamplified k-fold Gaussian (PLD).
+poisson   2C/(qn) replace-one,         PLD of ``PoissonSampledDpEvent`` (dp-accounting; Koskela et
+          C/(qn) add/remove            al. 2020, Zhu, Dong & Wang 2022), k-fold self-composition.
+========  ===========================  =============================================================
+
+The ``noise_multiplier`` trap. dp-accounting uses two conventions under ``REPLACE_ONE``:
+
+* RDP (``RdpAccountant``): ``GaussianDpEvent(s)`` has RDP ``alpha / (2 s^2)``, i.e. ``s`` is the
+  noise std over the *replace-one* sensitivity (the distance between the two neighbouring outputs).
+  WBK19 Thm 27 takes the base mechanism's RDP under replace-one on the m-subset, so ``s = z``.
+* PLD (``PLDAccountant`` / ``from_gaussian_mechanism``): the REPLACE adjacency compares
+  ``N(+s, sigma)`` with ``N(-s, sigma)`` ("sensitivity" is the per-item bound, outputs differ by
+  ``2 s``), so the noise multiplier is the std over the *per-item* bound ``C / denominator``:
+  ``2 z`` for replace-one. Under ADD_OR_REMOVE_ONE both conventions agree: ``z``.
+
+Tests pin every mode at q = 1 (m = n) against the analytic Gaussian with sigma = z.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import scipy.optimize
+from dp_accounting import dp_event, gaussian_mechanism
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from dpagg_core.errors import DpaggError
+
 Sampling = Literal["full", "wor", "poisson"]
 SAMPLINGS: tuple[str, ...] = ("full", "wor", "poisson")
+NEIGHBOURINGS: tuple[str, ...] = ("replace_one", "add_remove")
+
+# Accountant names recorded in plans (and in released files' privacy records).
+ACC_ANALYTIC = "analytic_gaussian"
+ACC_BBG = "analytic_gaussian+wor_amplification(BBG18)"
+ACC_RDP_WOR = "rdp_wor"
+ACC_PLD = "pld"
+ACC_PLD_UNAMPLIFIED = "pld(unamplified)"
+ACC_PLD_POISSON = "pld_poisson"
+
+# Below this noise multiplier epsilon is in the hundreds (z = 0.1 gives ~92 for one full release at
+# delta = 1e-5) and the PLD grids grow huge; such noise protects nothing, so it is refused.
+MIN_NOISE_MULTIPLIER = 0.1
+MAX_NOISE_MULTIPLIER = 1e7
+
+# RDP orders for the WOR accountant. Any finite order set gives a valid bound (epsilon is a min
+# over orders); these are chosen for speed. WBK19's exact bound costs O(alpha^2) per order, so the
+# base set stops at 64; only when its optimum is the top order (small epsilon) are the expensive
+# high orders climbed, one at a time while epsilon keeps falling (dp-accounting switches to a
+# cheaper, looser, still valid bound above 256). Fractional orders interpolate the CGF (WBK19
+# Cor. 10).
+RDP_ORDERS: tuple[float, ...] = (
+    1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0,
+    14.0, 16.0, 18.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 64.0,
+)  # fmt: skip
+RDP_HIGH_ORDERS: tuple[float, ...] = (80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 512.0, 1024.0)
+_RDP_ALL_ORDERS = RDP_ORDERS + RDP_HIGH_ORDERS
+
+# PLD value-discretisation interval. Pessimistic discretisation keeps the bound valid for any
+# interval; its slack after k-fold composition is roughly k * interval^2 (measured), so the
+# interval shrinks as sqrt(PLD_SLACK / k) between these limits. Calibration first brackets z on a
+# coarser grid (PLD_COARSE_SLACK, up to PLD_COARSE_MAX), then refines on the reported one.
+PLD_MAX_INTERVAL = 1e-2
+PLD_MIN_INTERVAL = 1e-3
+PLD_SLACK = 2e-3
+PLD_COARSE_MAX = 5e-2
+PLD_COARSE_SLACK = 5e-2
+
+# brentq tolerances are absolute in the root; this margin covers them (xtol=1e-12 plus 4 ulp).
+_ROOT_MARGIN = 1e-10
+_LOG_XTOL = 5e-4  # calibration: relative precision of z (0.05 %)
+_COARSE_LOG_XTOL = 5e-3  # bracketing stage on the coarse PLD grid
 
 
 @dataclass(frozen=True)
@@ -18,7 +106,8 @@ class PrivacyPlan:
 
     ``noise_multiplier`` z is the Gaussian noise std divided by the L2 sensitivity of the released
     mean under ``neighbouring`` (replace-one: 2C/m for wor, 2C/n for full, 2C/(qn) for poisson;
-    add/remove: C/(qn) for poisson). ``epsilon`` is the total over ``releases`` releases at ``delta``.
+    add/remove: C/(qn) for poisson). ``epsilon`` is the total over ``releases`` releases at
+    ``delta``.
     """
 
     sampling: Sampling
@@ -53,3 +142,638 @@ class PrivacyPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """Validated public parameters of a plan (everything but z and epsilon)."""
+
+    sampling: str
+    n: int
+    delta: float
+    releases: int
+    m: int | None
+    q: float | None
+    neighbouring: str
+
+
+def _as_int(value: object, name: str, fix: str) -> int:
+    if isinstance(value, bool):
+        raise DpaggError(f"{name}={value!r} must be an integer; {fix}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise DpaggError(f"{name}={value!r} must be an integer; {fix}") from None
+
+
+def _as_float(value: object, name: str, fix: str) -> float:
+    if isinstance(value, bool):
+        raise DpaggError(f"{name}={value!r} must be a number; {fix}")
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DpaggError(f"{name}={value!r} must be a number; {fix}") from None
+    if math.isnan(out):
+        raise DpaggError(f"{name} is NaN; {fix}")
+    return out
+
+
+def _validate(
+    delta: object,
+    n: object,
+    sampling: object,
+    m: object,
+    q: object,
+    releases: object,
+    neighbouring: object,
+) -> _Setting:
+    if sampling not in SAMPLINGS:
+        raise DpaggError(
+            f"sampling={sampling!r} is unknown; use 'full' (mean of all n items), 'wor' (mean of "
+            "m items drawn without replacement) or 'poisson' (each item kept with probability q)."
+        )
+    if neighbouring not in NEIGHBOURINGS:
+        raise DpaggError(
+            f"neighbouring={neighbouring!r} is unknown; use 'replace_one' (n public, the default) "
+            "or 'add_remove' (poisson sampling only)."
+        )
+    if neighbouring == "add_remove" and sampling != "poisson":
+        raise DpaggError(
+            f"neighbouring='add_remove' is only supported with sampling='poisson' (its mean has "
+            f"the public denominator q*n); with sampling={sampling!r} use 'replace_one'."
+        )
+    n_i = _as_int(n, "n", "n is the number of private items (images), at least 2.")
+    if n_i < 2:
+        raise DpaggError(f"n={n_i} is too small: a private mean needs at least n=2 items.")
+    d = _as_float(delta, "delta", "pick delta well below 1/n, e.g. 1/(10n).")
+    if not 0.0 < d < 1.0:
+        raise DpaggError(f"delta={d!r} must lie strictly between 0 and 1; e.g. 1/(10n).")
+    if d >= 1.0 / n_i:
+        raise DpaggError(
+            f"delta={d:g} is at least 1/n = 1/{n_i}: a delta of 1/n or more permits releasing "
+            f"one person's data outright. Pick delta << 1/n, e.g. 1/(10n) = {1.0 / (10 * n_i):.3g}."
+        )
+    k = _as_int(releases, "releases", "releases is the number of releases to account for (>= 1).")
+    if k < 1:
+        raise DpaggError(f"releases={k} must be at least 1 (the number of releases accounted).")
+    m_i: int | None = None
+    q_f: float | None = None
+    if sampling == "full":
+        if m is not None and _as_int(m, "m", "omit m with sampling='full'.") != n_i:
+            raise DpaggError(
+                f"m={m!r} was given with sampling='full' (which averages all n={n_i} items); "
+                "use sampling='wor' to average a random subset of m items, or omit m."
+            )
+        if q is not None and _as_float(q, "q", "omit q with sampling='full'.") != 1.0:
+            raise DpaggError(
+                f"q={q!r} was given with sampling='full'; use sampling='poisson' for "
+                "Poisson subsampling at rate q, or omit q."
+            )
+    elif sampling == "wor":
+        if m is None:
+            raise DpaggError(
+                "sampling='wor' needs m, the public number of items drawn without replacement "
+                f"from the n={n_i} (1 <= m <= n); pass m=..."
+            )
+        m_i = _as_int(m, "m", f"m is the sample size, 1 <= m <= n={n_i}.")
+        if m_i < 1:
+            raise DpaggError(f"m={m_i} must be at least 1 (sample size drawn from n={n_i}).")
+        if m_i > n_i:
+            raise DpaggError(
+                f"m={m_i} exceeds n={n_i}: a sample without replacement cannot be larger than "
+                f"the set; pick m <= {n_i} (or sampling='full' for all items)."
+            )
+        if q is not None:
+            raise DpaggError(
+                "q was given with sampling='wor', which uses m (the sample size); omit q, or use "
+                "sampling='poisson' for a sampling rate."
+            )
+    else:
+        if q is None:
+            raise DpaggError(
+                "sampling='poisson' needs q, the public probability with which each item is "
+                "kept, 0 < q <= 1; pass q=..."
+            )
+        q_f = _as_float(q, "q", "q is the Poisson sampling rate, 0 < q <= 1.")
+        if not 0.0 < q_f <= 1.0:
+            raise DpaggError(f"q={q_f!r} must lie in (0, 1] (Poisson sampling probability).")
+        if m is not None:
+            raise DpaggError(
+                "m was given with sampling='poisson', which uses the rate q; omit m, or use "
+                "sampling='wor' for a fixed sample size."
+            )
+    return _Setting(str(sampling), n_i, d, k, m_i, q_f, str(neighbouring))
+
+
+def _check_noise_multiplier(noise_multiplier: object) -> float:
+    z = _as_float(noise_multiplier, "noise_multiplier", "it is noise std / sensitivity, e.g. 1-10.")
+    if not z > 0.0:
+        raise DpaggError(
+            f"noise_multiplier={z!r} must be positive (noise std / L2 sensitivity of the mean); "
+            "without noise there is no privacy."
+        )
+    if z < MIN_NOISE_MULTIPLIER:
+        raise DpaggError(
+            f"noise_multiplier={z:g} is below {MIN_NOISE_MULTIPLIER}: epsilon would be in the "
+            "hundreds, i.e. no meaningful privacy; use a noise multiplier of about 1 or more."
+        )
+    if not math.isfinite(z) or z > MAX_NOISE_MULTIPLIER:
+        raise DpaggError(
+            f"noise_multiplier={z!r} is not a finite number <= {MAX_NOISE_MULTIPLIER:g}; "
+            "such noise drowns the signal completely."
+        )
+    return z
+
+
+# --------------------------------------------------------------------------------------------
+# Per-mode epsilon (cached: calibration re-evaluates its final z). Call these positionally, so
+# that calibration and epsilon_for share cache entries.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of the Gaussian mechanism, noise std / L2 sensitivity = ``sigma``.
+
+    Balle & Wang 2018 (Thm 8, analytic Gaussian) via ``dp_accounting.gaussian_mechanism``; the
+    root finder's tolerance is covered by a small upward margin so the value is never too low.
+    """
+    eps = float(gaussian_mechanism.get_epsilon_gaussian(sigma, delta, tol=1e-12))
+    return eps + _ROOT_MARGIN * (1.0 + eps) if eps > 0 else eps
+
+
+def _pld_interval(count: int, coarse: bool = False) -> float:
+    """PLD discretisation interval for a ``count``-fold composition (module constants)."""
+    fine = min(PLD_MAX_INTERVAL, max(PLD_MIN_INTERVAL, math.sqrt(PLD_SLACK / max(1, count))))
+    if not coarse:
+        return fine
+    return min(PLD_COARSE_MAX, max(fine, math.sqrt(PLD_COARSE_SLACK / max(1, count))))
+
+
+def _relation(neighbouring: str) -> NeighboringRelation:
+    if neighbouring == "replace_one":
+        return NeighboringRelation.REPLACE_ONE
+    return NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def _pld_gaussian_multiplier(z: float, neighbouring: str) -> float:
+    """dp-accounting PLD noise multiplier for our z (the trap; see module docstring).
+
+    PLD's REPLACE_ONE compares N(+s) with N(-s) for per-item bound s = C/denominator, so its noise
+    multiplier is std / (C/denominator) = 2z. ADD_OR_REMOVE_ONE shifts by s itself: z.
+    """
+    return 2.0 * z if neighbouring == "replace_one" else z
+
+
+def _gaussian_event(z: float, k: int, neighbouring: str) -> dp_event.DpEvent:
+    event: dp_event.DpEvent = dp_event.GaussianDpEvent(_pld_gaussian_multiplier(z, neighbouring))
+    return dp_event.SelfComposedDpEvent(event, k) if k > 1 else event
+
+
+def _poisson_event(z: float, q: float, k: int, neighbouring: str) -> dp_event.DpEvent:
+    inner = dp_event.GaussianDpEvent(_pld_gaussian_multiplier(z, neighbouring))
+    event: dp_event.DpEvent = dp_event.PoissonSampledDpEvent(q, inner)
+    return dp_event.SelfComposedDpEvent(event, k) if k > 1 else event
+
+
+def _pld_epsilon_of(
+    event: dp_event.DpEvent, delta: float, neighbouring: str, interval: float
+) -> float:
+    acc = pld_privacy_accountant.PLDAccountant(
+        _relation(neighbouring), value_discretization_interval=interval
+    )
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pld_gaussian_epsilon(z: float, k: int, delta: float) -> float:
+    """k-fold Gaussian (replace-one, std z x sensitivity) by PLD.
+
+    dp-accounting folds ``count`` into one Gaussian of std 2z/sqrt(k) (a composition of Gaussians
+    is exactly a Gaussian), so the discretisation is that of a single mechanism.
+    """
+    event = _gaussian_event(z, k, "replace_one")
+    return _pld_epsilon_of(event, delta, "replace_one", _pld_interval(1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pld_poisson_epsilon(
+    z: float, q: float, k: int, delta: float, neighbouring: str, coarse: bool = False
+) -> float:
+    """k-fold Poisson-subsampled Gaussian by PLD (dp-accounting ``PoissonSampledDpEvent``).
+
+    ``coarse`` selects calibration's bracketing grid; reported values use the fine one.
+    """
+    event = _poisson_event(z, q, k, neighbouring)
+    return _pld_epsilon_of(event, delta, neighbouring, _pld_interval(k, coarse))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_wor_orders(
+    z: float, n: int, m: int, k: int, delta: float, orders: tuple[float, ...]
+) -> tuple[float, float]:
+    """(epsilon, optimal order) of k-fold Gaussian on an m-of-n WOR sample, RDP at ``orders``.
+
+    Wang, Balle, Kasiviswanathan 2019, Thm 27 (``SampledWithoutReplacementDpEvent``, REPLACE_ONE),
+    RDP composition, and dp-accounting's RDP -> (eps, delta) conversion. The Gaussian's RDP
+    ``alpha / (2 s^2)`` is under replace-one on the subsample, so s = z (sensitivity 2C/m).
+    """
+    acc = rdp_privacy_accountant.RdpAccountant(
+        orders=list(orders), neighboring_relation=NeighboringRelation.REPLACE_ONE
+    )
+    event: dp_event.DpEvent = dp_event.SampledWithoutReplacementDpEvent(
+        source_dataset_size=n, sample_size=m, event=dp_event.GaussianDpEvent(z)
+    )
+    if k > 1:
+        event = dp_event.SelfComposedDpEvent(event, k)
+    acc.compose(event)
+    eps, order = acc.get_epsilon_and_optimal_order(delta)
+    return float(eps), float(order)
+
+
+def _rdp_wor(z: float, n: int, m: int, k: int, delta: float) -> tuple[float, float]:
+    """(epsilon, order): the RDP-WOR bound over RDP_ORDERS, plus RDP_HIGH_ORDERS climbed one by
+    one while epsilon keeps falling when the base optimum is the top order. Deterministic; any
+    set of orders gives a valid bound, this one avoids the expensive orders when unneeded."""
+    eps, order = _rdp_wor_orders(z, n, m, k, delta, RDP_ORDERS)
+    if order == RDP_ORDERS[-1]:
+        for high in RDP_HIGH_ORDERS:
+            eps_hi, _ = _rdp_wor_orders(z, n, m, k, delta, (high,))
+            if eps_hi >= eps:
+                break
+            eps, order = eps_hi, high
+    return eps, order
+
+
+def _bbg_wor_epsilon(z: float, n: int, m: int, delta: float) -> float:
+    """One WOR release: analytic Gaussian amplified by subsampling without replacement.
+
+    Balle, Barthe, Gaboardi 2018 (Thm 10, substitution relation): if M is (eps0, delta0)-DP under
+    replace-one on m-sets, then M on a uniform m-of-n sample is (log(1 + p(e^eps0 - 1)), p delta0)
+    -DP under replace-one on n-sets, p = m/n. The amplified epsilon only decreases as delta0 grows,
+    so the optimal split puts the whole budget in delta0 = delta * n/m (< 1 as delta < 1/n).
+    M is the Gaussian with std z * 2C/m on the sample mean: eps0 = analytic Gaussian at sigma = z.
+    """
+    p = m / n
+    eps0 = _analytic_gaussian_epsilon(z, min(delta / p, 1.0))
+    return math.log1p(p * math.expm1(eps0))
+
+
+def _epsilon(z: float, s: _Setting) -> tuple[float, str]:
+    """(epsilon, accountant name) for a validated setting and noise multiplier z."""
+    k = s.releases
+    if s.sampling == "full":
+        if k == 1:
+            return _analytic_gaussian_epsilon(z, s.delta), ACC_ANALYTIC
+        return _pld_gaussian_epsilon(z, k, s.delta), ACC_PLD
+    if s.sampling == "poisson":
+        assert s.q is not None
+        return _pld_poisson_epsilon(z, s.q, k, s.delta, s.neighbouring), ACC_PLD_POISSON
+    assert s.m is not None
+    if k == 1:
+        other, name = _bbg_wor_epsilon(z, s.n, s.m, s.delta), ACC_BBG
+    else:
+        other, name = _pld_gaussian_epsilon(z, k, s.delta), ACC_PLD_UNAMPLIFIED
+    rdp, _ = _rdp_wor(z, s.n, s.m, k, s.delta)
+    return (rdp, ACC_RDP_WOR) if rdp < other else (other, name)
+
+
+def _plan(z: float, eps: float, acc: str, s: _Setting) -> PrivacyPlan:
+    return PrivacyPlan(
+        sampling=s.sampling,  # type: ignore[arg-type]
+        n=s.n,
+        delta=s.delta,
+        noise_multiplier=float(z),
+        epsilon=float(eps),
+        accountant=acc,
+        releases=s.releases,
+        m=s.m,
+        q=s.q,
+        neighbouring=s.neighbouring,
+    )
+
+
+def epsilon_for(
+    noise_multiplier: float,
+    delta: float,
+    n: int,
+    sampling: Sampling | str,
+    m: int | None = None,
+    q: float | None = None,
+    releases: int = 1,
+    neighbouring: str = "replace_one",
+) -> PrivacyPlan:
+    """The plan (with its epsilon at ``delta``) for noise multiplier z = noise std / sensitivity.
+
+    Theorems per mode (module docstring has the table):
+      * full, 1 release: analytic Gaussian (Balle & Wang 2018) at sigma = z.
+      * full, k releases: PLD of k Gaussians (exactly one Gaussian of std z/sqrt(k)).
+      * wor, 1 release: min of BBG18 Thm 10 amplification of the analytic Gaussian
+        (delta0 = delta*n/m) and WBK19 Thm 27 RDP.
+      * wor, k releases: min of WBK19 RDP (k-fold) and the unamplified k-fold Gaussian (PLD).
+      * poisson: PLD of the Poisson-subsampled Gaussian, k-fold.
+    Raises DpaggError on bad input (the message names the parameter and the fix).
+    """
+    s = _validate(delta, n, sampling, m, q, releases, neighbouring)
+    z = _check_noise_multiplier(noise_multiplier)
+    eps, acc = _epsilon(z, s)
+    return _plan(z, eps, acc, s)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+
+def _nudge(eps_fn: Callable[[float], float], target: float, z: float) -> float:
+    """Raise z by tiny relative steps until eps_fn(z) <= target (root-finder slack)."""
+    factor = 1e-9
+    while eps_fn(z) > target:
+        z *= 1.0 + factor
+        factor *= 4.0
+        if z > MAX_NOISE_MULTIPLIER:
+            raise DpaggError(f"could not reach target_epsilon={target:g}; choose a larger epsilon.")
+    return z
+
+
+def _solve(
+    eps_fn: Callable[[float], float],
+    target: float,
+    z0: float,
+    xtol: float = _LOG_XTOL,
+    slope: float = -1.0,
+) -> tuple[float, float]:
+    """(z, slope): a z with eps_fn(z) <= target and eps_fn(z) ~ target, for eps_fn decreasing.
+
+    Works on g(log z) = log eps - log target, which is nearly linear: secant steps (starting
+    from ``slope`` = dg / dlog z, overshooting a little) until the root is bracketed, then
+    scipy's Brent to ``xtol`` in log z, then a check that the returned z meets the target (stepped
+    up if Brent stopped a hair below the root). z is clamped to [MIN_NOISE_MULTIPLIER,
+    MAX_NOISE_MULTIPLIER]; returns MIN_NOISE_MULTIPLIER if even that meets the target. The slope
+    estimate is returned to seed a finer search.
+    """
+    lo_bound, hi_bound = math.log(MIN_NOISE_MULTIPLIER), math.log(MAX_NOISE_MULTIPLIER)
+    log_t = math.log(target)
+
+    def g(lz: float) -> float:
+        e = eps_fn(math.exp(lz))
+        if e <= 0:
+            return -math.inf
+        return math.log(e) - log_t if math.isfinite(e) else math.inf
+
+    a = min(max(math.log(z0), lo_bound), hi_bound)
+    ga = g(a)
+    min_step = 0.0
+    while True:
+        if ga == 0:
+            return math.exp(a), slope
+        if math.isfinite(ga):
+            step = -1.2 * ga / (slope if slope < 0 else -1.0)
+            step += 0.005 if ga > 0 else -0.005
+        else:
+            step = 2.0 if ga > 0 else -2.0
+        step = math.copysign(max(abs(step), min_step), step)
+        b = min(max(a + step, lo_bound), hi_bound)
+        if b == a:  # stuck at a bound
+            if ga < 0:
+                return MIN_NOISE_MULTIPLIER, slope  # even the least noise meets the target
+            raise DpaggError(
+                f"target_epsilon={target:g} needs a noise multiplier above "
+                f"{MAX_NOISE_MULTIPLIER:g}: the release would be pure noise. Choose a larger "
+                "epsilon (e.g. 1-8), a larger delta (still << 1/n) or fewer releases."
+            )
+        gb = g(b)
+        if math.isfinite(ga) and math.isfinite(gb) and (gb - ga) / (b - a) < 0:
+            slope = (gb - ga) / (b - a)
+        if (ga > 0) != (gb > 0):
+            break
+        a, ga, min_step = b, gb, 2.0 * abs(step)
+    lo, hi = (a, b) if ga > 0 else (b, a)
+    lz = scipy.optimize.brentq(g, lo, hi, xtol=xtol, rtol=1e-12)
+    lz = max(min(lz, hi), lo)
+    # Brent returns a point within xtol of the sign change; take the safe side and verify.
+    step = xtol
+    while g(lz) > 0:
+        lz = min(lz + step, hi)
+        step *= 2
+    return math.exp(lz), slope
+
+
+def _rdp_window(order: float) -> tuple[float, ...]:
+    """The orders of the full RDP set within a factor 1.6 of ``order`` (at least three)."""
+    window = tuple(o for o in _RDP_ALL_ORDERS if order / 1.6 <= o <= order * 1.6)
+    if len(window) >= 3:
+        return window
+    nearest = sorted(_RDP_ALL_ORDERS, key=lambda o: abs(math.log(o / order)))[:3]
+    return tuple(sorted(nearest))
+
+
+def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
+    """z from the WBK19 RDP bound, or ``z_other`` when RDP cannot beat it.
+
+    eps = min(rdp(z), other(z)) with both decreasing, so the calibrated z is min(z_rdp, z_other).
+    Searching over the full order set is slow, so the search runs on a window of orders (a
+    subset: its epsilon is >= the full set's, so a z it accepts is accepted by the full set too),
+    first around the order the (eps, delta) conversion favours at the target, then re-centred on
+    the full set's optimal order until that order lies in the window.
+    """
+    assert s.m is not None
+    n, m, k, d = s.n, s.m, s.releases, s.delta
+    eps_full, order = _rdp_wor(z_other, n, m, k, d)
+    if eps_full >= target:
+        return z_other  # RDP needs at least as much noise
+    # The (eps, delta) conversion costs about log(1/delta) / (alpha - 1), so the optimal order at
+    # epsilon = target is about 1 + c log(1/delta) / target with c in [1, 2] (measured).
+    z, window = z_other, _rdp_window(1.0 + 1.4 * math.log(1.0 / d) / target)
+    slope = -1.0
+    for _ in range(8):
+        z, slope = _solve(
+            lambda zz, w=window: _rdp_wor_orders(zz, n, m, k, d, w)[0], target, z, slope=slope
+        )
+        eps_full, order = _rdp_wor(z, n, m, k, d)
+        if order in window:
+            break
+        window = _rdp_window(order)
+    # eps_full(z) <= eps_window(z) <= target unless high orders were skipped; verify.
+    return _nudge(lambda zz: _rdp_wor(zz, n, m, k, d)[0], target, min(z, z_other))
+
+
+def _calibrate_z(target: float, s: _Setting) -> float:
+    """A noise multiplier meeting ``target`` for setting s (calibrate() re-checks it)."""
+    k, d = s.releases, s.delta
+    # Unamplified Gaussian: sigma = sqrt(k) * analytic-Gaussian sigma at target (exact, cheap).
+    z_gauss = float(gaussian_mechanism.get_sigma_gaussian(target, d)) * math.sqrt(k)
+    if s.sampling == "full":
+        if k == 1:
+            return _nudge(lambda z: _analytic_gaussian_epsilon(z, d), target, z_gauss)
+        return _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
+    if s.sampling == "poisson":
+        assert s.q is not None
+        q, rel = s.q, s.neighbouring
+        # Amplification by sampling: start from z_gauss * sqrt(q), bracket on the coarse grid,
+        # then refine on the reported grid from there.
+        z0, slope = z_gauss * math.sqrt(q), -1.0
+        if _pld_interval(k, coarse=True) > _pld_interval(k):
+            z0, slope = _solve(
+                lambda z: _pld_poisson_epsilon(z, q, k, d, rel, True),
+                target,
+                z0,
+                xtol=_COARSE_LOG_XTOL,
+            )
+        return _solve(lambda z: _pld_poisson_epsilon(z, q, k, d, rel), target, z0, slope=slope)[0]
+    assert s.m is not None
+    n, m = s.n, s.m
+    if k == 1:
+        # Invert BBG18 exactly: eps0 = log(1 + (e^target - 1) / p) at delta0 = delta / p.
+        p = m / n
+        try:
+            eps0 = math.log1p(math.expm1(target) / p)
+        except OverflowError:  # huge targets: log(1 + (e^t - 1)/p) -> t - log p
+            eps0 = target - math.log(p)
+        z_bbg = float(gaussian_mechanism.get_sigma_gaussian(eps0, min(d / p, 1.0)))
+        z_bbg = max(z_bbg, MIN_NOISE_MULTIPLIER)
+        z_other = _nudge(lambda z: _bbg_wor_epsilon(z, n, m, d), target, z_bbg)
+    else:
+        z_other = _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
+    return _calibrate_rdp_wor(target, s, z_other)
+
+
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    n: int,
+    sampling: Sampling | str,
+    m: int | None = None,
+    q: float | None = None,
+    releases: int = 1,
+    neighbouring: str = "replace_one",
+) -> PrivacyPlan:
+    """The plan with (about) the least noise whose epsilon at ``delta`` is <= ``target_epsilon``.
+
+    Searches z (Brent on log z; exact inversion where the bound is closed-form), then re-evaluates
+    with :func:`epsilon_for`'s accountant and raises z until the reported epsilon is <= target.
+    If even the minimum noise multiplier (``MIN_NOISE_MULTIPLIER``) meets the target, that is
+    returned (with its smaller epsilon). Raises DpaggError on bad input.
+    """
+    s = _validate(delta, n, sampling, m, q, releases, neighbouring)
+    t = _as_float(target_epsilon, "target_epsilon", "pick a privacy budget such as 1 or 8.")
+    if not (t > 0 and math.isfinite(t)):
+        raise DpaggError(
+            f"target_epsilon={t!r} must be a positive finite number (e.g. 1 to 8); epsilon 0 "
+            "would need infinite noise."
+        )
+    z = min(max(_calibrate_z(t, s), MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
+    # Re-evaluate with the reporting accountant (cached, so usually free); nudge if needed.
+    z = _nudge(lambda zz: _epsilon(zz, s)[0], t, z)
+    eps, acc = _epsilon(z, s)
+    assert eps <= t
+    return _plan(z, eps, acc, s)
+
+
+# --------------------------------------------------------------------------------------------
+# DpEvents (for the ledger's PLD composition) and summaries
+# --------------------------------------------------------------------------------------------
+
+
+def pld_relation(plan: PrivacyPlan) -> NeighboringRelation:
+    """The dp-accounting neighbouring relation that :func:`dp_events` are expressed under."""
+    return _relation(plan.neighbouring)
+
+
+def dp_events(plan: PrivacyPlan) -> dp_event.DpEvent | None:
+    """A DpEvent for the plan's ``releases`` releases, for ``PLDAccountant(pld_relation(plan))``.
+
+    Noise multipliers follow the PLD convention (2z under replace-one; module docstring), so feed
+    these events to a PLD accountant only. ``full`` -> k-fold GaussianDpEvent; ``poisson`` ->
+    k-fold PoissonSampledDpEvent. ``wor`` -> None: dp-accounting's PLD has no sampling-without-
+    replacement event (its RDP event uses the other convention), so callers fall back to basic
+    composition of the plan's (epsilon, delta).
+    """
+    if plan.sampling == "full":
+        return _gaussian_event(plan.noise_multiplier, plan.releases, plan.neighbouring)
+    if plan.sampling == "poisson":
+        assert plan.q is not None
+        return _poisson_event(plan.noise_multiplier, plan.q, plan.releases, plan.neighbouring)
+    return None
+
+
+def _event_count(event: dp_event.DpEvent) -> int:
+    """Number of subsampled compositions (drives the PLD discretisation interval)."""
+    if isinstance(event, dp_event.SelfComposedDpEvent):
+        return event.count * _event_count(event.event)
+    if isinstance(event, dp_event.ComposedDpEvent):
+        return sum(_event_count(e) for e in event.events)
+    if isinstance(event, dp_event.PoissonSampledDpEvent):
+        return 1
+    return 0  # Gaussians fold into one Gaussian in dp-accounting's PLD
+
+
+def composed_epsilon(
+    events: Sequence[dp_event.DpEvent | None], delta: float, neighbouring: str = "replace_one"
+) -> float | None:
+    """Epsilon at ``delta`` of the adaptive composition of ``events`` (from :func:`dp_events`).
+
+    PLD composition (dp-accounting ``PLDAccountant``, pessimistic discretisation) under the
+    relation named by ``neighbouring``. Returns None when an event is None or unsupported.
+    """
+    if neighbouring not in NEIGHBOURINGS or not 0 < delta < 1:
+        return None
+    if not events or any(e is None for e in events):
+        return None
+    composed = dp_event.ComposedDpEvent(list(events))
+    acc = pld_privacy_accountant.PLDAccountant(
+        _relation(neighbouring), value_discretization_interval=_pld_interval(_event_count(composed))
+    )
+    if not acc.supports(composed):
+        return None
+    acc.compose(composed)
+    return float(acc.get_epsilon(delta))
+
+
+_THEOREMS = {
+    ACC_ANALYTIC: "analytic Gaussian mechanism, Balle & Wang 2018",
+    ACC_PLD: "privacy-loss-distribution composition of Gaussians, dp-accounting",
+    ACC_BBG: (
+        "analytic Gaussian amplified by sampling without replacement, Balle, Barthe & Gaboardi 2018"
+    ),
+    ACC_RDP_WOR: "Renyi DP of sampling without replacement, Wang, Balle & Kasiviswanathan 2019",
+    ACC_PLD_UNAMPLIFIED: (
+        "privacy-loss-distribution composition of Gaussians, without amplification credit"
+    ),
+    ACC_PLD_POISSON: "privacy-loss distribution of the Poisson-subsampled Gaussian, dp-accounting",
+}
+
+
+def plan_summary(plan: PrivacyPlan) -> str:
+    """One human-readable paragraph describing the plan (for the CLI and ComfyUI nodes)."""
+    if plan.sampling == "full":
+        how = f"the mean of all n={plan.n} embeddings"
+        sens = f"2C/{plan.n}"
+    elif plan.sampling == "wor":
+        how = f"the mean of m={plan.m} of n={plan.n} embeddings drawn without replacement"
+        sens = f"2C/{plan.m}"
+    else:
+        how = (
+            f"a Poisson sample (each of n={plan.n} embeddings kept with probability q={plan.q:g}), "
+            f"summed and divided by the public q*n={plan.denominator:g}"
+        )
+        per = "2C" if plan.neighbouring == "replace_one" else "C"
+        sens = f"{per}/{plan.denominator:g}"
+    relation = "replace-one" if plan.neighbouring == "replace_one" else "add/remove-one"
+    times = "1 release" if plan.releases == 1 else f"{plan.releases} releases in total"
+    theorem = _THEOREMS.get(plan.accountant, plan.accountant)
+    return (
+        f"Releases {how}, each embedding clipped to norm C, plus Gaussian noise with standard "
+        f"deviation {plan.noise_multiplier:.4g} x the L2 sensitivity of that mean ({sens}, "
+        f"{relation} neighbours). Guarantee: ({plan.epsilon:.4g}, {plan.delta:.3g})-differential "
+        f"privacy for {times} (accountant: {plan.accountant}; {theorem}). Smaller epsilon means "
+        "stronger privacy."
+    )
