@@ -389,7 +389,7 @@ def _layers_per_block(unet_sd: dict[str, torch.Tensor], n_levels: int) -> int:
     """Resnets per UNet level, from the number of ``input_blocks`` (= levels * (L + 1))."""
     ids = {int(m[1]) for k in unet_sd if (m := re.match(r"input_blocks\.(\d+)\.", k))}
     count = max(ids) + 1 if ids else 0
-    if count == 0 or count % n_levels:
+    if count == 0 or count % n_levels or count // n_levels < 2:
         raise DpaggError(
             f"the checkpoint UNet has {count} input blocks, which does not fit a {n_levels}-level "
             "Stable Diffusion UNet; pass config= a diffusers folder describing this architecture."
@@ -464,6 +464,13 @@ def _load_components_from_ldm(
     # UNet: layers_per_block is read from the checkpoint (some merges/test models use fewer).
     unet_cfg = dict(UNet2DConditionModel.load_config(cfg, subfolder="unet", local_files_only=True))
     unet_keys = {k[len(_UNET) :]: v for k, v in checkpoint.items() if k.startswith(_UNET)}
+    if check_context:
+        probe = next((v for k, v in unet_keys.items() if k.endswith("attn2.to_k.weight")), None)
+        if probe is not None and probe.shape[-1] != _CONTEXT_DIM[family]:
+            raise DpaggError(
+                f"{name}: UNet cross-attention width {probe.shape[-1]} does not match {family} "
+                f"({_CONTEXT_DIM[family]}); pass config= a diffusers folder matching this model."
+            )
     layers = _layers_per_block(unet_keys, len(unet_cfg["block_out_channels"]))
     if layers != unet_cfg["layers_per_block"]:
         log.info(
@@ -473,13 +480,6 @@ def _load_components_from_ldm(
             unet_cfg["layers_per_block"],
         )
         unet_cfg["layers_per_block"] = layers
-    if check_context:
-        probe = next((v for k, v in unet_keys.items() if k.endswith("attn2.to_k.weight")), None)
-        if probe is not None and probe.shape[-1] != _CONTEXT_DIM[family]:
-            raise DpaggError(
-                f"{name}: UNet cross-attention width {probe.shape[-1]} does not match {family} "
-                f"({_CONTEXT_DIM[family]}); pass config= a diffusers folder matching this model."
-            )
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)
     try:
