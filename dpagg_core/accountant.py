@@ -96,7 +96,7 @@ PLD_COARSE_SLACK = 5e-2
 
 # brentq tolerances are absolute in the root; this margin covers them (xtol=1e-12 plus 4 ulp).
 _ROOT_MARGIN = 1e-10
-_LOG_XTOL = 5e-4  # calibration: relative precision of z (0.05 %)
+_LOG_XTOL = 1e-3  # calibration: relative precision of z (0.1 %)
 _COARSE_LOG_XTOL = 5e-3  # bracketing stage on the coarse PLD grid
 
 
@@ -514,33 +514,60 @@ def _solve(
     """(z, slope): a z with eps_fn(z) <= target and eps_fn(z) ~ target, for eps_fn decreasing.
 
     Works on g(log z) = log eps - log target, which is nearly linear: secant steps (starting
-    from ``slope`` = dg / dlog z, overshooting a little) until the root is bracketed, then
-    scipy's Brent to ``xtol`` in log z, then a check that the returned z meets the target (stepped
-    up if Brent stopped a hair below the root). z is clamped to [MIN_NOISE_MULTIPLIER,
+    from ``slope`` = dg / dlog z, overshooting a little, more after each miss) until the root is
+    bracketed, then scipy's Brent to ``xtol`` in log z. Returns the first evaluated z whose
+    epsilon is within a factor exp(-xtol) below the target, else the least evaluated z that met
+    the target: every returned z has been checked. z is clamped to [MIN_NOISE_MULTIPLIER,
     MAX_NOISE_MULTIPLIER]; returns MIN_NOISE_MULTIPLIER if even that meets the target. The slope
     estimate is returned to seed a finer search.
     """
     lo_bound, hi_bound = math.log(MIN_NOISE_MULTIPLIER), math.log(MAX_NOISE_MULTIPLIER)
     log_t = math.log(target)
+    accepted: list[float] = []  # every log z seen to meet the target
 
     def g(lz: float) -> float:
         e = eps_fn(math.exp(lz))
         if e <= 0:
-            return -math.inf
-        return math.log(e) - log_t if math.isfinite(e) else math.inf
+            out = -math.inf
+        else:
+            out = math.log(e) - log_t if math.isfinite(e) else math.inf
+        if out <= 0:
+            accepted.append(lz)
+            if out >= -xtol:  # epsilon within a factor e^-xtol of the target: done
+                raise _Found
+        return out
 
+    try:
+        return _solve_inner(g, z0, lo_bound, hi_bound, xtol, slope, accepted, target)
+    except _Found:
+        return math.exp(accepted[-1]), slope
+
+
+class _Found(Exception):
+    """Raised by _solve's objective once a z is close enough (stops Brent early)."""
+
+
+def _solve_inner(
+    g: Callable[[float], float],
+    z0: float,
+    lo_bound: float,
+    hi_bound: float,
+    xtol: float,
+    slope: float,
+    accepted: list[float],
+    target: float,
+) -> tuple[float, float]:
     a = min(max(math.log(z0), lo_bound), hi_bound)
     ga = g(a)
-    min_step = 0.0
+    overshoot = 1.2
     while True:
         if ga == 0:
             return math.exp(a), slope
         if math.isfinite(ga):
-            step = -1.2 * ga / (slope if slope < 0 else -1.0)
+            step = -overshoot * ga / (slope if slope < 0 else -1.0)
             step += 0.005 if ga > 0 else -0.005
         else:
             step = 2.0 if ga > 0 else -2.0
-        step = math.copysign(max(abs(step), min_step), step)
         b = min(max(a + step, lo_bound), hi_bound)
         if b == a:  # stuck at a bound
             if ga < 0:
@@ -555,16 +582,12 @@ def _solve(
             slope = (gb - ga) / (b - a)
         if (ga > 0) != (gb > 0):
             break
-        a, ga, min_step = b, gb, 2.0 * abs(step)
+        a, ga, overshoot = b, gb, overshoot * 1.5
     lo, hi = (a, b) if ga > 0 else (b, a)
-    lz = scipy.optimize.brentq(g, lo, hi, xtol=xtol, rtol=1e-12)
-    lz = max(min(lz, hi), lo)
-    # Brent returns a point within xtol of the sign change; take the safe side and verify.
-    step = xtol
-    while g(lz) > 0:
-        lz = min(lz + step, hi)
-        step *= 2
-    return math.exp(lz), slope
+    scipy.optimize.brentq(g, lo, hi, xtol=xtol, rtol=1e-12)
+    # Brent stops within xtol of the sign change; the smallest log z it saw meet the target is
+    # the answer (hi, at worst), so no z is returned without having been checked.
+    return math.exp(min(lz for lz in accepted if lo <= lz <= hi)), slope
 
 
 def _rdp_window(order: float) -> tuple[float, ...]:
