@@ -81,7 +81,7 @@ def _as_float64(x: Any, what: str) -> np.ndarray:
     if type(x).__module__.split(".")[0] == "torch":
         if x.is_complex():
             raise DpaggError(f"{what} is a complex tensor; pass real-valued embeddings.")
-        return x.detach().to("cpu").double().numpy()
+        return np.array(x.detach().to("cpu").double().numpy(), dtype=np.float64, copy=True)
     try:
         arr = np.asarray(x)
     except Exception as exc:  # ragged lists etc.
@@ -277,15 +277,19 @@ def clip_rows(rows: np.ndarray, clip_norm: float, mode: str = "clip") -> np.ndar
     c = _check_clip_norm(clip_norm)
     if mode not in CLIP_MODES:
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")
+    return _clip_in_place(rows, c, mode)
+
+
+def _clip_in_place(rows: np.ndarray, c: float, mode: str) -> np.ndarray:
+    """:func:`clip_rows` on validated input (2-D, finite, float64), overwriting ``rows``."""
     target = c * (1.0 - _CLIP_SLACK)
     norms = _row_norms(rows)
     scale = norms > target if mode == "clip" else norms > 0
     if not scale.any():
         return rows
     rows[scale] = _unit_rows(rows[scale]) * target
-    for _ in range(16):  # rounding guard: rarely needed, one step for all but subnormal input
-        now = _row_norms(rows)
-        over = now > target
+    for _ in range(16):  # guard: verify ||row|| <= C; only subnormal input ever needs a 2nd pass
+        over = _row_norms(rows) > c
         if not over.any():
             return rows
         rows[over] = _unit_rows(rows[over]) * (target * (1.0 - _CLIP_SLACK))
@@ -366,6 +370,13 @@ def privacy_record(
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")
     _check_record_text(centre_kind, "centre_kind", _CENTRE_KIND, allow_empty=False)
     _check_record_text(base_model_id, "base_model_id", _RECORD_TEXT, allow_empty=True)
+    return _record(plan, c, mode, centre_kind, base_model_id)
+
+
+def _record(
+    plan: PrivacyPlan, c: float, mode: str, centre_kind: str, base_model_id: str
+) -> dict[str, str]:
+    """:func:`privacy_record` on validated input."""
     record = {
         "mechanism": MECHANISM,
         "epsilon": repr(float(plan.epsilon)),
@@ -419,15 +430,14 @@ def dp_mean(
     """
     arr, cen = check_inputs(vectors, plan, clip_norm, center, mode=mode, centre_kind=centre_kind)
     c = float(clip_norm)
-    record = privacy_record(
-        plan, c, mode=mode, centre_kind=centre_kind, base_model_id=base_model_id
-    )  # validates base_model_id before any randomness
+    _check_record_text(base_model_id, "base_model_id", _RECORD_TEXT, allow_empty=True)
+    record = _record(plan, c, mode, centre_kind, base_model_id)
 
     item_shape = arr.shape[1:]
-    rows = arr.reshape(arr.shape[0], -1)
+    rows = arr.reshape(arr.shape[0], -1)  # arr is check_inputs' own float64 copy
     if cen is not None:
         rows = rows - cen.reshape(1, -1)
-    clipped = clip_rows(rows, c, mode)
+    clipped = _clip_in_place(rows, c, mode)
 
     # --- randomness starts here: secret subsample, then noise ---
     idx = _draw_subsample(plan)

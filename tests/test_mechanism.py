@@ -143,6 +143,15 @@ def test_torch_input_and_item_shape(no_noise: None) -> None:
     np.testing.assert_allclose(rel.vector, t.double().mean(dim=0).numpy(), rtol=1e-12)
 
 
+def test_inputs_are_never_modified() -> None:
+    x_np = np.full((3, 4), 5.0)
+    x_t = torch.full((3, 4), 5.0, dtype=torch.float64)
+    center = np.ones(4)
+    for x in (x_np, x_t):
+        dp_mean(x, plan=plan_full(3), clip_norm=1.0, center=center, centre_kind="initializer")
+    assert np.all(x_np == 5.0) and bool(torch.all(x_t == 5.0)) and np.all(center == 1.0)
+
+
 def test_wor_subsample_through_dp_mean(no_noise: None) -> None:
     """One-hot items reveal the (normally secret) subsample when the noise is switched off."""
     n, m, reps = 8, 3, 2000
