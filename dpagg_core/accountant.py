@@ -16,8 +16,8 @@ full      2C/n                         k = 1: analytic Gaussian (Balle & Wang 20
                                        k > 1: PLD of the k-fold Gaussian (dp-accounting).
 wor       2C/m (m of n, no             k = 1: analytic Gaussian at delta0 = delta*n/m, amplified by
           replacement)                 subsampling without replacement (Balle, Barthe, Gaboardi
-                                       2018, Thm 10). Also RDP (Wang, Balle, Kasiviswanathan 2019,
-                                       Thm 27); the smaller epsilon is reported.
+                                       2018, Thm 10). Cross-checked in tests: never above RDP
+                                       (Wang, Balle, Kasiviswanathan 2019, Thm 27).
                                        k > 1: min of RDP with ``SampledWithoutReplacementDpEvent``
                                        and the unamplified k-fold Gaussian (PLD).
 poisson   2C/(qn) replace-one,         PLD of ``PoissonSampledDpEvent`` (dp-accounting; Koskela et
@@ -74,14 +74,14 @@ MAX_NOISE_MULTIPLIER = 1e7
 # RDP orders for the WOR accountant. Any finite order set gives a valid bound (epsilon is a min
 # over orders); these are chosen for speed. WBK19's exact bound costs O(alpha^2) per order, so the
 # base set stops at 64; only when its optimum is the top order (small epsilon) are the expensive
-# high orders climbed, one at a time while epsilon keeps falling (dp-accounting switches to a
-# cheaper, looser, still valid bound above 256). Fractional orders interpolate the CGF (WBK19
-# Cor. 10).
+# high orders climbed, one at a time while epsilon keeps falling. (Above 256 dp-accounting switches
+# to a cheaper bound that measured far looser, so no such orders.) Fractional orders interpolate
+# the CGF (WBK19 Cor. 10).
 RDP_ORDERS: tuple[float, ...] = (
     1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0,
     14.0, 16.0, 18.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 64.0,
 )  # fmt: skip
-RDP_HIGH_ORDERS: tuple[float, ...] = (80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 512.0, 1024.0)
+RDP_HIGH_ORDERS: tuple[float, ...] = (80.0, 96.0, 128.0, 160.0, 192.0, 256.0)
 _RDP_ALL_ORDERS = RDP_ORDERS + RDP_HIGH_ORDERS
 
 # PLD value-discretisation interval. Pessimistic discretisation keeps the bound valid for any
@@ -439,11 +439,14 @@ def _epsilon(z: float, s: _Setting) -> tuple[float, str]:
         return _pld_poisson_epsilon(z, s.q, k, s.delta, s.neighbouring), ACC_PLD_POISSON
     assert s.m is not None
     if k == 1:
-        other, name = _bbg_wor_epsilon(z, s.n, s.m, s.delta), ACC_BBG
-    else:
-        other, name = _pld_gaussian_epsilon(z, k, s.delta), ACC_PLD_UNAMPLIFIED
+        return _bbg_wor_epsilon(z, s.n, s.m, s.delta), ACC_BBG
     rdp, _ = _rdp_wor(z, s.n, s.m, k, s.delta)
-    return (rdp, ACC_RDP_WOR) if rdp < other else (other, name)
+    # The unamplified k-fold Gaussian is exactly the analytic Gaussian at z/sqrt(k), which lower-
+    # bounds its (pessimistic) PLD value: only when that does not beat RDP is the PLD worth it.
+    if rdp <= _analytic_gaussian_epsilon(z / math.sqrt(k), s.delta):
+        return rdp, ACC_RDP_WOR
+    unamplified = _pld_gaussian_epsilon(z, k, s.delta)
+    return (rdp, ACC_RDP_WOR) if rdp < unamplified else (unamplified, ACC_PLD_UNAMPLIFIED)
 
 
 def _plan(z: float, eps: float, acc: str, s: _Setting) -> PrivacyPlan:
@@ -476,8 +479,8 @@ def epsilon_for(
     Theorems per mode (module docstring has the table):
       * full, 1 release: analytic Gaussian (Balle & Wang 2018) at sigma = z.
       * full, k releases: PLD of k Gaussians (exactly one Gaussian of std z/sqrt(k)).
-      * wor, 1 release: min of BBG18 Thm 10 amplification of the analytic Gaussian
-        (delta0 = delta*n/m) and WBK19 Thm 27 RDP.
+      * wor, 1 release: BBG18 Thm 10 amplification of the analytic Gaussian (delta0 =
+        delta*n/m); tests cross-check it against (and find it below) WBK19 Thm 27 RDP.
       * wor, k releases: min of WBK19 RDP (k-fold) and the unamplified k-fold Gaussian (PLD).
       * poisson: PLD of the Poisson-subsampled Gaussian, k-fold.
     Raises DpaggError on bad input (the message names the parameter and the fix).
@@ -514,12 +517,12 @@ def _solve(
     """(z, slope): a z with eps_fn(z) <= target and eps_fn(z) ~ target, for eps_fn decreasing.
 
     Works on g(log z) = log eps - log target, which is nearly linear: secant steps (starting
-    from ``slope`` = dg / dlog z, overshooting a little, more after each miss) until the root is
-    bracketed, then scipy's Brent to ``xtol`` in log z. Returns the first evaluated z whose
-    epsilon is within a factor exp(-xtol) below the target, else the least evaluated z that met
-    the target: every returned z has been checked. z is clamped to [MIN_NOISE_MULTIPLIER,
-    MAX_NOISE_MULTIPLIER]; returns MIN_NOISE_MULTIPLIER if even that meets the target. The slope
-    estimate is returned to seed a finer search.
+    from ``slope`` = dg / dlog z, overshooting a little, at most a factor e at first, bolder
+    after each miss) until the root is bracketed, then scipy's Brent to ``xtol`` in log z.
+    Returns the first evaluated z whose epsilon is within a factor exp(-xtol) below the target,
+    else the least evaluated z that met the target: every returned z has been checked. z is
+    clamped to [MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER]; returns MIN_NOISE_MULTIPLIER if even
+    that meets the target. The slope estimate is returned to seed a finer search.
     """
     lo_bound, hi_bound = math.log(MIN_NOISE_MULTIPLIER), math.log(MAX_NOISE_MULTIPLIER)
     log_t = math.log(target)
@@ -559,15 +562,16 @@ def _solve_inner(
 ) -> tuple[float, float]:
     a = min(max(math.log(z0), lo_bound), hi_bound)
     ga = g(a)
-    overshoot = 1.2
+    overshoot, max_step = 1.2, 1.0
     while True:
         if ga == 0:
             return math.exp(a), slope
         if math.isfinite(ga):
             step = -overshoot * ga / (slope if slope < 0 else -1.0)
             step += 0.005 if ga > 0 else -0.005
+            step = math.copysign(min(abs(step), max_step), step)
         else:
-            step = 2.0 if ga > 0 else -2.0
+            step = max_step if ga > 0 else -max_step
         b = min(max(a + step, lo_bound), hi_bound)
         if b == a:  # stuck at a bound
             if ga < 0:
@@ -582,7 +586,7 @@ def _solve_inner(
             slope = (gb - ga) / (b - a)
         if (ga > 0) != (gb > 0):
             break
-        a, ga, overshoot = b, gb, overshoot * 1.5
+        a, ga, overshoot, max_step = b, gb, overshoot * 1.5, max_step * 2.0
     lo, hi = (a, b) if ga > 0 else (b, a)
     scipy.optimize.brentq(g, lo, hi, xtol=xtol, rtol=1e-12)
     # Brent stops within xtol of the sign change; the smallest log z it saw meet the target is
@@ -610,12 +614,14 @@ def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
     """
     assert s.m is not None
     n, m, k, d = s.n, s.m, s.releases, s.delta
-    eps_full, order = _rdp_wor(z_other, n, m, k, d)
-    if eps_full >= target:
+    eps_base, _ = _rdp_wor_orders(z_other, n, m, k, d, RDP_ORDERS)
+    if eps_base >= target and _rdp_wor(z_other, n, m, k, d)[0] >= target:
         return z_other  # RDP needs at least as much noise
-    # The (eps, delta) conversion costs about log(1/delta) / (alpha - 1), so the optimal order at
-    # epsilon = target is about 1 + c log(1/delta) / target with c in [1, 2] (measured).
-    z, window = z_other, _rdp_window(1.0 + 1.4 * math.log(1.0 / d) / target)
+    # Amplification by sampling at rate p = m/n scales the noise needed by roughly p: start near
+    # 2p z_other. The (eps, delta) conversion costs about log(1/delta) / (alpha - 1), so the
+    # optimal order at epsilon = target is near 1 + c log(1/delta) / target, c in [1, 2].
+    z = max(min(z_other, 2.0 * (m / n) * z_other), MIN_NOISE_MULTIPLIER)
+    window = _rdp_window(1.0 + 1.4 * math.log(1.0 / d) / target)
     slope = -1.0
     for _ in range(8):
         z, slope = _solve(
@@ -663,9 +669,8 @@ def _calibrate_z(target: float, s: _Setting) -> float:
             eps0 = target - math.log(p)
         z_bbg = float(gaussian_mechanism.get_sigma_gaussian(eps0, min(d / p, 1.0)))
         z_bbg = max(z_bbg, MIN_NOISE_MULTIPLIER)
-        z_other = _nudge(lambda z: _bbg_wor_epsilon(z, n, m, d), target, z_bbg)
-    else:
-        z_other = _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
+        return _nudge(lambda z: _bbg_wor_epsilon(z, n, m, d), target, z_bbg)
+    z_other = _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
     return _calibrate_rdp_wor(target, s, z_other)
 
 
