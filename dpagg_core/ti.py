@@ -246,10 +246,11 @@ class TIConfig:
     ``flip``: random horizontal flip per image per step (both latents are encoded once).
     ``sample_latents``: draw the VAE latent from its posterior (mean + std * eps, eps from the
     image's own generator) each step; otherwise use the posterior mean.
-    ``mixed_precision``: ``'no'`` (fp32), ``'bf16'`` or ``'fp16'`` autocast on CUDA. On CPU
-    ``'bf16'`` falls back to fp32 with a warning and ``'fp16'`` is refused. fp16 uses a fixed,
-    public loss scale (``fp16_loss_scale``) and zeroes a row's gradient when it is not finite
-    (per row: a global overflow skip would couple images).
+    ``mixed_precision``: ``'no'`` (fp32), ``'bf16'`` or ``'fp16'`` autocast on CUDA (trainable
+    vectors and optimizer state stay float32). On CPU ``'bf16'`` falls back to fp32 with a warning
+    and ``'fp16'`` is refused. fp16 uses a fixed, public loss scale (``fp16_loss_scale``); in both
+    modes a row whose gradient is not finite gets a zero gradient for that step (decided per row:
+    a global overflow skip, as in ``GradScaler``, would couple images).
     ``seed``: drives only the TI randomness (timesteps, noise, template, flip, latent sample).
     """
 
@@ -576,8 +577,14 @@ def _train_chunk(
         x = images.to(device)
         dist = backend.encode_images(x)
         dist_flip = backend.encode_images(x.flip(-1)) if config.flip else dist
+    # Latents and draws in float32 (float64 for float64 models): the random stream of an image
+    # does not depend on the VAE's storage dtype.
+    ldtype = torch.promote_types(dist.mean.dtype, torch.float32)
+    dist = LatentDist(dist.mean.to(ldtype), None if dist.std is None else dist.std.to(ldtype))
+    dist_flip = LatentDist(
+        dist_flip.mean.to(ldtype), None if dist_flip.std is None else dist_flip.std.to(ldtype)
+    )
     shape = tuple(dist.mean.shape[1:])
-    ldtype = dist.mean.dtype
 
     params = [
         torch.nn.Parameter(init[k].to(device).expand(b, config.vectors, -1).clone())
@@ -597,8 +604,8 @@ def _train_chunk(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
     )
-    fp16 = device.type == "cuda" and config.mixed_precision == "fp16"
-    scale = config.fp16_loss_scale if fp16 else 1.0
+    mixed = device.type == "cuda" and config.mixed_precision in ("bf16", "fp16")
+    scale = config.fp16_loss_scale if mixed and config.mixed_precision == "fp16" else 1.0
     n_t = int(backend.num_train_timesteps)
 
     for _ in range(config.steps):
@@ -625,7 +632,7 @@ def _train_chunk(
         # Sum (not mean) over images: d loss / d row i = d loss_i / d row i, batch-size free.
         loss = ti_loss_per_image(pred, target).sum()
         (loss * scale).backward()
-        if fp16:
+        if mixed:
             _unscale_rowwise(params, scale)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -726,7 +733,9 @@ def evaluate_loss(
     templates = resolve_templates(config.templates)
     backend.prepare(gradient_checkpointing=False)
     dist = backend.encode_images(images.to(device))
-    shape, ldtype = tuple(dist.mean.shape[1:]), dist.mean.dtype
+    ldtype = torch.promote_types(dist.mean.dtype, torch.float32)
+    dist = LatentDist(dist.mean.to(ldtype), None)
+    shape = tuple(dist.mean.shape[1:])
     gens = [image_generator(seed, i) for i in range(images.shape[0])]
     vec = {k: t.to(device, param_dtype(backend)) for k, t in vectors.items()}
     out = []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpagg_core.diffusers_backend import DiffusersBackend
 from dpagg_core.embeddings import EmbeddingSet
@@ -283,15 +285,16 @@ def test_loss_goes_down_float32(sd1_pipe):
     """Trained vectors reach a lower TI loss than the initializer on the training images.
 
     Paired comparison with common random numbers (identical timesteps/noise/templates for both):
-    the mean of 4 images x 24 draws of (loss_init - loss_trained) must exceed 5 standard errors.
+    the mean of 4 images x 16 draws of (loss_init - loss_trained) must exceed 5 standard errors
+    (measured: about 20 standard errors after 10-30 steps).
     """
     be = DiffusersBackend.from_pipeline(tiny_pipeline(), base_model_id="tiny")
     imgs = images(4, seed=11, dtype=torch.float32)
-    cfg = TIConfig(steps=30, learning_rate=5e-2, batch_size=4, vectors=2, templates="object")
+    cfg = TIConfig(steps=12, learning_rate=5e-2, batch_size=4, vectors=2, templates="object")
     eset = train_embeddings(be, imgs, cfg)
     init = {k: c.expand(4, -1, -1) for k, c in eset.centre.items()}
-    before = evaluate_loss(be, imgs, init, cfg, samples=24)
-    after = evaluate_loss(be, imgs, eset.vectors, cfg, samples=24)
+    before = evaluate_loss(be, imgs, init, cfg, samples=16)
+    after = evaluate_loss(be, imgs, eset.vectors, cfg, samples=16)
     diff = (before - after).flatten().double()
     se = float(diff.std() / diff.numel() ** 0.5)
     assert float(diff.mean()) > 5 * se, (float(diff.mean()), se)
@@ -377,3 +380,41 @@ def test_v_prediction_target(sd1_pipe):
     assert torch.allclose(be.training_target(lat, noise, t), expected, atol=1e-6)
     eps = DiffusersBackend.from_pipeline(sd1_pipe)
     assert eps.prediction_type == "epsilon" and eps.training_target(lat, noise, t) is noise
+
+
+def test_gradient_checkpointing_same_result(sd1_f64):
+    imgs = images(2, seed=8)
+    cfg = TIConfig(steps=2, batch_size=2, learning_rate=5e-2)
+    plain = _vectors64(sd1_f64, imgs, cfg)
+    ckpt = _vectors64(sd1_f64, imgs, TIConfig(**{**cfg.__dict__, "gradient_checkpointing": True}))
+    assert float((plain["emb_params"] - ckpt["emb_params"]).abs().max()) < 1e-12
+    sd1_f64.prepare(gradient_checkpointing=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    foreach=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.5]),
+    j=st.integers(1, 3),
+)
+def test_adamw_is_rowwise(seed, foreach, weight_decay, j):
+    """torch's AdamW (as configured by the trainer) never lets row j's gradient or value reach
+    row 0: same updates for row 0 when row j's gradients are replaced, over several steps."""
+    g = torch.Generator().manual_seed(seed)
+    init = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
+    grads = [torch.randn(4, 2, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+    other = [gr.clone() for gr in grads]
+    for gr in other:
+        gr[j] = torch.randn(2, 5, generator=g, dtype=torch.float64) * 1e3
+
+    def run(gs):
+        p = torch.nn.Parameter(init.clone())
+        opt = torch.optim.AdamW([p], lr=0.1, weight_decay=weight_decay, foreach=foreach)
+        for gr in gs:
+            p.grad = gr.clone()
+            opt.step()
+        return p.detach()
+
+    a, b = run(grads), run(other)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[j], b[j])
