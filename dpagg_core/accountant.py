@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import scipy.optimize
 from dp_accounting import dp_event, gaussian_mechanism
 from dp_accounting.pld import pld_privacy_accountant
@@ -305,8 +306,16 @@ def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
     Balle & Wang 2018 (Thm 8, analytic Gaussian) via ``dp_accounting.gaussian_mechanism``; the
     root finder's tolerance is covered by a small upward margin so the value is never too low.
     """
-    eps = float(gaussian_mechanism.get_epsilon_gaussian(sigma, delta, tol=1e-12))
+    with np.errstate(divide="ignore", over="ignore"):  # log1p(-1) at eps = 0 inside the library
+        eps = float(gaussian_mechanism.get_epsilon_gaussian(sigma, delta, tol=1e-12))
     return eps + _ROOT_MARGIN * (1.0 + eps) if eps > 0 else eps
+
+
+def _analytic_gaussian_sigma(epsilon: float, delta: float) -> float:
+    """Least sigma with analytic-Gaussian epsilon <= ``epsilon`` (up to the root finder's slack,
+    which callers remove with :func:`_nudge`)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return float(gaussian_mechanism.get_sigma_gaussian(epsilon, delta, tol=1e-12))
 
 
 def _pld_interval(count: int, coarse: bool = False) -> float:
@@ -491,6 +500,20 @@ def epsilon_for(
     return _plan(z, eps, acc, s)
 
 
+def rdp_wor_epsilon(
+    noise_multiplier: float, delta: float, n: int, m: int, releases: int = 1
+) -> float:
+    """The RDP bound for ``releases`` WOR releases (WBK19 Thm 27; the cross-check for one release).
+
+    This is the RDP-WOR value :func:`epsilon_for` uses for k > 1; for one release it is reported
+    next to the BBG18 bound (which tests find never above it).
+    """
+    s = _validate(delta, n, "wor", m, None, releases, "replace_one")
+    z = _check_noise_multiplier(noise_multiplier)
+    assert s.m is not None
+    return _rdp_wor(z, s.n, s.m, s.releases, s.delta)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------------------------
@@ -530,10 +553,9 @@ def _solve(
 
     def g(lz: float) -> float:
         e = eps_fn(math.exp(lz))
-        if e <= 0:
-            out = -math.inf
-        else:
-            out = math.log(e) - log_t if math.isfinite(e) else math.inf
+        # Clamped to +-50 so that epsilon 0 (exact (0, delta)-DP) and inf stay finite for Brent.
+        out = math.log(e) - log_t if 0 < e < math.inf else (50.0 if e > 0 else -50.0)
+        out = min(max(out, -50.0), 50.0)
         if out <= 0:
             accepted.append(lz)
             if out >= -xtol:  # epsilon within a factor e^-xtol of the target: done
@@ -639,7 +661,7 @@ def _calibrate_z(target: float, s: _Setting) -> float:
     """A noise multiplier meeting ``target`` for setting s (calibrate() re-checks it)."""
     k, d = s.releases, s.delta
     # Unamplified Gaussian: sigma = sqrt(k) * analytic-Gaussian sigma at target (exact, cheap).
-    z_gauss = float(gaussian_mechanism.get_sigma_gaussian(target, d)) * math.sqrt(k)
+    z_gauss = _analytic_gaussian_sigma(target, d) * math.sqrt(k)
     if s.sampling == "full":
         if k == 1:
             return _nudge(lambda z: _analytic_gaussian_epsilon(z, d), target, z_gauss)
@@ -667,7 +689,7 @@ def _calibrate_z(target: float, s: _Setting) -> float:
             eps0 = math.log1p(math.expm1(target) / p)
         except OverflowError:  # huge targets: log(1 + (e^t - 1)/p) -> t - log p
             eps0 = target - math.log(p)
-        z_bbg = float(gaussian_mechanism.get_sigma_gaussian(eps0, min(d / p, 1.0)))
+        z_bbg = _analytic_gaussian_sigma(eps0, min(d / p, 1.0))
         z_bbg = max(z_bbg, MIN_NOISE_MULTIPLIER)
         return _nudge(lambda z: _bbg_wor_epsilon(z, n, m, d), target, z_bbg)
     z_other = _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
