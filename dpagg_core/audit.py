@@ -65,7 +65,7 @@ class AuditResult:
         verdict = "PASS" if self.passed else "FAIL (privacy claim refuted)"
         return (
             f"claimed epsilon {self.claimed_epsilon:.4g} (delta {self.delta:.3g}); empirical "
-            f"lower bound {self.empirical_epsilon_lower_bound:.4g} at {100 * self.confidence:.6g}% "
+            f"lower bound {self.empirical_epsilon_lower_bound:.4g} at {100 * self.confidence:.8g}% "
             f"confidence from {self.trials} trials per neighbour ({self.seconds:.1f} s): {verdict}"
         )
 
