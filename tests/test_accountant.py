@@ -1,0 +1,392 @@
+"""Tests for dpagg_core.accountant: pins, the dp-accounting noise-multiplier trap, monotonicity,
+calibration round trips and input validation.
+
+Reference values are computed independently of the module's code paths: the analytic Gaussian
+via dp_accounting.gaussian_mechanism, the k-fold Gaussian via the composition theorem (k
+Gaussians with noise multiplier z are one Gaussian with z / sqrt(k)), and RDP via dp-accounting's
+RdpAccountant with its default orders.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.gaussian_mechanism import get_epsilon_gaussian
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp import rdp_privacy_accountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpagg_core import accountant as acc
+from dpagg_core.accountant import (
+    PrivacyPlan,
+    calibrate,
+    composed_epsilon,
+    dp_events,
+    epsilon_for,
+    plan_summary,
+    rdp_wor_epsilon,
+)
+from dpagg_core.errors import DpaggError
+
+DELTA = 1e-5
+N = 1000
+FAST = settings(max_examples=5, deadline=None)
+
+
+def gauss(z: float, delta: float = DELTA, k: int = 1) -> float:
+    """Reference: exact epsilon of k Gaussians with noise multiplier z (Balle & Wang 2018)."""
+    return float(get_epsilon_gaussian(z / math.sqrt(k), delta))
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand pins
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pin_sigma_for_eps1_one_full_release():
+    plan = calibrate(1.0, DELTA, N, "full")
+    assert plan.noise_multiplier == pytest.approx(3.7306, rel=1e-3)
+    assert plan.epsilon <= 1.0
+    assert plan.epsilon == pytest.approx(1.0, rel=1e-6)
+    assert plan.accountant == "analytic_gaussian"
+
+
+def test_pin_wor_one_release_n1000_m100_z2():
+    # By hand: analytic Gaussian at sigma=2, delta0 = 1e-5 * 1000/100 = 1e-4, then BBG18:
+    # log(1 + 0.1 (e^eps0 - 1)).
+    plan = epsilon_for(2.0, DELTA, 1000, "wor", m=100)
+    assert plan.epsilon == pytest.approx(0.369, rel=1e-2)
+    eps0 = gauss(2.0, delta=1e-4)
+    assert plan.epsilon == pytest.approx(math.log1p(0.1 * math.expm1(eps0)), rel=1e-8)
+    assert plan.accountant == "analytic_gaussian+wor_amplification(BBG18)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Every mode at q = 1 (m = n) is the plain Gaussian with sigma = z: pins the noise-multiplier
+# mapping (PLD's REPLACE_ONE wants 2z, RDP wants z). A factor-2 slip moves epsilon by ~2x.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("z", [0.8, 2.0, 5.0])
+def test_full_one_release_is_analytic_gaussian(z):
+    assert epsilon_for(z, DELTA, N, "full").epsilon == pytest.approx(gauss(z), rel=1e-8)
+
+
+@pytest.mark.parametrize("z,k", [(2.0, 4), (6.0, 10)])
+def test_full_k_releases_is_composed_gaussian(z, k):
+    plan = epsilon_for(z, DELTA, N, "full", releases=k)
+    assert plan.accountant == "pld"
+    # pessimistic PLD: never below the exact value, and within 0.1 % of it
+    assert gauss(z, k=k) <= plan.epsilon <= gauss(z, k=k) * 1.001
+
+
+@pytest.mark.parametrize("z", [0.8, 2.0, 5.0])
+def test_wor_m_equals_n_one_release_is_analytic_gaussian(z):
+    plan = epsilon_for(z, DELTA, 200, "wor", m=200)
+    assert plan.epsilon == pytest.approx(gauss(z), rel=1e-8)
+
+
+@pytest.mark.parametrize("z,k", [(2.0, 3), (6.0, 10)])
+def test_wor_m_equals_n_k_releases_is_composed_gaussian(z, k):
+    plan = epsilon_for(z, DELTA, 200, "wor", m=200, releases=k)
+    assert gauss(z, k=k) <= plan.epsilon <= gauss(z, k=k) * 1.001
+
+
+@pytest.mark.parametrize("z,k", [(1.0, 1), (2.0, 1), (3.0, 5)])
+def test_rdp_wor_at_q1_uses_z_not_2z(z, k):
+    """RDP at m = n is a valid but looser bound than the exact Gaussian: above it, close to it.
+
+    Passing 2z would land far below the exact value (unsound); z/2 far above.
+    """
+    rdp = rdp_wor_epsilon(z, DELTA, 200, 200, releases=k)
+    assert gauss(z, k=k) <= rdp <= 1.25 * gauss(z, k=k)
+
+
+@pytest.mark.parametrize("neighbouring", ["replace_one", "add_remove"])
+@pytest.mark.parametrize("z,k", [(0.8, 1), (2.0, 1), (3.0, 4)])
+def test_poisson_q1_is_analytic_gaussian(z, k, neighbouring):
+    plan = epsilon_for(z, DELTA, N, "poisson", q=1.0, releases=k, neighbouring=neighbouring)
+    assert plan.accountant == "pld_poisson"
+    ref = gauss(z, k=k)
+    assert ref <= plan.epsilon <= ref * 1.002
+
+
+def test_poisson_replace_one_vs_add_remove_sensitivity():
+    """Same z, same q < 1: replace-one's noise is 2x larger in absolute terms (2C vs C), but
+    the neighbouring pair is also further apart; both are amplified below the unsampled value."""
+    rep = epsilon_for(2.0, DELTA, N, "poisson", q=0.1).epsilon
+    add = epsilon_for(2.0, DELTA, N, "poisson", q=0.1, neighbouring="add_remove").epsilon
+    assert 0 < rep < gauss(2.0) and 0 < add < gauss(2.0)
+    plan = epsilon_for(2.0, DELTA, N, "poisson", q=0.1)
+    assert plan.sensitivity(1.0) == pytest.approx(2.0 / 100)
+    plan_ar = epsilon_for(2.0, DELTA, N, "poisson", q=0.1, neighbouring="add_remove")
+    assert plan_ar.sensitivity(1.0) == pytest.approx(1.0 / 100)
+    assert plan_ar.noise_std(1.0) == pytest.approx(2.0 / 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-checks between accountants
+# ------------------------------------------------------------------------------------------------
+
+
+def _library_rdp_wor(z: float, n: int, m: int, k: int, delta: float) -> float:
+    """RDP-WOR straight from dp-accounting with its default (larger) order set."""
+    a = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    event = dp_event.SampledWithoutReplacementDpEvent(n, m, dp_event.GaussianDpEvent(z))
+    a.compose(dp_event.SelfComposedDpEvent(event, k))
+    return float(a.get_epsilon(delta))
+
+
+@FAST
+@given(
+    z=st.floats(0.5, 20.0),
+    n=st.integers(20, 5000),
+    frac=st.floats(0.01, 1.0),
+)
+def test_wor_one_shot_never_above_rdp(z, n, frac):
+    m = max(1, min(n, round(frac * n)))
+    delta = 0.1 / n
+    one_shot = epsilon_for(z, delta, n, "wor", m=m).epsilon
+    assert one_shot <= rdp_wor_epsilon(z, delta, n, m) * (1 + 1e-9)
+
+
+def test_rdp_wor_order_set_close_to_library_default():
+    """Our faster order set stays valid (>= the default-order value) and tight (<= +2%)."""
+    for z, n, m, k in [(2.0, 1000, 100, 10), (1.0, 1000, 10, 100)]:
+        ours = rdp_wor_epsilon(z, 0.1 / n, n, m, releases=k)
+        lib = _library_rdp_wor(z, n, m, k, 0.1 / n)
+        assert lib * (1 - 1e-12) <= ours <= lib * 1.02
+
+
+def test_wor_k_releases_is_min_of_rdp_and_unamplified():
+    # Subsampling helps: RDP wins.
+    plan = epsilon_for(2.0, DELTA, 1000, "wor", m=100, releases=10)
+    assert plan.accountant == "rdp_wor"
+    assert plan.epsilon == pytest.approx(rdp_wor_epsilon(2.0, DELTA, 1000, 100, releases=10))
+    assert plan.epsilon < gauss(2.0, k=10)
+    # Hardly any subsampling: the unamplified composed Gaussian wins.
+    plan = epsilon_for(3.0, DELTA, 200, "wor", m=199, releases=4)
+    assert plan.accountant == "pld(unamplified)"
+    assert plan.epsilon <= rdp_wor_epsilon(3.0, DELTA, 200, 199, releases=4)
+    assert gauss(3.0, k=4) <= plan.epsilon <= gauss(3.0, k=4) * 1.001
+
+
+# ------------------------------------------------------------------------------------------------
+# Monotonicity
+# ------------------------------------------------------------------------------------------------
+
+MODES = [
+    ("full", {}),
+    ("wor", {"m": 50}),
+    ("poisson", {"q": 0.1}),
+    ("poisson", {"q": 0.1, "neighbouring": "add_remove"}),
+]
+
+
+@pytest.mark.parametrize("sampling,kw", MODES)
+@FAST
+@given(z=st.floats(0.5, 6.0), ratio=st.floats(1.05, 3.0), k=st.sampled_from([1, 3]))
+def test_epsilon_decreases_with_noise(sampling, kw, z, ratio, k):
+    lo = epsilon_for(z, DELTA, 500, sampling, releases=k, **kw).epsilon
+    hi = epsilon_for(z * ratio, DELTA, 500, sampling, releases=k, **kw).epsilon
+    assert hi < lo
+
+
+@FAST
+@given(z=st.floats(0.6, 10.0), m=st.integers(1, 400), extra=st.integers(1, 100))
+def test_wor_epsilon_increases_with_m(z, m, extra):
+    small = epsilon_for(z, DELTA, 500, "wor", m=m).epsilon
+    large = epsilon_for(z, DELTA, 500, "wor", m=min(500, m + extra)).epsilon
+    assert small < large
+
+
+@FAST
+@given(z=st.floats(1.0, 8.0), m=st.integers(5, 200), extra=st.integers(5, 100))
+def test_wor_k_epsilon_increases_with_m(z, m, extra):
+    small = epsilon_for(z, DELTA, 500, "wor", m=m, releases=5).epsilon
+    large = epsilon_for(z, DELTA, 500, "wor", m=m + extra, releases=5).epsilon
+    assert small <= large
+
+
+@pytest.mark.parametrize("neighbouring", ["replace_one", "add_remove"])
+@FAST
+@given(z=st.floats(0.6, 8.0), q=st.floats(0.01, 0.6), ratio=st.floats(1.2, 1.6))
+def test_poisson_epsilon_increases_with_q(neighbouring, z, q, ratio):
+    small = epsilon_for(z, DELTA, 500, "poisson", q=q, neighbouring=neighbouring).epsilon
+    large = epsilon_for(z, DELTA, 500, "poisson", q=q * ratio, neighbouring=neighbouring).epsilon
+    assert small < large
+
+
+@pytest.mark.parametrize("sampling,kw", MODES)
+@FAST
+@given(z=st.floats(0.8, 10.0), k=st.integers(1, 20), extra=st.integers(1, 20))
+def test_epsilon_increases_with_releases(sampling, kw, z, k, extra):
+    fewer = epsilon_for(z, DELTA, 500, sampling, releases=k, **kw).epsilon
+    more = epsilon_for(z, DELTA, 500, sampling, releases=k + extra, **kw).epsilon
+    assert fewer < more
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration round trip
+# ------------------------------------------------------------------------------------------------
+
+CAL_MODES = [
+    ("full", {}, 1),
+    ("full", {}, 5),
+    ("wor", {"m": 40}, 1),
+    ("wor", {"m": 40}, 4),
+    ("poisson", {"q": 0.2}, 1),
+    ("poisson", {"q": 0.2}, 8),
+    ("poisson", {"q": 0.2, "neighbouring": "add_remove"}, 3),
+]
+
+
+@pytest.mark.parametrize("sampling,kw,k", CAL_MODES)
+@settings(max_examples=4, deadline=None)
+@given(target=st.floats(0.2, 8.0), n=st.integers(100, 2000))
+def test_calibrate_round_trip(sampling, kw, k, target, n):
+    delta = 0.1 / n
+    plan = calibrate(target, delta, n, sampling, releases=k, **kw)
+    assert isinstance(plan, PrivacyPlan)
+    assert plan.epsilon <= target
+    # tight: within 1 % of the target (the search stops within 0.1 %)
+    assert plan.epsilon >= 0.99 * target
+    again = epsilon_for(plan.noise_multiplier, delta, n, sampling, releases=k, **kw)
+    assert again == plan
+    # and a little less noise would break the target
+    less = epsilon_for(plan.noise_multiplier * 0.98, delta, n, sampling, releases=k, **kw)
+    assert less.epsilon > target
+
+
+def test_calibrate_huge_target_clamps_to_min_noise():
+    plan = calibrate(500.0, DELTA, N, "full")
+    assert plan.noise_multiplier == acc.MIN_NOISE_MULTIPLIER
+    assert plan.epsilon <= 500.0
+
+
+def test_calibrate_records_setting():
+    plan = calibrate(2.0, 1e-6, 300, "wor", m=30, releases=2)
+    assert (plan.sampling, plan.n, plan.delta, plan.m, plan.q, plan.releases) == (
+        "wor",
+        300,
+        1e-6,
+        30,
+        None,
+        2,
+    )
+    assert plan.neighbouring == "replace_one"
+    assert plan.noise_std(0.5) == pytest.approx(plan.noise_multiplier * 2 * 0.5 / 30)
+
+
+# ------------------------------------------------------------------------------------------------
+# DpEvents, composition, summary
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dp_events_reproduce_plan_epsilon():
+    full = epsilon_for(3.0, DELTA, N, "full")
+    assert composed_epsilon([dp_events(full)], DELTA) == pytest.approx(full.epsilon, rel=1e-3)
+    full_k = epsilon_for(3.0, DELTA, N, "full", releases=4)
+    assert composed_epsilon([dp_events(full_k)], DELTA) == pytest.approx(full_k.epsilon, rel=1e-3)
+    pois = epsilon_for(1.5, DELTA, N, "poisson", q=0.1, releases=5)
+    assert composed_epsilon([dp_events(pois)], DELTA) == pytest.approx(pois.epsilon, rel=1e-9)
+    ar = epsilon_for(1.5, DELTA, N, "poisson", q=0.1, neighbouring="add_remove")
+    eps_ar = composed_epsilon([dp_events(ar)], DELTA, "add_remove")
+    assert eps_ar == pytest.approx(ar.epsilon, rel=1e-9)
+    assert acc.pld_relation(ar) is NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def test_dp_events_compose_two_plans_between_single_and_sum():
+    a = epsilon_for(3.0, DELTA, N, "full")
+    b = epsilon_for(1.5, DELTA, N, "poisson", q=0.1, releases=2)
+    both = composed_epsilon([dp_events(a), dp_events(b)], DELTA)
+    assert both is not None
+    assert max(a.epsilon, b.epsilon) < both < a.epsilon + b.epsilon
+
+
+def test_dp_events_wor_is_none():
+    plan = epsilon_for(2.0, DELTA, N, "wor", m=100)
+    assert dp_events(plan) is None
+    assert composed_epsilon([dp_events(plan)], DELTA) is None
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        epsilon_for(3.7306, DELTA, N, "full"),
+        epsilon_for(2.0, DELTA, N, "wor", m=100),
+        epsilon_for(2.0, DELTA, N, "poisson", q=0.1, releases=3),
+    ],
+)
+def test_plan_summary(plan):
+    text = plan_summary(plan)
+    assert "\n" not in text
+    assert f"{plan.noise_multiplier:.4g}" in text
+    assert f"{plan.epsilon:.4g}" in text
+    assert "1e-05" in text
+    assert plan.accountant in text
+    assert {"full": "all n=1000", "wor": "m=100 of n=1000", "poisson": "q=0.1"}[
+        plan.sampling
+    ] in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"delta": -1e-6}, "delta"),
+        ({"delta": 1e-3}, r"1/n.*releasing one person's data outright.*1/\(10n\)"),
+        ({"delta": 2e-3}, "1/n"),
+        ({"n": 1}, "n=1"),
+        ({"n": 0}, "n=0"),
+        ({"n": 10.5}, "n="),
+        ({"sampling": "bootstrap"}, "sampling='bootstrap'"),
+        ({"sampling": "wor"}, "needs m"),
+        ({"sampling": "wor", "m": 1001}, "m=1001 exceeds n=1000"),
+        ({"sampling": "wor", "m": 0}, "m=0"),
+        ({"sampling": "wor", "m": 10, "q": 0.1}, "q was given"),
+        ({"sampling": "poisson"}, "needs q"),
+        ({"sampling": "poisson", "q": 0.0}, r"q=0.0 must lie in \(0, 1\]"),
+        ({"sampling": "poisson", "q": 1.5}, "q=1.5"),
+        ({"sampling": "poisson", "q": 0.1, "m": 10}, "m was given"),
+        ({"sampling": "full", "m": 10}, "m=10 was given with sampling='full'"),
+        ({"releases": 0}, "releases=0"),
+        ({"releases": 2.5}, "releases"),
+        ({"neighbouring": "add_remove"}, "only supported with sampling='poisson'"),
+        ({"neighbouring": "swap"}, "neighbouring='swap'"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    base = {"delta": DELTA, "n": N, "sampling": "full"}
+    base.update(kwargs)
+    with pytest.raises(DpaggError, match=match):
+        epsilon_for(2.0, **base)
+    with pytest.raises(DpaggError, match=match):
+        calibrate(1.0, **base)
+
+
+@pytest.mark.parametrize("z", [0.0, -1.0, float("nan"), float("inf"), 0.01, "two"])
+def test_bad_noise_multiplier(z):
+    with pytest.raises(DpaggError, match="noise_multiplier"):
+        epsilon_for(z, DELTA, N, "full")
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.5, float("nan"), float("inf")])
+def test_bad_target_epsilon(eps):
+    with pytest.raises(DpaggError, match="target_epsilon"):
+        calibrate(eps, DELTA, N, "full")
+
+
+def test_error_is_value_error_and_names_fix():
+    with pytest.raises(ValueError) as info:
+        epsilon_for(2.0, 0.05, 50, "full")
+    assert "e.g. 1/(10n) = 0.002" in str(info.value)
