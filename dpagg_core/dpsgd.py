@@ -1,0 +1,415 @@
+"""DP-SGD textual inversion: the baseline DPAgg-TI is compared against (arXiv 2411.14639, Sec. 5).
+
+One *shared* embedding (``v`` vectors per encoder key) is trained on the whole private set with
+DP-SGD (Abadi et al. 2016):
+
+for t = 1..T:
+  1. Poisson sampling: every image joins the batch independently with probability ``q``; the
+     draw comes from the OS CSPRNG (``dpagg_core.mechanism``'s sampler) and is never returned,
+     logged or stored (DESIGN invariant 3: a known batch voids the amplification);
+  2. per-example gradients g_i of the TI loss w.r.t. the shared vectors. They come from the
+     batched TI backend for free: every example in the chunk gets its *own copy* of the shared
+     vectors as its row of an ``[B, v, dim]`` parameter, and the backend treats rows
+     independently (``dpagg_core.ti`` invariant 1), so row i's gradient is exactly example i's
+     gradient (``tests/test_dpsgd.py`` checks this against one-at-a-time gradients);
+  3. clipping: g_i <- g_i * min(1, C_g / ||g_i||), the norm taken jointly over all keys/vectors;
+  4. noise: G = sum_i g_i + N(0, (z C_g)^2 I), float64, CSPRNG (``mechanism``'s secure sampler),
+     drawn even when the batch is empty;
+  5. G / (q N): divided by the *expected* batch size, a public constant (never by |batch|);
+  6. an optimizer step (Adam or SGD) on the shared vectors: post-processing of G.
+
+Privacy. Under add/remove-one adjacency the L2 sensitivity of the clipped *sum* is C_g, so each
+step is the Poisson-subsampled Gaussian mechanism with noise multiplier ``z`` (std / sensitivity)
+and sampling rate ``q``; T steps compose adaptively. Under replace-one (the relation DPAgg uses:
+n public, one image swapped) the sum moves by up to 2 C_g; dp-accounting's PLD ``REPLACE_ONE``
+Gaussian compares N(+s) with N(-s) for the *per-item* bound s = C_g (outputs 2 C_g apart), so its
+noise multiplier is the same ``z``. The accountant composes ``PoissonSampledDpEvent(q,
+GaussianDpEvent(z))`` T times with PLD (Koskela et al. 2020; Zhu, Dong & Wang 2022).
+
+In ``dpagg_core.accountant``'s :class:`PrivacyPlan` convention the noise multiplier is std /
+sensitivity of the released *mean*: the update G/(qN) has noise std z C_g / (qN) and replace-one
+sensitivity 2 C_g / (qN), so ``plan.noise_multiplier = z / 2`` (replace-one) or ``z``
+(add/remove), ``plan.noise_std(C_g) == z C_g / (qN)`` either way, and the plan's PLD event is
+exactly the DP-SGD event above. :func:`sgd_noise_multiplier` / :func:`plan_for_sgd` convert.
+Replace-one epsilon is larger than add/remove epsilon at the same z (group of two changes), which
+is the honest comparison with DPAgg's replace-one guarantee.
+
+Everything that sets the noise (C_g, z, q, T, N) is public (DESIGN invariant 2). The TI
+randomness (timesteps, diffusion noise, templates, flips) of example i at step t comes from a
+generator keyed by (seed, t, i): public, independent of which examples were sampled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from . import accountant, mechanism
+from .accountant import PrivacyPlan
+from .errors import DpaggError
+from .ti import (
+    Cancelled,
+    LatentDist,
+    TIBackend,
+    _draw,
+    check_images,
+    initializer_rows,
+    param_dtype,
+    resize_center_crop,
+    resolve_templates,
+    ti_loss_per_image,
+)
+
+METHOD = "dpsgd-textual-inversion"
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """DP-SGD TI hyper-parameters (all public; none may be derived from the private images).
+
+    ``steps`` T; ``expected_batch`` qN (the sampling rate is ``q = expected_batch / N``, at most
+    1); ``clip_norm`` C_g, the per-example gradient bound; ``learning_rate`` and ``optimizer``
+    act on the noisy mean gradient (post-processing); ``chunk_size`` bounds memory (examples
+    whose per-example gradients are computed together; it never changes the result).
+    ``vectors``, ``initializer``, ``templates``, ``resolution``, ``flip``, ``sample_latents`` as in
+    :class:`dpagg_core.ti.TIConfig`. ``seed`` drives only the TI randomness, never the sampling or
+    the noise.
+    """
+
+    steps: int = 200
+    expected_batch: float = 8.0
+    clip_norm: float = 1e-3
+    learning_rate: float = 5e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    vectors: int = 1
+    initializer: str = "painting"
+    multi_token_initializer: Literal["error", "average"] = "error"
+    templates: str | tuple[str, ...] = "style"
+    resolution: int | None = None
+    chunk_size: int = 16
+    flip: bool = True
+    sample_latents: bool = True
+    seed: int = 0
+
+    def sampling_rate(self, n: int) -> float:
+        return min(1.0, float(self.expected_batch) / n)
+
+
+@dataclass
+class DPSGDResult:
+    """The released shared embedding (``[v, dim]`` per key, float32) and its privacy record."""
+
+    vectors: dict[str, torch.Tensor]
+    centre: dict[str, torch.Tensor]
+    plan: PrivacyPlan
+    noise_multiplier: float  # z: std of the noise on the clipped sum / C_g
+    record: dict[str, str]
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting
+# --------------------------------------------------------------------------------------------
+
+
+def sgd_noise_multiplier(plan: PrivacyPlan) -> float:
+    """DP-SGD's z (noise std on the clipped sum / C_g) for a ``poisson`` plan: 2 x plan z under
+    replace-one, plan z under add/remove (see module docstring)."""
+    if plan.sampling != "poisson":
+        raise DpaggError(f"plan.sampling={plan.sampling!r}: DP-SGD plans are 'poisson'")
+    return plan.noise_multiplier * (2.0 if plan.neighbouring == "replace_one" else 1.0)
+
+
+def plan_for_sgd(
+    z: float, *, n: int, q: float, steps: int, delta: float, neighbouring: str = "replace_one"
+) -> PrivacyPlan:
+    """The plan (epsilon at ``delta`` by PLD) of T DP-SGD steps with noise multiplier z."""
+    zp = z / 2.0 if neighbouring == "replace_one" else z
+    return accountant.epsilon_for(
+        zp, delta, n, "poisson", q=q, releases=steps, neighbouring=neighbouring
+    )
+
+
+def calibrate_dpsgd(
+    target_epsilon: float,
+    delta: float,
+    *,
+    n: int,
+    q: float,
+    steps: int,
+    neighbouring: str = "replace_one",
+) -> PrivacyPlan:
+    """The least-noise plan with epsilon <= ``target_epsilon`` for T Poisson steps at rate q."""
+    return accountant.calibrate(
+        target_epsilon, delta, n, "poisson", q=q, releases=steps, neighbouring=neighbouring
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example gradients, clipping, noise
+# --------------------------------------------------------------------------------------------
+
+
+def example_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """TI randomness of example ``index`` at ``step`` (public; independent of the sampling)."""
+    digest = hashlib.sha256(f"dpagg-dpsgd/{int(seed)}/{int(step)}/{int(index)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def per_example_gradients(
+    backend: TIBackend,
+    dist: LatentDist,
+    dist_flip: LatentDist,
+    indices: Sequence[int],
+    shared: dict[str, torch.Tensor],
+    templates: Sequence[str],
+    *,
+    step: int,
+    seed: int,
+    flip: bool = True,
+    sample_latents: bool = True,
+    image_size: int,
+) -> dict[str, torch.Tensor]:
+    """Gradient of each example's TI loss w.r.t. the shared vectors: ``[B, v, dim]`` per key.
+
+    ``dist``/``dist_flip`` hold the latent posteriors of exactly the B examples ``indices``
+    (global indices, which key their randomness). Each example gets its own copy of ``shared``
+    as one row of the parameter, so the batched loss sum's gradient row i is example i's
+    gradient (the backend processes rows independently)."""
+    device = torch.device(backend.device)
+    b = len(indices)
+    pdtype = param_dtype(backend)
+    rows = {
+        k: shared[k].to(device, pdtype).unsqueeze(0).expand(b, -1, -1).clone().requires_grad_(True)
+        for k in backend.encoder_keys
+    }
+    shape, ldtype = tuple(dist.mean.shape[1:]), dist.mean.dtype
+    n_t = int(backend.num_train_timesteps)
+    draws = [
+        _draw(example_generator(seed, step, i), len(templates), n_t, shape, ldtype) for i in indices
+    ]
+    flips = torch.tensor([flip and d.flip for d in draws], device=device).view(-1, 1, 1, 1)
+    latents = torch.where(flips, dist_flip.mean, dist.mean)
+    if sample_latents and dist.std is not None:
+        std = torch.where(flips, dist_flip.std, dist.std)
+        latents = latents + std * torch.stack([d.latent_eps for d in draws]).to(device)
+    noise = torch.stack([d.noise for d in draws]).to(device)
+    t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
+    noisy = backend.add_noise(latents, noise, t)
+    target = backend.training_target(latents, noise, t)
+    cond = backend.encode_prompts(
+        [templates[d.template] for d in draws], rows, image_size=image_size
+    )
+    pred = backend.predict(noisy, t, cond)
+    loss = ti_loss_per_image(pred, target).sum()  # sum: row i's gradient is loss_i's gradient
+    grads = torch.autograd.grad(loss, [rows[k] for k in backend.encoder_keys])
+    return {k: g.detach() for k, g in zip(backend.encoder_keys, grads, strict=True)}
+
+
+def clip_per_example(grads: dict[str, torch.Tensor], clip_norm: float) -> dict[str, np.ndarray]:
+    """Clip every example's gradient (joint L2 norm over all keys) to ``clip_norm``; float64."""
+    keys = list(grads)
+    flat = np.concatenate(
+        [grads[k].detach().to("cpu", torch.float64).flatten(1).numpy() for k in keys], axis=1
+    )
+    clipped = mechanism.clip_rows(flat, clip_norm, "clip")
+    out, start = {}, 0
+    for k in keys:
+        size = int(np.prod(grads[k].shape[1:]))
+        out[k] = clipped[:, start : start + size].reshape(grads[k].shape)
+        start += size
+    return out
+
+
+def noisy_mean_gradient(
+    clipped_sum: dict[str, np.ndarray],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+) -> dict[str, np.ndarray]:
+    """(sum of clipped gradients + N(0, (z C_g)^2 I)) / (qN), float64; CSPRNG noise."""
+    std = float(noise_multiplier) * float(clip_norm)
+    return {
+        k: (np.asarray(s, dtype=np.float64) + mechanism._gaussian_noise(np.shape(s), std))
+        / float(denominator)
+        for k, s in clipped_sum.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def validate_config(config: DPSGDConfig, n: int) -> None:
+    c = config
+    if not isinstance(c.steps, int) or c.steps < 1:
+        raise DpaggError(f"steps={c.steps!r}: DP-SGD needs a positive number of steps (e.g. 200)")
+    if not (isinstance(c.expected_batch, (int, float)) and c.expected_batch > 0):
+        raise DpaggError(
+            f"expected_batch={c.expected_batch!r}: must be positive (e.g. 8); the sampling rate "
+            "is expected_batch / n"
+        )
+    if not (isinstance(c.clip_norm, (int, float)) and 0 < c.clip_norm < math.inf):
+        raise DpaggError(f"clip_norm={c.clip_norm!r}: the gradient clip C_g must be positive")
+    if not (isinstance(c.learning_rate, (int, float)) and 0 < c.learning_rate < math.inf):
+        raise DpaggError(f"learning_rate={c.learning_rate!r}: must be positive (e.g. 5e-3)")
+    if c.optimizer not in ("adam", "sgd"):
+        raise DpaggError(f"optimizer={c.optimizer!r}: use 'adam' or 'sgd'")
+    if not isinstance(c.chunk_size, int) or c.chunk_size < 1:
+        raise DpaggError(f"chunk_size={c.chunk_size!r}: must be a positive integer (e.g. 16)")
+    if not isinstance(c.seed, int) or c.seed < 0:
+        raise DpaggError(f"seed={c.seed!r}: must be an integer >= 0")
+    if n < 2:
+        raise DpaggError(f"the private set has {n} image(s): DP-SGD needs at least 2")
+
+
+def train_dpsgd(
+    backend: TIBackend,
+    images: torch.Tensor,
+    config: DPSGDConfig,
+    *,
+    target_epsilon: float | None = None,
+    delta: float | None = None,
+    plan: PrivacyPlan | None = None,
+    neighbouring: str = "replace_one",
+    before_noise: Callable[[PrivacyPlan], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DPSGDResult:
+    """Train one shared TI embedding on ``images`` ([N, 3, H, W] in [-1, 1]) with DP-SGD.
+
+    Give either ``target_epsilon`` and ``delta`` (the noise is calibrated by PLD for T steps at
+    q = expected_batch / N under ``neighbouring``) or a ready ``plan`` (sampling 'poisson' with the
+    same n, q and T). ``before_noise(plan)`` is called once, after every check and before the
+    first noise is drawn: the place to record the spend in the ledger (DESIGN invariant 5); if it
+    raises, nothing is trained. Cancelling after that point still counts as spent (the caller's
+    ledger already holds it). Returns the shared embedding, the public centre (initializer
+    embedding), the plan and the privacy record.
+    """
+    check_images(images)
+    n = int(images.shape[0])
+    validate_config(config, n)
+    q = config.sampling_rate(n)
+    if plan is None:
+        if target_epsilon is None or delta is None:
+            raise DpaggError("give target_epsilon and delta (or a ready plan) for DP-SGD")
+        plan = calibrate_dpsgd(
+            target_epsilon, delta, n=n, q=q, steps=config.steps, neighbouring=neighbouring
+        )
+    elif (
+        plan.sampling != "poisson"
+        or plan.n != n
+        or plan.releases != config.steps
+        or plan.q is None
+        or not math.isclose(plan.q, q, rel_tol=1e-12)
+    ):
+        raise DpaggError(
+            f"plan (sampling={plan.sampling}, n={plan.n}, q={plan.q}, releases={plan.releases}) "
+            f"does not match the DP-SGD run (poisson, n={n}, q={q}, steps={config.steps}): "
+            "build it with calibrate_dpsgd or pass target_epsilon and delta"
+        )
+    z = sgd_noise_multiplier(plan)
+    denominator = q * n  # public expected batch size (= plan.denominator)
+    templates = resolve_templates(config.templates)
+    if config.resolution is not None:
+        images = resize_center_crop(images, config.resolution)
+    size = int(images.shape[-1])
+    if images.shape[-2] % 8 or images.shape[-1] % 8:
+        raise DpaggError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} px: height and width must be "
+            "multiples of 8; set resolution"
+        )
+    from .ti import TIConfig
+
+    init_cfg = TIConfig(
+        initializer=config.initializer,
+        multi_token_initializer=config.multi_token_initializer,
+        vectors=config.vectors,
+    )
+    backend.prepare(gradient_checkpointing=False)
+    init = initializer_rows(backend, init_cfg)
+    v = config.vectors
+    centre = {k: init[k].to(torch.float32).expand(v, -1).clone() for k in backend.encoder_keys}
+    pdtype = param_dtype(backend)
+    theta = {
+        k: torch.nn.Parameter(init[k].to(pdtype).expand(v, -1).clone())
+        for k in backend.encoder_keys
+    }
+    params = [theta[k] for k in backend.encoder_keys]
+    if config.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    else:
+        opt = torch.optim.SGD(params, lr=config.learning_rate)
+
+    device = torch.device(backend.device)
+    with torch.no_grad():
+        x = images.to(device)
+        dist = backend.encode_images(x)
+        dist_flip = backend.encode_images(x.flip(-1)) if config.flip else dist
+
+    if before_noise is not None:
+        before_noise(plan)
+    for step in range(config.steps):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("DP-SGD cancelled; the privacy budget for this run stays spent")
+        batch = mechanism._draw_subsample(plan)  # secret Poisson sample, CSPRNG; never kept
+        summed = {
+            k: np.zeros((v, backend.embedding_dims[k]), dtype=np.float64)
+            for k in backend.encoder_keys
+        }
+        for s in range(0, len(batch), config.chunk_size):
+            idx = [int(i) for i in batch[s : s + config.chunk_size]]
+            sel = torch.tensor(idx, device=dist.mean.device)
+
+            def pick(d: LatentDist, sel: torch.Tensor = sel) -> LatentDist:
+                return LatentDist(d.mean[sel], None if d.std is None else d.std[sel])
+
+            grads = per_example_gradients(
+                backend,
+                pick(dist),
+                pick(dist_flip),
+                idx,
+                {k: theta[k].detach() for k in theta},
+                templates,
+                step=step,
+                seed=config.seed,
+                flip=config.flip,
+                sample_latents=config.sample_latents,
+                image_size=size,
+            )
+            for k, g in clip_per_example(grads, config.clip_norm).items():
+                summed[k] += g.sum(axis=0)
+        del batch
+        noisy = noisy_mean_gradient(
+            summed, clip_norm=config.clip_norm, noise_multiplier=z, denominator=denominator
+        )
+        for k in backend.encoder_keys:
+            theta[k].grad = torch.from_numpy(noisy[k]).to(theta[k].device, theta[k].dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1, config.steps)
+
+    record = mechanism.privacy_record(
+        plan,
+        config.clip_norm,
+        centre_kind="initializer",
+        base_model_id=backend.base_model_id or "",
+    )
+    record["mechanism"] = METHOD
+    record["dpsgd_noise_multiplier"] = repr(float(z))
+    record["steps"] = str(int(config.steps))
+    return DPSGDResult(
+        vectors={k: theta[k].detach().to("cpu", torch.float32).clone() for k in theta},
+        centre=centre,
+        plan=plan,
+        noise_multiplier=z,
+        record=record,
+    )
