@@ -305,45 +305,80 @@ def _progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], N
     return update, close
 
 
-def _train_set(args: argparse.Namespace, images_dir: Path, *, method: str = "ti"):
-    """Per-image embeddings of ``images_dir`` (kept in memory). Returns (eset, model)."""
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device:
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_images(folder: Path, resolution: int):
     from .images import load_image_folder
 
-    if method == "clip":
-        from .clip_image import clip_image_embeddings
+    loaded = load_image_folder(folder, resolution=resolution)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    return loaded
 
-        loaded = load_image_folder(images_dir, resolution=None)
-        eset = clip_image_embeddings(args.model, loaded.pixels, dataset_id=loaded.dataset_id)
-        return eset, None
-    from .diffusers_backend import DiffusersBackend
-    from .models import load_pipeline
 
-    model = load_pipeline(
-        args.model,
-        family=args.family,
-        prediction_type=args.prediction_type,
-        device=args.device,
-    )
-    backend = DiffusersBackend.from_loaded(model)
-    config = _ti_config(args, resolution=args.resolution or backend.default_resolution)
-    loaded = load_image_folder(images_dir, resolution=config.resolution)
-    update, close = _progress_bar(f"per-image TI ({loaded.count} images)")
-    try:
-        if _distributed_world() > 1:
-            from .distributed import train_distributed
+class _Trainer:
+    """Loads the model once, then trains per-image embeddings of an image folder in memory."""
 
-            eset = train_distributed(
-                backend, loaded.pixels, config, dataset_id=loaded.dataset_id, progress=update
+    def __init__(self, args: argparse.Namespace, method: str = "ti") -> None:
+        self.args = args
+        self.method = method
+        self.model = None
+        self.backend = None
+        if method == "ti":
+            from .diffusers_backend import DiffusersBackend
+            from .models import load_pipeline
+
+            self.model = load_pipeline(
+                args.model,
+                family=args.family,
+                prediction_type=args.prediction_type,
+                device=_device(args),
             )
+            self.backend = DiffusersBackend.from_loaded(self.model)
+            self.config = _ti_config(
+                args, resolution=args.resolution or self.backend.default_resolution
+            )
+            self.resolution = int(self.config.resolution)
         else:
+            self.resolution = args.resolution or 224
+
+    def images(self, folder: Path):
+        return _load_images(folder, self.resolution)
+
+    def train(self, loaded):
+        if self.method == "clip":
+            from .clip_image import clip_image_embeddings
+
+            return clip_image_embeddings(self.args.model, loaded, device=_device(self.args))
+        update, close = _progress_bar(f"per-image TI ({loaded.count} images)")
+        try:
+            if _distributed_world() > 1:
+                from .distributed import train_distributed
+
+                return train_distributed(
+                    self.backend,
+                    loaded.pixels,
+                    self.config,
+                    dataset_id=loaded.dataset_id,
+                    progress=update,
+                )
             from .ti import train_embeddings
 
-            eset = train_embeddings(
-                backend, loaded.pixels, config, dataset_id=loaded.dataset_id, progress=update
+            return train_embeddings(
+                self.backend,
+                loaded.pixels,
+                self.config,
+                dataset_id=loaded.dataset_id,
+                progress=update,
             )
-    finally:
-        close()
-    return eset, model
+        finally:
+            close()
 
 
 def _distributed_world() -> int:
@@ -359,7 +394,8 @@ def _is_rank0() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    eset, _ = _train_set(args, args.images)
+    trainer = _Trainer(args)
+    eset = trainer.train(trainer.images(args.images))
     if eset is None or not _is_rank0():
         return 0
     payload = {
@@ -387,13 +423,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .images import count_images
-
-    n = count_images(args.images)
-    plan = _plan(args, n)  # errors in the plan surface before any training
     if args.method == "dpsgd":
-        return _run_dpsgd(args, plan)
-    eset, model = _train_set(args, args.images, method=args.method)
+        return _run_dpsgd(args)
+    trainer = _Trainer(args, args.method)
+    loaded = trainer.images(args.images)
+    plan = _plan(args, loaded.count)  # plan errors surface before any training
+    # An over-budget request is refused before hours of training, not just before the noise.
+    _ledger(args).check(
+        loaded.dataset_id, plan, budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta
+    )
+    eset = trainer.train(loaded)
+    model = trainer.model
     if not _is_rank0():
         return 0
     if args.clip_norm is None and args.method == "clip":
@@ -409,14 +449,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def _run_dpsgd(args: argparse.Namespace, plan) -> int:
+def _run_dpsgd(args: argparse.Namespace) -> int:
     raise DpaggError("--method dpsgd is not available yet in this build")
 
 
 def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
     import numpy as np
 
-    eset, _ = _train_set(args, args.public_images)
+    trainer = _Trainer(args)
+    eset = trainer.train(trainer.images(args.public_images))
     centre = eset.flat_centre()
     flat = eset.flat()
     dists = np.linalg.norm(flat - (0 if centre is None else centre), axis=1)
@@ -509,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--dim", type=int, default=4)
     p.add_argument("--trials", type=int, default=5000)
-    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--confidence", type=float, default=0.99)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("ledger", parents=[common], help="show the ledger or set a budget")
