@@ -656,7 +656,7 @@ def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
         z, slope = _solve(
             lambda zz, w=window: _rdp_wor_orders(zz, n, m, k, d, w)[0], target, z, slope=slope
         )
-        eps_full, order = _rdp_wor(z, n, m, k, d)
+        _, order = _rdp_wor(z, n, m, k, d)
         if order in window:
             break
         window = _rdp_window(order)
