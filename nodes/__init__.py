@@ -1,0 +1,33 @@
+"""dpagg's ComfyUI nodes (V3 API): Per-Image TI, Clip Embeddings, Privacy Accountant, DP Aggregate.
+
+Loaded by the pack's root ``__init__.py`` only when ComfyUI's ``comfy_api`` is importable. The
+nodes are a thin skin over ``dpagg_core``; when the pack is cloned into ``custom_nodes/`` (not
+pip-installed), its root is appended to ``sys.path`` so ``dpagg_core`` resolves to the pack's copy.
+Appending (not prepending) keeps ComfyUI's own top-level ``nodes`` module first on the path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_PACK_ROOT = str(Path(__file__).resolve().parent.parent)
+if importlib.util.find_spec("dpagg_core") is None and _PACK_ROOT not in sys.path:
+    sys.path.append(_PACK_ROOT)
+
+from comfy_api.latest import ComfyExtension, io  # noqa: E402
+
+from .privacy_nodes import NODES  # noqa: E402
+
+
+class DpaggExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> DpaggExtension:
+    return DpaggExtension()
+
+
+__all__ = ["DpaggExtension", "comfy_entrypoint", "NODES"]

@@ -1,0 +1,706 @@
+"""The four dpagg nodes (ComfyUI V3 API), a thin skin over ``dpagg_core``.
+
+Graph: Load Checkpoint -> **Per-Image TI** (or CLIP vision -> **Clip Embeddings**) ->
+``EMBEDDING_SET`` -> **DP Aggregate** <- ``DP_PLAN`` <- **Privacy Accountant**.
+
+Privacy (DESIGN.md):
+
+* ``EMBEDDING_SET`` carries the n per-image embeddings: private data (invariant 4). It only ever
+  lives in ComfyUI's in-memory output cache; no node previews, saves or puts it in a UI message,
+  the workflow or PNG metadata. The UI messages below hold public values only (the plan, n,
+  shapes, the ledger's budget figures and the released file's name).
+* Everything that sets the noise is a widget value or derived from public inputs (invariant 2):
+  clip norm, centre (the initializer token's embedding), n (the image count), the plan.
+* DP Aggregate releases through ``dpagg_core.release.release_embeddings``: validation first, then
+  the ledger transaction (budget check -> CSPRNG noise -> record -> commit), then the file
+  (invariant 5). An identical request (ComfyUI re-executing the node after a cache eviction or a
+  restart) returns the recorded release and spends nothing; an over-budget request raises
+  ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as the node's error.
+* The TI seed widget drives only the training randomness (invariant 3); it has no
+  ``control_after_generate``: a randomised seed would retrain, and a new release would spend
+  budget on every queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+from dpagg_core import accountant, ti
+from dpagg_core.accountant import SAMPLINGS, PrivacyPlan
+from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, sanitize_name
+from dpagg_core.errors import BudgetExceeded, DpaggError
+from dpagg_core.ledger import Ledger
+from dpagg_core.paths import LEDGER_ENV
+from dpagg_core.release import CENTRES, release_embeddings
+
+CATEGORY = "dpagg/privacy"
+UI_KEY = "dpagg"  # key of the nodes' UI message, read by js/dpagg.js
+
+EmbeddingSetIO = io.Custom("EMBEDDING_SET")
+DpPlanIO = io.Custom("DP_PLAN")
+
+MODE_TARGET = "target epsilon -> noise"
+MODE_NOISE = "noise multiplier -> epsilon"
+CLIP_MODES = ("clip", "normalize")
+CLIP_RELEASE_SUBDIR = "dpagg_clip"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers (no ComfyUI imports beyond folder_paths, so the CI stub stays tiny)
+# --------------------------------------------------------------------------------------------
+
+
+def _first(value: Any) -> Any:
+    """Unwrap a widget value of an ``is_input_list`` node (ComfyUI passes ``[value]``)."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def _flatten_images(images: Any) -> list[torch.Tensor]:
+    """ComfyUI IMAGE input(s) -> list of ``[H, W, C]`` images in [0, 1].
+
+    Accepts one batch ``[B, H, W, C]`` or a list of batches (ComfyUI's dataset/folder loaders
+    output lists)."""
+    items = images if isinstance(images, (list, tuple)) else [images]
+    out: list[torch.Tensor] = []
+    for i, batch in enumerate(items):
+        if not isinstance(batch, torch.Tensor) or batch.ndim not in (3, 4) or batch.shape[-1] < 3:
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise DpaggError(
+                f"images[{i}]: expected a ComfyUI IMAGE [batch, height, width, channels], got "
+                f"{shape}; connect a Load Image / image folder node"
+            )
+        if batch.ndim == 3:
+            batch = batch.unsqueeze(0)
+        out.extend(batch[j, :, :, :3] for j in range(batch.shape[0]))
+    if not out:
+        raise DpaggError("images: the image set is empty; connect at least one image")
+    return out
+
+
+def _image_bytes(img: torch.Tensor) -> bytes:
+    """Canonical bytes of one image (8-bit RGB + size) for the dataset id."""
+    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    return f"{arr.shape[0]}x{arr.shape[1]}x3:".encode() + arr.numpy().tobytes()
+
+
+def images_dataset_id(images: Sequence[torch.Tensor]) -> str:
+    """Salted id of the image set (``embeddings.dataset_id_for``): the ledger keys the budget on
+    it, so the same images share one budget across Per-Image TI and Clip Embeddings."""
+    return dataset_id_for(_image_bytes(img) for img in images)
+
+
+def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
+    """``[N, 3, R, R]`` in [-1, 1] (shorter side to R, centre crop; per image), or the images'
+    own size when ``resolution`` is 0 (then all must have the same size)."""
+    out = []
+    for img in images:
+        x = img.detach().float().movedim(-1, 0).unsqueeze(0).clone() * 2.0 - 1.0
+        if resolution:
+            x = ti.resize_center_crop(x, int(resolution))
+        out.append(x)
+    sizes = {tuple(x.shape[-2:]) for x in out}
+    if len(sizes) > 1:
+        raise DpaggError(
+            f"images have different sizes {sorted(sizes)}; set resolution (e.g. 512) so every "
+            "image is resized and centre-cropped to one size"
+        )
+    return torch.cat(out, 0)
+
+
+def ledger_path() -> Path:
+    """``DPAGG_LEDGER`` if set, else ``<ComfyUI user directory>/dpagg/ledger.sqlite``."""
+    env = os.environ.get(LEDGER_ENV)
+    if env:
+        return Path(env)
+    import folder_paths
+
+    return Path(folder_paths.get_user_directory()) / "dpagg" / "ledger.sqlite"
+
+
+def embeddings_dir() -> Path:
+    """ComfyUI's first ``models/embeddings`` folder (where ``embedding:<name>`` looks)."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("embeddings")[0])
+
+
+def clip_release_dir() -> Path:
+    """Released CLIP image embeddings go to ``<output>/dpagg_clip`` (not a prompt folder)."""
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / CLIP_RELEASE_SUBDIR
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def plan_lines(plan: PrivacyPlan) -> list[str]:
+    """Short public description of a plan for the node's display."""
+    if plan.sampling == "wor":
+        how = f"m={plan.m} of n={plan.n}"
+    elif plan.sampling == "poisson":
+        how = f"q={plan.q:g} of n={plan.n}"
+    else:
+        how = f"all n={plan.n}"
+    return [
+        f"plan: eps={_fmt(plan.epsilon)}, delta={plan.delta:.3g}, noise multiplier="
+        f"{_fmt(plan.noise_multiplier)}",
+        f"{plan.sampling} ({how}), {plan.releases} release(s), {plan.accountant}",
+    ]
+
+
+def budget_payload(
+    ledger: Ledger,
+    dataset_id: str,
+    plan: PrivacyPlan | None,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+) -> tuple[list[str], bool, dict[str, Any]]:
+    """Lines, warning flag and figures of a dataset's budget (public: from the ledger only).
+
+    ``warning`` is True when one more release of ``plan`` would be refused (dry run
+    ``Ledger.check``; nothing is drawn or written)."""
+    status = ledger.status(dataset_id)
+    lines: list[str] = []
+    spent = status["spent"]
+    if status["budget"] is None:
+        lines.append("budget: not set yet (the first release sets it)")
+    else:
+        b, r = status["budget"], status["remaining"]
+        lines.append(
+            f"budget: eps {_fmt(spent['epsilon'])} / {_fmt(b['epsilon'])} spent, "
+            f"{_fmt(r['epsilon'])} left (delta {spent['delta']:.3g} / {b['delta']:.3g})"
+        )
+    lines.append(f"releases of this image set: {status['releases']} ({status['composition']})")
+    warning = False
+    if plan is not None:
+        try:
+            ledger.check(dataset_id, plan, budget_epsilon, budget_delta)
+        except BudgetExceeded:
+            warning = True
+            lines.append("WARNING: the next release with this plan would exceed the budget")
+    figures = {
+        "budget": status["budget"],
+        "spent": spent,
+        "remaining": status["remaining"],
+        "releases": status["releases"],
+        "next_release_exceeds": warning,
+    }
+    return lines, warning, figures
+
+
+def _ui(title: str, lines: list[str], warning: bool = False, **figures: Any) -> dict[str, list]:
+    return {UI_KEY: [{"title": title, "lines": lines, "warning": warning, **figures}]}
+
+
+def _module_id(prefix: str, module: Any) -> str:
+    """Public id of a model: hash of its parameter names, shapes and first/last tensors."""
+    h = hashlib.sha256(prefix.encode())
+    params = list(module.named_parameters()) if isinstance(module, torch.nn.Module) else []
+    for name, p in params:
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    for _name, p in params[:1] + params[-1:]:
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"comfyui:{prefix}:{h.hexdigest()[:16]}"
+
+
+def _progress(total: int):
+    """ComfyUI progress bar; each update is also a cancel point (ComfyUI's hook raises
+    InterruptProcessingException), and ``should_cancel`` raises it between steps."""
+    import comfy.model_management
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def progress(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+
+    def should_cancel() -> bool:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return False
+
+    return progress, should_cancel
+
+
+def _make_backend(model: Any, clip: Any, vae: Any):
+    """The TI backend on ComfyUI's objects (a seam: CI tests substitute a tiny diffusers one)."""
+    from .comfy_backend import ComfyTIBackend
+
+    return ComfyTIBackend(model, clip, vae)
+
+
+def _opt(value: Any) -> float | None:
+    """0 (the widget default) means "not given"."""
+    value = _first(value)
+    return None if value is None or float(value) == 0.0 else float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-Image TI
+# --------------------------------------------------------------------------------------------
+
+
+def _ti_config(kw: dict[str, Any]) -> ti.TIConfig:
+    return ti.TIConfig(
+        steps=int(_first(kw["steps"])),
+        learning_rate=float(_first(kw["learning_rate"])),
+        vectors=int(_first(kw["vectors"])),
+        initializer=str(_first(kw["initializer"])),
+        templates=str(_first(kw["templates"])),
+        resolution=None,  # resized by the node (lists may mix sizes)
+        batch_size=int(_first(kw["batch_size"])),
+        seed=int(_first(kw["seed"])),
+        gradient_checkpointing=bool(_first(kw.get("gradient_checkpointing", False))),
+        mixed_precision=str(_first(kw.get("mixed_precision", "no"))),
+    )
+
+
+class PerImageTI(io.ComfyNode):
+    """One textual-inversion embedding per image, trained on ComfyUI's own MODEL/CLIP/VAE."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggPerImageTI",
+            display_name="Per-Image TI (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Trains one textual-inversion embedding per image (each from its own image only) "
+                "on the connected checkpoint. The result is PRIVATE: it stays in memory and only "
+                "DP Aggregate turns it into a releasable embedding."
+            ),
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.Image.Input(
+                    "images", tooltip="the private images: one batch, or a list of batches"
+                ),
+                io.Int.Input("steps", default=300, min=1, max=100000, tooltip="steps per image"),
+                io.Float.Input(
+                    "learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, round=False
+                ),
+                io.Int.Input(
+                    "vectors", default=1, min=1, max=ti.MAX_VECTORS, tooltip="vectors per token"
+                ),
+                io.String.Input(
+                    "initializer",
+                    default="painting",
+                    tooltip="a one-token word; its embedding starts training and is the public "
+                    "centre DP Aggregate clips around",
+                ),
+                io.Combo.Input("templates", options=sorted(ti.TEMPLATES), default="style"),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=0,
+                    max=4096,
+                    step=8,
+                    tooltip="shorter side resized and centre-cropped to this; 0 keeps the size",
+                ),
+                io.Int.Input("batch_size", default=4, min=1, max=256),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**63 - 1,
+                    tooltip="training randomness only (never the DP noise); keep it fixed so a "
+                    "re-run reproduces the same release instead of spending budget again",
+                ),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True),
+                io.Combo.Input(
+                    "mixed_precision", options=["no", "bf16", "fp16"], default="no", optional=True
+                ),
+            ],
+            outputs=[EmbeddingSetIO.Output(display_name="EMBEDDING_SET")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        try:
+            ti.validate_config(_ti_config(kwargs))
+            res = int(_first(kwargs["resolution"]))
+            if res < 0 or res % 8:
+                raise DpaggError(f"resolution={res}: use 0 (keep size) or a multiple of 8")
+        except (DpaggError, KeyError, TypeError, ValueError) as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, **kwargs: Any) -> io.NodeOutput:
+        config = _ti_config(kwargs)
+        ti.validate_config(config)
+        resolution = int(_first(kwargs["resolution"]))
+        imgs = _flatten_images(images)
+        dataset_id = images_dataset_id(imgs)
+        chunks = math.ceil(len(imgs) / config.batch_size)
+        progress, should_cancel = _progress(config.steps * chunks)
+        with torch.inference_mode(False):
+            x = to_model_images(imgs, resolution)
+            with _make_backend(_first(model), _first(clip), _first(vae)) as backend:
+                eset = ti.train_embeddings(
+                    backend,
+                    x,
+                    config,
+                    dataset_id=dataset_id,
+                    progress=progress,
+                    should_cancel=should_cancel,
+                )
+        widths = ", ".join(f"{k} {w}" for k, w in eset.encoder_widths.items())
+        lines = [
+            f"{eset.n} per-image embeddings ({eset.model_family}, {eset.num_vectors} vector(s), "
+            f"{widths})",
+            "private: kept in memory only; release them with DP Aggregate",
+        ]
+        return io.NodeOutput(eset, ui=_ui("Per-Image TI", lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Clip Embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class ClipEmbeddings(io.ComfyNode):
+    """One CLIP image embedding per image (ComfyUI's own CLIP vision encoder)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggClipEmbeddings",
+            display_name="Clip Embeddings (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Encodes every image with the CLIP vision model into an EMBEDDING_SET of kind "
+                "clip_image. PRIVATE: kept in memory; release it with DP Aggregate."
+            ),
+            is_input_list=True,
+            inputs=[
+                io.ClipVision.Input("clip_vision"),
+                io.Image.Input("images", tooltip="the private images: a batch or a list"),
+                io.Combo.Input("crop", options=["center", "none"], default="center"),
+            ],
+            outputs=[EmbeddingSetIO.Output(display_name="EMBEDDING_SET")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, images, crop) -> io.NodeOutput:
+        clip_vision, crop = _first(clip_vision), _first(crop)
+        if clip_vision is None:
+            raise DpaggError("clip_vision is missing: connect a Load CLIP Vision node")
+        imgs = _flatten_images(images)
+        progress, should_cancel = _progress(len(imgs))
+        rows = []
+        for i, img in enumerate(imgs):  # one image at a time: row i depends on image i only
+            should_cancel()
+            out = clip_vision.encode_image(img.unsqueeze(0), crop=crop == "center")
+            rows.append(out["image_embeds"].detach().to("cpu", torch.float32).reshape(1, 1, -1))
+            progress(i + 1, len(imgs))
+        eset = EmbeddingSet(
+            vectors={"image_embeds": torch.cat(rows, 0).contiguous()},
+            kind="clip_image",
+            model_family="clip_vision",
+            base_model_id=_module_id("clip_vision", getattr(clip_vision, "model", None)),
+            centre=None,
+            dataset_id=images_dataset_id(imgs),
+        )
+        lines = [
+            f"{eset.n} CLIP image embeddings (width {eset.encoder_widths['image_embeds']})",
+            "private: kept in memory only; release them with DP Aggregate",
+        ]
+        return io.NodeOutput(eset, ui=_ui("Clip Embeddings", lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Privacy Accountant
+# --------------------------------------------------------------------------------------------
+
+
+def accountant_problems(kw: dict[str, Any], n_known: bool) -> str | None:
+    """Cheap checks of the accountant's widgets, before anything runs (None if fine)."""
+    mode, sampling = kw.get("mode"), kw.get("sampling")
+    if mode not in (MODE_TARGET, MODE_NOISE):
+        return f"mode={mode!r}: use {MODE_TARGET!r} or {MODE_NOISE!r}"
+    if sampling not in SAMPLINGS:
+        return f"sampling={sampling!r}: use one of {list(SAMPLINGS)}"
+    try:
+        eps, z = float(kw["epsilon"]), float(kw["noise_multiplier"])
+        delta, n = float(kw["delta"]), int(kw["n"])
+        m, q, k = int(kw["m"]), float(kw["q"]), int(kw["releases"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"bad or missing parameter: {exc}"
+    if mode == MODE_TARGET and not (eps > 0 and math.isfinite(eps)):
+        return f"epsilon={eps}: the target epsilon must be a positive number (e.g. 1 to 8)"
+    if mode == MODE_NOISE and not (z > 0 and math.isfinite(z)):
+        return f"noise_multiplier={z}: must be positive (noise std / sensitivity, e.g. 1 to 10)"
+    if not 0 < delta < 1:
+        return f"delta={delta}: must lie strictly between 0 and 1; pick delta << 1/n"
+    if k < 1:
+        return f"releases={k}: must be at least 1"
+    if sampling == "poisson" and not 0 < q <= 1:
+        return f"q={q}: the Poisson sampling rate must lie in (0, 1]"
+    if sampling == "wor" and m < 1:
+        return f"m={m}: the sample size must be at least 1"
+    if n_known:
+        if n < 2:
+            return f"n={n}: a private mean needs at least 2 images"
+        if delta >= 1.0 / n:
+            return f"delta={delta:g} is at least 1/n = 1/{n}; pick delta << 1/n, e.g. {0.1 / n:.2g}"
+        if sampling == "wor" and m > n:
+            return f"m={m} exceeds n={n}: sample at most n images (or use sampling 'full')"
+    return None
+
+
+class PrivacyAccountant(io.ComfyNode):
+    """Noise <-> epsilon for a planned release (dp-accounting), as a DP_PLAN."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggPrivacyAccountant",
+            display_name="Privacy Accountant (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Plans a DP release: the least noise for a target epsilon, or the epsilon of a "
+                "given noise multiplier. n comes from the EMBEDDING_SET when connected."
+            ),
+            inputs=[
+                io.Combo.Input("mode", options=[MODE_TARGET, MODE_NOISE], default=MODE_TARGET),
+                io.Float.Input(
+                    "epsilon", default=4.0, min=0.001, max=1000.0, step=0.1, tooltip="target"
+                ),
+                io.Float.Input(
+                    "noise_multiplier",
+                    default=1.0,
+                    min=0.001,
+                    max=10000.0,
+                    step=0.01,
+                    tooltip="noise std / L2 sensitivity (used in the noise -> epsilon mode)",
+                ),
+                io.Float.Input("delta", default=1e-5, min=1e-12, max=0.5, step=1e-6, round=False),
+                io.Int.Input(
+                    "n", default=8, min=1, max=10**9, tooltip="used when no set is connected"
+                ),
+                io.Combo.Input("sampling", options=list(SAMPLINGS), default="full"),
+                io.Int.Input("m", default=4, min=1, max=10**9, tooltip="sample size (wor)"),
+                io.Float.Input(
+                    "q",
+                    default=0.5,
+                    min=1e-6,
+                    max=1.0,
+                    step=0.01,
+                    round=False,
+                    tooltip="sampling rate (poisson)",
+                ),
+                io.Int.Input("releases", default=1, min=1, max=10**6),
+                EmbeddingSetIO.Input("embedding_set", optional=True),
+            ],
+            outputs=[
+                DpPlanIO.Output(display_name="DP_PLAN"),
+                io.String.Output(display_name="summary"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        problem = accountant_problems(kwargs, n_known="embedding_set" not in kwargs)
+        return True if problem is None else problem
+
+    @classmethod
+    def execute(
+        cls,
+        mode,
+        epsilon,
+        noise_multiplier,
+        delta,
+        n,
+        sampling,
+        m,
+        q,
+        releases,
+        embedding_set=None,
+    ) -> io.NodeOutput:
+        n_eff = embedding_set.n if isinstance(embedding_set, EmbeddingSet) else int(n)
+        m_ = int(m) if sampling == "wor" else None
+        q_ = float(q) if sampling == "poisson" else None
+        if mode == MODE_NOISE:
+            plan = accountant.epsilon_for(
+                float(noise_multiplier), float(delta), n_eff, sampling, m_, q_, int(releases)
+            )
+        else:
+            plan = accountant.calibrate(
+                float(epsilon), float(delta), n_eff, sampling, m_, q_, int(releases)
+            )
+        summary = accountant.plan_summary(plan)
+        lines = plan_lines(plan)
+        warning = False
+        figures: dict[str, Any] = {}
+        if isinstance(embedding_set, EmbeddingSet) and embedding_set.dataset_id:
+            more, warning, figures = budget_payload(
+                Ledger(ledger_path()), embedding_set.dataset_id, plan
+            )
+            lines += more
+        return io.NodeOutput(
+            plan,
+            summary,
+            ui=_ui("Privacy Accountant", lines, warning, plan=plan.to_dict(), **figures),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# DP Aggregate
+# --------------------------------------------------------------------------------------------
+
+
+class DPAggregate(io.ComfyNode):
+    """Release ONE differentially private mean of an EMBEDDING_SET, recorded in the ledger."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggAggregate",
+            display_name="DP Aggregate (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Clips every per-image embedding around a public centre, averages them, adds "
+                "Gaussian noise from the DP_PLAN and records the release in the privacy ledger "
+                "(ComfyUI user folder). Writes models/embeddings/<name>.safetensors under a new "
+                "name per release and outputs the exact 'embedding:<name>' text for the prompt."
+            ),
+            inputs=[
+                EmbeddingSetIO.Input("embedding_set"),
+                DpPlanIO.Input("plan"),
+                io.Float.Input(
+                    "clip_norm",
+                    default=1.0,
+                    min=1e-6,
+                    max=1e6,
+                    step=0.01,
+                    round=False,
+                    tooltip="C: every embedding is clipped to distance C from the centre. Choose "
+                    "it from public data, never from these images",
+                ),
+                io.Combo.Input("centre", options=list(CENTRES), default="initializer"),
+                io.String.Input("name", default="mystyle", tooltip="base file name"),
+                io.Combo.Input("mode", options=list(CLIP_MODES), default="clip"),
+                io.Float.Input(
+                    "budget_epsilon",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.1,
+                    tooltip="total epsilon budget of this image set; 0 keeps the recorded budget "
+                    "(the first release records its own epsilon unless set here)",
+                ),
+                io.Float.Input(
+                    "budget_delta", default=0.0, min=0.0, max=0.5, step=1e-6, round=False
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="prompt", tooltip="embedding:<name>"),
+                io.ClipVisionOutput.Output(
+                    display_name="CLIP_VISION_OUTPUT", tooltip="for Clip Embeddings sets"
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        try:
+            sanitize_name(str(kwargs.get("name", "")))
+        except DpaggError as exc:
+            return f"name: {exc}"
+        c = float(kwargs.get("clip_norm", 0))
+        if not (c > 0 and math.isfinite(c)):
+            return f"clip_norm={c}: must be a positive number chosen from public data"
+        if kwargs.get("centre") not in CENTRES:
+            return f"centre={kwargs.get('centre')!r}: use one of {list(CENTRES)}"
+        if kwargs.get("mode") not in CLIP_MODES:
+            return f"mode={kwargs.get('mode')!r}: use one of {list(CLIP_MODES)}"
+        be, bd = float(kwargs.get("budget_epsilon", 0)), float(kwargs.get("budget_delta", 0))
+        if be < 0 or not math.isfinite(be):
+            return f"budget_epsilon={be}: use 0 (keep the recorded budget) or a positive number"
+        if not 0 <= bd < 1:
+            return f"budget_delta={bd}: use 0 (keep the recorded budget) or a number in (0, 1)"
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        embedding_set,
+        plan,
+        clip_norm,
+        centre,
+        name,
+        mode,
+        budget_epsilon,
+        budget_delta,
+    ) -> io.NodeOutput:
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        if not isinstance(embedding_set, EmbeddingSet):
+            raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")
+        if not isinstance(plan, PrivacyPlan):
+            raise DpaggError("plan: connect a Privacy Accountant")
+        eset = embedding_set
+        if plan.n != eset.n:
+            raise DpaggError(
+                f"the DP_PLAN was made for n={plan.n} images but the EMBEDDING_SET holds "
+                f"{eset.n}: connect the set to the Privacy Accountant's embedding_set input (or "
+                f"set its n to {eset.n}). Nothing was spent."
+            )
+        is_ti = eset.kind == "textual_inversion"
+        ledger = Ledger(ledger_path())
+        be, bd = _opt(budget_epsilon), _opt(budget_delta)
+        outcome = release_embeddings(
+            eset,
+            plan=plan,
+            clip_norm=float(clip_norm),
+            name=str(name),
+            out_dir=embeddings_dir() if is_ti else clip_release_dir(),
+            ledger=ledger,
+            centre=str(centre),
+            mode=str(mode),
+            budget_epsilon=be,
+            budget_delta=bd,
+            new_name_per_release=True,
+        )
+        more, warning, figures = budget_payload(ledger, eset.dataset_id, plan, be, bd)
+        state = "reused (nothing spent)" if outcome.reused else "new release"
+        lines = [f"{outcome.prompt if is_ti else outcome.name}: {state}"]
+        lines += plan_lines(plan) + more
+        text = outcome.prompt if is_ti else outcome.name
+        if is_ti:
+            vision: Any = ExecutionBlocker(
+                "DP Aggregate: CLIP_VISION_OUTPUT is only produced for Clip Embeddings sets"
+            )
+        else:
+            from comfy.clip_vision import Output
+
+            vision = Output()
+            vision["image_embeds"] = outcome.vectors["image_embeds"].reshape(1, -1).clone()
+        ui = _ui(
+            "DP Aggregate",
+            lines,
+            warning,
+            name=outcome.name,
+            prompt=text,
+            reused=outcome.reused,
+            plan=plan.to_dict(),
+            **figures,
+        )
+        return io.NodeOutput(text, vision, ui=ui)
+
+
+NODES: tuple[type[io.ComfyNode], ...] = (PerImageTI, ClipEmbeddings, PrivacyAccountant, DPAggregate)

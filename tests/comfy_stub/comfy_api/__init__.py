@@ -1,0 +1,1 @@
+"""Stand-in for ComfyUI's ``comfy_api`` package (tests only; see ../README.md)."""

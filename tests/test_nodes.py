@@ -1,0 +1,559 @@
+"""The ComfyUI node pack with ComfyUI absent (CI).
+
+``tests/comfy_stub`` stands in for the few ComfyUI names the nodes import (API shapes only). Every
+privacy property checked here — ledger, budget, noise, files, per-image independence — runs the
+real ``dpagg_core`` code. The real ComfyUI is covered by ``test_comfyui_integration.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpagg_core import accountant
+from dpagg_core.embeddings import EmbeddingSet, read_released
+from dpagg_core.errors import BudgetExceeded, DpaggError
+from dpagg_core.ledger import Ledger
+
+REPO = Path(__file__).resolve().parent.parent
+STUB = Path(__file__).resolve().parent / "comfy_stub"
+STUB_MODULES = ("comfy_api", "comfy", "comfy_execution", "folder_paths", "nodes")
+
+
+def _drop_modules() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in STUB_MODULES:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack's ``nodes`` package imported against the stub; removed again afterwards so no
+    other test module sees a fake ``comfy_api``."""
+    _drop_modules()
+    sys.path[:0] = [str(STUB), str(REPO)]
+    try:
+        nodes = importlib.import_module("nodes")
+        yield {
+            "nodes": nodes,
+            "pn": importlib.import_module("nodes.privacy_nodes"),
+            "folder_paths": importlib.import_module("folder_paths"),
+            "io": importlib.import_module("comfy_api.latest").io,
+            "utils": importlib.import_module("comfy.utils"),
+            "mm": importlib.import_module("comfy.model_management"),
+            "ExecutionBlocker": importlib.import_module(
+                "comfy_execution.graph_utils"
+            ).ExecutionBlocker,
+        }
+    finally:
+        for p in (str(STUB), str(REPO)):
+            sys.path.remove(p)
+        _drop_modules()
+
+
+@pytest.fixture
+def comfy_base(pack, tmp_path, monkeypatch):
+    """A ComfyUI-like folder (models/embeddings, user, output); the ledger goes to user/ as in
+    ComfyUI (DPAGG_LEDGER unset)."""
+    monkeypatch.setattr(pack["folder_paths"], "base_path", str(tmp_path))
+    monkeypatch.delenv("DPAGG_LEDGER", raising=False)
+    monkeypatch.setattr(pack["mm"], "interrupt_processing", False)
+    pack["utils"].UPDATES.clear()
+    return tmp_path
+
+
+def ti_set(n=6, v=1, dim=16, seed=0, dataset_id="ds-test0000000000000000000000000000"):
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn((v, dim), generator=g)
+    vecs = centre + 0.1 * torch.randn((n, v, dim), generator=g)
+    return EmbeddingSet(
+        vectors={"emb_params": vecs},
+        kind="textual_inversion",
+        model_family="sd1",
+        base_model_id="test-model",
+        centre={"emb_params": centre},
+        initializer="painting",
+        dataset_id=dataset_id,
+    )
+
+
+def clip_set(n=5, dim=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.nn.functional.normalize(torch.randn((n, 1, dim), generator=g), dim=-1)
+    return EmbeddingSet(
+        vectors={"image_embeds": e},
+        kind="clip_image",
+        model_family="clip_vision",
+        base_model_id="test-vision",
+        dataset_id="ds-clip0000000000000000000000000000",
+    )
+
+
+def aggregate(pack, eset, plan, **kw):
+    args = {
+        "clip_norm": 1.0,
+        "centre": "initializer",
+        "name": "mystyle",
+        "mode": "clip",
+        "budget_epsilon": 0.0,
+        "budget_delta": 0.0,
+    } | kw
+    return pack["pn"].DPAggregate.execute(embedding_set=eset, plan=plan, **args)
+
+
+def widget_ids(node_cls, io) -> list[str]:
+    widgets = (io.Int, io.Float, io.String, io.Boolean, io.Combo)
+    return [
+        i.id
+        for i in node_cls.define_schema().inputs
+        if any(isinstance(i, w.Input) for w in widgets)
+    ]
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def test_root_init_imports_without_comfyui():
+    """The pack's root __init__ registers nothing without ComfyUI; dpagg_core stays usable."""
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('comfy_api') is None\n"
+        "spec = importlib.util.spec_from_file_location('dpagg_pack', "
+        f"{str(REPO / '__init__.py')!r}, submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['dpagg_pack'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "assert m.WEB_DIRECTORY == './js' and not hasattr(m, 'comfy_entrypoint'), dir(m)\n"
+        "assert 'dpagg_pack.nodes' not in sys.modules\n"
+        "import dpagg_core.release\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_entrypoint_lists_four_nodes_with_types(pack):
+    import asyncio
+
+    ext = asyncio.run(pack["nodes"].comfy_entrypoint())
+    nodes = asyncio.run(ext.get_node_list())
+    schemas = {n.define_schema().node_id: n.define_schema() for n in nodes}
+    assert set(schemas) == {
+        "DpaggPerImageTI",
+        "DpaggClipEmbeddings",
+        "DpaggPrivacyAccountant",
+        "DpaggAggregate",
+    }
+    assert {s.category for s in schemas.values()} == {"dpagg/privacy"}
+
+    def types(items):
+        return [i.io_type for i in items]
+
+    ti_s = schemas["DpaggPerImageTI"]
+    assert types(ti_s.inputs[:4]) == ["MODEL", "CLIP", "VAE", "IMAGE"]
+    assert types(ti_s.outputs) == ["EMBEDDING_SET"]
+    assert ti_s.is_input_list  # accepts lists from ComfyUI's dataset loaders
+    assert types(schemas["DpaggClipEmbeddings"].inputs[:2]) == ["CLIP_VISION", "IMAGE"]
+    assert types(schemas["DpaggPrivacyAccountant"].outputs) == ["DP_PLAN", "STRING"]
+    agg = schemas["DpaggAggregate"]
+    assert types(agg.inputs[:2]) == ["EMBEDDING_SET", "DP_PLAN"]
+    assert types(agg.outputs) == ["STRING", "CLIP_VISION_OUTPUT"]
+    # The TI seed must not be randomised after each queue (a re-run would spend budget again).
+    seed = next(i for i in ti_s.inputs if i.id == "seed")
+    assert not seed.kwargs.get("control_after_generate")
+
+
+# ------------------------------------------------------------------------------- accountant
+
+
+def acc_kwargs(**kw):
+    base = {
+        "mode": "target epsilon -> noise",
+        "epsilon": 2.0,
+        "noise_multiplier": 1.0,
+        "delta": 1e-5,
+        "n": 10,
+        "sampling": "full",
+        "m": 4,
+        "q": 0.5,
+        "releases": 1,
+    }
+    return base | kw
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"delta": 0.2}, "delta"),  # >= 1/n
+        ({"delta": 0.0}, "delta"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"mode": "noise multiplier -> epsilon", "noise_multiplier": 0.0}, "noise_multiplier"),
+        ({"sampling": "wor", "m": 11}, "m=11"),
+        ({"sampling": "poisson", "q": 1.5}, "q="),
+        ({"releases": 0}, "releases"),
+        ({"n": 1}, "n=1"),
+        ({"sampling": "bogus"}, "sampling"),
+    ],
+)
+def test_accountant_validate_inputs_rejects_bad_parameters(pack, change, needle):
+    msg = pack["pn"].PrivacyAccountant.validate_inputs(**acc_kwargs(**change))
+    assert isinstance(msg, str) and needle in msg
+
+
+def test_accountant_validate_skips_n_checks_when_set_is_linked(pack):
+    acc = pack["pn"].PrivacyAccountant
+    assert acc.validate_inputs(**acc_kwargs()) is True
+    # n=1 widget is ignored when an EMBEDDING_SET is linked (ComfyUI passes None for links)
+    assert acc.validate_inputs(**acc_kwargs(n=1, delta=0.01), embedding_set=None) is True
+
+
+def test_accountant_reads_n_from_the_set_and_both_modes_agree(pack, comfy_base):
+    acc = pack["pn"].PrivacyAccountant
+    eset = ti_set(n=6)
+    out = acc.execute(**acc_kwargs(n=999), embedding_set=eset)
+    plan, summary = out.args
+    assert plan.n == 6 and plan.epsilon <= 2.0
+    assert plan == accountant.calibrate(2.0, 1e-5, 6, "full")
+    assert summary == accountant.plan_summary(plan)
+    # reverse mode: the plan's noise multiplier gives back its epsilon
+    back = acc.execute(
+        **acc_kwargs(mode="noise multiplier -> epsilon", noise_multiplier=plan.noise_multiplier),
+        embedding_set=eset,
+    ).args[0]
+    assert back.epsilon == pytest.approx(plan.epsilon, rel=1e-6)
+    payload = out.ui["dpagg"][0]
+    assert payload["plan"] == plan.to_dict()
+    assert any("not set yet" in line for line in payload["lines"])  # no release yet
+    json.dumps(out.ui)  # UI messages must be JSON
+
+
+# ------------------------------------------------------------------------------- DP Aggregate
+
+
+def test_aggregate_releases_once_and_reexecution_spends_nothing(pack, comfy_base):
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    out = aggregate(pack, eset, plan, budget_epsilon=3.0)
+    text, vision = out.args
+    assert text == "embedding:mystyle"
+    assert isinstance(vision, pack["ExecutionBlocker"])  # no CLIP_VISION_OUTPUT for TI sets
+    path = comfy_base / "models" / "embeddings" / "mystyle.safetensors"
+    tensors, record = read_released(path)
+    assert set(tensors) == {"emb_params"} and tuple(tensors["emb_params"].shape) == (1, 16)
+    assert float(record["epsilon"]) == plan.epsilon and record["n"] == "6"
+    ledger_file = comfy_base / "user" / "dpagg" / "ledger.sqlite"
+    assert ledger_file.is_file()  # the ledger lives in ComfyUI's user directory
+    ledger = Ledger(ledger_file)
+    assert len(ledger.list_releases()) == 1
+
+    again = aggregate(pack, eset, plan, budget_epsilon=3.0)  # ComfyUI re-executes the node
+    assert again.args[0] == "embedding:mystyle"
+    assert again.ui["dpagg"][0]["reused"] is True
+    assert len(ledger.list_releases()) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mystyle.safetensors"]
+    assert ledger.status(eset.dataset_id)["spent"]["epsilon"] == pytest.approx(plan.epsilon)
+
+    # A new request (another name) is a new release under a NEW file name (prompt caches).
+    third = aggregate(pack, eset, plan, budget_epsilon=3.0, name="mystyle")
+    assert third.args[0] == "embedding:mystyle"  # identical request again: reused
+    other = aggregate(pack, eset, plan, budget_epsilon=3.0, clip_norm=0.5)
+    assert other.args[0] == "embedding:mystyle-2"
+    assert len(ledger.list_releases()) == 2
+    status = other.ui["dpagg"][0]
+    spent = ledger.status(eset.dataset_id)["spent"]["epsilon"]
+    assert plan.epsilon < spent <= 2 * plan.epsilon + 1e-9  # basic or (tighter) PLD composition
+    assert status["spent"]["epsilon"] == spent and status["budget"]["epsilon"] == 3.0
+    assert status["remaining"]["epsilon"] == pytest.approx(3.0 - spent)
+
+
+def test_aggregate_over_budget_is_refused_before_anything_is_spent(pack, comfy_base):
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(2.0, 1e-5, 6, "full")
+    first = aggregate(pack, eset, plan, budget_epsilon=2.4).ui["dpagg"][0]
+    # two such releases compose to more than 2.4 (a Gaussian's epsilon grows ~sqrt(2)-fold):
+    assert first["next_release_exceeds"] is True and first["warning"] is True
+    assert any("WARNING" in line for line in first["lines"])
+    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
+    before = ledger.status(eset.dataset_id)
+    with pytest.raises(BudgetExceeded, match="budget"):
+        aggregate(pack, eset, plan, budget_epsilon=2.4, name="another")
+    assert ledger.status(eset.dataset_id) == before
+    files = sorted(p.name for p in (comfy_base / "models" / "embeddings").iterdir())
+    assert files == ["mystyle.safetensors"]
+
+
+def test_aggregate_refuses_a_plan_for_another_n(pack, comfy_base):
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 8, "full")
+    with pytest.raises(DpaggError, match="n=8"):
+        aggregate(pack, eset, plan)
+    assert not (comfy_base / "models" / "embeddings").exists()
+    assert Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite").list_releases() == []
+
+
+def test_aggregate_noise_matches_the_plan(pack, comfy_base):
+    """Released = clipped mean + N(0, sigma^2): the residual's std per coordinate matches sigma
+    within 5 standard errors (D = 2000 coordinates, one release, generous budget)."""
+    n, dim = 10, 2000
+    g = torch.Generator().manual_seed(3)
+    centre = torch.zeros((1, dim))
+    vecs = 0.001 * torch.randn((n, 1, dim), generator=g)  # norms ~0.045 < C: no clipping
+    eset = EmbeddingSet(
+        vectors={"emb_params": vecs},
+        kind="textual_inversion",
+        model_family="sd1",
+        centre={"emb_params": centre},
+        dataset_id="ds-noise000000000000000000000000000",
+    )
+    plan = accountant.epsilon_for(1.0, 1e-5, n, "full")
+    text, _ = aggregate(pack, eset, plan, clip_norm=1.0).args
+    released, _ = read_released(comfy_base / "models" / "embeddings" / "mystyle.safetensors")
+    resid = released["emb_params"].double().reshape(-1) - vecs.double().mean(0).reshape(-1)
+    sigma = plan.noise_std(1.0)
+    sd = float(resid.std())
+    # std of a sample std of D normals ~ sigma / sqrt(2D)
+    assert abs(sd - sigma) < 5 * sigma / math.sqrt(2 * dim)
+    assert abs(float(resid.mean())) < 5 * sigma / math.sqrt(dim)
+
+
+def test_aggregate_clip_image_set_gives_clip_vision_output(pack, comfy_base):
+    eset = clip_set(n=5, dim=12)
+    plan = accountant.calibrate(3.0, 1e-5, 5, "full")
+    text, vision = aggregate(pack, eset, plan, centre="origin", mode="normalize", name="cs").args
+    assert text == "cs"
+    path = comfy_base / "output" / "dpagg_clip" / "cs.safetensors"
+    tensors, record = read_released(path)
+    assert tuple(vision.image_embeds.shape) == (1, 12)
+    assert torch.equal(vision.image_embeds, tensors["image_embeds"].reshape(1, 12))
+    assert record["centre"] == "origin" and record["clip_mode"] == "normalize"
+    assert not (comfy_base / "models" / "embeddings").exists()  # not a prompt embedding
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"name": "../evil"}, "name"),
+        ({"name": ""}, "name"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"centre": "mean_of_images"}, "centre"),
+        ({"budget_delta": 1.5}, "budget_delta"),
+    ],
+)
+def test_aggregate_validate_inputs(pack, change, needle):
+    kw = {
+        "clip_norm": 1.0,
+        "centre": "initializer",
+        "name": "ok_name",
+        "mode": "clip",
+        "budget_epsilon": 0.0,
+        "budget_delta": 0.0,
+        "embedding_set": None,
+        "plan": None,
+    }
+    assert pack["pn"].DPAggregate.validate_inputs(**kw) is True
+    msg = pack["pn"].DPAggregate.validate_inputs(**(kw | change))
+    assert isinstance(msg, str) and needle in msg
+
+
+# ------------------------------------------------------------------------------- Per-Image TI
+
+
+TI_WIDGETS = {
+    "steps": [2],
+    "learning_rate": [0.01],
+    "vectors": [2],
+    "initializer": ["painting"],
+    "templates": ["style"],
+    "resolution": [32],
+    "batch_size": [2],
+    "seed": [0],
+}
+
+
+@pytest.fixture
+def tiny_backend(pack, monkeypatch):
+    from dpagg_core.diffusers_backend import DiffusersBackend
+    from dpagg_core.tiny import tiny_pipeline
+
+    backend = DiffusersBackend.from_pipeline(tiny_pipeline(), base_model_id="tiny-test")
+    calls = []
+
+    def factory(model, clip, vae):
+        calls.append((model, clip, vae))
+        return contextlib.nullcontext(backend)
+
+    monkeypatch.setattr(pack["pn"], "_make_backend", factory)
+    return calls
+
+
+def comfy_images(n, size=32, seed=0):
+    return torch.rand((n, size, size, 3), generator=torch.Generator().manual_seed(seed))
+
+
+def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_backend):
+    imgs = comfy_images(3)
+    with torch.inference_mode():  # ComfyUI executes nodes in inference mode
+        out = pack["pn"].PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=[imgs[:2], imgs[2:]], **TI_WIDGETS
+        )
+    eset = out.args[0]
+    assert tiny_backend == [("M", "C", "V")]
+    assert isinstance(eset, EmbeddingSet) and eset.n == 3 and eset.num_vectors == 2
+    assert eset.kind == "textual_inversion" and eset.base_model_id == "tiny-test"
+    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))
+    assert not eset.vectors["emb_params"].is_inference()
+    # trained: every row moved away from the public initializer centre
+    moved = (eset.vectors["emb_params"] - eset.centre["emb_params"]).flatten(1).norm(dim=1)
+    assert bool((moved > 0).all())
+    # progress: steps x chunks (2 chunks of batch 2), each a cancel point
+    assert pack["utils"].UPDATES[-1] == (4, 4)
+    # the UI message holds public values only (no embedding values)
+    text = json.dumps(out.ui)
+    assert "per-image embeddings" in text
+    for x in eset.vectors["emb_params"].flatten()[:20].tolist():
+        assert repr(x)[:8] not in text
+
+
+def test_per_image_ti_cancel_returns_nothing(pack, comfy_base, tiny_backend):
+    pack["mm"].interrupt_current_processing(True)
+    with pytest.raises(pack["mm"].InterruptProcessingException):
+        pack["pn"].PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
+        )
+    assert pack["utils"].UPDATES == []  # cancelled before the first step
+
+
+def test_per_image_ti_validate_inputs(pack):
+    ok = TI_WIDGETS | {"model": None, "clip": None, "vae": None, "images": None}
+    assert pack["pn"].PerImageTI.validate_inputs(**ok) is True
+    for change, needle in (
+        ({"vectors": [9]}, "vectors"),
+        ({"resolution": [30]}, "resolution"),
+        ({"initializer": ["  "]}, "initializer"),
+        ({"learning_rate": [0.0]}, "learning_rate"),
+        ({"templates": ["poems"]}, "templates"),
+    ):
+        msg = pack["pn"].PerImageTI.validate_inputs(**(ok | change))
+        assert isinstance(msg, str) and needle in msg, (change, msg)
+
+
+def test_image_helpers(pack):
+    pn = pack["pn"]
+    a, b = comfy_images(2, 32, seed=1), comfy_images(1, 48, seed=2)
+    flat = pn._flatten_images([a, b])
+    assert [tuple(x.shape) for x in flat] == [(32, 32, 3), (32, 32, 3), (48, 48, 3)]
+    with pytest.raises(DpaggError, match="resolution"):
+        pn.to_model_images(flat, 0)
+    x = pn.to_model_images(flat, 16)
+    assert tuple(x.shape) == (3, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    # the dataset id ignores order and changes when one image changes
+    ids = pn.images_dataset_id(flat), pn.images_dataset_id(flat[::-1])
+    assert ids[0] == ids[1]
+    changed = [flat[0].clone(), flat[1], flat[2]]
+    changed[0][0, 0, 0] = 1.0 - changed[0][0, 0, 0]
+    assert pn.images_dataset_id(changed) != ids[0]
+    with pytest.raises(DpaggError, match="images"):
+        pn._flatten_images([torch.zeros((2, 2))])
+
+
+# ------------------------------------------------------------------------------- Clip Embeddings
+
+
+class FakeClipVision:
+    """Encodes an image as a fixed linear map of its pixels (stands in for CLIP vision)."""
+
+    def __init__(self, dim=8):
+        self.calls = []
+        self.w = torch.randn((3, dim), generator=torch.Generator().manual_seed(5))
+        self.model = torch.nn.Linear(3, dim)
+
+    def encode_image(self, image, crop=True):
+        self.calls.append((tuple(image.shape), crop))
+        return {"image_embeds": image.mean(dim=(1, 2)) @ self.w}
+
+
+def test_clip_embeddings_encode_each_image_alone(pack, comfy_base):
+    cv = FakeClipVision()
+    imgs = comfy_images(3, 24)
+    eset = (
+        pack["pn"].ClipEmbeddings.execute(clip_vision=[cv], images=[imgs], crop=["center"]).args[0]
+    )
+    assert cv.calls == [((1, 24, 24, 3), True)] * 3
+    assert eset.kind == "clip_image" and eset.n == 3
+    want = imgs.mean(dim=(1, 2)) @ cv.w
+    assert torch.allclose(eset.vectors["image_embeds"][:, 0], want)
+    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))
+
+
+# ------------------------------------------------------------------------------- workflows / js
+
+
+@pytest.mark.parametrize("name", ["private_style_embedding", "private_clip_style"])
+def test_example_workflows_are_consistent(pack, name):
+    wf = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    assert wf["version"] == 0.4
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for lid, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        assert nodes[src]["outputs"][src_slot]["type"] == typ
+        assert lid in nodes[src]["outputs"][src_slot]["links"]
+        assert nodes[dst]["inputs"][dst_slot]["link"] == lid
+    ours = {c.define_schema().node_id: c for c in pack["nodes"].NODES}
+    used = [n for n in wf["nodes"] if n["type"] in ours]
+    assert {n["type"] for n in used} >= {"DpaggPrivacyAccountant", "DpaggAggregate"}
+    for n in used:  # widget values line up with the node's current schema
+        assert len(n["widgets_values"]) == len(widget_ids(ours[n["type"]], pack["io"])), n["type"]
+    text = json.dumps(wf)
+    assert "embedding_set" in text and "DP_PLAN" in text
+
+
+def test_frontend_extension_parses_and_reads_the_ui_key(pack):
+    js = (REPO / "js" / "dpagg.js").read_text()
+    assert f"message?.{pack['pn'].UI_KEY}?.[0]" in js
+    for node_id in ("DpaggPrivacyAccountant", "DpaggAggregate"):
+        assert f'"{node_id}"' in js
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True)
+    if node.returncode == 0:  # syntax check where Node.js exists
+        mjs = Path(pack["pn"].__file__).parent.parent / "js" / "dpagg.js"
+        check = subprocess.run(
+            ["node", "--input-type=module", "--check"],
+            input=mjs.read_text(),
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, check.stderr
+
+
+def test_ui_payload_numbers_are_public(pack, comfy_base):
+    """The DP Aggregate message holds the plan, budget figures and names, nothing per image."""
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    payload = aggregate(pack, eset, plan, budget_epsilon=2.0).ui["dpagg"][0]
+    allowed = {
+        "title",
+        "lines",
+        "warning",
+        "name",
+        "prompt",
+        "reused",
+        "plan",
+        "budget",
+        "spent",
+        "remaining",
+        "releases",
+        "next_release_exceeds",
+    }
+    assert set(payload) == allowed
+    flat = np.concatenate([eset.flat().ravel()])
+    text = json.dumps(payload)
+    assert not any(f"{v:.6f}" in text for v in flat[:50])
