@@ -1,0 +1,126 @@
+"""``dpagg run`` / ``train`` end to end on a tiny SD-structured model saved as a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dpagg_core import ti
+from dpagg_core.cli import main
+from dpagg_core.embeddings import load_private, read_released
+from dpagg_core.tiny import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipeline(hidden_size=32, seed=0).save_pretrained(folder)
+    return folder
+
+
+def make_images(folder: Path, count: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (40, 48), (40 * i, 200 - 30 * i, 90)).save(folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("captions are ignored")
+    return folder
+
+
+def test_run_trains_releases_previews_and_refuses_over_budget_before_training(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    images = make_images(tmp_path / "private")
+    out = tmp_path / "embeddings"
+    ledger = tmp_path / "ledger.sqlite"
+    argv = [
+        "run",
+        "--images",
+        str(images),
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--epsilon",
+        "1",
+        "--delta",
+        "1e-2",
+        "--clip-norm",
+        "0.5",
+        "--name",
+        "tiny",
+        "--out-dir",
+        str(out),
+        "--ledger",
+        str(ledger),
+        "--vectors",
+        "2",
+    ]
+    assert main([*argv, "--preview", "--json"]) == 0
+    stdout = capsys.readouterr().out
+    payload = json.loads(stdout[: stdout.rindex("}") + 1])
+    tensors, record = read_released(out / "tiny.safetensors")
+    assert tuple(tensors["emb_params"].shape) == (2, 32)
+    assert record["n"] == "4" and record["centre"] == "initializer"
+    assert payload["prompt"] == "embedding:tiny"
+    assert (out / "tiny_preview.png").exists()
+    assert str(images) not in (out / "tiny.safetensors").read_bytes().decode("latin-1")
+
+    def no_training(*_a, **_k):
+        raise AssertionError("an over-budget request must be refused before training")
+
+    monkeypatch.setattr(ti, "train_embeddings", no_training)
+    again = [*argv]
+    again[again.index("tiny")] = "tiny2"
+    assert main(again) == 2
+    assert "budget" in capsys.readouterr().err
+    assert not (out / "tiny2.safetensors").exists()
+
+
+def test_train_keeps_private_embeddings_only_where_asked(tmp_path, tiny_model_dir, capsys):
+    images = make_images(tmp_path / "private", 3)
+    target = tmp_path / "vault" / "per_image.safetensors"
+    argv = [
+        "train",
+        "--images",
+        str(images),
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "1",
+        "--resolution",
+        "32",
+        "--keep-private-embeddings",
+        str(target),
+    ]
+    assert main(argv) == 0
+    eset = load_private(target)
+    assert eset.n == 3 and eset.kind == "textual_inversion" and eset.centre is not None
+    bad = [*argv[:-1], str(tmp_path / "models" / "embeddings" / "x.safetensors")]
+    assert main(bad) == 2
+    assert "embeddings" in capsys.readouterr().err
+
+
+def test_run_rejects_a_single_image_with_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    images = make_images(tmp_path / "one", 1)
+    argv = [
+        "run",
+        "--images",
+        str(images),
+        "--model",
+        str(tiny_model_dir),
+        "--epsilon",
+        "1",
+        "--clip-norm",
+        "1",
+        "--name",
+        "x",
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 2
+    assert "image" in capsys.readouterr().err
