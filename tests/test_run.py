@@ -1,4 +1,4 @@
-"""``dpagg run`` / ``train`` end to end on a tiny SD-structured model saved as a diffusers folder."""
+"""``dpagg run`` and ``train`` end to end on a tiny SD-structured model (a diffusers folder)."""
 
 from __future__ import annotations
 
