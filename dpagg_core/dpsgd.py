@@ -247,6 +247,106 @@ def noisy_mean_gradient(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _State:
+    theta: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    dist: LatentDist
+    dist_flip: LatentDist
+    templates: tuple[str, ...]
+    size: int
+    centre: dict[str, torch.Tensor]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {k: t.detach().to("cpu", torch.float32).clone() for k, t in self.theta.items()}
+
+
+def _setup(backend: TIBackend, images: torch.Tensor, config: DPSGDConfig) -> _State:
+    """Shared vectors at the initializer, the optimizer, and the latents (encoded once)."""
+    from .ti import TIConfig
+
+    templates = resolve_templates(config.templates)
+    if config.resolution is not None:
+        images = resize_center_crop(images, config.resolution)
+    if images.shape[-2] % 8 or images.shape[-1] % 8:
+        raise DpaggError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} px: height and width must be "
+            "multiples of 8; set resolution"
+        )
+    init_cfg = TIConfig(
+        initializer=config.initializer,
+        multi_token_initializer=config.multi_token_initializer,
+        vectors=config.vectors,
+    )
+    backend.prepare(gradient_checkpointing=False)
+    init = initializer_rows(backend, init_cfg)
+    v = config.vectors
+    centre = {k: init[k].to(torch.float32).expand(v, -1).clone() for k in backend.encoder_keys}
+    pdtype = param_dtype(backend)
+    theta = {
+        k: torch.nn.Parameter(init[k].to(pdtype).expand(v, -1).clone())
+        for k in backend.encoder_keys
+    }
+    params = list(theta.values())
+    if config.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    else:
+        opt = torch.optim.SGD(params, lr=config.learning_rate)
+    device = torch.device(backend.device)
+    with torch.no_grad():
+        x = images.to(device)
+        dist = backend.encode_images(x)
+        dist_flip = backend.encode_images(x.flip(-1)) if config.flip else dist
+    return _State(theta, opt, dist, dist_flip, templates, int(images.shape[-1]), centre)
+
+
+def _clipped_sum(
+    backend: TIBackend,
+    st: _State,
+    config: DPSGDConfig,
+    batch: Sequence[int],
+    step: int,
+    clip_norm: float | None,
+) -> dict[str, np.ndarray]:
+    """Sum over ``batch`` of per-example gradients, each clipped to ``clip_norm`` (None: no
+    clipping), float64 ``[v, dim]`` per key; computed in chunks of ``config.chunk_size``."""
+    summed = {k: np.zeros(tuple(st.theta[k].shape), dtype=np.float64) for k in backend.encoder_keys}
+    for s in range(0, len(batch), config.chunk_size):
+        idx = [int(i) for i in batch[s : s + config.chunk_size]]
+        sel = torch.tensor(idx, device=st.dist.mean.device)
+
+        def pick(d: LatentDist, sel: torch.Tensor = sel) -> LatentDist:
+            return LatentDist(d.mean[sel], None if d.std is None else d.std[sel])
+
+        grads = per_example_gradients(
+            backend,
+            pick(st.dist),
+            pick(st.dist_flip),
+            idx,
+            {k: t.detach() for k, t in st.theta.items()},
+            st.templates,
+            step=step,
+            seed=config.seed,
+            flip=config.flip,
+            sample_latents=config.sample_latents,
+            image_size=st.size,
+        )
+        if clip_norm is None:
+            rows = {k: g.detach().to("cpu", torch.float64).numpy() for k, g in grads.items()}
+        else:
+            rows = clip_per_example(grads, clip_norm)
+        for k, g in rows.items():
+            summed[k] += g.sum(axis=0)
+    return summed
+
+
+def _apply(st: _State, grad: dict[str, np.ndarray]) -> None:
+    for k, t in st.theta.items():
+        t.grad = torch.from_numpy(np.ascontiguousarray(grad[k])).to(t.device, t.dtype)
+    st.opt.step()
+    st.opt.zero_grad(set_to_none=True)
+
+
 def validate_config(config: DPSGDConfig, n: int) -> None:
     c = config
     if not isinstance(c.steps, int) or c.steps < 1:
@@ -317,83 +417,19 @@ def train_dpsgd(
         )
     z = sgd_noise_multiplier(plan)
     denominator = q * n  # public expected batch size (= plan.denominator)
-    templates = resolve_templates(config.templates)
-    if config.resolution is not None:
-        images = resize_center_crop(images, config.resolution)
-    size = int(images.shape[-1])
-    if images.shape[-2] % 8 or images.shape[-1] % 8:
-        raise DpaggError(
-            f"images are {images.shape[-2]}x{images.shape[-1]} px: height and width must be "
-            "multiples of 8; set resolution"
-        )
-    from .ti import TIConfig
-
-    init_cfg = TIConfig(
-        initializer=config.initializer,
-        multi_token_initializer=config.multi_token_initializer,
-        vectors=config.vectors,
-    )
-    backend.prepare(gradient_checkpointing=False)
-    init = initializer_rows(backend, init_cfg)
-    v = config.vectors
-    centre = {k: init[k].to(torch.float32).expand(v, -1).clone() for k in backend.encoder_keys}
-    pdtype = param_dtype(backend)
-    theta = {
-        k: torch.nn.Parameter(init[k].to(pdtype).expand(v, -1).clone())
-        for k in backend.encoder_keys
-    }
-    params = [theta[k] for k in backend.encoder_keys]
-    if config.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.learning_rate)
-    else:
-        opt = torch.optim.SGD(params, lr=config.learning_rate)
-
-    device = torch.device(backend.device)
-    with torch.no_grad():
-        x = images.to(device)
-        dist = backend.encode_images(x)
-        dist_flip = backend.encode_images(x.flip(-1)) if config.flip else dist
-
+    st = _setup(backend, images, config)
     if before_noise is not None:
         before_noise(plan)
     for step in range(config.steps):
         if should_cancel is not None and should_cancel():
             raise Cancelled("DP-SGD cancelled; the privacy budget for this run stays spent")
         batch = mechanism._draw_subsample(plan)  # secret Poisson sample, CSPRNG; never kept
-        summed = {
-            k: np.zeros((v, backend.embedding_dims[k]), dtype=np.float64)
-            for k in backend.encoder_keys
-        }
-        for s in range(0, len(batch), config.chunk_size):
-            idx = [int(i) for i in batch[s : s + config.chunk_size]]
-            sel = torch.tensor(idx, device=dist.mean.device)
-
-            def pick(d: LatentDist, sel: torch.Tensor = sel) -> LatentDist:
-                return LatentDist(d.mean[sel], None if d.std is None else d.std[sel])
-
-            grads = per_example_gradients(
-                backend,
-                pick(dist),
-                pick(dist_flip),
-                idx,
-                {k: theta[k].detach() for k in theta},
-                templates,
-                step=step,
-                seed=config.seed,
-                flip=config.flip,
-                sample_latents=config.sample_latents,
-                image_size=size,
-            )
-            for k, g in clip_per_example(grads, config.clip_norm).items():
-                summed[k] += g.sum(axis=0)
+        summed = _clipped_sum(backend, st, config, [int(i) for i in batch], step, config.clip_norm)
         del batch
         noisy = noisy_mean_gradient(
             summed, clip_norm=config.clip_norm, noise_multiplier=z, denominator=denominator
         )
-        for k in backend.encoder_keys:
-            theta[k].grad = torch.from_numpy(noisy[k]).to(theta[k].device, theta[k].dtype)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _apply(st, noisy)
         if progress is not None:
             progress(step + 1, config.steps)
 
@@ -407,9 +443,38 @@ def train_dpsgd(
     record["dpsgd_noise_multiplier"] = repr(float(z))
     record["steps"] = str(int(config.steps))
     return DPSGDResult(
-        vectors={k: theta[k].detach().to("cpu", torch.float32).clone() for k in theta},
-        centre=centre,
+        vectors=st.result(),
+        centre=st.centre,
         plan=plan,
         noise_multiplier=z,
         record=record,
     )
+
+
+def train_shared_nonprivate(
+    backend: TIBackend,
+    images: torch.Tensor,
+    config: DPSGDConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The non-private reference (epsilon = infinity): ONE shared embedding trained on all images
+    with the same loop, batches and optimizer as :func:`train_dpsgd` but without clipping or
+    noise; the step uses the batch's mean gradient. Batches are Poisson samples at rate
+    ``expected_batch / N`` from a generator seeded by ``config.seed``. NOT private: for
+    benchmarks only, never released. Returns ``[v, dim]`` float32 per key."""
+    check_images(images)
+    n = int(images.shape[0])
+    validate_config(config, n)
+    q = config.sampling_rate(n)
+    st = _setup(backend, images, config)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    for step in range(config.steps):
+        batch = torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist()
+        if not batch:
+            continue
+        summed = _clipped_sum(backend, st, config, batch, step, None)
+        _apply(st, {k: g / len(batch) for k, g in summed.items()})
+        if progress is not None:
+            progress(step + 1, config.steps)
+    return st.result()

@@ -347,3 +347,22 @@ def test_plan_mismatch_and_missing_budget(f64_backend):
     with pytest.raises(DpaggError, match="target_epsilon"):
         dpsgd.train_dpsgd(f64_backend, _images(4, 0), cfg)
     assert called == []  # nothing spent on bad input
+
+
+def test_nonprivate_reference_is_plain_mean_gradient_step(f64_backend):
+    """The epsilon = infinity reference: q = 1, SGD: one step is -lr * mean of unclipped grads."""
+    n = 3
+    imgs = _images(n, seed=8)
+    cfg = dpsgd.DPSGDConfig(
+        steps=1, expected_batch=n, learning_rate=3.0, optimizer="sgd", vectors=1, seed=2,
+    )  # fmt: skip
+    got = dpsgd.train_shared_nonprivate(f64_backend, imgs, cfg)["emb_params"].double()
+    dist, dist_flip = _dists(f64_backend, imgs)
+    init = f64_backend.initializer_embedding("painting")["emb_params"].double()
+    grads = dpsgd.per_example_gradients(
+        f64_backend, dist, dist_flip, list(range(n)), {"emb_params": init},
+        resolve_templates("style"), step=0, seed=2, image_size=32,
+    )["emb_params"]  # fmt: skip
+    want = init - 3.0 * grads.mean(0)
+    torch.testing.assert_close(got, want.float().double(), rtol=1e-5, atol=1e-7)
+    assert (got - init).abs().max() > 1e-6

@@ -115,7 +115,9 @@ def render(style: str, shape: str, index: int, size: int = DEFAULT_SIZE) -> np.n
     dist = _shape_mask(shape, x - cx, y - cy, r, rot)
     inside = dist < 0
 
-    period = size / 5.0  # texture period in output pixels (>= 4 latent-friendly pixels at 32 px)
+    # Textures are coarse (>= 8 px features at 32 px): the VAE compresses 4x per side, so finer
+    # patterns would not survive encoding and every textured style would decode as "plain".
+    period = size / 3.0
     if texture == "plain":
         fill = np.broadcast_to(fg, (*x.shape, 3)).copy()
     elif texture == "striped":
@@ -127,11 +129,11 @@ def render(style: str, shape: str, index: int, size: int = DEFAULT_SIZE) -> np.n
         dots = np.hypot(gx, gy) < 0.3
         fill = np.where(dots[..., None], sec, fg)
     elif texture == "checked":
-        a = np.floor(x / period + phase[0]).astype(int)
-        b = np.floor(y / period + phase[1]).astype(int)
+        a = np.floor(x / (size / 4.0) + phase[0]).astype(int)
+        b = np.floor(y / (size / 4.0) + phase[1]).astype(int)
         fill = np.where((((a + b) % 2) == 0)[..., None], fg, sec)
     elif texture == "hollow":
-        stroke = 0.09 * size
+        stroke = 0.1 * size
         inside = np.abs(dist) < stroke / 2
         fill = np.broadcast_to(fg, (*x.shape, 3)).copy()
     else:  # pragma: no cover - TEXTURES is closed

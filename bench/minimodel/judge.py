@@ -161,3 +161,44 @@ def load_judge(path: str | Path) -> Judge:
     judge = Judge()
     judge.load_state_dict(load_file(str(path)))
     return judge.eval()
+
+
+def evaluate_judge(judge: Judge, vae: Any = None, per_style: int = 20) -> dict[str, float]:
+    """Accuracy on fresh rendered images (clean, and through the VAE), overall and held-out."""
+    x, y = judge_set(per_style, data.JUDGE_TEST_OFFSET)
+    held = torch.tensor([data.STYLES[int(k)] in data.HELD_OUT for k in y])
+    out = {}
+    sets = {"clean": x}
+    if vae is not None:
+        sets["vae"] = vae_roundtrip(vae, x)
+    for name, xs in sets.items():
+        pred = torch.from_numpy(predict(judge, xs))
+        out[f"acc_{name}"] = float((pred == y).float().mean())
+        out[f"acc_{name}_held_out"] = float((pred[held] == y[held]).float().mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the judge against the mini model in ``--cache`` and save ``judge.safetensors``."""
+    import argparse
+    import json
+
+    from .model import pipeline_from_single_file
+
+    ap = argparse.ArgumentParser(description="train the style judge")
+    ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / "cache")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=600)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    pipe = pipeline_from_single_file(args.cache / "minimodel.safetensors")
+    judge = train_judge(pipe.vae, steps=args.steps, seed=args.seed)
+    path = save_judge(judge, args.cache / "judge.safetensors")
+    metrics = evaluate_judge(judge, pipe.vae)
+    (args.cache / "judge_info.json").write_text(json.dumps(metrics, indent=2))
+    print(f"saved {path}: {metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,8 +3,8 @@
 Components (same classes and conditioning path as SD1.x):
 
 * ``CLIPTextModel`` (real CLIP BPE vocabulary of 49408 tokens, 77 positions, width 64, 2 layers);
-* ``UNet2DConditionModel`` on 4 x 8 x 8 latents (channels 32/64, cross-attention width 64);
-* ``AutoencoderKL`` 32 px <-> 8 px (factor 4, 4 latent channels), ``scaling_factor`` measured on
+* ``UNet2DConditionModel`` on 8 x 8 x 8 latents (channels 32/64, cross-attention width 64);
+* ``AutoencoderKL`` 32 px <-> 8 px (factor 4, 8 latent channels), ``scaling_factor`` measured on
   the training set so scaled latents have unit standard deviation (SD's 0.18215 plays that role);
 * a DDPM ``scaled_linear`` noise schedule (SD's betas), epsilon prediction; DDIM for sampling.
 
@@ -28,6 +28,9 @@ import torch
 
 TEXT_WIDTH = 64
 LATENT_SIZE = 8
+# 8 latent channels (SD1/SD2 use 4, SD3/Flux 16): at 4x compression per side, 4 channels lost
+# every texture in a first trial; the UNet only sees more input/output channels.
+LATENT_CHANNELS = 8
 IMAGE_SIZE = 32
 
 SCHEDULER_KW: dict[str, Any] = dict(
@@ -65,8 +68,8 @@ def text_encoder_config() -> dict[str, Any]:
 def unet_config() -> dict[str, Any]:
     return dict(
         sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -85,7 +88,7 @@ def vae_config() -> dict[str, Any]:
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
         scaling_factor=1.0,

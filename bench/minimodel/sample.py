@@ -43,7 +43,7 @@ def encode_text(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
 def encode_with_embedding(
     pipe: Any, templates: Sequence[str], vectors: torch.Tensor, backend: Any = None
 ) -> torch.Tensor:
-    """Hidden states for ``templates`` (each with one '{}') with ``vectors`` [v, dim] in the slot."""
+    """Hidden states for ``templates`` (each with one '{}') with ``vectors`` [v, dim] in it."""
     backend = backend or _backend(pipe)
     vec = vectors.to(torch.float32)
     if vec.ndim == 2:

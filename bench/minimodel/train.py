@@ -3,7 +3,8 @@
     nice -n 19 .venv/bin/python -m bench.minimodel.train            # ~15-20 min CPU on 2 free cores
     .venv/bin/python -m bench.minimodel.train --quick               # smoke run, a minute
 
-Stages (each cached under ``--cache``, so an interrupted run resumes at the last finished stage):
+Stages (the rendered images and the trained VAE are cached under ``--cache``, so a rerun
+skips them):
 
 1. render the training set (``data.iter_training``: 26 styles x 5 shapes x ``per_pair`` images);
 2. train the ``AutoencoderKL`` (L1 + MSE reconstruction + small KL), then measure the latent
@@ -11,8 +12,9 @@ Stages (each cached under ``--cache``, so an interrupted run resumes at the last
 3. train the ``CLIPTextModel`` and ``UNet2DConditionModel`` jointly on the cached latents with the
    standard epsilon-prediction DDPM loss; captions are compositional and randomly reduced
    (style only, shape only, one attribute, empty 10 % for classifier-free guidance); EMA weights;
-4. save the diffusers folder ``<cache>/minimodel`` and the single file
-   ``<cache>/minimodel.safetensors`` (float16).
+4. save the single file ``<cache>/minimodel.safetensors`` (float16) and the diffusers folder
+   ``<cache>/minimodel`` rebuilt from it (so both hold exactly the same weights);
+5. train the style judge (``judge.py``) on all 30 styles -> ``<cache>/judge.safetensors``.
 
 Nothing here is private: the held-out styles are simply never rendered in stage 1, so the model
 has never seen them (the style judge, ``bench/minimodel/judge.py``, does see them).
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from . import data
-from .model import build_components, make_pipeline, save_single_file
+from .model import build_components, folder_from_single_file, make_pipeline, save_single_file
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
 
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP spin on shared CPUs")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (bad model)")
+    ap.add_argument("--no-judge", action="store_true", help="skip training the style judge")
     args = ap.parse_args(argv)
     if args.quick:
         args.per_pair, args.vae_steps, args.unet_steps = 4, 20, 30
@@ -300,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         logfile,
     )
     pipe = make_pipeline(te, unet, vae)
-    folder = cache / "minimodel"
-    pipe.save_pretrained(str(folder))
     info = {
         "per_pair": args.per_pair,
         "vae_steps": args.vae_steps,
@@ -314,11 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     single = save_single_file(pipe, cache / "minimodel.safetensors", {"training": json.dumps(info)})
     (cache / "minimodel_info.json").write_text(json.dumps(info, indent=2))
+    # The diffusers folder is rebuilt from the (float16) single file, so both hold the same weights.
+    folder = folder_from_single_file(single, cache / "minimodel")
     _log(
         f"saved {folder} and {single} ({single.stat().st_size / 1e6:.1f} MB) in "
         f"{time.time() - t_start:.0f}s total",
         logfile,
     )
+    if not args.no_judge:
+        from .judge import main as judge_main
+
+        judge_main(["--cache", str(cache), "--seed", str(args.seed)])
     return 0
 
 

@@ -1,0 +1,520 @@
+"""Reproduce the paper's comparison (DPAgg-TI vs DP-SGD textual inversion) on the mini model.
+
+    nice -n 19 .venv/bin/python bench/reproduce_paper.py                 # documented full run
+    .venv/bin/python bench/reproduce_paper.py --smoke                    # CI-sized (1 style, n=10)
+    .venv/bin/python bench/reproduce_paper.py --styles "candy striped" --ns 10 50 --seeds 1
+
+For every held-out style, private-set size n and seed (the private set is ``n`` rendered images
+of the style, a different set per seed), the methods are
+
+* ``prompt_words``  — no private data: the style's own two words in the prompt (the mini model
+                      has them, but never saw them together): what composition alone gives;
+* ``no_style``      — prompt without any style (the floor);
+* ``ti_shared``     — non-private TI: ONE embedding trained on all n images (epsilon = inf);
+* ``mean``          — non-private mean of the per-image TI embeddings (epsilon = inf);
+* ``dpagg_full``    — DPAgg-TI: clipped mean of all n per-image embeddings + Gaussian noise
+                      (``dpagg_core.mechanism.dp_mean``, analytic Gaussian accountant);
+* ``dpagg_wor``     — DPAgg-TI with the paper's subsampling without replacement, m = n/2;
+* ``dpsgd``         — DP-SGD TI (``dpagg_core.dpsgd``), Poisson rate q, T steps, PLD;
+
+at epsilon in ``--epsilons`` with delta = 1/(10n), replace-one adjacency for every DP method.
+Metrics (``bench/minimodel/judge.py``): style accuracy (fraction of generated images the judge
+assigns to the target style) and KID (judge feature space) against 200 real images of the style
+that are not in any private set; for DPAgg also the cosine similarity between the release and the
+non-private mean (raw, and centred on the public initializer embedding).
+
+Every hyper-parameter that sets the noise (DPAgg's C, DP-SGD's C_g) is fixed from a *public*
+training style (``--public-style``), never from the held-out private images (DESIGN invariant 2).
+DP noise comes from the OS CSPRNG, so reruns differ even with the same seeds (by design).
+
+Outputs in ``--out`` (default ``bench/results``): ``results.jsonl`` (one line per evaluation;
+an interrupted run resumes from it), ``table.md`` and ``utility_vs_epsilon.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.minimodel import artifact, data, judge, sample  # noqa: E402
+
+METHODS = ("prompt_words", "no_style", "ti_shared", "mean", "dpagg_full", "dpagg_wor", "dpsgd")
+DP_METHODS = ("dpagg_full", "dpagg_wor", "dpsgd")
+
+
+@dataclass
+class Settings:
+    styles: list[str] = field(default_factory=lambda: list(data.HELD_OUT))
+    ns: list[int] = field(default_factory=lambda: [10, 50, 200])
+    epsilons: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
+    seeds: int = 2
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ti_steps: int = 150
+    ti_lr: float = 2e-2
+    dpsgd_steps: int = 100
+    dpsgd_q: float = 0.25
+    dpsgd_lr: float = 2e-2
+    wor_fraction: float = 0.5
+    eval_per_template: int = 6
+    eval_steps: int = 20
+    guidance: float = 3.0
+    reference: int = 200
+    public_style: str = "desert spotted"
+    public_n: int = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Context: model, judge, backend, public hyper-parameters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    pipe: Any
+    backend: Any
+    judge: Any
+    centre: np.ndarray  # public initializer embedding, flat [v*dim]
+    clip_norm: float  # DPAgg C (from the public style)
+    grad_clip: float  # DP-SGD C_g (from the public style)
+    ref_features: dict[str, np.ndarray]
+    shape: tuple[int, int]  # (v, dim)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def images_tensor(style: str, n: int, offset: int) -> torch.Tensor:
+    return data.to_tensor([e.image for e in data.style_examples(style, n, offset=offset)])
+
+
+def per_image_embeddings(ctx: Context, s: Settings, imgs: torch.Tensor, seed: int) -> np.ndarray:
+    from dpagg_core.ti import train_vectors
+
+    cfg = artifact.ti_config(steps=s.ti_steps, learning_rate=s.ti_lr, seed=seed)
+    vectors, _ = train_vectors(ctx.backend, imgs, cfg)
+    return vectors["emb_params"].double().flatten(1).numpy()
+
+
+def dpsgd_config(ctx: Context, s: Settings, n: int, seed: int):
+    from dpagg_core.dpsgd import DPSGDConfig
+
+    return DPSGDConfig(
+        steps=s.dpsgd_steps,
+        expected_batch=s.dpsgd_q * n,
+        clip_norm=ctx.grad_clip,
+        learning_rate=s.dpsgd_lr,
+        optimizer="adam",
+        vectors=artifact.TI_VECTORS,
+        initializer=artifact.TI_INITIALIZER,
+        templates=artifact.TI_TEMPLATES,
+        chunk_size=64,
+        flip=False,
+        seed=seed,
+    )
+
+
+def make_context(s: Settings) -> Context:
+    from dpagg_core import dpsgd
+    from dpagg_core.diffusers_backend import DiffusersBackend
+
+    pipe = artifact.load_pipeline()
+    backend = DiffusersBackend.from_pipeline(pipe, model_family="sd1", device="cpu")
+    jdg = artifact.load_judge()
+    init = backend.initializer_embedding(artifact.TI_INITIALIZER)["emb_params"][0]
+    v, dim = artifact.TI_VECTORS, int(init.shape[0])
+    centre = init.double().repeat(v).numpy()
+    # Public calibration of the clip norms on a TRAINING style (not private, not held out).
+    pub = images_tensor(s.public_style, s.public_n, data.REFERENCE_OFFSET)
+    tmp = Context(pipe, backend, jdg, centre, 1.0, 1.0, {}, (v, dim))
+    emb = per_image_embeddings(tmp, s, pub, seed=0)
+    clip_norm = float(np.median(np.linalg.norm(emb - centre, axis=1)))
+    st = dpsgd._setup(backend, pub, dpsgd_config(tmp, s, s.public_n, 0))
+    g = dpsgd.per_example_gradients(
+        backend,
+        st.dist,
+        st.dist_flip,
+        list(range(s.public_n)),
+        {k: t.detach() for k, t in st.theta.items()},
+        st.templates,
+        step=0,
+        seed=0,
+        flip=False,
+        image_size=st.size,
+    )["emb_params"]
+    grad_clip = float(g.flatten(1).norm(dim=1).median())
+    refs = {}
+    for style in s.styles:
+        real = [
+            e.image for e in data.style_examples(style, s.reference, offset=data.REFERENCE_OFFSET)
+        ]
+        refs[style] = judge.features(jdg, np.stack(real))
+    _log(
+        f"public calibration on {s.public_style!r}: DPAgg C = {clip_norm:.4g}, "
+        f"C_g = {grad_clip:.4g}"
+    )
+    return Context(pipe, backend, jdg, centre, clip_norm, grad_clip, refs, (v, dim))
+
+
+def evaluate(ctx: Context, s: Settings, style: str, *, flat=None, prompts=None, seed=0) -> dict:
+    if flat is not None:
+        vec = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(ctx.shape))
+        imgs = sample.generate(
+            ctx.pipe,
+            vectors=vec,
+            per_template=s.eval_per_template,
+            steps=s.eval_steps,
+            guidance=s.guidance,
+            seed=1000 + seed,
+        )
+    else:
+        imgs = sample.generate(
+            ctx.pipe, prompts=prompts, steps=s.eval_steps, guidance=s.guidance, seed=1000 + seed
+        )
+    acc = judge.style_accuracy(ctx.judge, imgs, style)
+    k = judge.kid(judge.features(ctx.judge, imgs), ctx.ref_features[style])
+    return {"acc": acc, "kid": k}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------
+
+
+def run(s: Settings, out: Path) -> list[dict]:
+    from dpagg_core import accountant, dpsgd, mechanism
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "results.jsonl"
+    done = []
+    if log_path.exists():
+        done = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    keys = {(r["style"], r["n"], r["seed"], r["method"], r["epsilon"]) for r in done}
+    ctx = make_context(s)
+    rows = list(done)
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:g}"
+        _log(
+            f"{row['style']} n={row['n']} seed={row['seed']} {row['method']} eps={eps}: "
+            f"acc {row['acc']:.3f} kid {row['kid']:.4f}"
+            + (f" cos {row['cos']:.3f}" if "cos" in row else "")
+        )
+
+    def todo(style, n, seed, method, eps) -> bool:
+        return method in s.methods and (style, n, seed, method, eps) not in keys
+
+    t0 = time.time()
+    shapes = list(data.SHAPES)
+    for style in s.styles:
+        palette, texture = style.split(" ")
+        base = {"style": style, "n": 0, "seed": 0}
+        if todo(style, 0, 0, "prompt_words", None):
+            prompts = [
+                f"a {sh} in {style} style" for sh in shapes for _ in range(s.eval_per_template)
+            ]
+            record(
+                base
+                | {"method": "prompt_words", "epsilon": None}
+                | evaluate(ctx, s, style, prompts=prompts)
+            )
+        if todo(style, 0, 0, "no_style", None):
+            prompts = [f"a {sh}" for sh in shapes for _ in range(s.eval_per_template)]
+            record(
+                base
+                | {"method": "no_style", "epsilon": None}
+                | evaluate(ctx, s, style, prompts=prompts)
+            )
+        for n in s.ns:
+            delta = 1.0 / (10 * n)
+            for seed in range(s.seeds):
+                tag = {"style": style, "n": n, "seed": seed}
+                imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
+                need_emb = any(
+                    todo(style, n, seed, m, e)
+                    for m in ("mean", "dpagg_full", "dpagg_wor")
+                    for e in [None, *s.epsilons]
+                )
+                if need_emb:
+                    t1 = time.time()
+                    emb = per_image_embeddings(ctx, s, imgs, seed)
+                    _log(f"per-image TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
+                    mean = emb.mean(0)
+                    if todo(style, n, seed, "mean", None):
+                        record(
+                            tag
+                            | {"method": "mean", "epsilon": None}
+                            | evaluate(ctx, s, style, flat=mean, seed=seed)
+                        )
+                    for eps in s.epsilons:
+                        for method in ("dpagg_full", "dpagg_wor"):
+                            if not todo(style, n, seed, method, eps):
+                                continue
+                            if method == "dpagg_full":
+                                plan = accountant.calibrate(eps, delta, n, "full")
+                            else:
+                                m = max(2, int(round(s.wor_fraction * n)))
+                                plan = accountant.calibrate(eps, delta, n, "wor", m=m)
+                            rel = mechanism.dp_mean(
+                                emb, plan=plan, clip_norm=ctx.clip_norm, center=ctx.centre,
+                                centre_kind="initializer",
+                            )  # fmt: skip
+                            res = evaluate(ctx, s, style, flat=rel.vector, seed=seed)
+                            record(
+                                tag
+                                | {
+                                    "method": method,
+                                    "epsilon": eps,
+                                    "sigma": plan.noise_std(ctx.clip_norm),
+                                }
+                                | res
+                                | {
+                                    "cos": _cos(rel.vector, mean),
+                                    "cos_centred": _cos(rel.vector - ctx.centre, mean - ctx.centre),
+                                }
+                            )
+                cfg = dpsgd_config(ctx, s, n, seed)
+                if todo(style, n, seed, "ti_shared", None):
+                    t1 = time.time()
+                    shared = dpsgd.train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
+                    _log(f"shared TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
+                    flat = shared.double().flatten().numpy()
+                    record(
+                        tag
+                        | {"method": "ti_shared", "epsilon": None}
+                        | evaluate(ctx, s, style, flat=flat, seed=seed)
+                    )
+                for eps in s.epsilons:
+                    if not todo(style, n, seed, "dpsgd", eps):
+                        continue
+                    t1 = time.time()
+                    res = dpsgd.train_dpsgd(ctx.backend, imgs, cfg, target_epsilon=eps, delta=delta)
+                    flat = res.vectors["emb_params"].double().flatten().numpy()
+                    _log(
+                        f"DP-SGD {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
+                        f"{time.time() - t1:.0f}s"
+                    )
+                    record(
+                        tag
+                        | {
+                            "method": "dpsgd",
+                            "epsilon": eps,
+                            "sigma": res.plan.noise_std(cfg.clip_norm),
+                            "z": res.noise_multiplier,
+                        }
+                        | evaluate(ctx, s, style, flat=flat, seed=seed)
+                    )
+    _log(f"experiment finished in {time.time() - t0:.0f}s")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def _ms(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    m = float(np.mean(values))
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def table(rows: list[dict], s: Settings) -> str:
+    """Markdown: per n, methods x epsilon, style accuracy and KID (mean ± std over styles x
+    seeds), then the cosine table for DPAgg."""
+    lines = []
+    eps_cols = [None, *s.epsilons]
+
+    def sel(method, n, eps, key):
+        return [
+            r[key]
+            for r in rows
+            if r["method"] == method and r["n"] == n and r["epsilon"] == eps and key in r
+        ]
+
+    ref = [r for r in rows if r["n"] == 0]
+    if ref:
+        lines.append("Reference prompts (no private data), over styles:\n")
+        lines.append("| prompt | style accuracy | KID |")
+        lines.append("|---|---|---|")
+        for method in ("prompt_words", "no_style"):
+            a = [r["acc"] for r in ref if r["method"] == method]
+            k = [r["kid"] for r in ref if r["method"] == method]
+            if a:
+                lines.append(f"| {method} | {_ms(a)} | {_ms(k, 3)} |")
+        lines.append("")
+    for metric, digits, title in (
+        ("acc", 2, "style accuracy (higher is better)"),
+        ("kid", 3, "KID (lower is better)"),
+    ):
+        for n in s.ns:
+            lines.append(f"**n = {n}: {title}**, mean ± std over styles x seeds\n")
+            head = (
+                "| method | "
+                + " | ".join("ε=∞" if e is None else f"ε={e:g}" for e in eps_cols)
+                + " |"
+            )
+            lines.append(head)
+            lines.append("|---" * (len(eps_cols) + 1) + "|")
+            for method in ("ti_shared", "mean", "dpagg_full", "dpagg_wor", "dpsgd"):
+                cells = [_ms(sel(method, n, e, metric), digits) for e in eps_cols]
+                if all(c == "–" for c in cells):
+                    continue
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append(
+        "**Cosine similarity of the DPAgg release to the non-private mean** "
+        "(raw / centred on the initializer)\n"
+    )
+    lines.append("| method | n | " + " | ".join(f"ε={e:g}" for e in s.epsilons) + " |")
+    lines.append("|---|---" + "|---" * len(s.epsilons) + "|")
+    for method in ("dpagg_full", "dpagg_wor"):
+        for n in s.ns:
+            cells = [
+                f"{_ms(sel(method, n, e, 'cos'))} / {_ms(sel(method, n, e, 'cos_centred'))}"
+                for e in s.epsilons
+            ]
+            lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+COLOURS = {
+    "ti_shared": (120, 120, 120),
+    "mean": (0, 0, 0),
+    "dpagg_full": (31, 119, 180),
+    "dpagg_wor": (44, 160, 44),
+    "dpsgd": (214, 39, 40),
+}
+
+
+def plot(rows: list[dict], s: Settings, path: Path) -> Path:
+    """Style accuracy vs epsilon (log x), one panel per n; dashed lines: non-private references.
+    Drawn with Pillow (matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+
+    pw, ph, pad = 360, 280, 50
+    img = Image.new("RGB", (pw * len(s.ns) + 20, ph + 90), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = math.log(min(s.epsilons)), math.log(max(s.epsilons))
+    for p, n in enumerate(s.ns):
+        x0, y0 = p * pw + pad, 30
+        w, h = pw - pad - 20, ph - 60
+
+        def X(eps: float, x0: float = x0, w: float = w) -> float:
+            return x0 + (math.log(eps) - lo) / max(hi - lo, 1e-9) * w
+
+        def Y(acc: float, y0: float = y0, h: float = h) -> float:
+            return y0 + (1 - acc) * h
+
+        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        d.text((x0 + w / 2 - 20, 8), f"n = {n}", fill="black")
+        for a in (0, 0.25, 0.5, 0.75, 1.0):
+            d.line([x0 - 4, Y(a), x0, Y(a)], fill="black")
+            d.text((x0 - 34, Y(a) - 6), f"{a:.2f}", fill="black")
+        for e in s.epsilons:
+            d.line([X(e), y0 + h, X(e), y0 + h + 4], fill="black")
+            d.text((X(e) - 8, y0 + h + 6), f"{e:g}", fill="black")
+        d.text((x0 + w / 2 - 10, y0 + h + 20), "epsilon", fill="black")
+        for method in ("ti_shared", "mean"):
+            vals = [r["acc"] for r in rows if r["method"] == method and r["n"] == n]
+            if vals:
+                yy = Y(float(np.mean(vals)))
+                for xs in range(int(x0), int(x0 + w), 8):
+                    d.line([xs, yy, xs + 4, yy], fill=COLOURS[method], width=2)
+        for method in DP_METHODS:
+            pts = []
+            for e in s.epsilons:
+                vals = [
+                    r["acc"]
+                    for r in rows
+                    if r["method"] == method and r["n"] == n and r["epsilon"] == e
+                ]
+                if vals:
+                    pts.append((X(e), Y(float(np.mean(vals)))))
+            if len(pts) > 1:
+                d.line(pts, fill=COLOURS[method], width=2)
+            for x, y in pts:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[method])
+    lx = 20
+    for method, col in COLOURS.items():
+        d.line([lx, ph + 60, lx + 20, ph + 60], fill=col, width=3)
+        label = method + (" (eps=inf)" if method in ("ti_shared", "mean") else "")
+        d.text((lx + 25, ph + 54), label, fill="black")
+        lx += 40 + 7 * len(label)
+    d.text(
+        (20, ph + 72),
+        "y: judge style accuracy on generated images (mean over styles x seeds)",
+        fill="black",
+    )
+    img.save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--styles",
+        nargs="+",
+        default=None,
+        help=f"held-out styles (default: {list(data.HELD_OUT)})",
+    )
+    ap.add_argument("--ns", nargs="+", type=int, default=None)
+    ap.add_argument("--epsilons", nargs="+", type=float, default=None)
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument(
+        "--smoke", action="store_true", help="1 style, n=10, 2 epsilons, short training"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = Settings()
+    if args.smoke:
+        s = Settings(
+            styles=[artifact.DEMO_STYLE], ns=[10], epsilons=[1.0, 8.0], seeds=1,
+            ti_steps=40, dpsgd_steps=20, eval_per_template=2, eval_steps=10,
+            reference=50, public_n=6,
+        )  # fmt: skip
+    for name in ("styles", "ns", "epsilons", "seeds", "methods"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    for style in s.styles:
+        data.style_index(style)
+    t0 = time.time()
+    _log(f"settings: {json.dumps(asdict(s))}")
+    rows = run(s, args.out)
+    md = table(rows, s)
+    (args.out / "table.md").write_text(md)
+    png = plot(rows, s, args.out / "utility_vs_epsilon.png")
+    (args.out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
+    print(md)
+    print(f"wrote {args.out / 'table.md'}, {png}; total runtime {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
