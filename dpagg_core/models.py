@@ -294,7 +294,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if isinstance(sd, dict):  # training checkpoints may carry counters beside the tensors
+        sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not isinstance(sd, dict) or not sd:
         raise DpaggError(f"{path} does not hold a state dict of tensors; it is not a checkpoint.")
     # Old CLIP-L layouts lack the ``text_model.`` level that diffusers' converter expects.
     flat = [k for k in sd if k.startswith(_CLIP_L) and not k.startswith(_CLIP_L + "text_model.")]
@@ -703,6 +705,11 @@ def load_pipeline(
                 )
                 raise DpaggError(
                     f"{p} is a folder without model_index.json, not a diffusers model{hint}"
+                )
+            if config is not None:
+                raise DpaggError(
+                    f"config= only applies to single-file checkpoints; {p} is a diffusers folder "
+                    "that carries its own configs (drop config=)"
                 )
             loaded = _load_diffusers_folder(p, family, prediction_type, dtype)
         else:

@@ -422,6 +422,8 @@ def test_bad_inputs_are_clear_errors(sd1, tmp_path):
         load_pipeline(tmp_path / "pruned.safetensors", config=d / "folder")
     with pytest.raises(DpaggError, match="family="):
         load_pipeline(d / "folder", family="sd3")
+    with pytest.raises(DpaggError, match="config= only applies"):
+        load_pipeline(d / "folder", config=d / "folder")
     with pytest.raises(DpaggError, match="prediction_type="):
         load_pipeline(d / "folder", prediction_type="sample")
     # Tiny weights against the real-size shipped SD1 config: a shape error, not random weights.
