@@ -316,10 +316,7 @@ def _device(args: argparse.Namespace) -> str:
 def _load_images(folder: Path, resolution: int):
     from .images import load_image_folder
 
-    loaded = load_image_folder(folder, resolution=resolution)
-    for warning in loaded.warnings:
-        log.warning("%s", warning)
-    return loaded
+    return load_image_folder(folder, resolution=resolution)  # logs its own warnings
 
 
 class _Trainer:
