@@ -23,11 +23,11 @@ Folder rules:
   DP protects one *image*; a person whose picture appears twice is protected like a group of two
   (roughly twice the epsilon, Dwork & Roth 2014, Thm 2.2 group privacy).
 
-``dataset_id`` is ``embeddings.dataset_id_for`` of the raw file bytes (salted per install, order
-independent). For in-memory input (PIL images or a tensor) it is computed from the decoded 8-bit
-RGB pixels instead (no file bytes exist), so the same pictures passed as files and as objects get
-different ids - pass ``dataset_id=`` explicitly, or always use the same entry point, so that the
-ledger keeps one budget per collection.
+``dataset_id`` is ``embeddings.dataset_id_for`` of the per-image digests of the decoded,
+EXIF-oriented, full-size 8-bit RGB pixels (salted per install, order independent). Files and
+in-memory images use the same digest, so the same RGB pictures loaded by ``dpagg run`` and by
+ComfyUI's Load Image (which decodes the same way and hands over pixels / 255) share ONE ledger
+budget. Re-encoding a file (same pixels) keeps its id; resizing or editing it does not.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def load_image_folder(
     for note in notes:
         log.info(note)
     if len(arrays) >= MIN_IMAGES:
-        ds_id = dataset_id if dataset_id is not None else dataset_id_for(raw)
+        ds_id = dataset_id if dataset_id is not None else dataset_id_for(pixel_digests)
     else:
         ds_id = ""  # _finish raises
     return _finish(

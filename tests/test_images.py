@@ -190,12 +190,15 @@ def test_decompression_bomb_refused_before_decoding(folder):
         load_image_folder(folder, 16)
 
 
-def test_dataset_id_is_salted_hash_of_raw_bytes(folder, tmp_path):
+def test_dataset_id_is_salted_hash_of_decoded_pixels(folder, tmp_path):
     for i, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         save(solid(c), folder / f"{i}.png")
     raw = [(folder / f"{i}.png").read_bytes() for i in range(3)]
     first = load_image_folder(folder, 16)
-    assert first.dataset_id == dataset_id_for(raw)
+    assert first.dataset_id.startswith("ds-") and first.dataset_id != dataset_id_for(raw)
+    (folder / "1.png").unlink()  # the same pixels re-encoded (BMP) keep the id
+    solid((0, 255, 0)).save(folder / "1.bmp")
+    assert load_image_folder(folder, 16).dataset_id == first.dataset_id
     (folder / "0.png").rename(folder / "z.png")  # renaming / reordering keeps the id
     assert load_image_folder(folder, 16).dataset_id == first.dataset_id
     save(solid((255, 0, 1)), folder / "z.png")  # editing an image changes it
@@ -225,8 +228,9 @@ def test_in_memory_inputs_match_folder(folder):
     assert torch.equal(from_folder.pixels, from_pil.pixels)
     assert torch.equal(from_folder.pixels, from_nhwc.pixels)
     assert torch.equal(from_folder.pixels, from_nchw.pixels)
-    # In-memory ids come from decoded pixels, the same for PIL and tensor input.
-    assert from_pil.dataset_id == from_nhwc.dataset_id == from_nchw.dataset_id
+    # One budget per collection: files, PIL images and ComfyUI tensors share the id.
+    assert from_folder.dataset_id == from_pil.dataset_id == from_nhwc.dataset_id
+    assert from_nhwc.dataset_id == from_nchw.dataset_id
     assert from_pil.dataset_id.startswith("ds-")
     assert load_images(nhwc, 16, dataset_id="ds-mine").dataset_id == "ds-mine"
     with pytest.raises(DpaggError, match=r"\[0, 1\]"):
