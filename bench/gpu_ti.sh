@@ -18,4 +18,4 @@ fi
 "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")'
 exec "$PY" bench/ti_throughput.py \
     --model sd15 --device cuda --resolution 512 --mixed-precision bf16 \
-    --ns 4,8,16 --steps 5 --vectors 1 --flops "$@"
+    --ns 4,8,16 --steps 5 --repeats 2 --vectors 1 --flops "$@"
