@@ -207,8 +207,19 @@ def run(s: Settings, out: Path) -> list[dict]:
     if log_path.exists():
         done = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     keys = {(r["style"], r["n"], r["seed"], r["method"], r["epsilon"]) for r in done}
-    ctx = make_context(s)
     rows = list(done)
+    wanted = [
+        (style, n, seed, method, eps)
+        for style in s.styles
+        for n, seed in [(0, 0)] + [(n, seed) for n in s.ns for seed in range(s.seeds)]
+        for method in s.methods
+        for eps in ([None] if method not in DP_METHODS else s.epsilons)
+        if (n == 0) == (method in ("prompt_words", "no_style"))
+    ]
+    if all(w in keys for w in wanted):
+        _log(f"all {len(wanted)} evaluations already in {log_path}")
+        return rows
+    ctx = make_context(s)
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -416,7 +427,8 @@ def plot(rows: list[dict], s: Settings, path: Path) -> Path:
     from PIL import Image, ImageDraw
 
     pw, ph, pad = 360, 280, 50
-    img = Image.new("RGB", (pw * len(s.ns) + 20, ph + 90), "white")
+    width = max(720, pw * len(s.ns) + 20)
+    img = Image.new("RGB", (width, ph + 110), "white")
     d = ImageDraw.Draw(img)
     lo, hi = math.log(min(s.epsilons)), math.log(max(s.epsilons))
     for p, n in enumerate(s.ns):
@@ -458,14 +470,16 @@ def plot(rows: list[dict], s: Settings, path: Path) -> Path:
                 d.line(pts, fill=COLOURS[method], width=2)
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[method])
-    lx = 20
+    lx, ly = 20, ph + 50
     for method, col in COLOURS.items():
-        d.line([lx, ph + 60, lx + 20, ph + 60], fill=col, width=3)
         label = method + (" (eps=inf)" if method in ("ti_shared", "mean") else "")
-        d.text((lx + 25, ph + 54), label, fill="black")
+        if lx + 30 + 7 * len(label) > width:
+            lx, ly = 20, ly + 18
+        d.line([lx, ly + 6, lx + 20, ly + 6], fill=col, width=3)
+        d.text((lx + 25, ly), label, fill="black")
         lx += 40 + 7 * len(label)
     d.text(
-        (20, ph + 72),
+        (20, ly + 22),
         "y: judge style accuracy on generated images (mean over styles x seeds)",
         fill="black",
     )

@@ -20,7 +20,9 @@ API (stable, for the CLI):
   "private" set of the demo: a held-out style the model never saw);
 * ``ti_config(**overrides)``: the ``TIConfig`` tuned for the mini model (public hyper-parameters,
   chosen on a *training* style, never on the held-out ones);
-* ``generate_images(pipe, vectors=None, prompts=None, ...) -> list[PIL.Image]``.
+* ``generate_images(pipe, vectors=None, prompts=None, ...) -> list[PIL.Image]``;
+* ``demo_sheet(released [v, dim], private_images) -> PIL.Image``: private images / without /
+  with the released embedding, one labelled row each (what ``dpagg demo`` should save).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ MODEL_NAME = "minimodel.safetensors"
 JUDGE_NAME = "judge.safetensors"
 
 # The style the demo uses: held out from training (the model has no word for it).
-DEMO_STYLE = "candy striped"
+DEMO_STYLE = "ocean checked"
 # Prompt templates of the mini model's caption grammar; '{}' holds the embedding's vectors.
 TI_TEMPLATES: tuple[str, ...] = ("an image in {} style",)
 TI_INITIALIZER = "style"
@@ -143,6 +145,41 @@ def generate_images(
 
     arr = generate(pipe, vectors=vectors, prompts=prompts, per_template=per_template, seed=seed)
     return [Image.fromarray(a) for a in arr]
+
+
+def comparison_sheet(rows: list[tuple[str, list[Any]]], scale: int = 3) -> Any:
+    """One PNG-ready PIL image: a labelled row of (upscaled) images per ``(label, images)``."""
+    from PIL import Image, ImageDraw
+
+    size = 32 * scale
+    label_w = 230
+    cols = max(len(imgs) for _, imgs in rows)
+    sheet = Image.new("RGB", (label_w + cols * (size + 4), len(rows) * (size + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, imgs) in enumerate(rows):
+        y = r * (size + 8) + 4
+        draw.text((6, y + size // 2 - 6), label, fill="black")
+        for c, im in enumerate(imgs):
+            sheet.paste(im.resize((size, size), Image.NEAREST), (label_w + c * (size + 4), y))
+    return sheet
+
+
+def demo_sheet(
+    released: torch.Tensor, private_images: list[Any], *, pipe: Any = None, seed: int = 0
+) -> Any:
+    """The demo picture: the private images, the model without the embedding (plain shape
+    prompts) and with the released embedding ``released`` [v, dim] in the style slot."""
+    pipe = pipe if pipe is not None else load_pipeline()
+    shapes = list(data.SHAPES)
+    without = generate_images(pipe, prompts=[f"a {s}" for s in shapes for _ in range(2)], seed=seed)
+    with_emb = generate_images(pipe, vectors=released, per_template=2, seed=seed)
+    return comparison_sheet(
+        [
+            ("private images (held-out style)", list(private_images)[: 2 * len(shapes)]),
+            ("without embedding: 'a <shape>'", without),
+            ("with embedding: 'a <shape> in <emb> style'", with_emb),
+        ]
+    )
 
 
 def promote() -> None:

@@ -10,8 +10,9 @@ skips them):
 2. train the ``AutoencoderKL`` (L1 + MSE reconstruction + small KL), then measure the latent
    ``scaling_factor`` (1 / std of posterior means) and encode every image once;
 3. train the ``CLIPTextModel`` and ``UNet2DConditionModel`` jointly on the cached latents with the
-   standard epsilon-prediction DDPM loss; captions are compositional and randomly reduced
-   (style only, shape only, one attribute, empty 10 % for classifier-free guidance); EMA weights;
+   standard epsilon-prediction DDPM loss; captions are compositional and randomly varied (full,
+   dpagg's default TI style templates around the style words, style only, shape only, one
+   attribute, empty 10 % for classifier-free guidance); EMA weights;
 4. save the single file ``<cache>/minimodel.safetensors`` (float16) and the diffusers folder
    ``<cache>/minimodel`` rebuilt from it (so both hold exactly the same weights);
 5. train the style judge (``judge.py``) on all 30 styles -> ``<cache>/judge.safetensors``.
@@ -34,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpagg_core.ti import STYLE_TEMPLATES
+
 from . import data
 from .model import build_components, folder_from_single_file, make_pipeline, save_single_file
 
@@ -52,8 +55,12 @@ def training_captions(style: str, shape: str, rng: np.random.Generator) -> str:
     """A random reduction of the full caption (public, data-independent randomness)."""
     palette, texture = style.split(" ")
     u = rng.random()
-    if u < 0.55:
+    if u < 0.45:
         return data.caption_for(style, shape)
+    if u < 0.60:
+        # dpagg's default TI prompts ("a painting in the style of {}", ...), so that
+        # `dpagg run` with its default templates works on the mini model as on SD.
+        return STYLE_TEMPLATES[int(rng.integers(len(STYLE_TEMPLATES)))].format(style)
     if u < 0.70:
         return f"an image in {style} style"
     if u < 0.80:
@@ -240,6 +247,8 @@ def _caption_token_ids(tok) -> torch.Tensor:
         for shape in data.SHAPES:
             words.update(data.caption_for(style, shape).split())
     words.update("an image in style".split())
+    for template in STYLE_TEMPLATES:
+        words.update(template.replace("{}", "").split())
     ids = {tok.bos_token_id, tok.eos_token_id}
     for w in sorted(words):
         ids.update(tok(w, add_special_tokens=False).input_ids)
