@@ -43,6 +43,24 @@ granted if either fits the budget, and the reported spend is the fitting bound w
 epsilon. Comparisons allow a 1e-9 relative slack so that, e.g., three releases of epsilon 0.1 fit a
 budget of 0.3 despite floating-point rounding (0.1+0.1+0.1 > 0.3 in binary); the guarantee is then
 the budget up to a factor 1 + 1e-9.
+
+Train-then-release mechanisms (DP-SGD, ``dpagg_core.dpsgd``). DP-SGD draws noise in each of its
+T steps over minutes or hours, so holding the write lock while it runs would block every other
+release. Such a release is recorded in two steps instead:
+
+* :meth:`Ledger.charge`, one ``BEGIN IMMEDIATE`` transaction BEFORE any noise is drawn: the
+  idempotency lookup (an identical request whose row is complete returns the stored vector,
+  ``reused=True``, nothing spent), the budget check (BudgetExceeded, nothing written), and a row
+  WITHOUT a vector (``mode='dpsgd'``), committed. From here on the spend counts (invariant 5: a
+  failure after noise was drawn still counts as spent).
+* :meth:`Ledger.complete` stores the released vector and record in that row afterwards.
+
+A run that fails between the two leaves an incomplete row: its spend stays recorded, and re-running
+the identical request is NOT answered from it (there is nothing to return): it is charged again,
+as a new attempt whose row key is the request key suffixed ``#2``, ``#3``, ... Concurrent
+identical runs are likewise each charged (each draws its own noise). A charged row consumes ALL
+``plan.releases`` (= T steps) calls of its plan at once, so it counts as ``plan.releases`` calls in
+:func:`charged_blocks`: two identical DP-SGD runs cost two blocks, never one.
 """
 
 from __future__ import annotations
@@ -54,7 +72,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +90,9 @@ APPLICATION_ID = 0x44504147  # "DPAG": marks a dpagg ledger, so a foreign SQLite
 DEFAULT_TIMEOUT_S = 30.0
 REL_TOL = 1e-9
 MODES = ("clip", "normalize")
+# Modes of rows written by Ledger.charge (train-then-release). Such a row consumes all
+# plan.releases calls of its plan (DP-SGD: one call per step).
+CHARGE_MODES = ("dpsgd",)
 
 # Test hook: called inside the release transaction after the noise is drawn and the row written,
 # right before COMMIT. Tests use it to kill a process at the worst moment. Never set in production.
@@ -135,6 +156,28 @@ class LedgerRelease:
     composition: str = "basic"
 
 
+@dataclass(frozen=True)
+class Charge:
+    """The answer of :meth:`Ledger.charge` (or of its dry run :meth:`Ledger.check_charge`).
+
+    ``reused``: an identical request is complete in the ledger; ``release`` is its stored result
+    and nothing was (or would be) spent. Otherwise ``release`` is None and ``release_id`` is the
+    charged row, to be completed with :meth:`Ledger.complete` (0 in a dry run: nothing written);
+    ``attempt`` counts charges of this request (2, 3, ... after failed runs). ``spent_*`` is the
+    dataset's composed spend after this charge; ``budget_*`` its budget.
+    """
+
+    release_id: int
+    reused: bool
+    attempt: int
+    release: mechanism.Release | None
+    spent_epsilon: float
+    spent_delta: float
+    budget_epsilon: float
+    budget_delta: float
+    composition: str
+
+
 # --------------------------------------------------------------------------------------------
 # Composition
 
@@ -171,6 +214,16 @@ def _pld(plans: Sequence[PrivacyPlan], delta: float) -> Spend | None:
     if eps is None or not math.isfinite(eps):
         return None
     return Spend(float(eps), float(delta), "pld")
+
+
+def calls_of_row(plan: PrivacyPlan, mode: str) -> int:
+    """How many mechanism calls of ``plan`` one ledger row stands for.
+
+    A :meth:`Ledger.release` row is one ``dp_mean`` call; a :meth:`Ledger.charge` row (DP-SGD)
+    runs all ``plan.releases`` steps of its plan, so it stands for that many calls. Counting it
+    once would let ``charged_blocks`` fit a second identical DP-SGD run into the first one's block.
+    """
+    return max(1, int(plan.releases)) if mode in CHARGE_MODES else 1
 
 
 def charged_blocks(calls: Sequence[PrivacyPlan]) -> list[PrivacyPlan]:
@@ -257,6 +310,50 @@ def request_key(
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
     return h.hexdigest()
+
+
+def charge_key(
+    *,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    request: Mapping[str, Any],
+    clip_norm: float,
+    centre_kind: str,
+    mode: str,
+    name: str,
+    base_model_id: str,
+) -> str:
+    """sha256 identifying a train-then-release request (:meth:`Ledger.charge`).
+
+    The result of such a request is not a function of stored inputs the ledger can hash (the
+    per-image embeddings of :func:`request_key`); ``request`` therefore names everything else that
+    determines it: the training configuration, a model fingerprint and the like (JSON values).
+    The private images enter through ``dataset_id``. Equal keys mean the same mechanism on the
+    same data, so a completed result may be returned instead of a fresh run.
+    """
+    try:
+        payload = json.dumps(
+            {
+                "tag": "dpagg-ledger-charge/v1",
+                "dataset_id": dataset_id,
+                "plan": plan.to_dict(),
+                "request": dict(request),
+                "clip_norm": float(clip_norm).hex(),
+                "centre_kind": centre_kind,
+                "mode": mode,
+                "name": name,
+                "base_model_id": base_model_id,
+            },
+            sort_keys=True,
+            allow_nan=False,
+            separators=(",", ":"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise DpaggError(
+            f"charge request {request!r} is not plain JSON data ({exc}); pass strings, numbers, "
+            "booleans, lists and dicts only."
+        ) from exc
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,10 +498,12 @@ class Ledger:
 
     @staticmethod
     def _plans(con: sqlite3.Connection, dataset_id: str) -> list[PrivacyPlan]:
-        """Recorded plans, with the charged (epsilon, delta) as stored in the row."""
+        """Recorded calls: one plan per mechanism call, with the charged (epsilon, delta) as
+        stored in the row. A charged (DP-SGD) row appears ``plan.releases`` times
+        (:func:`calls_of_row`)."""
         plans = []
-        for plan_json, eps, delta in con.execute(
-            "SELECT plan, epsilon, delta FROM releases WHERE dataset_id = ? ORDER BY id",
+        for plan_json, eps, delta, mode in con.execute(
+            "SELECT plan, epsilon, delta, mode FROM releases WHERE dataset_id = ? ORDER BY id",
             (dataset_id,),
         ):
             try:
@@ -420,7 +519,7 @@ class Ledger:
                     f"{eps}, {delta} vs plan {plan.epsilon}, {plan.delta}); the ledger is corrupt."
                     f" Fix: restore a backup, or {_FIX_PATH}."
                 )
-            plans.append(plan)
+            plans.extend([plan] * calls_of_row(plan, mode))
         return plans
 
     # ---- public API --------------------------------------------------------------------------
@@ -429,15 +528,22 @@ class Ledger:
         """Budget, composed spend, remaining budget and number of releases of ``dataset_id``.
 
         ``{"dataset_id", "budget": {"epsilon","delta"} | None, "spent": {"epsilon","delta"},
-        "remaining": {"epsilon","delta"} | None, "releases": int, "composition": str}``.
-        Under PLD composition the spend is reported at the budget's delta, so remaining delta is 0
-        and only epsilon is left to spend (the next request is re-composed from scratch).
+        "remaining": {"epsilon","delta"} | None, "releases": int, "incomplete": int,
+        "composition": str}``. ``releases`` counts recorded rows (a DP-SGD run is one row);
+        ``incomplete`` those charged by :meth:`charge` whose result was never stored (a failed or
+        still-running DP-SGD run: spent, nothing to return). Under PLD composition the spend is
+        reported at the budget's delta, so remaining delta is 0 and only epsilon is left to spend
+        (the next request is re-composed from scratch).
         """
         with self._connect() as con:
             con.execute("BEGIN")
             try:
                 budget = self._budget(con, dataset_id)
                 plans = self._plans(con, dataset_id)
+                rows, complete = con.execute(
+                    "SELECT count(*), count(vector) FROM releases WHERE dataset_id = ?",
+                    (dataset_id,),
+                ).fetchone()
             finally:
                 con.execute("ROLLBACK")
         spend = composed_spend(plans, budget[1] if budget else 0.0)
@@ -446,7 +552,8 @@ class Ledger:
             "budget": None,
             "spent": {"epsilon": spend.epsilon, "delta": spend.delta},
             "remaining": None,
-            "releases": len(plans),
+            "releases": int(rows),
+            "incomplete": int(rows) - int(complete),
             "composition": spend.composition,
         }
         if budget is not None:
@@ -516,11 +623,12 @@ class Ledger:
         plan: PrivacyPlan,
         budget_epsilon: float | None,
         budget_delta: float | None,
+        mode: str = "clip",
     ) -> tuple[tuple[float, float] | None, tuple[float, float], list[PrivacyPlan], Spend]:
         stored = self._budget(con, dataset_id)
         budget = self._effective_budget(stored, plan, budget_epsilon, budget_delta, dataset_id)
         plans = self._plans(con, dataset_id)
-        after = composed_spend([*plans, plan], budget[1])
+        after = composed_spend([*plans, *[plan] * calls_of_row(plan, mode)], budget[1])
         if not _fits(after, *budget):
             raise self._refusal(
                 dataset_id, self.path, composed_spend(plans, budget[1]), plan, after, budget
@@ -533,13 +641,18 @@ class Ledger:
         plan: PrivacyPlan,
         budget_epsilon: float | None = None,
         budget_delta: float | None = None,
+        *,
+        mode: str = "clip",
     ) -> dict[str, Any]:
         """Dry run of a release of ``plan``: raises BudgetExceeded if it would be refused.
 
         Returns ``{"budget": {...}, "spent_after": {...}, "composition": str}``. Draws nothing and
-        writes nothing (a concurrent release may still take the budget first).
+        writes nothing (a concurrent release may still take the budget first). ``mode='dpsgd'``
+        checks a :meth:`charge` (all ``plan.releases`` calls at once) instead of one call.
         """
         _validate_ids(dataset_id, "check")
+        if mode not in MODES + CHARGE_MODES:
+            raise DpaggError(f"mode={mode!r} is invalid: use one of {MODES + CHARGE_MODES}.")
         _check_plan(plan)
         _check_plan_cost(plan)
         _check_budget_value(budget_epsilon, budget_delta, "budget")
@@ -547,7 +660,7 @@ class Ledger:
             con.execute("BEGIN")
             try:
                 _, budget, _, after = self._check_locked(
-                    con, dataset_id, plan, budget_epsilon, budget_delta
+                    con, dataset_id, plan, budget_epsilon, budget_delta, mode
                 )
             finally:
                 con.execute("ROLLBACK")
@@ -769,6 +882,267 @@ class Ledger:
             composition=after.composition,
         )
 
+    # ---- train-then-release (DP-SGD): charge before the noise, complete afterwards ------------
+
+    def _charge_args(
+        self,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        request: Mapping[str, Any],
+        name: str,
+        clip_norm: float,
+        centre_kind: str,
+        mode: str,
+        base_model_id: str,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+    ) -> str:
+        """Validate a charge request (nothing touched) and return its key."""
+        _validate_ids(dataset_id, "charge", name=name)
+        if mode not in CHARGE_MODES:
+            raise DpaggError(f"mode={mode!r} is invalid for charge: use one of {CHARGE_MODES}.")
+        if not isinstance(centre_kind, str) or not isinstance(base_model_id, str):
+            raise DpaggError("centre_kind and base_model_id must be strings.")
+        if not isinstance(request, Mapping):
+            raise DpaggError(f"request={request!r} must be a mapping (a dict of JSON values).")
+        _check_plan(plan)
+        _check_budget_value(budget_epsilon, budget_delta, "budget")
+        # The record the result will carry must be valid (C > 0 and finite, public strings).
+        mechanism.privacy_record(
+            plan, clip_norm, centre_kind=centre_kind, base_model_id=base_model_id
+        )
+        _check_plan_cost(plan)
+        return charge_key(
+            dataset_id=dataset_id,
+            plan=plan,
+            request=request,
+            clip_norm=clip_norm,
+            centre_kind=centre_kind,
+            mode=mode,
+            name=name,
+            base_model_id=base_model_id,
+        )
+
+    def _charge_locked(
+        self,
+        con: sqlite3.Connection,
+        key: str,
+        *,
+        write: bool,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        name: str,
+        clip_norm: float,
+        centre_kind: str,
+        mode: str,
+        base_model_id: str,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+    ) -> Charge:
+        # Every earlier attempt of this request: the key itself, then key#2, key#3, ...
+        rows = con.execute(
+            "SELECT id, vector, record, item_shape FROM releases WHERE request_key = ? OR "
+            "substr(request_key, 1, ?) = ? ORDER BY id",
+            (key, len(key) + 1, key + "#"),
+        ).fetchall()
+        done = [r for r in rows if r[1] is not None]
+        if done:  # identical request, completed: post-processing of it is free
+            row = done[0]
+            stored = self._budget(con, dataset_id)
+            assert stored is not None, "a release row without its dataset budget"
+            spent = composed_spend(self._plans(con, dataset_id), stored[1])
+            return Charge(
+                release_id=int(row[0]),
+                reused=True,
+                attempt=len(rows),
+                release=_make_release(row[1], row[2], row[3]),
+                spent_epsilon=spent.epsilon,
+                spent_delta=spent.delta,
+                budget_epsilon=stored[0],
+                budget_delta=stored[1],
+                composition=spent.composition,
+            )
+        attempt = len(rows) + 1  # incomplete attempts are spent, never answered from
+        stored, budget, _, after = self._check_locked(
+            con, dataset_id, plan, budget_epsilon, budget_delta, mode
+        )
+        release_id = 0
+        if write:
+            now = _now()
+            if stored is None:  # first release of this dataset sets its budget
+                con.execute(
+                    "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, "
+                    "updated) VALUES (?, ?, ?, ?, ?)",
+                    (dataset_id, budget[0], budget[1], now, now),
+                )
+            cur = con.execute(
+                "INSERT INTO releases (dataset_id, request_key, name, created, plan, epsilon, "
+                "delta, clip_norm, centre_kind, mode, base_model_id, item_shape) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    dataset_id,
+                    key if attempt == 1 else f"{key}#{attempt}",
+                    name,
+                    now,
+                    json.dumps(plan.to_dict(), sort_keys=True),
+                    float(plan.epsilon),
+                    float(plan.delta),
+                    float(clip_norm),
+                    centre_kind,
+                    mode,
+                    base_model_id,
+                    "null",  # set by complete()
+                ),
+            )
+            release_id = int(cur.lastrowid)
+        return Charge(
+            release_id=release_id,
+            reused=False,
+            attempt=attempt,
+            release=None,
+            spent_epsilon=after.epsilon,
+            spent_delta=after.delta,
+            budget_epsilon=budget[0],
+            budget_delta=budget[1],
+            composition=after.composition,
+        )
+
+    def charge(
+        self,
+        *,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        request: Mapping[str, Any],
+        name: str,
+        clip_norm: float,
+        centre_kind: str = "initializer",
+        mode: str = "dpsgd",
+        base_model_id: str = "",
+        budget_epsilon: float | None = None,
+        budget_delta: float | None = None,
+        _dry_run: bool = False,
+    ) -> Charge:
+        """Record the spend of a train-then-release mechanism BEFORE it draws any noise.
+
+        For mechanisms that draw noise over a long run (DP-SGD: T steps), where holding the write
+        lock throughout would block every other release (module docstring). In ONE ``BEGIN
+        IMMEDIATE`` transaction: an identical request (:func:`charge_key` of all arguments but the
+        budget) whose row is complete returns its stored result (``reused=True``, nothing spent);
+        the composed spend of the recorded calls plus ALL ``plan.releases`` calls of this plan is
+        checked against the budget (BudgetExceeded, nothing written); a row without a vector is
+        inserted and COMMITTED. Only then may the caller draw noise, and it must store the result
+        with :meth:`complete`. The spend counts from the commit on, whatever happens to the run
+        (invariant 5). Earlier incomplete attempts of the same request are spent but hold no
+        result, so a re-run is charged again (a new attempt, key suffixed ``#<attempt>``).
+
+        ``clip_norm`` is the mechanism's public clip (DP-SGD: the per-example gradient bound
+        C_g), ``request`` a dict of JSON values naming everything else the result depends on.
+        """
+        key = self._charge_args(
+            dataset_id,
+            plan,
+            request,
+            name,
+            clip_norm,
+            centre_kind,
+            mode,
+            base_model_id,
+            budget_epsilon,
+            budget_delta,
+        )
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN" if _dry_run else "BEGIN IMMEDIATE")
+                try:
+                    result = self._charge_locked(
+                        con,
+                        key,
+                        write=not _dry_run,
+                        dataset_id=dataset_id,
+                        plan=plan,
+                        name=name,
+                        clip_norm=float(clip_norm),
+                        centre_kind=centre_kind,
+                        mode=mode,
+                        base_model_id=base_model_id,
+                        budget_epsilon=budget_epsilon,
+                        budget_delta=budget_delta,
+                    )
+                    if not _dry_run and not result.reused:
+                        con.execute("COMMIT")
+                finally:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        return result
+
+    def check_charge(self, **kwargs: Any) -> Charge:
+        """Dry run of :meth:`charge` (same arguments): the stored result of an identical
+        completed request (``reused=True``), or the spend a charge would leave (``release_id``
+        0), or BudgetExceeded. Writes nothing; lets a caller refuse or reuse before training."""
+        return self.charge(**kwargs, _dry_run=True)
+
+    def complete(self, release_id: int, vector: Any, record: Mapping[str, str]) -> LedgerRelease:
+        """Store the result of a charged release (:meth:`charge`): ``vector`` (float64, any
+        shape; stored bit-exact) and its public privacy ``record``. Spends nothing (the charge
+        did). Each charged row is completed once; an identical request then returns it.
+        """
+        vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float64))
+        if vec.size == 0 or not np.isfinite(vec).all():
+            raise DpaggError("complete: vector is empty or holds NaN/inf; nothing was stored.")
+        if not isinstance(record, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in record.items()
+        ):
+            raise DpaggError("complete: record must map strings to strings (the privacy record).")
+        rid = int(release_id)
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    row = con.execute(
+                        "SELECT dataset_id, vector, mode FROM releases WHERE id = ?", (rid,)
+                    ).fetchone()
+                    if row is None:
+                        raise DpaggError(
+                            f"complete: no release with id {rid} in ledger {self.path}; pass the "
+                            "release_id returned by charge."
+                        )
+                    if row[2] not in CHARGE_MODES or row[1] is not None:
+                        raise DpaggError(
+                            f"complete: release {rid} in {self.path} is not an open charge (mode "
+                            f"{row[2]!r}, {'complete' if row[1] is not None else 'incomplete'}); "
+                            "each charge is completed once. Nothing was changed."
+                        )
+                    con.execute(
+                        "UPDATE releases SET vector = ?, record = ?, item_shape = ? WHERE id = ?",
+                        (
+                            vec.astype("<f8").tobytes(),
+                            json.dumps(dict(record), sort_keys=True),
+                            json.dumps([int(d) for d in vec.shape]),
+                            rid,
+                        ),
+                    )
+                    stored = self._budget(con, row[0])
+                    assert stored is not None, "a release row without its dataset budget"
+                    spent = composed_spend(self._plans(con, row[0]), stored[1])
+                    con.execute("COMMIT")
+                finally:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        return LedgerRelease(
+            release=mechanism.Release(vector=vec.copy(), record=dict(record)),
+            reused=False,
+            release_id=rid,
+            spent_epsilon=spent.epsilon,
+            spent_delta=spent.delta,
+            budget_epsilon=stored[0],
+            budget_delta=stored[1],
+            composition=spent.composition,
+        )
+
     def list_releases(
         self, dataset_id: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
@@ -783,7 +1157,10 @@ class Ledger:
         return [_row_dict(r, with_vectors) for r in rows]
 
     def get_release(self, release_id: int) -> dict[str, Any]:
-        """One recorded release, with its vector (np.float64 [D]) and record."""
+        """One recorded release, with its vector (np.float64 [D]) and record.
+
+        A charged row not yet completed (:meth:`charge`) has ``vector`` and ``record`` None and
+        ``complete`` False."""
         with self._connect() as con:
             row = con.execute(
                 f"SELECT {_COLUMNS} FROM releases WHERE id = ?", (int(release_id),)
@@ -821,8 +1198,9 @@ def _row_dict(row: Sequence[Any], with_vectors: bool) -> dict[str, Any]:
     d["plan"] = json.loads(d["plan"])
     d["record"] = json.loads(d["record"]) if d["record"] is not None else None
     d["item_shape"] = json.loads(d["item_shape"])
+    d["complete"] = d["vector"] is not None  # False: charged (spent) but no result stored
     if with_vectors:
-        d["vector"] = _vector(d["vector"], d["item_shape"])
+        d["vector"] = None if d["vector"] is None else _vector(d["vector"], d["item_shape"])
     else:
         del d["vector"]
     return d
