@@ -447,7 +447,273 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_dpsgd(args: argparse.Namespace) -> int:
-    raise DpaggError("--method dpsgd is not available yet in this build")
+    """``dpagg run --method dpsgd``: the DP-SGD textual-inversion baseline (``dpagg_core.dpsgd``),
+    released through the same ledger and file writer as DPAgg (DESIGN invariant 5).
+
+    Order: the options, the output name and folder are checked; the model and images are loaded;
+    the plan is calibrated (PLD over T Poisson steps at rate q = expected_batch / n, replace-one);
+    a dry run of ``Ledger.charge`` then either finds an identical completed request (its stored
+    result is written again, nothing spent, nothing trained) or refuses an over-budget request
+    before any training. ``train_dpsgd`` calls ``Ledger.charge`` after all its own checks and
+    before the first noise draw (the spend is committed from then on); the result is stored with
+    ``Ledger.complete`` and written with ``embeddings.write_released`` (post-processing, free).
+    A failure after the charge leaves the spend recorded; re-running the identical command
+    charges again (``Ledger.charge``, attempts).
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from .dpsgd import DPSGDConfig, calibrate_dpsgd, train_dpsgd, validate_config
+    from .embeddings import next_free_name, sanitize_name, write_released
+    from .release import ReleaseOutcome, _existing_release, _writable_folder
+    from .ti import public_centre
+
+    _dpsgd_refuse_dpagg_options(args)
+    base = sanitize_name(args.name)
+    out = Path(args.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DpaggError(f"--out-dir {out} is a file; pass a folder (models/embeddings)")
+    _writable_folder(out)
+    trainer = _Trainer(args)
+    loaded = trainer.images(args.images)
+    n = loaded.count
+    values: dict[str, Any] = {
+        "vectors": args.vectors,
+        "initializer": args.initializer,
+        "templates": args.templates,
+        "resolution": trainer.resolution,
+        "chunk_size": args.batch_size,
+        "seed": args.seed,
+    }
+    for option, field in (
+        ("steps", "steps"),
+        ("learning_rate", "learning_rate"),
+        ("expected_batch", "expected_batch"),
+        ("grad_clip_norm", "clip_norm"),
+        ("optimizer", "optimizer"),
+    ):
+        if getattr(args, option, None) is not None:
+            values[field] = getattr(args, option)
+    config = DPSGDConfig(**values)
+    validate_config(config, n)
+    plan = calibrate_dpsgd(
+        args.epsilon,
+        _default_delta(n, args.delta),
+        n=n,
+        q=config.sampling_rate(n),
+        steps=config.steps,
+    )
+    backend, ledger = trainer.backend, _ledger(args)
+    keys = tuple(backend.encoder_keys)
+    charge_args: dict[str, Any] = {
+        "dataset_id": loaded.dataset_id,
+        "plan": plan,
+        "request": _dpsgd_request(config, trainer.model),
+        "name": base,
+        "clip_norm": float(config.clip_norm),
+        "centre_kind": "initializer",
+        "base_model_id": backend.base_model_id or "",
+        "budget_epsilon": args.budget_epsilon,
+        "budget_delta": args.budget_delta,
+    }
+    # Over budget: refused here, before any training. Identical and complete: reused.
+    charge = ledger.check_charge(**charge_args)
+    if not charge.reused and next_free_name(out, base) != base:
+        raise DpaggError(
+            f"an embedding named {base!r} already exists in {out}; dpagg never overwrites: choose "
+            f"another --name (e.g. {next_free_name(out, base)!r}). Nothing was spent."
+        )
+    if charge.reused:
+        vectors = _dpsgd_unflat(charge.release.vector, public_centre(backend, trainer.config))
+        record = dict(charge.release.record)
+    else:
+        charged: list[Any] = []
+
+        def before_noise(_plan: Any) -> None:
+            result = ledger.charge(**charge_args)  # commits the spend; BudgetExceeded: untrained
+            charged.append(result)
+            if result.reused:  # a concurrent identical run completed meanwhile
+                raise _DpsgdReused()
+
+        update, close = _progress_bar(f"DP-SGD TI ({n} images, {config.steps} steps)")
+        try:
+            trained = train_dpsgd(
+                backend,
+                loaded.pixels,
+                config,
+                plan=plan,
+                before_noise=before_noise,
+                progress=update,
+            )
+        except _DpsgdReused:
+            trained = None
+        except KeyboardInterrupt:
+            if charged:
+                log.warning("interrupted after the charge: its privacy cost stays spent")
+            raise
+        except Exception as exc:
+            if not charged:
+                raise  # failed before the charge: nothing spent
+            raise DpaggError(
+                f"DP-SGD failed after its privacy cost was charged (ledger {ledger.path}, release "
+                f"#{charged[0].release_id}, attempt {charged[0].attempt}): {exc}. The spend stays "
+                "recorded (noise may have been drawn); re-running the identical command trains "
+                "and charges again."
+            ) from exc
+        finally:
+            close()
+        charge = charged[0]
+        if trained is None:
+            vectors = _dpsgd_unflat(charge.release.vector, public_centre(backend, trainer.config))
+            record = dict(charge.release.record)
+        else:
+            vectors = {k: trained.vectors[k] for k in keys}  # float32 [v, dim]
+            record = dict(trained.record)
+            flat = np.concatenate([vectors[k].double().reshape(-1).numpy() for k in keys])
+            try:
+                done = ledger.complete(charge.release_id, flat, record)
+                charge = dataclasses.replace(
+                    charge,
+                    spent_epsilon=done.spent_epsilon,
+                    spent_delta=done.spent_delta,
+                    composition=done.composition,
+                )
+            except DpaggError as exc:  # the spend is recorded; the result is still DP
+                log.warning(
+                    "release #%d is spent but its result could not be stored in the ledger "
+                    "(%s); the file is written, but re-running this command would spend again",
+                    charge.release_id,
+                    exc,
+                )
+    path = _existing_release(out, vectors) if charge.reused else None
+    if path is None:
+        try:
+            path = write_released(out, base, vectors, record, a1111_pt=args.a1111_pt)
+        except DpaggError as exc:
+            raise DpaggError(
+                f"release {charge.release_id} is recorded and its budget spent, but writing the "
+                f"file failed: {exc}. Re-run the identical command to write it without spending "
+                "again."
+            ) from exc
+    outcome = ReleaseOutcome(
+        path=path,
+        name=path.stem,
+        record=record,
+        reused=charge.reused,
+        release_id=charge.release_id,
+        spent_epsilon=charge.spent_epsilon,
+        spent_delta=charge.spent_delta,
+        budget_epsilon=charge.budget_epsilon,
+        budget_delta=charge.budget_delta,
+        composition=charge.composition,
+        vectors=vectors,
+    )
+    head = (
+        "re-used the identical earlier DP-SGD release (nothing spent)"
+        if outcome.reused
+        else f"released {outcome.path} (DP-SGD, {config.steps} steps)"
+    )
+    text = "\n".join(
+        [
+            head,
+            f"use it in a prompt as: {outcome.prompt}",
+            "privacy record (stored in the file header):",
+            _record_text(outcome.record),
+            _budget_text(outcome.summary()),
+        ]
+    )
+    _emit(args, outcome.summary(), text)
+    if args.preview:
+        from .preview import preview_grid
+
+        print(f"preview: {preview_grid(trainer.model, path, outcome.name)}")
+    return 0
+
+
+class _DpsgdReused(Exception):
+    """Raised from ``before_noise`` to stop training: an identical request is already complete."""
+
+
+# DPAgg release options that mean nothing for DP-SGD (it sets its own plan, clip and centre).
+_DPSGD_REFUSED = (
+    ("clip_norm", None, "--clip-norm is DPAgg's embedding clip; use --grad-clip-norm for DP-SGD"),
+    ("sampling", "full", "DP-SGD samples Poisson batches itself (q = --expected-batch / n)"),
+    ("m", None, "DP-SGD samples Poisson batches itself (q = --expected-batch / n)"),
+    ("q", None, "DP-SGD's sampling rate is --expected-batch / n"),
+    ("releases", 1, "DP-SGD's plan covers its --steps noisy steps"),
+    ("centre", None, "DP-SGD starts at the initializer; --centre is for DPAgg"),
+    ("clip_mode", "clip", "DP-SGD clips per-example gradients; --clip-mode is for DPAgg"),
+    ("mixed_precision", "no", "DP-SGD trains in full precision; drop --mixed-precision"),
+    ("gradient_checkpointing", False, "DP-SGD does not use gradient checkpointing"),
+)
+
+
+def _dpsgd_refuse_dpagg_options(args: argparse.Namespace) -> None:
+    for dest, default, why in _DPSGD_REFUSED:
+        if getattr(args, dest, default) != default:
+            flag = "--" + dest.replace("_", "-")
+            raise DpaggError(f"{flag} does not apply to --method dpsgd: {why}. Drop {flag}.")
+    if _distributed_world() > 1:
+        raise DpaggError(
+            "--method dpsgd runs in one process: launch it without torchrun (WORLD_SIZE > 1)"
+        )
+
+
+def _dpsgd_model_fingerprint(model: Any) -> str:
+    """sha256 over the UNet and VAE (parameter names, shapes, dtypes and 16 evenly spaced
+    values of each) and the scheduler config: tells models apart for the ledger's idempotency
+    key without hashing gigabytes (the text encoders are in ``base_model_id``)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    pipe = model.pipe
+    for part in ("unet", "vae"):
+        for name, t in getattr(pipe, part).state_dict().items():
+            flat = t.detach().reshape(-1)
+            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(16, flat.numel())).long()
+            sample = flat[idx.to(flat.device)].to("cpu", torch.float64).numpy().tobytes()
+            h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype}:".encode() + sample)
+    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _dpsgd_request(config: Any, model: Any) -> dict[str, Any]:
+    """Everything besides the images, plan, C_g, name and base model id that determines a DP-SGD
+    release: the ledger hashes it into the request key (``ledger.charge_key``)."""
+    import dataclasses
+
+    from .dpsgd import METHOD
+
+    return {
+        "method": METHOD,
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "family": model.family,
+        "prediction_type": model.prediction_type,
+        "model": _dpsgd_model_fingerprint(model),
+    }
+
+
+def _dpsgd_unflat(vector: Any, centre: dict[str, Any]) -> dict[str, Any]:
+    """A stored flat DP-SGD release back to ``{key: float32 [v, dim]}`` (shapes of the public
+    centre, keys in training order)."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(vector, dtype=np.float64).reshape(-1)
+    out, start = {}, 0
+    for k, c in centre.items():
+        size = int(c.numel())
+        out[k] = torch.from_numpy(arr[start : start + size].reshape(tuple(c.shape))).float()
+        start += size
+    if start != arr.size:
+        raise DpaggError(
+            f"the stored DP-SGD release has {arr.size} values but this model and --vectors need "
+            f"{start}; the ledger row does not match this request"
+        )
+    return out
 
 
 def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
@@ -530,6 +796,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_release_args(p)
     p.add_argument("--method", choices=("ti", "clip", "dpsgd"), default="ti")
     p.add_argument("--preview", action="store_true", help="also render a small preview grid")
+    g = p.add_argument_group("DP-SGD baseline (--method dpsgd; --steps, --learning-rate apply)")
+    g.add_argument(
+        "--expected-batch", type=float, help="expected Poisson batch size qn (default 8)"
+    )
+    g.add_argument(
+        "--grad-clip-norm", type=float, help="per-example gradient clip C_g (default 1e-3)"
+    )
+    g.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("suggest-clip-norm", parents=[common], help="pick C from PUBLIC images")
