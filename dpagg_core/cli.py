@@ -310,7 +310,13 @@ def _device(args: argparse.Namespace) -> str:
 
     if args.device:
         return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if _distributed_world() > 1:  # torchrun: one GPU per rank
+        import os
+
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cuda"
 
 
 def _load_images(folder: Path, resolution: int):
