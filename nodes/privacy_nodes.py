@@ -16,9 +16,9 @@ Privacy (DESIGN.md):
   (invariant 5). An identical request (ComfyUI re-executing the node after a cache eviction or a
   restart) returns the recorded release and spends nothing; an over-budget request raises
   ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as the node's error.
-* The TI seed widget drives only the training randomness (invariant 3); it has no
-  ``control_after_generate``: a randomised seed would retrain, and a new release would spend
-  budget on every queue.
+* The TI ``training_seed`` drives only the training randomness (invariant 3). It is not named
+  ``seed`` and sets ``control_after_generate=False``, so the frontend adds no "randomize after
+  each queue" control: a new seed would retrain, and the next release would spend budget again.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def _ti_config(kw: dict[str, Any]) -> ti.TIConfig:
         templates=str(_first(kw["templates"])),
         resolution=None,  # resized by the node (lists may mix sizes)
         batch_size=int(_first(kw["batch_size"])),
-        seed=int(_first(kw["seed"])),
+        seed=int(_first(kw["training_seed"])),
         gradient_checkpointing=bool(_first(kw.get("gradient_checkpointing", False))),
         mixed_precision=str(_first(kw.get("mixed_precision", "no"))),
     )
@@ -312,10 +312,11 @@ class PerImageTI(io.ComfyNode):
                 ),
                 io.Int.Input("batch_size", default=4, min=1, max=256),
                 io.Int.Input(
-                    "seed",
+                    "training_seed",
                     default=0,
                     min=0,
                     max=2**63 - 1,
+                    control_after_generate=False,
                     tooltip="training randomness only (never the DP noise); keep it fixed so a "
                     "re-run reproduces the same release instead of spending budget again",
                 ),

@@ -122,7 +122,7 @@ widgets = {
     "initializer": ["painting"],
     "templates": ["style"],
     "resolution": [64],
-    "seed": [7],
+    "training_seed": [7],
 }
 
 

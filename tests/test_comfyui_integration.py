@@ -215,7 +215,7 @@ def small_style_api(comfy, name: str, budget: float = 3.0) -> dict:
     api = ui_to_api(wf, get(comfy, "/object_info"))
     by_class(api, "CheckpointLoaderSimple")["ckpt_name"] = "sd15_test.safetensors"
     by_class(api, "LoadImageSetFromFolderNode").update(folder="dpagg_it_images")
-    by_class(api, "DpaggPerImageTI").update(steps=2, resolution=64, batch_size=2, seed=3)
+    by_class(api, "DpaggPerImageTI").update(steps=2, resolution=64, batch_size=2, training_seed=3)
     by_class(api, "DpaggPrivacyAccountant").update(epsilon=2.0, delta=1e-3)
     by_class(api, "DpaggAggregate").update(name=name, budget_epsilon=budget, budget_delta=0.0)
     by_class(api, "EmptyLatentImage").update(width=64, height=64)

@@ -170,8 +170,10 @@ def test_entrypoint_lists_four_nodes_with_types(pack):
     assert types(agg.inputs[:2]) == ["EMBEDDING_SET", "DP_PLAN"]
     assert types(agg.outputs) == ["STRING", "CLIP_VISION_OUTPUT"]
     # The TI seed must not be randomised after each queue (a re-run would spend budget again).
-    seed = next(i for i in ti_s.inputs if i.id == "seed")
-    assert not seed.kwargs.get("control_after_generate")
+    # (not named "seed": ComfyUI's frontend adds a randomize control to inputs named so)
+    seed = next(i for i in ti_s.inputs if i.id == "training_seed")
+    assert seed.kwargs["control_after_generate"] is False
+    assert not [i for i in ti_s.inputs if i.id in ("seed", "noise_seed")]
 
 
 # ------------------------------------------------------------------------------- accountant
@@ -377,7 +379,7 @@ TI_WIDGETS = {
     "templates": ["style"],
     "resolution": [32],
     "batch_size": [2],
-    "seed": [0],
+    "training_seed": [0],
 }
 
 
