@@ -87,16 +87,21 @@ def _flatten_images(images: Any) -> list[torch.Tensor]:
     return out
 
 
-def _image_bytes(img: torch.Tensor) -> bytes:
-    """Canonical bytes of one image (8-bit RGB + size) for the dataset id."""
-    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
-    return f"{arr.shape[0]}x{arr.shape[1]}x3:".encode() + arr.numpy().tobytes()
+def _image_digest(img: torch.Tensor) -> bytes:
+    """Digest of one image's decoded 8-bit RGB pixels and size, exactly as
+    ``dpagg_core.images`` computes it (sha256 of ``repr((width, height))`` + RGB bytes).
+    ComfyUI hands over pixels / 255, so rounding recovers the 8-bit values."""
+    arr = (img.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    h = hashlib.sha256(repr((int(arr.shape[1]), int(arr.shape[0]))).encode())
+    h.update(arr.numpy().tobytes())
+    return h.digest()
 
 
 def images_dataset_id(images: Sequence[torch.Tensor]) -> str:
-    """Salted id of the image set (``embeddings.dataset_id_for``): the ledger keys the budget on
-    it, so the same images share one budget across Per-Image TI and Clip Embeddings."""
-    return dataset_id_for(_image_bytes(img) for img in images)
+    """Salted id of the image set (``embeddings.dataset_id_for`` of the pixel digests): the ledger
+    keys the budget on it, so the same pictures share ONE budget across Per-Image TI, Clip
+    Embeddings and the CLI (``dpagg_core.images`` uses the same digest)."""
+    return dataset_id_for([_image_digest(img) for img in images])
 
 
 def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:

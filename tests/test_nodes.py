@@ -469,6 +469,17 @@ def test_image_helpers(pack):
         pn._flatten_images([torch.zeros((2, 2))])
 
 
+def test_dataset_id_matches_the_core_image_loader(pack):
+    """ComfyUI images and the CLI's loader identify the same pictures alike (one budget)."""
+    from dpagg_core.images import load_images
+
+    imgs = (comfy_images(3, 40, seed=4) * 255).round() / 255  # 8-bit pictures, as ComfyUI loads
+    imgs = torch.cat([imgs, torch.rand((3, 40, 24, 3))[:, :, :24].mul(255).round().div(255)], 2)
+    assert tuple(imgs.shape) == (3, 40, 64, 3)  # non-square: width/height order matters
+    core = load_images(imgs, resolution=16).dataset_id
+    assert pack["pn"].images_dataset_id(list(imgs)) == core
+
+
 # ------------------------------------------------------------------------------- Clip Embeddings
 
 
