@@ -170,11 +170,18 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
         budget_delta=args.budget_delta,
         a1111_pt=args.a1111_pt,
     )
+    _report_release(args, outcome)
+    return 0
+
+
+def _report_release(args: argparse.Namespace, outcome: Any, method: str = "") -> None:
+    """Print a ``release.ReleaseOutcome``: file, prompt, privacy record, budget."""
     summary = outcome.summary()
+    label = f" {method}" if method else ""
     head = (
-        "re-used the identical earlier release (nothing spent)"
+        f"re-used the identical earlier{label} release (nothing spent)"
         if outcome.reused
-        else f"released {outcome.path}"
+        else f"released {outcome.path}" + (f" ({method})" if method else "")
     )
     text = "\n".join(
         [
@@ -186,7 +193,6 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
         ]
     )
     _emit(args, summary, text)
-    return 0
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
@@ -615,21 +621,7 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
         composition=charge.composition,
         vectors=vectors,
     )
-    head = (
-        "re-used the identical earlier DP-SGD release (nothing spent)"
-        if outcome.reused
-        else f"released {outcome.path} (DP-SGD, {config.steps} steps)"
-    )
-    text = "\n".join(
-        [
-            head,
-            f"use it in a prompt as: {outcome.prompt}",
-            "privacy record (stored in the file header):",
-            _record_text(outcome.record),
-            _budget_text(outcome.summary()),
-        ]
-    )
-    _emit(args, outcome.summary(), text)
+    _report_release(args, outcome, f"DP-SGD, {config.steps} steps")
     if args.preview:
         from .preview import preview_grid
 
