@@ -477,8 +477,8 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .dpsgd import DPSGDConfig, calibrate_dpsgd, train_dpsgd, validate_config
-    from .embeddings import next_free_name, sanitize_name, write_released
-    from .release import ReleaseOutcome, _existing_release, _writable_folder
+    from .embeddings import next_free_name, sanitize_name
+    from .release import _writable_folder, write_outcome
     from .ti import public_centre
 
     _dpsgd_refuse_dpagg_options(args)
@@ -598,34 +598,12 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
                     charge.release_id,
                     exc,
                 )
-    path = _existing_release(out, vectors) if charge.reused else None
-    if path is None:
-        try:
-            path = write_released(out, base, vectors, record, a1111_pt=args.a1111_pt)
-        except DpaggError as exc:
-            raise DpaggError(
-                f"release {charge.release_id} is recorded and its budget spent, but writing the "
-                f"file failed: {exc}. Re-run the identical command to write it without spending "
-                "again."
-            ) from exc
-    outcome = ReleaseOutcome(
-        path=path,
-        name=path.stem,
-        record=record,
-        reused=charge.reused,
-        release_id=charge.release_id,
-        spent_epsilon=charge.spent_epsilon,
-        spent_delta=charge.spent_delta,
-        budget_epsilon=charge.budget_epsilon,
-        budget_delta=charge.budget_delta,
-        composition=charge.composition,
-        vectors=vectors,
-    )
+    outcome = write_outcome(out, base, vectors, record, charge, a1111_pt=args.a1111_pt)
     _report_release(args, outcome, f"DP-SGD, {config.steps} steps")
     if args.preview:
         from .preview import preview_grid
 
-        print(f"preview: {preview_grid(trainer.model, path, outcome.name)}")
+        print(f"preview: {preview_grid(trainer.model, outcome.path, outcome.name)}")
     return 0
 
 

@@ -182,12 +182,28 @@ def release_embeddings(
         **request,
     )
     released = eset.unflat(result.release.vector)
-    path = _existing_release(out, released) if result.reused else None
+    if result.reused:
+        target = next_free_name(out, base) if new_name_per_release else base
+    return write_outcome(
+        out, target, released, dict(result.release.record), result, a1111_pt=a1111_pt
+    )
+
+
+def write_outcome(
+    out: Path,
+    target: str,
+    vectors: dict[str, torch.Tensor],
+    record: dict[str, str],
+    result: Any,
+    *,
+    a1111_pt: bool = False,
+) -> ReleaseOutcome:
+    """Write a recorded release (``result``: a ledger release or charge) as ``<target>``, unless
+    it is a re-used release already on disk in ``out``. Post-processing: costs nothing."""
+    path = _existing_release(out, vectors) if result.reused else None
     if path is None:
-        if result.reused:
-            target = next_free_name(out, base) if new_name_per_release else base
         try:
-            path = write_released(out, target, released, result.release.record, a1111_pt=a1111_pt)
+            path = write_released(out, target, vectors, record, a1111_pt=a1111_pt)
         except DpaggError as exc:
             raise DpaggError(
                 f"release {result.release_id} is recorded and its budget spent, but writing the "
@@ -197,7 +213,7 @@ def release_embeddings(
     return ReleaseOutcome(
         path=path,
         name=path.stem,
-        record=dict(result.release.record),
+        record=record,
         reused=result.reused,
         release_id=result.release_id,
         spent_epsilon=result.spent_epsilon,
@@ -205,5 +221,5 @@ def release_embeddings(
         budget_epsilon=result.budget_epsilon,
         budget_delta=result.budget_delta,
         composition=result.composition,
-        vectors=released,
+        vectors=vectors,
     )
