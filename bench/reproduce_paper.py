@@ -63,7 +63,7 @@ class Settings:
     seeds: int = 2
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ti_steps: int = 150
-    ti_lr: float = 2e-2
+    ti_lr: float = 1e-2
     dpsgd_steps: int = 100
     dpsgd_q: float = 0.25
     dpsgd_lr: float = 2e-2

@@ -115,7 +115,7 @@ def ti_config(**overrides: Any):
 
     base: dict[str, Any] = dict(
         steps=150,
-        learning_rate=2e-2,
+        learning_rate=1e-2,
         vectors=TI_VECTORS,
         initializer=TI_INITIALIZER,
         templates=TI_TEMPLATES,

@@ -199,3 +199,4 @@ PRIVATE_OFFSET = 0
 REFERENCE_OFFSET = 100_000  # KID reference ("held-out real") images
 JUDGE_OFFSET = 200_000  # judge training images
 JUDGE_TEST_OFFSET = 300_000  # judge test images
+VAE_OFFSET = 400_000  # held-out-style images the VAE (a generic image codec) trains on

@@ -7,8 +7,11 @@ Stages (the rendered images and the trained VAE are cached under ``--cache``, so
 skips them):
 
 1. render the training set (``data.iter_training``: 26 styles x 5 shapes x ``per_pair`` images);
-2. train the ``AutoencoderKL`` (L1 + MSE reconstruction + small KL), then measure the latent
-   ``scaling_factor`` (1 / std of posterior means) and encode every image once;
+2. train the ``AutoencoderKL`` (L1 + MSE reconstruction + small KL) on the training images plus
+   images of the held-out styles from a reserved index range (the VAE plays SD's generic image
+   codec, trained on everything; only the conditioning path must not know the held-out styles),
+   then measure the latent ``scaling_factor`` (1 / std of posterior means) and encode the
+   training images once;
 3. train the ``CLIPTextModel`` and ``UNet2DConditionModel`` jointly on the cached latents with the
    standard epsilon-prediction DDPM loss; captions are compositional and randomly varied (full,
    dpagg's default TI style templates around the style words, style only, shape only, one
@@ -17,8 +20,9 @@ skips them):
    ``<cache>/minimodel`` rebuilt from it (so both hold exactly the same weights);
 5. train the style judge (``judge.py``) on all 30 styles -> ``<cache>/judge.safetensors``.
 
-Nothing here is private: the held-out styles are simply never rendered in stage 1, so the model
-has never seen them (the style judge, ``bench/minimodel/judge.py``, does see them).
+Nothing here is private: the held-out styles never appear in a caption, so the text encoder and
+the UNet have never seen them; the VAE and the style judge (``judge.py``) see other images of
+them, from index ranges disjoint from every private set.
 Deterministic for a fixed seed and thread count (CPU kernels), up to floating-point
 non-associativity across machines.
 """
@@ -266,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP spin on shared CPUs")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (bad model)")
     ap.add_argument("--no-judge", action="store_true", help="skip training the style judge")
+    ap.add_argument(
+        "--continue-from",
+        type=Path,
+        default=None,
+        help="a saved minimodel.safetensors: keep its VAE, train its UNet/text encoder further",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.per_pair, args.vae_steps, args.unet_steps = 4, 20, 30
@@ -278,21 +288,49 @@ def main(argv: list[str] | None = None) -> int:
 
     images_u8, styles, shapes = render_training_set(args.per_pair, cache, logfile)
     images = data.to_tensor(list(images_u8))
-    comps = build_components(args.seed)
+    # The VAE is a generic image codec (SD's was trained on LAION, not on anyone's private
+    # style): it also sees held-out-style images, from an index range no private set uses.
+    # The text encoder and UNet never see a held-out style.
+    extra = [
+        e.image
+        for style in data.HELD_OUT
+        for e in data.style_examples(
+            style, args.per_pair * len(data.SHAPES), offset=data.VAE_OFFSET
+        )
+    ]
+    vae_images = torch.cat([images, data.to_tensor(extra)])
+    prior: dict = {}
+    if args.continue_from is not None:
+        # Continue training a saved mini model (its VAE and scaling factor are kept).
+        from .model import pipeline_from_single_file
 
-    tag = f"s{args.seed}_p{args.per_pair}_v{args.vae_steps}"
-    vae_path = cache / f"vae_{tag}.pt"
-    if vae_path.exists():
-        comps["vae"].load_state_dict(torch.load(vae_path, weights_only=True))
-        comps["vae"].eval()
-        _log(f"reused {vae_path.name}", logfile)
+        src = pipeline_from_single_file(args.continue_from)
+        comps = {"text_encoder": src.text_encoder, "unet": src.unet, "vae": src.vae}
+        vae = comps["vae"]
+        mean, std = encode_all(vae, images)
+        scale = float(vae.config.scaling_factor)
+        from safetensors import safe_open
+
+        with safe_open(str(args.continue_from), framework="pt") as fh:
+            prior = json.loads((fh.metadata() or {}).get("training", "{}"))
+        _log(f"continuing from {args.continue_from} ({prior})", logfile)
     else:
-        train_vae(comps["vae"], images, args.vae_steps, args.batch, 2e-3, args.seed, logfile)
-        torch.save(comps["vae"].state_dict(), vae_path)
-    vae = comps["vae"]
-    mean, std = encode_all(vae, images)
-    scale = float(1.0 / mean.std())
-    vae.register_to_config(scaling_factor=scale)
+        comps = build_components(args.seed)
+        tag = f"all_s{args.seed}_p{args.per_pair}_v{args.vae_steps}"
+        vae_path = cache / f"vae_{tag}.pt"
+        if vae_path.exists():
+            comps["vae"].load_state_dict(torch.load(vae_path, weights_only=True))
+            comps["vae"].eval()
+            _log(f"reused {vae_path.name}", logfile)
+        else:
+            train_vae(
+                comps["vae"], vae_images, args.vae_steps, args.batch, 2e-3, args.seed, logfile
+            )
+            torch.save(comps["vae"].state_dict(), vae_path)
+        vae = comps["vae"]
+        mean, std = encode_all(vae, images)
+        scale = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=scale)
     with torch.no_grad():
         rec = vae.decode(mean[:512]).sample
         vae_mse = float((rec - images[:512]).pow(2).mean())
@@ -314,13 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe = make_pipeline(te, unet, vae)
     info = {
         "per_pair": args.per_pair,
-        "vae_steps": args.vae_steps,
-        "unet_steps": args.unet_steps,
+        "vae_steps": prior.get("vae_steps", args.vae_steps),
+        "unet_steps": args.unet_steps + int(prior.get("unet_steps", 0)),
+        "stages": [*prior.get("stages", []), {"unet_steps": args.unet_steps, "seed": args.seed}],
         "batch": args.batch,
         "seed": args.seed,
         "held_out": list(data.HELD_OUT),
         "vae_mse": round(vae_mse, 5),
-        "train_seconds": round(time.time() - t_start),
+        "train_seconds": round(time.time() - t_start) + int(prior.get("train_seconds", 0)),
     }
     single = save_single_file(pipe, cache / "minimodel.safetensors", {"training": json.dumps(info)})
     (cache / "minimodel_info.json").write_text(json.dumps(info, indent=2))
