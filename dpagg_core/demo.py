@@ -116,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "--clip-norm",
             "0.5",
             "--steps",
-            "40",
+            "15",
             "--learning-rate",
             "0.02",
             "--batch-size",
