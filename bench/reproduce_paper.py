@@ -64,15 +64,15 @@ class Settings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ti_steps: int = 150
     ti_lr: float = 1e-2
-    dpsgd_steps: int = 100
+    dpsgd_steps: int = 200
     dpsgd_q: float = 0.25
-    dpsgd_lr: float = 2e-2
+    dpsgd_lr: float = 5e-2
     wor_fraction: float = 0.5
     eval_per_template: int = 6
     eval_steps: int = 20
     guidance: float = 3.0
     reference: int = 200
-    public_style: str = "desert spotted"
+    public_style: str = "forest striped"
     public_n: int = 16
 
 
@@ -223,6 +223,7 @@ def run(s: Settings, out: Path) -> list[dict]:
 
     def record(row: dict) -> None:
         rows.append(row)
+        keys.add((row["style"], row["n"], row["seed"], row["method"], row["epsilon"]))
         with open(log_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:g}"
@@ -237,8 +238,8 @@ def run(s: Settings, out: Path) -> list[dict]:
 
     t0 = time.time()
     shapes = list(data.SHAPES)
-    for style in s.styles:
-        palette, texture = style.split(" ")
+    # Seeds outermost: an interrupted run has every style at seed 0 before any at seed 1.
+    for seed, style in [(seed, style) for seed in range(s.seeds) for style in s.styles]:
         base = {"style": style, "n": 0, "seed": 0}
         if todo(style, 0, 0, "prompt_words", None):
             prompts = [
@@ -258,83 +259,85 @@ def run(s: Settings, out: Path) -> list[dict]:
             )
         for n in s.ns:
             delta = 1.0 / (10 * n)
-            for seed in range(s.seeds):
-                tag = {"style": style, "n": n, "seed": seed}
-                imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
-                need_emb = any(
-                    todo(style, n, seed, m, e)
-                    for m in ("mean", "dpagg_full", "dpagg_wor")
-                    for e in [None, *s.epsilons]
-                )
-                if need_emb:
-                    t1 = time.time()
-                    emb = per_image_embeddings(ctx, s, imgs, seed)
-                    _log(f"per-image TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
-                    mean = emb.mean(0)
-                    if todo(style, n, seed, "mean", None):
-                        record(
-                            tag
-                            | {"method": "mean", "epsilon": None}
-                            | evaluate(ctx, s, style, flat=mean, seed=seed)
-                        )
-                    for eps in s.epsilons:
-                        for method in ("dpagg_full", "dpagg_wor"):
-                            if not todo(style, n, seed, method, eps):
-                                continue
-                            if method == "dpagg_full":
-                                plan = accountant.calibrate(eps, delta, n, "full")
-                            else:
-                                m = max(2, int(round(s.wor_fraction * n)))
-                                plan = accountant.calibrate(eps, delta, n, "wor", m=m)
-                            rel = mechanism.dp_mean(
-                                emb, plan=plan, clip_norm=ctx.clip_norm, center=ctx.centre,
-                                centre_kind="initializer",
-                            )  # fmt: skip
-                            res = evaluate(ctx, s, style, flat=rel.vector, seed=seed)
-                            record(
-                                tag
-                                | {
-                                    "method": method,
-                                    "epsilon": eps,
-                                    "sigma": plan.noise_std(ctx.clip_norm),
-                                }
-                                | res
-                                | {
-                                    "cos": _cos(rel.vector, mean),
-                                    "cos_centred": _cos(rel.vector - ctx.centre, mean - ctx.centre),
-                                }
-                            )
-                cfg = dpsgd_config(ctx, s, n, seed)
-                if todo(style, n, seed, "ti_shared", None):
-                    t1 = time.time()
-                    shared = dpsgd.train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
-                    _log(f"shared TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
-                    flat = shared.double().flatten().numpy()
+            tag = {"style": style, "n": n, "seed": seed}
+            imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
+            need_emb = any(
+                todo(style, n, seed, m, e)
+                for m in ("mean", "dpagg_full", "dpagg_wor")
+                for e in [None, *s.epsilons]
+            )
+            if need_emb:
+                t1 = time.time()
+                emb = per_image_embeddings(ctx, s, imgs, seed)
+                _log(f"per-image TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
+                mean = emb.mean(0)
+                if todo(style, n, seed, "mean", None):
                     record(
                         tag
-                        | {"method": "ti_shared", "epsilon": None}
-                        | evaluate(ctx, s, style, flat=flat, seed=seed)
+                        | {"method": "mean", "epsilon": None}
+                        | evaluate(ctx, s, style, flat=mean, seed=seed)
                     )
                 for eps in s.epsilons:
-                    if not todo(style, n, seed, "dpsgd", eps):
-                        continue
-                    t1 = time.time()
-                    res = dpsgd.train_dpsgd(ctx.backend, imgs, cfg, target_epsilon=eps, delta=delta)
-                    flat = res.vectors["emb_params"].double().flatten().numpy()
-                    _log(
-                        f"DP-SGD {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
-                        f"{time.time() - t1:.0f}s"
-                    )
-                    record(
-                        tag
-                        | {
-                            "method": "dpsgd",
-                            "epsilon": eps,
-                            "sigma": res.plan.noise_std(cfg.clip_norm),
-                            "z": res.noise_multiplier,
-                        }
-                        | evaluate(ctx, s, style, flat=flat, seed=seed)
-                    )
+                    for method in ("dpagg_full", "dpagg_wor"):
+                        if not todo(style, n, seed, method, eps):
+                            continue
+                        if method == "dpagg_full":
+                            plan = accountant.calibrate(eps, delta, n, "full")
+                        else:
+                            m = max(2, int(round(s.wor_fraction * n)))
+                            plan = accountant.calibrate(eps, delta, n, "wor", m=m)
+                        rel = mechanism.dp_mean(
+                            emb, plan=plan, clip_norm=ctx.clip_norm, center=ctx.centre,
+                            centre_kind="initializer",
+                        )  # fmt: skip
+                        res = evaluate(ctx, s, style, flat=rel.vector, seed=seed)
+                        record(
+                            tag
+                            | {
+                                "method": method,
+                                "epsilon": eps,
+                                "clip_norm": ctx.clip_norm,
+                                "sigma": plan.noise_std(ctx.clip_norm),
+                                "z": plan.noise_multiplier,
+                            }
+                            | res
+                            | {
+                                "cos": _cos(rel.vector, mean),
+                                "cos_centred": _cos(rel.vector - ctx.centre, mean - ctx.centre),
+                            }
+                        )
+            cfg = dpsgd_config(ctx, s, n, seed)
+            if todo(style, n, seed, "ti_shared", None):
+                t1 = time.time()
+                shared = dpsgd.train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
+                _log(f"shared TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
+                flat = shared.double().flatten().numpy()
+                record(
+                    tag
+                    | {"method": "ti_shared", "epsilon": None}
+                    | evaluate(ctx, s, style, flat=flat, seed=seed)
+                )
+            for eps in s.epsilons:
+                if not todo(style, n, seed, "dpsgd", eps):
+                    continue
+                t1 = time.time()
+                res = dpsgd.train_dpsgd(ctx.backend, imgs, cfg, target_epsilon=eps, delta=delta)
+                flat = res.vectors["emb_params"].double().flatten().numpy()
+                _log(
+                    f"DP-SGD {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
+                    f"{time.time() - t1:.0f}s"
+                )
+                record(
+                    tag
+                    | {
+                        "method": "dpsgd",
+                        "epsilon": eps,
+                        "clip_norm": cfg.clip_norm,
+                        "sigma": res.plan.noise_std(cfg.clip_norm),
+                        "z": res.noise_multiplier,
+                    }
+                    | evaluate(ctx, s, style, flat=flat, seed=seed)
+                )
     _log(f"experiment finished in {time.time() - t0:.0f}s")
     return rows
 

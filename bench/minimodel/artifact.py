@@ -110,7 +110,8 @@ def demo_images(style: str = DEMO_STYLE, n: int = 8, offset: int = 0) -> list[An
 
 
 def ti_config(**overrides: Any):
-    """Per-image TI recipe for the mini model (tuned on the public style 'desert spotted')."""
+    """Per-image TI recipe for the mini model (chosen with ``bench.minimodel.tune`` on public
+    training styles; 150 steps at 1e-2 reach the accuracy of longer/faster settings there)."""
     from dpagg_core.ti import TIConfig
 
     base: dict[str, Any] = dict(
