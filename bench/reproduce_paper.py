@@ -261,10 +261,8 @@ def run(s: Settings, out: Path) -> list[dict]:
             delta = 1.0 / (10 * n)
             tag = {"style": style, "n": n, "seed": seed}
             imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
-            need_emb = any(
-                todo(style, n, seed, m, e)
-                for m in ("mean", "dpagg_full", "dpagg_wor")
-                for e in [None, *s.epsilons]
+            need_emb = todo(style, n, seed, "mean", None) or any(
+                todo(style, n, seed, m, e) for m in ("dpagg_full", "dpagg_wor") for e in s.epsilons
             )
             if need_emb:
                 t1 = time.time()
@@ -507,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="1 style, n=10, 2 epsilons, short training"
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--report-only", action="store_true", help="only rebuild table/plot from results.jsonl"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = Settings()
@@ -523,7 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         data.style_index(style)
     t0 = time.time()
     _log(f"settings: {json.dumps(asdict(s))}")
-    rows = run(s, args.out)
+    if args.report_only:
+        log_path = args.out / "results.jsonl"
+        rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    else:
+        rows = run(s, args.out)
     md = table(rows, s)
     (args.out / "table.md").write_text(md)
     png = plot(rows, s, args.out / "utility_vs_epsilon.png")
