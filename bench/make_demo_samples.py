@@ -1,38 +1,39 @@
-"""Regenerate the demo's bundled sample images (dpagg_core/samples/*.png).
+"""Regenerate the demo's bundled private images (``dpagg_core/samples/*.png``).
 
-Eight 64 px images in one made-up "private style" (warm palette, diagonal brush strokes, a dark
-circle motif), drawn procedurally so the project owns them. Deterministic: same seed, same files.
+``DEMO_COUNT`` 32 px renders of the mini model's held-out style ``dpagg_core.minimodel.DEMO_STYLE``
+("ocean checked": the model saw "ocean" and "checked" only with other partners), from the
+procedural dataset's reserved ``DEMO_OFFSET`` range, so they are disjoint from every image the
+model, the judge or the benchmark used. Deterministic: same code, same files.
+
+    .venv/bin/python bench/make_demo_samples.py
 """
 
 from __future__ import annotations
 
-import random
+import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-OUT = Path(__file__).resolve().parents[1] / "dpagg_core" / "samples"
-PALETTE = [(230, 120, 40), (250, 200, 60), (180, 60, 40), (255, 235, 180), (120, 40, 30)]
+from PIL import Image  # noqa: E402
 
+from bench.minimodel import data  # noqa: E402
+from dpagg_core.demo import DEMO_COUNT  # noqa: E402
+from dpagg_core.minimodel import DEMO_STYLE  # noqa: E402
 
-def sample(i: int) -> Image.Image:
-    rng = random.Random(1000 + i)
-    img = Image.new("RGB", (64, 64), PALETTE[3])
-    draw = ImageDraw.Draw(img)
-    for _ in range(14):
-        x, y = rng.randrange(-16, 64), rng.randrange(-16, 64)
-        length = rng.randrange(12, 40)
-        draw.line((x, y, x + length, y + length), fill=rng.choice(PALETTE), width=rng.randint(2, 5))
-    cx, cy, r = rng.randrange(16, 48), rng.randrange(16, 48), rng.randrange(6, 14)
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=PALETTE[4])
-    return img.filter(ImageFilter.SMOOTH)
+OUT = ROOT / "dpagg_core" / "samples"
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for i in range(8):
-        sample(i).save(OUT / f"sample_{i}.png", optimize=True)
-    print(f"wrote 8 samples to {OUT}")
+    for old in OUT.glob("*.png"):
+        old.unlink()
+    examples = data.style_examples(DEMO_STYLE, DEMO_COUNT, offset=data.DEMO_OFFSET)
+    for i, ex in enumerate(examples):
+        Image.fromarray(ex.image).save(OUT / f"private_{i:03d}.png", optimize=True)
+    print(f"wrote {len(examples)} images of {DEMO_STYLE!r} to {OUT}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ models in turn (target: ratio >= 5 at N = 16 on 2 cores):
   like SD1.x, 8 heads of width 4 there. CPU flash attention over 256 tokens is ~60% of a batched
   step and is a per-image cost that batching cannot remove, which caps the ratio;
 * ``tiny-lowres``: the layout of diffusers' own SD pipeline tests (attention at the
-  half-resolution level only), where the per-step overheads batching removes dominate. ``bench/gpu_ti.sh`` runs it on an
-SD1.5-shaped model (random weights) at 512 px in bf16 on CUDA with ``--model sd15`` and also
-reports achieved TFLOP/s (FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``).
+  half-resolution level only), where the per-step overheads batching removes dominate.
+
+``bench/gpu_ti.sh`` runs it on an SD1.5-shaped model (random weights) at 512 px in bf16 on CUDA
+with ``--model sd15`` and also reports achieved TFLOP/s (FLOPs counted with
+``torch.utils.flop_counter.FlopCounterMode``).
 """
 
 from __future__ import annotations

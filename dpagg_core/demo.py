@@ -1,14 +1,20 @@
-"""``dpagg demo``: the whole flow on this machine, offline, in well under two minutes on a CPU.
+"""``dpagg demo``: the whole flow on this machine, offline, in under two minutes on a CPU.
 
-1. A tiny Stable-Diffusion-structured model is built in code (random weights, real CLIP
-   tokenizer) and saved as a diffusers folder; the bundled sample images (eight 64 px PNGs in one
-   made-up style, drawn by ``bench/make_demo_samples.py``) play the private set.
-2. ``dpagg run`` trains one textual-inversion embedding per image, calibrates the noise to
-   epsilon = 1, releases the DP mean through a fresh ledger and writes ``demo_style.safetensors``.
-3. A second release that would exceed the dataset's budget is refused before any noise is drawn.
+1. The mini text-to-image model (Stable Diffusion structure, trained from scratch by this project
+   and shipped in the package, see ``dpagg_core.minimodel``) is unpacked as a diffusers folder.
+   The "private" set: ``DEMO_COUNT`` bundled 32 px images of a style the model never saw in
+   training ("ocean checked"; rendered by ``bench/make_demo_samples.py``).
+2. ``dpagg run`` trains one textual-inversion embedding per image, calibrates the Gaussian noise
+   to epsilon = ``DEMO_EPSILON`` (delta = 1/(10 n)), releases the DP mean through a fresh ledger
+   and writes ``demo_style.safetensors``. The clip norm is public: ``dpagg suggest-clip-norm`` on
+   16 images of a *training* style with the same TI settings printed 2.55.
+3. The released file is loaded the way a user would (diffusers ``load_textual_inversion``) and
+   ``demo_with_without.png`` shows the private images, the model without the embedding and with
+   it, same seeds.
+4. A second release of the same images that would exceed the dataset's budget is refused before
+   any training or noise.
 
-``--aggregation-only`` skips training: a synthetic private EmbeddingSet is released instead.
-With the tiny random model the embedding carries no visible style; the point is the mechanics.
+``--aggregation-only`` skips training and images: a synthetic private EmbeddingSet is released.
 """
 
 from __future__ import annotations
@@ -17,14 +23,21 @@ import argparse
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
-SAMPLE_COUNT = 8
+DEMO_COUNT = 128
+DEMO_EPSILON = 2.0
+DEMO_CLIP_NORM = 2.55  # public: suggest-clip-norm on a training style (see the module docstring)
+DEMO_STEPS = 80
+DEMO_LEARNING_RATE = 0.02
+SHEET_NAME = "demo_with_without.png"
+TOKEN = "<demo_style>"
 
 
 def _banner(text: str) -> None:
-    print(f"\n== {text}")
+    print(f"\n== {text}", flush=True)
 
 
 def _samples_dir(out: Path) -> Path:
@@ -38,13 +51,56 @@ def _samples_dir(out: Path) -> Path:
     return folder
 
 
-def _tiny_model(out: Path) -> Path:
-    from .tiny import tiny_pipeline
+def _labelled_rows(rows: list[tuple[str, list[Any]]], scale: int = 3) -> Any:
+    """One PIL image: a labelled row of nearest-upscaled images per ``(label, images)``."""
+    from PIL import Image, ImageDraw
 
-    folder = out / "tiny_model"
-    if not (folder / "model_index.json").exists():
-        tiny_pipeline(hidden_size=32, seed=0).save_pretrained(folder)
-    return folder
+    size = max(im.size[0] for _, ims in rows for im in ims) * scale
+    label_w = 300
+    cols = max(len(ims) for _, ims in rows)
+    sheet = Image.new("RGB", (label_w + cols * (size + 4), len(rows) * (size + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, ims) in enumerate(rows):
+        y = r * (size + 8) + 4
+        draw.text((6, y + size // 2 - 6), label, fill="black")
+        for c, im in enumerate(ims):
+            sheet.paste(im.resize((size, size), Image.NEAREST), (label_w + c * (size + 4), y))
+    return sheet
+
+
+def with_without_sheet(model: Path, embedding: Path, private: Path, out_png: Path) -> Path:
+    """Private images / generated without the embedding / generated with it (same seeds).
+
+    The released file is loaded by diffusers' own ``load_textual_inversion``, as a user would."""
+    from PIL import Image
+
+    from .minimodel import SHAPES
+    from .models import load_pipeline
+
+    pipe = load_pipeline(model).pipe
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(embedding), token=TOKEN)
+    shapes = list(SHAPES) * 2  # the bundled images cycle through the shapes in this order
+
+    def generate(prompts: list[str]) -> list[Any]:
+        gen = torch.Generator().manual_seed(0)
+        return pipe(
+            prompts, height=32, width=32, num_inference_steps=20, guidance_scale=7.5,
+            generator=gen,
+        ).images  # fmt: skip
+
+    files = sorted(private.glob("*.png"))[: len(shapes)]
+    originals = [Image.open(f).convert("RGB") for f in files]
+    without = generate([f"a {s}" for s in shapes])
+    with_embedding = generate([f"a {s} in {TOKEN} style" for s in shapes])
+    rows = [
+        ("private images (a style the model never saw)", originals),
+        ("without the embedding: 'a <shape>'", without),
+        (f"with it: 'a <shape> in {TOKEN} style'", with_embedding),
+    ]
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    _labelled_rows(rows).save(out_png)
+    return out_png
 
 
 def _synthetic_set():
@@ -100,9 +156,15 @@ def run_demo(args: argparse.Namespace) -> int:
             str(ledger),
         ]
     else:
-        _banner("1. a tiny SD-structured model (built offline) and 8 bundled 'private' images")
-        model = _tiny_model(out)
+        from .minimodel import DEMO_STYLE, TI_INITIALIZER, TI_VECTORS, load_minimodel
+
+        _banner(
+            f"1. the mini model (trained by this project, shipped in the package) and "
+            f"{DEMO_COUNT} 'private' images of a style it never saw ({DEMO_STYLE!r})"
+        )
+        model = load_minimodel(out)
         images = _samples_dir(out)
+        print(f"model : {model}\nimages: {images}")
         first = [
             "run",
             "--images",
@@ -110,17 +172,19 @@ def run_demo(args: argparse.Namespace) -> int:
             "--model",
             str(model),
             "--epsilon",
-            "1",
-            "--delta",
-            "1e-3",
+            f"{DEMO_EPSILON:g}",
             "--clip-norm",
-            "0.5",
+            f"{DEMO_CLIP_NORM:g}",
+            "--vectors",
+            str(TI_VECTORS),
+            "--initializer",
+            TI_INITIALIZER,
             "--steps",
-            "15",
+            str(DEMO_STEPS),
             "--learning-rate",
-            "0.02",
+            f"{DEMO_LEARNING_RATE:g}",
             "--batch-size",
-            "8",
+            str(DEMO_COUNT),
             "--resolution",
             "32",
             "--name",
@@ -132,9 +196,11 @@ def run_demo(args: argparse.Namespace) -> int:
         ]
 
     second = list(first)
-    second[second.index("--epsilon") + 1] = "0.5"
+    eps = first[first.index("--epsilon") + 1]
+    again = f"{float(eps) / 2:g}"
+    second[second.index("--epsilon") + 1] = again
     second[second.index("demo_style")] = "demo_style_again"
-    _banner("2. train per image (if any), calibrate to epsilon = 1, release through the ledger")
+    _banner(f"2. train per image (if any), calibrate to epsilon = {eps}, release via the ledger")
     code = cli_main([*first, *json_flag])
     if code != 0:
         return code
@@ -142,7 +208,12 @@ def run_demo(args: argparse.Namespace) -> int:
     _banner("3. the released file, as any user would inspect it")
     cli_main(["inspect", str(target), *json_flag])
 
-    _banner("4. a second release of the same images (epsilon 0.5) exceeds the budget of 1")
+    sheet = None
+    if not args.aggregation_only:
+        _banner("4. the released file in diffusers: images without and with the embedding")
+        sheet = with_without_sheet(model, target, images, out / SHEET_NAME)
+        print(f"wrote {sheet}")
+    _banner(f"5. a second release of the same images (epsilon {again}) exceeds the budget of {eps}")
     refused = cli_main([*second, *json_flag])
     print(
         "refused as expected: nothing was drawn or recorded"
@@ -152,5 +223,9 @@ def run_demo(args: argparse.Namespace) -> int:
     _banner("done")
     print(f"embedding : {target}")
     print(f"ledger    : {ledger}   (dpagg ledger show --ledger {ledger})")
-    print("use it    : a lighthouse, in the style of embedding:demo_style")
+    if sheet is not None:
+        print(f"picture   : {sheet}")
+        print(f"use it    : 'a circle in {TOKEN} style' (diffusers load_textual_inversion)")
+    else:
+        print("use it    : a lighthouse, in the style of embedding:demo_style")
     return 0 if refused == 2 else 1

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
+# The caption grammar's content classes live with the model (the demo prompts use them).
+from dpagg_core.minimodel import SHAPES as SHAPES
 
 # name -> (background, foreground, secondary) RGB
 PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
@@ -200,3 +201,4 @@ REFERENCE_OFFSET = 100_000  # KID reference ("held-out real") images
 JUDGE_OFFSET = 200_000  # judge training images
 JUDGE_TEST_OFFSET = 300_000  # judge test images
 VAE_OFFSET = 400_000  # held-out-style images the VAE (a generic image codec) trains on
+DEMO_OFFSET = 500_000  # the private images bundled for `dpagg demo`

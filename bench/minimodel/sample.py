@@ -65,7 +65,7 @@ def denoise(
     """DDIM with classifier-free guidance; ``cond`` [B, 77, dim] -> uint8 images [B, H, W, 3]."""
     from diffusers import DDIMScheduler
 
-    from .model import SCHEDULER_KW
+    from dpagg_core.minimodel import SCHEDULER_KW
 
     sched = DDIMScheduler(**SCHEDULER_KW)
     unet, vae = pipe.unet, pipe.vae
