@@ -73,22 +73,10 @@ SCHEDULER_KW: dict[str, Any] = dict(
 
 
 def text_encoder_config() -> dict[str, Any]:
-    from dpagg_core.tokenizer import CLIP_VOCAB_SIZE
+    from .tiny import small_clip_text_config
 
-    return dict(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=TEXT_WIDTH * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=TEXT_WIDTH,
-        hidden_act="quick_gelu",
-        attention_dropout=0.0,
-        dropout=0.0,
+    return small_clip_text_config(
+        TEXT_WIDTH, hidden_act="quick_gelu", attention_dropout=0.0, dropout=0.0
     )
 
 

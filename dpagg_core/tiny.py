@@ -7,28 +7,38 @@ tokenizer vocabulary, so nothing is downloaded.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+
+
+def small_clip_text_config(hidden_size: int, **overrides: Any) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs of a small CLIP text encoder over the real CLIP vocabulary
+    (2 layers, 4 heads, 77 positions, SD's special token ids)."""
+    return (
+        dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=hidden_size,
+        )
+        | overrides
+    )
 
 
 def tiny_text_encoder(hidden_size: int = 32, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=hidden_size,
-    )
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(CLIPTextConfig(**small_clip_text_config(hidden_size))).eval()
 
 
 def tiny_unet(
