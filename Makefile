@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: venv
 bench: venv
 	$(PY) bench/calibrate_timing.py
 	$(PY) bench/aggregate_timing.py
+	$(PY) bench/ti_throughput.py
+
+# The paper's comparison on the mini model (hours on 2 CPU cores; resumes from bench/results).
+reproduce: venv
+	nice -n 19 $(PY) bench/reproduce_paper.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
