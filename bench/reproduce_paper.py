@@ -422,56 +422,76 @@ COLOURS = {
 }
 
 
+PANELS = (
+    ("acc", "judge style accuracy (higher is better)", ("ti_shared", "mean", *DP_METHODS)),
+    ("kid", "KID in judge features (lower is better)", ("ti_shared", "mean", *DP_METHODS)),
+    ("cos_centred", "cosine to the non-private mean, centred", ("dpagg_full", "dpagg_wor")),
+)
+
+
 def plot(rows: list[dict], s: Settings, path: Path) -> Path:
-    """Style accuracy vs epsilon (log x), one panel per n; dashed lines: non-private references.
-    Drawn with Pillow (matplotlib is not a dependency)."""
+    """One row of panels per metric (style accuracy, KID, DPAgg's cosine to the non-private
+    mean), one column per n, metric vs epsilon (log x), mean over styles x seeds; dashed lines:
+    the non-private references. Drawn with Pillow (matplotlib is not a dependency)."""
     from PIL import Image, ImageDraw
 
-    pw, ph, pad = 360, 280, 50
+    pw, ph, pad, top = 360, 250, 50, 30
     width = max(720, pw * len(s.ns) + 20)
-    img = Image.new("RGB", (width, ph + 110), "white")
+    img = Image.new("RGB", (width, top + ph * len(PANELS) + 70), "white")
     d = ImageDraw.Draw(img)
     lo, hi = math.log(min(s.epsilons)), math.log(max(s.epsilons))
-    for p, n in enumerate(s.ns):
-        x0, y0 = p * pw + pad, 30
-        w, h = pw - pad - 20, ph - 60
 
-        def X(eps: float, x0: float = x0, w: float = w) -> float:
-            return x0 + (math.log(eps) - lo) / max(hi - lo, 1e-9) * w
+    def mean_of(method: str, n: int, eps: float | None, key: str) -> float | None:
+        vals = [
+            r[key]
+            for r in rows
+            if r["method"] == method and r["n"] == n and r["epsilon"] == eps and key in r
+        ]
+        return float(np.mean(vals)) if vals else None
 
-        def Y(acc: float, y0: float = y0, h: float = h) -> float:
-            return y0 + (1 - acc) * h
+    for row, (key, title, methods) in enumerate(PANELS):
+        values = [r[key] for r in rows if key in r and r["n"] in s.ns]
+        y_lo = min(0.0, min(values, default=0.0))
+        y_hi = 1.0 if key != "kid" else max(1.0, max(values, default=1.0))
+        ticks = [y_lo + (y_hi - y_lo) * k / 4 for k in range(5)]
+        y_base = top + row * ph
+        d.text((20, y_base - 26), title, fill="black")
+        for p, n in enumerate(s.ns):
+            x0, y0 = p * pw + pad, y_base
+            w, h = pw - pad - 20, ph - 70
 
-        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        d.text((x0 + w / 2 - 20, 8), f"n = {n}", fill="black")
-        for a in (0, 0.25, 0.5, 0.75, 1.0):
-            d.line([x0 - 4, Y(a), x0, Y(a)], fill="black")
-            d.text((x0 - 34, Y(a) - 6), f"{a:.2f}", fill="black")
-        for e in s.epsilons:
-            d.line([X(e), y0 + h, X(e), y0 + h + 4], fill="black")
-            d.text((X(e) - 8, y0 + h + 6), f"{e:g}", fill="black")
-        d.text((x0 + w / 2 - 10, y0 + h + 20), "epsilon", fill="black")
-        for method in ("ti_shared", "mean"):
-            vals = [r["acc"] for r in rows if r["method"] == method and r["n"] == n]
-            if vals:
-                yy = Y(float(np.mean(vals)))
-                for xs in range(int(x0), int(x0 + w), 8):
-                    d.line([xs, yy, xs + 4, yy], fill=COLOURS[method], width=2)
-        for method in DP_METHODS:
-            pts = []
+            def X(eps: float, x0: float = x0, w: float = w) -> float:
+                return x0 + (math.log(eps) - lo) / max(hi - lo, 1e-9) * w
+
+            def Y(
+                v: float, y0: float = y0, h: float = h, y_lo: float = y_lo, y_hi: float = y_hi
+            ) -> float:
+                return y0 + (y_hi - v) / (y_hi - y_lo) * h
+
+            d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+            d.text((x0 + w / 2 - 20, y0 - 12), f"n = {n}", fill="black")
+            for a in ticks:
+                d.line([x0 - 4, Y(a), x0, Y(a)], fill="black")
+                d.text((x0 - 40, Y(a) - 6), f"{a:.2f}", fill="black")
             for e in s.epsilons:
-                vals = [
-                    r["acc"]
-                    for r in rows
-                    if r["method"] == method and r["n"] == n and r["epsilon"] == e
-                ]
-                if vals:
-                    pts.append((X(e), Y(float(np.mean(vals)))))
-            if len(pts) > 1:
-                d.line(pts, fill=COLOURS[method], width=2)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[method])
-    lx, ly = 20, ph + 50
+                d.line([X(e), y0 + h, X(e), y0 + h + 4], fill="black")
+                d.text((X(e) - 8, y0 + h + 6), f"{e:g}", fill="black")
+            d.text((x0 + w / 2 - 10, y0 + h + 20), "epsilon", fill="black")
+            for method in methods:
+                if method in DP_METHODS:
+                    pts = [
+                        (X(e), Y(v))
+                        for e in s.epsilons
+                        if (v := mean_of(method, n, e, key)) is not None
+                    ]
+                    if len(pts) > 1:
+                        d.line(pts, fill=COLOURS[method], width=2)
+                    for x, y in pts:
+                        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[method])
+                elif (v := mean_of(method, n, None, key)) is not None:
+                    for xs in range(int(x0), int(x0 + w), 8):
+                        d.line([xs, Y(v), xs + 4, Y(v)], fill=COLOURS[method], width=2)
+    lx, ly = 20, top + ph * len(PANELS) + 10
     for method, col in COLOURS.items():
         label = method + (" (eps=inf)" if method in ("ti_shared", "mean") else "")
         if lx + 30 + 7 * len(label) > width:
@@ -479,11 +499,7 @@ def plot(rows: list[dict], s: Settings, path: Path) -> Path:
         d.line([lx, ly + 6, lx + 20, ly + 6], fill=col, width=3)
         d.text((lx + 25, ly), label, fill="black")
         lx += 40 + 7 * len(label)
-    d.text(
-        (20, ly + 22),
-        "y: judge style accuracy on generated images (mean over styles x seeds)",
-        fill="black",
-    )
+    d.text((20, ly + 22), "mean over held-out styles x seeds", fill="black")
     img.save(path)
     return path
 
