@@ -34,7 +34,7 @@ bench: venv
 
 # The paper's comparison on the mini model (hours on 2 CPU cores; resumes from bench/results).
 reproduce: venv
-	nice -n 19 $(PY) bench/reproduce_paper.py
+	nice -n 19 $(PY) bench/reproduce_paper.py --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

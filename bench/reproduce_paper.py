@@ -1,6 +1,6 @@
 """Reproduce the paper's comparison (DPAgg-TI vs DP-SGD textual inversion) on the mini model.
 
-    nice -n 19 .venv/bin/python bench/reproduce_paper.py                 # documented full run
+    nice -n 19 .venv/bin/python bench/reproduce_paper.py --jobs 2        # documented full run
     .venv/bin/python bench/reproduce_paper.py --smoke                    # CI-sized (1 style, n=10)
     .venv/bin/python bench/reproduce_paper.py --styles "candy striped" --ns 10 50 --seeds 1
 
@@ -28,7 +28,8 @@ training style (``--public-style``), never from the held-out private images (DES
 DP noise comes from the OS CSPRNG, so reruns differ even with the same seeds (by design).
 
 Outputs in ``--out`` (default ``bench/results``): ``results.jsonl`` (one line per evaluation;
-an interrupted run resumes from it), ``table.md`` and ``utility_vs_epsilon.png``.
+an interrupted run resumes from it), ``table.md`` and ``utility_vs_epsilon.png``. ``--jobs K``
+runs K single-threaded workers that claim (style, n, seed) blocks and share the results file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -198,16 +201,51 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def _read_rows(log_path: Path) -> list[dict]:
+    if not log_path.exists():
+        return []
+    return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+
+
+def _keys(rows: list[dict]) -> set[tuple]:
+    return {(r["style"], r["n"], r["seed"], r["method"], r["epsilon"]) for r in rows}
+
+
+def _claim_path(out: Path, style: str, n: int, seed: int) -> Path:
+    return out / ".claims" / f"{style.replace(' ', '_')}-n{n}-s{seed}"
+
+
+def _claim(out: Path, style: str, n: int, seed: int) -> bool:
+    """Atomically claim a block for this process (``--jobs`` workers share one results file).
+    A claim whose process is gone (an interrupted run) is taken over."""
+    path = _claim_path(out, style, n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)
+            return _claim(out, style, n, seed)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return True
+
+
+def _release(out: Path, style: str, n: int, seed: int) -> None:
+    _claim_path(out, style, n, seed).unlink(missing_ok=True)
+
+
 def run(s: Settings, out: Path) -> list[dict]:
     from dpagg_core import accountant, dpsgd, mechanism
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "results.jsonl"
-    done = []
-    if log_path.exists():
-        done = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    keys = {(r["style"], r["n"], r["seed"], r["method"], r["epsilon"]) for r in done}
-    rows = list(done)
+    rows = _read_rows(log_path)
+    keys = _keys(rows)
     wanted = [
         (style, n, seed, method, eps)
         for style in s.styles
@@ -222,7 +260,6 @@ def run(s: Settings, out: Path) -> list[dict]:
     ctx = make_context(s)
 
     def record(row: dict) -> None:
-        rows.append(row)
         keys.add((row["style"], row["n"], row["seed"], row["method"], row["epsilon"]))
         with open(log_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -236,108 +273,131 @@ def run(s: Settings, out: Path) -> list[dict]:
     def todo(style, n, seed, method, eps) -> bool:
         return method in s.methods and (style, n, seed, method, eps) not in keys
 
+    def start_block(style: str, n: int, seed: int) -> bool:
+        """Re-read what other workers finished, then claim this (style, n, seed) block."""
+        keys.update(_keys(_read_rows(log_path)))
+        if not any(w[:3] == (style, n, seed) and w not in keys for w in wanted):
+            return False
+        if not _claim(out, style, n, seed):
+            _log(f"{style} n={n} seed={seed}: another worker has it")
+            return False
+        return True
+
     t0 = time.time()
     shapes = list(data.SHAPES)
     # Seeds outermost: an interrupted run has every style at seed 0 before any at seed 1.
     for seed, style in [(seed, style) for seed in range(s.seeds) for style in s.styles]:
-        base = {"style": style, "n": 0, "seed": 0}
-        if todo(style, 0, 0, "prompt_words", None):
-            prompts = [
-                f"a {sh} in {style} style" for sh in shapes for _ in range(s.eval_per_template)
-            ]
-            record(
-                base
-                | {"method": "prompt_words", "epsilon": None}
-                | evaluate(ctx, s, style, prompts=prompts)
-            )
-        if todo(style, 0, 0, "no_style", None):
-            prompts = [f"a {sh}" for sh in shapes for _ in range(s.eval_per_template)]
-            record(
-                base
-                | {"method": "no_style", "epsilon": None}
-                | evaluate(ctx, s, style, prompts=prompts)
-            )
-        for n in s.ns:
-            delta = 1.0 / (10 * n)
-            tag = {"style": style, "n": n, "seed": seed}
-            imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
-            need_emb = todo(style, n, seed, "mean", None) or any(
-                todo(style, n, seed, m, e) for m in ("dpagg_full", "dpagg_wor") for e in s.epsilons
-            )
-            if need_emb:
-                t1 = time.time()
-                emb = per_image_embeddings(ctx, s, imgs, seed)
-                _log(f"per-image TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
-                mean = emb.mean(0)
-                if todo(style, n, seed, "mean", None):
+        if seed == 0 and start_block(style, 0, 0):
+            try:
+                base = {"style": style, "n": 0, "seed": 0}
+                if todo(style, 0, 0, "prompt_words", None):
+                    prompts = [
+                        f"a {sh} in {style} style"
+                        for sh in shapes
+                        for _ in range(s.eval_per_template)
+                    ]
                     record(
-                        tag
-                        | {"method": "mean", "epsilon": None}
-                        | evaluate(ctx, s, style, flat=mean, seed=seed)
+                        base
+                        | {"method": "prompt_words", "epsilon": None}
+                        | evaluate(ctx, s, style, prompts=prompts)
                     )
-                for eps in s.epsilons:
-                    for method in ("dpagg_full", "dpagg_wor"):
-                        if not todo(style, n, seed, method, eps):
-                            continue
-                        if method == "dpagg_full":
-                            plan = accountant.calibrate(eps, delta, n, "full")
-                        else:
-                            m = max(2, int(round(s.wor_fraction * n)))
-                            plan = accountant.calibrate(eps, delta, n, "wor", m=m)
-                        rel = mechanism.dp_mean(
-                            emb, plan=plan, clip_norm=ctx.clip_norm, center=ctx.centre,
-                            centre_kind="initializer",
-                        )  # fmt: skip
-                        res = evaluate(ctx, s, style, flat=rel.vector, seed=seed)
+                if todo(style, 0, 0, "no_style", None):
+                    prompts = [f"a {sh}" for sh in shapes for _ in range(s.eval_per_template)]
+                    record(
+                        base
+                        | {"method": "no_style", "epsilon": None}
+                        | evaluate(ctx, s, style, prompts=prompts)
+                    )
+            finally:
+                _release(out, style, 0, 0)
+        for n in s.ns:
+            if not start_block(style, n, seed):
+                continue
+            try:
+                delta = 1.0 / (10 * n)
+                tag = {"style": style, "n": n, "seed": seed}
+                imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
+                need_emb = todo(style, n, seed, "mean", None) or any(
+                    todo(style, n, seed, m, e)
+                    for m in ("dpagg_full", "dpagg_wor")
+                    for e in s.epsilons
+                )
+                if need_emb:
+                    t1 = time.time()
+                    emb = per_image_embeddings(ctx, s, imgs, seed)
+                    _log(f"per-image TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
+                    mean = emb.mean(0)
+                    if todo(style, n, seed, "mean", None):
                         record(
                             tag
-                            | {
-                                "method": method,
-                                "epsilon": eps,
-                                "clip_norm": ctx.clip_norm,
-                                "sigma": plan.noise_std(ctx.clip_norm),
-                                "z": plan.noise_multiplier,
-                            }
-                            | res
-                            | {
-                                "cos": _cos(rel.vector, mean),
-                                "cos_centred": _cos(rel.vector - ctx.centre, mean - ctx.centre),
-                            }
+                            | {"method": "mean", "epsilon": None}
+                            | evaluate(ctx, s, style, flat=mean, seed=seed)
                         )
-            cfg = dpsgd_config(ctx, s, n, seed)
-            if todo(style, n, seed, "ti_shared", None):
-                t1 = time.time()
-                shared = dpsgd.train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
-                _log(f"shared TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
-                flat = shared.double().flatten().numpy()
-                record(
-                    tag
-                    | {"method": "ti_shared", "epsilon": None}
-                    | evaluate(ctx, s, style, flat=flat, seed=seed)
-                )
-            for eps in s.epsilons:
-                if not todo(style, n, seed, "dpsgd", eps):
-                    continue
-                t1 = time.time()
-                res = dpsgd.train_dpsgd(ctx.backend, imgs, cfg, target_epsilon=eps, delta=delta)
-                flat = res.vectors["emb_params"].double().flatten().numpy()
-                _log(
-                    f"DP-SGD {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
-                    f"{time.time() - t1:.0f}s"
-                )
-                record(
-                    tag
-                    | {
-                        "method": "dpsgd",
-                        "epsilon": eps,
-                        "clip_norm": cfg.clip_norm,
-                        "sigma": res.plan.noise_std(cfg.clip_norm),
-                        "z": res.noise_multiplier,
-                    }
-                    | evaluate(ctx, s, style, flat=flat, seed=seed)
-                )
+                    for eps in s.epsilons:
+                        for method in ("dpagg_full", "dpagg_wor"):
+                            if not todo(style, n, seed, method, eps):
+                                continue
+                            if method == "dpagg_full":
+                                plan = accountant.calibrate(eps, delta, n, "full")
+                            else:
+                                m = max(2, int(round(s.wor_fraction * n)))
+                                plan = accountant.calibrate(eps, delta, n, "wor", m=m)
+                            rel = mechanism.dp_mean(
+                                emb, plan=plan, clip_norm=ctx.clip_norm, center=ctx.centre,
+                                centre_kind="initializer",
+                            )  # fmt: skip
+                            res = evaluate(ctx, s, style, flat=rel.vector, seed=seed)
+                            record(
+                                tag
+                                | {
+                                    "method": method,
+                                    "epsilon": eps,
+                                    "clip_norm": ctx.clip_norm,
+                                    "sigma": plan.noise_std(ctx.clip_norm),
+                                    "z": plan.noise_multiplier,
+                                }
+                                | res
+                                | {
+                                    "cos": _cos(rel.vector, mean),
+                                    "cos_centred": _cos(rel.vector - ctx.centre, mean - ctx.centre),
+                                }
+                            )
+                cfg = dpsgd_config(ctx, s, n, seed)
+                if todo(style, n, seed, "ti_shared", None):
+                    t1 = time.time()
+                    shared = dpsgd.train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
+                    _log(f"shared TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
+                    flat = shared.double().flatten().numpy()
+                    record(
+                        tag
+                        | {"method": "ti_shared", "epsilon": None}
+                        | evaluate(ctx, s, style, flat=flat, seed=seed)
+                    )
+                for eps in s.epsilons:
+                    if not todo(style, n, seed, "dpsgd", eps):
+                        continue
+                    t1 = time.time()
+                    res = dpsgd.train_dpsgd(ctx.backend, imgs, cfg, target_epsilon=eps, delta=delta)
+                    flat = res.vectors["emb_params"].double().flatten().numpy()
+                    _log(
+                        f"DP-SGD {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
+                        f"{time.time() - t1:.0f}s"
+                    )
+                    record(
+                        tag
+                        | {
+                            "method": "dpsgd",
+                            "epsilon": eps,
+                            "clip_norm": cfg.clip_norm,
+                            "sigma": res.plan.noise_std(cfg.clip_norm),
+                            "z": res.noise_multiplier,
+                        }
+                        | evaluate(ctx, s, style, flat=flat, seed=seed)
+                    )
+            finally:
+                _release(out, style, n, seed)
     _log(f"experiment finished in {time.time() - t0:.0f}s")
-    return rows
+    return _read_rows(log_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="1 style, n=10, 2 epsilons, short training"
     )
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="worker processes sharing --out (one block each)"
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--report-only", action="store_true", help="only rebuild table/plot from results.jsonl"
     )
@@ -543,8 +607,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         log_path = args.out / "results.jsonl"
         rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    elif args.jobs > 1:
+        argv_one = list(sys.argv[1:] if argv is None else argv)
+        if "--jobs" in argv_one:
+            i = argv_one.index("--jobs")
+            del argv_one[i : i + 2]
+        workers = [
+            subprocess.Popen([sys.executable, __file__, *argv_one, "--jobs", "1", "--worker"])
+            for _ in range(args.jobs)
+        ]
+        codes = [w.wait() for w in workers]
+        if any(codes):
+            _log(f"worker exit codes {codes}")
+            return 1
+        rows = _read_rows(args.out / "results.jsonl")
     else:
         rows = run(s, args.out)
+        if args.worker:
+            return 0
     md = table(rows, s)
     (args.out / "table.md").write_text(md)
     png = plot(rows, s, args.out / "utility_vs_epsilon.png")
