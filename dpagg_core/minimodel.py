@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .tiny import SD_NOISE_SCHEDULE
+
 MODEL_FILE = Path(__file__).resolve().parent / "data" / "minimodel.safetensors"
 MODEL_DIR_ENV = "DPAGG_MINIMODEL_DIR"  # optional override: a folder holding minimodel.safetensors
 
@@ -60,15 +62,8 @@ LATENT_SIZE = 8
 LATENT_CHANNELS = 8
 IMAGE_SIZE = 32
 
-SCHEDULER_KW: dict[str, Any] = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    prediction_type="epsilon",
+SCHEDULER_KW: dict[str, Any] = SD_NOISE_SCHEDULE | dict(
+    set_alpha_to_one=False, prediction_type="epsilon"
 )
 
 

@@ -13,6 +13,16 @@ import torch
 
 from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
+# Stable Diffusion 1.x/2.x's training noise schedule (scheduler kwargs).
+SD_NOISE_SCHEDULE: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    clip_sample=False,
+)
+
 
 def small_clip_text_config(hidden_size: int, **overrides: Any) -> dict[str, Any]:
     """``CLIPTextConfig`` kwargs of a small CLIP text encoder over the real CLIP vocabulary
@@ -86,14 +96,7 @@ def tiny_pipeline(hidden_size: int = 32, seed: int = 0, heads: int = 8):
     """A ``StableDiffusionPipeline`` of tiny random components (32 px images -> 16 px latents)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-    )
+    scheduler = DDPMScheduler(**SD_NOISE_SCHEDULE)
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(hidden_size, seed),

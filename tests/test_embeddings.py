@@ -178,23 +178,12 @@ def _tiny_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dpagg_core.tiny import tiny_text_encoder, tiny_vae
+    from dpagg_core.tiny import small_clip_text_config, tiny_text_encoder, tiny_vae
     from dpagg_core.tokenizer import clip_tokenizer
 
     def te2():
         torch.manual_seed(1)
-        cfg = CLIPTextConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
+        cfg = CLIPTextConfig(**small_clip_text_config(64, projection_dim=32))
         return CLIPTextModelWithProjection(cfg).eval()
 
     pipe = StableDiffusionXLPipeline(
