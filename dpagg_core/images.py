@@ -106,14 +106,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def pixel_digest(rgb: np.ndarray) -> bytes:
+    """Digest of one picture's decoded 8-bit RGB pixels ``[H, W, 3]`` and size: the per-image
+    input of the dataset id. Every entry point (files, PIL images, ComfyUI tensors) calls this,
+    so the same pictures always share one budget."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width = int(rgb.shape[0]), int(rgb.shape[1])
+    h = hashlib.sha256(repr((width, height)).encode())
+    h.update(rgb.tobytes())
+    return h.digest()
+
+
 def _process(img: Image.Image, resolution: int) -> tuple[np.ndarray, bytes, tuple[int, int]]:
     """(uint8 [R, R, 3] pixels, digest of the full-size decoded RGB pixels, full size)."""
     img = ImageOps.exif_transpose(img)
     rgb = _to_rgb(img)
-    h = hashlib.sha256(repr(rgb.size).encode())
-    h.update(rgb.tobytes())
     fitted = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
-    return np.asarray(fitted, dtype=np.uint8), h.digest(), rgb.size
+    return np.asarray(fitted, dtype=np.uint8), pixel_digest(np.asarray(rgb)), rgb.size
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:

@@ -37,6 +37,7 @@ from dpagg_core import accountant, ti
 from dpagg_core.accountant import SAMPLINGS, PrivacyPlan
 from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, sanitize_name
 from dpagg_core.errors import BudgetExceeded, DpaggError
+from dpagg_core.images import pixel_digest
 from dpagg_core.ledger import Ledger
 from dpagg_core.paths import LEDGER_ENV
 from dpagg_core.release import CENTRES, release_embeddings
@@ -88,13 +89,10 @@ def _flatten_images(images: Any) -> list[torch.Tensor]:
 
 
 def _image_digest(img: torch.Tensor) -> bytes:
-    """Digest of one image's decoded 8-bit RGB pixels and size, exactly as
-    ``dpagg_core.images`` computes it (sha256 of ``repr((width, height))`` + RGB bytes).
-    ComfyUI hands over pixels / 255, so rounding recovers the 8-bit values."""
-    arr = (img.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
-    h = hashlib.sha256(repr((int(arr.shape[1]), int(arr.shape[0]))).encode())
-    h.update(arr.numpy().tobytes())
-    return h.digest()
+    """``dpagg_core.images.pixel_digest`` of one ComfyUI image: ComfyUI hands over pixels / 255,
+    so rounding recovers the 8-bit values the CLI would decode from the file."""
+    arr = (img.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return pixel_digest(arr.numpy())
 
 
 def images_dataset_id(images: Sequence[torch.Tensor]) -> str:
