@@ -207,6 +207,15 @@ def _read_rows(log_path: Path) -> list[dict]:
     return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
 
+def _values(rows: list[dict], method: str, n: int, eps: float | None, key: str) -> list[float]:
+    """``key`` of every row of one (method, n, epsilon) cell, over styles and seeds."""
+    return [
+        r[key]
+        for r in rows
+        if r["method"] == method and r["n"] == n and r["epsilon"] == eps and key in r
+    ]
+
+
 def _keys(rows: list[dict]) -> set[tuple]:
     return {(r["style"], r["n"], r["seed"], r["method"], r["epsilon"]) for r in rows}
 
@@ -260,7 +269,7 @@ def run(s: Settings, out: Path) -> list[dict]:
     ctx = make_context(s)
 
     def record(row: dict) -> None:
-        keys.add((row["style"], row["n"], row["seed"], row["method"], row["epsilon"]))
+        keys.update(_keys([row]))
         with open(log_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:g}"
@@ -420,13 +429,6 @@ def table(rows: list[dict], s: Settings) -> str:
     lines = []
     eps_cols = [None, *s.epsilons]
 
-    def sel(method, n, eps, key):
-        return [
-            r[key]
-            for r in rows
-            if r["method"] == method and r["n"] == n and r["epsilon"] == eps and key in r
-        ]
-
     ref = [r for r in rows if r["n"] == 0]
     if ref:
         lines.append("Reference prompts (no private data), over styles:\n")
@@ -452,7 +454,7 @@ def table(rows: list[dict], s: Settings) -> str:
             lines.append(head)
             lines.append("|---" * (len(eps_cols) + 1) + "|")
             for method in ("ti_shared", "mean", "dpagg_full", "dpagg_wor", "dpsgd"):
-                cells = [_ms(sel(method, n, e, metric), digits) for e in eps_cols]
+                cells = [_ms(_values(rows, method, n, e, metric), digits) for e in eps_cols]
                 if all(c == "–" for c in cells):
                     continue
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -466,7 +468,7 @@ def table(rows: list[dict], s: Settings) -> str:
     for method in ("dpagg_full", "dpagg_wor"):
         for n in s.ns:
             cells = [
-                f"{_ms(sel(method, n, e, 'cos'))} / {_ms(sel(method, n, e, 'cos_centred'))}"
+                " / ".join(_ms(_values(rows, method, n, e, k)) for k in ("cos", "cos_centred"))
                 for e in s.epsilons
             ]
             lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
@@ -502,11 +504,7 @@ def plot(rows: list[dict], s: Settings, path: Path) -> Path:
     lo, hi = math.log(min(s.epsilons)), math.log(max(s.epsilons))
 
     def mean_of(method: str, n: int, eps: float | None, key: str) -> float | None:
-        vals = [
-            r[key]
-            for r in rows
-            if r["method"] == method and r["n"] == n and r["epsilon"] == eps and key in r
-        ]
+        vals = _values(rows, method, n, eps, key)
         return float(np.mean(vals)) if vals else None
 
     for row, (key, title, methods) in enumerate(PANELS):

@@ -116,11 +116,15 @@ def sd15_pipeline(device: torch.device):
     )
 
 
+TINY_HEADS = {"tiny": 8, "tiny-wide": 2}
+MODELS = (*TINY_HEADS, "sd15")
+
+
 def build(model: str, device: torch.device, weight_dtype: torch.dtype):
-    if model in ("tiny", "tiny-wide"):
+    if model in TINY_HEADS:
         from dpagg_core.tiny import tiny_pipeline
 
-        pipe = tiny_pipeline(heads=8 if model == "tiny" else 2)
+        pipe = tiny_pipeline(heads=TINY_HEADS[model])
     else:
         pipe = sd15_pipeline(device)
     pipe.to(device)
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     for model in models:
-        if model not in ("tiny", "tiny-wide", "sd15"):
+        if model not in MODELS:
             print(f"ti_throughput: unknown --model {model!r}", file=sys.stderr)
             return 2
     for model in models:

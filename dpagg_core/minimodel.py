@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .tiny import SD_NOISE_SCHEDULE
+from .tiny import SD_NOISE_SCHEDULE, small_clip_text_config
 
 MODEL_FILE = Path(__file__).resolve().parent / "data" / "minimodel.safetensors"
 MODEL_DIR_ENV = "DPAGG_MINIMODEL_DIR"  # optional override: a folder holding minimodel.safetensors
@@ -50,10 +50,6 @@ TI_INITIALIZER = "style"
 TI_VECTORS = 2
 TI_STEPS = 150
 TI_LEARNING_RATE = 1e-2
-# DPAgg clip norm for this recipe: median distance of per-image embeddings of a PUBLIC training
-# style ("forest striped", 16 images) to the initializer centre, as bench/reproduce_paper.py
-# measures it. Public, so choosing it costs no privacy.
-CLIP_NORM = 2.1
 
 TEXT_WIDTH = 64
 LATENT_SIZE = 8
@@ -68,8 +64,6 @@ SCHEDULER_KW: dict[str, Any] = SD_NOISE_SCHEDULE | dict(
 
 
 def text_encoder_config() -> dict[str, Any]:
-    from .tiny import small_clip_text_config
-
     return small_clip_text_config(
         TEXT_WIDTH, hidden_act="quick_gelu", attention_dropout=0.0, dropout=0.0
     )

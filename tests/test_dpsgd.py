@@ -29,13 +29,7 @@ from dpagg_core.errors import DpaggError
 from dpagg_core.ti import LatentDist, resolve_templates
 from dpagg_core.tiny import tiny_pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ if str(ROOT) not in sys.path:
 from bench import reproduce_paper  # noqa: E402
 from bench.minimodel import artifact, data, judge  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dataset_is_deterministic_and_ranges_are_disjoint():

@@ -31,14 +31,7 @@ from dpagg_core.ti import (
 )
 from dpagg_core.tiny import tiny_pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI/dev machines are small and shared: one intra-op thread is faster than two fighting.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
