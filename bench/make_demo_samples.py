@@ -6,10 +6,20 @@ procedural dataset's reserved ``DEMO_OFFSET`` range, so they are disjoint from e
 model, the judge or the benchmark used. Deterministic: same code, same files.
 
     .venv/bin/python bench/make_demo_samples.py
+
+``--public DIR`` instead writes the PUBLIC images the demo's clip norm comes from: 16 renders of
+the training style ``PUBLIC_STYLE`` (never the private ones). ``dpagg_core.demo.DEMO_CLIP_NORM``
+is what this prints for them, with the demo's TI settings:
+
+    .venv/bin/python bench/make_demo_samples.py --public /tmp/public
+    .venv/bin/dpagg suggest-clip-norm --public-images /tmp/public --model <demo out>/minimodel-* \
+        --vectors 2 --initializer style --steps 80 --learning-rate 0.02 --batch-size 16 \
+        --resolution 32 --quantile 0.5
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,16 +34,27 @@ from dpagg_core.demo import DEMO_COUNT  # noqa: E402
 from dpagg_core.minimodel import DEMO_STYLE  # noqa: E402
 
 OUT = ROOT / "dpagg_core" / "samples"
+PUBLIC_STYLE = "forest striped"  # a training style, as in bench/reproduce_paper.py
+PUBLIC_COUNT = 16
+
+
+def write(style: str, count: int, offset: int, folder: Path, prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"{prefix}_*.png"):
+        old.unlink()
+    for i, ex in enumerate(data.style_examples(style, count, offset=offset)):
+        Image.fromarray(ex.image).save(folder / f"{prefix}_{i:03d}.png", optimize=True)
+    print(f"wrote {count} images of {style!r} to {folder}")
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for old in OUT.glob("*.png"):
-        old.unlink()
-    examples = data.style_examples(DEMO_STYLE, DEMO_COUNT, offset=data.DEMO_OFFSET)
-    for i, ex in enumerate(examples):
-        Image.fromarray(ex.image).save(OUT / f"private_{i:03d}.png", optimize=True)
-    print(f"wrote {len(examples)} images of {DEMO_STYLE!r} to {OUT}")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--public", type=Path, help="write the public clip-norm images here instead")
+    args = ap.parse_args()
+    if args.public:
+        write(PUBLIC_STYLE, PUBLIC_COUNT, data.REFERENCE_OFFSET, args.public, "public")
+    else:
+        write(DEMO_STYLE, DEMO_COUNT, data.DEMO_OFFSET, OUT, "private")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 2. ``dpagg run`` trains one textual-inversion embedding per image, calibrates the Gaussian noise
    to epsilon = ``DEMO_EPSILON`` (delta = 1/(10 n)), releases the DP mean through a fresh ledger
    and writes ``demo_style.safetensors``. The clip norm is public: ``dpagg suggest-clip-norm`` on
-   16 images of a *training* style with the same TI settings printed 2.55.
+   16 images of a *training* style with the same TI settings printed 2.55 (the command is in
+   ``bench/make_demo_samples.py``).
 3. The released file is loaded the way a user would (diffusers ``load_textual_inversion``) and
    ``demo_with_without.png`` shows the private images, the model without the embedding and with
    it, same seeds.
