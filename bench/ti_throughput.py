@@ -16,8 +16,9 @@ models in turn (target: ratio >= 5 at N = 16 on 2 cores), both with SD1.x's layo
 (cross-attention at the full-resolution level, 16 x 16 latents = 256 tokens):
 
 * ``tiny``: ``dpagg_core.tiny`` as the tests use it, 8 heads of width 4 (and 8). PyTorch's CPU
-  flash attention is inefficient for such narrow heads: ~60% of a batched step, a per-image cost
-  that batching cannot remove, which caps the ratio;
+  flash attention is inefficient for such narrow heads: ~60% of a batched step (``--profile``), a
+  per-image cost that batching cannot remove, which caps the ratio; the alternatives
+  (``--attention math|classic``) are slower still;
 * ``tiny-wide``: the same model with 2 heads of width 16 (and 32), nearer SD1.5's 40-160 wide
   heads; here the per-step overheads that batching removes dominate.
 
@@ -208,12 +209,17 @@ def measure(model: str, args: argparse.Namespace, device, weight_dtype, autocast
     """Both engines on one model, alternating; prints one table."""
     t0 = time.perf_counter()
     pipe = build(model, device, weight_dtype)
+    if args.attention == "classic":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())
     backend = DiffusersBackend.from_pipeline(pipe, base_model_id=f"bench-{model}")
     seq = Sequential(pipe, args.vectors, "painting", 5e-3, autocast)
     print(
         f"model={model} device={device} res={args.resolution} steps={args.steps} "
         f"repeats={args.repeats} "
         f"vectors={args.vectors} precision={args.mixed_precision} threads={args.threads} "
+        f"attention={args.attention} "
         f"(built in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB)"
     )
     if device.type == "cuda":
@@ -274,6 +280,17 @@ def measure(model: str, args: argparse.Namespace, device, weight_dtype, autocast
                 f" {f_bat / t_bat / 1e12:>16.2f} {args.steps / t_bat:>13.2f}"
             )
         print(line, flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        n = max(ns)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_vectors(backend, all_images[:n], cfg(n, args.steps))
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        attention = sum(e.self_cpu_time_total for e in events if "attention" in e.key)
+        share = 100 * attention / total
+        print(f"profile N={n}: SDPA attention kernels' self time {share:.0f}% of batched CPU time")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     p.add_argument("--flops", action="store_true", help="count FLOPs and print TFLOP/s")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--attention",
+        choices=("sdpa", "math", "classic"),
+        default="sdpa",
+        help="UNet attention for both engines: PyTorch SDPA (default, flash on CPU), SDPA's math "
+        "kernel, or diffusers' classic bmm processor",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the share of a batched run (largest N) spent in attention kernels",
+    )
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -318,8 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         if model not in MODELS:
             print(f"ti_throughput: unknown --model {model!r}", file=sys.stderr)
             return 2
-    for model in models:
-        measure(model, args, device, weight_dtype, autocast)
+    kernel = contextlib.nullcontext()
+    if args.attention == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    with kernel:
+        for model in models:
+            measure(model, args, device, weight_dtype, autocast)
     print(f"peak RSS {peak_rss_mib():.0f} MiB", end="")
     if device.type == "cuda":
         print(
