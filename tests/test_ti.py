@@ -41,25 +41,13 @@ def tiny_sdxl_pipeline(seed: int = 0):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dpagg_core.tiny import tiny_text_encoder, tiny_vae
-    from dpagg_core.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+    from dpagg_core.tiny import small_clip_text_config, tiny_text_encoder, tiny_vae
+    from dpagg_core.tokenizer import clip_tokenizer
 
     te1 = tiny_text_encoder(32, seed=seed + 1)
     torch.manual_seed(seed + 2)
     te2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0,
-            projection_dim=48,
-            hidden_act="gelu",
-        )
+        CLIPTextConfig(**small_clip_text_config(48, pad_token_id=0, hidden_act="gelu"))
     ).eval()
     torch.manual_seed(seed + 3)
     unet = UNet2DConditionModel(
