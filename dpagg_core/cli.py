@@ -71,7 +71,9 @@ def _add_plan_args(p: argparse.ArgumentParser, *, allow_noise: bool = True) -> N
 
 def _add_ledger_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--ledger", type=Path, help="ledger file (default: $DPAGG_LEDGER or the user data dir)"
+        "--ledger",
+        type=Path,
+        help="ledger file (default: $DPAGG_LEDGER or the user data dir); its key ids the images",
     )
 
 
@@ -198,7 +200,7 @@ def _report_release(args: argparse.Namespace, outcome: Any, method: str = "") ->
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from .embeddings import load_private
 
-    eset = load_private(args.embeddings)
+    eset = load_private(args.embeddings, key=_ledger(args).identity_key())
     plan = _plan(args, eset.n)
     default_centre = "initializer" if eset.centre is not None else "origin"
     return _release_and_report(args, eset, plan, default_centre=default_centre)
@@ -415,7 +417,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.keep_private_embeddings:
         from .embeddings import save_private
 
-        path = save_private(eset, args.keep_private_embeddings)
+        path = save_private(
+            eset, args.keep_private_embeddings, key=_ledger(args).identity_key()
+        )
         log.warning(
             "wrote PRIVATE per-image embeddings to %s: each row can leak its image; keep this "
             "file as private as the images and never put it in an embeddings folder",
@@ -759,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common], help="per-image textual inversion")
     _add_train_args(p)
+    _add_ledger_args(p)  # its key ids the image set (and authenticates the private file)
     p.add_argument(
         "--keep-private-embeddings",
         type=Path,

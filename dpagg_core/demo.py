@@ -104,7 +104,7 @@ def with_without_sheet(model: Path, embedding: Path, private: Path, out_png: Pat
     return out_png
 
 
-def _synthetic_set():
+def _synthetic_set(key: bytes):
     from .embeddings import EmbeddingSet, dataset_id_for
 
     gen = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def _synthetic_set():
         base_model_id="demo-synthetic",
         centre={"emb_params": centre.float()},
         initializer="painting",
-        dataset_id=dataset_id_for([b"dpagg-demo-synthetic"]),
+        dataset_id=dataset_id_for([b"dpagg-demo-synthetic"], key=key),
     )
 
 
@@ -134,11 +134,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.aggregation_only:
         from .embeddings import save_private
+        from .ledger import identity_key
 
         _banner("1. a synthetic private embedding set (50 x 1 x 32)")
         private = out / "private" / "per_image.safetensors"
         if not private.exists():
-            save_private(_synthetic_set(), private)
+            key = identity_key(ledger)
+            save_private(_synthetic_set(key), private, key=key)
         first = [
             "aggregate",
             "--embeddings",

@@ -49,12 +49,12 @@ import numpy as np
 import torch
 
 from .errors import DpaggError
-from .paths import install_salt
 
 logger = logging.getLogger(__name__)
 
 RELEASE_FORMAT = "dpagg-release/1"
-PRIVATE_FORMAT = "dpagg-private/1"
+PRIVATE_FORMAT = "dpagg-private/2"
+_OLD_PRIVATE_FORMATS = ("dpagg-private/1",)
 PRIVATE_MARKER = "dpagg_private_embedding_set"
 
 KINDS = ("textual_inversion", "clip_image")
@@ -132,8 +132,8 @@ class EmbeddingSet:
 
     ``centre`` is a *public* embedding ``[v, dim]`` per key (e.g. the initializer token's
     embedding): the mechanism clips around it, so it must never be computed from the images
-    (invariant 2). ``dataset_id`` is the salted id from :func:`dataset_id_for`; the ledger keys
-    budgets on it.
+    (invariant 2). ``dataset_id`` is the keyed id from :func:`dataset_id_for` (the ledger's
+    identity key); the ledger keys budgets on it.
     """
 
     vectors: dict[str, torch.Tensor]
@@ -288,19 +288,16 @@ class EmbeddingSet:
         for key in self._keys if self.centre is not None else ():
             put(self.centre[key].numpy().astype("<f4", copy=False).tobytes())
 
-    def content_hash(self) -> str:
-        """Salted SHA-256 (HMAC with the install salt) of everything in this set.
+    def content_hash(self, key: bytes) -> str:
+        """HMAC-SHA256 under the ledger's identity ``key`` of everything in this set (dataset id,
+        model, centre, every vector).
 
-        Lets the ledger recognise a re-run of the identical request. Salted like
-        :func:`dataset_id_for`: an unsalted hash of private vectors would let anyone holding a
-        candidate set confirm a guess.
+        Keyed like :func:`dataset_id_for`: an unkeyed hash of private vectors would let anyone
+        holding a candidate set confirm a guess. It authenticates private files
+        (:func:`save_private`): without the key, nobody can relabel or edit a file and have it
+        accepted.
         """
-        h = hmac.new(install_salt(), b"dpagg-embedding-set/1", hashlib.sha256)
-        self._digest(h)
-        return h.hexdigest()
-
-    def _integrity(self) -> str:
-        h = hashlib.sha256(b"dpagg-embedding-set/1")
+        h = hmac.new(_check_key(key), b"dpagg-embedding-set/2", hashlib.sha256)
         self._digest(h)
         return h.hexdigest()
 
@@ -310,13 +307,26 @@ class EmbeddingSet:
 # --------------------------------------------------------------------------------------------
 
 
-def dataset_id_for(contents: Iterable[bytes]) -> str:
-    """Id of a private image collection: HMAC-SHA256 (install salt) of its images' bytes.
+def _check_key(key: Any) -> bytes:
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise DpaggError(
+            "the identity key must be the 32 bytes of a ledger's key (ledger.identity_key()); "
+            f"got {type(key).__name__}"
+            + (f" of length {len(key)}" if isinstance(key, (bytes, bytearray)) else "")
+        )
+    return key
+
+
+def dataset_id_for(contents: Iterable[bytes], *, key: bytes) -> str:
+    """Id of a private image collection: HMAC-SHA256 under the ledger's identity ``key`` of its
+    per-image contents (``images.pixel_digest`` of each decoded picture).
 
     Order-independent (per-image SHA-256 digests are sorted; duplicates count), so renaming or
     re-ordering files keeps the id; editing, adding or removing an image changes it. The ledger
-    keys privacy budgets on this id. Without the salt (random, local, never released) the id
-    reveals nothing about the images: it cannot be used to confirm a guess of the collection.
+    keys privacy budgets on this id. ``key`` is the ledger's (``ledger.identity_key``): one ledger
+    file is one identity space, whichever process, user or data dir computes the id (DESIGN
+    invariant 7). Without the key (random, inside the ledger, never released) the id reveals
+    nothing about the images: it cannot be used to confirm a guess of the collection.
     """
     if isinstance(contents, (bytes, bytearray, memoryview, str)):
         raise DpaggError("dataset_id_for takes an iterable of per-image byte strings, not one blob")
@@ -328,7 +338,7 @@ def dataset_id_for(contents: Iterable[bytes]) -> str:
     if not digests:
         raise DpaggError("dataset_id_for got no images; the image folder must not be empty")
     digests.sort()
-    h = hmac.new(install_salt(), b"dpagg-dataset/1", hashlib.sha256)
+    h = hmac.new(_check_key(key), b"dpagg-dataset/1", hashlib.sha256)
     h.update(len(digests).to_bytes(8, "little"))
     for d in digests:
         h.update(d)
@@ -444,8 +454,15 @@ def _pickle_is_embedding(path: Path) -> bool:
         return False
 
 
-def save_private(eset: EmbeddingSet, path: str | os.PathLike[str]) -> Path:
+def save_private(eset: EmbeddingSet, path: str | os.PathLike[str], *, key: bytes) -> Path:
     """Save the per-image embeddings to a private ``.safetensors`` file (never overwrites).
+
+    The file is authenticated with the ledger's identity ``key`` (``ledger.identity_key``):
+    ``authentication`` is :meth:`EmbeddingSet.content_hash`, an HMAC binding the dataset id, the
+    model, the public centre and every vector, so :func:`load_private` refuses a copy whose
+    dataset id was changed (which would otherwise get a fresh budget) or whose contents were
+    edited. It does not stop someone who holds the ledger file (and so the key), or who retrains
+    from the images under another ledger (a different ledger is a separate budget by design).
 
     PRIVATE DATA (invariant 4). Refused when the folder looks like one prompts load embeddings
     from (a path component ``embeddings`` or ``textual_inversion``, or a folder already holding
@@ -481,7 +498,7 @@ def save_private(eset: EmbeddingSet, path: str | os.PathLike[str]) -> Path:
         "base_model_id": eset.base_model_id,
         "dataset_id": eset.dataset_id,
         "n": str(eset.n),
-        "integrity_sha256": eset._integrity(),
+        "authentication": eset.content_hash(key),
         "dpagg_version": __version__,
     }
     if eset.initializer is not None:
@@ -500,8 +517,9 @@ def save_private(eset: EmbeddingSet, path: str | os.PathLike[str]) -> Path:
     return folder / path.name
 
 
-def load_private(path: str | os.PathLike[str]) -> EmbeddingSet:
-    """Load a file written by :func:`save_private` (checks marker, shapes and integrity)."""
+def load_private(path: str | os.PathLike[str], *, key: bytes) -> EmbeddingSet:
+    """Load a file written by :func:`save_private` with the same ledger ``key`` (checks marker,
+    shapes and the authentication tag; an edited, relabelled or foreign-ledger file is refused)."""
     from safetensors import safe_open
 
     path = Path(path).expanduser()
@@ -513,6 +531,13 @@ def load_private(path: str | os.PathLike[str]) -> EmbeddingSet:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise DpaggError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if meta.get(PRIVATE_MARKER) == "true" and meta.get("format") in _OLD_PRIVATE_FORMATS:
+        raise DpaggError(
+            f"{path} was written by an older dpagg ({meta.get('format')}) without an "
+            "authentication tag, so its dataset id cannot be trusted (a relabelled copy would get "
+            "a fresh privacy budget). Fix: train the per-image embeddings again with this dpagg "
+            "(dpagg train / run --keep-private-embeddings)."
+        )
     if meta.get(PRIVATE_MARKER) != "true" or meta.get("format") != PRIVATE_FORMAT:
         raise DpaggError(
             f"{path} is not a dpagg private embedding set (no {PRIVATE_MARKER!r} marker); "
@@ -536,8 +561,13 @@ def load_private(path: str | os.PathLike[str]) -> EmbeddingSet:
         initializer=meta.get("initializer"),
         dataset_id=meta.get("dataset_id", ""),
     )
-    if eset._integrity() != meta.get("integrity_sha256"):
-        raise DpaggError(f"{path} failed its integrity check (edited or damaged); recompute it")
+    if not hmac.compare_digest(eset.content_hash(key), str(meta.get("authentication", ""))):
+        raise DpaggError(
+            f"{path} failed its authentication check: it was edited or relabelled (e.g. its "
+            "dataset_id changed), damaged, or written with another privacy ledger. Nothing was "
+            "released. Fix: use the ledger it was written with (--ledger / DPAGG_LEDGER), or "
+            "train the per-image embeddings again."
+        )
     return eset
 
 

@@ -67,9 +67,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
+import logging
 import math
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -83,9 +86,13 @@ import numpy as np
 from dpagg_core import accountant, mechanism
 from dpagg_core.accountant import PrivacyPlan
 from dpagg_core.errors import BudgetExceeded, DpaggError, LedgerError
-from dpagg_core.paths import default_ledger_path
+from dpagg_core.paths import default_ledger_path, legacy_install_salt, resolve_path
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+# Version 2 keeps the identity key inside the ledger and stores request keys as keyed MACs.
+SCHEMA_VERSION = 2
+KEY_BYTES = 32
 APPLICATION_ID = 0x44504147  # "DPAG": marks a dpagg ledger, so a foreign SQLite file is refused.
 DEFAULT_TIMEOUT_S = 30.0
 REL_TOL = 1e-9
@@ -98,7 +105,20 @@ CHARGE_MODES = ("dpsgd",)
 # right before COMMIT. Tests use it to kill a process at the worst moment. Never set in production.
 _before_commit_hook: Callable[[], None] | None = None
 
-_SCHEMA = """
+# The ledger's identity key (docs/privacy.md, "One identity per ledger"): exactly one row of 32
+# CSPRNG bytes, created in the same transaction as the schema, so no reader can see a ledger
+# without its key or a partial key.
+_KEY_TABLE = """
+CREATE TABLE ledger_key (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    secret  BLOB NOT NULL CHECK (typeof(secret) = 'blob' AND length(secret) = 32),
+    origin  TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE datasets (
     dataset_id    TEXT PRIMARY KEY,
     epsilon_total REAL NOT NULL CHECK (epsilon_total > 0),
@@ -125,6 +145,8 @@ CREATE TABLE releases (
 );
 CREATE INDEX releases_by_dataset ON releases (dataset_id);
 """
+    + _KEY_TABLE
+)
 
 _FIX_PATH = "pass another file with --ledger or the DPAGG_LEDGER environment variable"
 
@@ -282,7 +304,10 @@ def request_key(
     name: str,
     base_model_id: str,
 ) -> str:
-    """sha256 over every input that determines the release (length-prefixed, unambiguous).
+    """Digest (sha256) of every input that determines the release (length-prefixed).
+
+    PRIVATE: it is a function of the per-image embeddings. It is never stored; the ledger
+    stores its MAC under the ledger key (:meth:`Ledger.request_mac`).
 
     Two requests with the same key would be answered by the same mechanism on the same data, so
     the stored answer is returned instead of a fresh draw (post-processing is free).
@@ -323,7 +348,8 @@ def charge_key(
     name: str,
     base_model_id: str,
 ) -> str:
-    """sha256 identifying a train-then-release request (:meth:`Ledger.charge`).
+    """Digest (sha256) identifying a train-then-release request (:meth:`Ledger.charge`); stored
+    only as its MAC under the ledger key, like :func:`request_key`.
 
     The result of such a request is not a function of stored inputs the ledger can hash (the
     per-image embeddings of :func:`request_key`); ``request`` therefore names everything else that
@@ -354,6 +380,19 @@ def charge_key(
             "booleans, lists and dicts only."
         ) from exc
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _request_mac(secret: bytes, digest: str) -> str:
+    """HMAC-SHA256 of a request digest under the ledger key: the value stored as
+    ``request_key``. The unkeyed digest is a function of the per-image embeddings; stored as is,
+    anyone reading the ledger could confirm a guessed image set by recomputing it."""
+    return hmac.new(secret, b"dpagg-request/2\x00" + digest.encode(), hashlib.sha256).hexdigest()
+
+
+def identity_key(ledger_path: str | os.PathLike[str] | None = None) -> bytes:
+    """The identity key of the ledger at ``ledger_path`` (default ``paths.default_ledger_path``),
+    creating the ledger if needed. See :meth:`Ledger.identity_key`."""
+    return Ledger(ledger_path).identity_key()
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +427,7 @@ class Ledger:
     def __init__(
         self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
     ) -> None:
-        self.path = Path(path).expanduser() if path is not None else default_ledger_path()
+        self.path = resolve_path(path) if path is not None else default_ledger_path()
         self.timeout = float(timeout)
 
     def __repr__(self) -> str:
@@ -443,6 +482,7 @@ class Ledger:
             con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             con.execute("PRAGMA synchronous = FULL")
             con.execute("PRAGMA foreign_keys = ON")
+            con.execute("PRAGMA secure_delete = ON")
             self._ensure_schema(con)
             yield con  # sqlite errors raised in the caller's block are mapped here too
         except sqlite3.Error as exc:
@@ -451,7 +491,8 @@ class Ledger:
             con.close()
 
     def _schema_state(self, con: sqlite3.Connection) -> str:
-        """'ok', 'empty' (create it), or raise LedgerError for a foreign or newer file."""
+        """'ok', 'empty' (create it), 'v1' (migrate it), or raise LedgerError for a foreign or
+        newer file."""
         version = con.execute("PRAGMA user_version").fetchone()[0]
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
         tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -463,6 +504,8 @@ class Ledger:
                 f"{app_id:#x}). No release was made. Fix: {_FIX_PATH}; do not point dpagg at "
                 f"another program's database."
             )
+        if version == 1:
+            return "v1"
         if version != SCHEMA_VERSION:
             raise LedgerError(
                 f"privacy ledger {self.path} has schema version {version}, this dpagg reads "
@@ -472,20 +515,108 @@ class Ledger:
         return "ok"
 
     def _ensure_schema(self, con: sqlite3.Connection) -> None:
+        """Create the schema and the identity key in ONE write transaction (or migrate a v1
+        ledger). Every other process waits on the write lock and re-checks, so concurrent first
+        users all end up with the same, complete key; none can read a ledger without one."""
         if self._schema_state(con) == "ok":
             return
         con.execute("BEGIN IMMEDIATE")
         try:
-            if self._schema_state(con) == "empty":  # re-check under the write lock
+            state = self._schema_state(con)  # re-check under the write lock
+            if state == "empty":
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         con.execute(stmt)
+                con.execute(
+                    "INSERT INTO ledger_key (id, secret, origin, created) VALUES (1, ?, ?, ?)",
+                    (secrets.token_bytes(KEY_BYTES), "created", _now()),
+                )
                 con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif state == "v1":
+                self._migrate_v1(con)
             con.execute("COMMIT")
         finally:
             if con.in_transaction:
                 con.execute("ROLLBACK")
+
+    def _migrate_v1(self, con: sqlite3.Connection) -> None:
+        """Schema 1 -> 2, inside the caller's write transaction.
+
+        Schema 1 derived dataset ids from a salt in the data dir (``paths.legacy_install_salt``).
+        That salt is adopted as the ledger's key, so every recorded dataset keeps its id and its
+        budget. Its request keys were unkeyed SHA-256 digests of the request (including the
+        per-image embeddings), which let a reader of the ledger confirm a guessed image set; they
+        are replaced by their MAC under the key, which is exactly what schema 2 computes for the
+        same request, so re-running a recorded request still returns its stored release.
+        ``secure_delete`` (set on every connection) overwrites the old values in the file.
+        """
+        salt = legacy_install_salt()
+        datasets = con.execute("SELECT count(*) FROM datasets").fetchone()[0]
+        if salt is None and datasets:
+            raise LedgerError(
+                f"privacy ledger {self.path} was written by an older dpagg (schema 1) whose "
+                f"dataset ids were keyed by the install salt in the data dir, and no salt file "
+                f"was found there. Without it the {datasets} recorded dataset(s) could not be "
+                "matched to their images (their budgets would silently reset), so the ledger was "
+                "not upgraded and nothing was released. Fix: set DPAGG_DATA_DIR to the data dir "
+                "of the installation that wrote this ledger (the folder holding its 'salt' file) "
+                "and run again once; the salt then moves into the ledger."
+            )
+        secret, origin = (salt, "adopted-install-salt") if salt else (None, "created")
+        if secret is None:
+            secret = secrets.token_bytes(KEY_BYTES)
+        con.execute(_KEY_TABLE)
+        con.execute(
+            "INSERT INTO ledger_key (id, secret, origin, created) VALUES (1, ?, ?, ?)",
+            (secret, origin, _now()),
+        )
+        rows = con.execute("SELECT id, request_key FROM releases").fetchall()
+        for row_id, old in rows:
+            base, sep, attempt = str(old).partition("#")
+            con.execute(
+                "UPDATE releases SET request_key = ? WHERE id = ?",
+                (_request_mac(secret, base) + sep + attempt, row_id),
+            )
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("privacy ledger %s upgraded to schema %d (%s key)", self.path, 2, origin)
+
+    def _secret(self, con: sqlite3.Connection) -> bytes:
+        row = con.execute("SELECT secret FROM ledger_key WHERE id = 1").fetchone()
+        secret = None if row is None else row[0]
+        if not isinstance(secret, bytes) or len(secret) != KEY_BYTES:
+            raise LedgerError(
+                f"privacy ledger {self.path} has a missing or damaged identity key (expected "
+                f"{KEY_BYTES} bytes, found "
+                f"{'none' if secret is None else f'{type(secret).__name__} of {len(secret)}'}). "
+                "Dataset ids cannot be computed safely, so nothing was released. Fix: restore the "
+                f"ledger from a backup, or {_FIX_PATH}."
+            )
+        return secret
+
+    # ---- identity ----------------------------------------------------------------------------
+
+    def identity_key(self) -> bytes:
+        """The ledger's secret key (32 bytes), creating the ledger if needed.
+
+        Every value the ledger stores or the caller derives from private data is keyed by it:
+        dataset ids (:func:`embeddings.dataset_id_for`), request keys, the authentication tag of
+        private per-image files. Because it lives in the ledger file, every process using this
+        ledger (CLI, ComfyUI, WebUI, other users or data dirs) sees the same pictures as the same
+        dataset (DESIGN invariant 7). It is never released, logged or written anywhere else.
+        """
+        with self._connect() as con:
+            return self._secret(con)
+
+    def dataset_id(self, digests: Any) -> str:
+        """Id of the image set with per-image ``digests`` under this ledger's key."""
+        from dpagg_core.embeddings import dataset_id_for
+
+        return dataset_id_for(digests, key=self.identity_key())
+
+    def request_mac(self, digest: str) -> str:
+        """The stored key of a request with :func:`request_key` / :func:`charge_key` ``digest``."""
+        return _request_mac(self.identity_key(), digest)
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -807,6 +938,7 @@ class Ledger:
         budget_delta: float | None,
         mode: str,
     ) -> LedgerRelease:
+        key = _request_mac(self._secret(con), key)
         row = con.execute(
             "SELECT id, vector, record, item_shape FROM releases WHERE request_key = ?", (key,)
         ).fetchone()
@@ -939,6 +1071,7 @@ class Ledger:
         budget_epsilon: float | None,
         budget_delta: float | None,
     ) -> Charge:
+        key = _request_mac(self._secret(con), key)
         # Every earlier attempt of this request: the key itself, then key#2, key#3, ...
         rows = con.execute(
             "SELECT id, vector, record, item_shape FROM releases WHERE request_key = ? OR "
@@ -1084,11 +1217,14 @@ class Ledger:
         return self.charge(**kwargs, _dry_run=True)
 
     def complete(self, release_id: int, vector: Any, record: Mapping[str, str]) -> LedgerRelease:
-        """Store the result of a charged release (:meth:`charge`): ``vector`` (float64, any
-        shape; stored bit-exact) and its public privacy ``record``. Spends nothing (the charge
-        did). Each charged row is completed once; an identical request then returns it.
+        """Store the result of a charged release (:meth:`charge`): ``vector`` (any shape;
+        rounded to the published float32 precision, ``mechanism.to_published_precision``) and its
+        public privacy ``record``. Spends nothing (the charge did). Each charged row is completed
+        once; an identical request then returns it.
         """
         vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float64))
+        if vec.size and np.isfinite(vec).all():
+            vec = mechanism.to_published_precision(vec)
         if vec.size == 0 or not np.isfinite(vec).all():
             raise DpaggError("complete: vector is empty or holds NaN/inf; nothing was stored.")
         if not isinstance(record, Mapping) or not all(

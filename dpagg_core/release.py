@@ -163,7 +163,7 @@ def release_embeddings(
         "name": base,
         "base_model_id": eset.base_model_id,
     }
-    key = request_key(vectors, **request)
+    key = ledger.request_mac(request_key(vectors, **request))
     recorded = any(r["request_key"] == key for r in ledger.list_releases(eset.dataset_id))
     target = base
     if not recorded:

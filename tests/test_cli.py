@@ -13,6 +13,7 @@ import torch
 
 from dpagg_core.cli import main
 from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, save_private
+from dpagg_core.ledger import Ledger
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -23,6 +24,8 @@ def run_json(capsys, *argv: str) -> dict:
 
 
 def private_set(tmp_path: Path, n: int = 30) -> Path:
+    """A private file authenticated with the key of the ledger the CLI tests use."""
+    key = Ledger(tmp_path / "ledger.sqlite").identity_key()
     gen = torch.Generator().manual_seed(1)
     centre = torch.randn(2, 16, generator=gen)
     eset = EmbeddingSet(
@@ -32,9 +35,9 @@ def private_set(tmp_path: Path, n: int = 30) -> Path:
         base_model_id="cli-test",
         centre={"emb_params": centre.float()},
         initializer="painting",
-        dataset_id=dataset_id_for([b"cli"]),
+        dataset_id=dataset_id_for([b"cli"], key=key),
     )
-    return save_private(eset, tmp_path / "private" / "set.safetensors")
+    return save_private(eset, tmp_path / "private" / "set.safetensors", key=key)
 
 
 def test_account_forward_and_reverse(capsys):
@@ -146,6 +149,7 @@ def test_private_set_cannot_be_released_into_prompt_folder_by_accident(tmp_path,
                 dataset_id="x",
             ),
             tmp_path / "models" / "embeddings" / "p.safetensors",
+            key=bytes(32),
         )
 
 

@@ -30,6 +30,7 @@ HS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 VOCAB = 49408
+KEY = bytes(range(32))  # a ledger identity key (tests/test_identity.py covers real ledgers)
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +285,7 @@ def test_metadata_holds_record_and_no_input_paths_or_names(tmp_path):
     for i, nm in enumerate(names):
         (images / nm).write_bytes(bytes([i]) * 100)
         contents.append((images / nm).read_bytes())
-    record = {**_record(), "dataset_id": E.dataset_id_for(contents)}
+    record = {**_record(), "dataset_id": E.dataset_id_for(contents, key=KEY)}
     out = tmp_path / "out"
     path = E.write_released(out, "mystyle", {"emb_params": torch.ones(1, 8)}, record, a1111_pt=True)
 
@@ -462,8 +463,8 @@ def _eset(n=4, v=2, family="sd1", centre=True, seed=0, widths=None) -> Embedding
 def test_private_round_trip(n, v, family, centre, seed):
     eset = _eset(n, v, family, centre, seed)
     with tempfile.TemporaryDirectory() as d:
-        path = E.save_private(eset, Path(d) / "private" / "set.private.safetensors")
-        back = E.load_private(path)
+        path = E.save_private(eset, Path(d) / "private" / "set.private.safetensors", key=KEY)
+        back = E.load_private(path, key=KEY)
     assert back.keys == eset.keys and back.n == n and back.num_vectors == v
     for k in eset.keys:
         assert torch.equal(back.vectors[k], eset.vectors[k])
@@ -472,7 +473,7 @@ def test_private_round_trip(n, v, family, centre, seed):
             assert torch.equal(back.centre[k], eset.centre[k])
     for attr in ("kind", "model_family", "base_model_id", "initializer", "dataset_id"):
         assert getattr(back, attr) == getattr(eset, attr)
-    assert back.content_hash() == eset.content_hash()
+    assert back.content_hash(KEY) == eset.content_hash(KEY)
     assert np.array_equal(back.flat(), eset.flat())
 
 
@@ -527,30 +528,33 @@ def test_embedding_set_validation():
             EmbeddingSet(vectors=vectors, kind=kind, model_family=family, centre=centre)
 
 
-def test_content_hash_and_dataset_id_are_salted_and_sensitive(tmp_path, monkeypatch):
+def test_content_hash_and_dataset_id_are_keyed_and_sensitive():
     a, b = _eset(seed=1), _eset(seed=1)
-    assert a.content_hash() == b.content_hash()
+    assert a.content_hash(KEY) == b.content_hash(KEY)
     b.vectors["emb_params"][2, 1, 3] += 1e-6
-    assert a.content_hash() != b.content_hash()
+    assert a.content_hash(KEY) != b.content_hash(KEY)
     imgs = [b"image-one", b"image-two", b"image-three"]
-    ds = E.dataset_id_for(imgs)
-    assert ds == E.dataset_id_for(reversed(imgs)) == E.dataset_id_for(iter(imgs[::-1]))
-    assert ds != E.dataset_id_for(imgs[:2])
-    assert ds != E.dataset_id_for(imgs + imgs[:1])  # duplicates count
-    assert ds != E.dataset_id_for([b"image-one", b"image-two", b"image-thref"])
+    ds = E.dataset_id_for(imgs, key=KEY)
+    assert (
+        ds
+        == E.dataset_id_for(reversed(imgs), key=KEY)
+        == E.dataset_id_for(iter(imgs[::-1]), key=KEY)
+    )
+    assert ds != E.dataset_id_for(imgs[:2], key=KEY)
+    assert ds != E.dataset_id_for(imgs + imgs[:1], key=KEY)  # duplicates count
+    assert ds != E.dataset_id_for([b"image-one", b"image-two", b"image-thref"], key=KEY)
     import hashlib
 
     for im in imgs:
         assert hashlib.sha256(im).hexdigest()[:32] not in ds
-    h_before = a.content_hash()
-    monkeypatch.setenv("DPAGG_DATA_DIR", str(tmp_path / "another-install"))
-    assert E.dataset_id_for(imgs) != ds and a.content_hash() != h_before
+    other = bytes(reversed(KEY))  # another ledger's key: another identity space
+    assert E.dataset_id_for(imgs, key=other) != ds and a.content_hash(other) != a.content_hash(KEY)
     with pytest.raises(DpaggError, match="no images"):
-        E.dataset_id_for([])
+        E.dataset_id_for([], key=KEY)
     with pytest.raises(DpaggError):
-        E.dataset_id_for(b"one blob")
+        E.dataset_id_for(b"one blob", key=KEY)
     with pytest.raises(DpaggError, match="raw bytes"):
-        E.dataset_id_for(["a string"])
+        E.dataset_id_for(["a string"], key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -559,7 +563,7 @@ def test_content_hash_and_dataset_id_are_salted_and_sensitive(tmp_path, monkeypa
 def test_private_refused_in_prompt_embedding_folders(tmp_path, folder):
     target = tmp_path / folder / "set.safetensors"
     with pytest.raises(DpaggError, match="refusing"):
-        E.save_private(_eset(), target)
+        E.save_private(_eset(), target, key=KEY)
     assert not (tmp_path / folder).exists() or _files(tmp_path / folder) == []
 
 
@@ -567,7 +571,7 @@ def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
     rel = tmp_path / "released"
     E.write_released(rel, "style", {"emb_params": torch.ones(1, 8)}, {})
     with pytest.raises(DpaggError, match="style.safetensors"):
-        E.save_private(_eset(), rel / "set.safetensors")
+        E.save_private(_eset(), rel / "set.safetensors", key=KEY)
 
     # A foreign diffusers-style embedding (single key, no dpagg metadata).
     from safetensors.torch import save_file
@@ -578,7 +582,7 @@ def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
         {"clip_l": torch.ones(1, 8), "clip_g": torch.ones(1, 16)}, str(foreign / "x.safetensors")
     )
     with pytest.raises(DpaggError, match="x.safetensors"):
-        E.save_private(_eset(), foreign / "set.safetensors")
+        E.save_private(_eset(), foreign / "set.safetensors", key=KEY)
 
     # Torch files are scanned for TI markers without being unpickled: a hostile pickle's
     # payload never runs, with or without markers in it.
@@ -597,9 +601,9 @@ def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
         (folder / "thing.pt").write_bytes(blob)
         if extra == "emb_params":
             with pytest.raises(DpaggError, match="thing.pt"):
-                E.save_private(_eset(), folder / "set.safetensors")
+                E.save_private(_eset(), folder / "set.safetensors", key=KEY)
         else:
-            E.save_private(_eset(), folder / "set.safetensors")
+            E.save_private(_eset(), folder / "set.safetensors", key=KEY)
         assert not marker.exists()
 
     # And an A1111 .pt (zip format) is recognised.
@@ -607,7 +611,7 @@ def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
     E.write_released(a1111, "old", {"emb_params": torch.ones(1, 8)}, {}, a1111_pt=True)
     (a1111 / "old.safetensors").unlink()
     with pytest.raises(DpaggError, match="old.pt"):
-        E.save_private(_eset(), a1111 / "set.safetensors")
+        E.save_private(_eset(), a1111 / "set.safetensors", key=KEY)
 
 
 def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tmp_path, caplog):
@@ -615,7 +619,7 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
 
     eset = _eset(n=3, v=1, widths={"emb_params": 32})
     with caplog.at_level(logging.WARNING, logger="dpagg_core.embeddings"):
-        path = E.save_private(eset, tmp_path / "priv" / "set.safetensors")
+        path = E.save_private(eset, tmp_path / "priv" / "set.safetensors", key=KEY)
     assert any("PRIVATE" in r.getMessage() for r in caplog.records)
     meta, tensors = _header(path)
     assert meta["dpagg_private_embedding_set"] == "true"
@@ -623,10 +627,10 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
 
     before = path.read_bytes()
     with pytest.raises(DpaggError, match="already exists"):
-        E.save_private(_eset(seed=5), path)
+        E.save_private(_eset(seed=5), path, key=KEY)
     assert path.read_bytes() == before
     with pytest.raises(DpaggError, match=".safetensors"):
-        E.save_private(eset, tmp_path / "priv" / "set.pt")
+        E.save_private(eset, tmp_path / "priv" / "set.pt", key=KEY)
 
     # No consumer takes it for an embedding; dpagg's own reader refuses it too.
     pipe = tiny_pipeline(32)
@@ -639,7 +643,7 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
 
     released = E.write_released(tmp_path / "rel", "r", {"emb_params": torch.ones(1, 4)}, {})
     with pytest.raises(DpaggError, match="not a dpagg private"):
-        E.load_private(released)
+        E.load_private(released, key=KEY)
 
     # Tampering is detected.
     from safetensors.torch import load_file, save_file
@@ -647,5 +651,5 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
     t = load_file(str(path))
     t["per_image.emb_params"][0, 0, 0] += 1.0
     save_file(t, str(tmp_path / "priv" / "edited.safetensors"), metadata=meta)
-    with pytest.raises(DpaggError, match="integrity"):
-        E.load_private(tmp_path / "priv" / "edited.safetensors")
+    with pytest.raises(DpaggError, match="authentication"):
+        E.load_private(tmp_path / "priv" / "edited.safetensors", key=KEY)

@@ -25,7 +25,7 @@ def make_set(n: int = 20, dim: int = 16, seed: int = 0, tag: bytes = b"set") -> 
         base_model_id="test-model",
         centre={"emb_params": centre.float()},
         initializer="painting",
-        dataset_id=dataset_id_for([tag]),
+        dataset_id=dataset_id_for([tag], key=b"test-key-" + bytes(23)),
     )
 
 

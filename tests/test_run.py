@@ -11,6 +11,7 @@ from PIL import Image
 from dpagg_core import ti
 from dpagg_core.cli import main
 from dpagg_core.embeddings import load_private, read_released
+from dpagg_core.ledger import Ledger
 from dpagg_core.tiny import tiny_pipeline
 
 
@@ -98,7 +99,7 @@ def test_train_keeps_private_embeddings_only_where_asked(tmp_path, tiny_model_di
         str(target),
     ]
     assert main(argv) == 0
-    eset = load_private(target)
+    eset = load_private(target, key=Ledger().identity_key())  # the default ledger (conftest)
     assert eset.n == 3 and eset.kind == "textual_inversion" and eset.centre is not None
     bad = [*argv[:-1], str(tmp_path / "models" / "embeddings" / "x.safetensors")]
     assert main(bad) == 2
