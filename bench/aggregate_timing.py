@@ -69,9 +69,11 @@ def main() -> None:
         dataset_id="x",
     )
 
+    key = ledger.identity_key()
+
     def end_to_end() -> None:
         i = next(counter)
-        object.__setattr__(eset, "dataset_id", dataset_id_for([str(i).encode()]))
+        object.__setattr__(eset, "dataset_id", dataset_id_for([str(i).encode()], key=key))
         release_embeddings(
             eset, plan=plan, clip_norm=1.0, name=f"b{i}", out_dir=tmp / "emb", ledger=ledger
         )
