@@ -20,9 +20,20 @@ wor       2C/m (m of n, no             k = 1: analytic Gaussian at delta0 = delt
                                        (Wang, Balle, Kasiviswanathan 2019, Thm 27).
                                        k > 1: min of RDP with ``SampledWithoutReplacementDpEvent``
                                        and the unamplified k-fold Gaussian (PLD).
-poisson   2C/(qn) replace-one,         PLD of ``PoissonSampledDpEvent`` (dp-accounting; Koskela et
-          C/(qn) add/remove            al. 2020, Zhu, Dong & Wang 2022), k-fold self-composition.
+poisson   2C/(qn) (public denominator  PLD of ``PoissonSampledDpEvent`` (dp-accounting; Koskela et
+          q*n, never the sample size)  al. 2020, Zhu, Dong & Wang 2022), k-fold self-composition.
 ========  ===========================  =============================================================
+
+Neighbouring relation: replace-one only. Every mode divides by a denominator computed from ``n``
+and sets the noise std from it, which is sound only if ``n`` is public, i.e. under replace-one
+adjacency (one item swapped, ``n`` unchanged). Under add/remove adjacency ``n`` itself is private:
+the neighbour with one item removed would get a different denominator and a different noise std
+(for n = 10 vs 9 the variance differs by a factor 1.23: from the squared norm of 4000 768-d
+releases per dataset an audit bounds epsilon at delta 1e-5 below by ~5 where 1 was claimed;
+``tests/test_neighbouring.py``), so no (epsilon, delta) guarantee holds. dpagg
+therefore refuses ``neighbouring='add_remove'`` for every new plan (:data:`NEIGHBOURINGS`);
+plans stored by older versions that say so (:data:`LEGACY_NEIGHBOURINGS`) can still be read,
+e.g. by the ledger to count what they charged, but the mechanism refuses to run them.
 
 The ``noise_multiplier`` trap. dp-accounting uses two conventions under ``REPLACE_ONE``:
 
@@ -32,13 +43,14 @@ The ``noise_multiplier`` trap. dp-accounting uses two conventions under ``REPLAC
 * PLD (``PLDAccountant`` / ``from_gaussian_mechanism``): the REPLACE adjacency compares
   ``N(+s, sigma)`` with ``N(-s, sigma)`` ("sensitivity" is the per-item bound, outputs differ by
   ``2 s``), so the noise multiplier is the std over the *per-item* bound ``C / denominator``:
-  ``2 z`` for replace-one. Under ADD_OR_REMOVE_ONE both conventions agree: ``z``.
+  ``2 z`` for replace-one.
 
 Tests pin every mode at q = 1 (m = n) against the analytic Gaussian with sigma = z.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -57,7 +69,11 @@ from dpagg_core.errors import DpaggError
 
 Sampling = Literal["full", "wor", "poisson"]
 SAMPLINGS: tuple[str, ...] = ("full", "wor", "poisson")
-NEIGHBOURINGS: tuple[str, ...] = ("replace_one", "add_remove")
+# The only neighbouring relation dpagg honours (module docstring: n is public under replace-one).
+NEIGHBOURINGS: tuple[str, ...] = ("replace_one",)
+# Relations older versions could record in a plan: readable (the ledger counts their spend), never
+# accepted for a new plan or release.
+LEGACY_NEIGHBOURINGS: tuple[str, ...] = ("add_remove",)
 
 # Accountant names recorded in plans (and in released files' privacy records).
 ACC_ANALYTIC = "analytic_gaussian"
@@ -106,9 +122,13 @@ class PrivacyPlan:
     """A fully public description of one (or k) DP mean releases.
 
     ``noise_multiplier`` z is the Gaussian noise std divided by the L2 sensitivity of the released
-    mean under ``neighbouring`` (replace-one: 2C/m for wor, 2C/n for full, 2C/(qn) for poisson;
-    add/remove: C/(qn) for poisson). ``epsilon`` is the total over ``releases`` releases at
-    ``delta``.
+    mean under replace-one adjacency (2C/m for wor, 2C/n for full, 2C/(qn) for poisson).
+    ``epsilon`` is the total over ``releases`` releases at ``delta``.
+
+    ``neighbouring`` is always ``'replace_one'`` for plans built by :func:`calibrate` /
+    :func:`epsilon_for`. The dataclass itself accepts a legacy ``'add_remove'`` so that plans
+    stored by older versions (ledger rows) still load; :func:`check_neighbouring` refuses them
+    everywhere a plan is used for a new release.
     """
 
     sampling: Sampling
@@ -134,7 +154,11 @@ class PrivacyPlan:
         return self.q * self.n
 
     def sensitivity(self, clip_norm: float) -> float:
-        """L2 sensitivity of the clipped mean: replace-one moves one clipped item by up to 2C."""
+        """L2 sensitivity of the clipped mean: replace-one moves one clipped item by up to 2C.
+
+        (A legacy ``add_remove`` plan reports the C/denominator its old release used, so stored
+        plans are described as they ran; no new release can use it.)
+        """
         per_item = 2.0 * clip_norm if self.neighbouring == "replace_one" else clip_norm
         return per_item / self.denominator
 
@@ -186,6 +210,33 @@ def _as_float(value: object, name: str, fix: str) -> float:
     return out
 
 
+def add_remove_error(where: str = "neighbouring") -> DpaggError:
+    """The error every entry point raises for add/remove adjacency (module docstring)."""
+    return DpaggError(
+        f"{where}='add_remove' is not supported: under add/remove adjacency the number of items "
+        "n is itself private, but dpagg computes the mean's denominator and the noise std from "
+        "n, so removing one item would change the noise and no (epsilon, delta) guarantee would "
+        "hold. dpagg guarantees replace-one adjacency with a public n (one item swapped): use "
+        f"{where}='replace_one' (the default)."
+    )
+
+
+def check_neighbouring(value: object, where: str = "neighbouring") -> str:
+    """``value`` if it is a relation dpagg honours ('replace_one'); DpaggError otherwise.
+
+    Called for every new plan (accountant), release (mechanism), DP-SGD run and audit, so a
+    legacy stored plan saying 'add_remove' can be read but never used again.
+    """
+    if value in NEIGHBOURINGS:
+        return str(value)
+    if value in LEGACY_NEIGHBOURINGS:
+        raise add_remove_error(where)
+    raise DpaggError(
+        f"{where}={value!r} is unknown; dpagg supports only 'replace_one' (n public, one item "
+        "swapped; the default)."
+    )
+
+
 def _validate(
     delta: object,
     n: object,
@@ -200,16 +251,7 @@ def _validate(
             f"sampling={sampling!r} is unknown; use 'full' (mean of all n items), 'wor' (mean of "
             "m items drawn without replacement) or 'poisson' (each item kept with probability q)."
         )
-    if neighbouring not in NEIGHBOURINGS:
-        raise DpaggError(
-            f"neighbouring={neighbouring!r} is unknown; use 'replace_one' (n public, the default) "
-            "or 'add_remove' (poisson sampling only)."
-        )
-    if neighbouring == "add_remove" and sampling != "poisson":
-        raise DpaggError(
-            f"neighbouring='add_remove' is only supported with sampling='poisson' (its mean has "
-            f"the public denominator q*n); with sampling={sampling!r} use 'replace_one'."
-        )
+    check_neighbouring(neighbouring)
     n_i = _as_int(n, "n", "n is the number of private items (images), at least 2.")
     if n_i < 2:
         raise DpaggError(f"n={n_i} is too small: a private mean needs at least n=2 items.")
@@ -326,37 +368,29 @@ def _pld_interval(count: int, coarse: bool = False) -> float:
     return min(PLD_COARSE_MAX, max(fine, math.sqrt(PLD_COARSE_SLACK / max(1, count))))
 
 
-def _relation(neighbouring: str) -> NeighboringRelation:
-    if neighbouring == "replace_one":
-        return NeighboringRelation.REPLACE_ONE
-    return NeighboringRelation.ADD_OR_REMOVE_ONE
-
-
-def _pld_gaussian_multiplier(z: float, neighbouring: str) -> float:
+def _pld_gaussian_multiplier(z: float) -> float:
     """dp-accounting PLD noise multiplier for our z (the trap; see module docstring).
 
     PLD's REPLACE_ONE compares N(+s) with N(-s) for per-item bound s = C/denominator, so its noise
-    multiplier is std / (C/denominator) = 2z. ADD_OR_REMOVE_ONE shifts by s itself: z.
+    multiplier is std / (C/denominator) = 2z.
     """
-    return 2.0 * z if neighbouring == "replace_one" else z
+    return 2.0 * z
 
 
-def _gaussian_event(z: float, k: int, neighbouring: str) -> dp_event.DpEvent:
-    event: dp_event.DpEvent = dp_event.GaussianDpEvent(_pld_gaussian_multiplier(z, neighbouring))
+def _gaussian_event(z: float, k: int) -> dp_event.DpEvent:
+    event: dp_event.DpEvent = dp_event.GaussianDpEvent(_pld_gaussian_multiplier(z))
     return dp_event.SelfComposedDpEvent(event, k) if k > 1 else event
 
 
-def _poisson_event(z: float, q: float, k: int, neighbouring: str) -> dp_event.DpEvent:
-    inner = dp_event.GaussianDpEvent(_pld_gaussian_multiplier(z, neighbouring))
+def _poisson_event(z: float, q: float, k: int) -> dp_event.DpEvent:
+    inner = dp_event.GaussianDpEvent(_pld_gaussian_multiplier(z))
     event: dp_event.DpEvent = dp_event.PoissonSampledDpEvent(q, inner)
     return dp_event.SelfComposedDpEvent(event, k) if k > 1 else event
 
 
-def _pld_epsilon_of(
-    event: dp_event.DpEvent, delta: float, neighbouring: str, interval: float
-) -> float:
+def _pld_epsilon_of(event: dp_event.DpEvent, delta: float, interval: float) -> float:
     acc = pld_privacy_accountant.PLDAccountant(
-        _relation(neighbouring), value_discretization_interval=interval
+        NeighboringRelation.REPLACE_ONE, value_discretization_interval=interval
     )
     acc.compose(event)
     return float(acc.get_epsilon(delta))
@@ -369,20 +403,18 @@ def _pld_gaussian_epsilon(z: float, k: int, delta: float) -> float:
     dp-accounting folds ``count`` into one Gaussian of std 2z/sqrt(k) (a composition of Gaussians
     is exactly a Gaussian), so the discretisation is that of a single mechanism.
     """
-    event = _gaussian_event(z, k, "replace_one")
-    return _pld_epsilon_of(event, delta, "replace_one", _pld_interval(1))
+    event = _gaussian_event(z, k)
+    return _pld_epsilon_of(event, delta, _pld_interval(1))
 
 
 @functools.lru_cache(maxsize=4096)
-def _pld_poisson_epsilon(
-    z: float, q: float, k: int, delta: float, neighbouring: str, coarse: bool = False
-) -> float:
-    """k-fold Poisson-subsampled Gaussian by PLD (dp-accounting ``PoissonSampledDpEvent``).
+def _pld_poisson_epsilon(z: float, q: float, k: int, delta: float, coarse: bool = False) -> float:
+    """k-fold Poisson-subsampled Gaussian (replace-one) by PLD (``PoissonSampledDpEvent``).
 
     ``coarse`` selects calibration's bracketing grid; reported values use the fine one.
     """
-    event = _poisson_event(z, q, k, neighbouring)
-    return _pld_epsilon_of(event, delta, neighbouring, _pld_interval(k, coarse))
+    event = _poisson_event(z, q, k)
+    return _pld_epsilon_of(event, delta, _pld_interval(k, coarse))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -445,7 +477,7 @@ def _epsilon(z: float, s: _Setting) -> tuple[float, str]:
         return _pld_gaussian_epsilon(z, k, s.delta), ACC_PLD
     if s.sampling == "poisson":
         assert s.q is not None
-        return _pld_poisson_epsilon(z, s.q, k, s.delta, s.neighbouring), ACC_PLD_POISSON
+        return _pld_poisson_epsilon(z, s.q, k, s.delta), ACC_PLD_POISSON
     assert s.m is not None
     if k == 1:
         return _bbg_wor_epsilon(z, s.n, s.m, s.delta), ACC_BBG
@@ -498,6 +530,31 @@ def epsilon_for(
     z = _check_noise_multiplier(noise_multiplier)
     eps, acc = _epsilon(z, s)
     return _plan(z, eps, acc, s)
+
+
+def profile_epsilon(
+    plan: PrivacyPlan, delta: float, noise_multiplier: float | None = None
+) -> float:
+    """Epsilon at another ``delta`` of the plan's mechanism: one point of its privacy profile.
+
+    A mechanism with Gaussian noise is (eps(delta), delta)-DP for EVERY delta in (0, 1) at once:
+    its privacy profile (Balle & Wang 2018, Thm 8 for one Gaussian; Balle, Barthe & Gaboardi
+    2018, Thm 10 under subsampling without replacement; the PLD and RDP accountants give
+    eps(delta) for any delta). This evaluates exactly the accountant :func:`epsilon_for` uses for
+    the plan, at ``delta`` (and at ``noise_multiplier`` if given, else the plan's), without the
+    delta < 1/n rule: that rule limits the claim a user relies on, it is not needed for the
+    bound to hold. The audit (``dpagg_core.audit``) tests the profile at a delta where its
+    statistics have power. Raises DpaggError on a bad plan, delta or noise multiplier.
+    """
+    s = _validate(
+        plan.delta, plan.n, plan.sampling, plan.m, plan.q, plan.releases, plan.neighbouring
+    )
+    d = _as_float(delta, "delta", "delta must lie strictly between 0 and 1.")
+    if not 0.0 < d < 1.0:
+        raise DpaggError(f"delta={d!r} must lie strictly between 0 and 1.")
+    z_in = plan.noise_multiplier if noise_multiplier is None else noise_multiplier
+    z = _check_noise_multiplier(z_in)
+    return _epsilon(z, dataclasses.replace(s, delta=d))[0]
 
 
 def clear_caches() -> None:
@@ -675,18 +732,18 @@ def _calibrate_z(target: float, s: _Setting) -> float:
         return _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
     if s.sampling == "poisson":
         assert s.q is not None
-        q, rel = s.q, s.neighbouring
+        q = s.q
         # Amplification by sampling: start from z_gauss * sqrt(q), bracket on the coarse grid,
         # then refine on the reported grid from there.
         z0, slope = z_gauss * math.sqrt(q), -1.0
         if _pld_interval(k, coarse=True) > _pld_interval(k):
             z0, slope = _solve(
-                lambda z: _pld_poisson_epsilon(z, q, k, d, rel, True),
+                lambda z: _pld_poisson_epsilon(z, q, k, d, True),
                 target,
                 z0,
                 xtol=_COARSE_LOG_XTOL,
             )
-        return _solve(lambda z: _pld_poisson_epsilon(z, q, k, d, rel), target, z0, slope=slope)[0]
+        return _solve(lambda z: _pld_poisson_epsilon(z, q, k, d), target, z0, slope=slope)[0]
     assert s.m is not None
     n, m = s.n, s.m
     if k == 1:
@@ -741,8 +798,10 @@ def calibrate(
 
 
 def pld_relation(plan: PrivacyPlan) -> NeighboringRelation:
-    """The dp-accounting neighbouring relation that :func:`dp_events` are expressed under."""
-    return _relation(plan.neighbouring)
+    """The dp-accounting neighbouring relation that :func:`dp_events` are expressed under
+    (REPLACE_ONE; a legacy 'add_remove' plan raises DpaggError)."""
+    check_neighbouring(plan.neighbouring, "plan.neighbouring")
+    return NeighboringRelation.REPLACE_ONE
 
 
 def dp_events(plan: PrivacyPlan) -> dp_event.DpEvent | None:
@@ -752,13 +811,15 @@ def dp_events(plan: PrivacyPlan) -> dp_event.DpEvent | None:
     these events to a PLD accountant only. ``full`` -> k-fold GaussianDpEvent; ``poisson`` ->
     k-fold PoissonSampledDpEvent. ``wor`` -> None: dp-accounting's PLD has no sampling-without-
     replacement event (its RDP event uses the other convention), so callers fall back to basic
-    composition of the plan's (epsilon, delta).
+    composition of the plan's (epsilon, delta). A legacy 'add_remove' plan (an old ledger row)
+    raises DpaggError: the ledger then composes it by basic composition of its stated spend.
     """
+    check_neighbouring(plan.neighbouring, "plan.neighbouring")
     if plan.sampling == "full":
-        return _gaussian_event(plan.noise_multiplier, plan.releases, plan.neighbouring)
+        return _gaussian_event(plan.noise_multiplier, plan.releases)
     if plan.sampling == "poisson":
         assert plan.q is not None
-        return _poisson_event(plan.noise_multiplier, plan.q, plan.releases, plan.neighbouring)
+        return _poisson_event(plan.noise_multiplier, plan.q, plan.releases)
     return None
 
 
@@ -778,8 +839,9 @@ def composed_epsilon(
 ) -> float | None:
     """Epsilon at ``delta`` of the adaptive composition of ``events`` (from :func:`dp_events`).
 
-    PLD composition (dp-accounting ``PLDAccountant``, pessimistic discretisation) under the
-    relation named by ``neighbouring``. Returns None when an event is None or unsupported.
+    PLD composition (dp-accounting ``PLDAccountant``, pessimistic discretisation) under
+    replace-one. Returns None when an event is None or unsupported, or when ``neighbouring`` is
+    not 'replace_one' (a legacy 'add_remove' ledger: the caller falls back to basic composition).
     """
     if neighbouring not in NEIGHBOURINGS or not 0 < delta < 1:
         return None
@@ -787,7 +849,8 @@ def composed_epsilon(
         return None
     composed = dp_event.ComposedDpEvent(list(events))
     acc = pld_privacy_accountant.PLDAccountant(
-        _relation(neighbouring), value_discretization_interval=_pld_interval(_event_count(composed))
+        NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=_pld_interval(_event_count(composed)),
     )
     if not acc.supports(composed):
         return None
@@ -824,7 +887,12 @@ def plan_summary(plan: PrivacyPlan) -> str:
         )
         per = "2C" if plan.neighbouring == "replace_one" else "C"
         sens = f"{per}/{plan.denominator:g}"
-    relation = "replace-one" if plan.neighbouring == "replace_one" else "add/remove-one"
+    relation = (
+        "replace-one"
+        if plan.neighbouring == "replace_one"
+        else f"{plan.neighbouring} (a legacy plan: dpagg no longer releases under it, as n is "
+        "private under add/remove)"
+    )
     times = "1 release" if plan.releases == 1 else f"{plan.releases} releases in total"
     theorem = _THEOREMS.get(plan.accountant, plan.accountant)
     return (

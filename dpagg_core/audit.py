@@ -17,8 +17,51 @@ The result is a lower bound on the true epsilon that holds with that confidence.
 ever *refute* a privacy claim (bound > claimed epsilon); a bound below the claim is expected and
 says nothing more.
 
+Which delta is audited: the privacy profile
+-------------------------------------------
+A plan does not claim one (epsilon, delta) pair: its noise multiplier z claims the whole privacy
+profile delta -> eps(delta) of the mechanism, and the accountant turns z into eps at any delta
+(Balle & Wang 2018, Thm 8: the Gaussian mechanism's exact profile; Balle, Barthe & Gaboardi 2018,
+Thm 10 under subsampling without replacement; PLD/RDP for Poisson sampling and composition). The
+mechanism is (eps(delta'), delta')-DP for every delta' simultaneously, so each point is an equally
+valid claim to test. At the plan's own delta (1e-5, say) a test needs P0(R) ~ 1e-5-scale event
+rates, which a few thousand trials cannot resolve: the audit used to pass a mechanism with half
+the required noise every time. So the audit tests the claim ``eps(delta_a)`` at a larger
+``audit_delta`` delta_a, recomputed by the same accountant from the plan's noise multiplier
+(``accountant.profile_epsilon``). By default delta_a is the point of a fixed grid
+(:data:`AUDIT_DELTAS`, those >= the plan's delta) where the audit has the most power (below); it
+depends only on the public plan, the trials and the confidence, never on the data, so the
+guarantee of the bound is untouched. A refutation at delta_a refutes the analysis behind the
+plan's (epsilon, delta): the released noise does not give the claimed profile.
+
+Power: the smallest true epsilon the audit flags
+------------------------------------------------
+Under the neighbours below the audit statistic is, per hypothesis, a finite mixture of Gaussians
+(exactly; see the list), so its CDF is known for a mechanism whose noise std is ``f`` times too
+small (f = 2: the classic replace-one sensitivity 2C/n computed as C/n). For each threshold test
+R the number of held-out D0 and D1 releases in R is binomial, and the probability that the
+Clopper-Pearson bound exceeds the claim is computed exactly (a sum over the binomial counts, with
+the threshold of the bound solved via ``binom.ppf``) for the test that a normal approximation
+ranks best. The audit reports ``detectable_noise_factor`` f*, the least f flagged with
+probability >= :data:`POWER_TARGET` (90 %, by bisection), and ``detectable_epsilon``: the
+accountant's epsilon at the plan's delta of the mechanism with noise z/f* (exact for ``full``,
+PLD for ``poisson``, an upper bound for ``wor``), plus ``power_half_noise``, the probability of
+flagging f = 2. This is the power of the best fixed threshold on the held-out split; the audit
+picks its threshold from the calibration split (with the same power criterion when it knows the
+claim), which measured a little lower: at the README plan (epsilon 1, delta 1e-5, n = 100, 20000
+trials, 99 %) 0.85 against the predicted 0.90 at f* = 1.28, over 2000 simulated audits (the
+statistic's exact distributions through :func:`epsilon_lower_bound`; ``tests/test_audit.py``).
+
+False alarms: a correct mechanism with a correct accountant is flagged with probability at most
+``1 - confidence`` (the bound holds with probability >= confidence; the threshold choice uses
+only the calibration split). Clopper-Pearson is conservative, so the measured rate is far lower:
+0 of 10000 simulated README audits; the exact rate of the best fixed test is 1.3e-4 at 99 %.
+
 Worst-case neighbours (``dim`` coordinates, item x = 2C e_1, clipped to exactly C e_1)
 --------------------------------------------------------------------------------------
+Replace-one adjacency with n public, the only relation dpagg honours (``accountant``: under
+add/remove n would be private and so would the noise std; such plans are refused here too).
+
 * ``full``: D0 = n copies of x; D1 replaces one by -x. The means differ by 2C/n = the
   sensitivity; the two outputs are N(C e_1, s^2) and N((C - 2C/n) e_1, s^2).
 * ``wor``: same datasets. The differing item is in the secret subsample with probability
@@ -26,10 +69,11 @@ Worst-case neighbours (``dim`` coordinates, item x = 2C e_1, clipped to exactly 
   against D0's N(C e_1) -- the pair that makes the Balle-Barthe-Gaboardi amplification bound
   tight. A leaked or fixed subsample would show up as a larger bound.
 * ``poisson``: the other items sit at the centre (0) so the random sample size adds nothing;
-  the differing item is x in D0 and -x (replace-one) or 0 (add/remove: with a public
-  denominator, removing an item is the same as replacing it by the centre) in D1.
+  the differing item is x in D0 and -x in D1, each in the sample with probability q.
 With ``plan.releases = k`` each trial makes k releases and the statistic is the sum of the k
-projections (a valid test statistic for the k-fold composition, though not always optimal).
+projections (a valid test statistic for the k-fold composition, though not always optimal); in
+units of s it is N(0, k) against N(-k/z, k) (full), a binomial mixture over how many of the k
+subsamples held the item (wor: shift -j/z; poisson: +j/(2z) for D0 and -j/(2z) for D1).
 """
 
 from __future__ import annotations
@@ -39,19 +83,57 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta
+from scipy.special import ndtr
+from scipy.stats import beta, binom, norm
 
-from dpagg_core.accountant import PrivacyPlan
+from dpagg_core.accountant import (
+    MIN_NOISE_MULTIPLIER,
+    PrivacyPlan,
+    check_neighbouring,
+    profile_epsilon,
+)
 from dpagg_core.errors import DpaggError
 from dpagg_core.mechanism import check_inputs, dp_mean
 
 # Fraction of trials used to choose the threshold; the rest give the bound.
 CALIBRATION_FRACTION = 0.3
+# Trials per neighbour by default: ~2 s for the README plan on one core, and enough to flag a
+# mechanism with 1.28x too little noise (true epsilon 1.31 for a claimed 1) w.p. 90 %.
+DEFAULT_TRIALS = 20_000
+# The power the detectable epsilon refers to.
+POWER_TARGET = 0.9
+# Candidate audit deltas (the plan's own delta is always a candidate; smaller ones are skipped).
+AUDIT_DELTAS: tuple[float, ...] = (
+    1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3, 0.5,
+)  # fmt: skip
+# Largest noise factor the power search considers (the weaker mechanism's z stays >= 0.1).
+_MAX_NOISE_FACTOR = 64.0
+
+
+@dataclass(frozen=True)
+class AuditPower:
+    """What an audit of a plan can detect (module docstring, "Power"), from public inputs only.
+
+    ``audit_delta``/``audit_epsilon``: the audited point of the plan's privacy profile.
+    ``detectable_noise_factor`` f*: a mechanism of the plan's form whose noise std is f* times
+    too small is flagged with probability ``POWER_TARGET``; ``detectable_epsilon`` is its
+    epsilon at the plan's delta (inf: not within a factor 64 or z/f below 0.1).
+    ``power_half_noise``: the probability of flagging half the noise (a 2x sensitivity bug),
+    whose epsilon at the plan's delta is ``half_noise_epsilon``.
+    """
+
+    audit_delta: float
+    audit_epsilon: float
+    detectable_noise_factor: float
+    detectable_epsilon: float
+    power_half_noise: float
+    half_noise_epsilon: float
 
 
 @dataclass(frozen=True)
 class AuditResult:
-    """Outcome of :func:`audit`. ``passed``: the empirical lower bound does not exceed the claim."""
+    """Outcome of :func:`audit`. ``passed``: the empirical lower bound at ``audit_delta`` does not
+    exceed the claim there (``audit_epsilon``, from the plan's noise multiplier)."""
 
     claimed_epsilon: float
     empirical_epsilon_lower_bound: float
@@ -60,13 +142,34 @@ class AuditResult:
     passed: bool
     delta: float = 0.0
     seconds: float = 0.0
+    audit_delta: float = 0.0
+    audit_epsilon: float = 0.0
+    detectable_epsilon: float = math.inf
+    detectable_noise_factor: float = math.inf
+    power_half_noise: float = 0.0
+    half_noise_epsilon: float = math.inf
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL (privacy claim refuted)"
+        if math.isfinite(self.detectable_epsilon):
+            detect = (
+                f"flags (w.p. >= {POWER_TARGET:.0%}) a mechanism of this form whose true epsilon "
+                f"at delta {self.delta:.3g} is >= {self.detectable_epsilon:.3g} (noise "
+                f"{self.detectable_noise_factor:.3g}x too small)"
+            )
+        else:
+            detect = (
+                "cannot flag even a far too small noise (64x, or down to noise multiplier 0.1) "
+                "at these trials; raise --trials"
+            )
         return (
-            f"claimed epsilon {self.claimed_epsilon:.4g} (delta {self.delta:.3g}); empirical "
-            f"lower bound {self.empirical_epsilon_lower_bound:.4g} at {100 * self.confidence:.8g}% "
-            f"confidence from {self.trials} trials per neighbour ({self.seconds:.1f} s): {verdict}"
+            f"claimed epsilon {self.claimed_epsilon:.4g} at delta {self.delta:.3g}; the same noise "
+            f"claims epsilon {self.audit_epsilon:.4g} at delta {self.audit_delta:.3g} (privacy "
+            f"profile), audited there: empirical lower bound "
+            f"{self.empirical_epsilon_lower_bound:.4g} at {100 * self.confidence:.8g}% confidence "
+            f"from {self.trials} trials per neighbour ({self.seconds:.1f} s): {verdict}\n"
+            f"power: {detect}; a 2x sensitivity bug (true epsilon "
+            f"{self.half_noise_epsilon:.3g}) is flagged w.p. {self.power_half_noise:.1%}"
         )
 
 
@@ -119,19 +222,172 @@ def _bounds_at(
     return np.nan_to_num(out, nan=-np.inf)
 
 
+def _approx_power(
+    p_num: np.ndarray, p_den: np.ndarray, n: int, half: float, delta: float, epsilon: float
+) -> np.ndarray:
+    """Normal approximation of P[the Clopper-Pearson bound of a test exceeds ``epsilon``].
+
+    The test's numerator/denominator events have rates ``p_num``/``p_den`` on ``n`` held-out
+    trials each. The bound exceeds epsilon iff CP_low(num) - delta > e^eps CP_up(den); each CP
+    bound is approximated by p_hat -+ z sqrt(p(1 - p)/n) -+ z^2/(2n) (the last term: the bound
+    at a zero count), and p_hat_num - e^eps p_hat_den by a normal. Used to rank tests; the
+    reported power is exact (:func:`_exact_power`).
+    """
+    z = float(norm.isf(half))
+    e = math.exp(epsilon)
+    s_num = np.sqrt(p_num * (1.0 - p_num) / n)
+    s_den = np.sqrt(p_den * (1.0 - p_den) / n)
+    margin = p_num - e * p_den - delta - z * (s_num + e * s_den) - z * z / (2 * n) * (1 + e)
+    scale = np.sqrt(s_num**2 + (e * s_den) ** 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = ndtr(margin / scale)
+    return np.where(scale > 0, out, (margin > 0).astype(np.float64))
+
+
+def _exact_power(
+    p_num: float, p_den: float, n: int, half: float, delta: float, epsilon: float
+) -> float:
+    """Exact P[log((CP_low(k1) - delta) / CP_up(k0)) > epsilon], k1 ~ Bin(n, p_num) and
+    k0 ~ Bin(n, p_den) independent (the held-out counts of one threshold test).
+
+    For each k0 the bound exceeds epsilon iff CP_low(k1) > L = delta + e^eps CP_up(k0), and
+    CP_low(k1) > L iff P[Bin(n, L) >= k1] < half (the beta-binomial identity of the CP bound),
+    i.e. k1 > binom.ppf(1 - half, n, L). Summed over k0 within 9 sd of its mean.
+    """
+    sd = math.sqrt(n * p_den * (1.0 - p_den))
+    lo = max(0, math.floor(n * p_den - 9 * sd - 2))
+    hi = min(n, math.ceil(n * p_den + 9 * sd + 2))
+    k0 = np.arange(lo, hi + 1)
+    limit = delta + math.exp(epsilon) * clopper_pearson_upper(k0, n, half)
+    k1_min = np.where(limit < 1.0, binom.ppf(1.0 - half, n, np.minimum(limit, 1.0)) + 1, n + 1)
+    return min(1.0, float(np.sum(binom.pmf(k0, n, p_den) * binom.sf(k1_min - 1, n, p_num))))
+
+
+def _statistic_model(
+    plan: PrivacyPlan, factor: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(means0, weights0, means1, weights1): the audit statistic on D0 and D1 as Gaussian
+    mixtures of variance ``plan.releases`` in units of the per-release noise std, for a
+    mechanism whose noise is ``factor`` times too small (module docstring)."""
+    k, z = int(plan.releases), float(plan.noise_multiplier)
+    one, zero = np.ones(1), np.zeros(1)
+    if plan.sampling == "full":
+        return zero, one, np.array([-k * factor / z]), one
+    j = np.arange(k + 1)
+    if plan.sampling == "wor":
+        assert plan.m is not None
+        return zero, one, -j * factor / z, binom.pmf(j, k, plan.m / plan.n)
+    assert plan.q is not None
+    w = binom.pmf(j, k, plan.q)
+    return j * factor / (2 * z), w, -j * factor / (2 * z), w
+
+
+def _test_rates(plan: PrivacyPlan, factor: float, points: int = 600) -> tuple[np.ndarray, ...]:
+    """(p_num, p_den) of the four threshold-test orientations on a grid of thresholds."""
+    m0, w0, m1, w1 = _statistic_model(plan, factor)
+    sd = math.sqrt(plan.releases)
+    lo = min(m0.min(), m1.min()) - 6 * sd
+    hi = max(m0.max(), m1.max()) + 6 * sd
+    t = np.linspace(lo, hi, points)[:, None]
+    a = np.clip((w0 * ndtr((t - m0) / sd)).sum(axis=1), 0.0, 1.0)  # P0(T < t)
+    b = np.clip((w1 * ndtr((t - m1) / sd)).sum(axis=1), 0.0, 1.0)  # P1(T < t)
+    return np.concatenate([b, a, 1 - b, 1 - a]), np.concatenate([a, b, 1 - a, 1 - b])
+
+
+def _power(
+    plan: PrivacyPlan, factor: float, n: int, half: float, delta: float, eps: float, exact: bool
+) -> float:
+    p_num, p_den = _test_rates(plan, factor)
+    approx = _approx_power(p_num, p_den, n, half, delta, eps)
+    i = int(np.argmax(approx))
+    if not exact:
+        return float(approx[i])
+    return _exact_power(float(p_num[i]), float(p_den[i]), n, half, delta, eps)
+
+
+def _detectable_factor(
+    plan: PrivacyPlan, n: int, half: float, delta: float, eps: float, exact: bool
+) -> float:
+    """Least noise factor f flagged with probability >= POWER_TARGET (bisection in log f)."""
+    f_max = min(_MAX_NOISE_FACTOR, plan.noise_multiplier / MIN_NOISE_MULTIPLIER)
+    if f_max <= 1.0 or _power(plan, f_max, n, half, delta, eps, exact) < POWER_TARGET:
+        return math.inf
+    if _power(plan, 1.0, n, half, delta, eps, exact) >= POWER_TARGET:
+        return 1.0
+    lo, hi = 0.0, math.log(f_max)
+    while hi - lo > 1e-3:
+        mid = 0.5 * (lo + hi)
+        if _power(plan, math.exp(mid), n, half, delta, eps, exact) >= POWER_TARGET:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(hi)
+
+
+def _eval_size(trials: int) -> int:
+    return trials - int(trials * CALIBRATION_FRACTION)
+
+
+def audit_power(
+    plan: PrivacyPlan,
+    trials: int = DEFAULT_TRIALS,
+    confidence: float = 0.95,
+    audit_delta: float | None = None,
+) -> AuditPower:
+    """What :func:`audit` can detect for ``plan`` (module docstring, "Power"); draws nothing.
+
+    With ``audit_delta=None`` picks, from the plan's delta and :data:`AUDIT_DELTAS` above it,
+    the delta with the smallest detectable noise factor (normal approximation), then reports
+    the exact figures there. Depends only on public inputs, so the choice cannot bias the bound.
+    """
+    check_neighbouring(plan.neighbouring, "plan.neighbouring")
+    n, half = _eval_size(trials), (1.0 - confidence) / 2.0
+    if audit_delta is None:
+        candidates = [float(plan.delta)] + [d for d in AUDIT_DELTAS if d > plan.delta]
+        best: tuple[float, float, float] | None = None
+        for d in candidates:
+            eps = profile_epsilon(plan, d)
+            f = _detectable_factor(plan, n, half, d, eps, exact=False)
+            if best is None or f < best[0]:
+                best = (f, d, eps)
+        assert best is not None
+        _, delta_a, eps_a = best
+    else:
+        delta_a = float(audit_delta)
+        eps_a = profile_epsilon(plan, delta_a)
+    f_star = _detectable_factor(plan, n, half, delta_a, eps_a, exact=True)
+    z = float(plan.noise_multiplier)
+    eps_star = profile_epsilon(plan, plan.delta, z / f_star) if math.isfinite(f_star) else math.inf
+    half_ok = z / 2.0 >= MIN_NOISE_MULTIPLIER
+    return AuditPower(
+        audit_delta=delta_a,
+        audit_epsilon=float(eps_a),
+        detectable_noise_factor=f_star,
+        detectable_epsilon=float(eps_star),
+        power_half_noise=_power(plan, 2.0, n, half, delta_a, eps_a, exact=True),
+        half_noise_epsilon=float(profile_epsilon(plan, plan.delta, z / 2.0))
+        if half_ok
+        else math.inf,
+    )
+
+
 def epsilon_lower_bound(
     scores0: np.ndarray,
     scores1: np.ndarray,
     delta: float,
     confidence: float = 0.95,
     calibration_fraction: float = CALIBRATION_FRACTION,
+    target_epsilon: float | None = None,
 ) -> float:
     """Lower bound on epsilon, valid with probability ``confidence``, from two score samples.
 
     ``scores0`` / ``scores1``: i.i.d. test statistics of the mechanism on the two neighbours.
-    The first ``calibration_fraction`` of each sample picks the threshold test (maximising the
-    same Clopper-Pearson bound there); the rest evaluates it, so the selection does not bias the
-    bound. Returns max(0, bound).
+    The first ``calibration_fraction`` of each sample picks the threshold test; the rest
+    evaluates it, so the selection does not bias the bound. The pick maximises the calibration
+    split's Clopper-Pearson bound, or, when the claim ``target_epsilon`` under test is given, the
+    predicted probability that the held-out bound exceeds it (:func:`_approx_power` at the
+    calibration split's rates: this accounts for the held-out size and measured closer to the
+    best fixed test). Returns max(0, bound).
     """
     s0 = np.asarray(scores0, dtype=np.float64).ravel()
     s1 = np.asarray(scores1, dtype=np.float64).ravel()
@@ -144,26 +400,29 @@ def epsilon_lower_bound(
     cal0, cal1, ev0, ev1 = s0[:c0], s1[:c1], s0[c0:], s1[c1:]
     pooled = np.sort(np.concatenate([cal0, cal1]))
     candidates = np.unique(pooled[:: max(1, pooled.size // 2000)])
-    cal = _bounds_at(cal0, cal1, candidates, delta, alpha)
-    side, j = np.unravel_index(int(np.argmax(cal)), cal.shape)
+    if target_epsilon is None:
+        score = _bounds_at(cal0, cal1, candidates, delta, alpha)
+    else:
+        r0 = np.searchsorted(np.sort(cal0), candidates, side="left") / c0
+        r1 = np.searchsorted(np.sort(cal1), candidates, side="left") / c1
+        p_num = np.stack([r1, r0, 1 - r1, 1 - r0])
+        p_den = np.stack([r0, r1, 1 - r0, 1 - r1])
+        n_eval = min(ev0.size, ev1.size)
+        score = _approx_power(p_num, p_den, n_eval, alpha / 2.0, delta, target_epsilon)
+    side, j = np.unravel_index(int(np.argmax(score)), score.shape)
     best = _bounds_at(ev0, ev1, candidates[j : j + 1], delta, alpha)[side, 0]
     return float(max(0.0, best)) if math.isfinite(best) else 0.0
 
 
 def _neighbours(plan: PrivacyPlan, clip_norm: float, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two worst-case neighbouring datasets described in the module docstring."""
-    if plan.sampling == "wor" and plan.neighbouring != "replace_one":
-        raise DpaggError(
-            "audit supports sampling 'wor' only with neighbouring='replace_one' (removing an "
-            "item changes n and so the subsample); re-plan with replace-one."
-        )
+    """The two worst-case replace-one neighbours described in the module docstring."""
+    check_neighbouring(plan.neighbouring, "plan.neighbouring")
     x = np.zeros(dim)
     x[0] = 2.0 * clip_norm  # clipped to exactly C e_1 by the mechanism
     d0 = np.zeros((plan.n, dim)) if plan.sampling == "poisson" else np.tile(x, (plan.n, 1))
     d0[0] = x
     d1 = d0.copy()
-    # add/remove with a public denominator: removing item 0 == replacing it by the centre (0)
-    d1[0] = -x if plan.neighbouring == "replace_one" else 0.0
+    d1[0] = -x
     return d0, d1
 
 
@@ -193,29 +452,58 @@ def audit(
     plan: PrivacyPlan,
     clip_norm: float = 1.0,
     dim: int = 4,
-    trials: int = 10_000,
+    trials: int = DEFAULT_TRIALS,
     confidence: float = 0.95,
+    audit_delta: float | None = None,
 ) -> AuditResult:
     """Audit ``plan`` against the real :func:`dp_mean` with worst-case neighbours.
 
-    Runs ``trials`` x ``plan.releases`` releases on each neighbour (roughly 0.1-0.5 ms each, so
-    a few seconds at the defaults) and returns the claimed epsilon next to a lower bound that
-    holds with probability ``confidence``. ``passed`` is False only when the data refute the
-    claim at that confidence (a bug in the mechanism or the accountant).
+    Runs ``trials`` x ``plan.releases`` releases on each neighbour (roughly 0.05-0.5 ms each, so
+    a few seconds at the defaults) and tests the plan's privacy profile at ``audit_delta``
+    (default: where the audit has most power, :func:`audit_power`): the claim there is
+    ``audit_epsilon``, recomputed by the accountant from the plan's noise multiplier. Returns
+    it next to a lower bound that holds with probability ``confidence``, and the audit's power.
+    ``passed`` is False only when the data refute the claim at that confidence (a bug in the
+    mechanism or the accountant); a correct one fails with probability <= 1 - confidence.
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 100:
-        raise DpaggError(f"trials={trials!r}; pass an integer >= 100 (e.g. 10000).")
+        raise DpaggError(f"trials={trials!r}; pass an integer >= 100 (e.g. {DEFAULT_TRIALS}).")
     if not isinstance(confidence, float) or not 0.0 < confidence < 1.0:
         raise DpaggError(f"confidence={confidence!r}; pass a number in (0, 1), e.g. 0.95.")
+    if audit_delta is not None and (
+        isinstance(audit_delta, bool)
+        or not isinstance(audit_delta, (int, float))
+        or not 0.0 < audit_delta < 1.0
+    ):
+        raise DpaggError(
+            f"audit_delta={audit_delta!r}; pass a number in (0, 1), or None to pick the most "
+            "powerful one."
+        )
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise DpaggError(f"dim={dim!r}; pass a positive integer (e.g. 4).")
     start = time.perf_counter()
+    check_inputs(_neighbours(plan, clip_norm, dim)[0], plan, clip_norm)  # before any work
+    power = audit_power(plan, trials, confidence, audit_delta)
     r0, r1 = release_samples(plan, clip_norm, dim, trials)
-    lb = epsilon_lower_bound(r0[..., 0].sum(axis=1), r1[..., 0].sum(axis=1), plan.delta, confidence)
+    lb = epsilon_lower_bound(
+        r0[..., 0].sum(axis=1),
+        r1[..., 0].sum(axis=1),
+        power.audit_delta,
+        confidence,
+        target_epsilon=power.audit_epsilon,
+    )
     return AuditResult(
         claimed_epsilon=float(plan.epsilon),
         empirical_epsilon_lower_bound=lb,
         confidence=confidence,
         trials=trials,
-        passed=lb <= plan.epsilon,
+        passed=lb <= power.audit_epsilon,
         delta=float(plan.delta),
         seconds=time.perf_counter() - start,
+        audit_delta=power.audit_delta,
+        audit_epsilon=power.audit_epsilon,
+        detectable_epsilon=power.detectable_epsilon,
+        detectable_noise_factor=power.detectable_noise_factor,
+        power_half_noise=power.power_half_noise,
+        half_noise_epsilon=power.half_noise_epsilon,
     )

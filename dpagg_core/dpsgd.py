@@ -18,21 +18,21 @@ for t = 1..T:
   5. G / (q N): divided by the *expected* batch size, a public constant (never by |batch|);
   6. an optimizer step (Adam or SGD) on the shared vectors: post-processing of G.
 
-Privacy. Under add/remove-one adjacency the L2 sensitivity of the clipped *sum* is C_g, so each
-step is the Poisson-subsampled Gaussian mechanism with noise multiplier ``z`` (std / sensitivity)
-and sampling rate ``q``; T steps compose adaptively. Under replace-one (the relation DPAgg uses:
-n public, one image swapped) the sum moves by up to 2 C_g; dp-accounting's PLD ``REPLACE_ONE``
-Gaussian compares N(+s) with N(-s) for the *per-item* bound s = C_g (outputs 2 C_g apart), so its
-noise multiplier is the same ``z``. The accountant composes ``PoissonSampledDpEvent(q,
+Privacy. Replace-one adjacency (the relation DPAgg uses: N public, one image swapped): the
+clipped sum moves by up to 2 C_g; dp-accounting's PLD ``REPLACE_ONE`` Gaussian compares N(+s)
+with N(-s) for the *per-item* bound s = C_g (outputs 2 C_g apart), so each step is the
+Poisson-subsampled Gaussian mechanism with that library's noise multiplier ``z`` and sampling
+rate ``q``; T steps compose adaptively. The accountant composes ``PoissonSampledDpEvent(q,
 GaussianDpEvent(z))`` T times with PLD (Koskela et al. 2020; Zhu, Dong & Wang 2022).
+Add/remove adjacency is refused (``neighbouring='add_remove'`` raises DpaggError): the rate
+q = expected_batch / N and the denominator qN are computed from N, which is private under
+add/remove, so the noise would change with the data set's size.
 
 In ``dpagg_core.accountant``'s :class:`PrivacyPlan` convention the noise multiplier is std /
 sensitivity of the released *mean*: the update G/(qN) has noise std z C_g / (qN) and replace-one
-sensitivity 2 C_g / (qN), so ``plan.noise_multiplier = z / 2`` (replace-one) or ``z``
-(add/remove), ``plan.noise_std(C_g) == z C_g / (qN)`` either way, and the plan's PLD event is
-exactly the DP-SGD event above. :func:`sgd_noise_multiplier` / :func:`plan_for_sgd` convert.
-Replace-one epsilon is larger than add/remove epsilon at the same z (group of two changes), which
-is the honest comparison with DPAgg's replace-one guarantee.
+sensitivity 2 C_g / (qN), so ``plan.noise_multiplier = z / 2``, ``plan.noise_std(C_g) == z C_g /
+(qN)``, and the plan's PLD event is exactly the DP-SGD event above. :func:`sgd_noise_multiplier`
+/ :func:`plan_for_sgd` convert.
 
 Everything that sets the noise (C_g, z, q, T, N) is public (DESIGN invariant 2). The TI
 randomness (timesteps, diffusion noise, templates, flips) of example i at step t comes from a
@@ -118,21 +118,22 @@ class DPSGDResult:
 
 
 def sgd_noise_multiplier(plan: PrivacyPlan) -> float:
-    """DP-SGD's z (noise std on the clipped sum / C_g) for a ``poisson`` plan: 2 x plan z under
-    replace-one, plan z under add/remove (see module docstring)."""
+    """DP-SGD's z (noise std on the clipped sum / C_g) for a ``poisson`` replace-one plan:
+    2 x plan z (see module docstring)."""
     if plan.sampling != "poisson":
         raise DpaggError(f"plan.sampling={plan.sampling!r}: DP-SGD plans are 'poisson'")
-    return plan.noise_multiplier * (2.0 if plan.neighbouring == "replace_one" else 1.0)
+    accountant.check_neighbouring(plan.neighbouring, "plan.neighbouring")
+    return plan.noise_multiplier * 2.0
 
 
 def plan_for_sgd(
     z: float, *, n: int, q: float, steps: int, delta: float, neighbouring: str = "replace_one"
 ) -> PrivacyPlan:
-    """The plan (epsilon at ``delta`` by PLD) of T DP-SGD steps with noise multiplier z."""
-    zp = z / 2.0 if neighbouring == "replace_one" else z
-    return accountant.epsilon_for(
-        zp, delta, n, "poisson", q=q, releases=steps, neighbouring=neighbouring
-    )
+    """The plan (epsilon at ``delta`` by PLD) of T DP-SGD steps with noise multiplier z.
+
+    ``neighbouring`` must be 'replace_one' (the default); 'add_remove' raises DpaggError."""
+    accountant.check_neighbouring(neighbouring)
+    return accountant.epsilon_for(z / 2.0, delta, n, "poisson", q=q, releases=steps)
 
 
 def calibrate_dpsgd(
@@ -144,10 +145,11 @@ def calibrate_dpsgd(
     steps: int,
     neighbouring: str = "replace_one",
 ) -> PrivacyPlan:
-    """The least-noise plan with epsilon <= ``target_epsilon`` for T Poisson steps at rate q."""
-    return accountant.calibrate(
-        target_epsilon, delta, n, "poisson", q=q, releases=steps, neighbouring=neighbouring
-    )
+    """The least-noise plan with epsilon <= ``target_epsilon`` for T Poisson steps at rate q.
+
+    ``neighbouring`` must be 'replace_one' (the default); 'add_remove' raises DpaggError."""
+    accountant.check_neighbouring(neighbouring)
+    return accountant.calibrate(target_epsilon, delta, n, "poisson", q=q, releases=steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,13 +388,14 @@ def train_dpsgd(
     """Train one shared TI embedding on ``images`` ([N, 3, H, W] in [-1, 1]) with DP-SGD.
 
     Give either ``target_epsilon`` and ``delta`` (the noise is calibrated by PLD for T steps at
-    q = expected_batch / N under ``neighbouring``) or a ready ``plan`` (sampling 'poisson' with the
-    same n, q and T). ``before_noise(plan)`` is called once, after every check and before the
-    first noise is drawn: the place to record the spend in the ledger (DESIGN invariant 5); if it
-    raises, nothing is trained. Cancelling after that point still counts as spent (the caller's
-    ledger already holds it). Returns the shared embedding, the public centre (initializer
-    embedding), the plan and the privacy record.
+    q = expected_batch / N) or a ready ``plan`` (sampling 'poisson', replace-one, with the same
+    n, q and T); ``neighbouring`` must be 'replace_one' (module docstring). ``before_noise(plan)``
+    is called once, after every check and before the first noise is drawn: the place to record
+    the spend in the ledger (DESIGN invariant 5); if it raises, nothing is trained. Cancelling
+    after that point still counts as spent (the caller's ledger already holds it). Returns the
+    shared embedding, the public centre (initializer embedding), the plan and the privacy record.
     """
+    accountant.check_neighbouring(neighbouring)
     check_images(images)
     n = int(images.shape[0])
     validate_config(config, n)

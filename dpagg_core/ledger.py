@@ -77,7 +77,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +414,40 @@ def _plan_from_json(text: str) -> PrivacyPlan:
     return PrivacyPlan(**json.loads(text))
 
 
+def _as_replace_one(plan: PrivacyPlan) -> PrivacyPlan:
+    """A recorded plan as it is charged: a legacy add/remove row (docs/privacy.md section 1)
+    at the replace-one cost of the noise it actually drew.
+
+    Its noise std was z * C / denominator, i.e. z/2 times the replace-one sensitivity 2C /
+    denominator, so its replace-one epsilon is that of noise multiplier z/2 at its delta
+    (never less than it stated). If the accountant cannot evaluate it, group privacy gives
+    (2 eps, (1 + e^eps) delta) (Dwork & Roth 2014, Thm 2.2 with k = 2).
+    """
+    if plan.neighbouring == "replace_one":
+        return plan
+    try:
+        ro = accountant.epsilon_for(
+            plan.noise_multiplier / 2.0,
+            plan.delta,
+            plan.n,
+            plan.sampling,
+            m=plan.m,
+            q=plan.q,
+            releases=plan.releases,
+        )
+    except DpaggError:
+        eps = 2.0 * plan.epsilon
+        return replace(
+            plan,
+            neighbouring="replace_one",
+            noise_multiplier=plan.noise_multiplier / 2.0,
+            epsilon=eps,
+            delta=min((1.0 + math.exp(plan.epsilon)) * plan.delta, 1.0 - 1e-12),
+            accountant="group-privacy",
+        )
+    return replace(ro, epsilon=max(ro.epsilon, plan.epsilon))
+
+
 class Ledger:
     """Per-dataset privacy budgets and every release, in one SQLite file.
 
@@ -650,7 +684,7 @@ class Ledger:
                     f"{eps}, {delta} vs plan {plan.epsilon}, {plan.delta}); the ledger is corrupt."
                     f" Fix: restore a backup, or {_FIX_PATH}."
                 )
-            plans.extend([plan] * calls_of_row(plan, mode))
+            plans.extend([_as_replace_one(plan)] * calls_of_row(plan, mode))
         return plans
 
     # ---- public API --------------------------------------------------------------------------

@@ -147,17 +147,15 @@ def _direct_pld(z: float, q: float, steps: int, delta: float, relation, interval
 
 
 @pytest.mark.parametrize(
-    "z,n,expected_batch,steps,relation,neighbouring",
-    [
-        (1.2, 100, 10, 50, NeighboringRelation.REPLACE_ONE, "replace_one"),
-        (0.9, 50, 5, 20, NeighboringRelation.ADD_OR_REMOVE_ONE, "add_remove"),
-        (2.5, 200, 20, 100, NeighboringRelation.REPLACE_ONE, "replace_one"),
-    ],
+    "z,n,expected_batch,steps",
+    [(1.2, 100, 10, 50), (0.9, 50, 5, 20), (2.5, 200, 20, 100)],
 )
-def test_epsilon_equals_direct_dp_accounting(z, n, expected_batch, steps, relation, neighbouring):
+def test_epsilon_equals_direct_dp_accounting(z, n, expected_batch, steps):
     q = expected_batch / n
     delta = 1 / (10 * n)
-    plan = dpsgd.plan_for_sgd(z, n=n, q=q, steps=steps, delta=delta, neighbouring=neighbouring)
+    relation = NeighboringRelation.REPLACE_ONE  # the only relation dpagg honours
+    plan = dpsgd.plan_for_sgd(z, n=n, q=q, steps=steps, delta=delta)
+    assert plan.neighbouring == "replace_one"
     assert plan.sampling == "poisson" and plan.releases == steps and plan.q == q
     assert dpsgd.sgd_noise_multiplier(plan) == pytest.approx(z, rel=1e-15)
     # The same computation done by hand with dp-accounting, same discretisation: equal.
@@ -172,11 +170,17 @@ def test_epsilon_equals_direct_dp_accounting(z, n, expected_batch, steps, relati
     assert plan.noise_std(0.7) == pytest.approx(z * 0.7 / (q * n), rel=1e-12)
 
 
-def test_replace_one_costs_more_than_add_remove():
+def test_replace_one_costs_more_than_add_remove_and_add_remove_is_refused():
+    """Replace-one (a group of two add/remove changes) costs more than the add/remove epsilon
+    dp-accounting gives the same z -- which dpagg no longer offers: q = expected_batch / N and
+    the denominator qN come from N, private under add/remove (tests/test_neighbouring.py)."""
     kw = dict(n=100, q=0.1, steps=30, delta=1e-3)
-    ro = dpsgd.plan_for_sgd(1.0, neighbouring="replace_one", **kw).epsilon
-    ar = dpsgd.plan_for_sgd(1.0, neighbouring="add_remove", **kw).epsilon
+    ro = dpsgd.plan_for_sgd(1.0, **kw).epsilon
+    interval = accountant._pld_interval(30)
+    ar = _direct_pld(1.0, 0.1, 30, 1e-3, NeighboringRelation.ADD_OR_REMOVE_ONE, interval)
     assert ro > ar
+    with pytest.raises(DpaggError, match="neighbouring='add_remove' is not supported"):
+        dpsgd.plan_for_sgd(1.0, neighbouring="add_remove", **kw)
 
 
 def test_calibrate_meets_target():

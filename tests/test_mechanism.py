@@ -139,7 +139,10 @@ def test_release_is_centre_plus_mean_of_clipped_items(no_noise: None, mode: str)
     )
     assert isinstance(rel, Release)
     assert rel.vector.dtype == np.float64 and rel.vector.shape == (d,)
-    np.testing.assert_allclose(rel.vector, expected, rtol=1e-10, atol=1e-12)
+    # Published at float32 precision (docs/privacy.md invariant 6): exact float32 values, within
+    # half a float32 ulp (plus float64 summation error) of the float64 mean.
+    np.testing.assert_array_equal(rel.vector, rel.vector.astype(np.float32))
+    np.testing.assert_allclose(rel.vector, expected, rtol=2.0**-24 * 1.01, atol=1e-12)
     assert rel.record["centre"] == "initializer" and rel.record["clip_mode"] == mode
 
 
@@ -148,7 +151,7 @@ def test_torch_input_and_item_shape(no_noise: None) -> None:
     t = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3) / 100.0
     rel = dp_mean(t, plan=plan_full(4), clip_norm=10.0)
     assert rel.vector.shape == (2, 3) and rel.vector.dtype == np.float64
-    np.testing.assert_allclose(rel.vector, t.double().mean(dim=0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rel.vector, t.double().mean(dim=0).numpy(), rtol=2.0**-24 * 1.01)
 
 
 def test_inputs_are_never_modified() -> None:
@@ -252,10 +255,11 @@ def test_noise_is_gaussian_with_the_planned_std() -> None:
     p3 = 2 * stats.norm.sf(3.0)
     tail = int(np.sum(np.abs(noise) > 3 * sigma))
     assert abs(tail - d * p3) <= Z5 * math.sqrt(d * p3 * (1 - p3))
-    # coordinates independent (lag-1 correlation) and not on a coarse grid
+    # coordinates independent (lag-1 correlation) and not on a coarse grid: published at float32
+    # (2^23 values per octave), 2e5 draws share a value only by birthday collisions (~270 here)
     r = np.corrcoef(noise[:-1], noise[1:])[0, 1]
     assert abs(r) <= Z5 / math.sqrt(d)
-    assert np.unique(noise).size == d
+    assert np.unique(noise).size >= d - 1000
 
 
 def test_noise_is_fresh_and_ignores_global_seeds() -> None:
