@@ -24,7 +24,8 @@ that are not in any private set; for DPAgg also the cosine similarity between th
 non-private mean (raw, and centred on the public initializer embedding).
 
 Every hyper-parameter that sets the noise (DPAgg's C, DP-SGD's C_g) is fixed from a *public*
-training style (``--public-style``), never from the held-out private images (DESIGN invariant 2).
+training style (``--public-style``), never from the held-out private images (docs/privacy.md
+invariant 2).
 DP noise comes from the OS CSPRNG, so reruns differ even with the same seeds (by design).
 
 Outputs in ``--out`` (default ``bench/results``): ``results.jsonl`` (one line per evaluation;

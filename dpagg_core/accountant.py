@@ -74,6 +74,9 @@ NEIGHBOURINGS: tuple[str, ...] = ("replace_one",)
 # Relations older versions could record in a plan: readable (the ledger counts their spend), never
 # accepted for a new plan or release.
 LEGACY_NEIGHBOURINGS: tuple[str, ...] = ("add_remove",)
+# The default delta everywhere (library, CLI, nodes, demo): far below 1/n for any realistic n and
+# in the range the DP literature calls cryptographically small. See :func:`delta_warning`.
+DEFAULT_DELTA = 1e-5
 
 # Accountant names recorded in plans (and in released files' privacy records).
 ACC_ANALYTIC = "analytic_gaussian"
@@ -507,9 +510,9 @@ def _plan(z: float, eps: float, acc: str, s: _Setting) -> PrivacyPlan:
 
 def epsilon_for(
     noise_multiplier: float,
-    delta: float,
-    n: int,
-    sampling: Sampling | str,
+    delta: float = DEFAULT_DELTA,
+    n: int | None = None,
+    sampling: Sampling | str = "full",
     m: int | None = None,
     q: float | None = None,
     releases: int = 1,
@@ -762,9 +765,9 @@ def _calibrate_z(target: float, s: _Setting) -> float:
 
 def calibrate(
     target_epsilon: float,
-    delta: float,
-    n: int,
-    sampling: Sampling | str,
+    delta: float = DEFAULT_DELTA,
+    n: int | None = None,
+    sampling: Sampling | str = "full",
     m: int | None = None,
     q: float | None = None,
     releases: int = 1,
@@ -772,7 +775,9 @@ def calibrate(
 ) -> PrivacyPlan:
     """The plan with (about) the least noise whose epsilon at ``delta`` is <= ``target_epsilon``.
 
-    Searches z (Brent on log z; exact inversion where the bound is closed-form), then re-evaluates
+    ``delta`` defaults to :data:`DEFAULT_DELTA` (1e-5); ``n`` (the number of private images) is
+    required. Searches z (Brent on log z; exact inversion where the bound is closed-form), then
+    re-evaluates
     with :func:`epsilon_for`'s accountant and raises z until the reported epsilon is <= target.
     If even the minimum noise multiplier (``MIN_NOISE_MULTIPLIER``) meets the target, that is
     returned (with its smaller epsilon). Raises DpaggError on bad input.
@@ -870,6 +875,47 @@ _THEOREMS = {
     ),
     ACC_PLD_POISSON: "privacy-loss distribution of the Poisson-subsampled Gaussian, dp-accounting",
 }
+
+
+def delta_warning(delta: float, n: int | None = None) -> str | None:
+    """The warning every front end shows for a user-chosen ``delta`` above :data:`DEFAULT_DELTA`
+    or above 1/(10 n); None when delta is at most both.
+
+    Why: (epsilon, delta)-DP allows the guarantee to fail outright with probability delta. A
+    mechanism that publishes each image's own embedding with probability delta, and otherwise
+    nothing, is (0, delta)-DP; with n images it exposes some image with probability about
+    n * delta (Dwork & Roth 2014, Sec. 2.3). dpagg refuses delta >= 1/n and defaults to 1e-5.
+    """
+    d = float(delta)
+    over_default = d > DEFAULT_DELTA * (1 + 1e-12)
+    # The default itself is never warned about (only n > 10^4 puts it above 1/(10 n)).
+    over_n = n is not None and n > 0 and d > 1.0 / (10.0 * n) and d != DEFAULT_DELTA
+    if not (over_default or over_n):
+        return None
+    limits = []
+    if over_default:
+        limits.append(f"the default {DEFAULT_DELTA:g}")
+    if over_n:
+        limits.append(f"1/(10 n) = {1.0 / (10.0 * n):.3g}")  # type: ignore[operator]
+    exposure = (
+        f" With n = {n} images that is up to a {1.0 - (1.0 - d) ** n:.2%} chance that some "
+        "image is exposed outright."
+        if n
+        else ""
+    )
+    return (
+        f"delta = {d:g} is above {' and '.join(limits)}: delta is the probability that the "
+        "privacy guarantee fails completely (a mechanism that publishes one image's embedding "
+        f"with probability delta satisfies it).{exposure} Use delta <= {DEFAULT_DELTA:g} unless "
+        "you have a specific reason."
+    )
+
+
+DELTA_MEANING = (
+    "delta is the probability that the guarantee fails outright (it should be far below 1/n; "
+    f"dpagg's default is {DEFAULT_DELTA:g}): with probability 1 - delta, no single image changes "
+    "the chance of any output by more than a factor e^epsilon."
+)
 
 
 def plan_summary(plan: PrivacyPlan) -> str:

@@ -74,6 +74,15 @@ With ``plan.releases = k`` each trial makes k releases and the statistic is the 
 projections (a valid test statistic for the k-fold composition, though not always optimal); in
 units of s it is N(0, k) against N(-k/z, k) (full), a binomial mixture over how many of the k
 subsamples held the item (wor: shift -j/z; poisson: +j/(2z) for D0 and -j/(2z) for D1).
+
+The projected mechanism (``basis=``, ``dpagg_core.subspace.dp_mean_projected``)
+----------------------------------------------------------------------------
+With a public basis U (D x K) the neighbours live in the basis' D and are built on its first
+column: x = 2C u_1, so U^T x = 2C e_1 is clipped (in the subspace) to exactly C e_1, the same
+worst case as above in the K coordinates. The audited statistic is the release's coordinate
+along u_1, ``u_1 . (release - centre)``; it has the same distributions as above, so the power
+computation is unchanged. A projection that enlarged the sensitivity (e.g. a non-orthonormal U,
+clipping before instead of after the projection with a scaled U) shows up as a larger bound.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import ndtr
@@ -94,6 +104,9 @@ from dpagg_core.accountant import (
 )
 from dpagg_core.errors import DpaggError
 from dpagg_core.mechanism import check_inputs, dp_mean
+
+if TYPE_CHECKING:
+    from dpagg_core.subspace import PublicBasis
 
 # Fraction of trials used to choose the threshold; the rest give the bound.
 CALIBRATION_FRACTION = 0.3
@@ -414,11 +427,17 @@ def epsilon_lower_bound(
     return float(max(0.0, best)) if math.isfinite(best) else 0.0
 
 
-def _neighbours(plan: PrivacyPlan, clip_norm: float, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two worst-case replace-one neighbours described in the module docstring."""
+def _neighbours(
+    plan: PrivacyPlan, clip_norm: float, dim: int, direction: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two worst-case replace-one neighbours described in the module docstring (along
+    ``direction``, a unit vector of length ``dim``; default e_1)."""
     check_neighbouring(plan.neighbouring, "plan.neighbouring")
     x = np.zeros(dim)
-    x[0] = 2.0 * clip_norm  # clipped to exactly C e_1 by the mechanism
+    if direction is None:
+        x[0] = 2.0 * clip_norm  # clipped to exactly C e_1 by the mechanism
+    else:
+        x = 2.0 * clip_norm * np.asarray(direction, dtype=np.float64)
     d0 = np.zeros((plan.n, dim)) if plan.sampling == "poisson" else np.tile(x, (plan.n, 1))
     d0[0] = x
     d1 = d0.copy()
@@ -427,17 +446,26 @@ def _neighbours(plan: PrivacyPlan, clip_norm: float, dim: int) -> tuple[np.ndarr
 
 
 def release_samples(
-    plan: PrivacyPlan, clip_norm: float = 1.0, dim: int = 4, trials: int = 10_000
+    plan: PrivacyPlan,
+    clip_norm: float = 1.0,
+    dim: int = 4,
+    trials: int = 10_000,
+    basis: PublicBasis | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the real :func:`dp_mean` ``trials`` x ``plan.releases`` times on each neighbour.
 
     Returns two float64 arrays ``[trials, releases, dim]`` (D0's and D1's releases). The
     neighbours differ along e_1; coordinate 0 is the projection the audit tests.
+    With ``basis`` the real :func:`subspace.dp_mean_projected` runs on neighbours in the basis'
+    D (``dim`` is ignored) that differ along u_1, its first column; the arrays are the releases'
+    K basis coordinates ``[trials, releases, K]`` (``U^T release``), coordinate 0 along u_1.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise DpaggError(f"dim={dim!r}; pass a positive integer (e.g. 4).")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise DpaggError(f"trials={trials!r}; pass a positive integer (e.g. 10000).")
+    if basis is not None:
+        return _projected_samples(plan, clip_norm, trials, basis)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise DpaggError(f"dim={dim!r}; pass a positive integer (e.g. 4).")
     d0, d1 = _neighbours(plan, clip_norm, dim)
     check_inputs(d0, plan, clip_norm)  # clear errors before anything runs
     out = np.empty((2, trials, plan.releases, dim))
@@ -448,6 +476,24 @@ def release_samples(
     return out[0], out[1]
 
 
+def _projected_samples(
+    plan: PrivacyPlan, clip_norm: float, trials: int, basis: PublicBasis
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`release_samples` of the projected mechanism (module docstring)."""
+    from dpagg_core.subspace import check_basis, dp_mean_projected
+
+    check_basis(basis, flat_dim=basis.flat_dim, base_model_id=basis.base_model_id)
+    d0, d1 = _neighbours(plan, clip_norm, basis.flat_dim, basis.U[:, 0])
+    check_inputs(d0, plan, clip_norm)
+    out = np.empty((2, trials, plan.releases, basis.dim))
+    kwargs = dict(plan=plan, clip_norm=clip_norm, basis=basis, base_model_id=basis.base_model_id)
+    for which, data in enumerate((d0, d1)):
+        for t in range(trials):
+            for r in range(plan.releases):
+                out[which, t, r] = basis.U.T @ dp_mean_projected(data, **kwargs).vector
+    return out[0], out[1]
+
+
 def audit(
     plan: PrivacyPlan,
     clip_norm: float = 1.0,
@@ -455,8 +501,13 @@ def audit(
     trials: int = DEFAULT_TRIALS,
     confidence: float = 0.95,
     audit_delta: float | None = None,
+    basis: PublicBasis | None = None,
 ) -> AuditResult:
     """Audit ``plan`` against the real :func:`dp_mean` with worst-case neighbours.
+
+    With ``basis`` (a ``dpagg_core.subspace.PublicBasis``) the projected mechanism
+    :func:`subspace.dp_mean_projected` is audited instead, in the basis' D (``dim`` is ignored;
+    module docstring, "The projected mechanism").
 
     Runs ``trials`` x ``plan.releases`` releases on each neighbour (roughly 0.05-0.5 ms each, so
     a few seconds at the defaults) and tests the plan's privacy profile at ``audit_delta``
@@ -482,9 +533,15 @@ def audit(
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise DpaggError(f"dim={dim!r}; pass a positive integer (e.g. 4).")
     start = time.perf_counter()
-    check_inputs(_neighbours(plan, clip_norm, dim)[0], plan, clip_norm)  # before any work
+    if basis is None:
+        check_inputs(_neighbours(plan, clip_norm, dim)[0], plan, clip_norm)  # before any work
+    else:
+        from dpagg_core.subspace import check_basis
+
+        check_basis(basis, flat_dim=basis.flat_dim, base_model_id=basis.base_model_id)
+        check_inputs(np.zeros((plan.n, basis.flat_dim)), plan, clip_norm)
     power = audit_power(plan, trials, confidence, audit_delta)
-    r0, r1 = release_samples(plan, clip_norm, dim, trials)
+    r0, r1 = release_samples(plan, clip_norm, dim, trials, basis=basis)
     lb = epsilon_lower_bound(
         r0[..., 0].sum(axis=1),
         r1[..., 0].sum(axis=1),

@@ -62,17 +62,31 @@ def _add_plan_args(p: argparse.ArgumentParser, *, allow_noise: bool = True) -> N
             type=float,
             help="noise std / sensitivity of the mean; prints the epsilon it costs",
         )
-    g.add_argument("--delta", type=float, default=None, help="delta (default 1/(10 n))")
+    g.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="delta: the probability the guarantee may fail outright (default 1e-5)",
+    )
     g.add_argument("--sampling", choices=("full", "wor", "poisson"), default="full")
     g.add_argument("--m", type=int, help="subsample size for --sampling wor")
     g.add_argument("--q", type=float, help="sampling rate for --sampling poisson")
     g.add_argument("--releases", type=int, default=1, help="releases the plan covers (k)")
 
 
+def _user_path(text: str) -> Path:
+    """Every path argument: ``~`` and environment variables expanded, made absolute - the same
+    meaning as ``DPAGG_LEDGER`` / ``DPAGG_DATA_DIR``, the ComfyUI nodes and the library
+    (``paths.resolve_path``)."""
+    from .paths import resolve_path
+
+    return resolve_path(text)
+
+
 def _add_ledger_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ledger",
-        type=Path,
+        type=_user_path,
         help="ledger file (default: $DPAGG_LEDGER or the user data dir); its key ids the images",
     )
 
@@ -83,17 +97,31 @@ def _add_release_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--centre", choices=("initializer", "origin"), default=None)
     g.add_argument("--clip-mode", choices=("clip", "normalize"), default="clip")
     g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")
-    g.add_argument("--out-dir", type=Path, required=True, help="folder for <name>.safetensors")
+    g.add_argument(
+        "--out-dir", type=_user_path, required=True, help="folder for <name>.safetensors"
+    )
     g.add_argument("--budget-epsilon", type=float, help="dataset budget on first release")
     g.add_argument("--budget-delta", type=float, help="dataset delta budget on first release")
     g.add_argument("--a1111-pt", action="store_true", help="also write an A1111 .pt file")
+    g.add_argument(
+        "--basis",
+        type=_user_path,
+        default=None,
+        help="PUBLIC basis file (`dpagg public-basis`): aggregate and add noise in its k dims",
+    )
+    g.add_argument(
+        "--postprocess",
+        choices=("none", "js", "norm", "js+norm"),
+        default="none",
+        help="free post-processing of the release: James-Stein shrinkage and/or norm rescaling",
+    )
     _add_ledger_args(p)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-image textual inversion")
-    g.add_argument("--images", type=Path, required=True, help="folder of private images")
-    g.add_argument("--model", type=Path, required=True, help="diffusers folder or checkpoint")
+    g.add_argument("--images", type=_user_path, required=True, help="folder of private images")
+    g.add_argument("--model", type=_user_path, required=True, help="diffusers folder or checkpoint")
     g.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="override model detection")
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     g.add_argument("--steps", type=int, default=None)
@@ -109,14 +137,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="TI randomness only (never the DP noise)")
 
 
-def _default_delta(n: int, delta: float | None) -> float:
-    return 1.0 / (10.0 * n) if delta is None else delta
+def _default_delta(delta: float | None) -> float:
+    from .accountant import DEFAULT_DELTA
+
+    return DEFAULT_DELTA if delta is None else delta
 
 
-def _plan(args: argparse.Namespace, n: int):
-    from .accountant import calibrate, epsilon_for
+def _plan(args: argparse.Namespace, n: int, *, warn: bool = True):
+    """The plan from the plan flags; a user-chosen --delta above the safe default is warned
+    about on stderr (``accountant.delta_warning``) before anything runs."""
+    from .accountant import calibrate, delta_warning, epsilon_for
 
-    delta = _default_delta(n, args.delta)
+    delta = _default_delta(args.delta)
+    warning = delta_warning(delta, n) if args.delta is not None else None
+    if warn and warning:
+        log.warning("%s", warning)
     common = {
         "delta": delta,
         "n": n,
@@ -142,12 +177,14 @@ def _ledger(args: argparse.Namespace):
 
 
 def cmd_account(args: argparse.Namespace) -> int:
-    from .accountant import plan_summary
+    from .accountant import DELTA_MEANING, delta_warning, plan_summary
 
     if args.n is None:
         raise DpaggError("--n is required: the number of private images (public under replace-one)")
     plan = _plan(args, args.n)
-    _emit(args, {"plan": plan.to_dict()}, plan_summary(plan))
+    warning = delta_warning(plan.delta, args.n) if args.delta is not None else None
+    payload = {"plan": plan.to_dict(), "delta_meaning": DELTA_MEANING, "delta_warning": warning}
+    _emit(args, payload, f"{plan_summary(plan)}\n{DELTA_MEANING}")
     return 0
 
 
@@ -159,6 +196,11 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
             "--clip-norm is required: choose C from public data (`dpagg suggest-clip-norm`) "
             "or prior knowledge; never from the private embeddings"
         )
+    basis = None
+    if getattr(args, "basis", None) is not None:
+        from .subspace import load_basis
+
+        basis = load_basis(args.basis)
     outcome = release_embeddings(
         eset,
         plan=plan,
@@ -171,6 +213,8 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
         budget_epsilon=args.budget_epsilon,
         budget_delta=args.budget_delta,
         a1111_pt=args.a1111_pt,
+        basis=basis,
+        postprocess=getattr(args, "postprocess", "none"),
     )
     _report_release(args, outcome)
     return 0
@@ -224,21 +268,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit
 
-    plan = _plan(args, args.n)
+    plan = _plan(args, args.n, warn=False)  # an audit releases nothing
+    basis = None
+    if getattr(args, "basis", None) is not None:
+        from .subspace import load_basis
+
+        basis = load_basis(args.basis)
     result = audit(
         plan,
         clip_norm=1.0,
         dim=args.dim,
         trials=args.trials,
         confidence=args.confidence,
+        audit_delta=args.audit_delta,
+        basis=basis,
     )
     payload = {
         "plan": plan.to_dict(),
+        "basis": None if basis is None else basis.record(),
         "claimed_epsilon": result.claimed_epsilon,
+        "audit_delta": result.audit_delta,
+        "audit_epsilon": result.audit_epsilon,
         "empirical_epsilon_lower_bound": result.empirical_epsilon_lower_bound,
         "confidence": result.confidence,
         "trials": result.trials,
         "passed": result.passed,
+        "detectable_epsilon": result.detectable_epsilon,
+        "detectable_noise_factor": result.detectable_noise_factor,
+        "power_half_noise": result.power_half_noise,
+        "half_noise_epsilon": result.half_noise_epsilon,
+        "seconds": result.seconds,
     }
     _emit(args, payload, result.summary())
     return 0 if result.passed else 1
@@ -327,10 +386,13 @@ def _device(args: argparse.Namespace) -> str:
     return "cuda"
 
 
-def _load_images(folder: Path, resolution: int):
+def _load_images(folder: Path, resolution: int, ledger: Path | None = None):
+    """The image folder through the canonical decode (``dpagg_core.images``, the same as
+    ComfyUI's Load Image); its dataset id is keyed by the key of the ledger ``--ledger``, so the
+    CLI and the ComfyUI nodes give the same pictures the same id. Logs its own warnings."""
     from .images import load_image_folder
 
-    return load_image_folder(folder, resolution=resolution)  # logs its own warnings
+    return load_image_folder(folder, resolution=resolution, ledger=ledger)
 
 
 class _Trainer:
@@ -360,7 +422,7 @@ class _Trainer:
             self.resolution = args.resolution or 224
 
     def images(self, folder: Path):
-        return _load_images(folder, self.resolution)
+        return _load_images(folder, self.resolution, getattr(self.args, "ledger", None))
 
     def train(self, loaded):
         if self.method == "clip":
@@ -417,9 +479,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.keep_private_embeddings:
         from .embeddings import save_private
 
-        path = save_private(
-            eset, args.keep_private_embeddings, key=_ledger(args).identity_key()
-        )
+        path = save_private(eset, args.keep_private_embeddings, key=_ledger(args).identity_key())
         log.warning(
             "wrote PRIVATE per-image embeddings to %s: each row can leak its image; keep this "
             "file as private as the images and never put it in an embeddings folder",
@@ -445,6 +505,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     _ledger(args).check(
         loaded.dataset_id, plan, budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta
     )
+    if args.basis is not None and trainer.backend is not None:  # a misfit basis: before training
+        from .subspace import check_basis, load_basis
+
+        backend = trainer.backend
+        check_basis(
+            load_basis(args.basis),
+            flat_dim=args.vectors * sum(backend.embedding_dims.values()),
+            base_model_id=backend.base_model_id or "",
+            model_family=backend.model_family,
+            vectors=args.vectors,
+        )
     eset = trainer.train(loaded)
     model = trainer.model
     if not _is_rank0():
@@ -464,7 +535,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_dpsgd(args: argparse.Namespace) -> int:
     """``dpagg run --method dpsgd``: the DP-SGD textual-inversion baseline (``dpagg_core.dpsgd``),
-    released through the same ledger and file writer as DPAgg (DESIGN invariant 5).
+    released through the same ledger and file writer as DPAgg (docs/privacy.md invariant 5).
 
     Order: the options, the output name and folder are checked; the model and images are loaded;
     the plan is calibrated (PLD over T Poisson steps at rate q = expected_batch / n, replace-one);
@@ -513,9 +584,13 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
             values[field] = getattr(args, option)
     config = DPSGDConfig(**values)
     validate_config(config, n)
+    from .accountant import delta_warning
+
+    if args.delta is not None and (warning := delta_warning(args.delta, n)):
+        log.warning("%s", warning)
     plan = calibrate_dpsgd(
         args.epsilon,
-        _default_delta(n, args.delta),
+        _default_delta(args.delta),
         n=n,
         q=config.sampling_rate(n),
         steps=config.steps,
@@ -626,6 +701,8 @@ _DPSGD_REFUSED = (
     ("clip_mode", "clip", "DP-SGD clips per-example gradients; --clip-mode is for DPAgg"),
     ("mixed_precision", "no", "DP-SGD trains in full precision; drop --mixed-precision"),
     ("gradient_checkpointing", False, "DP-SGD does not use gradient checkpointing"),
+    ("basis", None, "DP-SGD trains the embedding itself; --basis is for DPAgg"),
+    ("postprocess", "none", "--postprocess is for DPAgg releases"),
 )
 
 
@@ -724,6 +801,46 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_public_basis(args: argparse.Namespace) -> int:
+    """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``dpagg_core.subspace``), from the
+    model's token table or from per-image TI embeddings of PUBLIC images."""
+    from .subspace import PublicBasis, save_basis, train_public_embeddings
+
+    if args.kind == "public_embeddings":
+        if args.public_images is None:
+            raise DpaggError("--kind public_embeddings needs --public-images DIR (PUBLIC images)")
+        trainer = _Trainer(args)
+        loaded = trainer.images(args.public_images)
+        update, close = _progress_bar(f"per-image TI of {loaded.count} PUBLIC images")
+        try:
+            public = train_public_embeddings(
+                trainer.backend, loaded.pixels, trainer.config, progress=update
+            )
+        finally:
+            close()
+        basis = PublicBasis.from_public_embeddings(public, args.k)
+    else:
+        if args.public_images is not None:
+            raise DpaggError("--public-images is for --kind public_embeddings; drop it")
+        from .models import _text_encoders, load_pipeline
+
+        model = load_pipeline(args.model, family=args.family, device="cpu")
+        basis = PublicBasis.from_token_table(
+            _text_encoders(model.pipe), args.k, vectors=args.vectors, model_family=model.family
+        )
+        if basis.base_model_id != model.base_model_id:  # pragma: no cover - same fingerprint
+            raise DpaggError("internal: the token-table basis does not name the loaded model")
+    path = save_basis(basis, args.out)
+    payload = {"file": str(path), **basis.record(), "vectors": basis.vectors}
+    text = (
+        f"wrote PUBLIC basis {path}: kind {basis.kind}, k {basis.k} per vector "
+        f"({basis.dim} noised coordinates of D = {basis.flat_dim}), sha256 {basis.sha256[:16]}...\n"
+        f"use it with: dpagg aggregate/run ... --basis {path}"
+    )
+    _emit(args, payload, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -756,7 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "aggregate", parents=[common], help="release a DP mean of a private embedding set"
     )
-    p.add_argument("--embeddings", type=Path, required=True, help="private embedding set file")
+    p.add_argument(
+        "--embeddings", type=_user_path, required=True, help="private embedding set file"
+    )
     _add_plan_args(p, allow_noise=False)
     _add_release_args(p)
     p.set_defaults(func=cmd_aggregate)
@@ -766,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ledger_args(p)  # its key ids the image set (and authenticates the private file)
     p.add_argument(
         "--keep-private-embeddings",
-        type=Path,
+        type=_user_path,
         help="write the PRIVATE per-image embeddings to this file (a warning is printed)",
     )
     p.set_defaults(func=cmd_train)
@@ -793,16 +912,45 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest == "images":
             action.required = False
-    p.add_argument("--public-images", type=Path, required=True, help="PUBLIC images only")
+    p.add_argument("--public-images", type=_user_path, required=True, help="PUBLIC images only")
     p.add_argument("--quantile", type=float, default=0.9)
     p.set_defaults(func=cmd_suggest_clip_norm)
+
+    p = sub.add_parser("public-basis", parents=[common], help="a PUBLIC subspace basis for --basis")
+    _add_train_args(p)
+    p.set_defaults(images=None)
+    for action in p._actions:
+        if action.dest == "images":
+            action.required = False
+    p.add_argument(
+        "--kind",
+        choices=("token_table", "public_embeddings"),
+        default="public_embeddings",
+        help="PCA of the model's token table, or of TI embeddings of --public-images",
+    )
+    p.add_argument("--public-images", type=_user_path, default=None, help="PUBLIC images only")
+    p.add_argument("--k", type=int, default=8, help="directions per vector (public; default 8)")
+    p.add_argument("--out", type=_user_path, required=True, help="basis file (.safetensors)")
+    p.set_defaults(func=cmd_public_basis)
 
     p = sub.add_parser("audit", parents=[common], help="empirical privacy audit of the mechanism")
     _add_plan_args(p)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--dim", type=int, default=4)
-    p.add_argument("--trials", type=int, default=5000)
+    p.add_argument("--trials", type=int, default=20_000, help="per neighbour (default 20000)")
     p.add_argument("--confidence", type=float, default=0.99)
+    p.add_argument(
+        "--audit-delta",
+        type=float,
+        default=None,
+        help="delta of the privacy-profile point to test (default: the most powerful one)",
+    )
+    p.add_argument(
+        "--basis",
+        type=_user_path,
+        default=None,
+        help="audit the projected mechanism (a basis file)",
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("ledger", parents=[common], help="show the ledger or set a budget")
@@ -818,11 +966,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("inspect", parents=[common], help="print a released file's privacy record")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=_user_path)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", parents=[common], help="end-to-end demo on a tiny offline model")
-    p.add_argument("--out-dir", type=Path, default=None, help="where to write (default: temp)")
+    p.add_argument(
+        "--out-dir", type=_user_path, default=None, help="where to write (default: temp)"
+    )
     p.add_argument("--aggregation-only", action="store_true", help="skip the TI training part")
     p.set_defaults(func=cmd_demo)
     return parser

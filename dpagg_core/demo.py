@@ -5,10 +5,10 @@
    The "private" set: ``DEMO_COUNT`` bundled 32 px images of a style the model never saw in
    training ("ocean checked"; rendered by ``bench/make_demo_samples.py``).
 2. ``dpagg run`` trains one textual-inversion embedding per image, calibrates the Gaussian noise
-   to epsilon = ``DEMO_EPSILON`` (delta = 1/(10 n)), releases the DP mean through a fresh ledger
-   and writes ``demo_style.safetensors``. The clip norm is public: ``dpagg suggest-clip-norm`` on
-   16 images of a *training* style with the same TI settings printed 2.55 (the command is in
-   ``bench/make_demo_samples.py``).
+   to epsilon = ``DEMO_EPSILON`` (delta = the default 1e-5), releases the DP mean through a fresh
+   ledger and writes ``demo_style.safetensors``. The clip norm is public: ``dpagg
+   suggest-clip-norm`` on 16 images of a *training* style with the same TI settings printed 2.55
+   (the command is in ``bench/make_demo_samples.py``).
 3. The released file is loaded the way a user would (diffusers ``load_textual_inversion``) and
    ``demo_with_without.png`` shows the private images, the model without the embedding and with
    it, same seeds.
@@ -147,8 +147,6 @@ def run_demo(args: argparse.Namespace) -> int:
             str(private),
             "--epsilon",
             "1",
-            "--delta",
-            "1e-4",
             "--clip-norm",
             "1.0",
             "--name",

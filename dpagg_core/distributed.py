@@ -9,7 +9,7 @@ other ranks get ``None``.
 Privacy: sharding changes nothing about what each row depends on. Image i is trained by exactly
 one rank, with its generator keyed by its *global* index (``dpagg_core.ti.image_seed``), so the
 gathered set equals the single-process one (up to floating-point summation order) and row i is
-still a function of image i and public inputs only (DESIGN.md invariant 1). The gathered
+still a function of image i and public inputs only (docs/privacy.md invariant 1). The gathered
 per-image embeddings stay in rank 0's memory; nothing private is written or logged here
 (invariant 4).
 """

@@ -6,7 +6,7 @@ DP-SGD (Abadi et al. 2016):
 for t = 1..T:
   1. Poisson sampling: every image joins the batch independently with probability ``q``; the
      draw comes from the OS CSPRNG (``dpagg_core.mechanism``'s sampler) and is never returned,
-     logged or stored (DESIGN invariant 3: a known batch voids the amplification);
+     logged or stored (docs/privacy.md invariant 3: a known batch voids the amplification);
   2. per-example gradients g_i of the TI loss w.r.t. the shared vectors. They come from the
      batched TI backend for free: every example in the chunk gets its *own copy* of the shared
      vectors as its row of an ``[B, v, dim]`` parameter, and the backend treats rows
@@ -34,7 +34,7 @@ sensitivity 2 C_g / (qN), so ``plan.noise_multiplier = z / 2``, ``plan.noise_std
 (qN)``, and the plan's PLD event is exactly the DP-SGD event above. :func:`sgd_noise_multiplier`
 / :func:`plan_for_sgd` convert.
 
-Everything that sets the noise (C_g, z, q, T, N) is public (DESIGN invariant 2). The TI
+Everything that sets the noise (C_g, z, q, T, N) is public (docs/privacy.md invariant 2). The TI
 randomness (timesteps, diffusion noise, templates, flips) of example i at step t comes from a
 generator keyed by (seed, t, i): public, independent of which examples were sampled.
 """
@@ -127,7 +127,13 @@ def sgd_noise_multiplier(plan: PrivacyPlan) -> float:
 
 
 def plan_for_sgd(
-    z: float, *, n: int, q: float, steps: int, delta: float, neighbouring: str = "replace_one"
+    z: float,
+    *,
+    n: int,
+    q: float,
+    steps: int,
+    delta: float = accountant.DEFAULT_DELTA,
+    neighbouring: str = "replace_one",
 ) -> PrivacyPlan:
     """The plan (epsilon at ``delta`` by PLD) of T DP-SGD steps with noise multiplier z.
 
@@ -138,7 +144,7 @@ def plan_for_sgd(
 
 def calibrate_dpsgd(
     target_epsilon: float,
-    delta: float,
+    delta: float = accountant.DEFAULT_DELTA,
     *,
     n: int,
     q: float,
@@ -378,7 +384,7 @@ def train_dpsgd(
     config: DPSGDConfig,
     *,
     target_epsilon: float | None = None,
-    delta: float | None = None,
+    delta: float = accountant.DEFAULT_DELTA,
     plan: PrivacyPlan | None = None,
     neighbouring: str = "replace_one",
     before_noise: Callable[[PrivacyPlan], None] | None = None,
@@ -387,13 +393,14 @@ def train_dpsgd(
 ) -> DPSGDResult:
     """Train one shared TI embedding on ``images`` ([N, 3, H, W] in [-1, 1]) with DP-SGD.
 
-    Give either ``target_epsilon`` and ``delta`` (the noise is calibrated by PLD for T steps at
-    q = expected_batch / N) or a ready ``plan`` (sampling 'poisson', replace-one, with the same
-    n, q and T); ``neighbouring`` must be 'replace_one' (module docstring). ``before_noise(plan)``
-    is called once, after every check and before the first noise is drawn: the place to record
-    the spend in the ledger (DESIGN invariant 5); if it raises, nothing is trained. Cancelling
-    after that point still counts as spent (the caller's ledger already holds it). Returns the
-    shared embedding, the public centre (initializer embedding), the plan and the privacy record.
+    Give either ``target_epsilon`` and ``delta`` (default ``accountant.DEFAULT_DELTA``, 1e-5; the
+    noise is calibrated by PLD for T steps at q = expected_batch / N) or a ready ``plan`` (sampling
+    'poisson', replace-one, with the same n, q and T); ``neighbouring`` must be 'replace_one'
+    (module docstring). ``before_noise(plan)`` is called once, after every check and before the
+    first noise is drawn: the place to record the spend in the ledger (docs/privacy.md invariant 5);
+    if it raises, nothing is trained. Cancelling after that point still counts as spent (the
+    caller's ledger already holds it). Returns the shared embedding, the public centre (initializer
+    embedding), the plan and the privacy record.
     """
     accountant.check_neighbouring(neighbouring)
     check_images(images)
@@ -401,8 +408,8 @@ def train_dpsgd(
     validate_config(config, n)
     q = config.sampling_rate(n)
     if plan is None:
-        if target_epsilon is None or delta is None:
-            raise DpaggError("give target_epsilon and delta (or a ready plan) for DP-SGD")
+        if target_epsilon is None:
+            raise DpaggError("give target_epsilon (and delta, default 1e-5) or a ready plan")
         plan = calibrate_dpsgd(
             target_epsilon, delta, n=n, q=q, steps=config.steps, neighbouring=neighbouring
         )

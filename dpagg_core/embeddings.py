@@ -3,7 +3,8 @@
 Two very different kinds of data live here:
 
 * :class:`EmbeddingSet` holds the n per-image embeddings ``[n, v, dim]``. They are *private data*
-  (DESIGN.md invariant 4): each row is a function of one private image, so it may leak that image.
+  (docs/privacy.md invariant 4): each row is a function of one private image, so it may leak
+  that image.
   They are kept in memory, or with :func:`save_private` in a private file that is marked as such
   and is refused in any folder that prompts read embeddings from.
 * A released file (:func:`write_released`) holds ONE noised mean, i.e. the output of the Gaussian
@@ -269,6 +270,17 @@ class EmbeddingSet:
             return None
         return torch.cat([self.centre[k].reshape(-1).double() for k in self._keys]).numpy().copy()
 
+    def __repr__(self) -> str:
+        """Shapes and public labels only: the vectors are private (docs/privacy.md invariant 4),
+        and a repr reaches UIs (ComfyUI's Preview Any), logs and tracebacks."""
+        shapes = {k: tuple(self.vectors[k].shape) for k in self._keys}
+        return (
+            f"EmbeddingSet(kind={self.kind!r}, model_family={self.model_family!r}, n={self.n}, "
+            f"shapes={shapes}, base_model_id={self.base_model_id!r}, "
+            f"centre={'public' if self.centre is not None else None}, "
+            f"dataset_id={self.dataset_id!r}; per-image vectors are private and not shown)"
+        )
+
     # --- identity ---------------------------------------------------------------------------
 
     def _digest(self, h: Any) -> None:
@@ -324,7 +336,7 @@ def dataset_id_for(contents: Iterable[bytes], *, key: bytes) -> str:
     Order-independent (per-image SHA-256 digests are sorted; duplicates count), so renaming or
     re-ordering files keeps the id; editing, adding or removing an image changes it. The ledger
     keys privacy budgets on this id. ``key`` is the ledger's (``ledger.identity_key``): one ledger
-    file is one identity space, whichever process, user or data dir computes the id (DESIGN
+    file is one identity space, whichever process, user or data dir computes the id (docs/privacy.md
     invariant 7). Without the key (random, inside the ledger, never released) the id reveals
     nothing about the images: it cannot be used to confirm a guess of the collection.
     """

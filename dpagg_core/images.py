@@ -1,14 +1,55 @@
 """Load the private image set (a folder or in-memory images) -> ``[N, 3, R, R]`` + dataset id.
 
-Each image is processed on its own (invariant 1: nothing here mixes images): EXIF orientation
-applied (``PIL.ImageOps.exif_transpose``), converted to RGB (transparency composited over white;
-grayscale, palette, 16-bit grayscale and CMYK converted), then the centred square of the image is
-resized to ``resolution`` (``PIL.ImageOps.fit``, Lanczos: the same result as resizing the shorter
-side to ``resolution`` and centre-cropping, without ever materialising the large intermediate).
+One canonical decode
+--------------------
+:func:`decode_rgb` is THE decode of a private picture, for the dataset id and for training
+input, in the CLI, the library and the ComfyUI nodes. It is the decode of ComfyUI's Load Image
+node (``nodes.LoadImage``), so that the same file gives the same 8-bit RGB pixels - and hence
+the same dataset id and the same training input - whether it arrives through ``dpagg run``,
+through ComfyUI's Load Image, or through the pack's **Load Private Images** node:
 
-Folder rules:
+1. the first frame (``Image.open``), EXIF orientation applied (``PIL.ImageOps.exif_transpose``);
+2. 32-bit integer images (mode ``I``) scaled by 1/255 (``Image.point``, truncating), as
+   Load Image does;
+3. ``Image.convert("RGB")``. Consequences, all identical to ComfyUI:
 
-* files are read in sorted name order, non-recursively;
+   * alpha is dropped: the stored colour of every pixel is used, transparency is ignored
+     (RGBA, LA, PA, and palette images with a transparent index); nothing is composited;
+   * 16-bit grayscale (Pillow >= 10 opens 16-bit PNGs as ``I;16``, which Load Image does not
+     rescale) and float images are clipped to 0..255 - such a picture is mostly white. A
+     warning names every image whose values were clipped, and every image with transparency,
+     so the user can flatten or convert it to 8-bit first;
+   * palette and grayscale images are looked up / replicated, CMYK converted by Pillow.
+
+This decode used to differ from ComfyUI's (alpha composited over white, 16-bit rescaled), which
+gave the same semi-transparent or 16-bit files two dataset ids - two privacy budgets. The
+decode is Pillow's, so processes that must agree on an id need the same Pillow release for the
+exotic modes (16-bit, float); RGB, grayscale, palette, CMYK and JPEG files are stable.
+
+Training input: each decoded picture is processed on its own (invariant 1: nothing here mixes
+images): the centred square is resized to ``resolution`` (``PIL.ImageOps.fit``, Lanczos: the
+same result as resizing the shorter side to ``resolution`` and centre-cropping, without ever
+materialising the large intermediate). The ComfyUI nodes feed their images through the same
+:func:`load_images`, so the CLI and ComfyUI train on the same pixels.
+
+Dataset id: names, order and resizing do not enter
+--------------------------------------------------
+Each picture's digest (:func:`pixel_digest`) is the SHA-256 of its decoded, EXIF-oriented,
+FULL-SIZE 8-bit RGB pixels and size - taken before any resize, so no working resolution, crop or
+"resize to the first image" of a loader can change it, and it never sees a file name.
+``embeddings.dataset_id_for`` combines the digests order-independently (sorted) and keys them with
+the privacy ledger's identity key (``ledger=`` names the ledger file; default
+``paths.default_ledger_path()``), so renaming, re-listing or re-ordering files keeps the id, and
+every process that uses that ledger sees the same pictures as the same dataset (docs/privacy.md
+invariant 7). Re-encoding a file (same pixels) keeps its id; editing, adding or removing a picture
+changes it. :class:`LoadedImages` carries the per-image ``digests`` so a caller (e.g. the ComfyUI
+nodes) can re-derive the id under its ledger's key; like the pixels they are private data, kept in
+memory only, never logged, shown or serialised (``repr`` omits both).
+
+Folder rules
+------------
+* files are read in sorted name order (the order affects only the rows, never the id),
+  non-recursively;
 * files without an image extension (captions ``.txt``, ``.json``, ``.DS_Store``, ``Thumbs.db``),
   hidden files (including macOS ``._name.jpg`` resource forks) and sub-folders are skipped with a
   note;
@@ -23,11 +64,8 @@ Folder rules:
   DP protects one *image*; a person whose picture appears twice is protected like a group of two
   (roughly twice the epsilon, Dwork & Roth 2014, Thm 2.2 group privacy).
 
-``dataset_id`` is ``embeddings.dataset_id_for`` of the per-image digests of the decoded,
-EXIF-oriented, full-size 8-bit RGB pixels (salted per install, order independent). Files and
-in-memory images use the same digest, so the same RGB pictures loaded by ``dpagg run`` and by
-ComfyUI's Load Image (which decodes the same way and hands over pixels / 255) share ONE ledger
-budget. Re-encoding a file (same pixels) keeps its id; resizing or editing it does not.
+Paths (``path``, ``ledger``) go through ``paths.resolve_path``: ``~`` and environment variables
+expanded, made absolute - the same meaning as in the CLI and the nodes.
 """
 
 from __future__ import annotations
@@ -48,6 +86,7 @@ from PIL import Image, ImageOps
 
 from .embeddings import dataset_id_for
 from .errors import DpaggError
+from .paths import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +100,21 @@ MIN_IMAGES = 2
 
 @dataclass
 class LoadedImages:
-    """Processed private images. ``pixels`` is PRIVATE DATA: keep it in memory only."""
+    """Processed private images. ``pixels`` and ``digests`` are PRIVATE DATA: keep them in
+    memory only (``repr`` leaves both out)."""
 
-    pixels: torch.Tensor  # float32 [N, 3, R, R] in [-1, 1]
+    pixels: torch.Tensor = field(repr=False)  # float32 [N, 3, R, R] in [-1, 1]
     dataset_id: str
     count: int
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # informational (skipped files)
+    # per-image pixel_digest of the full-size canonical decode, in row order; the dataset id is
+    # embeddings.dataset_id_for(digests, key=<a ledger's identity key>)
+    digests: list[bytes] = field(default_factory=list, repr=False)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pixels.shape[-1])
 
 
 def _check_resolution(resolution: Any) -> int:
@@ -81,48 +128,79 @@ def _check_resolution(resolution: Any) -> int:
     return int(resolution)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB 8-bit; alpha composited over white, 16-bit/float grayscale rescaled, not clipped."""
+def decode_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
+    """The canonical decode of one picture (module docs): ComfyUI Load Image's steps, in order.
+
+    Returns the 8-bit RGB image and what it lost (``"clipped"``: pixel values outside 0..255
+    were clipped; ``"transparency"``: alpha < 255 somewhere was ignored), for warnings."""
+    img = ImageOps.exif_transpose(img)
+    lost: list[str] = []
     mode = img.mode
-    if mode == "RGB":
-        return img
+    if mode == "I":  # 32-bit integers: scaled by 1/255, truncated (Pillow's point)
+        img = img.point(lambda v: v / 255)
+    if mode.startswith("I") or mode == "F":
+        lo, hi = img.getextrema()
+        if lo < 0 or hi > 255:
+            lost.append("clipped")
+    if "A" in img.getbands() and img.getchannel("A").getextrema()[0] < 255:
+        lost.append("transparency")
+    elif mode == "P" and "transparency" in img.info:
+        if img.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+            lost.append("transparency")
+    return img.convert("RGB"), lost
+
+
+def _legacy_digest(img: Image.Image) -> bytes | None:
+    """Digest of ``img`` as dpagg <= 0.2's CLI decoded it, where that differs from
+    :func:`decode_rgb` (alpha composited over white; 16-bit and float gray rescaled), else None.
+
+    Used only to carry a budget recorded under the old decode over to the canonical id
+    (:meth:`ledger.Ledger.adopt_dataset`): without it, upgrading dpagg would give such image
+    sets a fresh budget. Never used for training."""
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode != "I" or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "F":
+        gray = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+        rgb = Image.fromarray(gray, mode="L").convert("RGB")
+    elif mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in img.info
-    )
-    if has_alpha:
+        gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        rgb = Image.fromarray(gray, mode="L").convert("RGB")
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        return None
+    return pixel_digest(np.asarray(rgb))
 
 
 def pixel_digest(rgb: np.ndarray) -> bytes:
-    """Digest of one picture's decoded 8-bit RGB pixels ``[H, W, 3]`` and size: the per-image
-    input of the dataset id. Every entry point (files, PIL images, ComfyUI tensors) calls this,
-    so the same pictures always share one budget."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    """Digest of one picture's decoded 8-bit RGB pixels ``[H, W, 3]`` (full size, before any
+    resize) and size: the per-image input of the dataset id. Every entry point (files, PIL
+    images, ComfyUI tensors) calls this, so the same pictures always share one budget. The
+    format is unchanged since dpagg 0.2, so a ledger upgraded from the install salt keeps the ids
+    of its RGB / grayscale / palette / CMYK image sets."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise DpaggError(f"pixel_digest needs uint8 [H, W, 3] pixels, got {rgb.dtype} {rgb.shape}")
+    rgb = np.ascontiguousarray(rgb)
     height, width = int(rgb.shape[0]), int(rgb.shape[1])
     h = hashlib.sha256(repr((width, height)).encode())
     h.update(rgb.tobytes())
     return h.digest()
 
 
-def _process(img: Image.Image, resolution: int) -> tuple[np.ndarray, bytes, tuple[int, int]]:
-    """(uint8 [R, R, 3] pixels, digest of the full-size decoded RGB pixels, full size)."""
-    img = ImageOps.exif_transpose(img)
-    rgb = _to_rgb(img)
+def _process(
+    img: Image.Image, resolution: int
+) -> tuple[np.ndarray, bytes, tuple[int, int], list[str]]:
+    """(uint8 [R, R, 3] pixels, digest of the full-size decoded RGB pixels, full size, losses)."""
+    rgb, lost = decode_rgb(img)
     fitted = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
-    return np.asarray(fitted, dtype=np.uint8), pixel_digest(np.asarray(rgb)), rgb.size
+    return np.asarray(fitted, dtype=np.uint8), pixel_digest(np.asarray(rgb)), rgb.size, lost
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -139,8 +217,8 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
 
 def _open_file(
     path: Path, resolution: int, max_pixels: int
-) -> tuple[np.ndarray, bytes, tuple[int, int], bytes]:
-    """(pixels, pixel digest, decoded size, raw file bytes) of one image file."""
+) -> tuple[np.ndarray, bytes, tuple[int, int], list[str], bytes, bytes | None]:
+    """(pixels, pixel digest, decoded size, losses, raw file bytes, legacy digest) of one file."""
     data = path.read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check governs
@@ -153,8 +231,9 @@ def _open_file(
             ) from e
         _check_size(img.size, max_pixels, path.name)
         img.load()
-        pixels, pix_digest, size = _process(img, resolution)
-    return pixels, pix_digest, size, data
+        pixels, pix_digest, size, lost = _process(img, resolution)
+        legacy = _legacy_digest(img)
+    return pixels, pix_digest, size, lost, data, legacy
 
 
 def _to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -168,10 +247,13 @@ def _finish(
     byte_digests: list[bytes | None],
     pixel_digests: list[bytes],
     sizes: list[tuple[int, int]],
+    losses: list[list[str]],
     resolution: int,
-    dataset_id: str,
+    dataset_id: str | None,
+    ledger: str | os.PathLike[str] | None,
     notes: list[str],
     where: str,
+    legacy_digests: Sequence[bytes | None] = (),
 ) -> LoadedImages:
     n = len(arrays)
     if n == 0:
@@ -187,6 +269,16 @@ def _finish(
             "that image's embedding, so the noise needed to hide it (sensitivity 2C/n = 2C) "
             "destroys it. Add more images (10 or more give useful results)."
         )
+    if dataset_id is None:
+        from .ledger import Ledger
+
+        led = Ledger(ledger)
+        key = led.identity_key()
+        dataset_id = dataset_id_for(pixel_digests, key=key)
+        if any(d is not None for d in legacy_digests):
+            # Same pictures, id under dpagg <= 0.2's decode: its recorded spend moves to this id.
+            old = [lg or d for lg, d in zip(legacy_digests, pixel_digests, strict=True)]
+            led.adopt_dataset(dataset_id_for(old, key=key), dataset_id)
     warns: list[str] = []
     seen_bytes: dict[bytes, str] = {}
     seen_pixels: dict[bytes, str] = {}
@@ -211,11 +303,29 @@ def _finish(
     if small:
         warns.append(
             f"{len(small)} image(s) smaller than {resolution} px were upscaled and will look "
-            f"blurry to the model: {', '.join(small[:10])}{' ...' if len(small) > 10 else ''}"
+            f"blurry to the model: {_some(small)}"
+        )
+    clipped = [nm for nm, lost in zip(names, losses, strict=True) if "clipped" in lost]
+    if clipped:
+        warns.append(
+            f"{len(clipped)} image(s) have pixel values outside 0-255 (16-bit or float images) "
+            "that the 8-bit decode clipped - they look mostly white or black, exactly as in "
+            f"ComfyUI's Load Image: {_some(clipped)}. Convert them to 8-bit first."
+        )
+    transparent = [nm for nm, lost in zip(names, losses, strict=True) if "transparency" in lost]
+    if transparent:
+        warns.append(
+            f"{len(transparent)} image(s) have transparency, which is ignored (the stored colour "
+            f"of each pixel is used, as in ComfyUI's Load Image): {_some(transparent)}. "
+            "Flatten them onto a background first if the hidden colours should not be learned."
         )
     for w in warns:
         log.warning(w)
-    return LoadedImages(_to_tensor(arrays), dataset_id, n, warns, notes)
+    return LoadedImages(_to_tensor(arrays), dataset_id, n, warns, notes, list(pixel_digests))
+
+
+def _some(names: list[str]) -> str:
+    return f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
 
 
 def load_image_folder(
@@ -224,17 +334,21 @@ def load_image_folder(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     dataset_id: str | None = None,
+    ledger: str | os.PathLike[str] | None = None,
 ) -> LoadedImages:
     """Load every image of the folder ``path`` (sorted by name) at ``resolution`` x ``resolution``.
 
-    ``path`` may also be a list of PIL images or a tensor (see :func:`load_images`).
-    ``dataset_id`` overrides the id computed from the file bytes (only for callers that have
-    their own stable id for the same collection).
+    ``path`` may also be a list of PIL images or a tensor (see :func:`load_images`). The dataset
+    id is keyed by the identity key of the privacy ledger ``ledger`` (default
+    ``paths.default_ledger_path()``; created if missing). ``dataset_id`` overrides it (only for
+    callers that have their own stable id for the same collection; the ledger is not touched).
     """
     if not isinstance(path, (str, os.PathLike)):
-        return load_images(path, resolution, max_pixels=max_pixels, dataset_id=dataset_id)
+        return load_images(
+            path, resolution, max_pixels=max_pixels, dataset_id=dataset_id, ledger=ledger
+        )
     resolution = _check_resolution(resolution)
-    folder = Path(path).expanduser()
+    folder = resolve_path(path)
     if not folder.exists():
         raise DpaggError(f"image folder {folder} does not exist; pass the folder of your images")
     if not folder.is_dir():
@@ -242,10 +356,11 @@ def load_image_folder(
     notes: list[str] = []
     arrays: list[np.ndarray] = []
     names: list[str] = []
-    raw: list[bytes] = []
     byte_digests: list[bytes | None] = []
     pixel_digests: list[bytes] = []
+    legacy_digests: list[bytes | None] = []
     sizes: list[tuple[int, int]] = []
+    losses: list[list[str]] = []
     corrupt: list[str] = []
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
@@ -263,7 +378,7 @@ def load_image_folder(
             notes.append(f"skipped {name} (not an image type)")
             continue
         try:
-            pixels, pix_digest, size, data = _open_file(entry, resolution, max_pixels)
+            pixels, pix_digest, size, lost, data, legacy = _open_file(entry, resolution, max_pixels)
         except (DpaggError, MemoryError):
             raise
         except Exception as e:  # UnidentifiedImageError, truncated data, bad EXIF, ...
@@ -272,10 +387,11 @@ def load_image_folder(
             continue
         arrays.append(pixels)
         names.append(name)
-        raw.append(data)
         byte_digests.append(hashlib.sha256(data).digest())
         pixel_digests.append(pix_digest)
+        legacy_digests.append(legacy)
         sizes.append(size)
+        losses.append(lost)
     if corrupt:
         raise DpaggError(
             f"{len(corrupt)} file(s) in {folder} have an image extension but cannot be decoded "
@@ -284,16 +400,25 @@ def load_image_folder(
         )
     for note in notes:
         log.info(note)
-    if len(arrays) >= MIN_IMAGES:
-        ds_id = dataset_id if dataset_id is not None else dataset_id_for(pixel_digests)
-    else:
-        ds_id = ""  # _finish raises
     return _finish(
-        arrays, names, byte_digests, pixel_digests, sizes, resolution, ds_id, notes, str(folder)
+        arrays,
+        names,
+        byte_digests,
+        pixel_digests,
+        sizes,
+        losses,
+        resolution,
+        dataset_id,
+        ledger,
+        notes,
+        str(folder),
+        legacy_digests,
     )
 
 
 def _tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
+    if images.ndim == 3:  # one picture: [H, W, 3] (ComfyUI) or [3, H, W]
+        images = images.unsqueeze(0)
     if images.ndim != 4:
         raise DpaggError(
             f"images tensor has shape {tuple(images.shape)}; expected [N, 3, H, W] or [N, H, W, 3]"
@@ -322,47 +447,65 @@ def _tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
 
 
 def load_images(
-    images: Sequence[Image.Image] | torch.Tensor,
+    images: Sequence[Image.Image | torch.Tensor] | torch.Tensor,
     resolution: int = 512,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     dataset_id: str | None = None,
+    ledger: str | os.PathLike[str] | None = None,
 ) -> LoadedImages:
-    """In-memory variant: a list of PIL images, or a float tensor in [0, 1] shaped [N, 3, H, W]
-    or [N, H, W, 3] (ComfyUI ``IMAGE``). Same processing and checks as the folder loader;
-    ``dataset_id`` defaults to the salted id of the decoded 8-bit RGB pixels (see module docs).
+    """In-memory variant: a list of PIL images, a float tensor in [0, 1] shaped [N, 3, H, W] or
+    [N, H, W, 3] (ComfyUI ``IMAGE``), or a list of single-picture tensors of any sizes
+    ([H, W, 3] or [3, H, W]). Same decode, processing and checks as the folder loader; a tensor
+    holds already-decoded pixels (ComfyUI's Load Image hands over the canonical decode / 255),
+    which round back to the same 8-bit values and so to the same id. ``ledger`` and
+    ``dataset_id`` as in :func:`load_image_folder`.
     """
     resolution = _check_resolution(resolution)
     if isinstance(images, torch.Tensor):
         pils = _tensor_to_pils(images)
         where = "the images tensor"
     elif isinstance(images, (str, os.PathLike)):
-        return load_image_folder(images, resolution, max_pixels=max_pixels, dataset_id=dataset_id)
+        return load_image_folder(
+            images, resolution, max_pixels=max_pixels, dataset_id=dataset_id, ledger=ledger
+        )
     else:
-        pils = list(images)
+        pils = []
         where = "the image list"
-        for i, im in enumerate(pils):
-            if not isinstance(im, Image.Image):
+        for i, im in enumerate(images):
+            if isinstance(im, torch.Tensor):
+                if im.ndim != 3:
+                    raise DpaggError(
+                        f"images[{i}] has shape {tuple(im.shape)}; a list holds one picture per "
+                        "tensor ([H, W, 3] or [3, H, W])"
+                    )
+                pils.extend(_tensor_to_pils(im))
+            elif isinstance(im, Image.Image):
+                pils.append(im)
+            else:
                 raise DpaggError(f"images[{i}] is a {type(im).__name__}, not a PIL image")
-    arrays, names, pixel_digests, sizes, canon = [], [], [], [], []
+    arrays, names, pixel_digests, sizes, losses = [], [], [], [], []
+    legacy_digests: list[bytes | None] = []
     for i, im in enumerate(pils):
         _check_size(im.size, max_pixels, f"image {i}")
-        pixels, pix_digest, size = _process(im, resolution)
+        pixels, pix_digest, size, lost = _process(im, resolution)
         arrays.append(pixels)
         names.append(f"image {i}")
         pixel_digests.append(pix_digest)
+        legacy_digests.append(_legacy_digest(im))
         sizes.append(size)
-        canon.append(pix_digest)
-    if dataset_id is None and len(arrays) >= MIN_IMAGES:
-        dataset_id = dataset_id_for(canon)
+        losses.append(lost)
     return _finish(
         arrays,
         names,
         [None] * len(arrays),
         pixel_digests,
         sizes,
+        losses,
         resolution,
-        dataset_id or "",
+        dataset_id,
+        ledger,
         [],
         where,
+        legacy_digests,
     )

@@ -1,7 +1,7 @@
 """The privacy ledger: a per-dataset budget and every DP release, in one SQLite file.
 
-Why a ledger (DESIGN.md, invariant 5): the privacy guarantee covers *everything* released about a
-dataset, so every release is recorded before its result leaves the mechanism, over-budget requests
+Why a ledger (docs/privacy.md invariant 5): the privacy guarantee covers *everything* released about
+a dataset, so every release is recorded before its result leaves the mechanism, over-budget requests
 are refused before any noise is drawn, and re-running an identical request returns the stored
 release (post-processing of a released value is free, Dwork & Roth 2014, Prop. 2.1) instead of
 drawing fresh noise, which would spend budget again.
@@ -303,6 +303,7 @@ def request_key(
     mode: str,
     name: str,
     base_model_id: str,
+    basis_sha256: str | None = None,
 ) -> str:
     """Digest (sha256) of every input that determines the release (length-prefixed).
 
@@ -312,6 +313,8 @@ def request_key(
     Two requests with the same key would be answered by the same mechanism on the same data, so
     the stored answer is returned instead of a fresh draw (post-processing is free).
     ``base_model_id`` is included because it is written into the stored privacy record.
+    ``basis_sha256`` (a projected release, ``dpagg_core.subspace``) is appended only when given,
+    so the keys of full-space requests are unchanged.
     """
     arr = _as_float64(vectors)
     content = hashlib.sha256(
@@ -330,7 +333,7 @@ def request_key(
         ("mode", mode.encode()),
         ("name", name.encode()),
         ("base_model_id", base_model_id.encode()),
-    ):
+    ) + ((("basis_sha256", basis_sha256.encode()),) if basis_sha256 is not None else ()):
         for part in (tag.encode(), value):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
@@ -637,7 +640,8 @@ class Ledger:
         dataset ids (:func:`embeddings.dataset_id_for`), request keys, the authentication tag of
         private per-image files. Because it lives in the ledger file, every process using this
         ledger (CLI, ComfyUI, WebUI, other users or data dirs) sees the same pictures as the same
-        dataset (DESIGN invariant 7). It is never released, logged or written anywhere else.
+        dataset (docs/privacy.md invariant 7). It is never released, logged or written anywhere
+        else.
         """
         with self._connect() as con:
             return self._secret(con)
@@ -835,6 +839,55 @@ class Ledger:
             "composition": after.composition,
         }
 
+    def adopt_dataset(self, old_id: str, new_id: str) -> bool:
+        """Move everything recorded for ``old_id`` to ``new_id`` (the same pictures under a new
+        identification rule, e.g. the canonical decode that replaced dpagg <= 0.2's); True if
+        anything moved.
+
+        One write transaction. If ``new_id`` already has a budget, the smaller one is kept
+        (budgets only ever get stricter this way), and every release of both ids counts against
+        it. Request keys are not rewritten, so an identical re-run under the new id is charged
+        again (conservative). A no-op when ``old_id`` is unknown or equals ``new_id``.
+        """
+        _validate_ids(old_id, "adopt_dataset")
+        _validate_ids(new_id, "adopt_dataset")
+        if old_id == new_id:
+            return False
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    old = self._budget(con, old_id)
+                    if old is None:
+                        return False
+                    new = self._budget(con, new_id)
+                    eps, delta = old if new is None else (min(old[0], new[0]), min(old[1], new[1]))
+                    now = _now()
+                    con.execute(
+                        "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, "
+                        "updated) VALUES (?, ?, ?, ?, ?) ON CONFLICT (dataset_id) DO UPDATE SET "
+                        "epsilon_total = excluded.epsilon_total, delta_total = "
+                        "excluded.delta_total, updated = excluded.updated",
+                        (new_id, eps, delta, now, now),
+                    )
+                    con.execute(
+                        "UPDATE releases SET dataset_id = ? WHERE dataset_id = ?", (new_id, old_id)
+                    )
+                    con.execute("DELETE FROM datasets WHERE dataset_id = ?", (old_id,))
+                    con.execute("COMMIT")
+                finally:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        log.warning(
+            "privacy ledger %s: the budget of an image set recorded under dpagg's old image "
+            "decode now applies to its new id %s",
+            self.path,
+            new_id,
+        )
+        return True
+
     def set_budget(self, dataset_id: str, epsilon: float, delta: float) -> dict[str, Any]:
         """Set (raise or lower) the budget of ``dataset_id``; returns the new :meth:`status`.
 
@@ -888,6 +941,7 @@ class Ledger:
         budget_epsilon: float | None = None,
         budget_delta: float | None = None,
         mode: str = "clip",
+        basis: Any = None,
     ) -> LedgerRelease:
         """Release one DP mean of ``vectors`` [n, D] under ``plan``, recorded in the ledger.
 
@@ -899,6 +953,11 @@ class Ledger:
         noise is drawn (``mechanism.dp_mean``); the row is completed and committed. The result is
         returned only after COMMIT: if anything fails before, the transaction is rolled back and
         the drawn value is discarded without ever leaving this function, so nothing was released.
+
+        ``basis`` (a ``dpagg_core.subspace.PublicBasis``): aggregate in that public subspace
+        (``subspace.dp_mean_projected``; same plan and sensitivity). Its sha256 enters the request
+        key and the record; a basis for another D or another ``base_model_id`` is refused here.
+        The stored vector is the raw release in the full D (post-processing comes after).
         """
         _validate_ids(dataset_id, "release", name=name)
         if mode not in MODES:
@@ -913,6 +972,10 @@ class Ledger:
         mechanism.privacy_record(
             plan, clip_norm, mode=mode, centre_kind=centre_kind, base_model_id=base_model_id
         )
+        if basis is not None:
+            from .subspace import check_basis
+
+            check_basis(basis, flat_dim=arr[0].size, base_model_id=base_model_id)
         _check_plan_cost(plan)
         key = request_key(
             arr,
@@ -924,6 +987,7 @@ class Ledger:
             mode=mode,
             name=name,
             base_model_id=base_model_id,
+            basis_sha256=None if basis is None else basis.sha256,
         )
         with self._connect() as con:
             try:
@@ -943,6 +1007,7 @@ class Ledger:
                         budget_epsilon=budget_epsilon,
                         budget_delta=budget_delta,
                         mode=mode,
+                        basis=basis,
                     )
                     if not result.reused:
                         if _before_commit_hook is not None:
@@ -971,6 +1036,7 @@ class Ledger:
         budget_epsilon: float | None,
         budget_delta: float | None,
         mode: str,
+        basis: Any = None,
     ) -> LedgerRelease:
         key = _request_mac(self._secret(con), key)
         row = con.execute(
@@ -1023,15 +1089,29 @@ class Ledger:
             ),
         )
         release_id = int(cur.lastrowid)
-        release = mechanism.dp_mean(
-            arr,
-            plan=plan,
-            clip_norm=clip_norm,
-            center=center,
-            mode=mode,
-            base_model_id=base_model_id,
-            centre_kind=centre_kind,
-        )
+        if basis is None:
+            release = mechanism.dp_mean(
+                arr,
+                plan=plan,
+                clip_norm=clip_norm,
+                center=center,
+                mode=mode,
+                base_model_id=base_model_id,
+                centre_kind=centre_kind,
+            )
+        else:
+            from .subspace import dp_mean_projected
+
+            release = dp_mean_projected(
+                arr,
+                plan=plan,
+                clip_norm=clip_norm,
+                basis=basis,
+                center=center,
+                mode=mode,
+                base_model_id=base_model_id,
+                centre_kind=centre_kind,
+            )
         vec = np.ascontiguousarray(np.asarray(release.vector, dtype=np.float64))
         con.execute(
             "UPDATE releases SET vector = ?, record = ? WHERE id = ?",

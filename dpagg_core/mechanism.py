@@ -23,7 +23,8 @@ secret subsample the privacy is amplified: without replacement (Balle, Barthe & 
 NeurIPS 2018, Theorem 10 for the substitution relation) or Poisson (Zhu, Dong & Wang 2022); the
 accountant (``dpagg_core.accountant``) turns ``z`` into ``epsilon``. Amplification holds ONLY if
 the subsample is unknown to the adversary, which is why the subsample, like the noise, is drawn
-from the operating system's CSPRNG and never returned, logged or stored (DESIGN invariant 3).
+from the operating system's CSPRNG and never returned, logged or stored (docs/privacy.md
+invariant 3).
 
 Floating-point hardening
 ------------------------
@@ -389,7 +390,7 @@ def privacy_record(
     centre_kind: str = "origin",
     base_model_id: str = "",
 ) -> dict[str, str]:
-    """The public privacy record of a release (DESIGN invariant 6), every value a string.
+    """The public privacy record of a release (docs/privacy.md invariant 6), every value a string.
 
     Holds only public quantities: the plan, C, the clipping mode, the kind of public centre and
     the base-model id. Never paths, file names, per-image values, seeds, noise or indices.

@@ -5,10 +5,18 @@ Shared by the CLI and the ComfyUI DP Aggregate node so both follow the same orde
 1. everything that can be wrong with the request (name, output folder, centre, shapes) is checked
    BEFORE the ledger is touched, so bad input never spends budget;
 2. :meth:`Ledger.release` checks the budget, draws the noise and records the release in one
-   transaction (DESIGN invariant 5); an identical earlier request returns the stored release;
-3. the released vector is written with :func:`embeddings.write_released`. Writing is
-   post-processing of a DP output (Dwork & Roth 2014, Prop. 2.1), so if it fails the release stays
-   spent, and re-running the identical request writes it again without spending.
+   transaction (docs/privacy.md invariant 5); an identical earlier request returns the stored
+   release;
+3. the released vector is (optionally) post-processed (``dpagg_core.postprocess``: James-Stein
+   shrinkage, norm rescaling; functions of the release and public values only) and written with
+   :func:`embeddings.write_released`. Both are post-processing of a DP output (Dwork & Roth 2014,
+   Prop. 2.1), so if writing fails the release stays spent, and re-running the identical request
+   writes it again without spending. The ledger keeps the RAW release; a re-run post-processes
+   the stored raw release the same way and finds the same file.
+
+With a public ``basis`` (``dpagg_core.subspace.PublicBasis``) the mean is aggregated in that
+subspace (``subspace.dp_mean_projected``); the basis is checked against the set (family, base
+model, D) before the ledger is touched.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from .embeddings import (
 )
 from .errors import DpaggError
 from .ledger import Ledger, request_key
+from .postprocess import METHODS as POSTPROCESS_METHODS
+from .postprocess import apply as postprocess_apply
 
 CENTRES = ("initializer", "origin")
 
@@ -132,6 +142,9 @@ def release_embeddings(
     budget_delta: float | None = None,
     new_name_per_release: bool = False,
     a1111_pt: bool = False,
+    basis: Any = None,
+    postprocess: str = "none",
+    target_norms: dict[str, float] | None = None,
 ) -> ReleaseOutcome:
     """Release one DP mean of ``eset`` and write it as ``<out_dir>/<name>.safetensors``.
 
@@ -142,8 +155,34 @@ def release_embeddings(
     ``new_name_per_release`` (ComfyUI): a new release gets the first free ``name``, ``name-2``,
     ... so prompt caches never serve an old release; otherwise (CLI) an existing ``name`` is an
     error raised before anything is spent. An identical earlier request (same data, plan, C,
-    centre, mode, name) spends nothing and returns the file that already holds it.
+    centre, mode, name, basis) spends nothing and returns the file that already holds it.
+
+    ``basis``: a public ``subspace.PublicBasis`` to aggregate in (None: the full space).
+    ``postprocess``: ``'none'``, ``'js'``, ``'norm'`` or ``'js+norm'`` (``dpagg_core.postprocess``),
+    applied to the raw release after the ledger; ``norm`` rescales to ``target_norms`` (public,
+    per key) or, by default, the basis' ``typical_norms``. It is not part of the request: a re-run
+    with another post-processing reuses the recorded release (nothing spent) and writes the new
+    post-processed file under the next free name if ``name`` is taken.
     """
+    if postprocess not in POSTPROCESS_METHODS:
+        raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
+    if basis is not None:
+        from .subspace import check_basis
+
+        check_basis(
+            basis,
+            flat_dim=eset.flat_dim,
+            base_model_id=eset.base_model_id,
+            model_family=eset.model_family,
+            vectors=eset.num_vectors,
+        )
+    if "norm" in postprocess and target_norms is None:
+        if basis is None:
+            raise DpaggError(
+                f"postprocess={postprocess!r} rescales to a public typical norm: pass a public "
+                "basis (its typical norms) or target_norms"
+            )
+        target_norms = dict(basis.typical_norms)
     base = sanitize_name(name)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -163,7 +202,8 @@ def release_embeddings(
         "name": base,
         "base_model_id": eset.base_model_id,
     }
-    key = ledger.request_mac(request_key(vectors, **request))
+    basis_sha = None if basis is None else basis.sha256
+    key = ledger.request_mac(request_key(vectors, **request, basis_sha256=basis_sha))
     recorded = any(r["request_key"] == key for r in ledger.list_releases(eset.dataset_id))
     target = base
     if not recorded:
@@ -179,13 +219,25 @@ def release_embeddings(
         vectors,
         budget_epsilon=budget_epsilon,
         budget_delta=budget_delta,
+        basis=basis,
         **request,
     )
-    released = eset.unflat(result.release.vector)
+    # Post-processing: the raw release (as stored in the ledger) and public values only.
+    vec, extra = postprocess_apply(
+        result.release.vector,
+        method=postprocess,
+        record=result.release.record,
+        layout=[(k, eset.num_vectors, w) for k, w in eset.encoder_widths.items()],
+        centre=centre_vec,
+        target_norms=target_norms,
+    )
+    released = eset.unflat(vec)
     if result.reused:
-        target = next_free_name(out, base) if new_name_per_release else base
+        # Free either way: the identical file if it exists, else the first free name (a new
+        # post-processing of a recorded release must not collide with the earlier file).
+        target = next_free_name(out, base)
     return write_outcome(
-        out, target, released, dict(result.release.record), result, a1111_pt=a1111_pt
+        out, target, released, {**result.release.record, **extra}, result, a1111_pt=a1111_pt
     )
 
 

@@ -5,7 +5,8 @@ pipelines, ``nodes/comfy_backend.py`` for ComfyUI MODEL/CLIP/VAE objects) knows 
 images, encode a prompt whose placeholder slots hold trainable vectors, add noise and run the
 denoiser. It knows nothing about optimisers, seeds or batching.
 
-Privacy reasoning (DESIGN.md invariant 1). The DP mechanism downstream adds noise calibrated to the
+Privacy reasoning (docs/privacy.md invariant 1). The DP mechanism downstream adds noise
+calibrated to the
 replace-one sensitivity of the *mean* of per-image embeddings, 2C/n after clipping to norm C. That
 calibration is only valid if embedding i is a function of image i and public inputs alone: if
 image j could influence embedding i, replacing image j would move several rows and the
@@ -375,7 +376,7 @@ def image_seed(seed: int, index: int) -> int:
     """64-bit seed of image ``index``'s generator. Independent of batching, chunking and rank.
 
     This is TI randomness only (timesteps, diffusion noise, template, flip, latent sample); it is
-    never used by the DP mechanism (DESIGN.md invariant 3)."""
+    never used by the DP mechanism (docs/privacy.md invariant 3)."""
     digest = hashlib.sha256(f"dpagg-ti/{int(seed)}/{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -677,10 +678,10 @@ def train_embeddings(
     ``config.batch_size``; image i has its own ``v`` vectors per encoder key, initialised to the
     initializer's token embedding. The result's ``centre`` is that embedding repeated over the
     ``v`` vectors: public (it depends only on the model and the initializer text), so it may serve
-    as the clipping centre of the DP mean (DESIGN.md invariant 2).
+    as the clipping centre of the DP mean (docs/privacy.md invariant 2).
 
     Privacy: row i of the result is a deterministic function of image i, its global index,
-    ``config`` and the frozen model (DESIGN.md invariant 1) — no cross-sample normalisation,
+    ``config`` and the frozen model (docs/privacy.md invariant 1) — no cross-sample normalisation,
     element-wise AdamW, no global clipping or loss-scaler skip, per-image generators. Replacing one
     image therefore changes exactly one row, which is the replace-one neighbouring relation the
     accountant assumes (sensitivity 2C/n of the clipped mean).

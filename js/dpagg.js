@@ -9,6 +9,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const DPAGG_NODES = new Set([
+  "DpaggLoadPrivateImages",
   "DpaggPerImageTI",
   "DpaggClipEmbeddings",
   "DpaggPrivacyAccountant",

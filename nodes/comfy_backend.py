@@ -27,7 +27,7 @@ lists, instance ``forward`` overrides, ``training`` flags, parameters' ``require
 layer options, and the tokenizers' attributes; the loaded clones are unloaded through ComfyUI's
 model manager. ``tests/test_comfyui_integration.py`` checks the originals are left as they were.
 
-Privacy (DESIGN.md invariant 1): every method treats batch rows independently. Prompts are
+Privacy (docs/privacy.md invariant 1): every method treats batch rows independently. Prompts are
 encoded one image at a time; the UNet, CLIP and VAE use per-sample LayerNorm/GroupNorm and
 attention within a sample, and SDXL's ``y`` row b is built from pooled row b only.
 """

@@ -1,14 +1,35 @@
-"""The four dpagg nodes (ComfyUI V3 API), a thin skin over ``dpagg_core``.
+"""The five dpagg nodes (ComfyUI V3 API), a thin skin over ``dpagg_core``.
 
-Graph: Load Checkpoint -> **Per-Image TI** (or CLIP vision -> **Clip Embeddings**) ->
-``EMBEDDING_SET`` -> **DP Aggregate** <- ``DP_PLAN`` <- **Privacy Accountant**.
+Graph: **Load Private Images** -> ``PRIVATE_IMAGES`` -> (Load Checkpoint ->) **Per-Image TI** (or
+CLIP vision -> **Clip Embeddings**) -> ``EMBEDDING_SET`` -> **DP Aggregate** <- ``DP_PLAN`` <-
+**Privacy Accountant**.
 
-Privacy (DESIGN.md):
+Identity of the image set (docs/privacy.md invariant 7):
 
-* ``EMBEDDING_SET`` carries the n per-image embeddings: private data (invariant 4). It only ever
-  lives in ComfyUI's in-memory output cache; no node previews, saves or puts it in a UI message,
-  the workflow or PNG metadata. The UI messages below hold public values only (the plan, n,
-  shapes, the ledger's budget figures and the released file's name).
+* **Load Private Images** is ``dpagg_core.images.load_image_folder`` on a folder of ComfyUI's
+  input directory: the canonical decode (the one of ComfyUI's Load Image), sorted names, each
+  picture fitted to ``resolution`` on its own. Its ``PRIVATE_IMAGES`` output carries the
+  per-image digests of the FULL-SIZE decoded originals, so the dataset id - and the budget - is
+  the one ``dpagg run`` computes for the same files, whatever the file names, the listing order
+  or the working resolution. It is a custom type on purpose: only dpagg nodes accept it (the
+  pictures are private), and it is already small (fitted), not full-size float32 photos.
+* A plain ``IMAGE`` input (ComfyUI's Load Image, a batch, a list) is still accepted: its id is
+  computed from the pixels received, which equals the CLI's for Load Image (same decode, no
+  resize). ComfyUI's own dataset/folder loaders (``UNSTABLE_LOADERS``) list a folder unsorted,
+  resize every picture to the first file's size and skip EXIF orientation, so the same pictures
+  could get another id (a fresh budget) after a rename: a direct link from one of them is
+  refused before anything runs, naming Load Private Images as the fix.
+* Ids are keyed by the identity key of the pack's ledger (:func:`ledger_path`).
+
+Privacy (docs/privacy.md):
+
+* ``EMBEDDING_SET`` carries the n per-image embeddings and ``PRIVATE_IMAGES`` the pictures:
+  private data (invariant 4). They only ever live in ComfyUI's in-memory output cache; no node
+  previews, saves or puts them in a UI message, the workflow or PNG metadata (the ``repr`` of
+  ``PRIVATE_IMAGES`` shows no pixels or digests, should a generic node print it). The UI
+  messages below hold public values only (the plan, n, shapes, the keyed dataset id - as
+  ``dpagg ledger show`` prints it - the ledger's budget figures, the released file's name, and
+  loader warnings naming files).
 * Everything that sets the noise is a widget value or derived from public inputs (invariant 2):
   clip norm, centre (the initializer token's embedding), n (the image count), the plan.
 * DP Aggregate releases through ``dpagg_core.release.release_embeddings``: validation first, then
@@ -37,9 +58,9 @@ from dpagg_core import accountant, ti
 from dpagg_core.accountant import SAMPLINGS, PrivacyPlan
 from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, sanitize_name
 from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.images import pixel_digest
-from dpagg_core.ledger import Ledger
-from dpagg_core.paths import LEDGER_ENV
+from dpagg_core.images import LoadedImages, load_image_folder, load_images, pixel_digest
+from dpagg_core.ledger import Ledger, identity_key
+from dpagg_core.paths import LEDGER_ENV, resolve_path
 from dpagg_core.release import CENTRES, release_embeddings
 
 CATEGORY = "dpagg/privacy"
@@ -47,6 +68,19 @@ UI_KEY = "dpagg"  # key of the nodes' UI message, read by js/dpagg.js
 
 EmbeddingSetIO = io.Custom("EMBEDDING_SET")
 DpPlanIO = io.Custom("DP_PLAN")
+PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.images.LoadedImages
+
+# ComfyUI's dataset/folder image loaders (core nodes, 0.3.x and later): unsorted listing, every
+# picture resized to the first file's size, no EXIF orientation. See the module docstring.
+UNSTABLE_LOADERS = frozenset(
+    {
+        "LoadImageSetFromFolderNode",
+        "LoadImageSetNode",
+        "LoadImageTextSetFromFolderNode",
+        "LoadImageDataSetFromFolder",
+        "LoadImageTextDataSetFromFolder",
+    }
+)
 
 MODE_TARGET = "target epsilon -> noise"
 MODE_NOISE = "noise multiplier -> epsilon"
@@ -95,11 +129,83 @@ def _image_digest(img: torch.Tensor) -> bytes:
     return pixel_digest(arr.numpy())
 
 
-def images_dataset_id(images: Sequence[torch.Tensor]) -> str:
-    """Salted id of the image set (``embeddings.dataset_id_for`` of the pixel digests): the ledger
-    keys the budget on it, so the same pictures share ONE budget across Per-Image TI, Clip
+def images_dataset_id(images: Sequence[torch.Tensor], key: bytes | None = None) -> str:
+    """Keyed id of the image set (``embeddings.dataset_id_for`` of the pixel digests, under the
+    identity key of the pack's ledger unless ``key`` is given): the ledger keys the budget on
+    it, so the same pictures share ONE budget across Load Private Images, Per-Image TI, Clip
     Embeddings and the CLI (``dpagg_core.images`` uses the same digest)."""
-    return dataset_id_for([_image_digest(img) for img in images])
+    key = identity_key(ledger_path()) if key is None else key
+    return dataset_id_for([_image_digest(img) for img in images], key=key)
+
+
+def private_images(images: Any) -> LoadedImages | None:
+    """The ``PRIVATE_IMAGES`` of an images input (ComfyUI passes a list for list inputs), or
+    None when the input is plain ``IMAGE`` data."""
+    items = images if isinstance(images, (list, tuple)) else [images]
+    found = [x for x in items if isinstance(x, LoadedImages)]
+    if not found:
+        return None
+    if len(found) != 1 or len(items) != 1:
+        raise DpaggError(
+            "images: connect ONE Load Private Images output (or plain IMAGE data), not a mix"
+        )
+    return found[0]
+
+
+def loaded_dataset_id(loaded: LoadedImages) -> str:
+    """Id of a ``PRIVATE_IMAGES`` set under the pack ledger's key, from its carried digests."""
+    return dataset_id_for(loaded.digests, key=identity_key(ledger_path()))
+
+
+def refuse_unstable_loader(hidden: Any, input_name: str = "images") -> None:
+    """Raise if ``input_name`` is linked straight to one of ComfyUI's ``UNSTABLE_LOADERS``
+    (read from the queued prompt; a no-op where the prompt is unknown)."""
+    prompt = getattr(hidden, "prompt", None)
+    uid = getattr(hidden, "unique_id", None)
+    if not isinstance(prompt, dict) or uid is None:
+        return
+    link = (prompt.get(str(uid)) or {}).get("inputs", {}).get(input_name)
+    if not (isinstance(link, (list, tuple)) and len(link) == 2):
+        return
+    source = (prompt.get(str(link[0])) or {}).get("class_type")
+    if source in UNSTABLE_LOADERS:
+        raise DpaggError(
+            f"images come from ComfyUI's {source} loader, which lists the folder unsorted, resizes "
+            "every picture to the size of the first file and ignores EXIF orientation: renaming "
+            "or re-listing the files could give the same pictures a new dataset id, i.e. a fresh "
+            "privacy budget. Use 'Load Private Images (dpagg)' on the same folder instead (its id "
+            "comes from the original pictures). Nothing was trained or spent."
+        )
+
+
+def _input_root() -> Path:
+    import folder_paths
+
+    return Path(os.path.realpath(folder_paths.get_input_directory()))
+
+
+def input_subfolders() -> list[str]:
+    """Sub-folders of ComfyUI's input directory (the Load Private Images choices)."""
+    import folder_paths
+
+    try:
+        return sorted(folder_paths.get_input_subfolders())
+    except OSError:
+        return []
+
+
+def input_folder(folder: str) -> Path:
+    """The sub-folder ``folder`` of ComfyUI's input directory; never a path outside it."""
+    root = _input_root()
+    path = Path(os.path.realpath(root / str(folder)))
+    if not str(folder).strip() or path == root or root not in path.parents:
+        raise DpaggError(
+            f"folder={folder!r}: pick a sub-folder of ComfyUI's input directory ({root}), e.g. "
+            "put the private images in input/my_private_images"
+        )
+    if not path.is_dir():
+        raise DpaggError(f"folder={folder!r}: {path} is not a folder; put your images there")
+    return path
 
 
 def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
@@ -121,10 +227,11 @@ def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Te
 
 
 def ledger_path() -> Path:
-    """``DPAGG_LEDGER`` if set, else ``<ComfyUI user directory>/dpagg/ledger.sqlite``."""
+    """``DPAGG_LEDGER`` if set (``~`` and variables expanded, made absolute exactly as the CLI
+    does: ``paths.resolve_path``), else ``<ComfyUI user directory>/dpagg/ledger.sqlite``."""
     env = os.environ.get(LEDGER_ENV)
     if env:
-        return Path(env)
+        return resolve_path(env)
     import folder_paths
 
     return Path(folder_paths.get_user_directory()) / "dpagg" / "ledger.sqlite"
@@ -250,8 +357,143 @@ def _opt(value: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Load Private Images
+# --------------------------------------------------------------------------------------------
+
+
+def _folder_fingerprint(folder: str, resolution: Any) -> str:
+    """Changes when a file of the folder is added, removed, renamed or rewritten (ComfyUI then
+    re-runs the loader; renaming re-runs it but keeps the dataset id)."""
+    h = hashlib.sha256(f"{folder}\0{resolution}".encode())
+    try:
+        path = input_folder(folder)
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            st = entry.stat()
+            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    except (DpaggError, OSError) as exc:
+        h.update(repr(exc).encode())
+    return h.hexdigest()
+
+
+class LoadPrivateImages(io.ComfyNode):
+    """A folder of private images, decoded like ComfyUI's Load Image, identified like the CLI."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggLoadPrivateImages",
+            display_name="Load Private Images (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Loads every image of a folder in ComfyUI/input (sorted by name, EXIF orientation "
+                "applied, decoded like Load Image) and fits each to resolution x resolution. The "
+                "image set's dataset id - its privacy budget - comes from the original pictures: "
+                "renaming, re-ordering or another resolution keeps it, and `dpagg run` on the same "
+                "files gets the same id. PRIVATE: only dpagg nodes accept the output."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "folder",
+                    options=input_subfolders(),
+                    tooltip="a sub-folder of ComfyUI/input holding the private images",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=8,
+                    max=4096,
+                    step=8,
+                    tooltip="each image's centred square is resized to this (512 for SD1.x, 768 "
+                    "SD2.x, 1024 SDXL); it does not change the dataset id",
+                ),
+            ],
+            outputs=[PrivateImagesIO.Output(display_name="PRIVATE_IMAGES")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder: Any = None, resolution: Any = 512) -> bool | str:
+        try:  # a linked (converted) input arrives as None here; execute checks it then
+            if folder is not None:
+                input_folder(str(folder))
+            res = int(resolution if resolution is not None else 512)
+            if res < 8 or res % 8:
+                raise DpaggError(f"resolution={res}: use a multiple of 8, e.g. 512")
+        except (DpaggError, TypeError, ValueError) as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: Any = None, resolution: Any = 512) -> str:
+        return _folder_fingerprint(str(folder), resolution)
+
+    @classmethod
+    def execute(cls, folder, resolution) -> io.NodeOutput:
+        ledger = ledger_path()
+        loaded = load_image_folder(input_folder(str(folder)), int(resolution), ledger=ledger)
+        lines = [
+            f"{loaded.count} private images at {loaded.resolution} px (private: in memory only)",
+            f"image set {loaded.dataset_id} (from the original pictures; names, order and "
+            "resolution do not change it)",
+        ]
+        more, _, figures = budget_payload(Ledger(ledger), loaded.dataset_id, None)
+        lines += more + [f"warning: {w}" for w in loaded.warnings]
+        if loaded.notes:
+            lines.append(f"{len(loaded.notes)} non-image entries skipped")
+        duplicates = any(w.startswith("duplicate") for w in loaded.warnings)  # privacy: red
+        ui = _ui(
+            "Load Private Images",
+            lines,
+            duplicates,
+            n=loaded.count,
+            dataset=loaded.dataset_id,
+            **figures,
+        )
+        return io.NodeOutput(loaded, ui=ui)
+
+
+def _images_input(tooltip: str) -> Any:
+    """``images``: Load Private Images' PRIVATE_IMAGES or any ComfyUI IMAGE (batch or list)."""
+    return io.MultiType.Input(
+        io.Image.Input("images", tooltip=tooltip), types=[io.Image, PrivateImagesIO]
+    )
+
+
+def _warn_lines(warnings: Sequence[str]) -> list[str]:
+    return [f"warning: {w}" for w in warnings]
+
+
+# --------------------------------------------------------------------------------------------
 # Per-Image TI
 # --------------------------------------------------------------------------------------------
+
+
+def training_images(
+    hidden: Any, images: Any, resolution: int
+) -> tuple[torch.Tensor, str, list[str]]:
+    """(``[N, 3, R, R]`` in [-1, 1], dataset id, warnings) of an images input.
+
+    PRIVATE_IMAGES: its pixels (resized again only if ``resolution`` differs) and the id of its
+    carried digests. IMAGE: with a resolution, the very processing of the CLI
+    (``images.load_images``: each picture fitted with Lanczos, duplicate/size warnings); with 0,
+    the images' own (common) size. Both ids come from full-size pictures."""
+    loaded = private_images(images)
+    if loaded is not None:
+        x, warns = loaded.pixels, list(loaded.warnings)
+        if resolution and resolution != loaded.resolution:
+            if resolution > loaded.resolution:
+                warns.append(
+                    f"Load Private Images made {loaded.resolution} px images, upscaled here to "
+                    f"{resolution} px (blurry): set its resolution to {resolution}"
+                )
+            x = torch.cat([ti.resize_center_crop(row[None], resolution) for row in x])
+        return x, loaded_dataset_id(loaded), warns
+    refuse_unstable_loader(hidden)
+    imgs = _flatten_images(images)
+    if not resolution:
+        return to_model_images(imgs, 0), images_dataset_id(imgs), []
+    pictures = [img.detach().float().clamp(0, 1) for img in imgs]
+    loaded = load_images(pictures, resolution, ledger=ledger_path())
+    return loaded.pixels, loaded.dataset_id, list(loaded.warnings)
 
 
 def _ti_config(kw: dict[str, Any]) -> ti.TIConfig:
@@ -288,8 +530,9 @@ class PerImageTI(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
                 io.Vae.Input("vae"),
-                io.Image.Input(
-                    "images", tooltip="the private images: one batch, or a list of batches"
+                _images_input(
+                    "the private images: Load Private Images (recommended: its dataset id does "
+                    "not depend on file names), or an IMAGE batch / list"
                 ),
                 io.Int.Input("steps", default=300, min=1, max=100000, tooltip="steps per image"),
                 io.Float.Input(
@@ -311,7 +554,8 @@ class PerImageTI(io.ComfyNode):
                     min=0,
                     max=4096,
                     step=8,
-                    tooltip="shorter side resized and centre-cropped to this; 0 keeps the size",
+                    tooltip="shorter side resized and centre-cropped to this; 0 keeps the size "
+                    "(for Load Private Images: 0 keeps its resolution)",
                 ),
                 io.Int.Input("batch_size", default=4, min=1, max=256),
                 io.Int.Input(
@@ -329,6 +573,7 @@ class PerImageTI(io.ComfyNode):
                 ),
             ],
             outputs=[EmbeddingSetIO.Output(display_name="EMBEDDING_SET")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -347,12 +592,11 @@ class PerImageTI(io.ComfyNode):
         config = _ti_config(kwargs)
         ti.validate_config(config)
         resolution = int(_first(kwargs["resolution"]))
-        imgs = _flatten_images(images)
-        dataset_id = images_dataset_id(imgs)
-        chunks = math.ceil(len(imgs) / config.batch_size)
+        x, dataset_id, warns = training_images(cls.hidden, images, resolution)
+        chunks = math.ceil(x.shape[0] / config.batch_size)
         progress, should_cancel = _progress(config.steps * chunks)
         with torch.inference_mode(False):
-            x = to_model_images(imgs, resolution)
+            x = x.clone()  # a normal tensor (ComfyUI runs nodes in inference mode)
             with _make_backend(_first(model), _first(clip), _first(vae)) as backend:
                 eset = ti.train_embeddings(
                     backend,
@@ -367,8 +611,9 @@ class PerImageTI(io.ComfyNode):
             f"{eset.n} per-image embeddings ({eset.model_family}, {eset.num_vectors} vector(s), "
             f"{widths})",
             "private: kept in memory only; release them with DP Aggregate",
-        ]
-        return io.NodeOutput(eset, ui=_ui("Per-Image TI", lines))
+            f"image set {dataset_id}",
+        ] + _warn_lines(warns)
+        return io.NodeOutput(eset, ui=_ui("Per-Image TI", lines, dataset=dataset_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,10 +637,11 @@ class ClipEmbeddings(io.ComfyNode):
             is_input_list=True,
             inputs=[
                 io.ClipVision.Input("clip_vision"),
-                io.Image.Input("images", tooltip="the private images: a batch or a list"),
+                _images_input("the private images: Load Private Images, or an IMAGE batch / list"),
                 io.Combo.Input("crop", options=["center", "none"], default="center"),
             ],
             outputs=[EmbeddingSetIO.Output(display_name="EMBEDDING_SET")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -403,7 +649,14 @@ class ClipEmbeddings(io.ComfyNode):
         clip_vision, crop = _first(clip_vision), _first(crop)
         if clip_vision is None:
             raise DpaggError("clip_vision is missing: connect a Load CLIP Vision node")
-        imgs = _flatten_images(images)
+        loaded = private_images(images)
+        if loaded is not None:  # [N, 3, R, R] in [-1, 1] -> ComfyUI images [R, R, 3] in [0, 1]
+            imgs = [((row.movedim(0, -1) + 1) / 2).clamp(0, 1) for row in loaded.pixels]
+            dataset_id = loaded_dataset_id(loaded)
+        else:
+            refuse_unstable_loader(cls.hidden)
+            imgs = _flatten_images(images)
+            dataset_id = images_dataset_id(imgs)
         progress, should_cancel = _progress(len(imgs))
         rows = []
         for i, img in enumerate(imgs):  # one image at a time: row i depends on image i only
@@ -417,13 +670,14 @@ class ClipEmbeddings(io.ComfyNode):
             model_family="clip_vision",
             base_model_id=_module_id("clip_vision", getattr(clip_vision, "model", None)),
             centre=None,
-            dataset_id=images_dataset_id(imgs),
+            dataset_id=dataset_id,
         )
         lines = [
             f"{eset.n} CLIP image embeddings (width {eset.encoder_widths['image_embeds']})",
             "private: kept in memory only; release them with DP Aggregate",
+            f"image set {dataset_id}",
         ]
-        return io.NodeOutput(eset, ui=_ui("Clip Embeddings", lines))
+        return io.NodeOutput(eset, ui=_ui("Clip Embeddings", lines, dataset=dataset_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +714,7 @@ def accountant_problems(kw: dict[str, Any], n_known: bool) -> str | None:
         if n < 2:
             return f"n={n}: a private mean needs at least 2 images"
         if delta >= 1.0 / n:
-            return f"delta={delta:g} is at least 1/n = 1/{n}; pick delta << 1/n, e.g. {0.1 / n:.2g}"
+            return f"delta={delta:g} is at least 1/n = 1/{n}; pick delta << 1/n (default 1e-5)"
         if sampling == "wor" and m > n:
             return f"m={m} exceeds n={n}: sample at most n images (or use sampling 'full')"
     return None
@@ -492,7 +746,16 @@ class PrivacyAccountant(io.ComfyNode):
                     step=0.01,
                     tooltip="noise std / L2 sensitivity (used in the noise -> epsilon mode)",
                 ),
-                io.Float.Input("delta", default=1e-5, min=1e-12, max=0.5, step=1e-6, round=False),
+                io.Float.Input(
+                    "delta",
+                    default=accountant.DEFAULT_DELTA,
+                    min=1e-12,
+                    max=0.5,
+                    step=1e-6,
+                    round=False,
+                    tooltip="probability that the guarantee may fail outright; keep the default "
+                    "1e-5 (a larger delta is shown as a warning on this node)",
+                ),
                 io.Int.Input(
                     "n", default=8, min=1, max=10**9, tooltip="used when no set is connected"
                 ),
@@ -548,13 +811,19 @@ class PrivacyAccountant(io.ComfyNode):
             )
         summary = accountant.plan_summary(plan)
         lines = plan_lines(plan)
-        warning = False
-        figures: dict[str, Any] = {}
+        delta_warning = accountant.delta_warning(plan.delta, n_eff)
+        if delta_warning:
+            lines = [f"WARNING: {delta_warning}", *lines]
+            summary = f"WARNING: {delta_warning}\n{summary}"
+        warning = delta_warning is not None
+        figures: dict[str, Any] = {"delta_warning": delta_warning}
         if isinstance(embedding_set, EmbeddingSet) and embedding_set.dataset_id:
-            more, warning, figures = budget_payload(
+            more, over, budget_figures = budget_payload(
                 Ledger(ledger_path()), embedding_set.dataset_id, plan
             )
             lines += more
+            warning = warning or over
+            figures.update(budget_figures)
         return io.NodeOutput(
             plan,
             summary,
@@ -707,4 +976,10 @@ class DPAggregate(io.ComfyNode):
         return io.NodeOutput(text, vision, ui=ui)
 
 
-NODES: tuple[type[io.ComfyNode], ...] = (PerImageTI, ClipEmbeddings, PrivacyAccountant, DPAggregate)
+NODES: tuple[type[io.ComfyNode], ...] = (
+    LoadPrivateImages,
+    PerImageTI,
+    ClipEmbeddings,
+    PrivacyAccountant,
+    DPAggregate,
+)

@@ -8,6 +8,12 @@ checkpoint ComfyUI's Load Checkpoint detects as SD1.5 (random weights are fine, 
 temporary ``--base-directory`` (models, custom_nodes/dpagg -> this repo, input, output, user),
 queue API workflows through ``/prompt`` and inspect files, the ledger and ComfyUI's log.
 Small on purpose (64 px, 2 TI steps, 2 images, 2 sampler steps): it runs on 2 CPU cores.
+
+Identity (docs/privacy.md invariant 7): renamed / re-listed mixed-size files keep their dataset
+id and
+budget through Load Private Images; ComfyUI's own folder loader is refused; and the image kinds
+whose decode used to differ (semi-transparent RGBA, 16-bit gray, palette, CMYK, EXIF-rotated
+JPEG) get the same id through ComfyUI's Load Image as through the CLI's decode.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from image_kinds import COMFYUI_KINDS, KINDS, write_mixed_sizes
 
 REPO = Path(__file__).resolve().parent.parent
 COMFY = os.environ.get("COMFYUI_DIR")
@@ -33,7 +40,13 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout to run"),
 ]
-OUR_NODES = ("DpaggPerImageTI", "DpaggClipEmbeddings", "DpaggPrivacyAccountant", "DpaggAggregate")
+OUR_NODES = (
+    "DpaggLoadPrivateImages",
+    "DpaggPerImageTI",
+    "DpaggClipEmbeddings",
+    "DpaggPrivacyAccountant",
+    "DpaggAggregate",
+)
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -93,6 +106,13 @@ def comfy(tmp_path_factory):
     (base / "custom_nodes" / "dpagg").symlink_to(REPO)
     write_images(base / "input" / "dpagg_it_images", 2)
     write_images(base / "input" / "dpagg_it_clip_images", 3, size=48)
+    write_mixed_sizes(base / "input" / "dpagg_it_mixed")
+    for kind in COMFYUI_KINDS:  # a folder per kind, and the same files in input/ for Load Image
+        folder = base / "input" / f"dpagg_kind_{kind}"
+        folder.mkdir()
+        for i in range(2):
+            path, _ = KINDS[kind](folder, f"{kind}{i}", 20 + i)
+            shutil.copy(path, base / "input" / f"dpagg_kind_{kind}_{i}{path.suffix}")
     data = base / "dpagg_data"
     env = child_env(data)
     vision = base / "models" / "clip_vision" / "vitl_random.safetensors"
@@ -209,12 +229,12 @@ def by_class(api: dict, cls: str) -> dict:
     return next(n["inputs"] for n in api.values() if n["class_type"] == cls)
 
 
-def small_style_api(comfy, name: str, budget: float = 3.0) -> dict:
+def small_style_api(comfy, name: str, budget: float = 3.0, folder: str = "dpagg_it_images") -> dict:
     """The example workflow, made small: SD1 test checkpoint, 2 images, 64 px, 2 steps."""
     wf = json.loads((REPO / "example_workflows" / "private_style_embedding.json").read_text())
     api = ui_to_api(wf, get(comfy, "/object_info"))
     by_class(api, "CheckpointLoaderSimple")["ckpt_name"] = "sd15_test.safetensors"
-    by_class(api, "LoadImageSetFromFolderNode").update(folder="dpagg_it_images")
+    by_class(api, "DpaggLoadPrivateImages").update(folder=folder, resolution=64)
     by_class(api, "DpaggPerImageTI").update(steps=2, resolution=64, batch_size=2, training_seed=3)
     by_class(api, "DpaggPrivacyAccountant").update(epsilon=2.0, delta=1e-3)
     by_class(api, "DpaggAggregate").update(name=name, budget_epsilon=budget, budget_delta=0.0)
@@ -223,14 +243,18 @@ def small_style_api(comfy, name: str, budget: float = 3.0) -> dict:
     return api
 
 
-def ledger_rows(comfy) -> list:
+def ledger_file(comfy) -> Path:
+    return comfy["base"] / "user" / "dpagg" / "ledger.sqlite"
+
+
+def ledger_rows(comfy, columns: str = "id, name, epsilon") -> list:
     import sqlite3
 
-    path = comfy["base"] / "user" / "dpagg" / "ledger.sqlite"
+    path = ledger_file(comfy)
     if not path.exists():
         return []
     with sqlite3.connect(path) as con:
-        return con.execute("SELECT id, name, epsilon FROM releases ORDER BY id").fetchall()
+        return con.execute(f"SELECT {columns} FROM releases ORDER BY id").fetchall()
 
 
 def embedding_files(comfy) -> list[str]:
@@ -255,9 +279,12 @@ def test_pack_loads_and_object_info_lists_the_nodes(comfy):
         "MODEL",
         "CLIP",
         "VAE",
-        "IMAGE",
+        "IMAGE,PRIVATE_IMAGES",
     ]
     assert info["DpaggClipEmbeddings"]["input"]["required"]["clip_vision"][0] == "CLIP_VISION"
+    assert info["DpaggLoadPrivateImages"]["output"] == ["PRIVATE_IMAGES"]
+    folders = info["DpaggLoadPrivateImages"]["input"]["required"]["folder"]
+    assert "dpagg_it_images" in json.dumps(folders)  # ComfyUI/input's sub-folders
     assert info["DpaggPrivacyAccountant"]["output"] == ["DP_PLAN", "STRING"]
     assert info["DpaggPrivacyAccountant"]["input"]["optional"]["embedding_set"][0] == (
         "EMBEDDING_SET"
@@ -270,6 +297,7 @@ def test_pack_loads_and_object_info_lists_the_nodes(comfy):
     assert sorted(templates["dpagg"]) == ["private_clip_style", "private_style_embedding"]
     wf = get(comfy, "/api/workflow_templates/dpagg/private_style_embedding.json")
     assert ui_to_api(wf, info)["5"]["class_type"] == "DpaggAggregate"
+    assert ui_to_api(wf, info)["2"]["class_type"] == "DpaggLoadPrivateImages"
 
 
 def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
@@ -374,7 +402,7 @@ def test_clip_workflow_end_to_end(comfy):
     by_class(api, "DpaggAggregate").update(name="itclip", budget_epsilon=0.0)
     by_class(api, "EmptyLatentImage").update(width=64, height=64)
     by_class(api, "KSampler").update(steps=2)
-    folder = by_class(api, "LoadImageSetFromFolderNode")
+    folder = by_class(api, "DpaggLoadPrivateImages")
     if ledger_rows(comfy):  # the style test spent 2 of 3 on dpagg_it_images: the budget is
         folder.update(folder="dpagg_it_images")  # per image set, shared by TI and CLIP releases
         shared = queue(comfy, api)
@@ -396,6 +424,151 @@ def test_clip_workflow_end_to_end(comfy):
         assert list(f.get_tensor("image_embeds").shape) == [1, 768]
         assert f.metadata()["clip_mode"] == "normalize"
     print(f"\nclip workflow: {res['seconds']} s")
+
+
+def node_of(api: dict, cls: str) -> str:
+    return next(k for k, n in api.items() if n["class_type"] == cls)
+
+
+def rename_all(folder: Path) -> None:
+    """New names whose sorted order is the reverse of the old one (another first file)."""
+    paths = sorted(folder.iterdir())
+    for i, p in enumerate(paths):
+        p.rename(folder / f"z{len(paths) - i:02d}_{p.stem}{p.suffix}")
+
+
+ACCOUNTANT = {
+    "mode": "target epsilon -> noise",
+    "epsilon": 2.0,
+    "noise_multiplier": 1.0,
+    "delta": 1e-5,
+    "n": 2,
+    "sampling": "full",
+    "m": 2,
+    "q": 0.5,
+    "releases": 1,
+}
+
+
+def add_id_chain(api: dict, tag: str, source: str) -> str:
+    """``source`` (IMAGE or PRIVATE_IMAGES) -> Clip Embeddings (random ViT-L; its UI reports the
+    dataset id) -> Privacy Accountant -> Preview Any of the PUBLIC plan summary (an output node,
+    so the chain runs). Returns the Clip Embeddings node id."""
+    api.setdefault(
+        "cv", {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "vitl_random.safetensors"}}
+    )
+    api[f"{tag}_clip"] = {
+        "class_type": "DpaggClipEmbeddings",
+        "inputs": {"clip_vision": ["cv", 0], "images": [source, 0], "crop": "center"},
+    }
+    api[f"{tag}_acc"] = {
+        "class_type": "DpaggPrivacyAccountant",
+        "inputs": {**ACCOUNTANT, "embedding_set": [f"{tag}_clip", 0]},
+    }
+    api[f"{tag}_show"] = {"class_type": "PreviewAny", "inputs": {"source": [f"{tag}_acc", 1]}}
+    return f"{tag}_clip"
+
+
+def test_renamed_mixed_size_files_keep_their_id_and_budget(comfy):
+    """Mixed-size pictures released once through the example workflow; then renamed (another
+    file lists first) and re-listed into another folder under other names, loaded at another
+    resolution: the same dataset id, so the second release is charged to the same budget and
+    refused. ComfyUI's own folder loader (which resized every picture to the first file of an
+    unsorted listing: a rename gave a new id, a fresh budget) is refused before training."""
+    from dpagg_core.images import load_image_folder
+
+    t0 = time.time()
+    folder = comfy["base"] / "input" / "dpagg_it_mixed"
+    api = small_style_api(comfy, "itmixed", budget=2.4, folder="dpagg_it_mixed")
+    first = queue(comfy, api)
+    assert first["status"] == "success", first["errors"]
+    loader = node_of(api, "DpaggLoadPrivateImages")
+    ds = first["outputs"][loader]["dpagg"][0]["dataset"]
+    assert first["outputs"][node_of(api, "DpaggPerImageTI")]["dpagg"][0]["dataset"] == ds
+    assert ledger_rows(comfy, "dataset_id, name")[-1] == (ds, "itmixed")
+    # the CLI's decode of the same files, keyed by this ledger: the same id
+    assert load_image_folder(folder, 64, ledger=ledger_file(comfy)).dataset_id == ds
+
+    rename_all(folder)  # same folder: ComfyUI re-runs the loader (fingerprint), same id
+    probe = {
+        "load": {
+            "class_type": "DpaggLoadPrivateImages",
+            "inputs": {"folder": "dpagg_it_mixed", "resolution": 64},
+        }
+    }
+    clip = add_id_chain(probe, "renamed", "load")
+    seen = queue(comfy, probe)
+    assert seen["status"] == "success", seen["errors"]
+    assert "load" not in seen["cached"]
+    assert seen["outputs"][clip]["dpagg"][0]["dataset"] == ds
+    copy = comfy["base"] / "input" / "dpagg_it_mixed_copy"
+    copy.mkdir()
+    for i, p in enumerate(sorted(folder.iterdir(), reverse=True)):
+        shutil.copy(p, copy / f"copy{i}_{p.name}")
+    rows = len(ledger_rows(comfy))
+    api2 = small_style_api(comfy, "itmixed_renamed", budget=2.4, folder="dpagg_it_mixed_copy")
+    by_class(api2, "DpaggLoadPrivateImages").update(resolution=96)  # TI still trains at 64
+    again = queue(comfy, api2)
+    assert again["status"] == "error"
+    err = again["errors"][0]
+    assert err["node_type"] == "DpaggAggregate", err
+    assert (
+        "BudgetExceeded" in err["exception_type"]
+        and "nothing was spent" in (err["exception_message"])
+    )
+    assert len(ledger_rows(comfy)) == rows
+    ui = again["outputs"][node_of(api2, "DpaggLoadPrivateImages")]["dpagg"][0]
+    assert ui["dataset"] == ds and ui["spent"]["epsilon"] > 0  # the first release's budget
+
+    old = small_style_api(comfy, "itmixed_old", budget=2.4, folder="dpagg_it_mixed")
+    old[node_of(old, "DpaggLoadPrivateImages")] = {
+        "class_type": "LoadImageSetFromFolderNode",
+        "inputs": {"folder": "dpagg_it_mixed", "resize_method": "Stretch"},
+    }
+    refused = queue(comfy, old)
+    assert refused["status"] == "error"
+    err = refused["errors"][0]
+    assert err["node_type"] == "DpaggPerImageTI", err
+    assert "Load Private Images" in err["exception_message"]
+    assert len(ledger_rows(comfy)) == rows
+    print(f"\nrename test: {time.time() - t0:.0f} s (first {first['seconds']} s)")
+
+
+def test_image_kinds_same_id_through_load_image_and_the_cli_decode(comfy):
+    """Two files of each kind - semi-transparent RGBA, 16-bit gray, palette with transparency,
+    CMYK JPEG, EXIF-rotated JPEG - through ComfyUI's Load Image (+ Image Batch) into Clip
+    Embeddings, and through Load Private Images: the dataset ids the nodes report equal the id
+    of the CLI's decode of the same files (dpagg_core.images, this process) under the same
+    ledger. One queue; Preview Any on the accountant's public summary makes it run."""
+    from dpagg_core.images import load_image_folder
+
+    api: dict = {}
+    for kind in COMFYUI_KINDS:
+        ext = next((comfy["base"] / "input" / f"dpagg_kind_{kind}").iterdir()).suffix
+        for i in range(2):
+            api[f"{kind}_{i}"] = {
+                "class_type": "LoadImage",
+                "inputs": {"image": f"dpagg_kind_{kind}_{i}{ext}"},
+            }
+        api[f"{kind}_batch"] = {
+            "class_type": "ImageBatch",
+            "inputs": {"image1": [f"{kind}_0", 0], "image2": [f"{kind}_1", 0]},
+        }
+        api[f"{kind}_load"] = {
+            "class_type": "DpaggLoadPrivateImages",
+            "inputs": {"folder": f"dpagg_kind_{kind}", "resolution": 64},
+        }
+        add_id_chain(api, f"{kind}_li", f"{kind}_batch")
+        add_id_chain(api, f"{kind}_pi", f"{kind}_load")
+    res = queue(comfy, api)
+    assert res["status"] == "success", res["errors"]
+    for kind in COMFYUI_KINDS:
+        via_load_image = res["outputs"][f"{kind}_li_clip"]["dpagg"][0]["dataset"]
+        via_loader = res["outputs"][f"{kind}_pi_clip"]["dpagg"][0]["dataset"]
+        folder = comfy["base"] / "input" / f"dpagg_kind_{kind}"
+        cli = load_image_folder(folder, 64, ledger=ledger_file(comfy)).dataset_id
+        assert via_load_image == cli == via_loader, kind
+    print(f"\nimage kinds: {res['seconds']} s for {len(COMFYUI_KINDS)} kinds x 2 loaders")
 
 
 def test_backend_leaves_comfyui_models_as_they_were(tmp_path):

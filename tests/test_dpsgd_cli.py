@@ -1,4 +1,4 @@
-"""``dpagg run --method dpsgd`` and the ledger's charge/complete (DESIGN invariant 5).
+"""``dpagg run --method dpsgd`` and the ledger's charge/complete (docs/privacy.md invariant 5).
 
 DP-SGD draws noise in every one of its T steps, so its spend is committed by ``Ledger.charge``
 before the first draw and the result stored by ``Ledger.complete`` afterwards. These tests run the

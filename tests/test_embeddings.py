@@ -653,3 +653,14 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
     save_file(t, str(tmp_path / "priv" / "edited.safetensors"), metadata=meta)
     with pytest.raises(DpaggError, match="authentication"):
         E.load_private(tmp_path / "priv" / "edited.safetensors", key=KEY)
+
+
+def test_repr_shows_no_private_values():
+    """A repr reaches ComfyUI's Preview Any, logs and tracebacks: shapes and labels only."""
+    eset = _eset(seed=3)
+    text = repr(eset) + str(eset) + f"{eset}"
+    assert "n=" in text and "private" in text
+    values = eset.vectors["emb_params"].reshape(-1)[:20].tolist()
+    for v in values:
+        assert f"{v:.4f}" not in text and f"{v:.3f}" not in text
+    assert "tensor" not in text.lower()

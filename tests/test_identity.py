@@ -294,3 +294,45 @@ def test_private_file_is_authenticated_by_the_ledger_key(tmp_path):
     )
     with pytest.raises(DpaggError, match="older dpagg"):
         load_private(old_format, key=key)
+
+
+# ---- the canonical decode replaced dpagg <= 0.2's: recorded budgets follow the pictures -----
+
+
+def test_budget_recorded_under_the_old_decode_follows_the_pictures(tmp_path):
+    """Semi-transparent and 16-bit images decode differently now (as ComfyUI's Load Image does),
+    so their id changed; a release recorded under the old id must still count."""
+    from PIL import Image
+
+    from dpagg_core import images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(3, 24, 24, 4), dtype=np.uint8)
+    rgba[..., 3] = 128  # semi-transparent: composited over white before, alpha dropped now
+    for i, a in enumerate(rgba):
+        Image.fromarray(a, mode="RGBA").save(folder / f"{i}.png")
+    gray16 = (rng.integers(0, 65536, size=(24, 24))).astype(np.uint16)
+    Image.fromarray(gray16).save(folder / "g.png")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    key = ledger.identity_key()
+    old_digests = [images._legacy_digest(Image.open(p)) for p in sorted(folder.iterdir())]
+    assert all(d is not None for d in old_digests)
+    old_id = dataset_id_for(old_digests, key=key)
+    vecs = np.zeros((4, 3))
+    plan = calibrate(1.0, delta=1e-5, n=4, sampling="full")
+    ledger.release(vecs, dataset_id=old_id, plan=plan, clip_norm=1.0, name="x", budget_epsilon=1.2)
+
+    loaded = images.load_image_folder(folder, 16, ledger=ledger.path)
+    assert loaded.dataset_id != old_id
+    status = ledger.status(loaded.dataset_id)
+    assert status["releases"] == 1 and status["budget"]["epsilon"] == 1.2
+    assert ledger.status(old_id)["releases"] == 0
+    # The moved spend is enforced: a second epsilon-1 release exceeds the budget of 1.2 (PLD: 1.45).
+    with pytest.raises(DpaggError, match="budget"):
+        ledger.release(vecs + 1, dataset_id=loaded.dataset_id, plan=plan, clip_norm=1.0, name="y")
+    # Loading again changes nothing.
+    before = ledger.path.read_bytes()
+    assert images.load_image_folder(folder, 16, ledger=ledger.path).dataset_id == loaded.dataset_id
+    assert ledger.path.read_bytes() == before

@@ -1,4 +1,9 @@
-"""Image loading: real files written with Pillow, loaded by dpagg_core.images."""
+"""Image loading: real files written with Pillow, loaded by dpagg_core.images.
+
+The canonical decode is pinned against the stored values of each image kind
+(``image_kinds.py``); that it equals ComfyUI's Load Image is checked against a real ComfyUI in
+``test_comfyui_integration.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from image_kinds import KINDS, write_mixed_sizes
 from PIL import Image
 
 from dpagg_core.embeddings import dataset_id_for
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import load_image_folder, load_images
+from dpagg_core.images import decode_rgb, load_image_folder, load_images, pixel_digest
+from dpagg_core.ledger import identity_key
 
 TOL = 1.0 / 127.5 + 1e-6  # one 8-bit level in [-1, 1] units
 
@@ -84,25 +91,51 @@ def test_exif_orientation_is_applied(folder):
     assert torch.allclose(bottom, to_unit((0, 0, 255)), atol=3 * TOL)
 
 
-def test_alpha_is_composited_over_white_and_16_bit_is_rescaled(folder):
-    rgba = np.zeros((16, 16, 4), np.uint8)  # fully transparent black -> white
-    rgba[:8, :, :] = (255, 0, 0, 255)  # opaque red top half
-    save(Image.fromarray(rgba, "RGBA"), folder / "a.png")
-    gray16 = np.full((16, 16), 65535, np.uint16)
-    gray16[8:] = 32896  # 32896 / 65535 * 255 = 128.0
-    save(Image.fromarray(gray16), folder / "b.png")
-    pal = Image.new("P", (16, 16), 0)
-    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
-    pal.paste(1, (0, 0, 16, 8))
-    save(pal, folder / "c.png", transparency=0)  # index 0 transparent -> white
-    out = load_image_folder(folder, 16).pixels
-    white, red = to_unit((255, 255, 255)), to_unit((255, 0, 0))
-    assert torch.allclose(out[0][:, 2, 8], red, atol=TOL)
-    assert torch.allclose(out[0][:, 13, 8], white, atol=TOL)
-    assert torch.allclose(out[1][:, 2, 8], white, atol=TOL)
-    assert torch.allclose(out[1][:, 13, 8], to_unit((128, 128, 128)), atol=TOL)
-    assert torch.allclose(out[2][:, 2, 8], to_unit((10, 20, 30)), atol=TOL)
-    assert torch.allclose(out[2][:, 13, 8], white, atol=TOL)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_canonical_decode_of_each_image_kind(folder, kind):
+    """The one decode (ComfyUI Load Image's): alpha ignored (stored colour kept, never composited
+    over white), 16-bit gray clipped to 255, 32-bit integers / 255, palette colours looked up
+    (transparent index too), CMYK by Pillow's formula, EXIF orientation applied. The old decode
+    composited alpha over white and rescaled 16-bit, so the same files got another id than in
+    ComfyUI (a second budget)."""
+    path, expected = KINDS[kind](folder, "x", 7)
+    with Image.open(path) as im:
+        rgb, lost = decode_rgb(im)
+    got = np.asarray(rgb)
+    assert got.shape == expected.shape and got.dtype == np.uint8
+    tol = 1 if kind == "cmyk" else 0  # Pillow's integer CMYK arithmetic vs our rounding
+    assert int(np.abs(got.astype(int) - expected.astype(int)).max()) <= tol
+    want_lost = {"rgba": ["transparency"], "la": ["transparency"], "palette": ["transparency"]}
+    want_lost |= {"gray16": ["clipped"], "int32": ["clipped"]}
+    assert lost == want_lost.get(kind, [])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_same_files_same_id_and_pixels_as_comfyui_tensors(folder, kind):
+    """Files loaded by the CLI decode and the same pictures handed over as ComfyUI IMAGE tensors
+    (8-bit values / 255, any sizes, as Load Image outputs them) get one dataset id and the very
+    same training pixels."""
+    expected = [KINDS[kind](folder, f"{kind}{i}", 10 + i)[1] for i in range(2)]
+    from_files = load_image_folder(folder, 16)
+    tensors = [torch.from_numpy(e.astype(np.float32) / 255.0) for e in expected]
+    from_comfy = load_images(tensors, 16)
+    assert from_files.dataset_id == from_comfy.dataset_id
+    assert from_files.digests == [pixel_digest(e) for e in expected]
+    assert torch.equal(from_files.pixels, from_comfy.pixels)
+
+
+def test_lossy_kinds_are_named_in_warnings(folder):
+    KINDS["gray16"](folder, "deep", 1)
+    KINDS["rgba"](folder, "see_through", 2)
+    save(solid((1, 2, 3)), folder / "plain.png")
+    out = load_image_folder(folder, 16)
+    clipped = [w for w in out.warnings if "clipped" in w]
+    transparent = [w for w in out.warnings if "transparency" in w]
+    assert len(clipped) == 1 and "deep.png" in clipped[0] and "plain" not in clipped[0]
+    assert len(transparent) == 1 and "see_through.png" in transparent[0]
+    # an opaque RGBA file (alpha 255 everywhere) is not reported
+    save(solid((9, 9, 9, 255), mode="RGBA"), folder / "see_through.png")
+    assert not [w for w in load_image_folder(folder, 16).warnings if "transparency" in w]
 
 
 def test_corrupt_files_are_all_named(folder):
@@ -190,12 +223,14 @@ def test_decompression_bomb_refused_before_decoding(folder):
         load_image_folder(folder, 16)
 
 
-def test_dataset_id_is_salted_hash_of_decoded_pixels(folder, tmp_path):
+def test_dataset_id_is_keyed_hash_of_decoded_pixels(folder, tmp_path):
     for i, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         save(solid(c), folder / f"{i}.png")
     raw = [(folder / f"{i}.png").read_bytes() for i in range(3)]
     first = load_image_folder(folder, 16)
-    assert first.dataset_id.startswith("ds-") and first.dataset_id != dataset_id_for(raw)
+    key = identity_key()  # the default ledger ($DPAGG_LEDGER, set per test by conftest)
+    assert first.dataset_id.startswith("ds-") and first.dataset_id != dataset_id_for(raw, key=key)
+    assert first.dataset_id == dataset_id_for(first.digests, key=key)
     (folder / "1.png").unlink()  # the same pixels re-encoded (BMP) keep the id
     solid((0, 255, 0)).save(folder / "1.bmp")
     assert load_image_folder(folder, 16).dataset_id == first.dataset_id
@@ -203,6 +238,70 @@ def test_dataset_id_is_salted_hash_of_decoded_pixels(folder, tmp_path):
     assert load_image_folder(folder, 16).dataset_id == first.dataset_id
     save(solid((255, 0, 1)), folder / "z.png")  # editing an image changes it
     assert load_image_folder(folder, 16).dataset_id != first.dataset_id
+
+
+def test_dataset_id_ignores_names_listing_order_sizes_and_resolution(tmp_path):
+    """Mixed-size pictures: renamed (so the sorted order changes), re-listed in another folder,
+    loaded at another resolution, or handed over as the full-size tensors a ComfyUI loader
+    outputs: one id. The id comes from the full-size pictures, never from names, order or a
+    resize (ComfyUI's folder loader, which resized every image to the first file of an unsorted
+    listing, gave renamed files a new id - a fresh budget)."""
+    a = tmp_path / "a"
+    paths = write_mixed_sizes(a)
+    first = load_image_folder(a, 16)
+    b = tmp_path / "b"
+    b.mkdir()
+    for i, p in enumerate(paths):  # reversed names: the first listed file is another one
+        (b / f"{len(paths) - i:02d}_renamed{p.suffix}").write_bytes(p.read_bytes())
+    again = load_image_folder(b, 32)
+    assert again.dataset_id == first.dataset_id
+    assert sorted(again.digests) == sorted(first.digests)
+    assert again.digests != first.digests  # rows follow the (new) sorted names
+    originals = [torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255) for p in paths]
+    assert load_images(originals[::-1], 24).dataset_id == first.dataset_id
+    # what an order-dependent "resize to the first image" did: other pixels, another set
+    first_size = Image.open(paths[1]).size
+    stretched = [Image.open(p).resize(first_size, Image.Resampling.LANCZOS) for p in paths]
+    assert load_images(stretched, 16).dataset_id != first.dataset_id
+
+
+def test_dataset_id_is_keyed_by_the_ledger_and_paths_resolve(folder, tmp_path, monkeypatch):
+    """One ledger = one identity space: the id is keyed by the ledger file's own key; a path
+    with ``~`` names the same ledger as its absolute form (never a folder called ``~``)."""
+    save(solid((1, 2, 3)), folder / "a.png")
+    save(solid((4, 5, 6)), folder / "b.png")
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    one = load_image_folder(folder, 16, ledger="~/one.sqlite")
+    assert (home / "one.sqlite").is_file() and not (elsewhere / "~").exists()
+    assert load_image_folder(folder, 16, ledger=home / "one.sqlite").dataset_id == one.dataset_id
+    assert one.dataset_id == dataset_id_for(one.digests, key=identity_key(home / "one.sqlite"))
+    other = load_image_folder(folder, 16, ledger=home / "two.sqlite")
+    assert other.dataset_id != one.dataset_id and other.digests == one.digests
+    monkeypatch.setenv("DPAGG_LEDGER", "~/one.sqlite")  # the default ledger, from the env
+    assert load_image_folder(folder, 16).dataset_id == one.dataset_id
+    assert not (elsewhere / "~").exists()
+    monkeypatch.chdir(folder.parent)  # relative paths are made absolute the same way
+    assert load_images([solid((1, 2, 3)), solid((4, 5, 6))], 8).dataset_id == one.dataset_id
+    assert load_image_folder(folder.name, 16).dataset_id == one.dataset_id
+    # an explicit dataset_id never touches a ledger
+    monkeypatch.setenv("DPAGG_LEDGER", str(tmp_path / "never.sqlite"))
+    assert load_image_folder(folder, 16, dataset_id="ds-mine").dataset_id == "ds-mine"
+    assert not (tmp_path / "never.sqlite").exists()
+
+
+def test_loaded_images_repr_shows_no_private_values(folder):
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        save(Image.fromarray(rng.integers(0, 255, (12, 12, 3), np.uint8)), folder / f"{i}.png")
+    out = load_image_folder(folder, 8)
+    text = repr(out)
+    assert "tensor" not in text and "digests" not in text and "pixels" not in text
+    assert out.dataset_id in text and out.resolution == 8
+    for d in out.digests:
+        assert d.hex()[:12] not in text and repr(d)[:12] not in text
 
 
 def test_each_image_processed_independently(tmp_path):
@@ -251,8 +350,8 @@ def test_in_memory_inputs_match_folder(folder):
 )
 def test_solid_images_stay_solid(w, h, mode, value, res):
     """Any size and mode: a uniform gray image comes out as that gray, in shape [2, 3, res, res]."""
-    if mode == "I;16":
-        img = Image.fromarray(np.full((h, w), value * 257, np.uint16))
+    if mode == "I;16":  # 16-bit values are taken as they are (clipped at 255; none here)
+        img = Image.fromarray(np.full((h, w), value, np.uint16))
     elif mode == "CMYK":
         img = Image.new("CMYK", (w, h), (0, 0, 0, 255 - value))
     elif mode == "P":

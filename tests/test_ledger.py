@@ -1,4 +1,4 @@
-"""Tests for the privacy ledger (DESIGN invariant 5).
+"""Tests for the privacy ledger (docs/privacy.md invariant 5).
 
 Real SQLite files, real processes: concurrent releases from two processes, a process killed with
 SIGKILL between the noise draw and COMMIT, corrupt / locked / read-only files. "No noise drawn" is

@@ -14,14 +14,18 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from image_kinds import write_mixed_sizes
+from PIL import Image
 
 from dpagg_core import accountant
 from dpagg_core.embeddings import EmbeddingSet, read_released
 from dpagg_core.errors import BudgetExceeded, DpaggError
+from dpagg_core.images import LoadedImages, load_image_folder
 from dpagg_core.ledger import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,13 +147,14 @@ def test_root_init_imports_without_comfyui():
     assert out.stdout.strip() == "ok"
 
 
-def test_entrypoint_lists_four_nodes_with_types(pack):
+def test_entrypoint_lists_five_nodes_with_types(pack):
     import asyncio
 
     ext = asyncio.run(pack["nodes"].comfy_entrypoint())
     nodes = asyncio.run(ext.get_node_list())
     schemas = {n.define_schema().node_id: n.define_schema() for n in nodes}
     assert set(schemas) == {
+        "DpaggLoadPrivateImages",
         "DpaggPerImageTI",
         "DpaggClipEmbeddings",
         "DpaggPrivacyAccountant",
@@ -160,11 +165,17 @@ def test_entrypoint_lists_four_nodes_with_types(pack):
     def types(items):
         return [i.io_type for i in items]
 
+    loader = schemas["DpaggLoadPrivateImages"]
+    assert [i.id for i in loader.inputs] == ["folder", "resolution"]
+    assert types(loader.outputs) == ["PRIVATE_IMAGES"]
     ti_s = schemas["DpaggPerImageTI"]
-    assert types(ti_s.inputs[:4]) == ["MODEL", "CLIP", "VAE", "IMAGE"]
+    images = "IMAGE,PRIVATE_IMAGES"  # Load Private Images, or any IMAGE batch / list
+    assert types(ti_s.inputs[:4]) == ["MODEL", "CLIP", "VAE", images]
     assert types(ti_s.outputs) == ["EMBEDDING_SET"]
     assert ti_s.is_input_list  # accepts lists from ComfyUI's dataset loaders
-    assert types(schemas["DpaggClipEmbeddings"].inputs[:2]) == ["CLIP_VISION", "IMAGE"]
+    assert types(schemas["DpaggClipEmbeddings"].inputs[:2]) == ["CLIP_VISION", images]
+    for node_id in ("DpaggPerImageTI", "DpaggClipEmbeddings"):  # to see the upstream loader
+        assert {"PROMPT", "UNIQUE_ID"} <= set(schemas[node_id].hidden)
     assert types(schemas["DpaggPrivacyAccountant"].outputs) == ["DP_PLAN", "STRING"]
     agg = schemas["DpaggAggregate"]
     assert types(agg.inputs[:2]) == ["EMBEDDING_SET", "DP_PLAN"]
@@ -509,6 +520,186 @@ def test_clip_embeddings_encode_each_image_alone(pack, comfy_base):
     assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))
 
 
+# ------------------------------------------------------------------------------- identity
+
+
+@pytest.fixture
+def private_folder(comfy_base):
+    """ComfyUI/input/mine: three pictures of different sizes and aspect ratios."""
+    folder = comfy_base / "input" / "mine"
+    write_mixed_sizes(folder)
+    return folder
+
+
+def rename_all(folder: Path) -> None:
+    """New names whose sorted order is the reverse of the old one (another first file)."""
+    paths = sorted(folder.iterdir())
+    for i, p in enumerate(paths):
+        p.rename(folder / f"z{len(paths) - i:02d}{p.suffix}")
+
+
+def originals_as_comfy_images(folder: Path) -> list[torch.Tensor]:
+    """What ComfyUI's Load Image hands over for each file: full size, 8-bit values / 255."""
+    return [
+        torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255)[None]
+        for p in sorted(folder.iterdir())
+    ]
+
+
+def test_load_private_images_ids_pictures_not_names_order_or_resolution(
+    pack, comfy_base, private_folder
+):
+    """Mixed sizes, renamed so that another file lists first, loaded at another resolution:
+    one id, the one the CLI computes for the same files with the same ledger."""
+    loader = pack["pn"].LoadPrivateImages
+    folder_input = next(i for i in loader.define_schema().inputs if i.id == "folder")
+    assert folder_input.kwargs["options"] == ["mine"]  # ComfyUI/input's sub-folders
+    assert loader.validate_inputs(folder="mine", resolution=16) is True
+    out = loader.execute(folder="mine", resolution=16)
+    loaded = out.args[0]
+    assert isinstance(loaded, LoadedImages) and tuple(loaded.pixels.shape) == (3, 3, 16, 16)
+    ledger = comfy_base / "user" / "dpagg" / "ledger.sqlite"
+    cli = load_image_folder(private_folder, 16, ledger=ledger)  # what `dpagg run` loads
+    assert loaded.dataset_id == cli.dataset_id
+    assert torch.equal(loaded.pixels, cli.pixels)  # and the same training input
+    ui = out.ui["dpagg"][0]
+    assert ui["dataset"] == loaded.dataset_id and ui["n"] == 3
+    text = json.dumps(out.ui)  # public values only: no digests, no pixels
+    assert not any(d.hex()[:16] in text for d in loaded.digests)
+    assert "tensor" not in repr(loaded)  # safe if a generic node (Preview Any) prints it
+
+    before = loader.fingerprint_inputs(folder="mine", resolution=16)
+    rename_all(private_folder)
+    assert loader.fingerprint_inputs(folder="mine", resolution=16) != before  # ComfyUI re-runs
+    renamed = loader.execute(folder="mine", resolution=24).args[0]
+    assert renamed.dataset_id == loaded.dataset_id
+
+
+@pytest.mark.parametrize("folder", ["..", "../user", "/etc", "", "missing", "mine/../.."])
+def test_load_private_images_stays_inside_the_input_folder(pack, private_folder, folder):
+    msg = pack["pn"].LoadPrivateImages.validate_inputs(folder=folder, resolution=16)
+    assert isinstance(msg, str) and "folder" in msg
+    with pytest.raises(DpaggError, match="folder"):
+        pack["pn"].LoadPrivateImages.execute(folder=folder, resolution=16)
+
+
+def test_renamed_files_are_charged_to_the_same_budget(pack, comfy_base, private_folder):
+    """A release of the set, then the files renamed (another listing order) and released again:
+    the second release is charged to the SAME dataset, so it is refused over the budget."""
+    pn = pack["pn"]
+    first = pn.LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
+    plan = accountant.calibrate(2.0, 1e-5, 3, "full")
+    aggregate(pack, ti_set(n=3, dataset_id=first.dataset_id), plan, budget_epsilon=2.4)
+    rename_all(private_folder)
+    out = pn.LoadPrivateImages.execute(folder="mine", resolution=16)
+    renamed = out.args[0]
+    assert out.ui["dpagg"][0]["spent"]["epsilon"] == pytest.approx(plan.epsilon)
+    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
+    before = ledger.status(renamed.dataset_id)
+    with pytest.raises(BudgetExceeded):
+        eset = ti_set(n=3, seed=1, dataset_id=renamed.dataset_id)
+        aggregate(pack, eset, plan, budget_epsilon=2.4, name="again")
+    assert ledger.status(renamed.dataset_id) == before
+
+
+def test_per_image_ti_on_private_images_keeps_the_loaders_id(
+    pack, comfy_base, private_folder, tiny_backend
+):
+    """PRIVATE_IMAGES into Per-Image TI (and Clip Embeddings): the id of the carried digests,
+    equal to the id of the same pictures given as plain ComfyUI images in any order."""
+    pn = pack["pn"]
+    loaded = pn.LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
+    with torch.inference_mode():
+        out = pn.PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=[loaded], **TI_WIDGETS
+        )
+    eset = out.args[0]
+    assert eset.n == 3 and eset.dataset_id == loaded.dataset_id
+    payload = out.ui["dpagg"][0]
+    assert payload["dataset"] == loaded.dataset_id
+    assert any("upscaled here to 32 px" in line for line in payload["lines"])  # 16 px loader
+    plain = originals_as_comfy_images(private_folder)[::-1]  # Load Image path, another order
+    with torch.inference_mode():
+        out2 = pn.PerImageTI.execute(model=["M"], clip=["C"], vae=["V"], images=plain, **TI_WIDGETS)
+    assert out2.args[0].dataset_id == loaded.dataset_id
+    cv = FakeClipVision()
+    clip_set_ = pn.ClipEmbeddings.execute(clip_vision=[cv], images=[loaded], crop=["center"])
+    assert clip_set_.args[0].dataset_id == loaded.dataset_id
+    assert cv.calls == [((1, 16, 16, 3), True)] * 3
+    with pytest.raises(DpaggError, match="ONE Load Private Images"):
+        pn.PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=[loaded, plain[0]], **TI_WIDGETS
+        )
+
+
+def test_core_folder_loaders_are_refused_before_anything_runs(
+    pack, comfy_base, tiny_backend, monkeypatch
+):
+    """ComfyUI's dataset loaders resize every picture to the first file of an unsorted listing
+    (renaming gave a new id, a fresh budget): a direct link from one is refused, naming the fix;
+    Load Image upstream is fine."""
+    pn = pack["pn"]
+    for cls_name in sorted(pn.UNSTABLE_LOADERS):
+        prompt = {
+            "2": {"class_type": cls_name, "inputs": {"folder": "mine", "resize_method": "None"}},
+            "3": {"class_type": "DpaggPerImageTI", "inputs": {"images": ["2", 0]}},
+        }
+        hidden = SimpleNamespace(prompt=prompt, unique_id="3")
+        monkeypatch.setattr(pn.PerImageTI, "hidden", hidden)
+        monkeypatch.setattr(pn.ClipEmbeddings, "hidden", hidden)
+        with pytest.raises(DpaggError, match=f"{cls_name}.*Load Private Images"):
+            pn.PerImageTI.execute(
+                model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
+            )
+        cv = FakeClipVision()
+        with pytest.raises(DpaggError, match="Nothing was trained or spent"):
+            pn.ClipEmbeddings.execute(clip_vision=[cv], images=[comfy_images(2)], crop=["center"])
+        assert tiny_backend == [] and cv.calls == []
+    prompt["2"]["class_type"] = "LoadImage"
+    with torch.inference_mode():
+        pn.PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
+        )
+    assert len(tiny_backend) == 1
+
+
+def test_paths_mean_the_same_file_in_nodes_cli_and_library(
+    pack, comfy_base, tmp_path, monkeypatch, capsys
+):
+    """``~`` in DPAGG_LEDGER / DPAGG_DATA_DIR / any path argument: one file for the nodes, the CLI
+    and the library (a literal ``~`` used to make one ledger per working directory)."""
+    from dpagg_core import paths
+    from dpagg_core.cli import build_parser
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DPAGG_LEDGER", "~/dp/ledger.sqlite")
+    monkeypatch.setenv("DPAGG_DATA_DIR", "~/dpdata")
+    want = home / "dp" / "ledger.sqlite"
+    assert pack["pn"].ledger_path() == want == paths.default_ledger_path()
+    assert paths.data_dir() == home / "dpdata"
+    parser = build_parser()
+    assert parser.parse_args(["ledger", "show", "--ledger", "~/dp/ledger.sqlite"]).ledger == want
+    run = ["run", "--images", "~/imgs", "--model", "m.safetensors", "--epsilon", "1"]
+    args = parser.parse_args(run + ["--name", "x", "--out-dir", "~/out"])
+    assert (args.images, args.model, args.out_dir) == (
+        home / "imgs",
+        cwd / "m.safetensors",
+        home / "out",
+    )
+    eset = ti_set(n=6)
+    aggregate(pack, eset, accountant.calibrate(1.0, 1e-5, 6, "full"))  # the node's release
+    assert want.is_file() and not (cwd / "~").exists()
+    from dpagg_core.cli import main
+
+    monkeypatch.delenv("DPAGG_LEDGER")
+    assert main(["ledger", "show", "--json", "--ledger", "~/dp/ledger.sqlite"]) == 0
+    shown = json.loads(capsys.readouterr().out)  # the CLI reads the file the node wrote
+    assert shown["ledger"] == str(want) and len(shown["releases"]) == 1
+
+
 # ------------------------------------------------------------------------------- workflows / js
 
 
@@ -521,9 +712,20 @@ def test_example_workflows_are_consistent(pack, name):
         assert nodes[src]["outputs"][src_slot]["type"] == typ
         assert lid in nodes[src]["outputs"][src_slot]["links"]
         assert nodes[dst]["inputs"][dst_slot]["link"] == lid
+        assert typ in nodes[dst]["inputs"][dst_slot]["type"].split(",")
     ours = {c.define_schema().node_id: c for c in pack["nodes"].NODES}
     used = [n for n in wf["nodes"] if n["type"] in ours]
-    assert {n["type"] for n in used} >= {"DpaggPrivacyAccountant", "DpaggAggregate"}
+    assert {n["type"] for n in used} >= {
+        "DpaggLoadPrivateImages",
+        "DpaggPrivacyAccountant",
+        "DpaggAggregate",
+    }
+    # the images come from Load Private Images, never a loader whose id depends on file names
+    assert not {n["type"] for n in wf["nodes"]} & pack["pn"].UNSTABLE_LOADERS
+    loader = next(n for n in used if n["type"] == "DpaggLoadPrivateImages")
+    (link,) = loader["outputs"][0]["links"]
+    dst = next(x for x in wf["links"] if x[0] == link)[3]
+    assert nodes[dst]["type"] in ("DpaggPerImageTI", "DpaggClipEmbeddings")
     for n in used:  # widget values line up with the node's current schema
         assert len(n["widgets_values"]) == len(widget_ids(ours[n["type"]], pack["io"])), n["type"]
     text = json.dumps(wf)
@@ -570,3 +772,22 @@ def test_ui_payload_numbers_are_public(pack, comfy_base):
     flat = np.concatenate([eset.flat().ravel()])
     text = json.dumps(payload)
     assert not any(f"{v:.6f}" in text for v in flat[:50])
+
+
+# ---------------------------------------------------------------------- default delta (1e-5)
+
+
+def test_accountant_node_defaults_to_delta_1e5_and_warns_on_the_node(pack, comfy_base):
+    acc = pack["pn"].PrivacyAccountant
+    (delta_input,) = [i for i in acc.define_schema().inputs if i.id == "delta"]
+    assert delta_input.kwargs["default"] == 1e-5 == accountant.DEFAULT_DELTA
+    quiet = acc.execute(**acc_kwargs(n=10)).ui["dpagg"][0]
+    assert not quiet["warning"] and quiet["delta_warning"] is None
+    out = acc.execute(**acc_kwargs(n=10, delta=1e-3))
+    payload = out.ui["dpagg"][0]
+    assert payload["warning"]  # shown red on the node
+    assert payload["lines"][0].startswith("WARNING: delta = 0.001 is above the default 1e-05")
+    assert "1/(10 n) = 0.01" not in payload["lines"][0]  # 1e-3 < 1/(10 n) at n = 10
+    assert "fails completely" in payload["delta_warning"]
+    assert out.args[1].startswith("WARNING:")  # the summary output says it too
+    json.dumps(out.ui)

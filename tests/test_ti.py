@@ -1,5 +1,5 @@
-"""Per-image textual inversion: the privacy properties of batched training (DESIGN.md invariant
-1), SD1 and SDXL backends on tiny random models, learning, cancellation and config errors.
+"""Per-image textual inversion: the privacy properties of batched training (docs/privacy.md
+invariant 1), SD1 and SDXL backends on tiny random models, learning, cancellation and config errors.
 
 Independence is checked in float64 (``model.double()``), where the batched computation of row i
 agrees with the stand-alone one to ~1e-15 and any real coupling between images (a shared

@@ -1,5 +1,5 @@
 """Stand-in for ComfyUI's ``folder_paths`` (tests only). ``base_path`` is set by the tests to a
-temporary folder laid out like ComfyUI's (models/embeddings, user, output)."""
+temporary folder laid out like ComfyUI's (models/embeddings, user, output, input)."""
 
 import os
 
@@ -16,3 +16,18 @@ def get_user_directory():
 
 def get_output_directory():
     return os.path.join(base_path, "output")
+
+
+def get_input_directory():
+    return os.path.join(base_path, "input")
+
+
+def get_input_subfolders():
+    root = get_input_directory()
+    if not os.path.isdir(root):
+        return []
+    return [
+        os.path.relpath(d, root).replace(os.sep, "/")
+        for d, _, _ in os.walk(root)
+        if os.path.relpath(d, root) != "."
+    ]

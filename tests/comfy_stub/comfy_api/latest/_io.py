@@ -102,6 +102,21 @@ class ClipVisionOutput:
     pass
 
 
+class MultiType:
+    """``MultiType.Input(Image.Input("images"), types=[...])``: one input accepting several types;
+    ``io_type`` is the comma-joined list, as ComfyUI's ``get_io_type`` reports it."""
+
+    class Input(Input):
+        def __init__(self, id: Any, types: list, **kwargs: Any) -> None:
+            first = [id.io_type] if isinstance(id, Input) else []
+            if isinstance(id, Input):
+                kwargs = {**id.kwargs, "optional": id.optional, **kwargs}
+                id = id.id
+            super().__init__(id, **kwargs)
+            self.types = types
+            self.io_type = ",".join(dict.fromkeys(first + [t.io_type for t in types]))
+
+
 class Hidden(str, Enum):
     unique_id = "UNIQUE_ID"
     prompt = "PROMPT"
