@@ -1,0 +1,221 @@
+"""Free post-processing (dpagg_core.postprocess): the James-Stein formula, norm rescaling, that
+only the release and public values are used, and how it sits after the ledger."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from dpagg_core import postprocess
+from dpagg_core.accountant import calibrate
+from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, read_released
+from dpagg_core.errors import DpaggError
+from dpagg_core.ledger import Ledger
+from dpagg_core.mechanism import Release
+from dpagg_core.postprocess import apply, james_stein, js_factor, rescale_norms
+from dpagg_core.release import release_embeddings
+from dpagg_core.subspace import PublicBasis
+
+KEY = bytes(range(32))
+finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    r=arrays(np.float64, st.integers(1, 40), elements=finite),
+    shift=finite,
+    sigma=st.floats(0, 5, allow_nan=False),
+    k=st.integers(1, 200),
+)
+def test_james_stein_is_the_positive_part_formula(r, shift, sigma, k):
+    c = np.full_like(r, shift) * np.linspace(-1, 1, r.size)
+    out, f = james_stein(r, c, sigma=sigma, k=k)
+    d2 = float((r - c) @ (r - c))
+    if k <= 2:
+        expected = 1.0
+    elif d2 == 0:
+        expected = 0.0
+    else:
+        expected = max(0.0, 1.0 - (k - 2) * sigma**2 / d2)
+    assert f == pytest.approx(expected, rel=1e-12, abs=1e-15) and 0.0 <= f <= 1.0
+    np.testing.assert_allclose(out, c + expected * (r - c), rtol=1e-12, atol=1e-12)
+    # shrinks toward the centre along r - c: never longer, never another direction
+    assert np.linalg.norm(out - c) <= np.linalg.norm(r - c) * (1 + 1e-12) + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    r=arrays(np.float64, 12, elements=finite),
+    sigma=st.floats(1e-3, 5, allow_nan=False),
+    noise=st.dictionaries(
+        st.sampled_from(["n", "epsilon", "delta", "clip_norm", "dataset", "name"]),
+        st.text(max_size=8),
+    ),
+)
+def test_postprocessing_reads_only_the_release_and_public_values(r, sigma, noise):
+    """``apply`` is a function of (release, centre, sigma and K from the record, layout, public
+    target norms): every other record field, whatever it holds, changes nothing, and the same
+    inputs always give the same output (deterministic, no randomness)."""
+    layout = [("emb_params", 2, 6)]
+    c = np.linspace(-1, 1, 12)
+    record = {"sigma": repr(sigma), "basis_dim": "8"}
+    norms = {"emb_params": 0.7}
+    for method in postprocess.METHODS:
+        a, extra_a = apply(r, method=method, record=record, layout=layout, centre=c,
+                           target_norms=norms)  # fmt: skip
+        b, extra_b = apply(r, method=method, record={**noise, **record}, layout=layout,
+                           centre=c, target_norms=norms)  # fmt: skip
+        assert np.array_equal(a, b) and extra_a == extra_b
+        assert np.array_equal(a, a.astype(np.float32).astype(np.float64))  # published precision
+    # the signature admits nothing that could carry the private per-image embeddings
+    params = set(inspect.signature(apply).parameters)
+    assert params == {"release", "method", "record", "layout", "centre", "target_norms"}
+
+
+def test_js_uses_the_noised_dimension_k_and_lowers_the_squared_error():
+    rng = np.random.default_rng(0)
+    k, sigma, trials = 32, 1.0, 4000
+    mu = np.zeros(k)
+    mu[0] = 2.0  # ||mu||^2 = 4 << k sigma^2 = 32: shrinkage pays
+    raw = mu + sigma * rng.standard_normal((trials, k))
+    shrunk = np.stack([james_stein(x, None, sigma=sigma, k=k)[0] for x in raw])
+    se_raw = ((raw - mu) ** 2).sum(axis=1)
+    se_js = ((shrunk - mu) ** 2).sum(axis=1)
+    # E se_raw = k; positive-part JS risk here is ~ ||mu||^2-ish: far below (5 SE margin)
+    assert se_raw.mean() == pytest.approx(k, abs=5 * math.sqrt(2 * k / trials))
+    assert se_js.mean() < 0.5 * se_raw.mean()
+    # K comes from the record: basis_dim for a projected release, else the full D
+    assert postprocess.noised_coordinates({"basis_dim": "16"}, 128) == 16
+    assert postprocess.noised_coordinates({}, 128) == 128
+    assert js_factor(1.0, sigma=1.0, k=2) == 1.0 and js_factor(0.0, sigma=1.0, k=5) == 0.0
+
+
+def test_rescale_norms_per_vector_per_key():
+    layout = [("clip_l", 2, 3), ("clip_g", 2, 4)]
+    r = np.arange(1.0, 15.0)
+    r[3:6] = 0.0  # a zero vector stays zero
+    out = rescale_norms(r, layout=layout, target_norms={"clip_l": 2.0, "clip_g": 0.5})
+    l_part, g_part = out[:6].reshape(2, 3), out[6:].reshape(2, 4)
+    assert np.linalg.norm(l_part[0]) == pytest.approx(2.0) and not l_part[1].any()
+    np.testing.assert_allclose(np.linalg.norm(g_part, axis=1), [0.5, 0.5])
+    np.testing.assert_allclose(l_part[0] / np.linalg.norm(l_part[0]), r[:3] / np.linalg.norm(r[:3]))
+    with pytest.raises(DpaggError, match="target norm"):
+        rescale_norms(r, layout=layout, target_norms={"clip_l": 1.0})
+
+
+# --------------------------------------------------------------------------------------------
+# After the ledger
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def basis():
+    from dpagg_core.tiny import tiny_text_encoder
+
+    return PublicBasis.from_token_table(tiny_text_encoder(32, seed=0), 4, vectors=2)
+
+
+def make_set(model_id: str, seed: int = 0, tag: bytes = b"s") -> EmbeddingSet:
+    gen = torch.Generator().manual_seed(seed)
+    centre = 0.3 * torch.randn(2, 32, generator=torch.Generator().manual_seed(99))
+    return EmbeddingSet(
+        vectors={"emb_params": (centre + 0.2 * torch.randn(30, 2, 32, generator=gen)).float()},
+        kind="textual_inversion",
+        model_family="sd1",
+        base_model_id=model_id,
+        centre={"emb_params": centre.float()},
+        initializer="painting",
+        dataset_id=dataset_id_for([tag], key=KEY),
+    )
+
+
+def test_ledger_keeps_the_raw_release_and_a_rerun_gives_the_same_file(tmp_path, basis):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    eset = make_set(basis.base_model_id)
+    plan = calibrate(2.0, 1e-5, eset.n, "full")
+    out = tmp_path / "embeddings"
+    kw = dict(plan=plan, clip_norm=0.5, out_dir=out, ledger=ledger, basis=basis)
+    first = release_embeddings(eset, name="pp", postprocess="js+norm", **kw)
+    tensors, record = read_released(first.path)
+    assert record["postprocess"] == "js+norm" and record["postprocess_js_k"] == "8"
+    assert record["postprocess_js_sigma"] == record["sigma"]
+    f = float(record["postprocess_js_factor"])
+    assert 0.0 <= f <= 1.0
+    assert json.loads(record["postprocess_target_norms"]) == dict(basis.typical_norms)
+    np.testing.assert_allclose(tensors["emb_params"].norm(dim=1).numpy(), 2 * [
+        basis.typical_norms["emb_params"]], rtol=1e-6)  # fmt: skip
+    # the ledger holds the RAW release (no postprocess fields); the file is apply() of it
+    row = ledger.get_release(first.release_id)
+    assert "postprocess" not in row["record"]
+    expected, _ = apply(
+        row["vector"],
+        method="js+norm",
+        record=row["record"],
+        layout=[("emb_params", 2, 32)],
+        centre=eset.flat_centre(),
+        target_norms=basis.typical_norms,
+    )
+    assert np.array_equal(tensors["emb_params"].double().reshape(-1).numpy(), expected)
+    assert not np.array_equal(row["vector"].reshape(-1), expected)
+
+    again = release_embeddings(eset, name="pp", postprocess="js+norm", **kw)
+    assert again.reused and again.path == first.path
+    assert sorted(p.name for p in out.iterdir()) == ["pp.safetensors"]
+    # another post-processing of the same recorded release: free, written beside it
+    raw = release_embeddings(eset, name="pp", postprocess="none", **kw)
+    assert raw.reused and raw.path.name == "pp-2.safetensors"
+    assert raw.spent_epsilon == first.spent_epsilon
+    assert np.array_equal(raw.vectors["emb_params"].double().reshape(-1), row["vector"].reshape(-1))
+    assert len(ledger.list_releases(eset.dataset_id)) == 1
+
+
+def test_the_file_depends_on_the_private_set_only_through_the_release(tmp_path, basis, monkeypatch):
+    """Two different private sets whose (patched) raw releases are equal give identical files."""
+    raw = make_set(basis.base_model_id).flat().mean(axis=0)
+    real_release = Ledger.release
+
+    def fixed_release(self, vectors, **kw):
+        result = real_release(self, vectors, **kw)
+        record = dict(result.release.record)
+        return type(result)(**{**result.__dict__, "release": Release(raw.copy(), record)})
+
+    monkeypatch.setattr(Ledger, "release", fixed_release)
+    files = []
+    for seed, tag in ((1, b"a"), (2, b"b")):
+        eset = make_set(basis.base_model_id, seed=seed, tag=tag)
+        plan = calibrate(2.0, 1e-5, eset.n, "full")
+        res = release_embeddings(
+            eset,
+            plan=plan,
+            clip_norm=0.5,
+            name=f"s{seed}",
+            out_dir=tmp_path / "emb",
+            ledger=Ledger(tmp_path / f"l{seed}.sqlite"),
+            basis=basis,
+            postprocess="js",
+        )
+        files.append(read_released(res.path)[0]["emb_params"])
+    assert torch.equal(files[0], files[1])
+
+
+def test_norm_without_a_public_target_is_refused_before_spending(tmp_path, basis):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    eset = make_set(basis.base_model_id)
+    plan = calibrate(2.0, 1e-5, eset.n, "full")
+    kw = dict(plan=plan, clip_norm=0.5, out_dir=tmp_path / "e", ledger=ledger, name="x")
+    with pytest.raises(DpaggError, match="typical norm"):
+        release_embeddings(eset, postprocess="js+norm", **kw)
+    with pytest.raises(DpaggError, match="postprocess"):
+        release_embeddings(eset, postprocess="shrink", **kw)
+    assert ledger.list_releases() == []
+    # full space with JS: K is the full D
+    res = release_embeddings(eset, postprocess="js", **kw)
+    assert res.record["postprocess_js_k"] == str(eset.flat_dim)
