@@ -15,9 +15,16 @@ of the style, a different set per seed), the methods are
 * ``dpagg_full``    — DPAgg-TI: clipped mean of all n per-image embeddings + Gaussian noise
                       (``dpagg_core.mechanism.dp_mean``, analytic Gaussian accountant);
 * ``dpagg_wor``     — DPAgg-TI with the paper's subsampling without replacement, m = n/2;
+* ``dpagg_sub``     — DPAgg-TI in a PUBLIC subspace (issue 10, ``dpagg_core.subspace``): the
+                      top ``basis_k`` = 8 principal directions per vector of the public style's
+                      per-image embeddings; clip (C from the same public embeddings), mean and
+                      noise in those 2k coordinates, mapped back;
+* ``dpagg_sub_js``  — the same followed by positive-part James-Stein shrinkage toward the centre
+                      (``dpagg_core.postprocess``, release-only post-processing: free);
 * ``dpsgd``         — DP-SGD TI (``dpagg_core.dpsgd``), Poisson rate q, T steps, PLD;
 
-at epsilon in ``--epsilons`` with delta = 1/(10n), replace-one adjacency for every DP method.
+at epsilon in ``--epsilons`` with delta = ``--delta`` (default 1e-5, the library default; the
+first comparison, in ``bench/results``, used 1/(10n)), replace-one adjacency for every DP method.
 Metrics (``bench/minimodel/judge.py``): style accuracy (fraction of generated images the judge
 assigns to the target style) and KID (judge feature space) against 200 real images of the style
 that are not in any private set; for DPAgg also the cosine similarity between the release and the
@@ -28,7 +35,7 @@ training style (``--public-style``), never from the held-out private images (doc
 invariant 2).
 DP noise comes from the OS CSPRNG, so reruns differ even with the same seeds (by design).
 
-Outputs in ``--out`` (default ``bench/results``): ``results.jsonl`` (one line per evaluation;
+Outputs in ``--out`` (default ``bench/results_v2``): ``results.jsonl`` (one line per evaluation;
 an interrupted run resumes from it), ``table.md`` and ``utility_vs_epsilon.png``. ``--jobs K``
 runs K single-threaded workers that claim (style, n, seed) blocks and share the results file.
 """
@@ -55,8 +62,21 @@ if str(ROOT) not in sys.path:
 
 from bench.minimodel import artifact, data, judge, sample  # noqa: E402
 
-METHODS = ("prompt_words", "no_style", "ti_shared", "mean", "dpagg_full", "dpagg_wor", "dpsgd")
-DP_METHODS = ("dpagg_full", "dpagg_wor", "dpsgd")
+METHODS = (
+    "prompt_words",
+    "no_style",
+    "ti_shared",
+    "mean",
+    "dpagg_full",
+    "dpagg_wor",
+    "dpagg_sub",
+    "dpagg_sub_js",
+    "dpsgd",
+)
+DP_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js", "dpsgd")
+DPAGG_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js")
+# The delta of every DP row: the library default (1e-5), or "1/(10n)" (the first comparison's).
+DELTA_CHOICES = ("1e-5", "1/(10n)")
 
 
 @dataclass
@@ -78,6 +98,11 @@ class Settings:
     reference: int = 200
     public_style: str = "forest striped"
     public_n: int = 16
+    delta: str = "1e-5"
+    basis_k: int = 8  # directions per vector of the public-embedding basis (subspace_gain.py)
+
+    def delta_for(self, n: int) -> float:
+        return 1e-5 if self.delta == "1e-5" else 1.0 / (10 * n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +120,8 @@ class Context:
     grad_clip: float  # DP-SGD C_g (from the public style)
     ref_features: dict[str, np.ndarray]
     shape: tuple[int, int]  # (v, dim)
+    basis: Any = None  # PublicBasis from the public style's per-image embeddings
+    sub_clip_norm: float = 1.0  # C in that subspace, from the same public embeddings
 
 
 def _log(msg: str) -> None:
@@ -160,6 +187,19 @@ def make_context(s: Settings) -> Context:
         image_size=st.size,
     )["emb_params"]
     grad_clip = float(g.flatten(1).norm(dim=1).median())
+    # The public subspace (issue 10): PCA of the PUBLIC style's per-image embeddings, k per
+    # vector, and its C: the median norm of their projected deltas (same rule as C above).
+    from dpagg_core.subspace import PublicBasis, PublicEmbeddings
+
+    public = PublicEmbeddings(
+        vectors={"emb_params": torch.from_numpy(emb.reshape(-1, v, dim)).float()},
+        model_family="sd1",
+        base_model_id=backend.base_model_id or "",
+        centre={"emb_params": torch.from_numpy(centre.reshape(v, dim)).float()},
+        initializer=artifact.TI_INITIALIZER,
+    )
+    basis = PublicBasis.from_public_embeddings(public, s.basis_k)
+    sub_clip_norm = float(np.median(np.linalg.norm(basis.project(emb - centre), axis=1)))
     refs = {}
     for style in s.styles:
         real = [
@@ -168,9 +208,11 @@ def make_context(s: Settings) -> Context:
         refs[style] = judge.features(jdg, np.stack(real))
     _log(
         f"public calibration on {s.public_style!r}: DPAgg C = {clip_norm:.4g}, "
-        f"C_g = {grad_clip:.4g}"
+        f"C_g = {grad_clip:.4g}, subspace k = {s.basis_k}/vector, C_sub = {sub_clip_norm:.4g}"
     )
-    return Context(pipe, backend, jdg, centre, clip_norm, grad_clip, refs, (v, dim))
+    return Context(
+        pipe, backend, jdg, centre, clip_norm, grad_clip, refs, (v, dim), basis, sub_clip_norm
+    )
 
 
 def evaluate(ctx: Context, s: Settings, style: str, *, flat=None, prompts=None, seed=0) -> dict:
@@ -250,7 +292,7 @@ def _release(out: Path, style: str, n: int, seed: int) -> None:
 
 
 def run(s: Settings, out: Path) -> list[dict]:
-    from dpagg_core import accountant, dpsgd, mechanism
+    from dpagg_core import accountant, dpsgd, mechanism, postprocess, subspace
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "results.jsonl"
@@ -324,13 +366,11 @@ def run(s: Settings, out: Path) -> list[dict]:
             if not start_block(style, n, seed):
                 continue
             try:
-                delta = 1.0 / (10 * n)
-                tag = {"style": style, "n": n, "seed": seed}
+                delta = s.delta_for(n)
+                tag = {"style": style, "n": n, "seed": seed, "delta": delta}
                 imgs = images_tensor(style, n, data.PRIVATE_OFFSET + 1000 * seed)
                 need_emb = todo(style, n, seed, "mean", None) or any(
-                    todo(style, n, seed, m, e)
-                    for m in ("dpagg_full", "dpagg_wor")
-                    for e in s.epsilons
+                    todo(style, n, seed, m, e) for m in DPAGG_METHODS for e in s.epsilons
                 )
                 if need_emb:
                     t1 = time.time()
@@ -344,26 +384,41 @@ def run(s: Settings, out: Path) -> list[dict]:
                             | evaluate(ctx, s, style, flat=mean, seed=seed)
                         )
                     for eps in s.epsilons:
-                        for method in ("dpagg_full", "dpagg_wor"):
+                        for method in DPAGG_METHODS:
                             if not todo(style, n, seed, method, eps):
                                 continue
-                            if method == "dpagg_full":
-                                plan = accountant.calibrate(eps, delta, n, "full")
-                            else:
+                            c = ctx.clip_norm
+                            if method == "dpagg_wor":
                                 m = max(2, int(round(s.wor_fraction * n)))
                                 plan = accountant.calibrate(eps, delta, n, "wor", m=m)
-                            rel = mechanism.dp_mean(
-                                emb, plan=plan, clip_norm=ctx.clip_norm, center=ctx.centre,
-                                centre_kind="initializer",
-                            )  # fmt: skip
+                            else:
+                                plan = accountant.calibrate(eps, delta, n, "full")
+                            if method.startswith("dpagg_sub"):
+                                c = ctx.sub_clip_norm
+                                rel = subspace.dp_mean_projected(
+                                    emb, plan=plan, clip_norm=c, basis=ctx.basis,
+                                    center=ctx.centre, centre_kind="initializer",
+                                    base_model_id=ctx.basis.base_model_id,
+                                )  # fmt: skip
+                            else:
+                                rel = mechanism.dp_mean(
+                                    emb, plan=plan, clip_norm=c, center=ctx.centre,
+                                    centre_kind="initializer",
+                                )  # fmt: skip
+                            if method == "dpagg_sub_js":
+                                vec, _ = postprocess.apply(
+                                    rel.vector, method="js", record=rel.record,
+                                    layout=[("emb_params", *ctx.shape)], centre=ctx.centre,
+                                )  # fmt: skip
+                                rel = mechanism.Release(vector=vec, record=rel.record)
                             res = evaluate(ctx, s, style, flat=rel.vector, seed=seed)
                             record(
                                 tag
                                 | {
                                     "method": method,
                                     "epsilon": eps,
-                                    "clip_norm": ctx.clip_norm,
-                                    "sigma": plan.noise_std(ctx.clip_norm),
+                                    "clip_norm": c,
+                                    "sigma": plan.noise_std(c),
                                     "z": plan.noise_multiplier,
                                 }
                                 | res
@@ -454,7 +509,7 @@ def table(rows: list[dict], s: Settings) -> str:
             )
             lines.append(head)
             lines.append("|---" * (len(eps_cols) + 1) + "|")
-            for method in ("ti_shared", "mean", "dpagg_full", "dpagg_wor", "dpsgd"):
+            for method in ("ti_shared", "mean", *DP_METHODS):
                 cells = [_ms(_values(rows, method, n, e, metric), digits) for e in eps_cols]
                 if all(c == "–" for c in cells):
                     continue
@@ -466,7 +521,9 @@ def table(rows: list[dict], s: Settings) -> str:
     )
     lines.append("| method | n | " + " | ".join(f"ε={e:g}" for e in s.epsilons) + " |")
     lines.append("|---|---" + "|---" * len(s.epsilons) + "|")
-    for method in ("dpagg_full", "dpagg_wor"):
+    for method in DPAGG_METHODS:
+        if not any(r["method"] == method for r in rows):
+            continue
         for n in s.ns:
             cells = [
                 " / ".join(_ms(_values(rows, method, n, e, k)) for k in ("cos", "cos_centred"))
@@ -481,6 +538,8 @@ COLOURS = {
     "mean": (0, 0, 0),
     "dpagg_full": (31, 119, 180),
     "dpagg_wor": (44, 160, 44),
+    "dpagg_sub": (148, 103, 189),
+    "dpagg_sub_js": (255, 127, 14),
     "dpsgd": (214, 39, 40),
 }
 
@@ -488,7 +547,7 @@ COLOURS = {
 PANELS = (
     ("acc", "judge style accuracy (higher is better)", ("ti_shared", "mean", *DP_METHODS)),
     ("kid", "KID in judge features (lower is better)", ("ti_shared", "mean", *DP_METHODS)),
-    ("cos_centred", "cosine to the non-private mean, centred", ("dpagg_full", "dpagg_wor")),
+    ("cos_centred", "cosine to the non-private mean, centred", DPAGG_METHODS),
 )
 
 
@@ -575,7 +634,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", nargs="+", type=float, default=None)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument(
+        "--delta",
+        default=None,
+        choices=DELTA_CHOICES,
+        help="delta of every DP row (default 1e-5; the first comparison used 1/(10n))",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results_v2",
+        help="results folder (bench/results holds the first comparison, at delta 1/(10n))",
+    )
     ap.add_argument(
         "--smoke", action="store_true", help="1 style, n=10, 2 epsilons, short training"
     )
@@ -596,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             ti_steps=40, dpsgd_steps=20, eval_per_template=2, eval_steps=10,
             reference=50, public_n=6,
         )  # fmt: skip
-    for name in ("styles", "ns", "epsilons", "seeds", "methods"):
+    for name in ("styles", "ns", "epsilons", "seeds", "methods", "delta"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     for style in s.styles:

@@ -88,11 +88,12 @@ def test_smoke_benchmark(tmp_path):
         assert (m, None) in methods
     for m in reproduce_paper.DP_METHODS:
         assert {(m, 1.0), (m, 8.0)} <= methods
-    assert len(rows) == 4 + 3 * 2
+    assert len(rows) == 4 + len(reproduce_paper.DP_METHODS) * 2
     for r in rows:
         assert 0.0 <= r["acc"] <= 1.0 and math.isfinite(r["kid"])
-        if r["method"] == "dpagg_full":
-            plan = accountant.calibrate(r["epsilon"], 1 / 100, 10, "full")
+        if r["method"] in ("dpagg_full", "dpagg_sub", "dpagg_sub_js"):
+            assert r["delta"] == 1e-5  # the library default, for every n
+            plan = accountant.calibrate(r["epsilon"], 1e-5, 10, "full")
             assert r["sigma"] == pytest.approx(plan.noise_std(r["clip_norm"]), rel=1e-12)
             assert -1.0 <= r["cos"] <= 1.0
         if r["method"] == "dpsgd":
@@ -103,6 +104,11 @@ def test_smoke_benchmark(tmp_path):
         assert sig[(m, 1.0)] > sig[(m, 8.0)]  # more privacy, more noise
     table = (out / "table.md").read_text()
     assert "| dpsgd |" in table and "| dpagg_wor |" in table and "ε=8" in table
+    assert "| dpagg_sub |" in table and "| dpagg_sub_js |" in table
+    # The subspace's C is computed in the subspace (smaller than the full-space C).
+    c_sub = {r["clip_norm"] for r in rows if r["method"] == "dpagg_sub"}
+    c_full = {r["clip_norm"] for r in rows if r["method"] == "dpagg_full"}
+    assert len(c_sub) == len(c_full) == 1 and c_sub.pop() < c_full.pop()
     from PIL import Image
 
     with Image.open(out / "utility_vs_epsilon.png") as im:
