@@ -94,7 +94,20 @@ def _add_ledger_args(p: argparse.ArgumentParser) -> None:
 def _add_release_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("release")
     g.add_argument("--clip-norm", type=float, help="clip norm C (public; see suggest-clip-norm)")
-    g.add_argument("--centre", choices=("initializer", "origin"), default=None)
+    g.add_argument(
+        "--centre",
+        choices=("initializer", "origin", "public_mean"),
+        default=None,
+        help="public centre to clip around; public_mean: the mean embedding of PUBLIC images "
+        "(--public-embeddings)",
+    )
+    g.add_argument(
+        "--public-embeddings",
+        type=_user_path,
+        default=None,
+        help="PUBLIC per-image embeddings (`dpagg public-basis --save-public-embeddings`) whose "
+        "mean is the centre for --centre public_mean",
+    )
     g.add_argument("--clip-mode", choices=("clip", "normalize"), default="clip")
     g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")
     g.add_argument(
@@ -183,9 +196,97 @@ def cmd_account(args: argparse.Namespace) -> int:
         raise DpaggError("--n is required: the number of private images (public under replace-one)")
     plan = _plan(args, args.n)
     warning = delta_warning(plan.delta, args.n) if args.delta is not None else None
-    payload = {"plan": plan.to_dict(), "delta_meaning": DELTA_MEANING, "delta_warning": warning}
-    _emit(args, payload, f"{plan_summary(plan)}\n{DELTA_MEANING}")
+    comparison, block = (
+        noise_comparison(plan, k=args.k, dim=args.dim)
+        if math.isfinite(plan.epsilon) and plan.epsilon > 0
+        else (None, "(no noise comparison: the plan's epsilon is not finite)")
+    )
+    payload = {
+        "plan": plan.to_dict(),
+        "delta_meaning": DELTA_MEANING,
+        "delta_warning": warning,
+        "comparison": comparison,
+    }
+    _emit(args, payload, f"{plan_summary(plan)}\n\n{block}\n\n{DELTA_MEANING}")
     return 0
+
+
+def noise_comparison(
+    plan: Any, *, k: int | None = None, dim: int | None = None
+) -> tuple[dict[str, Any], str]:
+    """For the (epsilon, delta, n, releases) of ``plan``: the noise of the paper's configuration
+    (a secret subsample of m = n/10 without replacement, arXiv 2411.14639) next to the plan dpagg
+    recommends (``full``: every image, no subsample), both calibrated to the same epsilon; and,
+    with ``dim`` (D, values per embedding) and ``k`` (K, noised coordinates in a public basis),
+    the subspace's effect on the noise norm (``dpagg_core.subspace``). Noise is given in units of
+    the clip norm C: per coordinate ``sigma / C``, and the expected norm of the noise vector,
+    about ``sigma sqrt(D)`` (the signal, a mean of clipped deltas, has norm <= C)."""
+    from .accountant import calibrate
+
+    if k is not None and (dim is None or not 1 <= k <= dim):
+        raise DpaggError(f"--k {k}: give --dim D too, and 1 <= K <= D (K noised coordinates)")
+    if dim is not None and dim < 1:
+        raise DpaggError(f"--dim {dim}: the number of values per embedding (e.g. 768)")
+    common = {"releases": plan.releases}
+    m = max(1, round(plan.n / 10))
+    paper = calibrate(plan.epsilon, plan.delta, plan.n, "wor", m=m, **common)
+    full = calibrate(plan.epsilon, plan.delta, plan.n, "full", **common)
+
+    def row(p: Any) -> dict[str, Any]:
+        std = float(p.noise_std(1.0))
+        out = {
+            "sampling": p.sampling,
+            "m": p.m,
+            "noise_multiplier": float(p.noise_multiplier),
+            "noise_std_per_C": std,
+            "epsilon": float(p.epsilon),
+        }
+        if dim is not None:
+            out["noise_norm_per_C"] = std * math.sqrt(dim)
+        return out
+
+    payload: dict[str, Any] = {
+        "epsilon": float(plan.epsilon),
+        "delta": float(plan.delta),
+        "n": int(plan.n),
+        "paper": row(paper),
+        "recommended": row(full),
+        "paper_noise_ratio": float(paper.noise_std(1.0) / full.noise_std(1.0)),
+        "subspace": None,
+    }
+    std = full.noise_std(1.0)
+    names = (f"paper (subsample m = {m} of {plan.n}, wor):", f"dpagg (all {plan.n} images, full):")
+    labels = [x.ljust(max(map(len, names)) + 1) for x in names]
+    lines = [
+        f"Noise at epsilon {plan.epsilon:.4g}, delta {plan.delta:.3g}, n = {plan.n} (replace-one"
+        + (f", {plan.releases} releases" if plan.releases > 1 else "")
+        + "), in units of the clip norm C:",
+        f"  {labels[0]}noise multiplier {paper.noise_multiplier:.4g}, noise std "
+        f"{paper.noise_std(1.0):.4g} C per coordinate",
+        f"  {labels[1]}noise multiplier {full.noise_multiplier:.4g}, noise std "
+        f"{std:.4g} C per coordinate  <- recommended",
+        f"  the paper's configuration has {payload['paper_noise_ratio']:.2f}x the noise",
+    ]
+    if dim is not None:
+        lines.append(
+            f"  noise norm over D = {dim} coordinates: ~{std * math.sqrt(dim):.4g} C (paper "
+            f"~{paper.noise_std(1.0) * math.sqrt(dim):.4g} C); the signal has norm <= C"
+        )
+    if k is not None and dim is not None:
+        ratio = math.sqrt(k / dim)
+        payload["subspace"] = {
+            "K": int(k),
+            "D": int(dim),
+            "noise_norm_per_C": std * math.sqrt(k),
+            "full_noise_norm_per_C": std * math.sqrt(dim),
+            "noise_norm_ratio": ratio,
+        }
+        lines.append(
+            f"  in a public subspace (--basis) with K = {k} noised coordinates: noise norm "
+            f"~{std * math.sqrt(k):.4g} C instead of ~{std * math.sqrt(dim):.4g} C (x{ratio:.2f}); "
+            "same epsilon, the part of the mean outside the subspace is lost"
+        )
+    return payload, "\n".join(lines)
 
 
 def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre: str) -> int:
@@ -215,9 +316,28 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
         a1111_pt=args.a1111_pt,
         basis=basis,
         postprocess=getattr(args, "postprocess", "none"),
+        public_centre=_public_centre(args),
     )
     _report_release(args, outcome)
     return 0
+
+
+def _public_centre(args: argparse.Namespace) -> Any:
+    """The public-mean centre of ``--public-embeddings`` (a PUBLIC file; a private one is
+    refused by ``subspace.load_public_embeddings``), or None."""
+    path = getattr(args, "public_embeddings", None)
+    if path is None:
+        if getattr(args, "centre", None) == "public_mean":
+            raise DpaggError(
+                "--centre public_mean needs --public-embeddings FILE (embeddings of PUBLIC images: "
+                "`dpagg public-basis --public-images DIR --save-public-embeddings FILE`)"
+            )
+        return None
+    if getattr(args, "centre", None) != "public_mean":
+        raise DpaggError("--public-embeddings is the centre for --centre public_mean; add it")
+    from .subspace import public_mean_centre
+
+    return public_mean_centre(path)
 
 
 def _report_release(args: argparse.Namespace, outcome: Any, method: str = "") -> None:
@@ -317,10 +437,11 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         lines.append(f"dataset {d}: {json.dumps(st, default=str)}")
         for r in releases:
             if r["dataset_id"] == d:
+                files = ",".join(r["files"]) or "-"  # the file name(s) actually written
                 lines.append(
-                    f"  #{r['id']} {r['created']} name={r['name']} epsilon={r['epsilon']:.4g} "
-                    f"delta={r['delta']:.3g} C={r['clip_norm']:.4g} sampling="
-                    f"{r['plan']['sampling']}"
+                    f"  #{r['id']} {r['created']} file={files} (requested name={r['name']}) "
+                    f"epsilon={r['epsilon']:.4g} delta={r['delta']:.3g} C={r['clip_norm']:.4g} "
+                    f"sampling={r['plan']['sampling']}"
                 )
     _emit(
         args,
@@ -505,6 +626,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _ledger(args).check(
         loaded.dataset_id, plan, budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta
     )
+    _public_centre(args)  # a missing or private --public-embeddings: refused before training
     if args.basis is not None and trainer.backend is not None:  # a misfit basis: before training
         from .subspace import check_basis, load_basis
 
@@ -597,10 +719,24 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
     )
     backend, ledger = trainer.backend, _ledger(args)
     keys = tuple(backend.encoder_keys)
+    basis = None
+    if args.basis is not None:  # public-subspace DP-SGD; a misfit basis is refused before all
+        from .subspace import check_basis, load_basis
+
+        basis = check_basis(
+            load_basis(args.basis),
+            flat_dim=config.vectors * sum(backend.embedding_dims.values()),
+            base_model_id=backend.base_model_id or "",
+            model_family=backend.model_family,
+            vectors=config.vectors,
+        )
+    request = _dpsgd_request(config, trainer.model)
+    if basis is not None:
+        request["basis_sha256"] = basis.sha256
     charge_args: dict[str, Any] = {
         "dataset_id": loaded.dataset_id,
         "plan": plan,
-        "request": _dpsgd_request(config, trainer.model),
+        "request": request,
         "name": base,
         "clip_norm": float(config.clip_norm),
         "centre_kind": "initializer",
@@ -636,6 +772,7 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
                 plan=plan,
                 before_noise=before_noise,
                 progress=update,
+                basis=basis,
             )
         except _DpsgdReused:
             trained = None
@@ -677,7 +814,9 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
                     charge.release_id,
                     exc,
                 )
-    outcome = write_outcome(out, base, vectors, record, charge, a1111_pt=args.a1111_pt)
+    outcome = write_outcome(
+        out, base, vectors, record, charge, a1111_pt=args.a1111_pt, ledger=ledger
+    )
     _report_release(args, outcome, f"DP-SGD, {config.steps} steps")
     if args.preview:
         from .preview import preview_grid
@@ -701,8 +840,12 @@ _DPSGD_REFUSED = (
     ("clip_mode", "clip", "DP-SGD clips per-example gradients; --clip-mode is for DPAgg"),
     ("mixed_precision", "no", "DP-SGD trains in full precision; drop --mixed-precision"),
     ("gradient_checkpointing", False, "DP-SGD does not use gradient checkpointing"),
-    ("basis", None, "DP-SGD trains the embedding itself; --basis is for DPAgg"),
     ("postprocess", "none", "--postprocess is for DPAgg releases"),
+    (
+        "public_embeddings",
+        None,
+        "DP-SGD starts at the initializer; --public-embeddings is for DPAgg",
+    ),
 )
 
 
@@ -782,8 +925,13 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
     flat = eset.flat()
     dists = np.linalg.norm(flat - (0 if centre is None else centre), axis=1)
     c = float(np.quantile(dists, args.quantile))
+    # The C the public-mean centre (--centre public_mean) needs: same quantile rule, distances
+    # of the same PUBLIC embeddings to their own mean.
+    to_mean = np.linalg.norm(flat - flat.mean(axis=0), axis=1)
+    c_mean = float(np.quantile(to_mean, args.quantile))
     payload = {
         "clip_norm": c,
+        "clip_norm_public_mean": c_mean,
         "quantile": args.quantile,
         "n_public": int(eset.n),
         "distances": {
@@ -795,6 +943,8 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
     text = (
         f"suggested --clip-norm {c:.4g} (the {args.quantile:.0%} quantile of {eset.n} PUBLIC "
         f"images' distances to the initializer centre; median {np.median(dists):.4g}).\n"
+        f"With --centre public_mean (the mean of these images' embeddings as the centre): "
+        f"--clip-norm {c_mean:.4g}.\n"
         "Use the same model, initializer, vectors and TI settings for the private run."
     )
     _emit(args, payload, text)
@@ -819,9 +969,15 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         finally:
             close()
         basis = PublicBasis.from_public_embeddings(public, args.k)
+        if args.save_public_embeddings is not None:
+            from .subspace import save_public_embeddings
+
+            save_public_embeddings(public, args.save_public_embeddings)
     else:
-        if args.public_images is not None:
-            raise DpaggError("--public-images is for --kind public_embeddings; drop it")
+        if args.public_images is not None or args.save_public_embeddings is not None:
+            raise DpaggError(
+                "--public-images/--save-public-embeddings are for --kind public_embeddings"
+            )
         from .models import _text_encoders, load_pipeline
 
         model = load_pipeline(args.model, family=args.family, device="cpu")
@@ -868,6 +1024,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("account", parents=[common], help="noise <-> epsilon for a plan")
     _add_plan_args(p)
     p.add_argument("--n", type=int, help="number of private images")
+    p.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="D: values per embedding (e.g. 768 for SD1 with 1 vector): prints the noise norm",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="K: noised coordinates in a public basis (`dpagg public-basis` prints it: k per "
+        "vector x vectors, x2 for SDXL): the subspace's effect on the noise norm (needs --dim)",
+    )
     p.set_defaults(func=cmd_account)
 
     p = sub.add_parser(
@@ -931,6 +1100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-images", type=_user_path, default=None, help="PUBLIC images only")
     p.add_argument("--k", type=int, default=8, help="directions per vector (public; default 8)")
     p.add_argument("--out", type=_user_path, required=True, help="basis file (.safetensors)")
+    p.add_argument(
+        "--save-public-embeddings",
+        type=_user_path,
+        default=None,
+        help="also write the PUBLIC per-image embeddings (for --centre public_mean)",
+    )
     p.set_defaults(func=cmd_public_basis)
 
     p = sub.add_parser("audit", parents=[common], help="empirical privacy audit of the mechanism")

@@ -37,6 +37,21 @@ sensitivity 2 C_g / (qN), so ``plan.noise_multiplier = z / 2``, ``plan.noise_std
 Everything that sets the noise (C_g, z, q, T, N) is public (docs/privacy.md invariant 2). The TI
 randomness (timesteps, diffusion noise, templates, flips) of example i at step t comes from a
 generator keyed by (seed, t, i): public, independent of which examples were sampled.
+
+Public-subspace DP-SGD (``basis=``; issue 10 part 4, the fair baseline for the projected DPAgg
+mechanism of ``dpagg_core.subspace``). With a public orthonormal ``U`` (D x K,
+:class:`dpagg_core.subspace.PublicBasis`, built from public data only; docs/privacy.md invariant
+8) the shared embedding is parametrised as ``theta = c + U a`` (``c`` the initializer centre,
+``a`` in R^K, starting at 0) and DP-SGD runs on ``a``: per-example gradients w.r.t. ``a`` are
+``U^T g_i`` (the chain rule; ``g_i`` the gradient w.r.t. theta, flattened in
+``EmbeddingSet.flat`` order), each clipped to C_g in the K coordinates, the noise
+``N(0, (z C_g)^2 I_K)`` drawn on the K coordinates, and the optimizer (Adam or SGD) steps ``a``;
+``theta`` is mapped back after each step. So every update lies in span(U) (Adam's per-coordinate
+scaling acts on ``a``, not on theta, which would leave the subspace), and the noise has norm
+about ``z C_g sqrt(K)`` instead of ``z C_g sqrt(D)``. Privacy is unchanged: ``U^T`` maps each
+example's gradient on its own, so after clipping one example still moves the sum by at most
+2 C_g and the same plan and accountant apply (the "public-subspace DP-SGD" variant, e.g. Zhou,
+Wu & Banerjee 2021; Yu et al. 2021). The record names the basis (kind, k, K, sha256).
 """
 
 from __future__ import annotations
@@ -44,8 +59,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -67,6 +82,7 @@ from .ti import (
 )
 
 METHOD = "dpsgd-textual-inversion"
+METHOD_SUBSPACE = "dpsgd-textual-inversion-subspace"  # with a public basis (module docstring)
 
 
 @dataclass(frozen=True)
@@ -264,13 +280,20 @@ class _State:
     templates: tuple[str, ...]
     size: int
     centre: dict[str, torch.Tensor]
+    # Public-subspace DP-SGD: the basis and the K coordinates ``a`` the optimizer steps.
+    basis: Any = None
+    coords: torch.nn.Parameter | None = None
+    keys: tuple[str, ...] = field(default=())
 
     def result(self) -> dict[str, torch.Tensor]:
         return {k: t.detach().to("cpu", torch.float32).clone() for k, t in self.theta.items()}
 
 
-def _setup(backend: TIBackend, images: torch.Tensor, config: DPSGDConfig) -> _State:
-    """Shared vectors at the initializer, the optimizer, and the latents (encoded once)."""
+def _setup(
+    backend: TIBackend, images: torch.Tensor, config: DPSGDConfig, basis: Any = None
+) -> _State:
+    """Shared vectors at the initializer, the optimizer, and the latents (encoded once). With a
+    ``basis`` the optimizer acts on the K coordinates ``a`` (theta = centre + U a)."""
     from .ti import TIConfig
 
     templates = resolve_templates(config.templates)
@@ -296,6 +319,10 @@ def _setup(backend: TIBackend, images: torch.Tensor, config: DPSGDConfig) -> _St
         for k in backend.encoder_keys
     }
     params = list(theta.values())
+    coords = None
+    if basis is not None:
+        coords = torch.nn.Parameter(torch.zeros(basis.dim, dtype=torch.float64))
+        params = [coords]
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.learning_rate)
     else:
@@ -305,7 +332,10 @@ def _setup(backend: TIBackend, images: torch.Tensor, config: DPSGDConfig) -> _St
         x = images.to(device)
         dist = backend.encode_images(x)
         dist_flip = backend.encode_images(x.flip(-1)) if config.flip else dist
-    return _State(theta, opt, dist, dist_flip, templates, int(images.shape[-1]), centre)
+    keys = tuple(basis.keys) if basis is not None else tuple(backend.encoder_keys)
+    return _State(
+        theta, opt, dist, dist_flip, templates, int(images.shape[-1]), centre, basis, coords, keys
+    )
 
 
 def _clipped_sum(
@@ -339,16 +369,44 @@ def _clipped_sum(
             sample_latents=config.sample_latents,
             image_size=st.size,
         )
+        if st.basis is not None:  # U^T g_i: each example on its own, clipped in K coordinates
+            flat = np.concatenate(
+                [grads[k].detach().to("cpu", torch.float64).flatten(1).numpy() for k in st.keys],
+                axis=1,
+            )
+            coords = st.basis.project(flat)
+            if clip_norm is not None:
+                coords = mechanism.clip_rows(coords, clip_norm, "clip")
+            summed.setdefault("coords", np.zeros(st.basis.dim))
+            summed["coords"] += coords.sum(axis=0)
+            continue
         if clip_norm is None:
             rows = {k: g.detach().to("cpu", torch.float64).numpy() for k, g in grads.items()}
         else:
             rows = clip_per_example(grads, clip_norm)
         for k, g in rows.items():
             summed[k] += g.sum(axis=0)
+    if st.basis is not None:
+        return {"coords": summed.get("coords", np.zeros(st.basis.dim))}
     return summed
 
 
 def _apply(st: _State, grad: dict[str, np.ndarray]) -> None:
+    if st.basis is not None:  # step the K coordinates, then theta = centre + U a
+        assert st.coords is not None
+        st.coords.grad = torch.from_numpy(np.ascontiguousarray(grad["coords"]))
+        st.opt.step()
+        st.opt.zero_grad(set_to_none=True)
+        delta = st.basis.lift(st.coords.detach().numpy())
+        start = 0
+        with torch.no_grad():
+            for k in st.keys:
+                t, c = st.theta[k], st.centre[k]
+                size = int(c.numel())
+                move = torch.from_numpy(delta[start : start + size].reshape(tuple(c.shape)))
+                t.copy_((c.double() + move).to(t.device, t.dtype))
+                start += size
+        return
     for k, t in st.theta.items():
         t.grad = torch.from_numpy(np.ascontiguousarray(grad[k])).to(t.device, t.dtype)
     st.opt.step()
@@ -390,8 +448,14 @@ def train_dpsgd(
     before_noise: Callable[[PrivacyPlan], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    basis: Any = None,
 ) -> DPSGDResult:
     """Train one shared TI embedding on ``images`` ([N, 3, H, W] in [-1, 1]) with DP-SGD.
+
+    ``basis`` (a public ``dpagg_core.subspace.PublicBasis`` for this model and ``vectors``):
+    public-subspace DP-SGD (module docstring): per-example gradients projected onto U, clipped
+    and noised in its K coordinates, every update in span(U); checked against the model before
+    ``before_noise``. None (default): plain DP-SGD on all D coordinates.
 
     Give either ``target_epsilon`` and ``delta`` (default ``accountant.DEFAULT_DELTA``, 1e-5; the
     noise is calibrated by PLD for T steps at q = expected_batch / N) or a ready ``plan`` (sampling
@@ -427,7 +491,19 @@ def train_dpsgd(
         )
     z = sgd_noise_multiplier(plan)
     denominator = q * n  # public expected batch size (= plan.denominator)
-    st = _setup(backend, images, config)
+    st = _setup(backend, images, config, basis)
+    if basis is not None:  # after prepare (a backend may name its model there), before any noise
+        from .subspace import check_basis
+
+        check_basis(
+            basis,
+            flat_dim=config.vectors * sum(int(d) for d in backend.embedding_dims.values()),
+            base_model_id=backend.base_model_id or "",
+            model_family=backend.model_family,
+            vectors=config.vectors,
+        )
+        if set(basis.keys) != set(backend.encoder_keys):
+            raise DpaggError(f"the basis has keys {basis.keys}; the model {backend.encoder_keys}")
     if before_noise is not None:
         before_noise(plan)
     for step in range(config.steps):
@@ -452,6 +528,9 @@ def train_dpsgd(
     record["mechanism"] = METHOD
     record["dpsgd_noise_multiplier"] = repr(float(z))
     record["steps"] = str(int(config.steps))
+    if basis is not None:
+        record["mechanism"] = METHOD_SUBSPACE
+        record.update(basis.record())
     return DPSGDResult(
         vectors=st.result(),
         centre=st.centre,

@@ -362,8 +362,24 @@ def dataset_id_for(contents: Iterable[bytes], *, key: bytes) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
+def _current_umask() -> int:
+    """The process umask, read without changing it where possible (/proc on Linux; elsewhere
+    the set-and-restore idiom)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _write_new_file(path: Path, data: bytes, *, public: bool = False) -> None:
     """Write ``data`` to ``path`` atomically; fail with DpaggError if ``path`` exists.
+
+    The file is readable by its owner only (0600, the temp file's mode) unless ``public``:
+    released embeddings are public by design and get the usual mode (0666 minus the umask),
+    like any file the user's tools write; per-image (private) files stay 0600.
 
     The bytes go to a hidden temp file in the same folder (never ``*.safetensors``/``*.pt``, so
     no loader picks it up), are fsynced, then hard-linked to ``path`` (which fails if ``path``
@@ -379,6 +395,8 @@ def _write_new_file(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            if public:
+                os.fchmod(fh.fileno(), 0o666 & ~_current_umask())
             os.fsync(fh.fileno())
         try:
             os.link(tmp, path)
@@ -794,10 +812,12 @@ def write_released(
         )
     import safetensors.torch
 
-    _write_new_file(target, safetensors.torch.save(tensors, metadata=meta))
+    _write_new_file(target, safetensors.torch.save(tensors, metadata=meta), public=True)
     if a1111_pt:
         try:
-            _write_new_file(pt_target, _a1111_bytes(clean, tensors["emb_params"], meta))
+            _write_new_file(
+                pt_target, _a1111_bytes(clean, tensors["emb_params"], meta), public=True
+            )
         except BaseException:
             target.unlink()  # ours, just written: keep the pair all-or-nothing
             raise
@@ -855,11 +875,40 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             return {"file": "private embedding set", "tensors": shapes, "metadata": meta}
     vectors, meta = read_released(path)
     kind = "dpagg release" if meta.get("format") == RELEASE_FORMAT else "embedding (not dpagg)"
-    return {
+    out = {
         "file": kind,
         "tensors": {k: list(v.shape) for k, v in vectors.items()},
         "vector_norms": {
             k: [round(float(x), 6) for x in v.norm(dim=-1)] for k, v in vectors.items()
         },
         "metadata": meta,
+    }
+    usage = how_to_use(path, set(vectors))
+    if usage:
+        out["use"] = usage
+    return out
+
+
+def how_to_use(path: Path, keys: set[str]) -> dict[str, str]:
+    """The prompt / call that loads a released embedding in each consumer. diffusers needs
+    ``token=``: without it ``load_textual_inversion`` names the token after the tensor key
+    (``emb_params``), so a second file fails with "token already in tokenizer vocabulary".
+    Only the file's name appears (no local path: inspect output may be shared)."""
+    name, file = path.stem, path.name
+    if keys == {"emb_params"}:
+        diffusers = f'pipe.load_textual_inversion("{file}", token="{name}")'
+    elif keys == {"clip_l", "clip_g"}:
+        diffusers = (
+            f'state = safetensors.torch.load_file("{file}"); '
+            f'pipe.load_textual_inversion(state["clip_l"], token="{name}", '
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); "
+            f'pipe.load_textual_inversion(state["clip_g"], token="{name}", '
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+        )
+    else:
+        return {}
+    return {
+        "ComfyUI": f"embedding:{name} (in models/embeddings; a space or the prompt start before)",
+        "A1111/Forge": f"{name} (in the WebUI's embeddings folder)",
+        "diffusers": diffusers + f'; then prompt with "{name}"',
     }

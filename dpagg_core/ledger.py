@@ -117,6 +117,12 @@ CREATE TABLE ledger_key (
 );
 """
 
+# Display only (``Ledger.note_file``), created on first use; not part of the schema version.
+_FILES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS release_files (release_id INTEGER NOT NULL, "
+    "file_name TEXT NOT NULL, created TEXT NOT NULL)"
+)
+
 _SCHEMA = (
     """
 CREATE TABLE datasets (
@@ -467,8 +473,22 @@ class Ledger:
         self.path = resolve_path(path) if path is not None else default_ledger_path()
         self.timeout = float(timeout)
 
+    #: How a user raises a budget where this ledger's messages are shown: ``None`` names the
+    #: ``dpagg`` command; a front end sets its own (ComfyUI: the Privacy Ledger node and the exact
+    #: ``python -m dpagg_core.cli`` command; a module-level function, so a Ledger still pickles).
+    raise_hint: Callable[[Path, str], str] | None = None
+
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
+
+    def how_to_raise(self, dataset_id: str) -> str:
+        """The exact way to raise ``dataset_id``'s budget, for "Fix:" texts."""
+        if self.raise_hint is not None:
+            return self.raise_hint(self.path, dataset_id)
+        return (
+            f"`dpagg ledger set-budget --ledger {self.path} --dataset {dataset_id} --epsilon E "
+            "--delta D`"
+        )
 
     # ---- connection and error handling ------------------------------------------------------
 
@@ -758,16 +778,16 @@ class Ledger:
                 raise BudgetExceeded(
                     f"budget_{label}={req:g} is above dataset {dataset_id!r}'s recorded budget "
                     f"{label} {cur:g} in {self.path}. A budget is never raised implicitly. Fix: "
-                    f"raise it deliberately with `dpagg ledger set-budget` (Ledger.set_budget), "
-                    f"or drop budget_{label}."
+                    f"raise it deliberately with {self.how_to_raise(dataset_id)}, or set "
+                    f"budget_{label} to 0 (keep the recorded budget)."
                 )
         return (
             eps if budget_epsilon is None else min(eps, budget_epsilon),
             delta if budget_delta is None else min(delta, budget_delta),
         )
 
-    @staticmethod
     def _refusal(
+        self,
         dataset_id: str,
         path: Path,
         spent: Spend,
@@ -775,14 +795,27 @@ class Ledger:
         after: Spend,
         budget: tuple[float, float],
     ) -> BudgetExceeded:
+        raise_it = f"raise the budget deliberately with {self.how_to_raise(dataset_id)}"
+        used_up = spent.epsilon >= budget[0] * (1 - REL_TOL) or spent.delta >= budget[1] * (
+            1 - REL_TOL
+        )
+        if used_up:  # no epsilon, however small, fits: only a larger budget helps
+            fix = (
+                f"this image set's budget is used up, so no release fits whatever its epsilon. "
+                f"Fix: {raise_it} (ledger {path}), or release nothing more from these images."
+            )
+        else:
+            fix = (
+                f"Fix: use a larger noise (smaller epsilon: about {budget[0] - spent.epsilon:.4g} "
+                f"of the budget is left) for this release, or {raise_it} (ledger {path})."
+            )
         return BudgetExceeded(
             f"privacy budget of dataset {dataset_id!r} would be exceeded: spent "
             f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} ({spent.composition} "
             f"composition); budget epsilon={budget[0]:.6g}, delta={budget[1]:.3g}; requested "
             f"epsilon={plan.epsilon:.6g}, delta={plan.delta:.3g} (total would be "
             f"epsilon={after.epsilon:.6g}, delta={after.delta:.3g}). No noise was drawn, nothing "
-            f"was spent. Fix: use a larger noise (smaller epsilon) for this release, or raise the "
-            f"budget deliberately with `dpagg ledger set-budget` (ledger {path})."
+            f"was spent; {fix}"
         )
 
     def _check_locked(
@@ -1393,6 +1426,49 @@ class Ledger:
             composition=spent.composition,
         )
 
+    def note_file(self, release_id: int, file_name: str) -> None:
+        """Remember the file name a release was written under (``mystyle-2`` for a request named
+        ``mystyle``), for ``dpagg ledger show`` and the Privacy Ledger node. Display only: the
+        request key keeps the requested name. The table is created on first use (a ledger
+        without it still reads, in this and older dpagg versions)."""
+        if not isinstance(file_name, str) or not file_name:
+            raise DpaggError(f"note_file: file_name={file_name!r} is invalid: give a name.")
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute(_FILES_TABLE)
+                con.execute(
+                    "INSERT INTO release_files (release_id, file_name, created) VALUES (?, ?, ?)",
+                    (int(release_id), str(file_name), _now()),
+                )
+                con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            finally:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+
+    def _files(self, con: sqlite3.Connection) -> dict[int, list[str]]:
+        exists = con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'release_files'"
+        ).fetchone()
+        out: dict[int, list[str]] = {}
+        if exists:
+            for rid, fname in con.execute(
+                "SELECT release_id, file_name FROM release_files ORDER BY rowid"
+            ):
+                if fname not in out.setdefault(int(rid), []):
+                    out[int(rid)].append(fname)
+        return out
+
+    def dataset_ids(self) -> list[str]:
+        """Every dataset with a budget or a release (sorted); ids only, nothing private."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT dataset_id FROM datasets UNION SELECT dataset_id FROM releases ORDER BY 1"
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def list_releases(
         self, dataset_id: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
@@ -1404,7 +1480,11 @@ class Ledger:
             args = (dataset_id,)
         with self._connect() as con:
             rows = con.execute(sql + " ORDER BY id", args).fetchall()
-        return [_row_dict(r, with_vectors) for r in rows]
+            files = self._files(con)
+        out = [_row_dict(r, with_vectors) for r in rows]
+        for r in out:  # the file name(s) actually written (a re-used release may be rewritten)
+            r["files"] = files.get(r["id"], [])
+        return out
 
     def get_release(self, release_id: int) -> dict[str, Any]:
         """One recorded release, with its vector (np.float64 [D]) and record.

@@ -75,6 +75,9 @@ _CLIP_SLACK = 1e-12
 # Strings that go into the public privacy record: short, printable, no path-like values.
 _RECORD_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-/]{0,199}$")
 _CENTRE_KIND = re.compile(r"^[a-z][a-z0-9_\-]{0,39}$")
+# Centre kinds whose vector is not implied by the model (the initializer) or zero (the origin):
+# the record names the exact vector by its hash (``centre_sha256``, :func:`centre_hash`).
+HASHED_CENTRES: tuple[str, ...] = ("public_mean",)
 
 
 @dataclass(frozen=True)
@@ -436,6 +439,20 @@ def _record(
     return record
 
 
+def centre_hash(center: Any) -> str:
+    """sha256 (hex) of a public centre: its flat length (little-endian int64), then its values
+    as float64 little-endian. Named in the record of a release around a ``public_mean`` centre
+    so an auditor can check which centre was used (the centre is public; docs/privacy.md
+    invariant 2)."""
+    import hashlib
+
+    arr = np.ascontiguousarray(np.asarray(center, dtype="<f8").reshape(-1))
+    h = hashlib.sha256()
+    h.update(np.asarray([arr.size], dtype="<i8").tobytes())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def dp_mean(
     vectors: Any,
     *,
@@ -464,6 +481,8 @@ def dp_mean(
     c = float(clip_norm)
     _check_record_text(base_model_id, "base_model_id", _RECORD_TEXT, allow_empty=True)
     record = _record(plan, c, mode, centre_kind, base_model_id)
+    if centre_kind in HASHED_CENTRES and cen is not None:
+        record["centre_sha256"] = centre_hash(cen)
 
     item_shape = arr.shape[1:]
     rows = arr.reshape(arr.shape[0], -1)  # arr is check_inputs' own float64 copy

@@ -21,6 +21,7 @@ model, D) before the ledger is touched.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,9 @@ from .ledger import Ledger, request_key
 from .postprocess import METHODS as POSTPROCESS_METHODS
 from .postprocess import apply as postprocess_apply
 
-CENTRES = ("initializer", "origin")
+log = logging.getLogger(__name__)
+
+CENTRES = ("initializer", "origin", "public_mean")
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,42 @@ class ReleaseOutcome:
         }
 
 
-def centre_vector(eset: EmbeddingSet, centre: str) -> np.ndarray | None:
-    """The public centre to clip around: the initializer token's embedding, or the origin."""
+def centre_vector(eset: EmbeddingSet, centre: str, public_centre: Any = None) -> np.ndarray | None:
+    """The public centre to clip around: the initializer token's embedding, the origin, or
+    (``'public_mean'``) the mean embedding of PUBLIC images, given as ``public_centre``: a
+    ``subspace.PublicCentre`` or ``subspace.PublicEmbeddings`` (or their file). Anything built
+    from the private set is refused (docs/privacy.md invariant 2)."""
     if centre not in CENTRES:
         raise DpaggError(f"centre={centre!r} is unknown; use one of {CENTRES}")
+    if centre != "public_mean" and public_centre is not None:
+        raise DpaggError(f"public_centre is only used with centre='public_mean', not {centre!r}")
+    if centre == "public_mean":
+        from .subspace import PublicCentre, public_mean_centre
+
+        if public_centre is None:
+            raise DpaggError(
+                "centre='public_mean' needs the embeddings of PUBLIC images (a PublicCentre, "
+                "PublicEmbeddings or their file: `dpagg public-basis --save-public-embeddings`); "
+                "it is never computed from the private set"
+            )
+        pc = (
+            public_centre
+            if isinstance(public_centre, PublicCentre)
+            else public_mean_centre(public_centre)
+        )
+        if pc.model_family != eset.model_family or pc.base_model_id != eset.base_model_id:
+            raise DpaggError(
+                f"the public centre is for {pc.model_family} model {pc.base_model_id!r} but the "
+                f"embeddings are {eset.model_family} on {eset.base_model_id!r}; train the public "
+                "embeddings with the same model"
+            )
+        flat = pc.flat()
+        if flat.size != eset.flat_dim:
+            raise DpaggError(
+                f"the public centre has D={flat.size} values ({pc.num_vectors} vector(s)) but each "
+                f"embedding has D={eset.flat_dim} ({eset.num_vectors}); use the same --vectors"
+            )
+        return flat
     if centre == "origin":
         return None
     flat = eset.flat_centre()
@@ -145,6 +180,7 @@ def release_embeddings(
     basis: Any = None,
     postprocess: str = "none",
     target_norms: dict[str, float] | None = None,
+    public_centre: Any = None,
 ) -> ReleaseOutcome:
     """Release one DP mean of ``eset`` and write it as ``<out_dir>/<name>.safetensors``.
 
@@ -163,6 +199,11 @@ def release_embeddings(
     per key) or, by default, the basis' ``typical_norms``. It is not part of the request: a re-run
     with another post-processing reuses the recorded release (nothing spent) and writes the new
     post-processed file under the next free name if ``name`` is taken.
+
+    ``centre='public_mean'`` with ``public_centre`` (``subspace.PublicCentre`` /
+    ``PublicEmbeddings`` of PUBLIC images, or their file): clip around the public images' mean
+    embedding; the record says ``centre: public_mean`` and its ``centre_sha256``
+    (:func:`centre_vector`). James-Stein post-processing then shrinks toward that centre.
     """
     if postprocess not in POSTPROCESS_METHODS:
         raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
@@ -188,7 +229,7 @@ def release_embeddings(
     if out.exists() and not out.is_dir():
         raise DpaggError(f"output folder {out} is a file; pass a folder")
     _writable_folder(out)
-    centre_vec = centre_vector(eset, centre)
+    centre_vec = centre_vector(eset, centre, public_centre)
     if not eset.dataset_id:
         raise DpaggError("this embedding set has no dataset_id; it is needed to keep its budget")
     vectors = eset.flat()
@@ -237,7 +278,13 @@ def release_embeddings(
         # post-processing of a recorded release must not collide with the earlier file).
         target = next_free_name(out, base)
     return write_outcome(
-        out, target, released, {**result.release.record, **extra}, result, a1111_pt=a1111_pt
+        out,
+        target,
+        released,
+        {**result.release.record, **extra},
+        result,
+        a1111_pt=a1111_pt,
+        ledger=ledger,
     )
 
 
@@ -249,9 +296,12 @@ def write_outcome(
     result: Any,
     *,
     a1111_pt: bool = False,
+    ledger: Any = None,
 ) -> ReleaseOutcome:
     """Write a recorded release (``result``: a ledger release or charge) as ``<target>``, unless
-    it is a re-used release already on disk in ``out``. Post-processing: costs nothing."""
+    it is a re-used release already on disk in ``out``. Post-processing: costs nothing. With
+    ``ledger``, the name of a newly written file is noted there (``Ledger.note_file``), so the
+    ledger shows ``mystyle-2`` for a request named ``mystyle``."""
     path = _existing_release(out, vectors) if result.reused else None
     if path is None:
         try:
@@ -262,6 +312,11 @@ def write_outcome(
                 f"file failed: {exc}. Re-run the identical command to write it without spending "
                 "again."
             ) from exc
+        if ledger is not None:
+            try:
+                ledger.note_file(result.release_id, path.stem)
+            except DpaggError as exc:  # display only: the release and its file are complete
+                log.warning("could not note file %s in the ledger: %s", path.name, exc)
     return ReleaseOutcome(
         path=path,
         name=path.stem,

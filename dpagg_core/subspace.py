@@ -284,6 +284,94 @@ def load_public_embeddings(path: str | os.PathLike[str]) -> PublicEmbeddings:
 
 
 # --------------------------------------------------------------------------------------------
+# A public centre: the mean per-image embedding of PUBLIC images (issue 10 part 3)
+# --------------------------------------------------------------------------------------------
+
+PUBLIC_MEAN = "public_mean"
+
+
+@dataclass(frozen=True, eq=False)
+class PublicCentre:
+    """A public centre to clip around (``centre_kind='public_mean'``): the mean per-image TI
+    embedding of PUBLIC images (``[v, dim]`` float32 per key). Build it only with
+    :func:`public_mean_centre`, which takes :class:`PublicEmbeddings` (or their file) and refuses
+    the private :class:`EmbeddingSet` and any file marked private: the centre, like C, must
+    never be computed from the private set (docs/privacy.md invariants 2 and 8).
+
+    Why: the initializer is one token; the mean TI embedding of a style sits elsewhere (on the
+    mini model much shorter: ~0.7 vs ~1.4 per vector), so per-image embeddings are far from the
+    initializer and need a large C; around a public mean of similar public images they are
+    closer, so a smaller public C clips as little, and the noise (proportional to C) shrinks.
+    ``sha256`` (:func:`mechanism.centre_hash` of :meth:`flat`) is written into the record as
+    ``centre_sha256``.
+    """
+
+    vectors: Mapping[str, torch.Tensor]
+    model_family: str
+    base_model_id: str
+    n_public: int
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vectors, EmbeddingSet):
+            raise DpaggError("PublicCentre cannot wrap an EmbeddingSet (private data)")
+        keys = _family_keys(self.model_family)
+        if not isinstance(self.vectors, Mapping) or set(self.vectors) != set(keys):
+            raise DpaggError(f"PublicCentre.vectors needs exactly the keys {list(keys)}")
+        vecs = {}
+        for key in keys:
+            t = _as_tensor(self.vectors[key], f"vectors[{key!r}]").to(torch.float32)
+            if t.dim() != 2:
+                raise DpaggError(f"vectors[{key!r}] must be [v, dim], got {tuple(t.shape)}")
+            _check_float32_finite(t, f"vectors[{key!r}]")
+            vecs[key] = t.contiguous()
+        if len({int(t.shape[0]) for t in vecs.values()}) != 1:
+            raise DpaggError("every key of PublicCentre needs the same number of vectors")
+        object.__setattr__(self, "vectors", vecs)
+        object.__setattr__(self, "sha256", mechanism.centre_hash(self.flat()))
+
+    @property
+    def kind(self) -> str:
+        return PUBLIC_MEAN
+
+    @property
+    def num_vectors(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0])
+
+    def flat(self) -> np.ndarray:
+        """float64 ``[D]`` in :meth:`EmbeddingSet.flat` order (keys canonical, ``[v, dim]``)."""
+        keys = _family_keys(self.model_family)
+        return np.concatenate([self.vectors[k].double().reshape(-1).numpy() for k in keys])
+
+
+def public_mean_centre(public: Any) -> PublicCentre:
+    """The mean per-image embedding of PUBLIC images as a :class:`PublicCentre`.
+
+    ``public``: :class:`PublicEmbeddings` or a file written by :func:`save_public_embeddings`.
+    Refused (DpaggError): an :class:`EmbeddingSet` (private per-image embeddings), a file marked
+    private, anything else. The mean is computed in float64 and stored as float32."""
+    if isinstance(public, EmbeddingSet):
+        raise DpaggError(
+            "public_mean_centre refuses an EmbeddingSet: it holds PRIVATE per-image embeddings, "
+            "and a centre computed from the private set is not public (docs/privacy.md "
+            "invariant 2). Use PublicEmbeddings of PUBLIC images (train_public_embeddings)."
+        )
+    if isinstance(public, (str, os.PathLike)):
+        public = load_public_embeddings(public)
+    if not isinstance(public, PublicEmbeddings):
+        raise DpaggError(
+            "public_mean_centre takes PublicEmbeddings (train_public_embeddings on PUBLIC images) "
+            f"or their file, got {type(public).__name__}"
+        )
+    return PublicCentre(
+        vectors={k: public.vectors[k].double().mean(0).float() for k in public.keys},
+        model_family=public.model_family,
+        base_model_id=public.base_model_id,
+        n_public=public.n,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # PCA helpers
 # --------------------------------------------------------------------------------------------
 
@@ -780,6 +868,8 @@ def dp_mean_projected(
         centre_kind=centre_kind,
         base_model_id=base_model_id,
     )
+    if centre_kind in mechanism.HASHED_CENTRES and cen is not None:
+        record["centre_sha256"] = mechanism.centre_hash(cen)
     if cen is not None:
         rows = rows - cen.reshape(1, -1)
     coords = basis.project(rows)  # [n, K]: each item mapped on its own (public linear map)

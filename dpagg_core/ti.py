@@ -496,12 +496,15 @@ def train_vectors(
     image_indices: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The training loop. Returns ``(vectors, centre)``: per key ``[N, v, dim]`` float32 (float64
     for float64 models) on CPU, and the public centre ``[v, dim]`` float32.
 
     ``image_indices`` are the global indices of ``images`` (they key the per-image generators);
-    default ``range(N)``. See ``train_embeddings`` for the privacy reasoning."""
+    default ``range(N)``. ``stage(text)`` names each setup stage before it starts (preparing the
+    model, encoding a chunk's latents): public text, no values. See ``train_embeddings`` for the
+    privacy reasoning."""
     device = torch.device(backend.device)
     validate_config(config, device)
     check_images(images)
@@ -525,6 +528,8 @@ def train_vectors(
         )
 
     templates = resolve_templates(config.templates)
+    if stage is not None:
+        stage("preparing the model (loading it, freezing its weights)")
     backend.prepare(gradient_checkpointing=config.gradient_checkpointing)
     pdtype = param_dtype(backend)
     init = initializer_rows(backend, config)
@@ -548,6 +553,8 @@ def train_vectors(
             progress,
             done,
             total,
+            stage=stage,
+            label=f"images {chunk[0] + 1}-{chunk[-1] + 1} of {n}",
         )
         done += config.steps
         for k in out:
@@ -568,12 +575,17 @@ def _train_chunk(
     progress: Callable[[int, int], None] | None,
     done: int,
     total: int,
+    *,
+    stage: Callable[[str], None] | None = None,
+    label: str = "",
 ) -> dict[str, torch.Tensor]:
     device = torch.device(backend.device)
     b = images.shape[0]
     gens = [image_generator(config.seed, i) for i in indices]
 
     # Latents are encoded once per image (and once per flipped copy), not every step.
+    if stage is not None:
+        stage(f"encoding latents ({label})")
     with torch.no_grad():
         x = images.to(device)
         dist = backend.encode_images(x)
@@ -605,6 +617,8 @@ def _train_chunk(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
     )
+    if stage is not None:
+        stage(f"training ({label}): {config.steps} steps")
     mixed = device.type == "cuda" and config.mixed_precision in ("bf16", "fp16")
     scale = config.fp16_loss_scale if mixed and config.mixed_precision == "fp16" else 1.0
     n_t = int(backend.num_train_timesteps)
@@ -671,6 +685,7 @@ def train_embeddings(
     image_indices: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> EmbeddingSet:
     """Train one textual-inversion embedding per image and return them as an ``EmbeddingSet``.
 
@@ -688,8 +703,9 @@ def train_embeddings(
 
     ``progress(done, total)`` is called after every optimizer step (total = steps x chunks);
     ``should_cancel()`` is polled before every step and, when true, ``Cancelled`` is raised and
-    nothing is returned. ``dataset_id`` is stored as given; ``base_model_id`` defaults to the
-    backend's.
+    nothing is returned. ``stage(text)`` names each setup stage (model preparation, latent
+    encoding) before it starts. ``dataset_id`` is stored as given; ``base_model_id`` defaults to
+    the backend's.
     """
     from .embeddings import EmbeddingSet
 
@@ -700,6 +716,7 @@ def train_embeddings(
         image_indices=image_indices,
         progress=progress,
         should_cancel=should_cancel,
+        stage=stage,
     )
     return EmbeddingSet(
         vectors={k: t.to(torch.float32).contiguous() for k, t in vectors.items()},

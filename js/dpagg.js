@@ -13,6 +13,7 @@ const DPAGG_NODES = new Set([
   "DpaggPerImageTI",
   "DpaggClipEmbeddings",
   "DpaggPrivacyAccountant",
+  "DpaggPublicBasis",
   "DpaggAggregate",
 ]);
 const LINE_HEIGHT = 15;

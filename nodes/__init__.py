@@ -1,5 +1,5 @@
 """dpagg's ComfyUI nodes (V3 API): Load Private Images, Per-Image TI, Clip Embeddings, Privacy
-Accountant, DP Aggregate.
+Accountant, DP Aggregate, Privacy Ledger.
 
 Loaded by the pack's root ``__init__.py`` only when ComfyUI's ``comfy_api`` is importable. The
 nodes are a thin skin over ``dpagg_core``; when the pack is cloned into ``custom_nodes/`` (not
@@ -19,16 +19,17 @@ if importlib.util.find_spec("dpagg_core") is None and _PACK_ROOT not in sys.path
 
 from comfy_api.latest import ComfyExtension, io  # noqa: E402
 
+from .ledger_node import NODES as LEDGER_NODES  # noqa: E402
 from .privacy_nodes import NODES  # noqa: E402
 
 
 class DpaggExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return [*NODES, *LEDGER_NODES]
 
 
 async def comfy_entrypoint() -> DpaggExtension:
     return DpaggExtension()
 
 
-__all__ = ["DpaggExtension", "comfy_entrypoint", "NODES"]
+__all__ = ["DpaggExtension", "comfy_entrypoint", "NODES", "LEDGER_NODES"]

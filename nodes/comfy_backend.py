@@ -94,6 +94,47 @@ class _Encoder:
         self.width = int(model.transformer.get_input_embeddings().weight.shape[1])
 
 
+def _checkpoint_fingerprint(family: str, encoders: list[_Encoder], model: Any) -> str:
+    """``comfyui:<family>:<hash>``: hash of the token embeddings and the UNet in/out convs (the
+    id ComfyTIBackend gives the checkpoint, and :func:`checkpoint_tables` too)."""
+    h = hashlib.sha256(family.encode())
+    tensors = [e.model.transformer.get_input_embeddings().weight for e in encoders]
+    sd = model.model.diffusion_model
+    for name in ("input_blocks.0.0.weight", "out.2.weight"):
+        t = dict(sd.named_parameters()).get(name)
+        if t is not None:
+            tensors.append(t)
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"comfyui:{family}:{h.hexdigest()[:16]}"
+
+
+def checkpoint_tables(model: Any, clip: Any) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """``(model_family, base_model_id, {file_key: token-embedding table})`` of a ComfyUI
+    checkpoint, for a PUBLIC basis from its token table (``subspace.PublicBasis.
+    from_token_table``, the Public Basis node). The id is the one Per-Image TI records
+    (``comfyui:<family>:<hash>``, computed after loading the models as training does), so the
+    basis fits embeddings trained on the same MODEL/CLIP and is refused for any other."""
+    import comfy.model_management
+
+    if model is None or clip is None:
+        raise DpaggError(
+            "Public Basis from the token table needs the MODEL and CLIP of the checkpoint that "
+            "Per-Image TI trains on (its id names both): connect Load Checkpoint's outputs"
+        )
+    encoders = ComfyTIBackend._find_encoders(clip)
+    widths = [e.width for e in encoders]
+    family = {1: {768: "sd1", 1024: "sd2"}}.get(len(widths), {}).get(widths[0], "")
+    family = "sdxl" if len(widths) == 2 else family
+    if not family:
+        raise DpaggError(f"SD1.x, SD2.x and SDXL text encoders only; this CLIP has {widths}")
+    comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+    tables = {
+        e.file_key: e.model.transformer.get_input_embeddings().weight.detach() for e in encoders
+    }
+    return family, _checkpoint_fingerprint(family, encoders, model), tables
+
+
 class ComfyTIBackend:
     """Frozen ComfyUI MODEL/CLIP/VAE behind the TI backend protocol; use as a context manager
     (inside ``torch.inference_mode(False)``) so that ComfyUI's objects are restored on exit."""
@@ -303,16 +344,7 @@ class ComfyTIBackend:
 
     def _fingerprint(self) -> str:
         """Public id of the checkpoint: hash of its token embeddings and UNet in/out convs."""
-        h = hashlib.sha256(self.model_family.encode())
-        tensors = [e.model.transformer.get_input_embeddings().weight for e in self._encoders]
-        sd = self._model.model.diffusion_model
-        for name in ("input_blocks.0.0.weight", "out.2.weight"):
-            t = dict(sd.named_parameters()).get(name)
-            if t is not None:
-                tensors.append(t)
-        for t in tensors:
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return f"comfyui:{self.model_family}:{h.hexdigest()[:16]}"
+        return _checkpoint_fingerprint(self.model_family, self._encoders, self._model)
 
     def initializer_embedding(self, text: str) -> dict[str, torch.Tensor]:
         out = {}

@@ -61,6 +61,7 @@ from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.images import LoadedImages, load_image_folder, load_images, pixel_digest
 from dpagg_core.ledger import Ledger, identity_key
 from dpagg_core.paths import LEDGER_ENV, resolve_path
+from dpagg_core.postprocess import METHODS as POSTPROCESS_METHODS
 from dpagg_core.release import CENTRES, release_embeddings
 
 CATEGORY = "dpagg/privacy"
@@ -69,6 +70,10 @@ UI_KEY = "dpagg"  # key of the nodes' UI message, read by js/dpagg.js
 EmbeddingSetIO = io.Custom("EMBEDDING_SET")
 DpPlanIO = io.Custom("DP_PLAN")
 PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.images.LoadedImages
+PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.subspace.PublicBasis (public)
+# DP Aggregate's centres: the public-mean centre needs PUBLIC embeddings, a CLI/library input.
+NODE_CENTRES = tuple(c for c in CENTRES if c != "public_mean")
+BASIS_SOURCES = ("token_table", "file")
 
 # ComfyUI's dataset/folder image loaders (core nodes, 0.3.x and later): unsorted listing, every
 # picture resized to the first file's size, no EXIF orientation. See the module docstring.
@@ -226,6 +231,27 @@ def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Te
     return torch.cat(out, 0)
 
 
+def raise_budget_hint(path: Path, dataset_id: str) -> str:
+    """How a ComfyUI user raises a budget (no `dpagg` command is on PATH in ComfyUI's install):
+    the Privacy Ledger node, or the exact command with ComfyUI's own Python from the pack."""
+    import sys
+
+    pack = Path(__file__).resolve().parent.parent
+    return (
+        f"the Privacy Ledger node (dpagg/privacy; action 'raise budget', dataset {dataset_id}, "
+        f"and the confirmation it asks for), or in a terminal: `cd {pack} && {sys.executable} "
+        f"-m dpagg_core.cli ledger set-budget --ledger {path} --dataset {dataset_id} "
+        "--epsilon E --delta D`"
+    )
+
+
+def comfy_ledger(path: Path | None = None) -> Ledger:
+    """The ledger as the nodes use it: its messages name the ComfyUI way to raise a budget."""
+    ledger = Ledger(ledger_path() if path is None else path)
+    ledger.raise_hint = raise_budget_hint
+    return ledger
+
+
 def ledger_path() -> Path:
     """``DPAGG_LEDGER`` if set (``~`` and variables expanded, made absolute exactly as the CLI
     does: ``paths.resolve_path``), else ``<ComfyUI user directory>/dpagg/ledger.sqlite``."""
@@ -310,6 +336,31 @@ def budget_payload(
     return lines, warning, figures
 
 
+def budget_request_lines(
+    recorded: dict[str, float] | None, be: float | None, bd: float | None, reused: bool
+) -> list[str]:
+    """What DP Aggregate's budget_epsilon/budget_delta did when they differ from the recorded
+    budget: a lower value caps this request only (the recorded budget, shown as "/ total",
+    is unchanged), and a reused release was returned without any budget check."""
+    if recorded is None:
+        return []
+    out = []
+    for label, req, cur in (("epsilon", be, recorded["epsilon"]), ("delta", bd, recorded["delta"])):
+        if req is None or req >= cur * (1 - 1e-9):
+            continue
+        if reused:
+            out.append(
+                f"budget_{label}={req:g} was not applied: this identical request was released "
+                f"before, so its recorded release came back at no cost"
+            )
+        out.append(
+            f"budget_{label}={req:g} is below the recorded budget {cur:g}: it caps new releases "
+            f"of this node only; the image set's budget stays {cur:g} (set it with the "
+            "Privacy Ledger node)"
+        )
+    return out
+
+
 def _ui(title: str, lines: list[str], warning: bool = False, **figures: Any) -> dict[str, list]:
     return {UI_KEY: [{"title": title, "lines": lines, "warning": warning, **figures}]}
 
@@ -343,6 +394,41 @@ def _progress(total: int):
     return progress, should_cancel
 
 
+def _stage_reporter(node_id: Any, title: str):
+    """``stage(text)``: a setup stage shown on the node (ComfyUI's progress text, as nodes that
+    load models do) and printed to the server log, so a long setup (model preparation, latent
+    encoding: over a minute on CPU) does not look like a stalled 0 % bar. Public text only."""
+    import logging
+
+    def stage(text: str) -> None:
+        logging.getLogger("dpagg").info("%s: %s", title, text)
+        print(f"[dpagg] {title}: {text}", flush=True)
+        try:
+            from server import PromptServer
+
+            if node_id is not None and PromptServer.instance is not None:
+                PromptServer.instance.send_progress_text(f"{title}: {text}", str(node_id))
+        except (ImportError, AttributeError):  # outside ComfyUI's server (tests, scripts)
+            pass
+
+    return stage
+
+
+def _log_bar(total: int, title: str, progress):
+    """Wrap ``progress`` so each step also advances a tqdm line in the server log, like
+    KSampler's; returns (progress, close)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"dpagg {title}", unit="step", leave=True)
+
+    def step(done: int, total_now: int) -> None:
+        bar.total = total_now
+        bar.update(done - bar.n)
+        progress(done, total_now)
+
+    return step, bar.close
+
+
 def _make_backend(model: Any, clip: Any, vae: Any):
     """The TI backend on ComfyUI's objects (a seam: CI tests substitute a tiny diffusers one)."""
     from .comfy_backend import ComfyTIBackend
@@ -354,6 +440,24 @@ def _opt(value: Any) -> float | None:
     """0 (the widget default) means "not given"."""
     value = _first(value)
     return None if value is None or float(value) == 0.0 else float(value)
+
+
+def aggregate_budgets(hidden: Any) -> list[tuple[str, float | None, float | None]]:
+    """(node id, budget_epsilon, budget_delta) of every DP Aggregate in the queued prompt that
+    takes its plan from this node (``hidden.prompt``/``unique_id``: the API prompt, public
+    widget values), so the Privacy Accountant checks the plan against the same budget."""
+    prompt = getattr(hidden, "prompt", None) or {}
+    me = str(getattr(hidden, "unique_id", None))
+    out = []
+    for node_id, node in prompt.items() if isinstance(prompt, dict) else ():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        link = inputs.get("plan")
+        if node.get("class_type") != "DpaggAggregate" or not isinstance(link, list):
+            continue
+        be, bd = inputs.get("budget_epsilon", 0.0), inputs.get("budget_delta", 0.0)
+        if str(link[0]) == me and all(isinstance(v, (int, float)) for v in (be, bd)):
+            out.append((str(node_id), _opt(be), _opt(bd)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +539,7 @@ class LoadPrivateImages(io.ComfyNode):
             f"image set {loaded.dataset_id} (from the original pictures; names, order and "
             "resolution do not change it)",
         ]
-        more, _, figures = budget_payload(Ledger(ledger), loaded.dataset_id, None)
+        more, _, figures = budget_payload(comfy_ledger(ledger), loaded.dataset_id, None)
         lines += more + [f"warning: {w}" for w in loaded.warnings]
         if loaded.notes:
             lines.append(f"{len(loaded.notes)} non-image entries skipped")
@@ -595,25 +699,35 @@ class PerImageTI(io.ComfyNode):
         x, dataset_id, warns = training_images(cls.hidden, images, resolution)
         chunks = math.ceil(x.shape[0] / config.batch_size)
         progress, should_cancel = _progress(config.steps * chunks)
+        stage = _stage_reporter(getattr(cls.hidden, "unique_id", None), "Per-Image TI")
+        progress, close_bar = _log_bar(config.steps * chunks, "Per-Image TI", progress)
         with torch.inference_mode(False):
             x = x.clone()  # a normal tensor (ComfyUI runs nodes in inference mode)
-            with _make_backend(_first(model), _first(clip), _first(vae)) as backend:
-                eset = ti.train_embeddings(
-                    backend,
-                    x,
-                    config,
-                    dataset_id=dataset_id,
-                    progress=progress,
-                    should_cancel=should_cancel,
-                )
+            stage(f"{x.shape[0]} images; recording the model's state (restored afterwards)")
+            try:
+                with _make_backend(_first(model), _first(clip), _first(vae)) as backend:
+                    prediction = backend.prediction_type
+                    eset = ti.train_embeddings(
+                        backend,
+                        x,
+                        config,
+                        dataset_id=dataset_id,
+                        progress=progress,
+                        should_cancel=should_cancel,
+                        stage=stage,
+                    )
+            finally:
+                close_bar()
+        stage("done")
         widths = ", ".join(f"{k} {w}" for k, w in eset.encoder_widths.items())
         lines = [
-            f"{eset.n} per-image embeddings ({eset.model_family}, {eset.num_vectors} vector(s), "
-            f"{widths})",
+            f"{eset.n} per-image embeddings ({eset.model_family}, {prediction}, "
+            f"{eset.num_vectors} vector(s), {widths})",
             "private: kept in memory only; release them with DP Aggregate",
             f"image set {dataset_id}",
         ] + _warn_lines(warns)
-        return io.NodeOutput(eset, ui=_ui("Per-Image TI", lines, dataset=dataset_id))
+        ui = _ui("Per-Image TI", lines, dataset=dataset_id, prediction=prediction)
+        return io.NodeOutput(eset, ui=ui)
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,8 +845,11 @@ class PrivacyAccountant(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Plans a DP release: the least noise for a target epsilon, or the epsilon of a "
-                "given noise multiplier. n comes from the EMBEDDING_SET when connected."
+                "given noise multiplier. n comes from the EMBEDDING_SET when connected. With a "
+                "set connected it checks the plan against the image set's budget as the DP "
+                "Aggregate it feeds will (same ledger, same budget_epsilon/budget_delta)."
             ),
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
             inputs=[
                 io.Combo.Input("mode", options=[MODE_TARGET, MODE_NOISE], default=MODE_TARGET),
                 io.Float.Input(
@@ -818,17 +935,156 @@ class PrivacyAccountant(io.ComfyNode):
         warning = delta_warning is not None
         figures: dict[str, Any] = {"delta_warning": delta_warning}
         if isinstance(embedding_set, EmbeddingSet) and embedding_set.dataset_id:
-            more, over, budget_figures = budget_payload(
-                Ledger(ledger_path()), embedding_set.dataset_id, plan
-            )
-            lines += more
-            warning = warning or over
+            ledger, ds = comfy_ledger(), embedding_set.dataset_id
+            targets = aggregate_budgets(cls.hidden) or [("", None, None)]
+            _, be, bd = targets[0]
+            more, over, budget_figures = budget_payload(ledger, ds, None, be, bd)
+            refusals = []
+            for node_id, be, bd in targets:  # DP Aggregate's own check, as a dry run
+                try:
+                    ledger.check(ds, plan, be, bd)
+                except BudgetExceeded as exc:
+                    where = f"DP Aggregate (node {node_id})" if node_id else "DP Aggregate"
+                    refusals.append(f"WARNING: {where} will refuse this plan: {exc}")
+            lines += more + refusals
+            warning = warning or bool(refusals)
             figures.update(budget_figures)
+            figures["will_be_refused"] = figures["next_release_exceeds"] = bool(refusals)
         return io.NodeOutput(
             plan,
             summary,
             ui=_ui("Privacy Accountant", lines, warning, plan=plan.to_dict(), **figures),
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Public Basis
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_tables(model: Any, clip: Any) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """(family, base-model id, token tables) of ComfyUI's MODEL/CLIP, the id as Per-Image TI
+    records it (a seam: CI tests substitute tiny tables)."""
+    from .comfy_backend import checkpoint_tables
+
+    return checkpoint_tables(model, clip)
+
+
+def basis_lines(basis: Any) -> list[str]:
+    """Public description of a basis for a node message."""
+    return [
+        f"public basis: {basis.kind}, k = {basis.k} per vector x {basis.vectors} vector(s): "
+        f"noise on K = {basis.dim} of D = {basis.flat_dim} coordinates "
+        f"(noise norm x{math.sqrt(basis.dim / basis.flat_dim):.2f})",
+        f"model {basis.base_model_id or '(unnamed)'}, sha256 {basis.sha256[:16]}",
+    ]
+
+
+def release_shaping(
+    record: dict[str, str], plan: PrivacyPlan, clip_norm: float, flat_dim: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Node lines and UI figures for a release's public basis and post-processing (public
+    values from its record and plan only)."""
+    lines: list[str] = []
+    figures: dict[str, Any] = {}
+    sigma = plan.noise_std(clip_norm)
+    if record.get("basis_dim"):
+        k_dim = int(record["basis_dim"])
+        ratio = math.sqrt(k_dim / flat_dim)
+        lines.append(
+            f"basis {record['basis_kind']}, k = {record['basis_k']}: noise on K = {k_dim} of "
+            f"D = {flat_dim} coordinates, noise norm ~{_fmt(sigma * math.sqrt(k_dim))} instead "
+            f"of ~{_fmt(sigma * math.sqrt(flat_dim))} (x{ratio:.2f})"
+        )
+        figures["basis"] = {
+            "kind": record["basis_kind"],
+            "k": int(record["basis_k"]),
+            "K": k_dim,
+            "D": int(flat_dim),
+            "sha256": record["basis_sha256"],
+            "noise_norm_ratio": ratio,
+        }
+    if record.get("postprocess"):
+        post = record["postprocess"]
+        more = ""
+        if "postprocess_js_factor" in record:
+            more = f" (James-Stein factor {float(record['postprocess_js_factor']):.3f})"
+        lines.append(f"post-processing: {post}{more}; no privacy cost")
+        figures["postprocess"] = post
+    return lines, figures
+
+
+class PublicBasisNode(io.ComfyNode):
+    """A PUBLIC subspace basis for DP Aggregate: from the checkpoint's token table or a file."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggPublicBasis",
+            display_name="Public Basis (dpagg)",
+            category=CATEGORY,
+            description=(
+                "A public orthonormal basis (k directions per vector) for DP Aggregate, which "
+                "then adds its noise on k instead of all coordinates. token_table: the top-k "
+                "principal directions of the connected checkpoint's token-embedding table "
+                "(public: it ships with the model). file: a basis written by `dpagg "
+                "public-basis` (e.g. from embeddings of PUBLIC images). Never built from the "
+                "private images."
+            ),
+            inputs=[
+                io.Combo.Input("source", options=list(BASIS_SOURCES), default="token_table"),
+                io.Int.Input("k", default=8, min=1, max=1280, tooltip="directions per vector"),
+                io.Int.Input(
+                    "vectors",
+                    default=1,
+                    min=1,
+                    max=ti.MAX_VECTORS,
+                    tooltip="vectors per token: the same as Per-Image TI's",
+                ),
+                io.String.Input(
+                    "basis_file",
+                    default="",
+                    tooltip="for source=file: a .safetensors basis file (`dpagg public-basis`)",
+                ),
+                io.Model.Input("model", optional=True, tooltip="for source=token_table"),
+                io.Clip.Input("clip", optional=True, tooltip="for source=token_table"),
+            ],
+            outputs=[PublicBasisIO.Output(display_name="PUBLIC_BASIS")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        source = kwargs.get("source")
+        if source not in BASIS_SOURCES:
+            return f"source={source!r}: use one of {list(BASIS_SOURCES)}"
+        if source == "file" and not str(kwargs.get("basis_file", "")).strip():
+            return "basis_file: give the basis file (`dpagg public-basis --out FILE`)"
+        return True
+
+    @classmethod
+    def execute(cls, source, k, vectors, basis_file, model=None, clip=None) -> io.NodeOutput:
+        from dpagg_core.subspace import PublicBasis as Basis
+        from dpagg_core.subspace import load_basis
+
+        if source == "file":
+            basis = load_basis(resolve_path(str(basis_file)))
+        elif source == "token_table":
+            family, model_id, tables = _checkpoint_tables(model, clip)
+            basis = Basis.from_token_table(
+                tables, int(k), vectors=int(vectors), model_family=family, base_model_id=model_id
+            )
+        else:
+            raise DpaggError(f"source={source!r}: use one of {list(BASIS_SOURCES)}")
+        info = {
+            "kind": basis.kind,
+            "k": basis.k,
+            "K": basis.dim,
+            "D": basis.flat_dim,
+            "vectors": basis.vectors,
+            "base_model_id": basis.base_model_id,
+            "sha256": basis.sha256,
+        }
+        return io.NodeOutput(basis, ui=_ui("Public Basis", basis_lines(basis), basis=info))
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,7 +1120,7 @@ class DPAggregate(io.ComfyNode):
                     tooltip="C: every embedding is clipped to distance C from the centre. Choose "
                     "it from public data, never from these images",
                 ),
-                io.Combo.Input("centre", options=list(CENTRES), default="initializer"),
+                io.Combo.Input("centre", options=list(NODE_CENTRES), default="initializer"),
                 io.String.Input("name", default="mystyle", tooltip="base file name"),
                 io.Combo.Input("mode", options=list(CLIP_MODES), default="clip"),
                 io.Float.Input(
@@ -878,6 +1134,21 @@ class DPAggregate(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "budget_delta", default=0.0, min=0.0, max=0.5, step=1e-6, round=False
+                ),
+                PublicBasisIO.Input(
+                    "basis",
+                    optional=True,
+                    tooltip="optional PUBLIC basis (Public Basis node): clip, average and add "
+                    "the noise in its k directions per vector instead of all D coordinates",
+                ),
+                io.Combo.Input(
+                    "postprocess",
+                    options=list(POSTPROCESS_METHODS),
+                    default="none",
+                    optional=True,
+                    tooltip="free post-processing of the release (no privacy cost): js = "
+                    "James-Stein shrinkage toward the centre; norm = rescale to the basis' "
+                    "typical norm",
                 ),
             ],
             outputs=[
@@ -897,8 +1168,10 @@ class DPAggregate(io.ComfyNode):
         c = float(kwargs.get("clip_norm", 0))
         if not (c > 0 and math.isfinite(c)):
             return f"clip_norm={c}: must be a positive number chosen from public data"
-        if kwargs.get("centre") not in CENTRES:
-            return f"centre={kwargs.get('centre')!r}: use one of {list(CENTRES)}"
+        if kwargs.get("centre") not in NODE_CENTRES:
+            return f"centre={kwargs.get('centre')!r}: use one of {list(NODE_CENTRES)}"
+        if kwargs.get("postprocess", "none") not in POSTPROCESS_METHODS:
+            return f"postprocess={kwargs.get('postprocess')!r}: use one of {POSTPROCESS_METHODS}"
         if kwargs.get("mode") not in CLIP_MODES:
             return f"mode={kwargs.get('mode')!r}: use one of {list(CLIP_MODES)}"
         be, bd = float(kwargs.get("budget_epsilon", 0)), float(kwargs.get("budget_delta", 0))
@@ -919,13 +1192,19 @@ class DPAggregate(io.ComfyNode):
         mode,
         budget_epsilon,
         budget_delta,
+        basis=None,
+        postprocess="none",
     ) -> io.NodeOutput:
         from comfy_execution.graph_utils import ExecutionBlocker
+
+        from dpagg_core.subspace import PublicBasis as CoreBasis
 
         if not isinstance(embedding_set, EmbeddingSet):
             raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")
         if not isinstance(plan, PrivacyPlan):
             raise DpaggError("plan: connect a Privacy Accountant")
+        if basis is not None and not isinstance(basis, CoreBasis):
+            raise DpaggError("basis: connect a Public Basis node (or leave it unconnected)")
         eset = embedding_set
         if plan.n != eset.n:
             raise DpaggError(
@@ -934,7 +1213,7 @@ class DPAggregate(io.ComfyNode):
                 f"set its n to {eset.n}). Nothing was spent."
             )
         is_ti = eset.kind == "textual_inversion"
-        ledger = Ledger(ledger_path())
+        ledger = comfy_ledger()
         be, bd = _opt(budget_epsilon), _opt(budget_delta)
         outcome = release_embeddings(
             eset,
@@ -948,11 +1227,17 @@ class DPAggregate(io.ComfyNode):
             budget_epsilon=be,
             budget_delta=bd,
             new_name_per_release=True,
+            basis=basis,
+            postprocess=str(postprocess or "none"),
         )
         more, warning, figures = budget_payload(ledger, eset.dataset_id, plan, be, bd)
         state = "reused (nothing spent)" if outcome.reused else "new release"
         lines = [f"{outcome.prompt if is_ti else outcome.name}: {state}"]
-        lines += plan_lines(plan) + more
+        lines += budget_request_lines(figures.get("budget"), be, bd, outcome.reused)
+        lines += plan_lines(plan)
+        shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), eset.flat_dim)
+        lines += shaping + more
+        figures.update(extra)
         text = outcome.prompt if is_ti else outcome.name
         if is_ti:
             vision: Any = ExecutionBlocker(
@@ -981,5 +1266,6 @@ NODES: tuple[type[io.ComfyNode], ...] = (
     PerImageTI,
     ClipEmbeddings,
     PrivacyAccountant,
+    PublicBasisNode,
     DPAggregate,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +70,43 @@ def test_account_forward_and_reverse(capsys):
         "20",
     )["plan"]
     assert wor["sampling"] == "wor" and wor["m"] == 20 and wor["epsilon"] <= 1.0
+
+
+def test_account_compares_the_papers_noise_the_recommended_plan_and_the_subspace(capsys):
+    """One block (and JSON): at the same (epsilon, delta, n) the paper's configuration (wor,
+    m = n/10) against dpagg's recommended full plan, both calibrated to that epsilon, and the
+    noise norm over D vs K coordinates (ratio sqrt(K/D))."""
+    from dpagg_core.accountant import calibrate
+
+    argv = ["account", "--epsilon", "1", "--n", "50", "--dim", "768", "--k", "8"]
+    cmp_ = run_json(capsys, *argv)["comparison"]
+    paper, full = calibrate(1.0, 1e-5, 50, "wor", m=5), calibrate(1.0, 1e-5, 50, "full")
+    assert cmp_["paper"]["sampling"] == "wor" and cmp_["paper"]["m"] == 5
+    assert cmp_["paper"]["noise_std_per_C"] == pytest.approx(paper.noise_std(1.0), rel=1e-9)
+    assert cmp_["recommended"]["sampling"] == "full"
+    std = full.noise_std(1.0)
+    assert cmp_["recommended"]["noise_std_per_C"] == pytest.approx(std, rel=1e-9)
+    assert cmp_["paper"]["epsilon"] <= 1.0 and cmp_["recommended"]["epsilon"] <= 1.0
+    assert cmp_["paper_noise_ratio"] == pytest.approx(paper.noise_std(1.0) / std)
+    assert cmp_["paper_noise_ratio"] > 3  # 2C/m with m = n/10 outweighs the amplification
+    sub = cmp_["subspace"]
+    assert (sub["K"], sub["D"]) == (8, 768)
+    assert sub["noise_norm_ratio"] == pytest.approx(math.sqrt(8 / 768))
+    assert sub["noise_norm_per_C"] == pytest.approx(std * math.sqrt(8))
+    assert sub["full_noise_norm_per_C"] == pytest.approx(std * math.sqrt(768))
+    # the readable block says the same
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "paper (subsample m = 5 of 50, wor):" in text and "<- recommended" in text
+    assert "the paper's configuration has 3.37x the noise" in text
+    assert "K = 8 noised coordinates" in text and "(x0.10)" in text
+    # without --dim/--k: the comparison, no subspace; --k without --dim is refused
+    assert (
+        run_json(capsys, "account", "--epsilon", "2", "--n", "100")["comparison"]["subspace"]
+        is None
+    )
+    assert main(["account", "--epsilon", "1", "--n", "50", "--k", "8"]) == 2
+    assert "--dim" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
 """The node pack inside a real ComfyUI (skipped unless ``COMFYUI_DIR`` points at a checkout).
 
-Setup (not needed in CI): a ComfyUI checkout with its own venv (``COMFYUI_DIR/.venv``, or
-``COMFYUI_PYTHON``) holding ComfyUI's requirements plus this pack's (dp-accounting, diffusers,
-platformdirs, ``pip install --no-deps clip-anytorch``), and ``DPAGG_SD15_CKPT``: an SD1-layout
-checkpoint ComfyUI's Load Checkpoint detects as SD1.5 (random weights are fine, e.g. from
-``shared/tools/make_sd15_test_ckpt.py``). The tests start ``main.py --cpu`` on a free port with a
+Setup (``.ci/comfyui`` does all of it in CI, from the vendored ComfyUI snapshot): a ComfyUI
+checkout with its own venv (``COMFYUI_DIR/.venv``, or ``COMFYUI_PYTHON``) holding ComfyUI's
+requirements plus this pack's ``requirements.txt``, and ``DPAGG_SD15_CKPT``: an SD1-layout
+checkpoint ComfyUI's Load Checkpoint detects as SD1.5; optionally ``DPAGG_SD2V_CKPT`` and
+``DPAGG_SDXL_CKPT`` (random weights are fine: ``tests/make_comfy_test_ckpts.py`` writes all
+three). The tests start ``main.py --cpu`` on a free port with a
 temporary ``--base-directory`` (models, custom_nodes/dpagg -> this repo, input, output, user),
 queue API workflows through ``/prompt`` and inspect files, the ledger and ComfyUI's log.
 Small on purpose (64 px, 2 TI steps, 2 images, 2 sampler steps): it runs on 2 CPU cores.
@@ -35,6 +36,11 @@ from image_kinds import COMFYUI_KINDS, KINDS, write_mixed_sizes
 REPO = Path(__file__).resolve().parent.parent
 COMFY = os.environ.get("COMFYUI_DIR")
 CKPT = os.environ.get("DPAGG_SD15_CKPT")
+# Random SD2 (v-prediction) and SDXL checkpoints from tests/make_comfy_test_ckpts.py (optional).
+FAMILY_CKPTS = {
+    "sd2v": os.environ.get("DPAGG_SD2V_CKPT"),
+    "sdxl": os.environ.get("DPAGG_SDXL_CKPT"),
+}
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
@@ -46,6 +52,7 @@ OUR_NODES = (
     "DpaggClipEmbeddings",
     "DpaggPrivacyAccountant",
     "DpaggAggregate",
+    "DpaggPrivacyLedger",
 )
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
@@ -70,12 +77,12 @@ def child_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def write_images(folder: Path, n: int, size: int = 64) -> None:
+def write_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> None:
     import numpy as np
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(n):
         base = np.zeros((size, size, 3))
         base[..., i % 3] = 180
@@ -102,6 +109,11 @@ def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / "sd15_test.safetensors").symlink_to(Path(CKPT).resolve())
+    for i, (family, path) in enumerate(FAMILY_CKPTS.items()):
+        if path and Path(path).is_file():
+            link = base / "models" / "checkpoints" / f"{family}_test.safetensors"
+            link.symlink_to(Path(path).resolve())
+            write_images(base / "input" / f"dpagg_it_{family}", 2, seed=10 + i)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "dpagg").symlink_to(REPO)
     write_images(base / "input" / "dpagg_it_images", 2)
@@ -229,11 +241,17 @@ def by_class(api: dict, cls: str) -> dict:
     return next(n["inputs"] for n in api.values() if n["class_type"] == cls)
 
 
-def small_style_api(comfy, name: str, budget: float = 3.0, folder: str = "dpagg_it_images") -> dict:
+def small_style_api(
+    comfy,
+    name: str,
+    budget: float = 3.0,
+    folder: str = "dpagg_it_images",
+    ckpt: str = "sd15_test.safetensors",
+) -> dict:
     """The example workflow, made small: SD1 test checkpoint, 2 images, 64 px, 2 steps."""
     wf = json.loads((REPO / "example_workflows" / "private_style_embedding.json").read_text())
     api = ui_to_api(wf, get(comfy, "/object_info"))
-    by_class(api, "CheckpointLoaderSimple")["ckpt_name"] = "sd15_test.safetensors"
+    by_class(api, "CheckpointLoaderSimple")["ckpt_name"] = ckpt
     by_class(api, "DpaggLoadPrivateImages").update(folder=folder, resolution=64)
     by_class(api, "DpaggPerImageTI").update(steps=2, resolution=64, batch_size=2, training_seed=3)
     by_class(api, "DpaggPrivacyAccountant").update(epsilon=2.0, delta=1e-3)
@@ -295,6 +313,9 @@ def test_pack_loads_and_object_info_lists_the_nodes(comfy):
     assert any("dpagg" in e and e.endswith("dpagg.js") for e in get(comfy, "/extensions"))
     templates = get(comfy, "/workflow_templates")
     assert sorted(templates["dpagg"]) == ["private_clip_style", "private_style_embedding"]
+    for name in templates["dpagg"]:  # the thumbnail the template browser asks for
+        thumb = urllib.request.urlopen(f"{comfy['url']}/api/workflow_templates/dpagg/{name}.jpg")
+        assert thumb.headers["Content-Type"] == "image/jpeg" and thumb.read(3) == b"\xff\xd8\xff"
     wf = get(comfy, "/api/workflow_templates/dpagg/private_style_embedding.json")
     assert ui_to_api(wf, info)["5"]["class_type"] == "DpaggAggregate"
     assert ui_to_api(wf, info)["2"]["class_type"] == "DpaggLoadPrivateImages"
@@ -342,7 +363,16 @@ def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
     assert err["node_type"] == "DpaggAggregate"
     assert "budget" in err["exception_message"] and "BudgetExceeded" in err["exception_type"]
     assert "nothing was spent" in err["exception_message"]
+    # ComfyUI's install has no `dpagg` on PATH: the fix names the Privacy Ledger node and the
+    # exact command with ComfyUI's own Python; the budget is used up, so no "smaller epsilon"
+    assert "Privacy Ledger node" in err["exception_message"]
+    assert "-m dpagg_core.cli ledger set-budget --ledger" in err["exception_message"]
+    assert "`dpagg ledger" not in err["exception_message"]
+    assert "smaller epsilon" not in err["exception_message"]
     assert len(ledger_rows(comfy)) == 1 and embedding_files(comfy) == ["itstyle.safetensors"]
+    # the Privacy Accountant of the same queue gave DP Aggregate's verdict before it ran
+    acc_ui = refused["outputs"][node_of(over, "DpaggPrivacyAccountant")]["dpagg"][0]
+    assert acc_ui["will_be_refused"] is True and acc_ui["warning"] is True
 
     # The original request again: DP Aggregate re-executes on the retrained (bit-identical)
     # embeddings, so the ledger recognises the request and returns the recorded release.
@@ -354,32 +384,102 @@ def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
     assert len(ledger_rows(comfy)) == 1 and embedding_files(comfy) == ["itstyle.safetensors"]
     print(f"refused queue (with TI retrain): {refused['seconds']} s; re-run: {third['seconds']} s")
 
+    # Per-Image TI reported its setup stages and a KSampler-like step line in the server log.
+    log = comfy["log"].read_text()
+    assert "[dpagg] Per-Image TI: preparing the model" in log
+    assert "[dpagg] Per-Image TI: encoding latents (images 1-2 of 2)" in log
+    assert "dpagg Per-Image TI: 100%" in log
 
-def test_comfyui_tokenizer_loads_the_release_without_warnings(comfy):
-    folder = comfy["base"] / "models" / "embeddings"
-    if not (folder / "itstyle.safetensors").exists():
-        pytest.skip("needs the release of the end-to-end test")
+    # The Privacy Ledger node (through /prompt) lists the set, its budget and the release.
+    shown = queue(comfy, {"l": {"class_type": "DpaggPrivacyLedger", "inputs": LEDGER_SHOW}})
+    assert shown["status"] == "success", shown["errors"]
+    table = shown["outputs"]["l"]["dpagg"][0]["datasets"]
+    ds = ui["dataset"] if "dataset" in ui else None
+    sets = {t["dataset"]: t for t in table}
+    assert any(r["files"] == ["itstyle"] for t in table for r in t["releases"]), table
+    assert ds is None or sets[ds]["budget"]["epsilon"] == 3.0
+
+
+TOKENIZERS = {  # family -> (ComfyUI tokenizer, {token key: width})
+    "sd1": ("comfy.sd1_clip.SD1Tokenizer", {"l": 768}),
+    "sd2v": ("comfy.text_encoders.sd2_clip.SD2Tokenizer", {"h": 1024}),
+    "sdxl": ("comfy.sdxl_clip.SDXLTokenizer", {"l": 768, "g": 1280}),
+}
+
+
+def tokenize_release(folder: Path, name: str, family: str) -> None:
+    """ComfyUI's own tokenizer for the family reads embedding:<name> from ``folder``: one vector
+    of the encoder's width per encoder, and no log record about embeddings or shapes."""
+    cls, widths = TOKENIZERS[family]
+    module, _, attr = cls.rpartition(".")
     code = (
-        "import logging, sys, torch\n"
+        "import importlib, logging, sys, torch\n"
         f"sys.path.insert(0, {COMFY!r})\n"
         "import comfy.options; comfy.options.enable_args_parsing(); sys.argv = ['t', '--cpu']\n"
         "records = []\n"
         "class H(logging.Handler):\n"
         "    def emit(self, r): records.append(r.getMessage())\n"
         "logging.getLogger().addHandler(H()); logging.getLogger().setLevel(logging.INFO)\n"
-        "from comfy.sd1_clip import SD1Tokenizer\n"
-        f"tok = SD1Tokenizer(embedding_directory=[{str(folder)!r}])\n"
-        "out = tok.tokenize_with_weights('a lighthouse, in the style of embedding:itstyle')\n"
-        "embs = [t for t, w in out['l'][0] if isinstance(t, torch.Tensor)]\n"
-        "assert len(embs) == 1 and tuple(embs[0].shape) == (768,), [e.shape for e in embs]\n"
+        f"Tok = getattr(importlib.import_module({module!r}), {attr!r})\n"
+        f"tok = Tok(embedding_directory=[{str(folder)!r}])\n"
+        f"out = tok.tokenize_with_weights('a lighthouse, in the style of embedding:{name}')\n"
+        f"for key, width in {widths!r}.items():\n"
+        "    embs = [t for t, w in out[key][0] if isinstance(t, torch.Tensor)]\n"
+        "    assert len(embs) == 1 and tuple(embs[0].shape) == (width,), (key, embs)\n"
         "assert not [r for r in records if 'embedding' in r or 'mismatch' in r], records\n"
-        "print('ok', len(out['l'][0]))\n"
+        "print('ok', sorted(out), len(next(iter(out.values()))[0]))\n"
     )
     res = subprocess.run(
         [comfy_python(), "-c", code], capture_output=True, text=True, cwd=COMFY, timeout=300
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == ["ok", "77"]
+    assert res.stdout.split()[0] == "ok" and res.stdout.split()[-1] == "77", res.stdout
+
+
+def test_comfyui_tokenizer_loads_the_release_without_warnings(comfy):
+    folder = comfy["base"] / "models" / "embeddings"
+    if not (folder / "itstyle.safetensors").exists():
+        pytest.skip("needs the release of the end-to-end test")
+    tokenize_release(folder, "itstyle", "sd1")
+
+
+@pytest.mark.parametrize("family", ["sd2v", "sdxl"])
+def test_per_image_ti_and_release_on_sd2v_and_sdxl(comfy, family):
+    """The example workflow on a random SD2 v-prediction / SDXL checkpoint that ComfyUI detects
+    as such (tests/make_comfy_test_ckpts.py): Per-Image TI trains through the v-prediction
+    target / both SDXL encoders (pooled ``y``), DP Aggregate writes the file layout of the family
+    (``emb_params`` [1, 1024]; ``clip_l`` [1, 768] + ``clip_g`` [1, 1280]), the prompt that
+    uses it samples, and ComfyUI loads it with no shape warning."""
+    ckpt = comfy["base"] / "models" / "checkpoints" / f"{family}_test.safetensors"
+    if not ckpt.exists():
+        pytest.skip(f"set DPAGG_{family.upper()}_CKPT (tests/make_comfy_test_ckpts.py)")
+    name = f"it{family}"
+    api = small_style_api(comfy, name, budget=0.0, folder=f"dpagg_it_{family}", ckpt=ckpt.name)
+    res = queue(comfy, api)
+    assert res["status"] == "success", res["errors"]
+    ti = res["outputs"][node_of(api, "DpaggPerImageTI")]["dpagg"][0]
+    want_pred = "v_prediction" if family == "sd2v" else "epsilon"
+    assert ti["prediction"] == want_pred, ti
+    assert res["outputs"][node_of(api, "DpaggAggregate")]["dpagg"][0]["prompt"] == (
+        f"embedding:{name}"
+    )
+    assert res["outputs"][node_of(api, "SaveImage")]["images"]
+    from safetensors import safe_open
+
+    folder = comfy["base"] / "models" / "embeddings"
+    with safe_open(folder / f"{name}.safetensors", "pt") as f:
+        shapes = {k: list(f.get_tensor(k).shape) for k in f.keys()}
+        meta = f.metadata()
+    if family == "sdxl":
+        assert shapes == {"clip_l": [1, 768], "clip_g": [1, 1280]}
+        assert meta["base_model_id"].startswith("comfyui:sdxl:")
+    else:
+        assert shapes == {"emb_params": [1, 1024]}
+        assert meta["base_model_id"].startswith("comfyui:sd2:")
+    log = comfy["log"].read_text()
+    assert "shape mismatch" not in log and f"embedding:{name} does not exist" not in log
+    tokenize_release(folder, name, family)
+    print(f"\n{family}: {res['seconds']} s")
 
 
 def test_clip_workflow_end_to_end(comfy):
@@ -424,6 +524,15 @@ def test_clip_workflow_end_to_end(comfy):
         assert list(f.get_tensor("image_embeds").shape) == [1, 768]
         assert f.metadata()["clip_mode"] == "normalize"
     print(f"\nclip workflow: {res['seconds']} s")
+
+
+LEDGER_SHOW = {
+    "action": "show",
+    "dataset": "",
+    "new_budget_epsilon": 0.0,
+    "new_budget_delta": 0.0,
+    "confirm": "",
+}
 
 
 def node_of(api: dict, cls: str) -> str:

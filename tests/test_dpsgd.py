@@ -364,3 +364,155 @@ def test_nonprivate_reference_is_plain_mean_gradient_step(f64_backend):
     want = init - 3.0 * grads.mean(0)
     torch.testing.assert_close(got, want.float().double(), rtol=1e-5, atol=1e-7)
     assert (got - init).abs().max() > 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# DP-SGD in a public subspace (issue 10, part 4)
+# --------------------------------------------------------------------------------------------
+
+
+def _fixed_randomness(monkeypatch, n: int):
+    """Deterministic stand-ins for the secret subsample and noise (tests only), with a spy."""
+    rng = np.random.default_rng(11)
+    batches = [np.array([0, 2, 3]), np.array([1]), np.array([0, 1, 2, 3])]
+    calls: list[tuple[tuple[int, ...], float]] = []
+    state = {"step": 0}
+
+    def draw(plan):
+        b = batches[state["step"] % len(batches)]
+        state["step"] += 1
+        return b[b < n]
+
+    def noise(shape, std):
+        calls.append((tuple(shape), float(std)))
+        return rng.standard_normal(shape) * std
+
+    monkeypatch.setattr(mechanism, "_draw_subsample", draw)
+    monkeypatch.setattr(mechanism, "_gaussian_noise", noise)
+    return calls
+
+
+def _reference_plain_dpsgd(backend, imgs, cfg, plan):
+    """Plain DP-SGD written out from the module's building blocks (the loop before the subspace
+    option existed): per-example gradients, joint clipping, noisy mean, Adam/SGD step."""
+    batches = [np.array([0, 2, 3]), np.array([1]), np.array([0, 1, 2, 3])]
+    n = imgs.shape[0]
+    z = dpsgd.sgd_noise_multiplier(plan)
+    dist, dist_flip = _dists(backend, imgs)
+    init = backend.initializer_embedding(cfg.initializer)["emb_params"].double()
+    theta = torch.nn.Parameter(init.expand(cfg.vectors, -1).clone())
+    opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
+    rng = np.random.default_rng(11)
+    for step in range(cfg.steps):
+        batch = [int(i) for i in batches[step % 3] if i < n]
+        summed = np.zeros(tuple(theta.shape))
+        for s in range(0, len(batch), cfg.chunk_size):
+            idx = batch[s : s + cfg.chunk_size]
+            grads = dpsgd.per_example_gradients(
+                backend, _pick(dist, idx), _pick(dist_flip, idx), idx,
+                {"emb_params": theta.detach()}, resolve_templates(cfg.templates),
+                step=step, seed=cfg.seed, flip=cfg.flip, sample_latents=cfg.sample_latents,
+                image_size=32,
+            )  # fmt: skip
+            summed += dpsgd.clip_per_example(grads, cfg.clip_norm)["emb_params"].sum(0)
+        std = z * cfg.clip_norm
+        noisy = (summed + rng.standard_normal(summed.shape) * std) / (plan.q * n)
+        theta.grad = torch.from_numpy(noisy)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return theta.detach().float()
+
+
+def test_plain_dpsgd_is_unchanged_bit_for_bit_given_fixed_randomness(f64_backend, monkeypatch):
+    n = 4
+    imgs = _images(n, seed=21)
+    cfg = dpsgd.DPSGDConfig(steps=3, expected_batch=2, clip_norm=1e-4, vectors=2, chunk_size=2)
+    plan = dpsgd.plan_for_sgd(2.0, n=n, q=0.5, steps=3, delta=1e-3)
+    calls = _fixed_randomness(monkeypatch, n)
+    res = dpsgd.train_dpsgd(f64_backend, imgs, cfg, plan=plan)
+    want = _reference_plain_dpsgd(f64_backend, imgs, cfg, plan)
+    assert torch.equal(res.vectors["emb_params"], want)
+    assert [shape for shape, _ in calls] == [(2, 32)] * 3  # noise on all D coordinates
+    assert res.record["mechanism"] == dpsgd.METHOD and "basis_kind" not in res.record
+
+
+def _tiny_basis(k: int, *, vectors: int = 2, base_model_id: str = "tiny-sd1", seed: int = 4):
+    from dpagg_core.subspace import PublicBasis
+
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(32, k)))
+    return PublicBasis(
+        blocks={"emb_params": q}, vectors=vectors, kind="public_embeddings", model_family="sd1",
+        base_model_id=base_model_id, centred=True, typical_norms={"emb_params": 1.0}, rows=50,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_subspace_dpsgd_update_lies_in_span_and_noise_is_k_dimensional(
+    f64_backend, monkeypatch, optimizer
+):
+    """With a public basis: theta - centre lies in span(U) after Adam or SGD steps (Adam acts on
+    the K coordinates), the noise is drawn once per step on exactly K coordinates with std
+    z C_g as planned, and the record names the basis."""
+    n, k = 4, 3
+    basis = _tiny_basis(k)
+    cfg = dpsgd.DPSGDConfig(
+        steps=3, expected_batch=2, clip_norm=1e-4, vectors=2, chunk_size=3, optimizer=optimizer,
+        learning_rate=1e-2 if optimizer == "adam" else 100.0,
+    )  # fmt: skip
+    plan = dpsgd.plan_for_sgd(2.0, n=n, q=0.5, steps=3, delta=1e-3)
+    calls = _fixed_randomness(monkeypatch, n)
+    res = dpsgd.train_dpsgd(f64_backend, _images(n, 21), cfg, plan=plan, basis=basis)
+    z = dpsgd.sgd_noise_multiplier(plan)
+    assert calls == [((basis.dim,), pytest.approx(z * 1e-4, rel=1e-12))] * 3
+    assert basis.dim == 2 * k
+    d = (res.vectors["emb_params"].double() - res.centre["emb_params"].double()).reshape(-1)
+    d = d.numpy()
+    outside = d - basis.U @ (basis.U.T @ d)
+    assert np.linalg.norm(d) > 1e-3  # it moved
+    theta_norm = np.linalg.norm(res.vectors["emb_params"].double().numpy())
+    assert np.linalg.norm(outside) < 1e-6 * theta_norm  # float32 rounding of theta only
+    assert res.record["mechanism"] == dpsgd.METHOD_SUBSPACE
+    assert res.record["basis_sha256"] == basis.sha256 and res.record["basis_dim"] == "6"
+    assert res.record["sigma"] == repr(plan.noise_std(1e-4))  # the same plan as plain DP-SGD
+
+
+def test_subspace_dpsgd_clips_the_projected_gradient(f64_backend, monkeypatch):
+    """q = 1, no noise, SGD: one step moves theta by -lr * U (sum of clip_C(U^T g_i)) / n."""
+    n = 3
+    basis = _tiny_basis(4, vectors=1)
+    imgs = _images(n, seed=5)
+    cfg = dpsgd.DPSGDConfig(
+        steps=1, expected_batch=n, clip_norm=1e-5, learning_rate=10.0, optimizer="sgd",
+        vectors=1, seed=3,
+    )  # fmt: skip
+    monkeypatch.setattr(mechanism, "_gaussian_noise", lambda shape, std: np.zeros(shape))
+    plan = dpsgd.plan_for_sgd(1.0, n=n, q=1.0, steps=1, delta=1e-3)
+    res = dpsgd.train_dpsgd(f64_backend, imgs, cfg, plan=plan, basis=basis)
+    dist, dist_flip = _dists(f64_backend, imgs)
+    init = res.centre["emb_params"].double()
+    grads = dpsgd.per_example_gradients(
+        f64_backend, dist, dist_flip, list(range(n)), {"emb_params": init},
+        resolve_templates("style"), step=0, seed=3, image_size=32,
+    )["emb_params"].flatten(1).numpy()  # fmt: skip
+    coords = basis.project(grads)
+    assert np.all(np.linalg.norm(coords, axis=1) > 1e-5)  # clipping is active
+    clipped = mechanism.clip_rows(coords, 1e-5, "clip")
+    want = init.numpy().reshape(-1) - 10.0 * basis.lift(clipped.sum(0) / n)
+    np.testing.assert_allclose(
+        res.vectors["emb_params"].double().numpy().reshape(-1), want, rtol=1e-5
+    )
+
+
+def test_subspace_dpsgd_refuses_a_basis_for_another_model_before_anything(f64_backend):
+    cfg = dpsgd.DPSGDConfig(steps=2, expected_batch=2, vectors=2)
+    called = []
+    for bad, match in (
+        (_tiny_basis(3, base_model_id="other-model"), "base model"),
+        (_tiny_basis(3, vectors=1), "vectors"),
+    ):
+        with pytest.raises(DpaggError, match=match):
+            dpsgd.train_dpsgd(
+                f64_backend, _images(4, 0), cfg, target_epsilon=2.0, delta=1e-3,
+                before_noise=called.append, basis=bad,
+            )  # fmt: skip
+    assert called == []

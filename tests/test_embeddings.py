@@ -664,3 +664,51 @@ def test_repr_shows_no_private_values():
     for v in values:
         assert f"{v:.4f}" not in text and f"{v:.3f}" not in text
     assert "tensor" not in text.lower()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_released_files_get_the_umask_mode_private_files_stay_0600(tmp_path, umask):
+    """Released embeddings are public by design: 0666 minus the umask, like any file the user's
+    tools write (a shared models folder can read them); per-image files stay owner-only."""
+    old = os.umask(umask)
+    try:
+        path = E.write_released(
+            tmp_path / "out", "pub", {"emb_params": torch.ones(1, 8)}, _record(), a1111_pt=True
+        )
+        priv = E.save_private(
+            _eset(n=2, v=1, widths={"emb_params": 8}), tmp_path / "p" / "s.safetensors", key=KEY
+        )
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert path.with_suffix(".pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert priv.stat().st_mode & 0o777 == 0o600
+
+
+def test_inspect_shows_the_diffusers_call_with_token_and_it_loads_two_files(tmp_path):
+    """Without ``token=`` diffusers names the token after the tensor key (``emb_params``) and a
+    second file fails; ``dpagg inspect`` shows the call with ``token="<name>"``, which loads two
+    releases side by side."""
+    from dpagg_core.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(32)
+    paths = [
+        E.write_released(tmp_path, name, {"emb_params": torch.randn(1, 32)}, _record())
+        for name in ("styleone", "styletwo")
+    ]
+    for path in paths:
+        use = E.describe(path)["use"]
+        assert use["diffusers"].startswith(
+            f'pipe.load_textual_inversion("{path.name}", token="{path.stem}")'
+        )
+        assert use["ComfyUI"].startswith(f"embedding:{path.stem}")
+        pipe.load_textual_inversion(str(path), token=path.stem)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["styleone", "styletwo"])
+    assert len(set(ids)) == 2 and pipe.tokenizer.unk_token_id not in ids
+    xl = E.write_released(
+        tmp_path, "xl", {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, _record()
+    )
+    assert (
+        "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2"
+        in (E.describe(xl)["use"]["diffusers"])
+    )

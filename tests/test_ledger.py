@@ -15,6 +15,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import sqlite3
 import time
@@ -163,10 +164,32 @@ def test_over_budget_is_refused_before_noise_and_records_nothing(led, draws):
     msg = str(err.value)
     for part in ("spent epsilon=0.5", "budget epsilon=0.5", "requested epsilon=0.5"):
         assert part in msg
-    assert "dpagg ledger set-budget" in msg and "larger noise" in msg and str(led.path) in msg
+    # the budget is used up: a smaller epsilon cannot help, so the fix does not offer one
+    assert "used up" in msg and "larger noise" not in msg and "smaller epsilon" not in msg
+    assert f"dpagg ledger set-budget --ledger {led.path} --dataset {DATASET}" in msg
     assert len(draws) == 1
     assert file_hash(led.path) == h
     assert led.status(DATASET)["releases"] == 1
+
+
+def _hint(path, dataset_id):  # a front end's own way (module level: a Ledger pickles)
+    return f"the Privacy Ledger node ({dataset_id})"
+
+
+def test_refusal_fix_fits_the_case_and_names_the_front_ends_way(led, draws):
+    """Budget partly spent: the fix offers a smaller epsilon (and says how much is left); the
+    way to raise the budget is the one the front end sets (ComfyUI has no `dpagg` on PATH)."""
+    plan = make_plan()
+    release(led, "a", plan, budget_epsilon=plan.epsilon * 1.6, budget_delta=plan.delta * 4)
+    led.raise_hint = _hint
+    with pytest.raises(BudgetExceeded) as err:
+        release(led, "b", plan)
+    msg = str(err.value)
+    assert "larger noise (smaller epsilon: about 0." in msg and "used up" not in msg
+    assert f"the Privacy Ledger node ({DATASET})" in msg and "dpagg ledger" not in msg
+    with pytest.raises(BudgetExceeded, match="Privacy Ledger node"):
+        led.check(DATASET, plan, budget_epsilon=5.0)  # above the recorded budget
+    assert pickle.loads(pickle.dumps(led)).raise_hint is _hint
 
 
 def test_check_is_a_dry_run(led, draws):

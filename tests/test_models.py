@@ -480,3 +480,31 @@ def test_shipped_tokenizers_are_the_clip_vocabulary(tmp_path):
     out = models.write_config("sdxl", tmp_path / "cfg")
     assert (out / "tokenizer_2" / "vocab.json").is_file()
     assert (out / "tokenizer" / "merges.txt").read_text().startswith("#version")
+
+
+def test_tokenizer_inside_comfyui_needs_no_clip_package(tmp_path, monkeypatch):
+    """With neither clip-anytorch nor open_clip installed (a ComfyUI env after installing the
+    pack), the vocabulary comes from ComfyUI's own ``comfy/sd1_tokenizer`` files: the same ids."""
+    import shutil
+    import sys
+
+    from dpagg_core import tokenizer
+
+    text = "A photo of a lighthouse at dusk, in the style of Monet; 1984 café"
+    ref = clip_tokenizer()(text).input_ids
+    fake = tmp_path / "site" / "comfy"
+    (fake / "sd1_tokenizer").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(models.config_dir("sd1") / "tokenizer" / f, fake / "sd1_tokenizer" / f)
+    monkeypatch.setattr(tokenizer, "BPE_PROVIDERS", ("dpagg_no_such_package",))
+    tokenizer._vocab_and_merges.cache_clear()
+    with pytest.raises(DpaggError, match="none is needed"):
+        tokenizer.clip_bpe_path()
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "comfy", raising=False)
+    try:
+        assert tokenizer.comfyui_tokenizer_dir() == fake / "sd1_tokenizer"
+        assert tokenizer.clip_tokenizer()(text).input_ids == ref
+    finally:
+        tokenizer._vocab_and_merges.cache_clear()

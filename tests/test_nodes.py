@@ -158,12 +158,14 @@ def test_entrypoint_lists_five_nodes_with_types(pack):
         "DpaggPerImageTI",
         "DpaggClipEmbeddings",
         "DpaggPrivacyAccountant",
+        "DpaggPublicBasis",
         "DpaggAggregate",
+        "DpaggPrivacyLedger",
     }
     assert {s.category for s in schemas.values()} == {"dpagg/privacy"}
 
     def types(items):
-        return [i.io_type for i in items]
+        return [i.get_io_type() for i in items]
 
     loader = schemas["DpaggLoadPrivateImages"]
     assert [i.id for i in loader.inputs] == ["folder", "resolution"]
@@ -179,11 +181,14 @@ def test_entrypoint_lists_five_nodes_with_types(pack):
     assert types(schemas["DpaggPrivacyAccountant"].outputs) == ["DP_PLAN", "STRING"]
     agg = schemas["DpaggAggregate"]
     assert types(agg.inputs[:2]) == ["EMBEDDING_SET", "DP_PLAN"]
+    optional = {i.id: i.get_io_type() for i in agg.inputs if i.optional}
+    assert optional == {"basis": "PUBLIC_BASIS", "postprocess": "COMBO"}
+    assert types(schemas["DpaggPublicBasis"].outputs) == ["PUBLIC_BASIS"]
     assert types(agg.outputs) == ["STRING", "CLIP_VISION_OUTPUT"]
     # The TI seed must not be randomised after each queue (a re-run would spend budget again).
     # (not named "seed": ComfyUI's frontend adds a randomize control to inputs named so)
     seed = next(i for i in ti_s.inputs if i.id == "training_seed")
-    assert seed.kwargs["control_after_generate"] is False
+    assert seed.control_after_generate is False
     assert not [i for i in ti_s.inputs if i.id in ("seed", "noise_seed")]
 
 
@@ -553,7 +558,7 @@ def test_load_private_images_ids_pictures_not_names_order_or_resolution(
     one id, the one the CLI computes for the same files with the same ledger."""
     loader = pack["pn"].LoadPrivateImages
     folder_input = next(i for i in loader.define_schema().inputs if i.id == "folder")
-    assert folder_input.kwargs["options"] == ["mine"]  # ComfyUI/input's sub-folders
+    assert folder_input.options == ["mine"]  # ComfyUI/input's sub-folders
     assert loader.validate_inputs(folder="mine", resolution=16) is True
     out = loader.execute(folder="mine", resolution=16)
     loaded = out.args[0]
@@ -780,7 +785,7 @@ def test_ui_payload_numbers_are_public(pack, comfy_base):
 def test_accountant_node_defaults_to_delta_1e5_and_warns_on_the_node(pack, comfy_base):
     acc = pack["pn"].PrivacyAccountant
     (delta_input,) = [i for i in acc.define_schema().inputs if i.id == "delta"]
-    assert delta_input.kwargs["default"] == 1e-5 == accountant.DEFAULT_DELTA
+    assert delta_input.default == 1e-5 == accountant.DEFAULT_DELTA
     quiet = acc.execute(**acc_kwargs(n=10)).ui["dpagg"][0]
     assert not quiet["warning"] and quiet["delta_warning"] is None
     out = acc.execute(**acc_kwargs(n=10, delta=1e-3))
@@ -791,3 +796,267 @@ def test_accountant_node_defaults_to_delta_1e5_and_warns_on_the_node(pack, comfy
     assert "fails completely" in payload["delta_warning"]
     assert out.args[1].startswith("WARNING:")  # the summary output says it too
     json.dumps(out.ui)
+
+
+# ----------------------------------------------------------------- public basis (issue 10)
+
+
+def _basis(pack, k=4, v=1, dim=16, model_id="test-model", seed=3):
+    from dpagg_core.subspace import PublicBasis
+
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, k)))
+    return PublicBasis(
+        blocks={"emb_params": q},
+        vectors=v,
+        kind="public_embeddings",
+        model_family="sd1",
+        base_model_id=model_id,
+        centred=True,
+        typical_norms={"emb_params": 1.0},
+        rows=40,
+    )
+
+
+@pytest.fixture
+def fake_checkpoint(pack, monkeypatch):
+    """The Public Basis node's token-table seam: a 49408-row table of width 16 named like the
+    ComfyUI backend names checkpoints (``comfyui:<family>:<hash>``)."""
+    table = torch.randn((49408, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def tables(model, clip):
+        calls.append((model, clip))
+        return "sd1", "comfyui:sd1:0123456789abcdef", {"emb_params": table}
+
+    monkeypatch.setattr(pack["pn"], "_checkpoint_tables", tables)
+    return calls
+
+
+def test_public_basis_node_from_token_table_or_file(pack, comfy_base, fake_checkpoint, tmp_path):
+    """token_table: built from the CHECKPOINT's table with the ComfyUI backend's model id; file:
+    a saved basis round-trips; the UI names kind, k, K, D and the hash (public values)."""
+    from dpagg_core.subspace import load_basis, save_basis
+
+    node = pack["pn"].PublicBasisNode
+    out = node.execute(source="token_table", k=4, vectors=2, basis_file="", model="M", clip="C")
+    basis = out.args[0]
+    assert fake_checkpoint == [("M", "C")]
+    assert (basis.kind, basis.k, basis.dim, basis.flat_dim) == ("token_table", 4, 8, 32)
+    assert basis.base_model_id == "comfyui:sd1:0123456789abcdef"
+    info = out.ui["dpagg"][0]
+    assert info["basis"]["K"] == 8 and info["basis"]["sha256"] == basis.sha256
+    assert "K = 8 of D = 32" in info["lines"][0] and "x0.50" in info["lines"][0]
+    path = save_basis(basis, tmp_path / "b.basis.safetensors")
+    again = node.execute(source="file", k=1, vectors=1, basis_file=str(path)).args[0]
+    assert again.sha256 == basis.sha256 == load_basis(path).sha256
+    assert node.validate_inputs(source="file", basis_file="") != True  # noqa: E712
+    assert node.validate_inputs(source="token_table", basis_file="") is True
+
+
+def test_aggregate_with_a_basis_releases_in_its_span_and_records_it(pack, comfy_base):
+    eset = ti_set(n=8, v=1, dim=16)
+    basis = _basis(pack, k=4)
+    plan = accountant.calibrate(2.0, 1e-5, 8, "full")
+    out = aggregate(pack, eset, plan, basis=basis, budget_epsilon=5.0)
+    payload = out.ui["dpagg"][0]
+    name = payload["name"]
+    tensors, record = read_released(comfy_base / "models" / "embeddings" / f"{name}.safetensors")
+    assert record["mechanism"] == "dpagg-gaussian-mean-subspace"
+    assert record["basis_sha256"] == basis.sha256 and record["basis_dim"] == "4"
+    assert record["basis_kind"] == "public_embeddings" and record["basis_k"] == "4"
+    delta = tensors["emb_params"].double().reshape(-1).numpy() - eset.flat_centre()
+    assert np.linalg.norm(delta) > 0
+    outside = delta - basis.U @ (basis.U.T @ delta)
+    assert np.linalg.norm(outside) <= 1e-6 * (1 + np.linalg.norm(tensors["emb_params"].numpy()))
+    # the UI shows the basis and the noise-norm reduction sqrt(K/D) = 0.5 (public values)
+    assert payload["basis"]["K"] == 4 and payload["basis"]["D"] == 16
+    assert payload["basis"]["noise_norm_ratio"] == pytest.approx(0.5)
+    assert any("noise on K = 4 of D = 16" in line and "x0.50" in line for line in payload["lines"])
+    json.dumps(out.ui)
+
+
+def test_aggregate_refuses_a_basis_for_another_model_before_spending(pack, comfy_base):
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    for bad, needle in (
+        (_basis(pack, model_id="comfyui:sd1:ffffffffffffffff"), "base model"),
+        (_basis(pack, v=2), "D=32"),
+        ("not a basis", "Public Basis"),
+    ):
+        with pytest.raises(DpaggError, match=needle):
+            aggregate(pack, eset, plan, basis=bad)
+    assert Ledger(pack["pn"].ledger_path()).list_releases() == []  # nothing spent
+    assert not list((comfy_base / "models" / "embeddings").glob("*.safetensors"))
+
+
+def test_aggregate_postprocessing_is_recorded_and_shown(pack, comfy_base):
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    out = aggregate(pack, eset, plan, postprocess="js", budget_epsilon=3.0)
+    payload = out.ui["dpagg"][0]
+    _, record = read_released(
+        comfy_base / "models" / "embeddings" / f"{payload['name']}.safetensors"
+    )
+    assert record["postprocess"] == "js" and record["postprocess_js_k"] == "16"
+    assert 0.0 <= float(record["postprocess_js_factor"]) <= 1.0
+    assert payload["postprocess"] == "js"
+    assert any(
+        line.startswith("post-processing: js (James-Stein factor") for line in payload["lines"]
+    )
+    validate = pack["pn"].DPAggregate.validate_inputs
+    good = {"name": "x", "clip_norm": 1.0, "centre": "initializer", "mode": "clip"}
+    assert validate(**good, postprocess="js+norm") is True
+    assert "postprocess" in validate(**good, postprocess="bogus")
+    assert "centre" in validate(**(good | {"centre": "public_mean"}))  # a CLI/library input
+
+
+# ------------------------------------------------------------------------------ Privacy Ledger
+
+
+def test_refusal_names_the_comfyui_way_and_the_ledger_node_raises_only_when_confirmed(
+    pack, comfy_base
+):
+    """ComfyUI's install puts no `dpagg` on PATH: the refusal names the Privacy Ledger node and
+    the exact `python -m dpagg_core.cli` command; the node lists the sets and releases and
+    raises a budget only with the typed confirmation (then the refused release goes through)."""
+    node = importlib.import_module("nodes.ledger_node").PrivacyLedger
+    schema = node.GET_SCHEMA()
+    assert schema.node_id == "DpaggPrivacyLedger" and schema.is_output_node
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(2.0, 1e-5, 6, "full")
+    aggregate(pack, eset, plan, budget_epsilon=2.0)  # the budget is now used up
+    with pytest.raises(BudgetExceeded) as err:
+        aggregate(pack, eset, plan, name="another")
+    msg = str(err.value)
+    ds = eset.dataset_id
+    assert "Privacy Ledger node" in msg and f"dataset {ds}" in msg
+    assert f"{sys.executable} -m dpagg_core.cli ledger set-budget --ledger " in msg
+    assert f"cd {REPO} && " in msg and "`dpagg ledger" not in msg
+    assert "used up" in msg and "smaller epsilon" not in msg
+
+    args = {"dataset": "", "new_budget_epsilon": 0.0, "new_budget_delta": 0.0, "confirm": ""}
+    shown = node.execute(action="show", **args)
+    assert ds in shown.args[0] and " mystyle eps 2 " in shown.args[0]
+    table = shown.ui["dpagg"][0]["datasets"]
+    assert [t["dataset"] for t in table] == [ds] and table[0]["budget"]["epsilon"] == 2.0
+    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
+    raise_args = {**args, "dataset": ds, "new_budget_epsilon": 5.0}
+    for confirm in ("", "yes", f"raise {ds} to 4"):
+        with pytest.raises(DpaggError, match=f"raise {ds} to 5'.*Nothing was changed"):
+            node.execute(action="raise budget", **{**raise_args, "confirm": confirm})
+        assert ledger.status(ds)["budget"]["epsilon"] == 2.0
+    done = node.execute(action="raise budget", **{**raise_args, "confirm": f"raise {ds} to 5"})
+    assert done.ui["dpagg"][0]["lines"][0] == f"budget of {ds}: 2 -> 5 (delta 1e-05)"
+    assert ledger.status(ds)["budget"] == {"epsilon": 5.0, "delta": 1e-5}
+    assert aggregate(pack, eset, plan, name="another").args[0] == "embedding:another"
+
+
+def test_accountant_shows_the_verdict_dp_aggregate_will_give(pack, comfy_base, monkeypatch):
+    """The Privacy Accountant reads the budget_epsilon/budget_delta of the DP Aggregate it feeds
+    (from the queued prompt) and runs the same ledger check: a plan DP Aggregate refuses is
+    flagged on the accountant, and one it accepts is not."""
+    pn = pack["pn"]
+    eset = ti_set(n=6)
+    acc = pn.PrivacyAccountant
+    assert {"PROMPT", "UNIQUE_ID"} <= set(acc.GET_SCHEMA().hidden)
+
+    def queued(budget_epsilon):
+        prompt = {
+            "7": {"class_type": "DpaggPrivacyAccountant", "inputs": {}},
+            "9": {
+                "class_type": "DpaggAggregate",
+                "inputs": {"plan": ["7", 0], "budget_epsilon": budget_epsilon, "budget_delta": 0},
+            },
+        }
+        monkeypatch.setattr(acc, "hidden", SimpleNamespace(prompt=prompt, unique_id="7"))
+        return acc.execute(**acc_kwargs(n=6, epsilon=2.0), embedding_set=eset)
+
+    out = queued(1.5)  # DP Aggregate's budget 1.5 < the plan's epsilon 2
+    ui = out.ui["dpagg"][0]
+    assert ui["warning"] is True and ui["will_be_refused"] is True
+    assert any(
+        line.startswith("WARNING: DP Aggregate (node 9) will refuse") for line in ui["lines"]
+    )
+    with pytest.raises(BudgetExceeded):
+        aggregate(pack, eset, out.args[0], budget_epsilon=1.5)
+    ok = queued(3.0).ui["dpagg"][0]
+    assert ok["will_be_refused"] is False and not any("refuse" in x for x in ok["lines"])
+    aggregate(pack, eset, out.args[0], budget_epsilon=3.0)
+
+
+def test_lower_budget_on_aggregate_says_what_happened(pack, comfy_base):
+    """budget_epsilon below the recorded budget: the node says it was not applied to a reused
+    release, and that the recorded budget (the "/ 3" shown) is unchanged."""
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    aggregate(pack, eset, plan, budget_epsilon=3.0)
+    again = aggregate(pack, eset, plan, budget_epsilon=1.5).ui["dpagg"][0]
+    assert again["reused"] is True and again["budget"]["epsilon"] == 3.0
+    text = "\n".join(again["lines"])
+    assert "budget_epsilon=1.5 was not applied: this identical request was released before" in text
+    assert "budget_epsilon=1.5 is below the recorded budget 3" in text and "stays 3" in text
+    new = aggregate(pack, eset, plan, budget_epsilon=1.5, clip_norm=0.5).ui["dpagg"][0]
+    assert new["reused"] is False and "was not applied" not in "\n".join(new["lines"])
+    assert "caps new releases of this node only" in "\n".join(new["lines"])
+
+
+def test_ledger_shows_the_file_name_actually_written(pack, comfy_base, capsys):
+    """A second release requested as "mystyle" is written as mystyle-2: `dpagg ledger show` and
+    the Privacy Ledger node show mystyle-2 (the requested name stays in the request key)."""
+    from dpagg_core.cli import main
+
+    eset = ti_set(n=6)
+    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    aggregate(pack, eset, plan, budget_epsilon=3.0)
+    assert aggregate(pack, eset, plan, clip_norm=0.5).args[0] == "embedding:mystyle-2"
+    aggregate(pack, eset, plan, clip_norm=0.5)  # re-used: no second file, no second note
+    path = comfy_base / "user" / "dpagg" / "ledger.sqlite"
+    rows = Ledger(path).list_releases()
+    assert [(r["name"], r["files"]) for r in rows] == [
+        ("mystyle", ["mystyle"]),
+        ("mystyle", ["mystyle-2"]),
+    ]
+    assert main(["ledger", "show", "--ledger", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "file=mystyle-2 (requested name=mystyle)" in out
+    node = importlib.import_module("nodes.ledger_node").PrivacyLedger
+    shown = node.execute(
+        action="show", dataset="", new_budget_epsilon=0.0, new_budget_delta=0.0, confirm=""
+    ).args[0]
+    assert " mystyle-2 eps " in shown
+
+
+def test_per_image_ti_reports_setup_stages_before_the_first_step(
+    pack, comfy_base, tiny_backend, monkeypatch, capsys
+):
+    """The bar sat at 0 through the whole setup: each stage (recording the model, preparing it,
+    encoding each chunk's latents) is now sent to the node as progress text before it starts,
+    and printed to the server log with a tqdm step line, as KSampler does."""
+    sent = []
+    updates = pack["utils"].UPDATES
+
+    class FakeServer:
+        def send_progress_text(self, text, node_id, sid=None):
+            sent.append((text, node_id, len(updates)))
+
+    monkeypatch.setitem(
+        sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=FakeServer()))
+    )
+    monkeypatch.setattr(pack["pn"].PerImageTI, "hidden", SimpleNamespace(unique_id="5", prompt={}))
+    imgs = comfy_images(3)
+    with torch.inference_mode():
+        pack["pn"].PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=[imgs], **TI_WIDGETS
+        )
+    texts = [t for t, _, _ in sent]
+    assert {n for _, n, _ in sent} == {"5"}
+    assert texts[0].startswith("Per-Image TI: 3 images; recording the model's state")
+    assert texts[1].startswith("Per-Image TI: preparing the model")
+    assert "Per-Image TI: encoding latents (images 1-2 of 3)" in texts
+    assert "Per-Image TI: encoding latents (images 3-3 of 3)" in texts
+    assert texts[-1] == "Per-Image TI: done"
+    first = texts.index("Per-Image TI: encoding latents (images 1-2 of 3)")
+    assert all(at == 0 for _, _, at in sent[: first + 1])  # before any step was reported
+    err = capsys.readouterr()
+    assert "[dpagg] Per-Image TI: preparing the model" in err.out
+    assert "dpagg Per-Image TI" in err.err and "4/4" in err.err  # the tqdm line, 2 chunks x 2

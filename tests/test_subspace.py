@@ -357,6 +357,84 @@ def test_record_request_key_and_identical_rerun(tmp_path, te32, basis4, model_id
 # --------------------------------------------------------------------------------------------
 
 
+def _public_set(model_id: str, n: int = 12, v: int = 2, dim: int = 32, seed: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    centre = 0.3 * torch.randn(v, dim, generator=gen)
+    return PublicEmbeddings(
+        vectors={"emb_params": (centre + 0.2 * torch.randn(n, v, dim, generator=gen)).float()},
+        model_family="sd1",
+        base_model_id=model_id,
+        centre={"emb_params": centre.float()},
+        initializer="painting",
+    )
+
+
+def test_public_mean_centre_cannot_come_from_the_private_set(tmp_path, model_id):
+    """The public-mean centre is built only from PublicEmbeddings (or their file): the private
+    EmbeddingSet, a private file and a wrapped private set are refused, and release_embeddings
+    refuses them (or a missing public input) before the ledger is touched."""
+    from dpagg_core.subspace import PublicCentre, public_mean_centre
+
+    eset = make_set(model_id)
+    with pytest.raises(DpaggError, match="EmbeddingSet"):
+        public_mean_centre(eset)
+    with pytest.raises(DpaggError, match="EmbeddingSet"):
+        PublicCentre(vectors=eset, model_family="sd1", base_model_id=model_id, n_public=1)  # type: ignore[arg-type]
+    private = save_private(eset, tmp_path / "vault" / "set.safetensors", key=KEY)
+    for bad in (private, str(private)):
+        with pytest.raises(DpaggError, match="PRIVATE"):
+            public_mean_centre(bad)
+    with pytest.raises(DpaggError, match="PublicEmbeddings"):
+        public_mean_centre(eset.flat())
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    kw = dict(
+        plan=calibrate(1.0, 1e-5, eset.n, "full"), clip_norm=0.5, out_dir=tmp_path / "emb",
+        ledger=ledger, name="c", centre="public_mean",
+    )  # fmt: skip
+    for bad, match in ((eset, "EmbeddingSet"), (private, "PRIVATE"), (None, "PUBLIC images")):
+        with pytest.raises(DpaggError, match=match):
+            release_embeddings(eset, public_centre=bad, **kw)
+    with pytest.raises(DpaggError, match="model"):  # public embeddings of another model
+        release_embeddings(eset, public_centre=_public_set("0123456789abcdef"), **kw)
+    with pytest.raises(DpaggError, match="--vectors"):
+        release_embeddings(eset, public_centre=_public_set(model_id, v=1), **kw)
+    assert ledger.list_releases() == [] and not (tmp_path / "emb").exists()
+
+
+def test_release_around_the_public_mean_names_it_and_lies_in_its_span(tmp_path, basis4, model_id):
+    from dpagg_core.mechanism import centre_hash
+    from dpagg_core.subspace import public_mean_centre
+
+    eset = make_set(model_id)
+    public = _public_set(model_id)
+    pc = public_mean_centre(public)
+    want = public.vectors["emb_params"].double().mean(0).float().double().reshape(-1).numpy()
+    assert np.array_equal(pc.flat(), want) and pc.n_public == 12
+    assert pc.sha256 == centre_hash(want) != centre_hash(eset.flat_centre())
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    kw = dict(
+        plan=calibrate(2.0, 1e-5, eset.n, "full"), clip_norm=0.5, out_dir=tmp_path / "emb",
+        ledger=ledger, budget_epsilon=10.0,
+    )  # fmt: skip
+    sub = release_embeddings(
+        eset, name="pm", centre="public_mean", public_centre=public, basis=basis4,
+        postprocess="js", **kw,
+    )  # fmt: skip
+    tensors, record = read_released(sub.path)
+    assert record["centre"] == "public_mean" and record["centre_sha256"] == pc.sha256
+    assert record["basis_sha256"] == basis4.sha256
+    delta = tensors["emb_params"].double().reshape(-1).numpy() - pc.flat()
+    assert np.linalg.norm(delta) > 0
+    assert residual(basis4, delta) <= F32 * (1 + np.linalg.norm(delta))  # js shrinks toward pc
+    assert ledger.get_release(sub.release_id)["record"]["centre_sha256"] == pc.sha256
+    # full space, PublicCentre given directly: recorded too; another centre is another request
+    full = release_embeddings(eset, name="pm2", centre="public_mean", public_centre=pc, **kw)
+    assert full.record["centre_sha256"] == pc.sha256 and not full.reused
+    init = release_embeddings(eset, name="pm3", **kw)
+    assert init.record["centre"] == "initializer" and "centre_sha256" not in init.record
+    assert len(ledger.list_releases(eset.dataset_id)) == 3
+
+
 def test_audit_of_the_projected_mechanism_passes_and_catches_a_2x_sensitivity_bug(
     monkeypatch, basis4
 ):
@@ -513,6 +591,7 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
             ["public-basis", "--public-images", str(public), "--k", "3", "--vectors", "2"]
             + common
             + ["--out", str(pe_file), "--json"]
+            + ["--save-public-embeddings", str(tmp_path / "pub.safetensors")]
         )
         == 0
     )
@@ -535,17 +614,54 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
     _, record = read_released(out / "sub.safetensors")
     assert record["basis_sha256"] == pe.sha256 and record["postprocess"] == "js"
     assert record["basis_kind"] == "public_embeddings"
+    # --centre public_mean: the mean of the saved PUBLIC embeddings, named by its hash
+    from dpagg_core.subspace import public_mean_centre
+
+    pc = public_mean_centre(tmp_path / "pub.safetensors")
+    capsys.readouterr()
+    # suggest-clip-norm gives the C for both centres by the same quantile rule (public images)
+    from dpagg_core.subspace import load_public_embeddings
+
+    argv = ["suggest-clip-norm", "--public-images", str(public), "--vectors", "2", *common]
+    assert main([*argv, "--json"]) == 0
+    suggested = json.loads(capsys.readouterr().out)
+    pub = load_public_embeddings(tmp_path / "pub.safetensors").vectors["emb_params"]
+    pub = pub.double().flatten(1).numpy()
+    to_mean = np.quantile(np.linalg.norm(pub - pub.mean(0), axis=1), 0.9)
+    assert suggested["clip_norm_public_mean"] == pytest.approx(to_mean, rel=1e-4)
+    assert suggested["clip_norm_public_mean"] < suggested["clip_norm"]
+    assert main([*run, "--name", "pm", "--centre", "public_mean"]) == 2  # needs the file
+    assert "--public-embeddings" in capsys.readouterr().err
+    pm = ["--centre", "public_mean", "--public-embeddings", str(tmp_path / "pub.safetensors")]
+    assert main([*run, "--name", "pm", "--basis", str(pe_file), *pm]) == 0
+    _, record = read_released(out / "pm.safetensors")
+    assert record["centre"] == "public_mean" and record["centre_sha256"] == pc.sha256
     # a basis for another number of vectors is refused before training and spending
     capsys.readouterr()
     bad = [*run, "--name", "sub1", "--basis", str(pe_file)]
     bad[bad.index("--vectors") + 1] = "1"
     monkeypatch.setattr(ti, "train_embeddings", no_training)
     assert main(bad) == 2 and "--vectors 1" in capsys.readouterr().err
-    assert len(Ledger(tmp_path / "ledger.sqlite").list_releases()) == 1
-    # DP-SGD refuses --basis
-    dpsgd = [a for a in run if a not in ("--clip-norm", "0.5")]
-    assert main([*dpsgd, "--name", "x", "--method", "dpsgd", "--basis", str(pe_file)]) == 2
-    assert "--basis does not apply" in capsys.readouterr().err
+    assert len(Ledger(tmp_path / "ledger.sqlite").list_releases()) == 2
+    # DP-SGD takes the same basis (public-subspace DP-SGD): its update lies in span(U), the
+    # record names the basis; a basis for another --vectors is refused before anything is spent
+    dpsgd = [a for a in run if a not in ("--clip-norm", "0.5")] + ["--method", "dpsgd"]
+    assert main([*dpsgd, "--name", "x", "--basis", str(pe_file)]) == 0
+    tensors, record = read_released(out / "x.safetensors")
+    assert record["mechanism"] == "dpsgd-textual-inversion-subspace"
+    assert record["basis_sha256"] == pe.sha256 and record["basis_dim"] == "6"
+    # Both releases are centre + (something in span(U)) around the same initializer centre (the
+    # DPAgg one after James-Stein, which only scales along its direction), so their difference
+    # lies in span(U) up to float32 rounding.
+    sub, _ = read_released(out / "sub.safetensors")
+    diff = (tensors["emb_params"].double() - sub["emb_params"].double()).reshape(-1).numpy()
+    outside = diff - pe.U @ (pe.U.T @ diff)
+    assert np.linalg.norm(diff) > 0 and np.linalg.norm(outside) < 1e-5
+    capsys.readouterr()
+    bad = [*dpsgd, "--name", "x2", "--basis", str(pe_file)]
+    bad[bad.index("--vectors") + 1] = "1"
+    assert main(bad) == 2 and "--vectors 1" in capsys.readouterr().err
+    assert len(Ledger(tmp_path / "ledger.sqlite").list_releases()) == 3
 
     argv = ["audit", "--epsilon", "1", "--delta", "1e-5", "--n", "50", "--trials", "500"]
     assert main([*argv, "--basis", str(tt_file), "--json"]) == 0  # fails w.p. < 1 %

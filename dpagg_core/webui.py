@@ -1,0 +1,746 @@
+"""What the Stable Diffusion WebUI skin does (AUTOMATIC1111 1.10 API, Forge), without the WebUI.
+
+``scripts/dpagg_webui_tab.py`` is a thin layer: it builds the "Private style (DP)" tab and the
+``/dpagg/v1/...`` routes, and hands every decision to the functions here. The WebUI itself sits
+behind :class:`Host` (progress, Interrupt, moving the WebUI's model off the GPU, reloading its
+embedding databases), so CI tests all of this with a fake host and a tiny model.
+
+Order of a run (:func:`run`), each step before anything is spent:
+
+1. the settings (:func:`settings_from_dict`), the embedding name and the output folder;
+2. the private images (``images.load_image_folder``: the CLI's and ComfyUI's decode and dataset
+   id, keyed by the ledger's identity key, so the three skins share one budget per image set when
+   they share one ledger file: ``DPAGG_LEDGER``);
+3. the plan (``accountant``) and the ledger's dry run (``Ledger.check``): an over-budget request
+   is refused before any training, unless the ledger already holds a release of this set with the
+   same public request (plan, C, name): that may be an identical re-run, which is free, so the
+   ledger decides after training (the identical embeddings are re-used, others refused);
+4. the checkpoint (``models.load_pipeline``, inside ``host.model_off_device()``: the WebUI's own
+   model is moved off the GPU first, so there is never a second copy of the weights on it) and its
+   family against the WebUI's loaded model (an SDXL embedding is useless to an SD1 model);
+5. per-image TI (``ti.train_embeddings``) with ``host.progress`` and ``host.cancelled`` polled
+   before every step: Interrupt raises :class:`Interrupted`, nothing is spent or written;
+6. ``release.release_embeddings`` (the ledger transaction, then the file, never overwriting: a new
+   release gets a new name, as the WebUI caches prompt conditioning by text) and
+   ``host.reload_embeddings`` so the WebUI's loader picks the file up without a restart.
+
+Privacy: the per-image embeddings and pixels live only in this process's memory during the run
+(docs/privacy.md invariant 4); what the tab and the API show is public (plan, n, the keyed
+dataset id, budget figures, the released file's record). Everything that sets the noise is a
+setting (invariant 2); the seed drives only the TI randomness (invariant 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import html
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import DpaggError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/dpagg/v1"
+TAB_TITLE = "Private style (DP)"
+LEDGER_SUBDIR = "dpagg"
+MODE_EPSILON = "epsilon"
+MODE_NOISE = "noise_multiplier"
+FAMILY_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+PREVIEW_PROMPTS = ("a lighthouse, in the style of {}", "a cat, in the style of {}")
+PREVIEW_PLAIN = "a painting"
+
+
+class Interrupted(DpaggError):
+    """The user pressed Interrupt before the release: nothing was spent or written."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the tab / ``POST /dpagg/v1/run`` takes. All of it is public (invariant 2).
+
+    ``checkpoint``: a checkpoint file or diffusers folder ('' = the host resolves the WebUI's
+    loaded model). ``m``, ``q``, ``budget_*``, ``resolution`` and ``preview_size``: 0 means
+    "not given" (the widgets' convention, as in the ComfyUI nodes).
+    """
+
+    images: str = ""
+    checkpoint: str = ""
+    name: str = "mystyle"
+    mode: str = MODE_EPSILON
+    epsilon: float = 4.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    sampling: str = "full"
+    m: int = 0
+    q: float = 0.0
+    releases: int = 1
+    clip_norm: float = 1.0
+    centre: str = "initializer"
+    budget_epsilon: float = 0.0
+    budget_delta: float = 0.0
+    steps: int = 300
+    learning_rate: float = 5e-3
+    vectors: int = 1
+    initializer: str = "painting"
+    templates: str = "style"
+    resolution: int = 0
+    batch_size: int = 8
+    seed: int = 0
+    preview: bool = True
+    preview_steps: int = 20
+    preview_size: int = 0
+    public_images: str = ""
+    quantile: float = 0.9
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _convert(name: str, value: Any, kind: type) -> Any:
+    if value is None:
+        return _FIELDS[name].default
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.strip().lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.strip().lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError(value)
+            return int(as_float)
+        if kind is float:
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
+        return str(value).strip()
+    except (TypeError, ValueError):
+        raise DpaggError(
+            f"{name}={value!r} is not a valid {kind.__name__}; fix the {name} field"
+        ) from None
+
+
+def settings_from_dict(values: Mapping[str, Any]) -> Settings:
+    """Validated :class:`Settings` from the tab's widgets or an API body (unknown keys refused)."""
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise DpaggError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}"
+        )
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    out = {k: _convert(k, v, kinds[str(_FIELDS[k].type)]) for k, v in values.items()}
+    s = Settings(**out)
+    if s.mode not in (MODE_EPSILON, MODE_NOISE):
+        raise DpaggError(f"mode={s.mode!r}: use {MODE_EPSILON!r} or {MODE_NOISE!r}")
+    if not (s.clip_norm > 0):
+        raise DpaggError(
+            f"clip_norm={s.clip_norm}: must be positive, chosen from PUBLIC data (use the "
+            "'suggest from a public folder' button), never from the private images"
+        )
+    if s.budget_epsilon < 0 or not 0 <= s.budget_delta < 1:
+        raise DpaggError("budget_epsilon / budget_delta: use 0 (keep the recorded budget) or > 0")
+    if s.resolution < 0 or s.resolution % 8:
+        raise DpaggError(f"resolution={s.resolution}: 0 (the model's) or a multiple of 8")
+    if s.preview_steps < 1 or s.preview_size < 0 or s.preview_size % 8:
+        raise DpaggError("preview_steps must be >= 1, preview_size 0 or a multiple of 8")
+    if not 0 < s.quantile <= 1:
+        raise DpaggError(f"quantile={s.quantile}: use a number in (0, 1], e.g. 0.9")
+    return s
+
+
+def make_plan(s: Settings, n: int):
+    """The privacy plan of ``s`` for ``n`` images (target epsilon -> noise, or the reverse)."""
+    from .accountant import calibrate, epsilon_for
+
+    common = {
+        "delta": s.delta,
+        "n": n,
+        "sampling": s.sampling,
+        "m": (s.m or None) if s.sampling == "wor" else None,
+        "q": (s.q or None) if s.sampling == "poisson" else None,
+        "releases": s.releases,
+    }
+    if s.sampling == "wor" and not s.m:
+        raise DpaggError("sampling 'wor' needs m, the number of images sampled (e.g. n/2)")
+    if s.sampling == "poisson" and not s.q:
+        raise DpaggError("sampling 'poisson' needs q, the sampling rate in (0, 1]")
+    if s.mode == MODE_NOISE:
+        return epsilon_for(s.noise_multiplier, **common)
+    return calibrate(s.epsilon, **common)
+
+
+def ti_config(s: Settings, resolution: int):
+    """The ``ti.TIConfig`` of ``s`` at ``resolution`` pixels (validated)."""
+    from .ti import TIConfig, validate_config
+
+    config = TIConfig(
+        steps=s.steps,
+        learning_rate=s.learning_rate,
+        vectors=s.vectors,
+        initializer=s.initializer,
+        templates=s.templates,
+        resolution=resolution,
+        batch_size=s.batch_size,
+        seed=s.seed,
+    )
+    validate_config(config)
+    return config
+
+
+def _opt(value: float) -> float | None:
+    return None if not value else float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where things live in a WebUI
+# ----------------------------------------------------------------------------------------------
+
+
+def ledger_path(webui_data_dir: str | os.PathLike[str]) -> Path:
+    """``DPAGG_LEDGER`` if set (as the CLI and the ComfyUI nodes read it), else
+    ``<WebUI data dir>/dpagg/ledger.sqlite`` (``--data-dir``; the WebUI folder by default)."""
+    from .paths import LEDGER_ENV, resolve_path
+
+    env = os.environ.get(LEDGER_ENV)
+    if env:
+        return resolve_path(env)
+    return resolve_path(webui_data_dir) / LEDGER_SUBDIR / "ledger.sqlite"
+
+
+def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
+    """'sd1' | 'sd2' | 'sdxl' of a ``.safetensors`` checkpoint from its header and the few tensors
+    ``models.detect_family`` reads (no full load); None when it cannot tell cheaply (other file
+    types, diffusers folders: the run checks after loading)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".safetensors", ".sft") or not p.is_file():
+        return None
+    from safetensors import safe_open
+
+    from .models import detect_family
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return detect_family(_LazyTensors(f), name=str(p))
+    except DpaggError:
+        raise
+    except Exception as exc:
+        raise DpaggError(
+            f"cannot read checkpoint {p}: {exc}; the file is truncated or not a checkpoint"
+        ) from exc
+
+
+class _LazyTensors(Mapping):
+    """A safetensors file as a read-only mapping that loads a tensor only when it is read."""
+
+    def __init__(self, handle: Any) -> None:
+        self._f = handle
+        self._keys = list(handle.keys())
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._set:
+            raise KeyError(key)
+        return self._f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def check_family(chosen: str | None, loaded: str | None) -> None:
+    """Refuse to train for a family the WebUI's loaded model cannot use (before anything runs)."""
+    if chosen and loaded and chosen != loaded:
+        raise DpaggError(
+            f"the checkpoint is {chosen} but the WebUI has an {loaded} model loaded: an {chosen} "
+            f"embedding cannot be used by an {loaded} model (the WebUI skips it). Fix: choose an "
+            f"{loaded} checkpoint, or load an {chosen} model in the WebUI first. Nothing was spent."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The image set (count and id for the live plan view)
+# ----------------------------------------------------------------------------------------------
+
+_scan_cache: dict[str, tuple[int, str, tuple[str, ...]]] = {}
+
+
+def _folder_fingerprint(folder: Path, ledger: Path) -> str:
+    h = hashlib.sha256(f"{folder}\0{ledger}".encode())
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        st = entry.stat()
+        h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
+    """(n, dataset id, warnings) of an image folder, through the canonical decode; cached while
+    the folder's listing (names, sizes, mtimes) is unchanged, so the live plan view is cheap.
+    Bad input raises the CLI's errors (empty folder, unreadable image, ...)."""
+    from .images import load_image_folder
+    from .paths import resolve_path
+
+    if not str(folder).strip():
+        raise DpaggError("images: choose the folder of your PRIVATE images")
+    path = resolve_path(folder)
+    if not path.is_dir():
+        raise DpaggError(f"image folder {path} does not exist or is not a folder")
+    key = _folder_fingerprint(path, ledger)
+    if key not in _scan_cache:
+        loaded = load_image_folder(path, 8, ledger=ledger)  # 8 px: only the count and id are kept
+        _scan_cache.clear()
+        _scan_cache[key] = (loaded.count, loaded.dataset_id, tuple(loaded.warnings))
+    n, dataset_id, warnings = _scan_cache[key]
+    return n, dataset_id, list(warnings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan and budget view
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) -> dict[str, Any]:
+    """The live plan and budget of the image set, before anything runs (dry run only).
+
+    ``{"ok", "error", "n", "dataset_id", "plan", "plan_text", "delta_warning", "budget",
+    "next_release", "exceeds", "warnings", "html"}``; ``budget`` holds the ledger's figures
+    (``None`` before the first release), ``next_release`` the cost of one more release with this
+    plan and the composed spend after it, ``exceeds`` whether the ledger would refuse it. Errors
+    (bad settings, empty folder, ...) come back as ``ok: False`` with the message, never raised:
+    the tab shows them while the user types.
+    """
+    out: dict[str, Any] = {"ok": False, "error": None, "exceeds": False, "warnings": []}
+    try:
+        from .accountant import delta_warning, plan_summary
+        from .errors import BudgetExceeded
+        from .ledger import Ledger
+
+        if s.checkpoint:
+            check_family(checkpoint_family(s.checkpoint), loaded_family)
+        n, dataset_id, warnings = scan_images(s.images, ledger)
+        out.update(n=n, dataset_id=dataset_id, warnings=warnings)
+        plan = make_plan(s, n)
+        out.update(plan=plan.to_dict(), plan_text=plan_summary(plan))
+        out["delta_warning"] = delta_warning(plan.delta, n)
+        book = Ledger(ledger)
+        status = book.status(dataset_id)
+        out["budget"] = {
+            "total": status["budget"],
+            "spent": status["spent"],
+            "remaining": status["remaining"],
+            "releases": status["releases"],
+            "composition": status["composition"],
+        }
+        nxt: dict[str, Any] = {"epsilon": plan.epsilon, "delta": plan.delta}
+        try:
+            check = book.check(
+                dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta), mode="clip"
+            )
+            nxt["spent_after"] = check.get("spent_after")
+            nxt["budget"] = check.get("budget")
+        except BudgetExceeded as exc:
+            out["exceeds"] = True
+            nxt["refused"] = str(exc)
+        out["next_release"] = nxt
+        out["ok"] = True
+    except DpaggError as exc:
+        out["error"] = str(exc)
+    out["html"] = plan_html(out)
+    return out
+
+
+def _budget_line(budget: dict[str, Any]) -> str:
+    total, spent = budget.get("total"), budget["spent"]
+    if total is None:
+        return "budget: not set yet (the first release sets it)"
+    rem = budget["remaining"] or {"epsilon": 0.0}
+    left = rem["epsilon"] if rem["epsilon"] > 1e-6 * total["epsilon"] else 0.0  # float dust
+    return (
+        f"budget: epsilon {_fmt(spent['epsilon'])} / {_fmt(total['epsilon'])} spent, "
+        f"{_fmt(left)} left (delta {spent['delta']:.3g} / {total['delta']:.3g}); "
+        f"{budget['releases']} release(s), {budget['composition']} composition"
+    )
+
+
+def plan_html(view: Mapping[str, Any]) -> str:
+    """The plan view as HTML for the tab (red when the next release would be refused)."""
+    esc = html.escape
+    if not view.get("ok"):
+        return f"<div class='dpagg-error' style='color:#d33'>{esc(str(view.get('error')))}</div>"
+    plan = view["plan"]
+    lines = [
+        f"<b>{view['n']} private images</b>, image set <code>{esc(view['dataset_id'])}</code>",
+        f"plan: epsilon {_fmt(plan['epsilon'])}, delta {plan['delta']:.3g}, noise multiplier "
+        f"{_fmt(plan['noise_multiplier'])}, sampling {esc(plan['sampling'])} "
+        f"({esc(plan['accountant'])})",
+        esc(_budget_line(view["budget"])),
+    ]
+    nxt = view["next_release"]
+    cost = f"next release costs epsilon {_fmt(nxt['epsilon'])}, delta {nxt['delta']:.3g}"
+    if view["exceeds"]:
+        lines.append(
+            f"<span style='color:#d33;font-weight:bold'>{esc(cost)}: it would EXCEED the budget "
+            "and will be refused (nothing is spent)</span>"
+        )
+    else:
+        after = nxt.get("spent_after") or {}
+        if after:
+            cost += f" (spent after: epsilon {_fmt(after['epsilon'])})"
+        lines.append(esc(cost))
+    if view.get("delta_warning"):
+        lines.append(f"<span style='color:#d33'>{esc(view['delta_warning'])}</span>")
+    lines += [f"<span style='color:#c80'>warning: {esc(w)}</span>" for w in view["warnings"]]
+    klass = "dpagg-plan dpagg-exceeds" if view["exceeds"] else "dpagg-plan"
+    return f"<div class='{klass}'>" + "<br>".join(lines) + "</div>"
+
+
+# ----------------------------------------------------------------------------------------------
+# The host (the WebUI) and the run
+# ----------------------------------------------------------------------------------------------
+
+
+class Host(Protocol):
+    """What a run needs from the WebUI (``scripts/dpagg_webui_tab.py``; fakes in the tests)."""
+
+    device: str
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        """Show progress in the WebUI's own progress UI (it computes the ETA)."""
+
+    def cancelled(self) -> bool:
+        """True once the user pressed Interrupt."""
+
+    def model_off_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Move the WebUI's model off the GPU (its own memory management) for the block and
+        make it usable again after; a no-op on CPU."""
+
+    def reload_embeddings(self, path: Path) -> None:
+        """Make the WebUI's embedding databases load the new file (no restart)."""
+
+    def loaded_family(self) -> str | None:
+        """'sd1' | 'sd2' | 'sdxl' of the WebUI's loaded model, or None if unknown."""
+
+
+@dataclass
+class RunReport:
+    """What a run produced: public values only (the released file and its record)."""
+
+    file: str
+    name: str
+    prompt_word: str
+    reused: bool
+    record: dict[str, str]
+    budget: dict[str, Any]
+    plan: dict[str, Any]
+    n: int
+    dataset_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    preview: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def html(self) -> str:
+        esc = html.escape
+        head = (
+            "re-used the identical earlier release (nothing spent)"
+            if self.reused
+            else "released a new differentially private embedding"
+        )
+        b = self.budget
+        left = b["remaining_epsilon"] if b["remaining_epsilon"] > 1e-6 * b["epsilon"] else 0.0
+        rows = "".join(
+            f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
+            for k, v in sorted(self.record.items())
+        )
+        return (
+            f"<div class='dpagg-report'><b>{esc(head)}</b>: <code>{esc(self.file)}</code><br>"
+            f"use it in a prompt as: <code>{esc(self.prompt_word)}</code> "
+            f"(e.g. <i>a lighthouse, in the style of {esc(self.prompt_word)}</i>)<br>"
+            f"budget: epsilon {_fmt(b['spent_epsilon'])} / {_fmt(b['epsilon'])} spent "
+            f"(remaining {_fmt(left)}), delta {b['spent_delta']:.3g} / "
+            f"{b['delta']:.3g} [{esc(b['composition'])}]<br>"
+            "privacy record (stored in the file header):"
+            f"<table class='dpagg-record'>{rows}</table></div>"
+        )
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    from .release import _writable_folder
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DpaggError(f"embeddings folder {out_dir} is a file; pass a folder")
+    _writable_folder(out_dir)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _cancel_check(host: Host) -> Callable[[], bool]:
+    def should_cancel() -> bool:
+        return bool(host.cancelled())
+
+    return should_cancel
+
+
+def _may_be_identical(book: Any, dataset_id: str, plan: Any, s: Settings) -> bool:
+    """Whether the ledger holds a release of this set with the same public request (plan, C,
+    centre, name): a re-run of it may train the identical embeddings and is then free, so an
+    exhausted budget must not refuse it before training. The ledger decides after training
+    (``release_embeddings``: the identical request is re-used, anything else refused)."""
+    from .embeddings import sanitize_name
+
+    name = sanitize_name(s.name)
+    for row in book.list_releases(dataset_id):
+        if (
+            row.get("name") == name
+            and row.get("plan") == plan.to_dict()
+            and float(row.get("clip_norm", -1)) == float(s.clip_norm)
+        ):
+            return True
+    return False
+
+
+def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
+    """Train per-image TI on the private folder and release one DP embedding (module docstring:
+    the order, and why nothing is spent before step 6)."""
+    import torch
+
+    from .diffusers_backend import DiffusersBackend
+    from .embeddings import sanitize_name
+    from .errors import BudgetExceeded
+    from .images import load_image_folder
+    from .ledger import Ledger
+    from .models import load_pipeline
+    from .release import release_embeddings
+    from .ti import Cancelled, train_embeddings
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sanitize_name(s.name)
+    if not s.checkpoint:
+        raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    loaded_family = host.loaded_family()
+    guessed = checkpoint_family(s.checkpoint)
+    check_family(guessed, loaded_family)
+    resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
+    images = load_image_folder(s.images, resolution, ledger=ledger) if s.images else None
+    if images is None:
+        raise DpaggError("images: choose the folder of your PRIVATE images")
+    plan = make_plan(s, images.count)
+    book = Ledger(ledger)
+    try:
+        book.check(images.dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta))
+    except BudgetExceeded:
+        if not _may_be_identical(book, images.dataset_id, plan, s):
+            raise  # over budget and certainly a new request: refused before any training
+    ti_config(s, resolution)  # bad TI settings: refused before the model is loaded
+    timings["checks_s"] = time.perf_counter() - t0
+
+    host.progress(0, 1, "loading the checkpoint")
+    with host.model_off_device():
+        t1 = time.perf_counter()
+        model = load_pipeline(s.checkpoint, device=host.device)
+        timings["model_load_s"] = time.perf_counter() - t1
+        try:
+            check_family(model.family, loaded_family)
+            backend = DiffusersBackend.from_loaded(model)
+            if not s.resolution and backend.default_resolution != resolution:
+                resolution = backend.default_resolution  # e.g. SD2 512-base vs 768-v
+                images = load_image_folder(s.images, resolution, ledger=ledger)
+            config = ti_config(s, resolution)
+            total = config.steps * math.ceil(images.count / config.batch_size)
+
+            def progress(done: int, _total: int) -> None:
+                host.progress(done, total, f"per-image TI: step {done} of {total}")
+
+            t2 = time.perf_counter()
+            try:
+                with torch.inference_mode(False), torch.enable_grad():
+                    eset = train_embeddings(
+                        backend,
+                        images.pixels,
+                        config,
+                        dataset_id=images.dataset_id,
+                        progress=progress,
+                        should_cancel=_cancel_check(host),
+                    )
+            except Cancelled as exc:
+                raise Interrupted(
+                    "interrupted during per-image training: nothing was spent and nothing written"
+                ) from exc
+            timings["train_s"] = time.perf_counter() - t2
+        finally:
+            del model
+            backend = None  # noqa: F841 - drop the last reference to our copy of the weights
+            _free_memory()
+    if host.cancelled():
+        raise Interrupted("interrupted before the release: nothing was spent and nothing written")
+    t3 = time.perf_counter()
+    outcome = release_embeddings(
+        eset,
+        plan=plan,
+        clip_norm=s.clip_norm,
+        name=s.name,
+        out_dir=out_dir,
+        ledger=book,
+        centre=s.centre,
+        budget_epsilon=_opt(s.budget_epsilon),
+        budget_delta=_opt(s.budget_delta),
+        new_name_per_release=True,
+    )
+    del eset
+    timings["release_s"] = time.perf_counter() - t3
+    host.reload_embeddings(outcome.path)
+    summary = outcome.summary()
+    timings["total_s"] = time.perf_counter() - t0
+    return RunReport(
+        file=str(outcome.path),
+        name=outcome.name,
+        prompt_word=outcome.name,
+        reused=outcome.reused,
+        record=dict(outcome.record),
+        budget=summary["budget"],
+        plan=plan.to_dict(),
+        n=images.count,
+        dataset_id=images.dataset_id,
+        timings=timings,
+        warnings=list(images.warnings),
+    )
+
+
+def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any]:
+    """The clip norm C from PUBLIC images (``s.public_images``): per-image TI with the same
+    model and settings as the private run, then the ``s.quantile`` quantile of the embeddings'
+    distances to the initializer centre (as ``dpagg suggest-clip-norm``). Refuses the private
+    folder itself (tuning C on the private images leaks privacy no record shows)."""
+    import numpy as np
+    import torch
+
+    from .diffusers_backend import DiffusersBackend
+    from .images import load_image_folder
+    from .models import load_pipeline
+    from .paths import resolve_path
+    from .ti import Cancelled, train_embeddings
+
+    if not s.public_images:
+        raise DpaggError("public_images: choose a folder of PUBLIC images in a similar style")
+    if s.images and resolve_path(s.images) == resolve_path(s.public_images):
+        raise DpaggError(
+            "the public folder is the private folder: C must come from PUBLIC images, never "
+            "from the private ones. Fix: choose a folder of public images in a similar style."
+        )
+    if not s.checkpoint:
+        raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
+    guessed = checkpoint_family(s.checkpoint)
+    resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
+    public = load_image_folder(s.public_images, resolution, ledger=ledger)
+    if s.images:
+        with contextlib.suppress(DpaggError):
+            if scan_images(s.images, ledger)[1] == public.dataset_id:
+                raise DpaggError(
+                    "the public folder holds the same pictures as the private one; choose "
+                    "PUBLIC images for the clip norm"
+                )
+    with host.model_off_device():
+        model = load_pipeline(s.checkpoint, device=host.device)
+        try:
+            backend = DiffusersBackend.from_loaded(model)
+            config = ti_config(s, resolution)
+            total = config.steps * math.ceil(public.count / config.batch_size)
+
+            def progress(done: int, _total: int) -> None:
+                host.progress(done, total, f"TI on PUBLIC images: step {done} of {total}")
+
+            try:
+                with torch.inference_mode(False), torch.enable_grad():
+                    eset = train_embeddings(
+                        backend,
+                        public.pixels,
+                        config,
+                        progress=progress,
+                        should_cancel=_cancel_check(host),
+                    )
+            except Cancelled as exc:
+                raise Interrupted("interrupted: no clip norm suggested") from exc
+        finally:
+            del model
+            backend = None  # noqa: F841
+            _free_memory()
+    centre = eset.flat_centre()
+    dists = np.linalg.norm(eset.flat() - (0 if centre is None else centre), axis=1)
+    c = float(np.quantile(dists, s.quantile))
+    return {
+        "clip_norm": c,
+        "quantile": s.quantile,
+        "n_public": int(eset.n),
+        "distances": {
+            "min": float(dists.min()),
+            "median": float(np.median(dists)),
+            "max": float(dists.max()),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Preview (generated by the WebUI with the RELEASED embedding only: post-processing, free)
+# ----------------------------------------------------------------------------------------------
+
+
+def preview_prompts(word: str) -> list[tuple[str, str]]:
+    """(without, with) prompt pairs for the preview grid."""
+    return [(p.format(PREVIEW_PLAIN), p.format(word)) for p in PREVIEW_PROMPTS]
+
+
+def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
+    """Write the with/without grid (PIL images, one row per prompt) to ``out``."""
+    from .preview import _save_grid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save_grid(pairs, out)
+
+
+def error_status(exc: BaseException) -> int:
+    """HTTP status of an error for the ``/dpagg/v1`` routes: 409 for a refused or interrupted
+    request (budget), 400 for bad input, 500 otherwise."""
+    from .errors import BudgetExceeded
+
+    if isinstance(exc, (BudgetExceeded, Interrupted)):
+        return 409
+    if isinstance(exc, DpaggError):
+        return 400
+    return 500

@@ -1,0 +1,581 @@
+"""dpagg as a Stable Diffusion WebUI extension (AUTOMATIC1111 1.10 API; run in Forge).
+
+A thin skin over ``dpagg_core``: the "Private style (DP)" tab (``script_callbacks.on_ui_tabs``)
+and the ``/dpagg/v1/...`` routes (``script_callbacks.on_app_started``). Every decision lives in
+``dpagg_core.webui`` (tested in CI without a WebUI); this file only talks to the WebUI: its
+progress state and Interrupt, its memory management, its checkpoint list, its embedding
+databases, its txt2img for the preview grid.
+
+The WebUI imports this file with the extension folder on ``sys.path``, so ``dpagg_core`` resolves
+to the extension's copy. If a dependency is missing (``dp-accounting`` before ``install.py`` ran),
+the import does not fail: the tab shows the error and the routes answer 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from modules import script_callbacks, shared
+
+try:
+    import dpagg_core.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
+    import dpagg_core.ledger  # noqa: F401
+    from dpagg_core import webui as core
+    from dpagg_core.errors import DpaggError
+
+    IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - a broken install; shown in the tab
+    core = None  # type: ignore[assignment]
+    DpaggError = ValueError  # type: ignore[misc,assignment]
+    IMPORT_ERROR = (
+        f"dpagg cannot start: {type(exc).__name__}: {exc}. Fix: restart the WebUI so that the "
+        "extension's install.py installs the missing packages (or run `pip install -r "
+        "requirements.txt` of the extension in the WebUI's Python environment)."
+    )
+    print(f"[dpagg] {IMPORT_ERROR}")
+
+ELEM = "dpagg"
+_api_embedding_dbs: list[Any] = []  # the API's own embedding database (Forge keeps a separate one)
+
+
+# ----------------------------------------------------------------------------------------------
+# The WebUI behind dpagg_core.webui.Host
+# ----------------------------------------------------------------------------------------------
+
+
+def _loaded_model() -> Any:
+    """The WebUI's loaded model without triggering a load (None if none is loaded)."""
+    from modules import sd_models
+
+    data = getattr(sd_models, "model_data", None)
+    model = getattr(data, "sd_model", None) if data is not None else None
+    if model is None or getattr(model, "sd_checkpoint_info", None) is None:
+        return None
+    return model
+
+
+def _is_forge() -> bool:
+    try:
+        import backend.memory_management  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def _call_reload(db: Any, *, sync: bool = False) -> None:
+    """``load_textual_inversion_embeddings`` of A1111's database (``force_reload``; ``sync``:
+    re-read the expected width from the loaded model, only for the model's own database) or of
+    Forge's backend one (no arguments)."""
+    fn = db.load_textual_inversion_embeddings
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "force_reload" in params:
+        kwargs["force_reload"] = True
+    if "sync_with_sd_model" in params:
+        kwargs["sync_with_sd_model"] = sync
+    fn(**kwargs)
+
+
+def reload_webui_embeddings() -> list[str]:
+    """Reload every embedding database the WebUI uses, so a new file works without a restart:
+    the loaded model's (Forge: its text-processing engines; A1111: ``sd_hijack``'s), the Extra
+    Networks page's and the API's (``/sdapi/v1/embeddings``)."""
+    done: list[str] = []
+    model = _loaded_model()
+    for attr in ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g"):
+        engine = getattr(model, attr, None) if model is not None else None
+        if engine is not None and getattr(engine, "embeddings", None) is not None:
+            _call_reload(engine.embeddings)
+            done.append(f"model:{attr}")
+    with contextlib.suppress(ImportError, AttributeError):
+        from modules import sd_hijack
+
+        db = sd_hijack.model_hijack.embedding_db
+        if model is not None and not done:
+            _call_reload(db, sync=True)
+            done.append("sd_hijack")
+    with contextlib.suppress(ImportError, AttributeError):
+        from modules import ui_extra_networks_textual_inversion as extra
+
+        if getattr(extra, "embedding_db", None) is not None:
+            _call_reload(extra.embedding_db)
+            done.append("extra_networks")
+    for db in _api_embedding_dbs:
+        _call_reload(db)
+        done.append("api")
+    return done
+
+
+class WebuiHost:
+    """``dpagg_core.webui.Host`` over the running WebUI."""
+
+    def __init__(self) -> None:
+        from modules import devices
+
+        self.device = str(getattr(devices, "device", "cpu"))
+
+    def progress(self, done: int, total: int, text: str) -> None:
+        st = shared.state
+        st.job_count = 1
+        st.job_no = 0
+        st.sampling_steps = max(1, int(total))
+        st.sampling_step = int(done)
+        st.textinfo = text
+
+    def cancelled(self) -> bool:
+        return bool(getattr(shared.state, "interrupted", False))
+
+    @contextlib.contextmanager
+    def model_off_device(self):
+        """Forge: its memory manager unloads every model from the GPU and loads the WebUI's model
+        back by itself at the next generation. A1111: ``sd_models.send_model_to_cpu`` (lowvram
+        aware) before, ``send_model_to_device`` after. Nothing to do on CPU."""
+        if not self.device.startswith(("cuda", "xpu", "mps")):
+            yield
+            return
+        from modules import sd_models
+
+        model = _loaded_model()
+        if _is_forge():
+            from backend import memory_management
+
+            memory_management.unload_all_models()
+            memory_management.soft_empty_cache()
+            yield
+            return
+        if model is not None:
+            sd_models.send_model_to_cpu(model)
+        try:
+            yield
+        finally:
+            if model is not None:
+                sd_models.send_model_to_device(model)
+
+    def reload_embeddings(self, path: Path) -> None:
+        done = reload_webui_embeddings()
+        print(f"[dpagg] released {path.name}; reloaded embedding databases: {', '.join(done)}")
+
+    def loaded_family(self) -> str | None:
+        model = _loaded_model()
+        if model is None:
+            return None
+        if getattr(model, "is_sdxl", False):
+            return "sdxl"
+        if getattr(model, "is_sd2", False):
+            return "sd2"
+        if getattr(model, "is_sd1", False):
+            return "sd1"
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# WebUI locations and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _data_dir() -> str:
+    from modules import paths_internal
+
+    return paths_internal.data_path
+
+
+def ledger_path() -> Path:
+    return core.ledger_path(_data_dir())
+
+
+def embeddings_dir() -> Path:
+    return Path(shared.cmd_opts.embeddings_dir)
+
+
+def checkpoint_choices() -> list[str]:
+    from modules import sd_models
+
+    return list(sd_models.checkpoint_tiles())
+
+
+def loaded_checkpoint_title() -> str:
+    model = _loaded_model()
+    if model is not None:
+        return str(model.sd_checkpoint_info.title)
+    return str(getattr(shared.opts, "sd_model_checkpoint", "") or "")
+
+
+def resolve_checkpoint(value: str) -> str:
+    """A checkpoint title of the WebUI's list, a file/folder path, or '' (the loaded model /
+    the selected one) -> a path for ``dpagg_core.models``."""
+    from modules import sd_models
+
+    value = (value or "").strip()
+    if not value:
+        model = _loaded_model()
+        if model is not None:
+            return str(model.sd_checkpoint_info.filename)
+        info = sd_models.select_checkpoint()
+        if info is None:
+            raise DpaggError("no checkpoint is loaded or selected; choose one in the WebUI")
+        return str(info.filename)
+    if os.path.exists(value):
+        return value
+    info = sd_models.get_closet_checkpoint_match(value)
+    if info is None:
+        raise DpaggError(f"checkpoint {value!r} is not in the WebUI's list nor a file path")
+    return str(info.filename)
+
+
+def settings(values: dict[str, Any]):
+    s = core.settings_from_dict(values)
+    import dataclasses
+
+    return dataclasses.replace(s, checkpoint=resolve_checkpoint(s.checkpoint))
+
+
+# ----------------------------------------------------------------------------------------------
+# Actions shared by the tab and the routes
+# ----------------------------------------------------------------------------------------------
+
+
+def plan(values: dict[str, Any]) -> dict[str, Any]:
+    try:
+        s = settings(values)
+    except DpaggError as exc:
+        view = {"ok": False, "error": str(exc), "exceeds": False}
+        return {**view, "html": core.plan_html(view)}
+    return core.plan_view(s, ledger=ledger_path(), loaded_family=WebuiHost().loaded_family())
+
+
+def generate_preview(word: str, steps: int, size: int, out: Path) -> Path:
+    """With/without grid rendered by the WebUI's own txt2img (released embedding only)."""
+    from modules import processing
+
+    model = _loaded_model() or shared.sd_model
+    if not size:
+        size = 1024 if getattr(model, "is_sdxl", False) else 512
+    pairs = []
+    for plain, styled in core.preview_prompts(word):
+        row = []
+        for prompt in (plain, styled):
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model,
+                prompt=prompt,
+                negative_prompt="",
+                seed=0,
+                steps=steps,
+                width=size,
+                height=size,
+                cfg_scale=7.0,
+                sampler_name="Euler",
+                batch_size=1,
+                n_iter=1,
+                do_not_save_samples=True,
+                do_not_save_grid=True,
+            )
+            try:
+                processed = processing.process_images(p)
+            finally:
+                with contextlib.suppress(Exception):
+                    p.close()
+            row.append(processed.images[0])
+        pairs.append(tuple(row))
+    return core.save_preview_grid(pairs, out)
+
+
+def run(values: dict[str, Any]) -> dict[str, Any]:
+    """One run (caller holds the WebUI's queue lock and has begun ``shared.state``)."""
+    s = settings(values)
+    host = WebuiHost()
+    report = core.run(s, ledger=ledger_path(), out_dir=embeddings_dir(), host=host)
+    if s.preview:
+        shared.state.textinfo = "preview: generating with and without the embedding"
+        out = Path(report.file).with_name(f"{report.name}.preview.png")  # the card's preview
+        if not out.exists():
+            generate_preview(report.prompt_word, s.preview_steps, s.preview_size, out)
+        report.preview = str(out)
+    return report.to_dict() | {"html": report.html()}
+
+
+def suggest(values: dict[str, Any]) -> dict[str, Any]:
+    s = settings(values)
+    return core.suggest_clip_norm(s, ledger=ledger_path(), host=WebuiHost())
+
+
+# ----------------------------------------------------------------------------------------------
+# Routes
+# ----------------------------------------------------------------------------------------------
+
+
+def _locked(fn, values: dict[str, Any], job: str):
+    from modules.call_queue import queue_lock
+
+    with queue_lock:
+        shared.state.begin(job=job)
+        try:
+            return fn(values)
+        finally:
+            shared.state.end()
+
+
+def on_app_started(_demo: Any, app: Any) -> None:
+    from fastapi import Body
+    from fastapi.responses import JSONResponse
+
+    for route in getattr(app, "routes", []):  # the API's embedding database (Forge: separate)
+        if getattr(route, "path", "") == "/sdapi/v1/refresh-embeddings":
+            db = getattr(getattr(route.endpoint, "__self__", None), "embedding_db", None)
+            if db is not None and db not in _api_embedding_dbs:
+                _api_embedding_dbs.append(db)
+
+    prefix = "/dpagg/v1"
+
+    def answer(fn, *args):
+        if IMPORT_ERROR:
+            return JSONResponse({"error": IMPORT_ERROR}, status_code=503)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            status = core.error_status(exc)
+            if status == 500:
+                raise
+            return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status)
+
+    @app.get(f"{prefix}/info")
+    def info() -> Any:
+        return answer(
+            lambda: {
+                "tab": core.TAB_TITLE,
+                "ledger": str(ledger_path()),
+                "embeddings_dir": str(embeddings_dir()),
+                "checkpoints": checkpoint_choices(),
+                "loaded_checkpoint": loaded_checkpoint_title(),
+                "defaults": core.Settings().__dict__,
+            }
+        )
+
+    @app.post(f"{prefix}/plan")
+    def plan_route(body: dict = Body(default={})) -> Any:  # noqa: B008 - FastAPI idiom
+        return answer(plan, body)
+
+    @app.post(f"{prefix}/budget")
+    def budget_route(body: dict = Body(default={})) -> Any:  # noqa: B008
+        def budget(values: dict[str, Any]) -> dict[str, Any]:
+            from dpagg_core.ledger import Ledger
+
+            n, dataset_id, warnings = core.scan_images(str(values.get("images", "")), ledger_path())
+            status = Ledger(ledger_path()).status(dataset_id)
+            return {"n": n, "dataset_id": dataset_id, "warnings": warnings, **status}
+
+        return answer(budget, body)
+
+    @app.post(f"{prefix}/run")
+    def run_route(body: dict = Body(default={})) -> Any:  # noqa: B008
+        return answer(_locked, run, body, "dpagg run")
+
+    @app.post(f"{prefix}/suggest-clip-norm")
+    def suggest_route(body: dict = Body(default={})) -> Any:  # noqa: B008
+        return answer(_locked, suggest, body, "dpagg suggest-clip-norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tab
+# ----------------------------------------------------------------------------------------------
+
+_FIELD_ORDER = (
+    "images",
+    "checkpoint",
+    "name",
+    "mode",
+    "epsilon",
+    "noise_multiplier",
+    "delta",
+    "sampling",
+    "m",
+    "q",
+    "releases",
+    "clip_norm",
+    "public_images",
+    "quantile",
+    "budget_epsilon",
+    "budget_delta",
+    "steps",
+    "learning_rate",
+    "vectors",
+    "initializer",
+    "templates",
+    "resolution",
+    "batch_size",
+    "seed",
+    "preview",
+    "preview_steps",
+    "preview_size",
+)
+
+
+def _js_kwargs(component: Any, fn_name: str) -> dict[str, str]:
+    """gradio 3 (A1111 1.10) calls the client-side hook ``_js``, gradio 4 (Forge) ``js``."""
+    params = inspect.signature(component.click).parameters
+    return {"js": fn_name} if "js" in params else {"_js": fn_name}
+
+
+def on_ui_tabs():
+    import gradio as gr
+
+    if IMPORT_ERROR:
+        with gr.Blocks(analytics_enabled=False) as tab:
+            gr.HTML(f"<div style='color:#d33'>{IMPORT_ERROR}</div>")
+        return [(tab, "Private style (DP)", ELEM)]
+
+    d = core.Settings()
+    from modules.call_queue import wrap_gradio_gpu_call
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            with gr.Column(scale=3):
+                comps: dict[str, Any] = {}
+                comps["images"] = gr.Textbox(
+                    label="Private image folder (never leaves this machine)",
+                    placeholder="/path/to/private/images",
+                    elem_id=f"{ELEM}_images",
+                )
+                with gr.Row():
+                    choices = checkpoint_choices()
+                    comps["checkpoint"] = gr.Dropdown(
+                        label="Checkpoint (default: the loaded one)",
+                        choices=choices,
+                        value=loaded_checkpoint_title() if choices else None,
+                        elem_id=f"{ELEM}_checkpoint",
+                    )
+                    comps["name"] = gr.Textbox(
+                        label="Embedding name (the prompt word)", value=d.name
+                    )
+                with gr.Row():
+                    comps["mode"] = gr.Radio(
+                        label="Privacy target",
+                        choices=[core.MODE_EPSILON, core.MODE_NOISE],
+                        value=d.mode,
+                    )
+                    comps["epsilon"] = gr.Number(label="epsilon", value=d.epsilon)
+                    comps["noise_multiplier"] = gr.Number(
+                        label="noise multiplier", value=d.noise_multiplier
+                    )
+                    comps["delta"] = gr.Number(label="delta", value=d.delta)
+                with gr.Row():
+                    comps["sampling"] = gr.Dropdown(
+                        label="Sampling", choices=["full", "wor", "poisson"], value=d.sampling
+                    )
+                    comps["m"] = gr.Number(label="m (wor)", value=d.m, precision=0)
+                    comps["q"] = gr.Number(label="q (poisson)", value=d.q)
+                    comps["releases"] = gr.Number(label="releases", value=d.releases, precision=0)
+                with gr.Row():
+                    comps["clip_norm"] = gr.Number(label="Clip norm C (public)", value=d.clip_norm)
+                    comps["public_images"] = gr.Textbox(
+                        label="PUBLIC folder for the clip-norm suggestion", placeholder="/path"
+                    )
+                    comps["quantile"] = gr.Number(label="quantile", value=d.quantile)
+                    suggest_btn = gr.Button("Suggest C from the public folder")
+                with gr.Row():
+                    comps["budget_epsilon"] = gr.Number(
+                        label="budget epsilon (0 = keep / this release's)", value=0
+                    )
+                    comps["budget_delta"] = gr.Number(label="budget delta (0 = keep)", value=0)
+                with gr.Accordion("Per-image textual inversion", open=False):
+                    with gr.Row():
+                        comps["steps"] = gr.Number(label="TI steps", value=d.steps, precision=0)
+                        comps["learning_rate"] = gr.Number(
+                            label="learning rate", value=d.learning_rate
+                        )
+                        comps["vectors"] = gr.Number(
+                            label="vectors per token", value=d.vectors, precision=0
+                        )
+                        comps["initializer"] = gr.Textbox(
+                            label="initializer word (public centre)", value=d.initializer
+                        )
+                    with gr.Row():
+                        comps["templates"] = gr.Dropdown(
+                            label="templates", choices=["style", "object"], value=d.templates
+                        )
+                        comps["resolution"] = gr.Number(
+                            label="resolution (0 = the model's)", value=0, precision=0
+                        )
+                        comps["batch_size"] = gr.Number(
+                            label="batch size", value=d.batch_size, precision=0
+                        )
+                        comps["seed"] = gr.Number(
+                            label="training seed (TI randomness only)", value=0, precision=0
+                        )
+                with gr.Accordion("Preview grid", open=False):
+                    with gr.Row():
+                        comps["preview"] = gr.Checkbox(label="with/without preview", value=True)
+                        comps["preview_steps"] = gr.Number(
+                            label="preview steps", value=d.preview_steps, precision=0
+                        )
+                        comps["preview_size"] = gr.Number(
+                            label="preview size (0 = the model's)", value=0, precision=0
+                        )
+            with gr.Column(scale=2):
+                plan_html = gr.HTML(
+                    "<div class='dpagg-plan'>choose the private image folder: the plan and the "
+                    "image set's budget show here before anything runs</div>",
+                    elem_id=f"{ELEM}_plan",
+                )
+                with gr.Row():
+                    run_btn = gr.Button("Train and release", variant="primary")
+                    stop_btn = gr.Button("Interrupt", elem_id=f"{ELEM}_interrupt")
+                gr.HTML(elem_id=f"{ELEM}_progress")
+                preview = gr.Image(label="Preview (without | with)", interactive=False)
+                result_html = gr.HTML(elem_id=f"{ELEM}_result")
+        id_task = gr.Textbox(visible=False, elem_id=f"{ELEM}_id_task")
+        inputs = [comps[k] for k in _FIELD_ORDER]
+
+        def values_of(args: tuple) -> dict[str, Any]:
+            return dict(zip(_FIELD_ORDER, args, strict=True))
+
+        def refresh_plan(*args: Any) -> str:
+            return plan(values_of(args))["html"]
+
+        for comp in inputs:
+            comp.change(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
+
+        def do_run(_id_task: str, *args: Any):
+            values = values_of(args)
+            try:
+                out = run(values)
+            except DpaggError as exc:
+                msg = f"<div style='color:#d33'><b>Nothing released:</b> {exc}</div>"
+                return None, plan(values)["html"], msg
+            return out.get("preview"), plan(values)["html"], out["html"]
+
+        run_btn.click(
+            fn=wrap_gradio_gpu_call(do_run, extra_outputs=[None, gr.update()]),
+            inputs=[id_task, *inputs],
+            outputs=[preview, plan_html, result_html],
+            **_js_kwargs(run_btn, "dpaggStartRun"),
+        )
+
+        def do_suggest(_id_task: str, *args: Any):
+            try:
+                out = suggest(values_of(args))
+            except DpaggError as exc:
+                return gr.update(), f"<div style='color:#d33'>{exc}</div>"
+            text = (
+                f"suggested C = {out['clip_norm']:.4g}: the {out['quantile']:.0%} quantile of "
+                f"{out['n_public']} PUBLIC images' distances to the centre (median "
+                f"{out['distances']['median']:.4g})"
+            )
+            return out["clip_norm"], text
+
+        suggest_btn.click(
+            fn=wrap_gradio_gpu_call(do_suggest, extra_outputs=[gr.update()]),
+            inputs=[id_task, *inputs],
+            outputs=[comps["clip_norm"], result_html],
+            **_js_kwargs(suggest_btn, "dpaggStartRun"),
+        )
+        stop_btn.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+    return [(tab, "Private style (DP)", ELEM)]
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)
