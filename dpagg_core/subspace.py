@@ -240,7 +240,7 @@ def save_public_embeddings(public: PublicEmbeddings, path: str | os.PathLike[str
     if public.initializer is not None:
         meta["initializer"] = public.initializer
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new_file(path, safetensors.torch.save(tensors, metadata=meta))
+    _write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
     return path
 
 
@@ -741,7 +741,7 @@ def save_basis(basis: PublicBasis, path: str | os.PathLike[str]) -> Path:
         "dpagg_version": __version__,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new_file(path, safetensors.torch.save(tensors, metadata=meta))
+    _write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
     return path
 
 

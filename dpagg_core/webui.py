@@ -40,6 +40,7 @@ import html
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,15 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def raise_budget_hint(path: Path, dataset_id: str) -> str:
+    """How a WebUI user raises a budget: the WebUI has no ``dpagg`` command on PATH, so the
+    exact module call with the WebUI's own Python, from the extension's folder."""
+    return (
+        f"from the extension folder (extensions/dpagg), run `{sys.executable} -m dpagg_core.cli "
+        f"ledger set-budget --ledger {path} --dataset {dataset_id} --epsilon E --delta D`"
+    )
 
 
 def _convert(name: str, value: Any, kind: type) -> Any:
@@ -348,6 +358,7 @@ def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) ->
         out.update(plan=plan.to_dict(), plan_text=plan_summary(plan))
         out["delta_warning"] = delta_warning(plan.delta, n)
         book = Ledger(ledger)
+        book.raise_hint = raise_budget_hint
         status = book.status(dataset_id)
         out["budget"] = {
             "total": status["budget"],
@@ -563,6 +574,7 @@ def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
         raise DpaggError("images: choose the folder of your PRIVATE images")
     plan = make_plan(s, images.count)
     book = Ledger(ledger)
+    book.raise_hint = raise_budget_hint
     try:
         book.check(images.dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta))
     except BudgetExceeded:

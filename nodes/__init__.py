@@ -1,5 +1,5 @@
 """dpagg's ComfyUI nodes (V3 API): Load Private Images, Per-Image TI, Clip Embeddings, Privacy
-Accountant, DP Aggregate, Privacy Ledger.
+Accountant, Public Basis, DP Aggregate, Privacy Ledger.
 
 Loaded by the pack's root ``__init__.py`` only when ComfyUI's ``comfy_api`` is importable. The
 nodes are a thin skin over ``dpagg_core``; when the pack is cloned into ``custom_nodes/`` (not

@@ -53,6 +53,7 @@ OUR_NODES = (
     "DpaggPrivacyAccountant",
     "DpaggAggregate",
     "DpaggPrivacyLedger",
+    "DpaggPublicBasis",
 )
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
@@ -118,6 +119,7 @@ def comfy(tmp_path_factory):
     (base / "custom_nodes" / "dpagg").symlink_to(REPO)
     write_images(base / "input" / "dpagg_it_images", 2)
     write_images(base / "input" / "dpagg_it_clip_images", 3, size=48)
+    write_images(base / "input" / "dpagg_it_basis", 2, seed=7)
     write_mixed_sizes(base / "input" / "dpagg_it_mixed")
     for kind in COMFYUI_KINDS:  # a folder per kind, and the same files in input/ for Load Image
         folder = base / "input" / f"dpagg_kind_{kind}"
@@ -480,6 +482,36 @@ def test_per_image_ti_and_release_on_sd2v_and_sdxl(comfy, family):
     assert "shape mismatch" not in log and f"embedding:{name} does not exist" not in log
     tokenize_release(folder, name, family)
     print(f"\n{family}: {res['seconds']} s")
+
+
+def test_public_basis_from_the_loaded_checkpoint_drives_dp_aggregate(comfy):
+    """Public Basis (token_table) on Load Checkpoint's MODEL/CLIP names the model exactly as
+    Per-Image TI does (else DP Aggregate would refuse it), and DP Aggregate releases in its
+    subspace with James-Stein post-processing; the record names basis and post-processing."""
+    api = small_style_api(comfy, "itbasis", budget=0.0, folder="dpagg_it_basis")
+    ckpt = node_of(api, "CheckpointLoaderSimple")
+    api["900"] = {
+        "class_type": "DpaggPublicBasis",
+        "inputs": {
+            "source": "token_table",
+            "k": 4,
+            "vectors": by_class(api, "DpaggPerImageTI")["vectors"],
+            "basis_file": "",
+            "model": [ckpt, 0],
+            "clip": [ckpt, 1],
+        },
+    }
+    by_class(api, "DpaggAggregate").update(basis=["900", 0], postprocess="js")
+    res = queue(comfy, api)
+    assert res["status"] == "success", res["errors"]
+    from safetensors import safe_open
+
+    with safe_open(comfy["base"] / "models" / "embeddings" / "itbasis.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["basis_kind"] == "token_table" and meta["basis_k"] == "4"
+    assert meta["base_model_id"].startswith("comfyui:sd1:")
+    assert meta["postprocess"] == "js" and len(meta["basis_sha256"]) == 64
+    print(f"\npublic basis release: {res['seconds']} s")
 
 
 def test_clip_workflow_end_to_end(comfy):

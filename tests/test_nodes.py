@@ -147,7 +147,7 @@ def test_root_init_imports_without_comfyui():
     assert out.stdout.strip() == "ok"
 
 
-def test_entrypoint_lists_five_nodes_with_types(pack):
+def test_entrypoint_lists_the_nodes_with_types(pack):
     import asyncio
 
     ext = asyncio.run(pack["nodes"].comfy_entrypoint())

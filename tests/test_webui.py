@@ -451,3 +451,12 @@ def test_every_embedding_database_is_reloaded(tmp_path, webui):
     else:  # A1111: the one database, synced with the loaded model
         assert out["done"] == ["sd_hijack", "api"]
         assert out["calls"] == [["sd_hijack", True, True], ["api", True, False]]
+
+
+def test_budget_refusals_name_the_way_that_works_in_the_webui():
+    """The WebUI puts no `dpagg` command on PATH: a refusal names the module call instead."""
+    from dpagg_core import webui
+
+    hint = webui.raise_budget_hint(Path("/x/ledger.sqlite"), "ds-1")
+    assert "-m dpagg_core.cli ledger set-budget --ledger /x/ledger.sqlite --dataset ds-1" in hint
+    assert "extensions/dpagg" in hint
