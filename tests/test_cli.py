@@ -212,3 +212,10 @@ def test_console_script_runs_demo_aggregation_only(tmp_path):
     assert "refused as expected" in proc.stdout
     assert (tmp_path / "embeddings" / "demo_style.safetensors").exists()
     assert not (tmp_path / "embeddings" / "demo_style_again.safetensors").exists()
+    # The demo releases with the library's default delta (1e-5), with no delta warning.
+    from dpagg_core.accountant import DEFAULT_DELTA
+    from dpagg_core.embeddings import read_released
+
+    _, record = read_released(tmp_path / "embeddings" / "demo_style.safetensors")
+    assert float(record["delta"]) == DEFAULT_DELTA
+    assert "fails completely" not in proc.stderr
