@@ -679,6 +679,20 @@ class Ledger:
     # ---- reads -------------------------------------------------------------------------------
 
     @staticmethod
+    def _upsert_budget(
+        con: sqlite3.Connection, dataset_id: str, epsilon: float, delta: float
+    ) -> None:
+        """Set ``dataset_id``'s budget, creating its row if needed (caller holds the lock)."""
+        now = _now()
+        con.execute(
+            "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, updated) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (dataset_id) DO UPDATE SET epsilon_total = "
+            "excluded.epsilon_total, delta_total = excluded.delta_total, updated = "
+            "excluded.updated",
+            (dataset_id, epsilon, delta, now, now),
+        )
+
+    @staticmethod
     def _budget(con: sqlite3.Connection, dataset_id: str) -> tuple[float, float] | None:
         row = con.execute(
             "SELECT epsilon_total, delta_total FROM datasets WHERE dataset_id = ?", (dataset_id,)
@@ -887,22 +901,17 @@ class Ledger:
         if old_id == new_id:
             return False
         with self._connect() as con:
+            if self._budget(con, old_id) is None:  # the usual case: no write lock taken
+                return False
             try:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    old = self._budget(con, old_id)
+                    old = self._budget(con, old_id)  # re-read under the write lock
                     if old is None:
                         return False
                     new = self._budget(con, new_id)
                     eps, delta = old if new is None else (min(old[0], new[0]), min(old[1], new[1]))
-                    now = _now()
-                    con.execute(
-                        "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, "
-                        "updated) VALUES (?, ?, ?, ?, ?) ON CONFLICT (dataset_id) DO UPDATE SET "
-                        "epsilon_total = excluded.epsilon_total, delta_total = "
-                        "excluded.delta_total, updated = excluded.updated",
-                        (new_id, eps, delta, now, now),
-                    )
+                    self._upsert_budget(con, new_id, eps, delta)
                     con.execute(
                         "UPDATE releases SET dataset_id = ? WHERE dataset_id = ?", (new_id, old_id)
                     )
@@ -944,14 +953,7 @@ class Ledger:
                             f"composition at delta={delta:g}) in {self.path}. Spent privacy cannot "
                             f"be taken back. Fix: choose a budget at least the spent amount."
                         )
-                    now = _now()
-                    con.execute(
-                        "INSERT INTO datasets (dataset_id, epsilon_total, delta_total, created, "
-                        "updated) VALUES (?, ?, ?, ?, ?) ON CONFLICT (dataset_id) DO UPDATE SET "
-                        "epsilon_total = excluded.epsilon_total, delta_total = "
-                        "excluded.delta_total, updated = excluded.updated",
-                        (dataset_id, epsilon, delta, now, now),
-                    )
+                    self._upsert_budget(con, dataset_id, epsilon, delta)
                     con.execute("COMMIT")
                 finally:
                     if con.in_transaction:

@@ -41,7 +41,8 @@ precision every released file stores, before it leaves :func:`dp_mean`: the same
 ``Release``, the ledger and the file. Measured: at 10^6 coordinates the float64 low-order mantissa
 bits of a release differ between two true means (chi-square p < 1e-300 with the mean at the
 centre vs 0.1 noise std away), because the noise's own float64 lattice shows through; after
-rounding to float32 (2^29 coarser) they do not (p spread over (0, 1); ``tests/test_mechanism.py``).
+rounding to float32 (2^29 coarser) they do not (p spread over (0, 1); rerun:
+``bench/release_low_bits.py``; tested in ``tests/test_published_precision.py``).
 Residual caveat: rounding is a deterministic function of the float64 value, so it is
 post-processing of the float64 mechanism and cannot remove a leak, only hide it below what 10^6
 samples show; an exact guarantee would need a discrete mechanism.
