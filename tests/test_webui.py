@@ -314,20 +314,26 @@ _STUBS = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("deps", ["present", "missing"])
-def test_extension_script_imports_with_or_without_dependencies(tmp_path, deps):
+def _run_script_with_stub_webui(code: str, mode: str, cwd: Path) -> dict:
+    """Run ``code`` (a stub-WebUI driver) in a fresh interpreter on the extension's script; its
+    last stdout line is JSON."""
     script = ROOT / "scripts" / "dpagg_webui_tab.py"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-c", _STUBS, deps, str(ROOT), str(script)],
+        [sys.executable, "-c", code, mode, str(ROOT), str(script)],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("deps", ["present", "missing"])
+def test_extension_script_imports_with_or_without_dependencies(tmp_path, deps):
+    out = _run_script_with_stub_webui(_STUBS, deps, tmp_path)
     assert out["registered"] == ["on_ui_tabs", "on_app_started"]
     if deps == "present":
         assert out["error"] is None
@@ -433,18 +439,7 @@ _RELOAD = textwrap.dedent(
 
 @pytest.mark.parametrize("webui", ["forge", "a1111"])
 def test_every_embedding_database_is_reloaded(tmp_path, webui):
-    script = ROOT / "scripts" / "dpagg_webui_tab.py"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _RELOAD, webui, str(ROOT), str(script)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_script_with_stub_webui(_RELOAD, webui, tmp_path)
     if webui == "forge":  # the model's engine, the Extra Networks page's and the API's
         assert out["done"] == ["model:text_processing_engine", "extra_networks", "api"]
         assert out["calls"] == ["model", ["extra", True, False], ["api", True, False]]
