@@ -111,6 +111,30 @@ def _check_float32_finite(t: torch.Tensor, what: str) -> None:
         raise DpaggError(f"{what} contains NaN or inf; re-run the per-image training for it")
 
 
+def _checked_centre(
+    centre: Any, vectors: Mapping[str, torch.Tensor], owner: str, *, cast: bool = False
+) -> dict[str, torch.Tensor]:
+    """The public ``centre`` ``{key: [v, dim]}`` of a set whose ``vectors`` are ``[n, v, dim]``,
+    validated (exactly the same keys, one embedding's shape, finite float32) and contiguous.
+    ``cast``: convert to float32 first instead of refusing another dtype."""
+    keys = list(vectors)
+    if not isinstance(centre, Mapping) or set(centre) != set(keys):
+        raise DpaggError(f"{owner}.centre must have exactly the keys {keys}")
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        c = _as_tensor(centre[key], f"centre[{key!r}]")
+        if cast:
+            c = c.to(torch.float32)
+        if tuple(c.shape) != tuple(vectors[key].shape[1:]):
+            raise DpaggError(
+                f"centre[{key!r}] has shape {tuple(c.shape)}; it must be "
+                f"{tuple(vectors[key].shape[1:])} (one [vectors, dim] embedding)"
+            )
+        _check_float32_finite(c, f"centre[{key!r}]")
+        out[key] = c.contiguous()
+    return out
+
+
 def _family_keys(model_family: str) -> tuple[str, ...]:
     if model_family not in KEYS_BY_FAMILY:
         raise DpaggError(f"model_family={model_family!r} is unknown; use one of {list(FAMILIES)}")
@@ -195,19 +219,7 @@ class EmbeddingSet:
             )
         self.vectors = vecs
         if self.centre is not None:
-            if not isinstance(self.centre, Mapping) or set(self.centre) != set(keys):
-                raise DpaggError(f"EmbeddingSet.centre must have exactly the keys {list(keys)}")
-            cen: dict[str, torch.Tensor] = {}
-            for key in keys:
-                c = _as_tensor(self.centre[key], f"centre[{key!r}]")
-                if tuple(c.shape) != tuple(vecs[key].shape[1:]):
-                    raise DpaggError(
-                        f"centre[{key!r}] has shape {tuple(c.shape)}; it must be "
-                        f"{tuple(vecs[key].shape[1:])} (one [vectors, dim] embedding)"
-                    )
-                _check_float32_finite(c, f"centre[{key!r}]")
-                cen[key] = c.contiguous()
-            self.centre = cen
+            self.centre = _checked_centre(self.centre, vecs, "EmbeddingSet")
         self._keys = keys
 
     # --- shapes -----------------------------------------------------------------------------

@@ -108,6 +108,7 @@ from .embeddings import (
     EmbeddingSet,
     _as_tensor,
     _check_float32_finite,
+    _checked_centre,
     _family_keys,
     _looks_like_prompt_folder,
     _write_new_file,
@@ -161,11 +162,9 @@ class PublicEmbeddings:
                 f"PublicEmbeddings.vectors for {self.model_family} must have exactly the keys "
                 f"{list(keys)}"
             )
-        if not isinstance(self.centre, Mapping) or set(self.centre) != set(keys):
-            raise DpaggError(f"PublicEmbeddings.centre must have exactly the keys {list(keys)}")
         if not isinstance(self.base_model_id, str):
             raise DpaggError("PublicEmbeddings.base_model_id must be a string")
-        vecs, cen, n, v = {}, {}, None, None
+        vecs, n, v = {}, None, None
         for key in keys:
             t = _as_tensor(self.vectors[key], f"vectors[{key!r}]").to(torch.float32)
             if t.dim() != 3:
@@ -175,13 +174,8 @@ class PublicEmbeddings:
                 n, v = int(t.shape[0]), int(t.shape[1])
             elif (int(t.shape[0]), int(t.shape[1])) != (n, v):
                 raise DpaggError("every key of PublicEmbeddings needs the same [n, v]")
-            c = _as_tensor(self.centre[key], f"centre[{key!r}]").to(torch.float32)
-            if tuple(c.shape) != tuple(t.shape[1:]):
-                raise DpaggError(
-                    f"centre[{key!r}] has shape {tuple(c.shape)}; expected {tuple(t.shape[1:])}"
-                )
-            _check_float32_finite(c, f"centre[{key!r}]")
-            vecs[key], cen[key] = t.contiguous(), c.contiguous()
+            vecs[key] = t.contiguous()
+        cen = _checked_centre(self.centre, vecs, "PublicEmbeddings", cast=True)
         self.vectors, self.centre, self._keys = vecs, cen, keys
 
     @property
