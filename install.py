@@ -1,12 +1,22 @@
 """Installer for the Stable Diffusion WebUI extension (AUTOMATIC1111 / Forge run it at start).
 
-Installs only what ``dpagg_core`` needs (``requirements.txt``, plus dp-accounting with
-``--no-deps``: it pins attrs<24, which would downgrade the host's attrs) and the WebUI lacks, with
-the WebUI's own helper ``launch.run_pip`` (plain ``pip`` when run elsewhere, e.g. by
-ComfyUI-Manager). It never installs, upgrades or downgrades the packages the WebUI pins: torch,
-torchvision, transformers, diffusers, numpy and Pillow are passed to pip as constraints at their
-installed versions, so a dependency that wanted another version makes pip fail instead of changing
-the WebUI. With everything present it runs no pip at all (works offline).
+Installs only what ``dpagg_core`` needs and the host lacks, with the WebUI's own helper
+``launch.run_pip`` (plain ``pip`` when run elsewhere, e.g. by ComfyUI-Manager):
+
+- ``requirements.txt`` into the host's environment;
+- dp-accounting, unless ``dp_accounting`` is importable already, with ``--no-deps --target
+  <pack>/_deps``: a git-ignored folder of the pack that pip does not treat as part of the
+  environment. Every dp-accounting release pins attrs<24; installed into the environment, even
+  with ``--no-deps``, its metadata would make ``pip check`` report the host's newer attrs
+  (ComfyUI has attrs 26). Its other dependencies are in ``requirements.txt``; ``dpagg_core``
+  appends ``_deps`` to ``sys.path`` when it needs it (``dpagg_core/__init__.py``).
+
+So installing the pack changes no installed package and leaves ``pip check`` as it was (the
+real-ComfyUI CI, ``.ci/comfyui``, checks both). It never installs, upgrades or downgrades the
+packages the WebUI pins: torch, torchvision, transformers, diffusers, numpy and Pillow are passed
+to pip as constraints at their installed versions, so a dependency that wanted another version
+makes pip fail instead of changing the WebUI. With everything present (``_deps`` included) it runs
+no pip at all (works offline).
 """
 
 from __future__ import annotations
@@ -23,14 +33,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The CLIP BPE vocabulary: any of these packages ships it (A1111/Forge have open-clip-torch).
 CLIP_VOCAB_PROVIDERS = ("clip", "open_clip")
-CLIP_VOCAB_SPEC = ("clip-anytorch", "--no-deps")
+CLIP_VOCAB_SPEC = ("clip-anytorch", ("--no-deps",))
 # Versions the WebUI pins: never installed, upgraded or downgraded here (dpagg_core works with
 # Forge's transformers 4.46.1, diffusers 0.31.0, numpy 1.26.2 and Pillow 9.5.0).
 PROTECTED = ("torch", "torchvision", "transformers", "diffusers", "numpy", "pillow")
-# Installed with --no-deps: (distribution, minimum, import name). dp-accounting pins attrs<24 in
-# every release, and pip would downgrade the host's attrs; its other dependencies are in
-# requirements.txt (and the accountant is tested under attrs 26 in the real-ComfyUI CI).
-NO_DEPS = (("dp-accounting", "0.4.4", "dp_accounting"),)
+# Installed with --no-deps into the pack's own DEPS folder: (distribution, minimum, import name).
+# dp-accounting pins attrs<24 in every release: in the environment pip would downgrade the host's
+# attrs, or (with --no-deps) `pip check` would report it. Its other dependencies are in
+# requirements.txt (the accountant is tested under attrs 26 in the real-ComfyUI CI).
+PACK_LOCAL = (("dp-accounting", "0.4.4", "dp_accounting"),)
+# git-ignored; dpagg_core/__init__.py appends it to sys.path when dp_accounting is not importable
+DEPS = HERE / "_deps"
 # distribution -> import name, where they differ
 MODULES = {"attrs": "attr", "dp-accounting": "dp_accounting", "pillow": "PIL"}
 
@@ -62,22 +75,34 @@ def _installed_version(dist: str) -> str | None:
         return None
 
 
-def missing() -> list[tuple[str, str]]:
-    """(pip spec, extra options) of every requirement that is absent or too old."""
+def _version_in(folder: Path, dist: str) -> str | None:
+    """The version of ``dist`` installed in ``folder`` by ``pip install --target``, if any."""
+    for found in importlib.metadata.distributions(name=dist, path=[str(folder)]):
+        return found.version
+    return None
+
+
+def missing() -> list[tuple[str, tuple[str, ...]]]:
+    """(pip spec, extra pip options) of every requirement that is absent or too old."""
     todo = []
     for dist, minimum, spec in requirements():
         version = _installed_version(dist)
         module = MODULES.get(dist, dist.replace("-", "_"))
         if version is None and importlib.util.find_spec(module) is None:
-            todo.append((spec, ""))
+            todo.append((spec, ()))
         elif version is not None and _version_tuple(version) < _version_tuple(minimum):
-            todo.append((spec, ""))
-    for dist, minimum, module in NO_DEPS:
+            todo.append((spec, ()))
+    for dist, minimum, module in PACK_LOCAL:
         version = _installed_version(dist)
-        if (version is None and importlib.util.find_spec(module) is None) or (
-            version is not None and _version_tuple(version) < _version_tuple(minimum)
-        ):
-            todo.append((f"{dist}>={minimum}", "--no-deps"))
+        if version is None and importlib.util.find_spec(module) is None:
+            # Not in the environment: the pack's own copy, (re)installed when absent or too old.
+            local = _version_in(DEPS, dist)
+            if local is None or _version_tuple(local) < _version_tuple(minimum):
+                target = ("--no-deps", "--upgrade", "--target", str(DEPS))
+                todo.append((f"{dist}>={minimum}", target))
+        elif version is not None and _version_tuple(version) < _version_tuple(minimum):
+            # The host's own copy is too old (and would shadow _deps): upgraded where it is.
+            todo.append((f"{dist}>={minimum}", ("--no-deps",)))
     # Inside ComfyUI (custom_nodes/<pack>) dpagg_core reads ComfyUI's own tokenizer files;
     # clip-anytorch there would leave `pip check` complaining (it requires ftfy).
     in_comfyui = (HERE.parent.parent / "comfy" / "sd1_tokenizer" / "vocab.json").is_file()
@@ -100,17 +125,20 @@ def constraints_file() -> str:
     return path
 
 
-def install(spec: str, extra: str, constraints: str) -> None:
-    args = f'install "{spec}" {extra} --constraint "{constraints}"'.replace("  ", " ")
+def install(spec: str, extra: tuple[str, ...], constraints: str) -> None:
+    """``pip install spec *extra --constraint constraints`` (``extra``: e.g. ``--target DEPS``)."""
     try:
         import launch  # the WebUI's launcher module (on PYTHONPATH when the WebUI runs us)
-
+    except ImportError:
+        launch = None
+    if launch is not None:
+        # run_pip passes one command line to the shell: quote every value (paths may have spaces;
+        # double quotes work in sh and in cmd.exe).
+        words = [spec, *extra, "--constraint", constraints]
+        args = "install " + " ".join(w if w.startswith("-") else f'"{w}"' for w in words)
         launch.run_pip(args, f"dpagg requirement: {spec}")
         return
-    except ImportError:
-        pass
-    cmd = [sys.executable, "-m", "pip", "install", spec, "--constraint", constraints]
-    cmd += extra.split()
+    cmd = [sys.executable, "-m", "pip", "install", spec, *extra, "--constraint", constraints]
     subprocess.run(cmd, check=True)
 
 

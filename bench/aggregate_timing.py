@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpagg_core.accountant import calibrate
-from dpagg_core.embeddings import EmbeddingSet, dataset_id_for
+from dpagg_core.calibration import calibrate
+from dpagg_core.embeddings import EmbeddingSet
+from dpagg_core.images import dataset_id_for
 from dpagg_core.ledger import Ledger
 from dpagg_core.mechanism import dp_mean
 from dpagg_core.release import release_embeddings

@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 
-from dpagg_core import accountant
+from dpagg_core import accountant, calibration
 
 TARGET_S = 0.5
 DELTA_N = 1000  # n; delta = 1 / (10 n)
@@ -65,7 +65,7 @@ def main() -> None:
 
                 def run(kw=kw, target=target) -> None:
                     nonlocal plan
-                    plan = accountant.calibrate(target, delta, n, **kw)
+                    plan = calibration.calibrate(target, delta, n, **kw)
 
                 w, c = _cold(run)
                 walls.append(w)

@@ -292,7 +292,7 @@ def _release(out: Path, style: str, n: int, seed: int) -> None:
 
 
 def run(s: Settings, out: Path) -> list[dict]:
-    from dpagg_core import accountant, dpsgd, mechanism, postprocess, subspace
+    from dpagg_core import calibration, dpsgd, mechanism, postprocess, subspace
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "results.jsonl"
@@ -390,9 +390,9 @@ def run(s: Settings, out: Path) -> list[dict]:
                             c = ctx.clip_norm
                             if method == "dpagg_wor":
                                 m = max(2, int(round(s.wor_fraction * n)))
-                                plan = accountant.calibrate(eps, delta, n, "wor", m=m)
+                                plan = calibration.calibrate(eps, delta, n, "wor", m=m)
                             else:
-                                plan = accountant.calibrate(eps, delta, n, "full")
+                                plan = calibration.calibrate(eps, delta, n, "full")
                             if method.startswith("dpagg_sub"):
                                 c = ctx.sub_clip_norm
                                 rel = subspace.dp_mean_projected(

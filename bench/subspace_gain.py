@@ -260,7 +260,7 @@ def flat(pe) -> np.ndarray:
 
 
 def run(args) -> dict:
-    from dpagg_core.accountant import calibrate
+    from dpagg_core.calibration import calibrate
     from dpagg_core.diffusers_backend import DiffusersBackend
     from dpagg_core.mechanism import dp_mean
     from dpagg_core.models import base_model_id_of
@@ -363,7 +363,7 @@ def centre_compare(args, pes: dict, allb: dict, c: np.ndarray, bid: str, layout)
     table), ``cos_p`` (centred on p: the part of the style that public data does not already
     give) and ``se`` = ||release - m||^2.
     """
-    from dpagg_core.accountant import calibrate
+    from dpagg_core.calibration import calibrate
     from dpagg_core.mechanism import dp_mean
     from dpagg_core.postprocess import apply
     from dpagg_core.subspace import dp_mean_projected, public_mean_centre

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from dpagg_core import accountant, mechanism
+    from dpagg_core import calibration, mechanism
 
     s = rp.Settings(styles=list(STYLES))
     ctx = rp.make_context(s)  # judge references for the public styles, the public centre
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cos150": cos,
             }
             for eps in args.epsilons:
-                plan = accountant.calibrate(eps, n=args.n)
+                plan = calibration.calibrate(eps, n=args.n)
                 accs = [
                     rp.evaluate(
                         ctx,

@@ -15,7 +15,7 @@ steps (real runs take thousands, so the one-time encoding is over-weighted here)
 models in turn (target: ratio >= 5 at N = 16 on 2 cores), both with SD1.x's layout
 (cross-attention at the full-resolution level, 16 x 16 latents = 256 tokens):
 
-* ``tiny``: ``dpagg_core.tiny`` as the tests use it, 8 heads of width 4 (and 8). PyTorch's CPU
+* ``tiny``: ``tests/tiny_models.py`` as the tests use it, 8 heads of width 4 (and 8). PyTorch's CPU
   flash attention is inefficient for such narrow heads: ~60% of a batched step (``--profile``), a
   per-image cost that batching cannot remove, which caps the ratio; the alternatives
   (``--attention math|classic``) are slower still;
@@ -36,6 +36,7 @@ import random
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -123,7 +124,8 @@ MODELS = (*TINY_HEADS, "sd15")
 
 def build(model: str, device: torch.device, weight_dtype: torch.dtype):
     if model in TINY_HEADS:
-        from dpagg_core.tiny import tiny_pipeline
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tiny_models import tiny_pipeline  # test support: tests/tiny_models.py
 
         pipe = tiny_pipeline(heads=TINY_HEADS[model])
     else:

@@ -4,10 +4,12 @@ because it pins attrs<24, see README).
 
 A release is the clipped mean of a public-size sample of per-image embeddings plus Gaussian noise
 of standard deviation ``z * Delta``, where ``Delta`` is the L2 sensitivity of that mean under the
-plan's neighbouring relation and ``z`` is the plan's ``noise_multiplier``. This module converts
-between ``z`` and ``(epsilon, delta)``; every bound comes from dp-accounting (no hand-written RDP or
-PLD), and every number it reports is a valid upper bound on the true epsilon (pessimistic PLD
-discretisation, a finite RDP order set, a safety margin on root-finder tolerances).
+plan's neighbouring relation and ``z`` is the plan's ``noise_multiplier``. This module gives
+the ``(epsilon, delta)`` of a ``z`` (:func:`epsilon_for`; the reverse search, the least ``z`` for a
+target epsilon, is :mod:`dpagg_core.calibration`) and validates plans (:meth:`PrivacyPlan.check`);
+every bound comes from dp-accounting (no hand-written RDP or PLD), and every number it reports is
+a valid upper bound on the true epsilon (pessimistic PLD discretisation, a finite RDP order set,
+a safety margin on root-finder tolerances).
 
 Modes (``sampling``; ``k = releases``; replace-one adjacency with ``n`` public unless stated):
 
@@ -56,12 +58,11 @@ import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.optimize
 from dp_accounting import dp_event, gaussian_mechanism
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.privacy_accountant import NeighboringRelation
@@ -104,12 +105,12 @@ RDP_ORDERS: tuple[float, ...] = (
     14.0, 16.0, 18.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 64.0,
 )  # fmt: skip
 RDP_HIGH_ORDERS: tuple[float, ...] = (80.0, 96.0, 128.0, 160.0, 192.0, 256.0)
-_RDP_ALL_ORDERS = RDP_ORDERS + RDP_HIGH_ORDERS
 
 # PLD value-discretisation interval. Pessimistic discretisation keeps the bound valid for any
 # interval; its slack after k-fold composition is roughly k * interval^2 (measured), so the
-# interval shrinks as sqrt(PLD_SLACK / k) between these limits. Calibration first brackets z on a
-# coarser grid (PLD_COARSE_SLACK, up to PLD_COARSE_MAX), then refines on the reported one.
+# interval shrinks as sqrt(PLD_SLACK / k) between these limits. Calibration (``calibration``)
+# first brackets z on a coarser grid (PLD_COARSE_SLACK, up to PLD_COARSE_MAX), then refines on the
+# reported one.
 PLD_MAX_INTERVAL = 1e-2
 PLD_MIN_INTERVAL = 1e-3
 PLD_SLACK = 2e-3
@@ -118,8 +119,6 @@ PLD_COARSE_SLACK = 5e-2
 
 # brentq tolerances are absolute in the root; this margin covers them (xtol=1e-12 plus 4 ulp).
 _ROOT_MARGIN = 1e-10
-_LOG_XTOL = 1e-3  # calibration: relative precision of z (0.1 %)
-_COARSE_LOG_XTOL = 5e-3  # bracketing stage on the coarse PLD grid
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,11 @@ class PrivacyPlan:
     mean under replace-one adjacency (2C/m for wor, 2C/n for full, 2C/(qn) for poisson).
     ``epsilon`` is the total over ``releases`` releases at ``delta``.
 
-    ``neighbouring`` is always ``'replace_one'`` for plans built by :func:`calibrate` /
-    :func:`epsilon_for`. The dataclass itself accepts a legacy ``'add_remove'`` so that plans
-    stored by older versions (ledger rows) still load; :func:`check_neighbouring` refuses them
-    everywhere a plan is used for a new release.
+    ``neighbouring`` is always ``'replace_one'`` for plans built by
+    :func:`~dpagg_core.calibration.calibrate` / :func:`epsilon_for`. The dataclass itself accepts
+    anything, so that plans stored by older versions (ledger rows, e.g. a legacy ``'add_remove'``)
+    still load; :meth:`check` is the one validator every use of a plan for a new release runs
+    (the mechanism, the ledger, the audit).
     """
 
     sampling: Sampling
@@ -172,6 +172,41 @@ class PrivacyPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> PrivacyPlan:
+        """The plan's one validator: the plan, or DpaggError naming the field and the fix.
+
+        A valid plan has ints ``n``, ``releases`` (and ``m``), finite numbers ``delta``,
+        ``noise_multiplier``, ``epsilon`` (and ``q``), the relation ``'replace_one'``
+        (:func:`check_neighbouring`; a legacy stored plan fails here), the public parameters
+        :func:`check_parameters` accepts (so every plan the accountant builds passes), noise
+        multiplier > 0 and epsilon >= 0. The noise-multiplier range the accountant plans with
+        (:func:`check_noise_multiplier`) is its own rule, not the plan's.
+        """
+        check_neighbouring(self.neighbouring, "plan.neighbouring")
+        ints = ("n", "releases") + (("m",) if self.m is not None else ())
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DpaggError(f"plan.{name}={value!r}; it must be an integer.")
+        reals = ("delta", "noise_multiplier", "epsilon") + (("q",) if self.q is not None else ())
+        for name in reals:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DpaggError(f"plan.{name}={value!r}; it must be a number.")
+            if not math.isfinite(value):
+                raise DpaggError(f"plan.{name}={value!r}; it must be finite.")
+        check_parameters(
+            self.delta, self.n, self.sampling, self.m, self.q, self.releases, self.neighbouring
+        )
+        if self.noise_multiplier <= 0:
+            raise DpaggError(
+                f"plan.noise_multiplier={self.noise_multiplier!r}; it must be > 0 "
+                "(no noise = no DP)."
+            )
+        if self.epsilon < 0:
+            raise DpaggError(f"plan.epsilon={self.epsilon!r}; it must be >= 0.")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +277,7 @@ def check_neighbouring(value: object, where: str = "neighbouring") -> str:
     )
 
 
-def _validate(
+def check_parameters(
     delta: object,
     n: object,
     sampling: object,
@@ -250,20 +285,31 @@ def _validate(
     q: object,
     releases: object,
     neighbouring: object,
+    *,
+    n_known: bool = True,
 ) -> _Setting:
+    """The public parameters of a plan, validated (DpaggError naming the parameter and the fix)
+    and normalised: the rules of :meth:`PrivacyPlan.check`, for inputs that are not a plan yet
+    (the accountant's entry points, the ComfyUI Privacy Accountant's widgets).
+
+    ``n_known=False``: n is not known yet (it will come from the embedding set), so the rules
+    that involve it (n >= 2, delta < 1/n, m <= n) are left to the plan; ``n`` is then ignored.
+    """
     if sampling not in SAMPLINGS:
         raise DpaggError(
             f"sampling={sampling!r} is unknown; use 'full' (mean of all n items), 'wor' (mean of "
             "m items drawn without replacement) or 'poisson' (each item kept with probability q)."
         )
     check_neighbouring(neighbouring)
-    n_i = _as_int(n, "n", "n is the number of private items (images), at least 2.")
-    if n_i < 2:
-        raise DpaggError(f"n={n_i} is too small: a private mean needs at least n=2 items.")
+    n_i: int | None = None
+    if n_known:
+        n_i = _as_int(n, "n", "n is the number of private items (images), at least 2.")
+        if n_i < 2:
+            raise DpaggError(f"n={n_i} is too small: a private mean needs at least n=2 items.")
     d = _as_float(delta, "delta", "pick delta well below 1/n, e.g. 1/(10n).")
     if not 0.0 < d < 1.0:
         raise DpaggError(f"delta={d!r} must lie strictly between 0 and 1; e.g. 1/(10n).")
-    if d >= 1.0 / n_i:
+    if n_i is not None and d >= 1.0 / n_i:
         raise DpaggError(
             f"delta={d:g} is at least 1/n = 1/{n_i}: a delta of 1/n or more permits releasing "
             f"one person's data outright. Pick delta << 1/n, e.g. 1/(10n) = {1.0 / (10 * n_i):.3g}."
@@ -293,7 +339,7 @@ def _validate(
         m_i = _as_int(m, "m", f"m is the sample size, 1 <= m <= n={n_i}.")
         if m_i < 1:
             raise DpaggError(f"m={m_i} must be at least 1 (sample size drawn from n={n_i}).")
-        if m_i > n_i:
+        if n_i is not None and m_i > n_i:
             raise DpaggError(
                 f"m={m_i} exceeds n={n_i}: a sample without replacement cannot be larger than "
                 f"the set; pick m <= {n_i} (or sampling='full' for all items)."
@@ -317,10 +363,11 @@ def _validate(
                 "m was given with sampling='poisson', which uses the rate q; omit m, or use "
                 "sampling='wor' for a fixed sample size."
             )
-    return _Setting(str(sampling), n_i, d, k, m_i, q_f, str(neighbouring))
+    return _Setting(str(sampling), n_i, d, k, m_i, q_f, str(neighbouring))  # type: ignore[arg-type]
 
 
-def _check_noise_multiplier(noise_multiplier: object) -> float:
+def check_noise_multiplier(noise_multiplier: object) -> float:
+    """``noise_multiplier`` as a float if the accountant plans with it: 0.1 <= z <= 1e7."""
     z = _as_float(noise_multiplier, "noise_multiplier", "it is noise std / sensitivity, e.g. 1-10.")
     if not z > 0.0:
         raise DpaggError(
@@ -356,13 +403,6 @@ def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
     with np.errstate(divide="ignore", over="ignore"):  # log1p(-1) at eps = 0 inside the library
         eps = float(gaussian_mechanism.get_epsilon_gaussian(sigma, delta, tol=1e-12))
     return eps + _ROOT_MARGIN * (1.0 + eps) if eps > 0 else eps
-
-
-def _analytic_gaussian_sigma(epsilon: float, delta: float) -> float:
-    """Least sigma with analytic-Gaussian epsilon <= ``epsilon`` (up to the root finder's slack,
-    which callers remove with :func:`_nudge`)."""
-    with np.errstate(divide="ignore", over="ignore"):
-        return float(gaussian_mechanism.get_sigma_gaussian(epsilon, delta, tol=1e-12))
 
 
 def _pld_interval(count: int, coarse: bool = False) -> float:
@@ -531,8 +571,8 @@ def epsilon_for(
       * poisson: PLD of the Poisson-subsampled Gaussian, k-fold.
     Raises DpaggError on bad input (the message names the parameter and the fix).
     """
-    s = _validate(delta, n, sampling, m, q, releases, neighbouring)
-    z = _check_noise_multiplier(noise_multiplier)
+    s = check_parameters(delta, n, sampling, m, q, releases, neighbouring)
+    z = check_noise_multiplier(noise_multiplier)
     eps, acc = _epsilon(z, s)
     return _plan(z, eps, acc, s)
 
@@ -551,14 +591,15 @@ def profile_epsilon(
     bound to hold. The audit (``dpagg_core.audit``) tests the profile at a delta where its
     statistics have power. Raises DpaggError on a bad plan, delta or noise multiplier.
     """
-    s = _validate(
+    plan.check()
+    s = check_parameters(
         plan.delta, plan.n, plan.sampling, plan.m, plan.q, plan.releases, plan.neighbouring
     )
     d = _as_float(delta, "delta", "delta must lie strictly between 0 and 1.")
     if not 0.0 < d < 1.0:
         raise DpaggError(f"delta={d!r} must lie strictly between 0 and 1.")
     z_in = plan.noise_multiplier if noise_multiplier is None else noise_multiplier
-    z = _check_noise_multiplier(z_in)
+    z = check_noise_multiplier(z_in)
     return _epsilon(z, dataclasses.replace(s, delta=d))[0]
 
 
@@ -577,226 +618,10 @@ def rdp_wor_epsilon(
     This is the RDP-WOR value :func:`epsilon_for` uses for k > 1; for one release it is reported
     next to the BBG18 bound (which tests find never above it).
     """
-    s = _validate(delta, n, "wor", m, None, releases, "replace_one")
-    z = _check_noise_multiplier(noise_multiplier)
+    s = check_parameters(delta, n, "wor", m, None, releases, "replace_one")
+    z = check_noise_multiplier(noise_multiplier)
     assert s.m is not None
     return _rdp_wor(z, s.n, s.m, s.releases, s.delta)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Calibration
-# --------------------------------------------------------------------------------------------
-
-
-def _nudge(eps_fn: Callable[[float], float], target: float, z: float) -> float:
-    """Raise z by tiny relative steps until eps_fn(z) <= target (root-finder slack)."""
-    factor = 1e-9
-    while eps_fn(z) > target:
-        z *= 1.0 + factor
-        factor *= 4.0
-        if z > MAX_NOISE_MULTIPLIER:
-            raise DpaggError(f"could not reach target_epsilon={target:g}; choose a larger epsilon.")
-    return z
-
-
-def _solve(
-    eps_fn: Callable[[float], float],
-    target: float,
-    z0: float,
-    xtol: float = _LOG_XTOL,
-    slope: float = -1.0,
-) -> tuple[float, float]:
-    """(z, slope): a z with eps_fn(z) <= target and eps_fn(z) ~ target, for eps_fn decreasing.
-
-    Works on g(log z) = log eps - log target, which is nearly linear: secant steps (starting
-    from ``slope`` = dg / dlog z, overshooting a little, at most a factor e at first, bolder
-    after each miss) until the root is bracketed, then scipy's Brent to ``xtol`` in log z.
-    Returns the first evaluated z whose epsilon is within a factor exp(-xtol) below the target,
-    else the least evaluated z that met the target: every returned z has been checked. z is
-    clamped to [MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER]; returns MIN_NOISE_MULTIPLIER if even
-    that meets the target. The slope estimate is returned to seed a finer search.
-    """
-    lo_bound, hi_bound = math.log(MIN_NOISE_MULTIPLIER), math.log(MAX_NOISE_MULTIPLIER)
-    log_t = math.log(target)
-    accepted: list[float] = []  # every log z seen to meet the target
-
-    def g(lz: float) -> float:
-        e = eps_fn(math.exp(lz))
-        # Clamped to +-50 so that epsilon 0 (exact (0, delta)-DP) and inf stay finite for Brent.
-        out = math.log(e) - log_t if 0 < e < math.inf else (50.0 if e > 0 else -50.0)
-        out = min(max(out, -50.0), 50.0)
-        if out <= 0:
-            accepted.append(lz)
-            if out >= -xtol:  # epsilon within a factor e^-xtol of the target: done
-                raise _Found
-        return out
-
-    try:
-        return _solve_inner(g, z0, lo_bound, hi_bound, xtol, slope, accepted, target)
-    except _Found:
-        return math.exp(accepted[-1]), slope
-
-
-class _Found(Exception):
-    """Raised by _solve's objective once a z is close enough (stops Brent early)."""
-
-
-def _solve_inner(
-    g: Callable[[float], float],
-    z0: float,
-    lo_bound: float,
-    hi_bound: float,
-    xtol: float,
-    slope: float,
-    accepted: list[float],
-    target: float,
-) -> tuple[float, float]:
-    a = min(max(math.log(z0), lo_bound), hi_bound)
-    ga = g(a)
-    overshoot, max_step = 1.2, 1.0
-    while True:
-        if ga == 0:
-            return math.exp(a), slope
-        if math.isfinite(ga):
-            step = -overshoot * ga / (slope if slope < 0 else -1.0)
-            step += 0.005 if ga > 0 else -0.005
-            step = math.copysign(min(abs(step), max_step), step)
-        else:
-            step = max_step if ga > 0 else -max_step
-        b = min(max(a + step, lo_bound), hi_bound)
-        if b == a:  # stuck at a bound
-            if ga < 0:
-                return MIN_NOISE_MULTIPLIER, slope  # even the least noise meets the target
-            raise DpaggError(
-                f"target_epsilon={target:g} needs a noise multiplier above "
-                f"{MAX_NOISE_MULTIPLIER:g}: the release would be pure noise. Choose a larger "
-                "epsilon (e.g. 1-8), a larger delta (still << 1/n) or fewer releases."
-            )
-        gb = g(b)
-        if math.isfinite(ga) and math.isfinite(gb) and (gb - ga) / (b - a) < 0:
-            slope = (gb - ga) / (b - a)
-        if (ga > 0) != (gb > 0):
-            break
-        a, ga, overshoot, max_step = b, gb, overshoot * 1.5, max_step * 2.0
-    lo, hi = (a, b) if ga > 0 else (b, a)
-    scipy.optimize.brentq(g, lo, hi, xtol=xtol, rtol=1e-12)
-    # Brent stops within xtol of the sign change; the smallest log z it saw meet the target is
-    # the answer (hi, at worst), so no z is returned without having been checked.
-    return math.exp(min(lz for lz in accepted if lo <= lz <= hi)), slope
-
-
-def _rdp_window(order: float) -> tuple[float, ...]:
-    """The orders of the full RDP set within a factor 1.6 of ``order`` (at least three)."""
-    window = tuple(o for o in _RDP_ALL_ORDERS if order / 1.6 <= o <= order * 1.6)
-    if len(window) >= 3:
-        return window
-    nearest = sorted(_RDP_ALL_ORDERS, key=lambda o: abs(math.log(o / order)))[:3]
-    return tuple(sorted(nearest))
-
-
-def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
-    """z from the WBK19 RDP bound, or ``z_other`` when RDP cannot beat it.
-
-    eps = min(rdp(z), other(z)) with both decreasing, so the calibrated z is min(z_rdp, z_other).
-    Searching over the full order set is slow, so the search runs on a window of orders (a
-    subset: its epsilon is >= the full set's, so a z it accepts is accepted by the full set too),
-    first around the order the (eps, delta) conversion favours at the target, then re-centred on
-    the full set's optimal order until that order lies in the window.
-    """
-    assert s.m is not None
-    n, m, k, d = s.n, s.m, s.releases, s.delta
-    eps_base, _ = _rdp_wor_orders(z_other, n, m, k, d, RDP_ORDERS)
-    if eps_base >= target and _rdp_wor(z_other, n, m, k, d)[0] >= target:
-        return z_other  # RDP needs at least as much noise
-    # Amplification by sampling at rate p = m/n scales the noise needed by roughly p: start near
-    # 2p z_other. The (eps, delta) conversion costs about log(1/delta) / (alpha - 1), so the
-    # optimal order at epsilon = target is near 1 + c log(1/delta) / target, c in [1, 2].
-    z = max(min(z_other, 2.0 * (m / n) * z_other), MIN_NOISE_MULTIPLIER)
-    window = _rdp_window(1.0 + 1.4 * math.log(1.0 / d) / target)
-    slope = -1.0
-    for _ in range(8):
-        z, slope = _solve(
-            lambda zz, w=window: _rdp_wor_orders(zz, n, m, k, d, w)[0], target, z, slope=slope
-        )
-        _, order = _rdp_wor(z, n, m, k, d)
-        if order in window:
-            break
-        window = _rdp_window(order)
-    # eps_full(z) <= eps_window(z) <= target unless high orders were skipped; verify.
-    return _nudge(lambda zz: _rdp_wor(zz, n, m, k, d)[0], target, min(z, z_other))
-
-
-def _calibrate_z(target: float, s: _Setting) -> float:
-    """A noise multiplier meeting ``target`` for setting s (calibrate() re-checks it)."""
-    k, d = s.releases, s.delta
-    # Unamplified Gaussian: sigma = sqrt(k) * analytic-Gaussian sigma at target (exact, cheap).
-    z_gauss = _analytic_gaussian_sigma(target, d) * math.sqrt(k)
-    if s.sampling == "full":
-        if k == 1:
-            return _nudge(lambda z: _analytic_gaussian_epsilon(z, d), target, z_gauss)
-        return _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
-    if s.sampling == "poisson":
-        assert s.q is not None
-        q = s.q
-        # Amplification by sampling: start from z_gauss * sqrt(q), bracket on the coarse grid,
-        # then refine on the reported grid from there.
-        z0, slope = z_gauss * math.sqrt(q), -1.0
-        if _pld_interval(k, coarse=True) > _pld_interval(k):
-            z0, slope = _solve(
-                lambda z: _pld_poisson_epsilon(z, q, k, d, True),
-                target,
-                z0,
-                xtol=_COARSE_LOG_XTOL,
-            )
-        return _solve(lambda z: _pld_poisson_epsilon(z, q, k, d), target, z0, slope=slope)[0]
-    assert s.m is not None
-    n, m = s.n, s.m
-    if k == 1:
-        # Invert BBG18 exactly: eps0 = log(1 + (e^target - 1) / p) at delta0 = delta / p.
-        p = m / n
-        try:
-            eps0 = math.log1p(math.expm1(target) / p)
-        except OverflowError:  # huge targets: log(1 + (e^t - 1)/p) -> t - log p
-            eps0 = target - math.log(p)
-        z_bbg = _analytic_gaussian_sigma(eps0, min(d / p, 1.0))
-        z_bbg = max(z_bbg, MIN_NOISE_MULTIPLIER)
-        return _nudge(lambda z: _bbg_wor_epsilon(z, n, m, d), target, z_bbg)
-    z_other = _solve(lambda z: _pld_gaussian_epsilon(z, k, d), target, z_gauss)[0]
-    return _calibrate_rdp_wor(target, s, z_other)
-
-
-def calibrate(
-    target_epsilon: float,
-    delta: float = DEFAULT_DELTA,
-    n: int | None = None,
-    sampling: Sampling | str = "full",
-    m: int | None = None,
-    q: float | None = None,
-    releases: int = 1,
-    neighbouring: str = "replace_one",
-) -> PrivacyPlan:
-    """The plan with (about) the least noise whose epsilon at ``delta`` is <= ``target_epsilon``.
-
-    ``delta`` defaults to :data:`DEFAULT_DELTA` (1e-5); ``n`` (the number of private images) is
-    required. Searches z (Brent on log z; exact inversion where the bound is closed-form), then
-    re-evaluates
-    with :func:`epsilon_for`'s accountant and raises z until the reported epsilon is <= target.
-    If even the minimum noise multiplier (``MIN_NOISE_MULTIPLIER``) meets the target, that is
-    returned (with its smaller epsilon). Raises DpaggError on bad input.
-    """
-    s = _validate(delta, n, sampling, m, q, releases, neighbouring)
-    t = _as_float(target_epsilon, "target_epsilon", "pick a privacy budget such as 1 or 8.")
-    if not (t > 0 and math.isfinite(t)):
-        raise DpaggError(
-            f"target_epsilon={t!r} must be a positive finite number (e.g. 1 to 8); epsilon 0 "
-            "would need infinite noise."
-        )
-    z = min(max(_calibrate_z(t, s), MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
-    # Re-evaluate with the reporting accountant (cached, so usually free); nudge if needed.
-    z = _nudge(lambda zz: _epsilon(zz, s)[0], t, z)
-    eps, acc = _epsilon(z, s)
-    assert eps <= t
-    return _plan(z, eps, acc, s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +27,9 @@ log = logging.getLogger("dpagg")
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    if args.json:
-        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    else:
-        print(text)
+    from .report import emit
 
-
-def _record_text(record: dict[str, str]) -> str:
-    width = max(len(k) for k in record)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in sorted(record.items()))
-
-
-def _budget_text(summary: dict[str, Any]) -> str:
-    b = summary["budget"]
-    return (
-        f"budget: spent epsilon {b['spent_epsilon']:.4g} of {b['epsilon']:.4g} "
-        f"(remaining {b['remaining_epsilon']:.4g}), delta {b['spent_delta']:.3g} of "
-        f"{b['delta']:.3g} [{b['composition']} composition]"
-    )
+    emit(payload, text, as_json=args.json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +144,8 @@ def _default_delta(delta: float | None) -> float:
 def _plan(args: argparse.Namespace, n: int, *, warn: bool = True):
     """The plan from the plan flags; a user-chosen --delta above the safe default is warned
     about on stderr (``accountant.delta_warning``) before anything runs."""
-    from .accountant import calibrate, delta_warning, epsilon_for
+    from .accountant import delta_warning, epsilon_for
+    from .calibration import calibrate
 
     delta = _default_delta(args.delta)
     warning = delta_warning(delta, n) if args.delta is not None else None
@@ -191,6 +177,7 @@ def _ledger(args: argparse.Namespace):
 
 def cmd_account(args: argparse.Namespace) -> int:
     from .accountant import DELTA_MEANING, delta_warning, plan_summary
+    from .noise_comparison import noise_comparison
 
     if args.n is None:
         raise DpaggError("--n is required: the number of private images (public under replace-one)")
@@ -209,84 +196,6 @@ def cmd_account(args: argparse.Namespace) -> int:
     }
     _emit(args, payload, f"{plan_summary(plan)}\n\n{block}\n\n{DELTA_MEANING}")
     return 0
-
-
-def noise_comparison(
-    plan: Any, *, k: int | None = None, dim: int | None = None
-) -> tuple[dict[str, Any], str]:
-    """For the (epsilon, delta, n, releases) of ``plan``: the noise of the paper's configuration
-    (a secret subsample of m = n/10 without replacement, arXiv 2411.14639) next to the plan dpagg
-    recommends (``full``: every image, no subsample), both calibrated to the same epsilon; and,
-    with ``dim`` (D, values per embedding) and ``k`` (K, noised coordinates in a public basis),
-    the subspace's effect on the noise norm (``dpagg_core.subspace``). Noise is given in units of
-    the clip norm C: per coordinate ``sigma / C``, and the expected norm of the noise vector,
-    about ``sigma sqrt(D)`` (the signal, a mean of clipped deltas, has norm <= C)."""
-    from .accountant import calibrate
-
-    if k is not None and (dim is None or not 1 <= k <= dim):
-        raise DpaggError(f"--k {k}: give --dim D too, and 1 <= K <= D (K noised coordinates)")
-    if dim is not None and dim < 1:
-        raise DpaggError(f"--dim {dim}: the number of values per embedding (e.g. 768)")
-    common = {"releases": plan.releases}
-    m = max(1, round(plan.n / 10))
-    paper = calibrate(plan.epsilon, plan.delta, plan.n, "wor", m=m, **common)
-    full = calibrate(plan.epsilon, plan.delta, plan.n, "full", **common)
-
-    def row(p: Any) -> dict[str, Any]:
-        std = float(p.noise_std(1.0))
-        out = {
-            "sampling": p.sampling,
-            "m": p.m,
-            "noise_multiplier": float(p.noise_multiplier),
-            "noise_std_per_C": std,
-            "epsilon": float(p.epsilon),
-        }
-        if dim is not None:
-            out["noise_norm_per_C"] = std * math.sqrt(dim)
-        return out
-
-    payload: dict[str, Any] = {
-        "epsilon": float(plan.epsilon),
-        "delta": float(plan.delta),
-        "n": int(plan.n),
-        "paper": row(paper),
-        "recommended": row(full),
-        "paper_noise_ratio": float(paper.noise_std(1.0) / full.noise_std(1.0)),
-        "subspace": None,
-    }
-    std = full.noise_std(1.0)
-    names = (f"paper (subsample m = {m} of {plan.n}, wor):", f"dpagg (all {plan.n} images, full):")
-    labels = [x.ljust(max(map(len, names)) + 1) for x in names]
-    lines = [
-        f"Noise at epsilon {plan.epsilon:.4g}, delta {plan.delta:.3g}, n = {plan.n} (replace-one"
-        + (f", {plan.releases} releases" if plan.releases > 1 else "")
-        + "), in units of the clip norm C:",
-        f"  {labels[0]}noise multiplier {paper.noise_multiplier:.4g}, noise std "
-        f"{paper.noise_std(1.0):.4g} C per coordinate",
-        f"  {labels[1]}noise multiplier {full.noise_multiplier:.4g}, noise std "
-        f"{std:.4g} C per coordinate  <- recommended",
-        f"  the paper's configuration has {payload['paper_noise_ratio']:.2f}x the noise",
-    ]
-    if dim is not None:
-        lines.append(
-            f"  noise norm over D = {dim} coordinates: ~{std * math.sqrt(dim):.4g} C (paper "
-            f"~{paper.noise_std(1.0) * math.sqrt(dim):.4g} C); the signal has norm <= C"
-        )
-    if k is not None and dim is not None:
-        ratio = math.sqrt(k / dim)
-        payload["subspace"] = {
-            "K": int(k),
-            "D": int(dim),
-            "noise_norm_per_C": std * math.sqrt(k),
-            "full_noise_norm_per_C": std * math.sqrt(dim),
-            "noise_norm_ratio": ratio,
-        }
-        lines.append(
-            f"  in a public subspace (--basis) with K = {k} noised coordinates: noise norm "
-            f"~{std * math.sqrt(k):.4g} C instead of ~{std * math.sqrt(dim):.4g} C (x{ratio:.2f}); "
-            "same epsilon, the part of the mean outside the subspace is lost"
-        )
-    return payload, "\n".join(lines)
 
 
 def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre: str) -> int:
@@ -342,27 +251,13 @@ def _public_centre(args: argparse.Namespace) -> Any:
 
 def _report_release(args: argparse.Namespace, outcome: Any, method: str = "") -> None:
     """Print a ``release.ReleaseOutcome``: file, prompt, privacy record, budget."""
-    summary = outcome.summary()
-    label = f" {method}" if method else ""
-    head = (
-        f"re-used the identical earlier{label} release (nothing spent)"
-        if outcome.reused
-        else f"released {outcome.path}" + (f" ({method})" if method else "")
-    )
-    text = "\n".join(
-        [
-            head,
-            f"use it in a prompt as: {outcome.prompt}",
-            "privacy record (stored in the file header):",
-            _record_text(outcome.record),
-            _budget_text(summary),
-        ]
-    )
-    _emit(args, summary, text)
+    from .report import release_text
+
+    _emit(args, outcome.summary(), release_text(outcome, method))
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from .embeddings import load_private
+    from .private_file import load_private
 
     eset = load_private(args.embeddings, key=_ledger(args).identity_key())
     plan = _plan(args, eset.n)
@@ -371,17 +266,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .embeddings import describe
+    from .released_file import describe
+    from .report import describe_text
 
     info = describe(args.file)
-    lines = [f"{args.file}:"]
-    for k, v in info.items():
-        if isinstance(v, dict):
-            lines.append(f"{k}:")
-            lines.append(_record_text({str(a): str(b) for a, b in v.items()}) if v else "  -")
-        else:
-            lines.append(f"{k}: {v}")
-    _emit(args, info, "\n".join(lines))
+    _emit(args, info, describe_text(args.file, info))
     return 0
 
 
@@ -454,7 +343,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 # --- training-based commands ------------------------------------------------------------------
 
 
-def _ti_config(args: argparse.Namespace, **overrides: Any):
+def _ti_config(args: argparse.Namespace):
     from .ti import TIConfig
 
     values: dict[str, Any] = {
@@ -471,126 +360,30 @@ def _ti_config(args: argparse.Namespace, **overrides: Any):
         values["steps"] = args.steps
     if args.learning_rate is not None:
         values["learning_rate"] = args.learning_rate
-    values.update(overrides)
     return TIConfig(**values)
 
 
-def _progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    from tqdm.auto import tqdm
+def _trainer(args: argparse.Namespace, method: str = "ti"):
+    """The training driver (``train_run.Trainer``) of the train flags; loads the model."""
+    from .train_run import Trainer
 
-    bar: dict[str, Any] = {}
-
-    def update(done: int, total: int) -> None:
-        if "b" not in bar:
-            bar["b"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
-        bar["b"].n = done
-        bar["b"].refresh()
-
-    def close() -> None:
-        if "b" in bar:
-            bar["b"].close()
-
-    return update, close
-
-
-def _device(args: argparse.Namespace) -> str:
-    import torch
-
-    if args.device:
-        return args.device
-    if not torch.cuda.is_available():
-        return "cpu"
-    if _distributed_world() > 1:  # torchrun: one GPU per rank
-        import os
-
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cuda"
-
-
-def _load_images(folder: Path, resolution: int, ledger: Path | None = None):
-    """The image folder through the canonical decode (``dpagg_core.images``, the same as
-    ComfyUI's Load Image); its dataset id is keyed by the key of the ledger ``--ledger``, so the
-    CLI and the ComfyUI nodes give the same pictures the same id. Logs its own warnings."""
-    from .images import load_image_folder
-
-    return load_image_folder(folder, resolution=resolution, ledger=ledger)
-
-
-class _Trainer:
-    """Loads the model once, then trains per-image embeddings of an image folder in memory."""
-
-    def __init__(self, args: argparse.Namespace, method: str = "ti") -> None:
-        self.args = args
-        self.method = method
-        self.model = None
-        self.backend = None
-        if method == "ti":
-            from .diffusers_backend import DiffusersBackend
-            from .models import load_pipeline
-
-            self.model = load_pipeline(
-                args.model,
-                family=args.family,
-                prediction_type=args.prediction_type,
-                device=_device(args),
-            )
-            self.backend = DiffusersBackend.from_loaded(self.model)
-            self.config = _ti_config(
-                args, resolution=args.resolution or self.backend.default_resolution
-            )
-            self.resolution = int(self.config.resolution)
-        else:
-            self.resolution = args.resolution or 224
-
-    def images(self, folder: Path):
-        return _load_images(folder, self.resolution, getattr(self.args, "ledger", None))
-
-    def train(self, loaded):
-        if self.method == "clip":
-            from .clip_image import clip_image_embeddings
-
-            return clip_image_embeddings(self.args.model, loaded, device=_device(self.args))
-        update, close = _progress_bar(f"per-image TI ({loaded.count} images)")
-        try:
-            if _distributed_world() > 1:
-                from .distributed import train_distributed
-
-                return train_distributed(
-                    self.backend,
-                    loaded.pixels,
-                    self.config,
-                    dataset_id=loaded.dataset_id,
-                    progress=update,
-                )
-            from .ti import train_embeddings
-
-            return train_embeddings(
-                self.backend,
-                loaded.pixels,
-                self.config,
-                dataset_id=loaded.dataset_id,
-                progress=update,
-            )
-        finally:
-            close()
-
-
-def _distributed_world() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_rank0() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
+    return Trainer(
+        args.model,
+        _ti_config(args),
+        method=method,
+        family=args.family,
+        prediction_type=args.prediction_type,
+        device=args.device,
+        ledger=getattr(args, "ledger", None),
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    trainer = _Trainer(args)
+    from .distributed import is_main_process
+
+    trainer = _trainer(args)
     eset = trainer.train(trainer.images(args.images))
-    if eset is None or not _is_rank0():
+    if eset is None or not is_main_process():
         return 0
     payload = {
         "n": eset.n,
@@ -598,7 +391,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "shapes": {k: list(v.shape) for k, v in eset.vectors.items()},
     }
     if args.keep_private_embeddings:
-        from .embeddings import save_private
+        from .private_file import save_private
 
         path = save_private(eset, args.keep_private_embeddings, key=_ledger(args).identity_key())
         log.warning(
@@ -617,9 +410,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .distributed import is_main_process
+
     if args.method == "dpsgd":
         return _run_dpsgd(args)
-    trainer = _Trainer(args, args.method)
+    trainer = _trainer(args, args.method)
     loaded = trainer.images(args.images)
     plan = _plan(args, loaded.count)  # plan errors surface before any training
     # An over-budget request is refused before hours of training, not just before the noise.
@@ -628,19 +423,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     _public_centre(args)  # a missing or private --public-embeddings: refused before training
     if args.basis is not None and trainer.backend is not None:  # a misfit basis: before training
-        from .subspace import check_basis, load_basis
-
-        backend = trainer.backend
-        check_basis(
-            load_basis(args.basis),
-            flat_dim=args.vectors * sum(backend.embedding_dims.values()),
-            base_model_id=backend.base_model_id or "",
-            model_family=backend.model_family,
-            vectors=args.vectors,
-        )
+        trainer.basis(args.basis)
     eset = trainer.train(loaded)
     model = trainer.model
-    if not _is_rank0():
+    if not is_main_process():
         return 0
     if args.clip_norm is None and args.method == "clip":
         args.clip_norm = 1.0  # L2-normalised CLIP image embeddings around the origin
@@ -656,42 +442,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_dpsgd(args: argparse.Namespace) -> int:
-    """``dpagg run --method dpsgd``: the DP-SGD textual-inversion baseline (``dpagg_core.dpsgd``),
-    released through the same ledger and file writer as DPAgg (docs/privacy.md invariant 5).
-
-    Order: the options, the output name and folder are checked; the model and images are loaded;
-    the plan is calibrated (PLD over T Poisson steps at rate q = expected_batch / n, replace-one);
-    a dry run of ``Ledger.charge`` then either finds an identical completed request (its stored
-    result is written again, nothing spent, nothing trained) or refuses an over-budget request
-    before any training. ``train_dpsgd`` calls ``Ledger.charge`` after all its own checks and
-    before the first noise draw (the spend is committed from then on); the result is stored with
-    ``Ledger.complete`` and written with ``embeddings.write_released`` (post-processing, free).
-    A failure after the charge leaves the spend recorded; re-running the identical command
-    charges again (``Ledger.charge``, attempts).
-    """
-    import dataclasses
-
-    import numpy as np
-
-    from .dpsgd import DPSGDConfig, calibrate_dpsgd, train_dpsgd, validate_config
-    from .embeddings import next_free_name, sanitize_name
-    from .release import _writable_folder, write_outcome
-    from .ti import public_centre
+    """``dpagg run --method dpsgd``: the DP-SGD baseline released through the ledger
+    (``dpagg_core.dpsgd_run``); DPAgg-only options are refused before anything loads."""
+    from .dpsgd import DPSGDConfig
+    from .dpsgd_run import DpsgdRequest, run_dpsgd
 
     _dpsgd_refuse_dpagg_options(args)
-    base = sanitize_name(args.name)
-    out = Path(args.out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DpaggError(f"--out-dir {out} is a file; pass a folder (models/embeddings)")
-    _writable_folder(out)
-    trainer = _Trainer(args)
-    loaded = trainer.images(args.images)
-    n = loaded.count
     values: dict[str, Any] = {
         "vectors": args.vectors,
         "initializer": args.initializer,
         "templates": args.templates,
-        "resolution": trainer.resolution,
+        "resolution": args.resolution,
         "chunk_size": args.batch_size,
         "seed": args.seed,
     }
@@ -705,128 +466,31 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
         if getattr(args, option, None) is not None:
             values[field] = getattr(args, option)
     config = DPSGDConfig(**values)
-    validate_config(config, n)
-    from .accountant import delta_warning
-
-    if args.delta is not None and (warning := delta_warning(args.delta, n)):
-        log.warning("%s", warning)
-    plan = calibrate_dpsgd(
-        args.epsilon,
-        _default_delta(args.delta),
-        n=n,
-        q=config.sampling_rate(n),
-        steps=config.steps,
-    )
-    backend, ledger = trainer.backend, _ledger(args)
-    keys = tuple(backend.encoder_keys)
-    basis = None
-    if args.basis is not None:  # public-subspace DP-SGD; a misfit basis is refused before all
-        from .subspace import check_basis, load_basis
-
-        basis = check_basis(
-            load_basis(args.basis),
-            flat_dim=config.vectors * sum(backend.embedding_dims.values()),
-            base_model_id=backend.base_model_id or "",
-            model_family=backend.model_family,
-            vectors=config.vectors,
+    done = run_dpsgd(
+        DpsgdRequest(
+            images=args.images,
+            model=args.model,
+            name=args.name,
+            out_dir=args.out_dir,
+            epsilon=args.epsilon,
+            config=config,
+            delta=args.delta,
+            family=args.family,
+            prediction_type=args.prediction_type,
+            device=args.device,
+            ledger=args.ledger,
+            budget_epsilon=args.budget_epsilon,
+            budget_delta=args.budget_delta,
+            basis=args.basis,
+            a1111_pt=args.a1111_pt,
         )
-    request = _dpsgd_request(config, trainer.model)
-    if basis is not None:
-        request["basis_sha256"] = basis.sha256
-    charge_args: dict[str, Any] = {
-        "dataset_id": loaded.dataset_id,
-        "plan": plan,
-        "request": request,
-        "name": base,
-        "clip_norm": float(config.clip_norm),
-        "centre_kind": "initializer",
-        "base_model_id": backend.base_model_id or "",
-        "budget_epsilon": args.budget_epsilon,
-        "budget_delta": args.budget_delta,
-    }
-    # Over budget: refused here, before any training. Identical and complete: reused.
-    charge = ledger.check_charge(**charge_args)
-    if not charge.reused and next_free_name(out, base) != base:
-        raise DpaggError(
-            f"an embedding named {base!r} already exists in {out}; dpagg never overwrites: choose "
-            f"another --name (e.g. {next_free_name(out, base)!r}). Nothing was spent."
-        )
-    if charge.reused:
-        vectors = _dpsgd_unflat(charge.release.vector, public_centre(backend, trainer.config))
-        record = dict(charge.release.record)
-    else:
-        charged: list[Any] = []
-
-        def before_noise(_plan: Any) -> None:
-            result = ledger.charge(**charge_args)  # commits the spend; BudgetExceeded: untrained
-            charged.append(result)
-            if result.reused:  # a concurrent identical run completed meanwhile
-                raise _DpsgdReused()
-
-        update, close = _progress_bar(f"DP-SGD TI ({n} images, {config.steps} steps)")
-        try:
-            trained = train_dpsgd(
-                backend,
-                loaded.pixels,
-                config,
-                plan=plan,
-                before_noise=before_noise,
-                progress=update,
-                basis=basis,
-            )
-        except _DpsgdReused:
-            trained = None
-        except KeyboardInterrupt:
-            if charged:
-                log.warning("interrupted after the charge: its privacy cost stays spent")
-            raise
-        except Exception as exc:
-            if not charged:
-                raise  # failed before the charge: nothing spent
-            raise DpaggError(
-                f"DP-SGD failed after its privacy cost was charged (ledger {ledger.path}, release "
-                f"#{charged[0].release_id}, attempt {charged[0].attempt}): {exc}. The spend stays "
-                "recorded (noise may have been drawn); re-running the identical command trains "
-                "and charges again."
-            ) from exc
-        finally:
-            close()
-        charge = charged[0]
-        if trained is None:
-            vectors = _dpsgd_unflat(charge.release.vector, public_centre(backend, trainer.config))
-            record = dict(charge.release.record)
-        else:
-            vectors = {k: trained.vectors[k] for k in keys}  # float32 [v, dim]
-            record = dict(trained.record)
-            flat = np.concatenate([vectors[k].double().reshape(-1).numpy() for k in keys])
-            try:
-                done = ledger.complete(charge.release_id, flat, record)
-                charge = dataclasses.replace(
-                    charge,
-                    spent_epsilon=done.spent_epsilon,
-                    spent_delta=done.spent_delta,
-                    composition=done.composition,
-                )
-            except DpaggError as exc:  # the spend is recorded; the result is still DP
-                log.warning(
-                    "release #%d is spent but its result could not be stored in the ledger "
-                    "(%s); the file is written, but re-running this command would spend again",
-                    charge.release_id,
-                    exc,
-                )
-    outcome = write_outcome(
-        out, base, vectors, record, charge, a1111_pt=args.a1111_pt, ledger=ledger
     )
-    _report_release(args, outcome, f"DP-SGD, {config.steps} steps")
+    _report_release(args, done.outcome, f"DP-SGD, {config.steps} steps")
     if args.preview:
         from .preview import preview_grid
 
-        print(f"preview: {preview_grid(trainer.model, outcome.path, outcome.name)}")
+        print(f"preview: {preview_grid(done.model, done.outcome.path, done.outcome.name)}")
     return 0
-
-
-class _DpsgdReused(Exception):
-    """Raised from ``before_noise`` to stop training: an identical request is already complete."""
 
 
 # DPAgg release options that mean nothing for DP-SGD (it sets its own plan, clip and centre).
@@ -854,97 +518,26 @@ def _dpsgd_refuse_dpagg_options(args: argparse.Namespace) -> None:
         if getattr(args, dest, default) != default:
             flag = "--" + dest.replace("_", "-")
             raise DpaggError(f"{flag} does not apply to --method dpsgd: {why}. Drop {flag}.")
-    if _distributed_world() > 1:
+    from .distributed import world
+
+    if world()[1] > 1:
         raise DpaggError(
             "--method dpsgd runs in one process: launch it without torchrun (WORLD_SIZE > 1)"
         )
 
 
-def _dpsgd_model_fingerprint(model: Any) -> str:
-    """sha256 over the UNet and VAE (parameter names, shapes, dtypes and 16 evenly spaced
-    values of each) and the scheduler config: tells models apart for the ledger's idempotency
-    key without hashing gigabytes (the text encoders are in ``base_model_id``)."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    pipe = model.pipe
-    for part in ("unet", "vae"):
-        for name, t in getattr(pipe, part).state_dict().items():
-            flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(16, flat.numel())).long()
-            sample = flat[idx.to(flat.device)].to("cpu", torch.float64).numpy().tobytes()
-            h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype}:".encode() + sample)
-    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _dpsgd_request(config: Any, model: Any) -> dict[str, Any]:
-    """Everything besides the images, plan, C_g, name and base model id that determines a DP-SGD
-    release: the ledger hashes it into the request key (``ledger.charge_key``)."""
-    import dataclasses
-
-    from .dpsgd import METHOD
-
-    return {
-        "method": METHOD,
-        "config": json.loads(json.dumps(dataclasses.asdict(config))),
-        "family": model.family,
-        "prediction_type": model.prediction_type,
-        "model": _dpsgd_model_fingerprint(model),
-    }
-
-
-def _dpsgd_unflat(vector: Any, centre: dict[str, Any]) -> dict[str, Any]:
-    """A stored flat DP-SGD release back to ``{key: float32 [v, dim]}`` (shapes of the public
-    centre, keys in training order)."""
-    import numpy as np
-    import torch
-
-    arr = np.asarray(vector, dtype=np.float64).reshape(-1)
-    out, start = {}, 0
-    for k, c in centre.items():
-        size = int(c.numel())
-        out[k] = torch.from_numpy(arr[start : start + size].reshape(tuple(c.shape))).float()
-        start += size
-    if start != arr.size:
-        raise DpaggError(
-            f"the stored DP-SGD release has {arr.size} values but this model and --vectors need "
-            f"{start}; the ledger row does not match this request"
-        )
-    return out
-
-
 def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .mechanism import suggest_clip_norm
 
-    trainer = _Trainer(args)
+    trainer = _trainer(args)
     eset = trainer.train(trainer.images(args.public_images))
-    centre = eset.flat_centre()
-    flat = eset.flat()
-    dists = np.linalg.norm(flat - (0 if centre is None else centre), axis=1)
-    c = float(np.quantile(dists, args.quantile))
-    # The C the public-mean centre (--centre public_mean) needs: same quantile rule, distances
-    # of the same PUBLIC embeddings to their own mean.
-    to_mean = np.linalg.norm(flat - flat.mean(axis=0), axis=1)
-    c_mean = float(np.quantile(to_mean, args.quantile))
-    payload = {
-        "clip_norm": c,
-        "clip_norm_public_mean": c_mean,
-        "quantile": args.quantile,
-        "n_public": int(eset.n),
-        "distances": {
-            "min": float(dists.min()),
-            "median": float(np.median(dists)),
-            "max": float(dists.max()),
-        },
-    }
+    payload = suggest_clip_norm(eset, args.quantile)
     text = (
-        f"suggested --clip-norm {c:.4g} (the {args.quantile:.0%} quantile of {eset.n} PUBLIC "
-        f"images' distances to the initializer centre; median {np.median(dists):.4g}).\n"
+        f"suggested --clip-norm {payload['clip_norm']:.4g} (the {args.quantile:.0%} quantile of "
+        f"{eset.n} PUBLIC images' distances to the initializer centre; median "
+        f"{payload['distances']['median']:.4g}).\n"
         f"With --centre public_mean (the mean of these images' embeddings as the centre): "
-        f"--clip-norm {c_mean:.4g}.\n"
+        f"--clip-norm {payload['clip_norm_public_mean']:.4g}.\n"
         "Use the same model, initializer, vectors and TI settings for the private run."
     )
     _emit(args, payload, text)
@@ -959,9 +552,11 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
     if args.kind == "public_embeddings":
         if args.public_images is None:
             raise DpaggError("--kind public_embeddings needs --public-images DIR (PUBLIC images)")
-        trainer = _Trainer(args)
+        from .train_run import progress_bar
+
+        trainer = _trainer(args)
         loaded = trainer.images(args.public_images)
-        update, close = _progress_bar(f"per-image TI of {loaded.count} PUBLIC images")
+        update, close = progress_bar(f"per-image TI of {loaded.count} PUBLIC images")
         try:
             public = train_public_embeddings(
                 trainer.backend, loaded.pixels, trainer.config, progress=update
@@ -1000,7 +595,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args)
+    return run_demo(args.out_dir, aggregation_only=args.aggregation_only, as_json=args.json)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,19 +180,53 @@ def clip_image_embeddings(
             for start in range(0, pixels.shape[0], batch_size):
                 batch = pixels[start : start + batch_size].to(device=device, dtype=param.dtype)
                 out = model(pixel_values=batch)
-                emb = out.image_embeds if hasattr(out, "image_embeds") else out[0]
-                emb = emb.to(device="cpu", dtype=torch.float32)
-                if normalize:
-                    emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                rows.append(emb)
+                rows.append(out.image_embeds if hasattr(out, "image_embeds") else out[0])
     finally:
         model.train(was_training)
-    embeds = torch.cat(rows)[:, None, :].contiguous()
-    base_id = fingerprint([model.vision_model.embeddings.patch_embedding.weight])
+    return clip_image_set(
+        rows, base_model_id=vision_model_id(model), dataset_id=dataset_id, normalize=normalize
+    )
+
+
+def vision_model_id(model: Any) -> str:
+    """``base_model_id`` of a CLIP vision model: :func:`~dpagg_core.models.fingerprint` of its
+    patch-embedding weight (``vision_model.embeddings.patch_embedding.weight``, a name ComfyUI's
+    CLIP vision models keep too, so the CLI and the Clip Embeddings node name one encoder
+    alike); an encoder without it (another architecture) by its first and last parameters."""
+    try:
+        tensors = [model.vision_model.embeddings.patch_embedding.weight]
+    except AttributeError:
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        if not params:
+            raise DpaggError(
+                f"cannot identify the CLIP vision model ({type(model).__name__} has no "
+                "weights); load it with a CLIP vision loader"
+            ) from None
+        tensors = params[:1] + params[-1:]
+    return fingerprint(tensors)
+
+
+def clip_image_set(
+    rows: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    base_model_id: str,
+    dataset_id: str,
+    normalize: bool = True,
+) -> EmbeddingSet:
+    """The private ``clip_image`` EmbeddingSet of per-image CLIP image embeddings (``rows``: a
+    ``[n, projection_dim]`` tensor or a list of ``[b, projection_dim]`` blocks, in image order),
+    float32 ``[n, 1, projection_dim]``, each row scaled to unit L2 norm when ``normalize`` (see
+    the module docs). The one place rows become a set: the CLI/library path and the Clip
+    Embeddings node (ComfyUI's encoder) give the same set for the same embeddings."""
+    blocks = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    emb = torch.cat([b.detach().to(device="cpu", dtype=torch.float32) for b in blocks])
+    emb = emb.reshape(emb.shape[0], -1)
+    if normalize:  # per row: row i still depends on image i only
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return EmbeddingSet(
-        vectors={KEY: embeds},
+        vectors={KEY: emb[:, None, :].contiguous()},
         kind="clip_image",
         model_family="clip_vision",
-        base_model_id=base_id,
+        base_model_id=base_model_id,
         dataset_id=dataset_id,
     )

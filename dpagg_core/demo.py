@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -105,7 +105,8 @@ def with_without_sheet(model: Path, embedding: Path, private: Path, out_png: Pat
 
 
 def _synthetic_set(key: bytes):
-    from .embeddings import EmbeddingSet, dataset_id_for
+    from .embeddings import EmbeddingSet
+    from .images import dataset_id_for
 
     gen = torch.Generator().manual_seed(0)
     n, dim = 50, 32
@@ -122,42 +123,63 @@ def _synthetic_set(key: bytes):
     )
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from .cli import main as cli_main
+def _release(
+    source: Any, epsilon: float, name: str, out: Path, ledger: Any, *, clip_norm: float
+) -> Any:
+    """Release a DP mean of ``source`` (an ``EmbeddingSet``, or a ``(Trainer, images)`` pair to
+    train after the budget check) as ``dpagg run``/``aggregate`` would; BudgetExceeded (a
+    DpaggError) before any training or noise when the budget does not allow it."""
+    from .calibration import calibrate
+    from .release import release_embeddings
 
-    out = Path(args.out_dir or tempfile.mkdtemp(prefix="dpagg-demo-")).expanduser()
+    if isinstance(source, tuple):
+        trainer, loaded = source
+        plan = calibrate(epsilon, n=loaded.count)
+        ledger.check(loaded.dataset_id, plan)  # refused here, before the training
+        source = trainer.train(loaded)
+    else:
+        plan = calibrate(epsilon, n=source.n)
+    return release_embeddings(
+        source,
+        plan=plan,
+        clip_norm=clip_norm,
+        name=name,
+        out_dir=out,
+        ledger=ledger,
+        centre="initializer" if source.centre is not None else "origin",
+    )
+
+
+def run_demo(
+    out_dir: Path | None = None, *, aggregation_only: bool = False, as_json: bool = False
+) -> int:
+    """The demo (module docstring) in ``out_dir`` (default: a new temporary folder); 0 when the
+    over-budget second release was refused as it must be."""
+    from .errors import DpaggError
+    from .ledger import Ledger
+    from .released_file import describe
+    from .report import describe_text, emit, release_text
+
+    out = Path(out_dir or tempfile.mkdtemp(prefix="dpagg-demo-")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    ledger = out / "ledger.sqlite"
+    ledger = Ledger(out / "ledger.sqlite")
     embeddings_dir = out / "embeddings"
     print(f"dpagg demo: working in {out}")
-    json_flag = ["--json"] if args.json else []
 
-    if args.aggregation_only:
-        from .embeddings import save_private
-        from .ledger import identity_key
+    if aggregation_only:
+        from .private_file import load_private, save_private
 
         _banner("1. a synthetic private embedding set (50 x 1 x 32)")
         private = out / "private" / "per_image.safetensors"
+        key = ledger.identity_key()
         if not private.exists():
-            key = identity_key(ledger)
             save_private(_synthetic_set(key), private, key=key)
-        first = [
-            "aggregate",
-            "--embeddings",
-            str(private),
-            "--epsilon",
-            "1",
-            "--clip-norm",
-            "1.0",
-            "--name",
-            "demo_style",
-            "--out-dir",
-            str(embeddings_dir),
-            "--ledger",
-            str(ledger),
-        ]
+        source: Any = load_private(private, key=key)
+        eps, clip_norm = 1.0, 1.0
     else:
         from .minimodel import DEMO_STYLE, TI_INITIALIZER, TI_VECTORS, load_minimodel
+        from .ti import TIConfig
+        from .train_run import Trainer
 
         _banner(
             f"1. the mini model (trained by this project, shipped in the package) and "
@@ -166,67 +188,56 @@ def run_demo(args: argparse.Namespace) -> int:
         model = load_minimodel(out)
         images = _samples_dir(out)
         print(f"model : {model}\nimages: {images}")
-        first = [
-            "run",
-            "--images",
-            str(images),
-            "--model",
-            str(model),
-            "--epsilon",
-            f"{DEMO_EPSILON:g}",
-            "--clip-norm",
-            f"{DEMO_CLIP_NORM:g}",
-            "--vectors",
-            str(TI_VECTORS),
-            "--initializer",
-            TI_INITIALIZER,
-            "--steps",
-            str(DEMO_STEPS),
-            "--learning-rate",
-            f"{DEMO_LEARNING_RATE:g}",
-            "--batch-size",
-            str(DEMO_COUNT),
-            "--resolution",
-            "32",
-            "--name",
-            "demo_style",
-            "--out-dir",
-            str(embeddings_dir),
-            "--ledger",
-            str(ledger),
-        ]
+        config = TIConfig(
+            steps=DEMO_STEPS,
+            learning_rate=DEMO_LEARNING_RATE,
+            vectors=TI_VECTORS,
+            initializer=TI_INITIALIZER,
+            resolution=32,
+            batch_size=DEMO_COUNT,
+        )
+        trainer = Trainer(model, config, ledger=ledger.path)
+        source = (trainer, trainer.images(images))
+        eps, clip_norm = DEMO_EPSILON, DEMO_CLIP_NORM
 
-    second = list(first)
-    eps = first[first.index("--epsilon") + 1]
-    again = f"{float(eps) / 2:g}"
-    second[second.index("--epsilon") + 1] = again
-    second[second.index("demo_style")] = "demo_style_again"
-    _banner(f"2. train per image (if any), calibrate to epsilon = {eps}, release via the ledger")
-    code = cli_main([*first, *json_flag])
-    if code != 0:
-        return code
+    again = eps / 2
+    _banner(f"2. train per image (if any), calibrate to epsilon = {eps:g}, release via the ledger")
+    try:
+        outcome = _release(source, eps, "demo_style", embeddings_dir, ledger, clip_norm=clip_norm)
+    except DpaggError as exc:
+        print(f"dpagg demo: error: {exc}", file=sys.stderr)
+        return 2
+    emit(outcome.summary(), release_text(outcome), as_json=as_json)
     target = embeddings_dir / "demo_style.safetensors"
     _banner("3. the released file, as any user would inspect it")
-    cli_main(["inspect", str(target), *json_flag])
+    info = describe(target)
+    emit(info, describe_text(target, info), as_json=as_json)
 
     sheet = None
-    if not args.aggregation_only:
+    if not aggregation_only:
         _banner("4. the released file in diffusers: images without and with the embedding")
         sheet = with_without_sheet(model, target, images, out / SHEET_NAME)
         print(f"wrote {sheet}")
-    _banner(f"5. a second release of the same images (epsilon {again}) exceeds the budget of {eps}")
-    refused = cli_main([*second, *json_flag])
+    _banner(
+        f"5. a second release of the same images (epsilon {again:g}) exceeds the budget of {eps:g}"
+    )
+    try:
+        _release(source, again, "demo_style_again", embeddings_dir, ledger, clip_norm=clip_norm)
+        refused = False
+    except DpaggError as exc:
+        print(f"dpagg demo: error: {exc}", file=sys.stderr)
+        refused = True
     print(
         "refused as expected: nothing was drawn or recorded"
-        if refused == 2
+        if refused
         else "UNEXPECTED: the over-budget release was not refused"
     )
     _banner("done")
     print(f"embedding : {target}")
-    print(f"ledger    : {ledger}   (dpagg ledger show --ledger {ledger})")
+    print(f"ledger    : {ledger.path}   (dpagg ledger show --ledger {ledger.path})")
     if sheet is not None:
         print(f"picture   : {sheet}")
         print(f"use it    : 'a circle in {TOKEN} style' (diffusers load_textual_inversion)")
     else:
         print("use it    : a lighthouse, in the style of embedding:demo_style")
-    return 0 if refused == 2 else 1
+    return 0 if refused else 1

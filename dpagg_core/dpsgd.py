@@ -56,7 +56,6 @@ Wu & Banerjee 2021; Yu et al. 2021). The record names the basis (kind, k, K, sha
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from . import accountant, mechanism
+from . import accountant, calibration, mechanism
 from .accountant import PrivacyPlan
 from .errors import DpaggError
 from .ti import (
@@ -75,10 +74,12 @@ from .ti import (
     _draw,
     check_images,
     initializer_rows,
+    keyed_generator,
     param_dtype,
     resize_center_crop,
     resolve_templates,
-    ti_loss_per_image,
+    step_latents,
+    ti_loss,
 )
 
 METHOD = "dpsgd-textual-inversion"
@@ -171,7 +172,7 @@ def calibrate_dpsgd(
 
     ``neighbouring`` must be 'replace_one' (the default); 'add_remove' raises DpaggError."""
     accountant.check_neighbouring(neighbouring)
-    return accountant.calibrate(target_epsilon, delta, n, "poisson", q=q, releases=steps)
+    return calibration.calibrate(target_epsilon, delta, n, "poisson", q=q, releases=steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,9 +181,12 @@ def calibrate_dpsgd(
 
 
 def example_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """TI randomness of example ``index`` at ``step`` (public; independent of the sampling)."""
-    digest = hashlib.sha256(f"dpagg-dpsgd/{int(seed)}/{int(step)}/{int(index)}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    """TI randomness of example ``index`` at ``step`` (public; independent of the sampling).
+
+    ``ti.image_generator``'s rule with the step in the key: an example is drawn only in the steps
+    the secret Poisson sample picks it, so one running stream per image would tie its randomness
+    to the secret batches."""
+    return keyed_generator("dpagg-dpsgd", int(seed), int(step), int(index))
 
 
 def per_example_gradients(
@@ -217,20 +221,11 @@ def per_example_gradients(
     draws = [
         _draw(example_generator(seed, step, i), len(templates), n_t, shape, ldtype) for i in indices
     ]
-    flips = torch.tensor([flip and d.flip for d in draws], device=device).view(-1, 1, 1, 1)
-    latents = torch.where(flips, dist_flip.mean, dist.mean)
-    if sample_latents and dist.std is not None:
-        std = torch.where(flips, dist_flip.std, dist.std)
-        latents = latents + std * torch.stack([d.latent_eps for d in draws]).to(device)
-    noise = torch.stack([d.noise for d in draws]).to(device)
-    t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
-    noisy = backend.add_noise(latents, noise, t)
-    target = backend.training_target(latents, noise, t)
-    cond = backend.encode_prompts(
-        [templates[d.template] for d in draws], rows, image_size=image_size
+    latents = step_latents(
+        draws, dist, dist_flip, device=device, flip=flip, sample_latents=sample_latents
     )
-    pred = backend.predict(noisy, t, cond)
-    loss = ti_loss_per_image(pred, target).sum()  # sum: row i's gradient is loss_i's gradient
+    # sum: row i's gradient is loss_i's gradient
+    loss = ti_loss(backend, draws, latents, templates, rows, image_size=image_size).sum()
     grads = torch.autograd.grad(loss, [rows[k] for k in backend.encoder_keys])
     return {k: g.detach() for k, g in zip(backend.encoder_keys, grads, strict=True)}
 

@@ -37,7 +37,7 @@ Dataset id: names, order and resizing do not enter
 Each picture's digest (:func:`pixel_digest`) is the SHA-256 of its decoded, EXIF-oriented,
 FULL-SIZE 8-bit RGB pixels and size - taken before any resize, so no working resolution, crop or
 "resize to the first image" of a loader can change it, and it never sees a file name.
-``embeddings.dataset_id_for`` combines the digests order-independently (sorted) and keys them with
+``dataset_id_for`` combines the digests order-independently (sorted) and keys them with
 the privacy ledger's identity key (``ledger=`` names the ledger file; default
 ``paths.default_ledger_path()``), so renaming, re-listing or re-ordering files keeps the id, and
 every process that uses that ledger sees the same pictures as the same dataset (docs/privacy.md
@@ -71,11 +71,12 @@ expanded, made absolute - the same meaning as in the CLI and the nodes.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .embeddings import dataset_id_for
 from .errors import DpaggError
 from .paths import resolve_path
 
@@ -109,7 +109,7 @@ class LoadedImages:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # informational (skipped files)
     # per-image pixel_digest of the full-size canonical decode, in row order; the dataset id is
-    # embeddings.dataset_id_for(digests, key=<a ledger's identity key>)
+    # dataset_id_for(digests, key=<a ledger's identity key>)
     digests: list[bytes] = field(default_factory=list, repr=False)
 
     @property
@@ -194,13 +194,58 @@ def pixel_digest(rgb: np.ndarray) -> bytes:
     return h.digest()
 
 
+def check_identity_key(key: Any) -> bytes:
+    """``key`` if it is a ledger's 32-byte identity key (``ledger.identity_key()``); else
+    DpaggError. Everything keyed by it (dataset ids, private-file tags) checks it first."""
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise DpaggError(
+            "the identity key must be the 32 bytes of a ledger's key (ledger.identity_key()); "
+            f"got {type(key).__name__}"
+            + (f" of length {len(key)}" if isinstance(key, (bytes, bytearray)) else "")
+        )
+    return key
+
+
+def dataset_id_for(contents: Iterable[bytes], *, key: bytes) -> str:
+    """Id of a private image collection: HMAC-SHA256 under the ledger's identity ``key`` of its
+    per-image contents (``images.pixel_digest`` of each decoded picture).
+
+    Order-independent (per-image SHA-256 digests are sorted; duplicates count), so renaming or
+    re-ordering files keeps the id; editing, adding or removing an image changes it. The ledger
+    keys privacy budgets on this id. ``key`` is the ledger's (``ledger.identity_key``): one ledger
+    file is one identity space, whichever process, user or data dir computes the id (docs/privacy.md
+    invariant 7). Without the key (random, inside the ledger, never released) the id reveals
+    nothing about the images: it cannot be used to confirm a guess of the collection.
+    """
+    if isinstance(contents, (bytes, bytearray, memoryview, str)):
+        raise DpaggError("dataset_id_for takes an iterable of per-image byte strings, not one blob")
+    digests = []
+    for i, c in enumerate(contents):
+        if not isinstance(c, (bytes, bytearray, memoryview)):
+            raise DpaggError(f"image {i}: dataset_id_for needs raw bytes, got {type(c).__name__}")
+        digests.append(hashlib.sha256(c).digest())
+    if not digests:
+        raise DpaggError("dataset_id_for got no images; the image folder must not be empty")
+    digests.sort()
+    h = hmac.new(check_identity_key(key), b"dpagg-dataset/1", hashlib.sha256)
+    h.update(len(digests).to_bytes(8, "little"))
+    for d in digests:
+        h.update(d)
+    return "ds-" + h.hexdigest()[:32]
+
+
 def _process(
     img: Image.Image, resolution: int
 ) -> tuple[np.ndarray, bytes, tuple[int, int], list[str]]:
     """(uint8 [R, R, 3] pixels, digest of the full-size decoded RGB pixels, full size, losses)."""
     rgb, lost = decode_rgb(img)
+    return _fit(rgb, resolution), pixel_digest(np.asarray(rgb)), rgb.size, lost
+
+
+def _fit(rgb: Image.Image, resolution: int) -> np.ndarray:
+    """THE resize of a picture for training: its centred square to ``resolution`` (Lanczos)."""
     fitted = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
-    return np.asarray(fitted, dtype=np.uint8), pixel_digest(np.asarray(rgb)), rgb.size, lost
+    return np.asarray(fitted, dtype=np.uint8)
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -218,7 +263,8 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
 def _open_file(
     path: Path, resolution: int, max_pixels: int
 ) -> tuple[np.ndarray, bytes, tuple[int, int], list[str], bytes, bytes | None]:
-    """(pixels, pixel digest, decoded size, losses, raw file bytes, legacy digest) of one file."""
+    """(pixels, pixel digest, decoded size, losses, SHA-256 of the file bytes, legacy digest) of
+    one file (the bytes themselves are not kept)."""
     data = path.read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check governs
@@ -233,7 +279,7 @@ def _open_file(
         img.load()
         pixels, pix_digest, size, lost = _process(img, resolution)
         legacy = _legacy_digest(img)
-    return pixels, pix_digest, size, lost, data, legacy
+    return pixels, pix_digest, size, lost, hashlib.sha256(data).digest(), legacy
 
 
 def _to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -378,7 +424,9 @@ def load_image_folder(
             notes.append(f"skipped {name} (not an image type)")
             continue
         try:
-            pixels, pix_digest, size, lost, data, legacy = _open_file(entry, resolution, max_pixels)
+            pixels, pix_digest, size, lost, file_digest, legacy = _open_file(
+                entry, resolution, max_pixels
+            )
         except (DpaggError, MemoryError):
             raise
         except Exception as e:  # UnidentifiedImageError, truncated data, bad EXIF, ...
@@ -387,7 +435,7 @@ def load_image_folder(
             continue
         arrays.append(pixels)
         names.append(name)
-        byte_digests.append(hashlib.sha256(data).digest())
+        byte_digests.append(file_digest)
         pixel_digests.append(pix_digest)
         legacy_digests.append(legacy)
         sizes.append(size)
@@ -444,6 +492,18 @@ def _tensor_to_pils(images: torch.Tensor) -> list[Image.Image]:
         )
     arr = (x * 255.0).round().to(torch.uint8).numpy()
     return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+def fit_images(images: Sequence[torch.Tensor] | torch.Tensor, resolution: int) -> torch.Tensor:
+    """Decoded pictures in [0, 1] (a tensor [N, 3, H, W] or ComfyUI's [N, H, W, 3], or a list of
+    one-picture tensors of any sizes) fitted to ``resolution`` as the loaders fit them (centred
+    square, Lanczos), each on its own -> float32 ``[N, 3, R, R]`` in [-1, 1].
+
+    Pixels only, for pictures whose set is already identified (e.g. ``LoadedImages.pixels``
+    wanted at another resolution: pass ``(pixels + 1) / 2``); no id, no checks on the set."""
+    resolution = _check_resolution(resolution)
+    items = [images] if isinstance(images, torch.Tensor) else list(images)
+    return _to_tensor([_fit(pil, resolution) for im in items for pil in _tensor_to_pils(im)])
 
 
 def load_images(

@@ -61,7 +61,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from dpagg_core import __version__
-from dpagg_core.accountant import NEIGHBOURINGS, SAMPLINGS, PrivacyPlan, check_neighbouring
+from dpagg_core.accountant import NEIGHBOURINGS, PrivacyPlan
 from dpagg_core.errors import DpaggError
 
 MECHANISM = "dpagg-gaussian-mean"
@@ -122,37 +122,7 @@ def _check_plan(plan: Any) -> None:
             f"plan must be a dpagg_core.accountant.PrivacyPlan, got {type(plan).__name__}; "
             "build one with the accountant (calibrate / epsilon_for)."
         )
-    if plan.sampling not in SAMPLINGS:
-        raise DpaggError(f"plan.sampling={plan.sampling!r}; use one of {SAMPLINGS}.")
-    check_neighbouring(plan.neighbouring, "plan.neighbouring")
-    if isinstance(plan.n, bool) or not isinstance(plan.n, int) or plan.n < 1:
-        raise DpaggError(f"plan.n={plan.n!r}; it must be a positive integer (the dataset size).")
-    if isinstance(plan.releases, bool) or not isinstance(plan.releases, int) or plan.releases < 1:
-        raise DpaggError(f"plan.releases={plan.releases!r}; it must be a positive integer.")
-    if plan.sampling == "wor":
-        m = plan.m
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= plan.n:
-            raise DpaggError(
-                f"plan.m={m!r} with sampling 'wor'; m must be an integer in [1, n={plan.n}]."
-            )
-    if plan.sampling == "poisson":
-        q = plan.q
-        if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 < q <= 1.0:
-            raise DpaggError(f"plan.q={q!r} with sampling 'poisson'; q must lie in (0, 1].")
-    for name in ("noise_multiplier", "epsilon", "delta"):
-        value = getattr(plan, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DpaggError(f"plan.{name}={value!r}; it must be a number.")
-        if not math.isfinite(value):
-            raise DpaggError(f"plan.{name}={value!r}; it must be finite.")
-    if plan.noise_multiplier <= 0:
-        raise DpaggError(
-            f"plan.noise_multiplier={plan.noise_multiplier!r}; it must be > 0 (no noise = no DP)."
-        )
-    if plan.epsilon < 0:
-        raise DpaggError(f"plan.epsilon={plan.epsilon!r}; it must be >= 0.")
-    if not 0.0 <= plan.delta < 1.0:
-        raise DpaggError(f"plan.delta={plan.delta!r}; it must lie in [0, 1).")
+    plan.check()
 
 
 def _check_clip_norm(clip_norm: Any) -> float:
@@ -316,6 +286,30 @@ def _clip_in_place(rows: np.ndarray, c: float, mode: str) -> np.ndarray:
     )
 
 
+def suggest_clip_norm(public: Any, quantile: float = 0.9) -> dict[str, Any]:
+    """The clip norm C from per-image embeddings of PUBLIC images (an ``EmbeddingSet`` trained
+    with the private run's model and settings; never the private set: docs/privacy.md
+    invariant 2). ``clip_norm``: the ``quantile`` of their distances to the public centre (the
+    origin without one); ``clip_norm_public_mean``: the same quantile of their distances to their
+    own mean, the C for ``centre='public_mean'``; ``distances``: min, median and max of the
+    former. What ``dpagg suggest-clip-norm`` and the WebUI's suggestion report."""
+    centre = public.flat_centre()
+    flat = public.flat()
+    dists = np.linalg.norm(flat - (0 if centre is None else centre), axis=1)
+    to_mean = np.linalg.norm(flat - flat.mean(axis=0), axis=1)
+    return {
+        "clip_norm": float(np.quantile(dists, quantile)),
+        "clip_norm_public_mean": float(np.quantile(to_mean, quantile)),
+        "quantile": quantile,
+        "n_public": int(public.n),
+        "distances": {
+            "min": float(dists.min()),
+            "median": float(np.median(dists)),
+            "max": float(dists.max()),
+        },
+    }
+
+
 def _uniform_bits(count: int) -> np.ndarray:
     """``count`` uniform 64-bit integers from the OS CSPRNG (``os.urandom`` via ``secrets``)."""
     return np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64)
@@ -367,8 +361,8 @@ def to_published_precision(values: Any) -> np.ndarray:
     """``values`` rounded to float32, the precision of every released file, as a float64 copy.
 
     Applied to every released vector before it leaves the mechanism (``dp_mean``; DP-SGD via
-    ``Ledger.complete``), so the Python API, the ledger and the file hold the same numbers and no
-    float64 low-order bits are released (module docstring, "Published precision").
+    ``Reservation.complete``), so the Python API, the ledger and the file hold the same numbers and
+    no float64 low-order bits are released (module docstring, "Published precision").
     """
     arr = np.asarray(values, dtype=np.float64)
     with np.errstate(over="ignore"):

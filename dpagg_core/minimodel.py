@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .tiny import SD_NOISE_SCHEDULE, small_clip_text_config
+from .tokenizer import CLIP_VOCAB_SIZE
 
 MODEL_FILE = Path(__file__).resolve().parent / "data" / "minimodel.safetensors"
 MODEL_DIR_ENV = "DPAGG_MINIMODEL_DIR"  # optional override: a folder holding minimodel.safetensors
@@ -58,9 +58,39 @@ LATENT_SIZE = 8
 LATENT_CHANNELS = 8
 IMAGE_SIZE = 32
 
+# Stable Diffusion 1.x/2.x's training noise schedule (scheduler kwargs).
+SD_NOISE_SCHEDULE: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    clip_sample=False,
+)
 SCHEDULER_KW: dict[str, Any] = SD_NOISE_SCHEDULE | dict(
     set_alpha_to_one=False, prediction_type="epsilon"
 )
+
+
+def small_clip_text_config(hidden_size: int, **overrides: Any) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs of a small CLIP text encoder over the real CLIP vocabulary
+    (2 layers, 4 heads, 77 positions, SD's special token ids): the mini model's, at width 64,
+    and the tests' random tiny encoders' (``tests/tiny_models.py``)."""
+    return (
+        dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=hidden_size,
+        )
+        | overrides
+    )
 
 
 def text_encoder_config() -> dict[str, Any]:

@@ -191,16 +191,13 @@ def offline() -> Iterator[None]:
     """
     names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
     saved = {n: os.environ.get(n) for n in names}
-    try:
-        import huggingface_hub.constants as hub_constants
-    except ImportError:  # pragma: no cover - huggingface_hub is a diffusers dependency
-        hub_constants = None
-    saved_flag = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    import huggingface_hub.constants as hub_constants  # a dependency of transformers/diffusers
+
+    saved_flag = hub_constants.HF_HUB_OFFLINE
     try:
         for n in names:
             os.environ[n] = "1"
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = True
+        hub_constants.HF_HUB_OFFLINE = True
         yield
     finally:
         for n, v in saved.items():
@@ -208,8 +205,7 @@ def offline() -> Iterator[None]:
                 os.environ.pop(n, None)
             else:
                 os.environ[n] = v
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = saved_flag
+        hub_constants.HF_HUB_OFFLINE = saved_flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,17 +213,26 @@ def offline() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def fingerprint(tensors: Sequence[torch.Tensor], *, rows: int | None = None) -> str:
+def fingerprint(
+    tensors: Sequence[torch.Tensor], *, rows: int | None = None, samples: int | None = None
+) -> str:
     """First 16 hex digits of sha256 over ``tensors`` (shape, then float16 little-endian bytes).
 
     Rounding to float16 makes the id independent of the dtype the weights were loaded in.
-    ``rows`` keeps only the first rows of each tensor (the base vocabulary of an embedding table).
+    ``rows`` keeps only the first rows of each tensor (the base vocabulary of an embedding table);
+    ``samples`` only that many evenly spaced values of each (flattened) tensor, which tells
+    large models apart without hashing gigabytes (the shape is hashed in full either way).
     """
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach()
         if rows is not None:
             t = t[:rows]
+        if samples is not None:
+            flat = t.reshape(-1)
+            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long()
+            h.update(repr(tuple(t.shape)).encode())
+            t = flat[idx.to(flat.device)]
         t = t.to(device="cpu", dtype=torch.float16).contiguous()
         h.update(repr(tuple(t.shape)).encode())
         h.update(t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes())

@@ -19,6 +19,8 @@ from .errors import DpaggError
 LEDGER_ENV = "DPAGG_LEDGER"
 DATA_DIR_ENV = "DPAGG_DATA_DIR"
 LEGACY_SALT_NAME = "salt"
+LEDGER_NAME = "ledger.sqlite"
+HOST_SUBDIR = "dpagg"  # dpagg's folder in a host application's user/data directory
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
@@ -33,10 +35,21 @@ def data_dir() -> Path:
     return resolve_path(env) if env else Path(user_data_dir("dpagg", appauthor=False))
 
 
+def _env_ledger() -> Path | None:
+    env = os.environ.get(LEDGER_ENV)
+    return resolve_path(env) if env else None
+
+
 def default_ledger_path() -> Path:
     """``--ledger`` wins, then env ``DPAGG_LEDGER``, then ``<user data dir>/ledger.sqlite``."""
-    env = os.environ.get(LEDGER_ENV)
-    return resolve_path(env) if env else data_dir() / "ledger.sqlite"
+    return _env_ledger() or data_dir() / LEDGER_NAME
+
+
+def host_ledger_path(host_dir: str | os.PathLike[str]) -> Path:
+    """The ledger of dpagg inside a host application: ``DPAGG_LEDGER`` if set (read as the CLI
+    reads it), else ``<host_dir>/dpagg/ledger.sqlite`` (ComfyUI's user directory, the WebUI's
+    data dir)."""
+    return _env_ledger() or resolve_path(host_dir) / HOST_SUBDIR / LEDGER_NAME
 
 
 def legacy_install_salt() -> bytes | None:

@@ -51,7 +51,7 @@ def preview_grid(
 
 
 def _load(pipe: Any, path: Path, token: str) -> None:
-    from .embeddings import read_released
+    from .released_file import read_released
 
     tensors, _ = read_released(path)
     if set(tensors) == {"clip_l", "clip_g"}:

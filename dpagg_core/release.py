@@ -4,12 +4,12 @@ Shared by the CLI and the ComfyUI DP Aggregate node so both follow the same orde
 
 1. everything that can be wrong with the request (name, output folder, centre, shapes) is checked
    BEFORE the ledger is touched, so bad input never spends budget;
-2. :meth:`Ledger.release` checks the budget, draws the noise and records the release in one
-   transaction (docs/privacy.md invariant 5); an identical earlier request returns the stored
-   release;
+2. :meth:`Ledger.release` reserves the spend (budget check, committed row) before the noise is
+   drawn, then stores the result (docs/privacy.md invariant 5); an identical earlier request
+   returns the stored release;
 3. the released vector is (optionally) post-processed (``dpagg_core.postprocess``: James-Stein
    shrinkage, norm rescaling; functions of the release and public values only) and written with
-   :func:`embeddings.write_released`. Both are post-processing of a DP output (Dwork & Roth 2014,
+   :func:`released_file.write_released`. Both are post-processing of a DP output (Dwork & Roth 2014,
    Prop. 2.1), so if writing fails the release stays spent, and re-running the identical request
    writes it again without spending. The ledger keeps the RAW release; a re-run post-processes
    the stored raw release the same way and finds the same file.
@@ -31,25 +31,22 @@ import numpy as np
 import torch
 
 from .accountant import PrivacyPlan
-from .embeddings import (
-    EmbeddingSet,
-    next_free_name,
-    read_released,
-    sanitize_name,
-    write_released,
-)
+from .embeddings import EmbeddingSet
 from .errors import DpaggError
-from .ledger import Ledger, request_key
+from .ledger import BudgetState, Ledger
+from .names import next_free_name, sanitize_name
 from .postprocess import METHODS as POSTPROCESS_METHODS
 from .postprocess import apply as postprocess_apply
+from .released_file import read_released, write_released
+from .request_keys import aggregate_request
 
 log = logging.getLogger(__name__)
 
 CENTRES = ("initializer", "origin", "public_mean")
 
 
-@dataclass(frozen=True)
-class ReleaseOutcome:
+@dataclass(frozen=True, kw_only=True)
+class ReleaseOutcome(BudgetState):
     """What a release produced: the file, the prompt string and the ledger's view afterwards."""
 
     path: Path
@@ -57,21 +54,12 @@ class ReleaseOutcome:
     record: dict[str, str]
     reused: bool
     release_id: int
-    spent_epsilon: float
-    spent_delta: float
-    budget_epsilon: float
-    budget_delta: float
-    composition: str
     vectors: dict[str, torch.Tensor]
 
     @property
     def prompt(self) -> str:
         """The exact prompt fragment that selects this release in ComfyUI."""
         return f"embedding:{self.name}"
-
-    @property
-    def remaining_epsilon(self) -> float:
-        return max(0.0, self.budget_epsilon - self.spent_epsilon)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -244,10 +232,9 @@ def release_embeddings(
         "base_model_id": eset.base_model_id,
     }
     basis_sha = None if basis is None else basis.sha256
-    key = ledger.request_mac(request_key(vectors, **request, basis_sha256=basis_sha))
-    recorded = any(r["request_key"] == key for r in ledger.list_releases(eset.dataset_id))
+    recorded = ledger.stored_result(aggregate_request(vectors, **request, basis_sha256=basis_sha))
     target = base
-    if not recorded:
+    if recorded is None:
         if new_name_per_release:
             target = next_free_name(out, base)
         elif next_free_name(out, base) != base:
@@ -323,10 +310,6 @@ def write_outcome(
         record=record,
         reused=result.reused,
         release_id=result.release_id,
-        spent_epsilon=result.spent_epsilon,
-        spent_delta=result.spent_delta,
-        budget_epsilon=result.budget_epsilon,
-        budget_delta=result.budget_delta,
-        composition=result.composition,
         vectors=vectors,
+        **vars(result.budget_state()),
     )

@@ -110,10 +110,10 @@ from .embeddings import (
     _check_float32_finite,
     _checked_centre,
     _family_keys,
-    _looks_like_prompt_folder,
-    _write_new_file,
 )
 from .errors import DpaggError
+from .files import read_safetensors, write_new_file
+from .names import looks_like_prompt_folder
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +234,14 @@ def save_public_embeddings(public: PublicEmbeddings, path: str | os.PathLike[str
     if public.initializer is not None:
         meta["initializer"] = public.initializer
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
+    write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
     return path
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise DpaggError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
-    except Exception as exc:
-        raise DpaggError(f"{path} is not a readable safetensors file ({exc})") from exc
+    tensors, meta = read_safetensors(path)
     if meta.get(PRIVATE_MARKER) == "true":
         raise DpaggError(
             f"{path} is marked PRIVATE (per-image embeddings of private images); a public basis "
@@ -713,7 +706,7 @@ def save_basis(basis: PublicBasis, path: str | os.PathLike[str]) -> Path:
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
         raise DpaggError(f"{path}: save the basis as .safetensors (e.g. mybasis.basis.safetensors)")
-    why = _looks_like_prompt_folder(path.resolve().parent)
+    why = looks_like_prompt_folder(path.resolve().parent)
     if why is not None:  # a prompt loader would list it as an embedding
         raise DpaggError(f"refusing to save a basis in {path.parent}: {why}; choose another folder")
     tensors = {f"basis.{k}": torch.from_numpy(np.array(b)) for k, b in basis.blocks.items()}
@@ -735,7 +728,7 @@ def save_basis(basis: PublicBasis, path: str | os.PathLike[str]) -> Path:
         "dpagg_version": __version__,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
+    write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
     return path
 
 

@@ -372,17 +372,29 @@ def check_images(images: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def keyed_seed(*key: object) -> int:
+    """The one seeding rule of the TI randomness: a 63-bit seed from sha256 of the ``/``-joined
+    ``key`` (a name, the user seed and public indices). Never used by the DP mechanism
+    (docs/privacy.md invariant 3)."""
+    digest = hashlib.sha256("/".join(str(k) for k in key).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keyed_generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by :func:`keyed_seed` of ``key``."""
+    return torch.Generator(device="cpu").manual_seed(keyed_seed(*key))
+
+
 def image_seed(seed: int, index: int) -> int:
     """64-bit seed of image ``index``'s generator. Independent of batching, chunking and rank.
 
     This is TI randomness only (timesteps, diffusion noise, template, flip, latent sample); it is
     never used by the DP mechanism (docs/privacy.md invariant 3)."""
-    digest = hashlib.sha256(f"dpagg-ti/{int(seed)}/{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return keyed_seed("dpagg-ti", int(seed), int(index))
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(image_seed(seed, index))
+    return keyed_generator("dpagg-ti", int(seed), int(index))
 
 
 @dataclass
@@ -481,6 +493,52 @@ def ti_loss_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(pred.dtype, torch.float32)
     diff = pred.to(dtype) - target.to(dtype)
     return diff.pow(2).flatten(1).mean(1)
+
+
+def step_latents(
+    draws: Sequence[_Draw],
+    dist: LatentDist,
+    dist_flip: LatentDist,
+    *,
+    device: torch.device,
+    flip: bool = True,
+    sample_latents: bool = True,
+) -> torch.Tensor:
+    """Each image's latent for one step: its posterior mean (of the flipped copy where its draw
+    flips), plus std times its own ``latent_eps`` when ``sample_latents``. Row-wise only."""
+    flips = torch.tensor([flip and d.flip for d in draws], device=device).view(-1, 1, 1, 1)
+    latents = torch.where(flips, dist_flip.mean, dist.mean)
+    if sample_latents and dist.std is not None:
+        std = torch.where(flips, dist_flip.std, dist.std)
+        latents = latents + std * torch.stack([d.latent_eps for d in draws]).to(device)
+    return latents
+
+
+def ti_loss(
+    backend: TIBackend,
+    draws: Sequence[_Draw],
+    latents: torch.Tensor,
+    templates: Sequence[str],
+    vectors: dict[str, torch.Tensor],
+    *,
+    image_size: int,
+    mixed_precision: str = "no",
+) -> torch.Tensor:
+    """The TI loss of each image, ``[B]``: ``latents`` noised with each draw's noise at its
+    timestep, denoised under its template holding that row of ``vectors`` (``[B, v, dim]`` per
+    key). The one training-step computation of per-image TI (:func:`train_vectors`),
+    :func:`evaluate_loss` and DP-SGD's per-example gradients (``dpagg_core.dpsgd``)."""
+    device = torch.device(backend.device)
+    noise = torch.stack([d.noise for d in draws]).to(device)
+    t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
+    noisy = backend.add_noise(latents, noise, t)
+    target = backend.training_target(latents, noise, t)
+    with _autocast(device, mixed_precision):
+        cond = backend.encode_prompts(
+            [templates[d.template] for d in draws], vectors, image_size=image_size
+        )
+        pred = backend.predict(noisy, t, cond)
+    return ti_loss_per_image(pred, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,25 +685,20 @@ def _train_chunk(
         if should_cancel is not None and should_cancel():
             raise Cancelled("textual inversion cancelled; no embeddings were produced")
         draws = [_draw(g, len(templates), n_t, shape, ldtype) for g in gens]
-        flips = torch.tensor([d.flip for d in draws], device=device).view(-1, 1, 1, 1)
-        mean = torch.where(flips, dist_flip.mean, dist.mean)
-        latents = mean
-        if config.sample_latents and dist.std is not None:
-            std = torch.where(flips, dist_flip.std, dist.std)
-            eps = torch.stack([d.latent_eps for d in draws]).to(device)
-            latents = mean + std * eps
-        noise = torch.stack([d.noise for d in draws]).to(device)
-        t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
-        noisy = backend.add_noise(latents, noise, t)
-        target = backend.training_target(latents, noise, t)
+        latents = step_latents(
+            draws, dist, dist_flip, device=device, sample_latents=config.sample_latents
+        )
         vectors = dict(zip(backend.encoder_keys, params, strict=True))
-        with _autocast(device, config.mixed_precision):
-            cond = backend.encode_prompts(
-                [templates[d.template] for d in draws], vectors, image_size=size
-            )
-            pred = backend.predict(noisy, t, cond)
         # Sum (not mean) over images: d loss / d row i = d loss_i / d row i, batch-size free.
-        loss = ti_loss_per_image(pred, target).sum()
+        loss = ti_loss(
+            backend,
+            draws,
+            latents,
+            templates,
+            vectors,
+            image_size=size,
+            mixed_precision=config.mixed_precision,
+        ).sum()
         (loss * scale).backward()
         if mixed:
             _unscale_rowwise(params, scale)
@@ -761,14 +814,14 @@ def evaluate_loss(
         draws = [
             _draw(g, len(templates), int(backend.num_train_timesteps), shape, ldtype) for g in gens
         ]
-        noise = torch.stack([d.noise for d in draws]).to(device)
-        t = torch.tensor([d.timestep for d in draws], device=device, dtype=torch.long)
-        noisy = backend.add_noise(dist.mean, noise, t)
-        target = backend.training_target(dist.mean, noise, t)
-        with _autocast(device, config.mixed_precision):
-            cond = backend.encode_prompts(
-                [templates[d.template] for d in draws], vec, image_size=int(images.shape[-1])
-            )
-            pred = backend.predict(noisy, t, cond)
-        out.append(ti_loss_per_image(pred, target).cpu())
+        loss = ti_loss(
+            backend,
+            draws,
+            dist.mean,
+            templates,
+            vec,
+            image_size=int(images.shape[-1]),
+            mixed_precision=config.mixed_precision,
+        )
+        out.append(loss.cpu())
     return torch.stack(out, 1)

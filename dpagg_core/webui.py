@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .budget_report import BUDGET_NOT_SET, budget_status, next_release
+from .budget_report import fmt as _fmt
 from .errors import DpaggError
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/dpagg/v1"
 TAB_TITLE = "Private style (DP)"
-LEDGER_SUBDIR = "dpagg"
 MODE_EPSILON = "epsilon"
 MODE_NOISE = "noise_multiplier"
 FAMILY_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -180,7 +181,8 @@ def settings_from_dict(values: Mapping[str, Any]) -> Settings:
 
 def make_plan(s: Settings, n: int):
     """The privacy plan of ``s`` for ``n`` images (target epsilon -> noise, or the reverse)."""
-    from .accountant import calibrate, epsilon_for
+    from .accountant import epsilon_for
+    from .calibration import calibrate
 
     common = {
         "delta": s.delta,
@@ -229,12 +231,9 @@ def _opt(value: float) -> float | None:
 def ledger_path(webui_data_dir: str | os.PathLike[str]) -> Path:
     """``DPAGG_LEDGER`` if set (as the CLI and the ComfyUI nodes read it), else
     ``<WebUI data dir>/dpagg/ledger.sqlite`` (``--data-dir``; the WebUI folder by default)."""
-    from .paths import LEDGER_ENV, resolve_path
+    from .paths import host_ledger_path
 
-    env = os.environ.get(LEDGER_ENV)
-    if env:
-        return resolve_path(env)
-    return resolve_path(webui_data_dir) / LEDGER_SUBDIR / "ledger.sqlite"
+    return host_ledger_path(webui_data_dir)
 
 
 def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
@@ -330,10 +329,6 @@ def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
-
-
 def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) -> dict[str, Any]:
     """The live plan and budget of the image set, before anything runs (dry run only).
 
@@ -347,7 +342,6 @@ def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) ->
     out: dict[str, Any] = {"ok": False, "error": None, "exceeds": False, "warnings": []}
     try:
         from .accountant import delta_warning, plan_summary
-        from .errors import BudgetExceeded
         from .ledger import Ledger
 
         if s.checkpoint:
@@ -359,24 +353,10 @@ def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) ->
         out["delta_warning"] = delta_warning(plan.delta, n)
         book = Ledger(ledger)
         book.raise_hint = raise_budget_hint
-        status = book.status(dataset_id)
-        out["budget"] = {
-            "total": status["budget"],
-            "spent": status["spent"],
-            "remaining": status["remaining"],
-            "releases": status["releases"],
-            "composition": status["composition"],
-        }
-        nxt: dict[str, Any] = {"epsilon": plan.epsilon, "delta": plan.delta}
-        try:
-            check = book.check(
-                dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta), mode="clip"
-            )
-            nxt["spent_after"] = check.get("spent_after")
-            nxt["budget"] = check.get("budget")
-        except BudgetExceeded as exc:
-            out["exceeds"] = True
-            nxt["refused"] = str(exc)
+        status = budget_status(book, dataset_id)
+        out["budget"] = {"total": status.pop("budget"), **status}
+        nxt = next_release(book, dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta))
+        out["exceeds"] = "refused" in nxt
         out["next_release"] = nxt
         out["ok"] = True
     except DpaggError as exc:
@@ -388,7 +368,7 @@ def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) ->
 def _budget_line(budget: dict[str, Any]) -> str:
     total, spent = budget.get("total"), budget["spent"]
     if total is None:
-        return "budget: not set yet (the first release sets it)"
+        return BUDGET_NOT_SET
     rem = budget["remaining"] or {"epsilon": 0.0}
     left = rem["epsilon"] if rem["epsilon"] > 1e-6 * total["epsilon"] else 0.0  # float dust
     return (
@@ -531,7 +511,7 @@ def _may_be_identical(book: Any, dataset_id: str, plan: Any, s: Settings) -> boo
     centre, name): a re-run of it may train the identical embeddings and is then free, so an
     exhausted budget must not refuse it before training. The ledger decides after training
     (``release_embeddings``: the identical request is re-used, anything else refused)."""
-    from .embeddings import sanitize_name
+    from .names import sanitize_name
 
     name = sanitize_name(s.name)
     for row in book.list_releases(dataset_id):
@@ -550,11 +530,11 @@ def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
     import torch
 
     from .diffusers_backend import DiffusersBackend
-    from .embeddings import sanitize_name
     from .errors import BudgetExceeded
     from .images import load_image_folder
     from .ledger import Ledger
     from .models import load_pipeline
+    from .names import sanitize_name
     from .release import release_embeddings
     from .ti import Cancelled, train_embeddings
 
@@ -660,9 +640,9 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
     model and settings as the private run, then the ``s.quantile`` quantile of the embeddings'
     distances to the initializer centre (as ``dpagg suggest-clip-norm``). Refuses the private
     folder itself (tuning C on the private images leaks privacy no record shows)."""
-    import numpy as np
     import torch
 
+    from . import mechanism
     from .diffusers_backend import DiffusersBackend
     from .images import load_image_folder
     from .models import load_pipeline
@@ -713,19 +693,7 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
             del model
             backend = None  # noqa: F841
             _free_memory()
-    centre = eset.flat_centre()
-    dists = np.linalg.norm(eset.flat() - (0 if centre is None else centre), axis=1)
-    c = float(np.quantile(dists, s.quantile))
-    return {
-        "clip_norm": c,
-        "quantile": s.quantile,
-        "n_public": int(eset.n),
-        "distances": {
-            "min": float(dists.min()),
-            "median": float(np.median(dists)),
-            "max": float(dists.max()),
-        },
-    }
+    return mechanism.suggest_clip_norm(eset, s.quantile)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ attention within a sample, and SDXL's ``y`` row b is built from pooled row b onl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import types
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.models import fingerprint
 from dpagg_core.ti import PLACEHOLDER, LatentDist
 
 log = logging.getLogger(__name__)
@@ -95,18 +95,16 @@ class _Encoder:
 
 
 def _checkpoint_fingerprint(family: str, encoders: list[_Encoder], model: Any) -> str:
-    """``comfyui:<family>:<hash>``: hash of the token embeddings and the UNet in/out convs (the
-    id ComfyTIBackend gives the checkpoint, and :func:`checkpoint_tables` too)."""
-    h = hashlib.sha256(family.encode())
+    """``comfyui:<family>:<hash>``: ``models.fingerprint`` of the token embeddings and the UNet
+    in/out convs (the id ComfyTIBackend gives the checkpoint, and :func:`checkpoint_tables`
+    too)."""
     tensors = [e.model.transformer.get_input_embeddings().weight for e in encoders]
     sd = model.model.diffusion_model
     for name in ("input_blocks.0.0.weight", "out.2.weight"):
         t = dict(sd.named_parameters()).get(name)
         if t is not None:
             tensors.append(t)
-    for t in tensors:
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return f"comfyui:{family}:{h.hexdigest()[:16]}"
+    return f"comfyui:{family}:{fingerprint(tensors)}"
 
 
 def checkpoint_tables(model: Any, clip: Any) -> tuple[str, str, dict[str, torch.Tensor]]:

@@ -15,54 +15,16 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from dpagg_core.budget_report import fmt, ledger_lines
 from dpagg_core.errors import DpaggError
 
-from .privacy_nodes import CATEGORY, _fmt, _ui, comfy_ledger
+from .privacy_nodes import CATEGORY, _ui, comfy_ledger
 
 ACTIONS = ("show", "raise budget")
 
 
 def confirmation_text(dataset: str, epsilon: float) -> str:
     return f"raise {dataset} to {epsilon:g}"
-
-
-def ledger_lines(ledger, only: str = "") -> tuple[list[str], list[dict[str, Any]]]:
-    """One block per dataset: budget, spend, and each release (name, epsilon, reused or not)."""
-    datasets = [only] if only else ledger.dataset_ids()
-    lines = [f"ledger {ledger.path}", f"{len(datasets)} image set(s)"]
-    table = []
-    for ds in datasets:
-        st = ledger.status(ds)
-        b = st["budget"]
-        spent = st["spent"]
-        budget = "not set" if b is None else f"{_fmt(b['epsilon'])} (delta {b['delta']:.3g})"
-        lines.append(
-            f"{ds}: spent eps {_fmt(spent['epsilon'])} of {budget}, {st['releases']} release(s)"
-        )
-        releases = ledger.list_releases(ds)
-        for r in releases:  # the file actually written (mystyle-2), else the requested name
-            name = ", ".join(r.get("files") or []) or r["name"]
-            lines.append(
-                f"  #{r['id']} {r['created'][:19]} {name} eps {_fmt(r['epsilon'])} "
-                f"delta {r['delta']:.3g}"
-            )
-        table.append(
-            {
-                "dataset": ds,
-                "budget": b,
-                "spent": spent,
-                "releases": [
-                    {
-                        "id": r["id"],
-                        "name": r["name"],
-                        "files": r.get("files") or [],
-                        "epsilon": r["epsilon"],
-                    }
-                    for r in releases
-                ],
-            }
-        )
-    return lines, table
 
 
 class PrivacyLedger(io.ComfyNode):
@@ -141,8 +103,8 @@ class PrivacyLedger(io.ComfyNode):
                     "too. Nothing was changed."
                 )
             ledger.set_budget(dataset, eps, delta)
-            was = "not set" if old is None else _fmt(old["epsilon"])
-            done.append(f"budget of {dataset}: {was} -> {_fmt(eps)} (delta {delta:.3g})")
+            was = "not set" if old is None else fmt(old["epsilon"])
+            done.append(f"budget of {dataset}: {was} -> {fmt(eps)} (delta {delta:.3g})")
         lines, table = ledger_lines(ledger, dataset)
         lines = done + lines
         text = "\n".join(lines)

@@ -54,13 +54,29 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from dpagg_core import accountant, ti
+from dpagg_core import accountant, calibration, clip_image, ti
 from dpagg_core.accountant import SAMPLINGS, PrivacyPlan
-from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, sanitize_name
-from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.images import LoadedImages, load_image_folder, load_images, pixel_digest
+from dpagg_core.budget_report import (
+    budget_payload,
+    budget_request_lines,
+    fmt,
+    next_release,
+    plan_lines,
+)
+from dpagg_core.embeddings import EmbeddingSet
+from dpagg_core.errors import DpaggError
+from dpagg_core.images import (
+    LoadedImages,
+    dataset_id_for,
+    fit_images,
+    load_image_folder,
+    load_images,
+    pixel_digest,
+)
 from dpagg_core.ledger import Ledger, identity_key
-from dpagg_core.paths import LEDGER_ENV, resolve_path
+from dpagg_core.mechanism import CLIP_MODES
+from dpagg_core.names import sanitize_name
+from dpagg_core.paths import host_ledger_path, resolve_path
 from dpagg_core.postprocess import METHODS as POSTPROCESS_METHODS
 from dpagg_core.release import CENTRES, release_embeddings
 
@@ -89,7 +105,6 @@ UNSTABLE_LOADERS = frozenset(
 
 MODE_TARGET = "target epsilon -> noise"
 MODE_NOISE = "noise multiplier -> epsilon"
-CLIP_MODES = ("clip", "normalize")
 CLIP_RELEASE_SUBDIR = "dpagg_clip"
 
 
@@ -214,14 +229,11 @@ def input_folder(folder: str) -> Path:
 
 
 def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
-    """``[N, 3, R, R]`` in [-1, 1] (shorter side to R, centre crop; per image), or the images'
-    own size when ``resolution`` is 0 (then all must have the same size)."""
-    out = []
-    for img in images:
-        x = img.detach().float().movedim(-1, 0).unsqueeze(0).clone() * 2.0 - 1.0
-        if resolution:
-            x = ti.resize_center_crop(x, int(resolution))
-        out.append(x)
+    """``[N, 3, R, R]`` in [-1, 1] (each image fitted as the CLI fits it: ``images.fit_images``),
+    or the images' own size when ``resolution`` is 0 (then all must have the same size)."""
+    if resolution:
+        return fit_images([img.detach().float().clamp(0, 1) for img in images], int(resolution))
+    out = [img.detach().float().movedim(-1, 0).unsqueeze(0).clone() * 2.0 - 1.0 for img in images]
     sizes = {tuple(x.shape[-2:]) for x in out}
     if len(sizes) > 1:
         raise DpaggError(
@@ -253,14 +265,11 @@ def comfy_ledger(path: Path | None = None) -> Ledger:
 
 
 def ledger_path() -> Path:
-    """``DPAGG_LEDGER`` if set (``~`` and variables expanded, made absolute exactly as the CLI
-    does: ``paths.resolve_path``), else ``<ComfyUI user directory>/dpagg/ledger.sqlite``."""
-    env = os.environ.get(LEDGER_ENV)
-    if env:
-        return resolve_path(env)
+    """``DPAGG_LEDGER`` if set, else ``<ComfyUI user directory>/dpagg/ledger.sqlite``
+    (``paths.host_ledger_path``, as the WebUI's)."""
     import folder_paths
 
-    return Path(folder_paths.get_user_directory()) / "dpagg" / "ledger.sqlite"
+    return host_ledger_path(folder_paths.get_user_directory())
 
 
 def embeddings_dir() -> Path:
@@ -277,103 +286,8 @@ def clip_release_dir() -> Path:
     return Path(folder_paths.get_output_directory()) / CLIP_RELEASE_SUBDIR
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
-
-
-def plan_lines(plan: PrivacyPlan) -> list[str]:
-    """Short public description of a plan for the node's display."""
-    if plan.sampling == "wor":
-        how = f"m={plan.m} of n={plan.n}"
-    elif plan.sampling == "poisson":
-        how = f"q={plan.q:g} of n={plan.n}"
-    else:
-        how = f"all n={plan.n}"
-    return [
-        f"plan: eps={_fmt(plan.epsilon)}, delta={plan.delta:.3g}, noise multiplier="
-        f"{_fmt(plan.noise_multiplier)}",
-        f"{plan.sampling} ({how}), {plan.releases} release(s), {plan.accountant}",
-    ]
-
-
-def budget_payload(
-    ledger: Ledger,
-    dataset_id: str,
-    plan: PrivacyPlan | None,
-    budget_epsilon: float | None = None,
-    budget_delta: float | None = None,
-) -> tuple[list[str], bool, dict[str, Any]]:
-    """Lines, warning flag and figures of a dataset's budget (public: from the ledger only).
-
-    ``warning`` is True when one more release of ``plan`` would be refused (dry run
-    ``Ledger.check``; nothing is drawn or written)."""
-    status = ledger.status(dataset_id)
-    lines: list[str] = []
-    spent = status["spent"]
-    if status["budget"] is None:
-        lines.append("budget: not set yet (the first release sets it)")
-    else:
-        b, r = status["budget"], status["remaining"]
-        lines.append(
-            f"budget: eps {_fmt(spent['epsilon'])} / {_fmt(b['epsilon'])} spent, "
-            f"{_fmt(r['epsilon'])} left (delta {spent['delta']:.3g} / {b['delta']:.3g})"
-        )
-    lines.append(f"releases of this image set: {status['releases']} ({status['composition']})")
-    warning = False
-    if plan is not None:
-        try:
-            ledger.check(dataset_id, plan, budget_epsilon, budget_delta)
-        except BudgetExceeded:
-            warning = True
-            lines.append("WARNING: the next release with this plan would exceed the budget")
-    figures = {
-        "budget": status["budget"],
-        "spent": spent,
-        "remaining": status["remaining"],
-        "releases": status["releases"],
-        "next_release_exceeds": warning,
-    }
-    return lines, warning, figures
-
-
-def budget_request_lines(
-    recorded: dict[str, float] | None, be: float | None, bd: float | None, reused: bool
-) -> list[str]:
-    """What DP Aggregate's budget_epsilon/budget_delta did when they differ from the recorded
-    budget: a lower value caps this request only (the recorded budget, shown as "/ total",
-    is unchanged), and a reused release was returned without any budget check."""
-    if recorded is None:
-        return []
-    out = []
-    for label, req, cur in (("epsilon", be, recorded["epsilon"]), ("delta", bd, recorded["delta"])):
-        if req is None or req >= cur * (1 - 1e-9):
-            continue
-        if reused:
-            out.append(
-                f"budget_{label}={req:g} was not applied: this identical request was released "
-                f"before, so its recorded release came back at no cost"
-            )
-        out.append(
-            f"budget_{label}={req:g} is below the recorded budget {cur:g}: it caps new releases "
-            f"of this node only; the image set's budget stays {cur:g} (set it with the "
-            "Privacy Ledger node)"
-        )
-    return out
-
-
 def _ui(title: str, lines: list[str], warning: bool = False, **figures: Any) -> dict[str, list]:
     return {UI_KEY: [{"title": title, "lines": lines, "warning": warning, **figures}]}
-
-
-def _module_id(prefix: str, module: Any) -> str:
-    """Public id of a model: hash of its parameter names, shapes and first/last tensors."""
-    h = hashlib.sha256(prefix.encode())
-    params = list(module.named_parameters()) if isinstance(module, torch.nn.Module) else []
-    for name, p in params:
-        h.update(f"{name}:{tuple(p.shape)};".encode())
-    for _name, p in params[:1] + params[-1:]:
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return f"comfyui:{prefix}:{h.hexdigest()[:16]}"
 
 
 def _progress(total: int):
@@ -576,10 +490,11 @@ def training_images(
 ) -> tuple[torch.Tensor, str, list[str]]:
     """(``[N, 3, R, R]`` in [-1, 1], dataset id, warnings) of an images input.
 
-    PRIVATE_IMAGES: its pixels (resized again only if ``resolution`` differs) and the id of its
-    carried digests. IMAGE: with a resolution, the very processing of the CLI
-    (``images.load_images``: each picture fitted with Lanczos, duplicate/size warnings); with 0,
-    the images' own (common) size. Both ids come from full-size pictures."""
+    PRIVATE_IMAGES: its pixels (fitted again as the CLI fits pictures, ``images.fit_images``,
+    only if ``resolution`` differs) and the id of its carried digests. IMAGE: with a resolution,
+    the very processing of the CLI (``images.load_images``: each picture fitted with Lanczos,
+    duplicate/size warnings); with 0, the images' own (common) size. Both ids come from
+    full-size pictures."""
     loaded = private_images(images)
     if loaded is not None:
         x, warns = loaded.pixels, list(loaded.warnings)
@@ -589,7 +504,7 @@ def training_images(
                     f"Load Private Images made {loaded.resolution} px images, upscaled here to "
                     f"{resolution} px (blurry): set its resolution to {resolution}"
                 )
-            x = torch.cat([ti.resize_center_crop(row[None], resolution) for row in x])
+            x = fit_images(((x + 1) / 2).clamp(0, 1), resolution)  # the CLI's filter
         return x, loaded_dataset_id(loaded), warns
     refuse_unstable_loader(hidden)
     imgs = _flatten_images(images)
@@ -776,16 +691,10 @@ class ClipEmbeddings(io.ComfyNode):
         for i, img in enumerate(imgs):  # one image at a time: row i depends on image i only
             should_cancel()
             out = clip_vision.encode_image(img.unsqueeze(0), crop=crop == "center")
-            rows.append(out["image_embeds"].detach().to("cpu", torch.float32).reshape(1, 1, -1))
+            rows.append(out["image_embeds"].reshape(1, -1))
             progress(i + 1, len(imgs))
-        eset = EmbeddingSet(
-            vectors={"image_embeds": torch.cat(rows, 0).contiguous()},
-            kind="clip_image",
-            model_family="clip_vision",
-            base_model_id=_module_id("clip_vision", getattr(clip_vision, "model", None)),
-            centre=None,
-            dataset_id=dataset_id,
-        )
+        model_id = clip_image.vision_model_id(getattr(clip_vision, "model", None))
+        eset = clip_image.clip_image_set(rows, base_model_id=model_id, dataset_id=dataset_id)
         lines = [
             f"{eset.n} CLIP image embeddings (width {eset.encoder_widths['image_embeds']})",
             "private: kept in memory only; release them with DP Aggregate",
@@ -800,12 +709,12 @@ class ClipEmbeddings(io.ComfyNode):
 
 
 def accountant_problems(kw: dict[str, Any], n_known: bool) -> str | None:
-    """Cheap checks of the accountant's widgets, before anything runs (None if fine)."""
+    """Cheap checks of the accountant's widgets, before anything runs (None if fine): a plan's
+    own rules (``accountant.check_parameters``, which ``PrivacyPlan.check`` applies), those that
+    involve n only when n is the widget's (``n_known``), not the linked set's."""
     mode, sampling = kw.get("mode"), kw.get("sampling")
     if mode not in (MODE_TARGET, MODE_NOISE):
         return f"mode={mode!r}: use {MODE_TARGET!r} or {MODE_NOISE!r}"
-    if sampling not in SAMPLINGS:
-        return f"sampling={sampling!r}: use one of {list(SAMPLINGS)}"
     try:
         eps, z = float(kw["epsilon"]), float(kw["noise_multiplier"])
         delta, n = float(kw["delta"]), int(kw["n"])
@@ -814,23 +723,14 @@ def accountant_problems(kw: dict[str, Any], n_known: bool) -> str | None:
         return f"bad or missing parameter: {exc}"
     if mode == MODE_TARGET and not (eps > 0 and math.isfinite(eps)):
         return f"epsilon={eps}: the target epsilon must be a positive number (e.g. 1 to 8)"
-    if mode == MODE_NOISE and not (z > 0 and math.isfinite(z)):
-        return f"noise_multiplier={z}: must be positive (noise std / sensitivity, e.g. 1 to 10)"
-    if not 0 < delta < 1:
-        return f"delta={delta}: must lie strictly between 0 and 1; pick delta << 1/n"
-    if k < 1:
-        return f"releases={k}: must be at least 1"
-    if sampling == "poisson" and not 0 < q <= 1:
-        return f"q={q}: the Poisson sampling rate must lie in (0, 1]"
-    if sampling == "wor" and m < 1:
-        return f"m={m}: the sample size must be at least 1"
-    if n_known:
-        if n < 2:
-            return f"n={n}: a private mean needs at least 2 images"
-        if delta >= 1.0 / n:
-            return f"delta={delta:g} is at least 1/n = 1/{n}; pick delta << 1/n (default 1e-5)"
-        if sampling == "wor" and m > n:
-            return f"m={m} exceeds n={n}: sample at most n images (or use sampling 'full')"
+    m_ = m if sampling == "wor" else None
+    q_ = q if sampling == "poisson" else None
+    try:
+        if mode == MODE_NOISE:
+            accountant.check_noise_multiplier(z)
+        accountant.check_parameters(delta, n, sampling, m_, q_, k, "replace_one", n_known=n_known)
+    except DpaggError as exc:
+        return str(exc)
     return None
 
 
@@ -923,7 +823,7 @@ class PrivacyAccountant(io.ComfyNode):
                 float(noise_multiplier), float(delta), n_eff, sampling, m_, q_, int(releases)
             )
         else:
-            plan = accountant.calibrate(
+            plan = calibration.calibrate(
                 float(epsilon), float(delta), n_eff, sampling, m_, q_, int(releases)
             )
         summary = accountant.plan_summary(plan)
@@ -941,11 +841,10 @@ class PrivacyAccountant(io.ComfyNode):
             more, over, budget_figures = budget_payload(ledger, ds, None, be, bd)
             refusals = []
             for node_id, be, bd in targets:  # DP Aggregate's own check, as a dry run
-                try:
-                    ledger.check(ds, plan, be, bd)
-                except BudgetExceeded as exc:
+                refused = next_release(ledger, ds, plan, be, bd).get("refused")
+                if refused is not None:
                     where = f"DP Aggregate (node {node_id})" if node_id else "DP Aggregate"
-                    refusals.append(f"WARNING: {where} will refuse this plan: {exc}")
+                    refusals.append(f"WARNING: {where} will refuse this plan: {refused}")
             lines += more + refusals
             warning = warning or bool(refusals)
             figures.update(budget_figures)
@@ -993,8 +892,8 @@ def release_shaping(
         ratio = math.sqrt(k_dim / flat_dim)
         lines.append(
             f"basis {record['basis_kind']}, k = {record['basis_k']}: noise on K = {k_dim} of "
-            f"D = {flat_dim} coordinates, noise norm ~{_fmt(sigma * math.sqrt(k_dim))} instead "
-            f"of ~{_fmt(sigma * math.sqrt(flat_dim))} (x{ratio:.2f})"
+            f"D = {flat_dim} coordinates, noise norm ~{fmt(sigma * math.sqrt(k_dim))} instead "
+            f"of ~{fmt(sigma * math.sqrt(flat_dim))} (x{ratio:.2f})"
         )
         figures["basis"] = {
             "kind": record["basis_kind"],

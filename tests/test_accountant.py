@@ -20,15 +20,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpagg_core import accountant as acc
+from dpagg_core import calibration
 from dpagg_core.accountant import (
     PrivacyPlan,
-    calibrate,
     composed_epsilon,
     dp_events,
     epsilon_for,
     plan_summary,
     rdp_wor_epsilon,
 )
+from dpagg_core.calibration import calibrate
 from dpagg_core.errors import DpaggError
 
 DELTA = 1e-5
@@ -402,3 +403,50 @@ def test_error_is_value_error_and_names_fix():
     with pytest.raises(ValueError) as info:
         epsilon_for(2.0, 0.05, 50, "full")
     assert "e.g. 1/(10n) = 0.002" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan's validator and the calibration module
+# ------------------------------------------------------------------------------------------------
+
+
+def test_full_k_releases_calibrates_with_dp_accountings_calibrate_dp_mechanism(monkeypatch):
+    calls = []
+    real = calibration.calibrate_dp_mechanism
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["bracket_interval"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate_dp_mechanism", spy)
+    plan = calibrate(1.0, DELTA, N, "full", releases=4)
+    assert len(calls) == 1 and plan.accountant == "pld"
+    assert 0.999 * 1.0 <= plan.epsilon <= 1.0
+
+
+def test_plan_check_accepts_accountant_plans_and_refuses_bad_fields():
+    good = calibrate(1.0, DELTA, N, "wor", m=100)
+    assert good.check() is good
+    assert epsilon_for(2.0, DELTA, N, "poisson", q=0.1, releases=3).check()
+    bad = {
+        "n": 10.0,
+        "releases": 0,
+        "m": 1001,
+        "q": 0.1,
+        "delta": 0.01,
+        "noise_multiplier": 0.0,
+        "epsilon": float("nan"),
+        "sampling": "all",
+        "neighbouring": "add_remove",
+    }
+    for field, value in bad.items():
+        with pytest.raises(DpaggError, match=field.split("_")[0]):
+            PrivacyPlan(**{**good.to_dict(), field: value}).check()
+
+
+def test_check_parameters_leaves_the_n_rules_when_n_is_unknown():
+    with pytest.raises(DpaggError, match="1/n"):
+        acc.check_parameters(0.2, 10, "wor", 5, None, 1, "replace_one")
+    acc.check_parameters(0.2, 10, "wor", 20, None, 1, "replace_one", n_known=False)
+    with pytest.raises(DpaggError, match="m=0"):
+        acc.check_parameters(1e-5, None, "wor", 0, None, 1, "replace_one", n_known=False)

@@ -25,7 +25,7 @@ from scipy import stats
 from scipy.optimize import brentq
 
 from dpagg_core import audit as audit_mod
-from dpagg_core.accountant import PrivacyPlan, calibrate, epsilon_for, profile_epsilon
+from dpagg_core.accountant import PrivacyPlan, epsilon_for, profile_epsilon
 from dpagg_core.audit import (
     AUDIT_DELTAS,
     POWER_TARGET,
@@ -37,6 +37,7 @@ from dpagg_core.audit import (
     epsilon_lower_bound,
     release_samples,
 )
+from dpagg_core.calibration import calibrate
 from dpagg_core.cli import main
 from dpagg_core.errors import DpaggError
 

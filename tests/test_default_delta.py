@@ -17,7 +17,8 @@ import logging
 import pytest
 
 from dpagg_core import dpsgd
-from dpagg_core.accountant import DEFAULT_DELTA, calibrate, delta_warning, epsilon_for
+from dpagg_core.accountant import DEFAULT_DELTA, delta_warning, epsilon_for
+from dpagg_core.calibration import calibrate
 from dpagg_core.cli import main
 
 

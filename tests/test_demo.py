@@ -8,6 +8,7 @@ release through a fresh ledger, the with/without picture made by diffusers' own
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from dpagg_core import demo, minimodel
-from dpagg_core.embeddings import read_released
+from dpagg_core.released_file import read_released
 
 
 def test_package_ships_the_mini_model_and_the_private_samples():
@@ -44,6 +45,10 @@ def test_dpagg_demo_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "refused as expected" in proc.stdout
+    # ... refused for its budget (BudgetExceeded), not for any other error that exits with 2
+    assert re.search(r"error: privacy budget of dataset .* would be exceeded", proc.stderr), (
+        proc.stderr[-3000:]
+    )
 
     released = tmp_path / "embeddings" / "demo_style.safetensors"
     vectors, record = read_released(released)

@@ -25,8 +25,9 @@ def _images() -> torch.Tensor:
 
 
 def _backend():
+    from tiny_models import tiny_pipeline
+
     from dpagg_core.diffusers_backend import DiffusersBackend
-    from dpagg_core.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0)
     pipe.to(torch.float64)

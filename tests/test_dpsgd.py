@@ -22,12 +22,12 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_pipeline
 
 from dpagg_core import accountant, dpsgd, mechanism
 from dpagg_core.diffusers_backend import DiffusersBackend
 from dpagg_core.errors import DpaggError
 from dpagg_core.ti import LatentDist, resolve_templates
-from dpagg_core.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

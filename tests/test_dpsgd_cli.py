@@ -1,8 +1,8 @@
 """``dpagg run --method dpsgd`` and the ledger's charge/complete (docs/privacy.md invariant 5).
 
-DP-SGD draws noise in every one of its T steps, so its spend is committed by ``Ledger.charge``
-before the first draw and the result stored by ``Ledger.complete`` afterwards. These tests run the
-real CLI on a tiny SD-structured diffusers folder (32 px, 2 steps) and the real SQLite ledger.
+DP-SGD draws noise in every one of its T steps, so its spend is committed by ``Ledger.reserve``
+before the first draw and the result stored by ``Reservation.complete`` afterwards. These tests run
+the real CLI on a tiny SD-structured diffusers folder (32 px, 2 steps) and the real SQLite ledger.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import tiny_pipeline
 
 from dpagg_core import accountant, dpsgd
 from dpagg_core.cli import main
+from dpagg_core.composition import charged_blocks, composed_spend
 from dpagg_core.dpsgd import calibrate_dpsgd
-from dpagg_core.embeddings import read_released
 from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.ledger import Ledger, charged_blocks, composed_spend
-from dpagg_core.tiny import tiny_pipeline
+from dpagg_core.ledger import Ledger
+from dpagg_core.released_file import read_released
+from dpagg_core.request_keys import training_request
 
 N_IMAGES, STEPS, BATCH = 4, 2, 2.0
 DELTA = 1e-2
@@ -191,53 +193,54 @@ def test_failure_after_charge_stays_spent_and_rerun_charges_again(
     assert after["spent"]["epsilon"] > 1.3 * plan.epsilon
 
 
-def test_two_identical_charges_cost_two_blocks_and_check_charge_is_a_dry_run(tmp_path):
+def test_two_identical_reservations_cost_two_blocks_and_check_request_is_a_dry_run(tmp_path):
     plan = plan_of_run()
     led = Ledger(tmp_path / "ledger.sqlite")
     kw = {
         "dataset_id": "ds",
         "plan": plan,
-        "request": {"config": {"steps": STEPS}},
         "name": "x",
         "clip_norm": 0.01,
         "budget_epsilon": 1.5 * plan.epsilon,
     }
+    run = {"config": {"steps": STEPS}}
     # The trap: counted as one call per row, two runs of a T-step plan fit one block (free).
     assert composed_spend([plan, plan], DELTA).epsilon == plan.epsilon
     assert len(charged_blocks([plan] * (2 * STEPS))) == 2
 
-    dry = led.check_charge(**kw)
+    dry = led.check_request(training_request(run, **kw))
     assert dry.release_id == 0 and not dry.reused and led.list_releases() == []
-    first = led.charge(**kw)
-    assert first.release_id == 1 and first.attempt == 1 and first.spent_epsilon == plan.epsilon
+    with pytest.raises(DpaggError, match="reserves nothing"):
+        dry.complete(np.zeros(7), {"a": "b"})
+    first = led.reserve(training_request(run, **kw))
+    assert first.release_id == 1 and first.attempt == 1
+    assert first.state.spent_epsilon == plan.epsilon
     with pytest.raises(BudgetExceeded, match="nothing was spent"):
-        led.check_charge(**kw)
+        led.check_request(training_request(run, **kw))
     with pytest.raises(BudgetExceeded):
-        led.charge(**kw)  # a second run costs a second block: over 1.5 x one run's epsilon
+        led.reserve(training_request(run, **kw))  # a second run costs a second block
     assert len(led.list_releases()) == 1
 
     led.set_budget("ds", 2.5 * plan.epsilon, DELTA)
     del kw["budget_epsilon"]  # it capped this request at 1.5 x; the stored budget applies now
-    second = led.charge(**kw)
-    assert second.attempt == 2 and second.spent_epsilon > 1.3 * plan.epsilon
-    assert led.status("ds")["spent"]["epsilon"] == second.spent_epsilon
+    second = led.reserve(training_request(run, **kw))
+    assert second.attempt == 2 and second.state.spent_epsilon > 1.3 * plan.epsilon
+    assert led.status("ds")["spent"]["epsilon"] == second.state.spent_epsilon
 
-    # complete: once per charge, finite vectors, string records; reuse returns it bit-exact.
+    # complete: once per reservation, finite vectors, string records; reuse returns it bit-exact.
     vec = np.random.default_rng(0).normal(size=7)
     with pytest.raises(DpaggError, match="NaN"):
-        led.complete(second.release_id, np.full(7, np.nan), {"a": "b"})
-    with pytest.raises(DpaggError, match="no release with id 99"):
-        led.complete(99, vec, {"a": "b"})
-    done = led.complete(second.release_id, vec, {"epsilon": "1"})
-    assert done.spent_epsilon == second.spent_epsilon
-    with pytest.raises(DpaggError, match="completed once"):
-        led.complete(second.release_id, vec, {"epsilon": "1"})
-    reused = led.charge(**kw)
+        second.complete(np.full(7, np.nan), {"a": "b"})
+    done = second.complete(vec, {"epsilon": "1"})
+    assert done.spent_epsilon == second.state.spent_epsilon
+    with pytest.raises(DpaggError, match="already completed"):
+        second.complete(vec, {"epsilon": "1"})
+    reused = led.reserve(training_request(run, **kw))
     assert reused.reused and reused.release_id == second.release_id
     published = vec.astype(np.float32).astype(np.float64)  # stored at the published precision
-    assert np.array_equal(reused.release.vector, published)
-    assert reused.release.record == {"epsilon": "1"}
-    assert led.status("ds")["spent"]["epsilon"] == second.spent_epsilon  # nothing spent
+    assert np.array_equal(reused.result.release.vector, published)
+    assert reused.result.release.record == {"epsilon": "1"}
+    assert led.status("ds")["spent"]["epsilon"] == second.state.spent_epsilon  # nothing spent
     rows = led.list_releases(with_vectors=True)
     assert [r["complete"] for r in rows] == [False, True] and rows[0]["vector"] is None
 

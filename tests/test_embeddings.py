@@ -23,8 +23,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from dpagg_core import embeddings as E
+from dpagg_core import names
+from dpagg_core import private_file as P
+from dpagg_core import released_file as R
 from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
+from dpagg_core.images import dataset_id_for
 
 HS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -108,12 +112,12 @@ def _placeholder_rows(tokenizer, prompt: str, token: str, v: int, vec: torch.Ten
 
 @pytest.mark.parametrize("v", [1, 3])
 def test_sd1_release_loads_in_diffusers_and_acts_exactly_as_its_rows(tmp_path, v):
-    from dpagg_core.tiny import tiny_pipeline, tiny_text_encoder
+    from tiny_models import tiny_pipeline, tiny_text_encoder
 
     gen = torch.Generator().manual_seed(v)
     vec = torch.randn(v, 32, generator=gen) * 3.0
     out = tmp_path / "models" / "embeddings"
-    path = E.write_released(out, "mystyle", {"emb_params": vec}, _record())
+    path = R.write_released(out, "mystyle", {"emb_params": vec}, _record())
     assert path == out / "mystyle.safetensors"
 
     meta, tensors = _header(path)
@@ -150,10 +154,10 @@ def test_sd1_release_loads_in_diffusers_and_acts_exactly_as_its_rows(tmp_path, v
 
 
 def test_a1111_pt_beside_safetensors_loads_in_diffusers(tmp_path):
-    from dpagg_core.tiny import tiny_pipeline
+    from tiny_models import tiny_pipeline
 
     vec = torch.randn(2, 32, generator=torch.Generator().manual_seed(7))
-    path = E.write_released(tmp_path, "legacy", {"emb_params": vec}, _record(), a1111_pt=True)
+    path = R.write_released(tmp_path, "legacy", {"emb_params": vec}, _record(), a1111_pt=True)
     pt = tmp_path / "legacy.pt"
     assert _files(tmp_path) == ["legacy.pt", "legacy.safetensors"]
 
@@ -169,17 +173,18 @@ def test_a1111_pt_beside_safetensors_loads_in_diffusers(tmp_path):
     ids = pipe.tokenizer.convert_tokens_to_ids(["<legacy>", "<legacy>_1"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), vec)
 
-    vecs, rec = E.read_released(pt)
+    vecs, rec = R.read_released(pt)
     assert torch.equal(vecs["emb_params"], vec) and rec["epsilon"] == "2.0"
-    vecs2, _ = E.read_released(path)
+    vecs2, _ = R.read_released(path)
     assert torch.equal(vecs2["emb_params"], vec)
 
 
 def _tiny_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from tiny_models import tiny_text_encoder, tiny_vae
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dpagg_core.tiny import small_clip_text_config, tiny_text_encoder, tiny_vae
+    from dpagg_core.minimodel import small_clip_text_config
     from dpagg_core.tokenizer import clip_tokenizer
 
     def te2():
@@ -203,7 +208,7 @@ def _tiny_sdxl():
 def test_sdxl_release_has_exactly_clip_l_clip_g_and_loads_with_two_calls(tmp_path):
     gen = torch.Generator().manual_seed(3)
     vl, vg = torch.randn(2, 32, generator=gen), torch.randn(2, 64, generator=gen)
-    path = E.write_released(tmp_path, "xlstyle", {"clip_l": vl, "clip_g": vg}, _record())
+    path = R.write_released(tmp_path, "xlstyle", {"clip_l": vl, "clip_g": vg}, _record())
     meta, tensors = _header(path)
     assert tensors == {"clip_l": ((2, 32), "torch.float32"), "clip_g": ((2, 64), "torch.float32")}
     assert meta["format"] == "dpagg-release/1"
@@ -243,11 +248,11 @@ def test_sdxl_release_has_exactly_clip_l_clip_g_and_loads_with_two_calls(tmp_pat
 
 def test_released_layout_rules(tmp_path):
     # CLIP image embedding: [1, dim]; a 1-D vector is stored as one row.
-    p = E.write_released(tmp_path, "img", {"image_embeds": np.ones(16)}, _record())
+    p = R.write_released(tmp_path, "img", {"image_embeds": np.ones(16)}, _record())
     assert _header(p)[1] == {"image_embeds": ((1, 16), "torch.float32")}
     # float64 mechanism output is stored as float32.
-    p = E.write_released(tmp_path, "f64", {"emb_params": np.full((2, 8), 0.5)}, _record())
-    assert torch.equal(E.read_released(p)[0]["emb_params"], torch.full((2, 8), 0.5))
+    p = R.write_released(tmp_path, "f64", {"emb_params": np.full((2, 8), 0.5)}, _record())
+    assert torch.equal(R.read_released(p)[0]["emb_params"], torch.full((2, 8), 0.5))
     bad = [
         {"emb_params": torch.zeros(1, 8), "clip_l": torch.zeros(1, 8)},  # mixed layouts
         {"clip_l": torch.zeros(1, 8)},  # SDXL needs both
@@ -260,9 +265,9 @@ def test_released_layout_rules(tmp_path):
     ]
     for i, vecs in enumerate(bad):
         with pytest.raises(DpaggError):
-            E.write_released(tmp_path, f"bad{i}", vecs, _record())
+            R.write_released(tmp_path, f"bad{i}", vecs, _record())
     with pytest.raises(DpaggError, match="SD1/SD2"):
-        E.write_released(
+        R.write_released(
             tmp_path,
             "xl",
             {"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 16)},
@@ -285,9 +290,9 @@ def test_metadata_holds_record_and_no_input_paths_or_names(tmp_path):
     for i, nm in enumerate(names):
         (images / nm).write_bytes(bytes([i]) * 100)
         contents.append((images / nm).read_bytes())
-    record = {**_record(), "dataset_id": E.dataset_id_for(contents, key=KEY)}
+    record = {**_record(), "dataset_id": dataset_id_for(contents, key=KEY)}
     out = tmp_path / "out"
-    path = E.write_released(out, "mystyle", {"emb_params": torch.ones(1, 8)}, record, a1111_pt=True)
+    path = R.write_released(out, "mystyle", {"emb_params": torch.ones(1, 8)}, record, a1111_pt=True)
 
     meta, _ = _header(path)
     assert meta == {**record, "format": "dpagg-release/1"}  # the exact keys written
@@ -311,13 +316,13 @@ def test_metadata_holds_record_and_no_input_paths_or_names(tmp_path):
         "models\\sd15.ckpt",
     ]:
         with pytest.raises(DpaggError, match="local path"):
-            E.write_released(
+            R.write_released(
                 out, "leaky", {"emb_params": torch.ones(1, 8)}, {"base_model_id": value}
             )
     with pytest.raises(DpaggError, match="strings"):
-        E.write_released(out, "leaky", {"emb_params": torch.ones(1, 8)}, {"epsilon": 2.0})
+        R.write_released(out, "leaky", {"emb_params": torch.ones(1, 8)}, {"epsilon": 2.0})
     with pytest.raises(DpaggError, match="reserved"):
-        E.write_released(out, "leaky", {"emb_params": torch.ones(1, 8)}, {"format": "x"})
+        R.write_released(out, "leaky", {"emb_params": torch.ones(1, 8)}, {"format": "x"})
     assert _files(out) == ["mystyle.pt", "mystyle.safetensors"]
 
 
@@ -330,7 +335,7 @@ def test_metadata_holds_record_and_no_input_paths_or_names(tmp_path):
 @given(st.text(alphabet=string.printable + "é/\\.\x00\x7f…ß", max_size=120))
 def test_sanitized_names_are_plain_file_names(name):
     try:
-        clean = E.sanitize_name(name)
+        clean = names.sanitize_name(name)
     except DpaggError as exc:
         assert str(exc)  # a message saying what to use
         return
@@ -339,14 +344,14 @@ def test_sanitized_names_are_plain_file_names(name):
     assert not clean.startswith(".") and not clean.endswith(".")
     assert all(c.isalnum() or c in "-_." for c in clean)
     with tempfile.TemporaryDirectory() as d:
-        p = E.write_released(d, clean, {"emb_params": torch.ones(1, 4)}, {})
+        p = R.write_released(d, clean, {"emb_params": torch.ones(1, 4)}, {})
         assert p.parent == Path(d) and p.name == f"{clean}.safetensors"
 
 
 def test_sanitize_name_cases():
-    assert E.sanitize_name("  my_style-2.v1 ") == "my_style-2.v1"
-    assert E.sanitize_name("mystyle.safetensors") == "mystyle"
-    assert E.sanitize_name("Stil_über") == "Stil_über"
+    assert names.sanitize_name("  my_style-2.v1 ") == "my_style-2.v1"
+    assert names.sanitize_name("mystyle.safetensors") == "mystyle"
+    assert names.sanitize_name("Stil_über") == "Stil_über"
     for bad, why in [
         ("", "empty"),
         ("   ", "empty"),
@@ -363,43 +368,43 @@ def test_sanitize_name_cases():
         ("CON", "reserved"),
     ]:
         with pytest.raises(DpaggError, match=why):
-            E.sanitize_name(bad)
+            names.sanitize_name(bad)
 
 
 def test_never_overwrites_and_next_free_name(tmp_path):
-    first = E.write_released(tmp_path, "mystyle", {"emb_params": torch.ones(1, 4)}, {})
+    first = R.write_released(tmp_path, "mystyle", {"emb_params": torch.ones(1, 4)}, {})
     before = first.read_bytes()
     with pytest.raises(DpaggError, match=r"mystyle.*mystyle-2"):
-        E.write_released(tmp_path, "mystyle", {"emb_params": torch.zeros(1, 4)}, {})
+        R.write_released(tmp_path, "mystyle", {"emb_params": torch.zeros(1, 4)}, {})
     with pytest.raises(DpaggError, match="already exists"):
-        E.write_released(tmp_path, "MyStyle", {"emb_params": torch.zeros(1, 4)}, {})
+        R.write_released(tmp_path, "MyStyle", {"emb_params": torch.zeros(1, 4)}, {})
     assert first.read_bytes() == before
 
-    assert E.next_free_name(tmp_path, "mystyle") == "mystyle-2"
-    E.write_released(
-        tmp_path, E.next_free_name(tmp_path, "mystyle"), {"emb_params": torch.ones(1, 4)}, {}
+    assert names.next_free_name(tmp_path, "mystyle") == "mystyle-2"
+    R.write_released(
+        tmp_path, names.next_free_name(tmp_path, "mystyle"), {"emb_params": torch.ones(1, 4)}, {}
     )
-    assert E.next_free_name(tmp_path, "mystyle") == "mystyle-3"
-    assert E.next_free_name(tmp_path, "other") == "other"
-    assert E.next_free_name(tmp_path / "missing", "x") == "x"
-    assert len(E.next_free_name(tmp_path, "m" * 100)) <= 100
+    assert names.next_free_name(tmp_path, "mystyle") == "mystyle-3"
+    assert names.next_free_name(tmp_path, "other") == "other"
+    assert names.next_free_name(tmp_path / "missing", "x") == "x"
+    assert len(names.next_free_name(tmp_path, "m" * 100)) <= 100
 
     # ComfyUI resolves embedding:name in sub-folders too: a clash there is refused as well.
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "deep.pt").write_bytes(b"x")
-    assert E.next_free_name(tmp_path, "deep") == "deep-2"
+    assert names.next_free_name(tmp_path, "deep") == "deep-2"
     with pytest.raises(DpaggError, match="deep"):
-        E.write_released(tmp_path, "deep", {"emb_params": torch.ones(1, 4)}, {})
+        R.write_released(tmp_path, "deep", {"emb_params": torch.ones(1, 4)}, {})
 
     # An existing .pt blocks an a1111 pair: nothing at all is written.
     (tmp_path / "pair.pt").write_bytes(b"x")
     with pytest.raises(DpaggError):
-        E.write_released(tmp_path, "pair", {"emb_params": torch.ones(1, 4)}, {}, a1111_pt=True)
+        R.write_released(tmp_path, "pair", {"emb_params": torch.ones(1, 4)}, {}, a1111_pt=True)
     assert not (tmp_path / "pair.safetensors").exists()
 
 
 def test_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
-    E.write_released(tmp_path, "ok", {"emb_params": torch.ones(1, 4)}, {}, a1111_pt=True)
+    R.write_released(tmp_path, "ok", {"emb_params": torch.ones(1, 4)}, {}, a1111_pt=True)
     assert _files(tmp_path) == ["ok.pt", "ok.safetensors"]
 
     def boom(*_a, **_k):
@@ -408,24 +413,24 @@ def test_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", boom)  # crash while the bytes are being written
     with pytest.raises(OSError):
-        E.write_released(tmp_path, "crash1", {"emb_params": torch.ones(1, 4)}, {})
+        R.write_released(tmp_path, "crash1", {"emb_params": torch.ones(1, 4)}, {})
     monkeypatch.setattr(os, "fsync", real_fsync)
     monkeypatch.setattr(os, "link", boom)  # no hard links and the rename fails too
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        E.write_released(tmp_path, "crash2", {"emb_params": torch.ones(1, 4)}, {})
+        R.write_released(tmp_path, "crash2", {"emb_params": torch.ones(1, 4)}, {})
     assert _files(tmp_path) == ["ok.pt", "ok.safetensors"]
 
     # Without hard links the rename fallback still writes the whole file.
     monkeypatch.setattr(os, "replace", real_replace)
-    p = E.write_released(tmp_path, "nolink", {"emb_params": torch.ones(1, 4)}, {})
-    assert torch.equal(E.read_released(p)[0]["emb_params"], torch.ones(1, 4))
+    p = R.write_released(tmp_path, "nolink", {"emb_params": torch.ones(1, 4)}, {})
+    assert torch.equal(R.read_released(p)[0]["emb_params"], torch.ones(1, 4))
 
     # The second file of a pair fails: the first is removed, so the pair is all-or-nothing.
     real_save = torch.save
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        E.write_released(tmp_path, "half", {"emb_params": torch.ones(1, 4)}, {}, a1111_pt=True)
+        R.write_released(tmp_path, "half", {"emb_params": torch.ones(1, 4)}, {}, a1111_pt=True)
     monkeypatch.setattr(torch, "save", real_save)
     assert _files(tmp_path) == ["nolink.safetensors", "ok.pt", "ok.safetensors"]
 
@@ -463,8 +468,8 @@ def _eset(n=4, v=2, family="sd1", centre=True, seed=0, widths=None) -> Embedding
 def test_private_round_trip(n, v, family, centre, seed):
     eset = _eset(n, v, family, centre, seed)
     with tempfile.TemporaryDirectory() as d:
-        path = E.save_private(eset, Path(d) / "private" / "set.private.safetensors", key=KEY)
-        back = E.load_private(path, key=KEY)
+        path = P.save_private(eset, Path(d) / "private" / "set.private.safetensors", key=KEY)
+        back = P.load_private(path, key=KEY)
     assert back.keys == eset.keys and back.n == n and back.num_vectors == v
     for k in eset.keys:
         assert torch.equal(back.vectors[k], eset.vectors[k])
@@ -473,7 +478,7 @@ def test_private_round_trip(n, v, family, centre, seed):
             assert torch.equal(back.centre[k], eset.centre[k])
     for attr in ("kind", "model_family", "base_model_id", "initializer", "dataset_id"):
         assert getattr(back, attr) == getattr(eset, attr)
-    assert back.content_hash(KEY) == eset.content_hash(KEY)
+    assert P.authentication_tag(back, KEY) == P.authentication_tag(eset, KEY)
     assert np.array_equal(back.flat(), eset.flat())
 
 
@@ -528,33 +533,32 @@ def test_embedding_set_validation():
             EmbeddingSet(vectors=vectors, kind=kind, model_family=family, centre=centre)
 
 
-def test_content_hash_and_dataset_id_are_keyed_and_sensitive():
+def test_authentication_tag_and_dataset_id_are_keyed_and_sensitive():
     a, b = _eset(seed=1), _eset(seed=1)
-    assert a.content_hash(KEY) == b.content_hash(KEY)
+    assert P.authentication_tag(a, KEY) == P.authentication_tag(b, KEY)
     b.vectors["emb_params"][2, 1, 3] += 1e-6
-    assert a.content_hash(KEY) != b.content_hash(KEY)
+    assert P.authentication_tag(a, KEY) != P.authentication_tag(b, KEY)
     imgs = [b"image-one", b"image-two", b"image-three"]
-    ds = E.dataset_id_for(imgs, key=KEY)
+    ds = dataset_id_for(imgs, key=KEY)
     assert (
-        ds
-        == E.dataset_id_for(reversed(imgs), key=KEY)
-        == E.dataset_id_for(iter(imgs[::-1]), key=KEY)
+        ds == dataset_id_for(reversed(imgs), key=KEY) == dataset_id_for(iter(imgs[::-1]), key=KEY)
     )
-    assert ds != E.dataset_id_for(imgs[:2], key=KEY)
-    assert ds != E.dataset_id_for(imgs + imgs[:1], key=KEY)  # duplicates count
-    assert ds != E.dataset_id_for([b"image-one", b"image-two", b"image-thref"], key=KEY)
+    assert ds != dataset_id_for(imgs[:2], key=KEY)
+    assert ds != dataset_id_for(imgs + imgs[:1], key=KEY)  # duplicates count
+    assert ds != dataset_id_for([b"image-one", b"image-two", b"image-thref"], key=KEY)
     import hashlib
 
     for im in imgs:
         assert hashlib.sha256(im).hexdigest()[:32] not in ds
     other = bytes(reversed(KEY))  # another ledger's key: another identity space
-    assert E.dataset_id_for(imgs, key=other) != ds and a.content_hash(other) != a.content_hash(KEY)
+    assert dataset_id_for(imgs, key=other) != ds
+    assert P.authentication_tag(a, other) != P.authentication_tag(a, KEY)
     with pytest.raises(DpaggError, match="no images"):
-        E.dataset_id_for([], key=KEY)
+        dataset_id_for([], key=KEY)
     with pytest.raises(DpaggError):
-        E.dataset_id_for(b"one blob", key=KEY)
+        dataset_id_for(b"one blob", key=KEY)
     with pytest.raises(DpaggError, match="raw bytes"):
-        E.dataset_id_for(["a string"], key=KEY)
+        dataset_id_for(["a string"], key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -563,15 +567,15 @@ def test_content_hash_and_dataset_id_are_keyed_and_sensitive():
 def test_private_refused_in_prompt_embedding_folders(tmp_path, folder):
     target = tmp_path / folder / "set.safetensors"
     with pytest.raises(DpaggError, match="refusing"):
-        E.save_private(_eset(), target, key=KEY)
+        P.save_private(_eset(), target, key=KEY)
     assert not (tmp_path / folder).exists() or _files(tmp_path / folder) == []
 
 
 def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
     rel = tmp_path / "released"
-    E.write_released(rel, "style", {"emb_params": torch.ones(1, 8)}, {})
+    R.write_released(rel, "style", {"emb_params": torch.ones(1, 8)}, {})
     with pytest.raises(DpaggError, match="style.safetensors"):
-        E.save_private(_eset(), rel / "set.safetensors", key=KEY)
+        P.save_private(_eset(), rel / "set.safetensors", key=KEY)
 
     # A foreign diffusers-style embedding (single key, no dpagg metadata).
     from safetensors.torch import save_file
@@ -582,7 +586,7 @@ def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
         {"clip_l": torch.ones(1, 8), "clip_g": torch.ones(1, 16)}, str(foreign / "x.safetensors")
     )
     with pytest.raises(DpaggError, match="x.safetensors"):
-        E.save_private(_eset(), foreign / "set.safetensors", key=KEY)
+        P.save_private(_eset(), foreign / "set.safetensors", key=KEY)
 
     # Torch files are scanned for TI markers without being unpickled: a hostile pickle's
     # payload never runs, with or without markers in it.
@@ -601,25 +605,25 @@ def test_private_refused_next_to_embedding_files_without_unpickling(tmp_path):
         (folder / "thing.pt").write_bytes(blob)
         if extra == "emb_params":
             with pytest.raises(DpaggError, match="thing.pt"):
-                E.save_private(_eset(), folder / "set.safetensors", key=KEY)
+                P.save_private(_eset(), folder / "set.safetensors", key=KEY)
         else:
-            E.save_private(_eset(), folder / "set.safetensors", key=KEY)
+            P.save_private(_eset(), folder / "set.safetensors", key=KEY)
         assert not marker.exists()
 
     # And an A1111 .pt (zip format) is recognised.
     a1111 = tmp_path / "a1111"
-    E.write_released(a1111, "old", {"emb_params": torch.ones(1, 8)}, {}, a1111_pt=True)
+    R.write_released(a1111, "old", {"emb_params": torch.ones(1, 8)}, {}, a1111_pt=True)
     (a1111 / "old.safetensors").unlink()
     with pytest.raises(DpaggError, match="old.pt"):
-        E.save_private(_eset(), a1111 / "set.safetensors", key=KEY)
+        P.save_private(_eset(), a1111 / "set.safetensors", key=KEY)
 
 
 def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tmp_path, caplog):
-    from dpagg_core.tiny import tiny_pipeline
+    from tiny_models import tiny_pipeline
 
     eset = _eset(n=3, v=1, widths={"emb_params": 32})
-    with caplog.at_level(logging.WARNING, logger="dpagg_core.embeddings"):
-        path = E.save_private(eset, tmp_path / "priv" / "set.safetensors", key=KEY)
+    with caplog.at_level(logging.WARNING, logger="dpagg_core.private_file"):
+        path = P.save_private(eset, tmp_path / "priv" / "set.safetensors", key=KEY)
     assert any("PRIVATE" in r.getMessage() for r in caplog.records)
     meta, tensors = _header(path)
     assert meta["dpagg_private_embedding_set"] == "true"
@@ -627,23 +631,23 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
 
     before = path.read_bytes()
     with pytest.raises(DpaggError, match="already exists"):
-        E.save_private(_eset(seed=5), path, key=KEY)
+        P.save_private(_eset(seed=5), path, key=KEY)
     assert path.read_bytes() == before
     with pytest.raises(DpaggError, match=".safetensors"):
-        E.save_private(eset, tmp_path / "priv" / "set.pt", key=KEY)
+        P.save_private(eset, tmp_path / "priv" / "set.pt", key=KEY)
 
     # No consumer takes it for an embedding; dpagg's own reader refuses it too.
     pipe = tiny_pipeline(32)
     with pytest.raises(ValueError):
         pipe.load_textual_inversion(str(path), token="<leak>")
     with pytest.raises(DpaggError, match="PRIVATE"):
-        E.read_released(path)
-    assert E.describe(path)["file"] == "private embedding set"
-    assert "vector_norms" not in E.describe(path)
+        R.read_released(path)
+    assert R.describe(path)["file"] == "private embedding set"
+    assert "vector_norms" not in R.describe(path)
 
-    released = E.write_released(tmp_path / "rel", "r", {"emb_params": torch.ones(1, 4)}, {})
+    released = R.write_released(tmp_path / "rel", "r", {"emb_params": torch.ones(1, 4)}, {})
     with pytest.raises(DpaggError, match="not a dpagg private"):
-        E.load_private(released, key=KEY)
+        P.load_private(released, key=KEY)
 
     # Tampering is detected.
     from safetensors.torch import load_file, save_file
@@ -652,7 +656,7 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
     t["per_image.emb_params"][0, 0, 0] += 1.0
     save_file(t, str(tmp_path / "priv" / "edited.safetensors"), metadata=meta)
     with pytest.raises(DpaggError, match="authentication"):
-        E.load_private(tmp_path / "priv" / "edited.safetensors", key=KEY)
+        P.load_private(tmp_path / "priv" / "edited.safetensors", key=KEY)
 
 
 def test_repr_shows_no_private_values():
@@ -672,10 +676,10 @@ def test_released_files_get_the_umask_mode_private_files_stay_0600(tmp_path, uma
     tools write (a shared models folder can read them); per-image files stay owner-only."""
     old = os.umask(umask)
     try:
-        path = E.write_released(
+        path = R.write_released(
             tmp_path / "out", "pub", {"emb_params": torch.ones(1, 8)}, _record(), a1111_pt=True
         )
-        priv = E.save_private(
+        priv = P.save_private(
             _eset(n=2, v=1, widths={"emb_params": 8}), tmp_path / "p" / "s.safetensors", key=KEY
         )
     finally:
@@ -689,15 +693,15 @@ def test_inspect_shows_the_diffusers_call_with_token_and_it_loads_two_files(tmp_
     """Without ``token=`` diffusers names the token after the tensor key (``emb_params``) and a
     second file fails; ``dpagg inspect`` shows the call with ``token="<name>"``, which loads two
     releases side by side."""
-    from dpagg_core.tiny import tiny_pipeline
+    from tiny_models import tiny_pipeline
 
     pipe = tiny_pipeline(32)
     paths = [
-        E.write_released(tmp_path, name, {"emb_params": torch.randn(1, 32)}, _record())
+        R.write_released(tmp_path, name, {"emb_params": torch.randn(1, 32)}, _record())
         for name in ("styleone", "styletwo")
     ]
     for path in paths:
-        use = E.describe(path)["use"]
+        use = R.describe(path)["use"]
         assert use["diffusers"].startswith(
             f'pipe.load_textual_inversion("{path.name}", token="{path.stem}")'
         )
@@ -705,10 +709,10 @@ def test_inspect_shows_the_diffusers_call_with_token_and_it_loads_two_files(tmp_
         pipe.load_textual_inversion(str(path), token=path.stem)
     ids = pipe.tokenizer.convert_tokens_to_ids(["styleone", "styletwo"])
     assert len(set(ids)) == 2 and pipe.tokenizer.unk_token_id not in ids
-    xl = E.write_released(
+    xl = R.write_released(
         tmp_path, "xl", {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, _record()
     )
     assert (
         "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2"
-        in (E.describe(xl)["use"]["diffusers"])
+        in (R.describe(xl)["use"]["diffusers"])
     )

@@ -23,10 +23,14 @@ import pytest
 import safetensors.torch
 import torch
 
-from dpagg_core.accountant import PrivacyPlan, calibrate
-from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, load_private, save_private
+from dpagg_core.accountant import PrivacyPlan
+from dpagg_core.calibration import calibrate
+from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError, LedgerError
-from dpagg_core.ledger import KEY_BYTES, SCHEMA_VERSION, Ledger, identity_key, request_key
+from dpagg_core.images import dataset_id_for
+from dpagg_core.ledger import KEY_BYTES, SCHEMA_VERSION, Ledger, identity_key
+from dpagg_core.private_file import load_private, save_private
+from dpagg_core.request_keys import request_key
 
 V1 = Path(__file__).parent / "data" / "ledger_v1"
 DIGESTS = [b"image-one", b"image-two", b"image-three"]

@@ -21,9 +21,14 @@ from hypothesis import strategies as st
 from image_kinds import KINDS, write_mixed_sizes
 from PIL import Image
 
-from dpagg_core.embeddings import dataset_id_for
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import decode_rgb, load_image_folder, load_images, pixel_digest
+from dpagg_core.images import (
+    dataset_id_for,
+    decode_rgb,
+    load_image_folder,
+    load_images,
+    pixel_digest,
+)
 from dpagg_core.ledger import identity_key
 
 TOL = 1.0 / 127.5 + 1e-6  # one 8-bit level in [-1, 1] units

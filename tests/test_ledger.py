@@ -30,8 +30,10 @@ from scipy.stats import norm
 from dpagg_core import accountant, mechanism
 from dpagg_core import ledger as ledger_mod
 from dpagg_core.accountant import PrivacyPlan
+from dpagg_core.composition import composed_spend
 from dpagg_core.errors import BudgetExceeded, DpaggError, LedgerError
-from dpagg_core.ledger import Ledger, composed_spend, request_key
+from dpagg_core.ledger import Ledger
+from dpagg_core.request_keys import request_key
 
 N, D = 8, 6
 DATASET = "ds-test"
@@ -619,16 +621,33 @@ def test_two_processes_never_exceed_the_budget(tmp_path):
 
 
 def _hanging_child(path: str, marker: str) -> None:
-    def hang() -> None:
+    def hang(*args, **kwargs):  # the noise draw: reached only after reserve committed
         Path(marker).touch()
         time.sleep(120)
 
-    ledger_mod._before_commit_hook = hang
+    mechanism.dp_mean = hang
     release(Ledger(path), "killed")
-    raise AssertionError("the release committed although the child was to be killed")
+    raise AssertionError("the release completed although the child was to be killed")
 
 
-def test_sigkill_between_draw_and_commit_leaves_ledger_consistent(tmp_path, draws):
+def test_spend_is_committed_before_the_first_noise_draw(led, monkeypatch):
+    """The invariant, seen from another connection at the moment the noise is drawn."""
+    led.set_budget(DATASET, 5.0, 1e-5)
+    seen: list[dict] = []
+    real = mechanism.dp_mean
+
+    def observing(*args, **kwargs):
+        seen.append(Ledger(led.path).status(DATASET))  # a fresh connection: committed state only
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mechanism, "dp_mean", observing)
+    release(led, "first")
+    assert seen[0]["releases"] == 1 and seen[0]["incomplete"] == 1
+    assert seen[0]["spent"]["epsilon"] == make_plan().epsilon
+    assert led.status(DATASET)["incomplete"] == 0
+
+
+def test_sigkill_between_reserve_and_complete_keeps_the_spend(tmp_path, draws):
     path = tmp_path / "ledger.sqlite"
     led = Ledger(path)
     led.set_budget(DATASET, 1.0, 2e-6)  # room for exactly two releases
@@ -639,21 +658,23 @@ def test_sigkill_between_draw_and_commit_leaves_ledger_consistent(tmp_path, draw
     while not marker.exists():
         assert proc.is_alive() and time.monotonic() < deadline
         time.sleep(0.01)
-    # the child has drawn its noise and written its row, inside the open transaction
-    assert Path(str(path) + "-journal").exists()
+    # the child is drawing its noise: its reservation is committed, no transaction is open
+    assert not Path(str(path) + "-journal").exists()
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(30)
     assert proc.exitcode == -signal.SIGKILL
-    con = sqlite3.connect(path)  # the hot journal is rolled back on open
+    con = sqlite3.connect(path)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    names = [r[0] for r in con.execute("SELECT name FROM releases")]
+    rows = [r for r in con.execute("SELECT name, vector IS NULL FROM releases ORDER BY id")]
     con.close()
-    assert names == ["first"]  # the killed release left nothing behind
+    assert rows == [("first", 0), ("killed", 1)]  # reserved, never completed
     s = led.status(DATASET)
-    assert s["releases"] == 1 and s["spent"]["epsilon"] == 0.5
-    # the budget accounting is intact: the same request is not "reused", and one more fits
+    assert s["releases"] == 2 and s["incomplete"] == 1 and s["spent"]["epsilon"] == 1.0
+    # the killed run's noise may have been seen: its spend counts, and nothing answers a re-run
+    with pytest.raises(BudgetExceeded, match="used up"):
+        release(led, "killed")
+    led.set_budget(DATASET, 1.5, 3e-6)
     res = release(led, "killed")
-    assert not res.reused and res.spent_epsilon == 1.0
-    with pytest.raises(BudgetExceeded):
-        release(led, "third")
+    assert not res.reused and res.spent_epsilon == 1.5
+    assert [r["complete"] for r in led.list_releases(DATASET)] == [True, False, True]
     assert len(draws) == 2  # parent draws only; the child's counter died with it

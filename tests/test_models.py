@@ -15,11 +15,11 @@ import socket
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import tiny_pipeline, tiny_unet, tiny_vae
 
 from dpagg_core import models
 from dpagg_core.errors import DpaggError
 from dpagg_core.models import base_model_id_of, detect_family, detect_prediction_type, load_pipeline
-from dpagg_core.tiny import tiny_pipeline, tiny_unet, tiny_vae
 from dpagg_core.tokenizer import clip_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def pipe_to_ldm(pipe, family: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Tiny SD2 / SDXL pipelines (SD1 comes from dpagg_core.tiny)
+# Tiny SD2 / SDXL pipelines (SD1 comes from tests/tiny_models.py)
 # --------------------------------------------------------------------------------------------
 
 

@@ -23,11 +23,14 @@ import pytest
 from dp_accounting.gaussian_mechanism import get_sigma_gaussian
 
 from dpagg_core import accountant, dpsgd, mechanism
-from dpagg_core.accountant import PrivacyPlan, calibrate, epsilon_for
+from dpagg_core.accountant import PrivacyPlan, epsilon_for
 from dpagg_core.audit import audit, epsilon_lower_bound
+from dpagg_core.calibration import calibrate
 from dpagg_core.cli import build_parser, main
+from dpagg_core.composition import composed_spend
 from dpagg_core.errors import DpaggError
-from dpagg_core.ledger import Ledger, composed_spend
+from dpagg_core.ledger import Ledger
+from dpagg_core.request_keys import training_request
 
 MESSAGE = r"neighbouring='add_remove' is not supported: under add/remove adjacency the number"
 WHY = r"n is itself private.*replace-one adjacency with a public n"
@@ -120,7 +123,7 @@ def test_ledger_refuses_a_legacy_plan_and_writes_nothing(tmp_path) -> None:
     with pytest.raises(DpaggError, match=MESSAGE):
         led.check("ds", plan)
     with pytest.raises(DpaggError, match=MESSAGE):
-        led.charge(dataset_id="ds", plan=plan, request={}, name="x", clip_norm=1.0)
+        led.reserve(training_request({}, dataset_id="ds", plan=plan, name="x", clip_norm=1.0))
     assert led.list_releases() == []
 
 

@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,12 @@ import torch
 from image_kinds import write_mixed_sizes
 from PIL import Image
 
-from dpagg_core import accountant
-from dpagg_core.embeddings import EmbeddingSet, read_released
+from dpagg_core import accountant, calibration
+from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.images import LoadedImages, load_image_folder
 from dpagg_core.ledger import Ledger
+from dpagg_core.released_file import read_released
 
 REPO = Path(__file__).resolve().parent.parent
 STUB = Path(__file__).resolve().parent / "comfy_stub"
@@ -242,7 +244,7 @@ def test_accountant_reads_n_from_the_set_and_both_modes_agree(pack, comfy_base):
     out = acc.execute(**acc_kwargs(n=999), embedding_set=eset)
     plan, summary = out.args
     assert plan.n == 6 and plan.epsilon <= 2.0
-    assert plan == accountant.calibrate(2.0, 1e-5, 6, "full")
+    assert plan == calibration.calibrate(2.0, 1e-5, 6, "full")
     assert summary == accountant.plan_summary(plan)
     # reverse mode: the plan's noise multiplier gives back its epsilon
     back = acc.execute(
@@ -261,7 +263,7 @@ def test_accountant_reads_n_from_the_set_and_both_modes_agree(pack, comfy_base):
 
 def test_aggregate_releases_once_and_reexecution_spends_nothing(pack, comfy_base):
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     out = aggregate(pack, eset, plan, budget_epsilon=3.0)
     text, vision = out.args
     assert text == "embedding:mystyle"
@@ -297,7 +299,7 @@ def test_aggregate_releases_once_and_reexecution_spends_nothing(pack, comfy_base
 
 def test_aggregate_over_budget_is_refused_before_anything_is_spent(pack, comfy_base):
     eset = ti_set(n=6)
-    plan = accountant.calibrate(2.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(2.0, 1e-5, 6, "full")
     first = aggregate(pack, eset, plan, budget_epsilon=2.4).ui["dpagg"][0]
     # two such releases compose to more than 2.4 (a Gaussian's epsilon grows ~sqrt(2)-fold):
     assert first["next_release_exceeds"] is True and first["warning"] is True
@@ -313,7 +315,7 @@ def test_aggregate_over_budget_is_refused_before_anything_is_spent(pack, comfy_b
 
 def test_aggregate_refuses_a_plan_for_another_n(pack, comfy_base):
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 8, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 8, "full")
     with pytest.raises(DpaggError, match="n=8"):
         aggregate(pack, eset, plan)
     assert not (comfy_base / "models" / "embeddings").exists()
@@ -347,7 +349,7 @@ def test_aggregate_noise_matches_the_plan(pack, comfy_base):
 
 def test_aggregate_clip_image_set_gives_clip_vision_output(pack, comfy_base):
     eset = clip_set(n=5, dim=12)
-    plan = accountant.calibrate(3.0, 1e-5, 5, "full")
+    plan = calibration.calibrate(3.0, 1e-5, 5, "full")
     text, vision = aggregate(pack, eset, plan, centre="origin", mode="normalize", name="cs").args
     assert text == "cs"
     path = comfy_base / "output" / "dpagg_clip" / "cs.safetensors"
@@ -401,8 +403,9 @@ TI_WIDGETS = {
 
 @pytest.fixture
 def tiny_backend(pack, monkeypatch):
+    from tiny_models import tiny_pipeline
+
     from dpagg_core.diffusers_backend import DiffusersBackend
-    from dpagg_core.tiny import tiny_pipeline
 
     backend = DiffusersBackend.from_pipeline(tiny_pipeline(), base_model_id="tiny-test")
     calls = []
@@ -520,9 +523,57 @@ def test_clip_embeddings_encode_each_image_alone(pack, comfy_base):
     )
     assert cv.calls == [((1, 24, 24, 3), True)] * 3
     assert eset.kind == "clip_image" and eset.n == 3
-    want = imgs.mean(dim=(1, 2)) @ cv.w
+    want = torch.nn.functional.normalize(imgs.mean(dim=(1, 2)) @ cv.w, dim=-1)  # unit rows
     assert torch.allclose(eset.vectors["image_embeds"][:, 0], want)
     assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))
+
+
+class ComfyClipVision:
+    """ComfyUI's ``ClipVisionModel.encode_image`` (comfy/clip_vision.py) around a transformers
+    CLIP vision model: ``clip_preprocess`` (bicubic to the model's size, 8-bit rounding, OpenAI
+    mean/std), then the projected embedding as it comes (not normalised)."""
+
+    def __init__(self, model):
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        self.model, self.size = model, int(model.config.image_size)
+        self.mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+
+    def encode_image(self, image, crop=True):
+        x = image.movedim(-1, 1)
+        if tuple(x.shape[-2:]) != (self.size, self.size):  # square test images: no crop
+            x = torch.nn.functional.interpolate(x, (self.size, self.size), mode="bicubic")
+        x = torch.clip(255.0 * x, 0, 255).round() / 255.0
+        with torch.no_grad():
+            out = self.model(pixel_values=(x - self.mean) / self.std)
+        return {"image_embeds": out.image_embeds}
+
+
+def test_clip_embeddings_node_gives_the_cli_vectors(pack, comfy_base):
+    """The same pictures through the Clip Embeddings node (plain IMAGE or Load Private Images)
+    and through the CLI/library path (``load_image_folder`` + ``clip_image_embeddings``, what
+    ``dpagg aggregate --kind clip`` runs): the same unit-norm rows, model id and dataset id."""
+    from test_clip_image import tiny_vision
+
+    from dpagg_core.clip_image import clip_image_embeddings
+
+    pn = pack["pn"]
+    folder = comfy_base / "input" / "clip"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(4):  # at the model's 32 px: no resampling on either path
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(folder / f"{i}.png")
+    model = tiny_vision()
+    cli = clip_image_embeddings(model, load_image_folder(folder, 32, ledger=pn.ledger_path()))
+    want = cli.vectors["image_embeds"]
+    assert torch.allclose(want.norm(dim=-1), torch.ones(4, 1), atol=1e-6)
+    private = pn.LoadPrivateImages.execute(folder="clip", resolution=32).args[0]
+    for images in (originals_as_comfy_images(folder), [private]):
+        cv = ComfyClipVision(model)
+        got = pn.ClipEmbeddings.execute(clip_vision=[cv], images=images, crop=["center"]).args[0]
+        assert torch.allclose(got.vectors["image_embeds"], want, atol=1e-6)
+        assert got.base_model_id == cli.base_model_id and got.dataset_id == cli.dataset_id
 
 
 # ------------------------------------------------------------------------------- identity
@@ -593,7 +644,7 @@ def test_renamed_files_are_charged_to_the_same_budget(pack, comfy_base, private_
     the second release is charged to the SAME dataset, so it is refused over the budget."""
     pn = pack["pn"]
     first = pn.LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
-    plan = accountant.calibrate(2.0, 1e-5, 3, "full")
+    plan = calibration.calibrate(2.0, 1e-5, 3, "full")
     aggregate(pack, ti_set(n=3, dataset_id=first.dataset_id), plan, budget_epsilon=2.4)
     rename_all(private_folder)
     out = pn.LoadPrivateImages.execute(folder="mine", resolution=16)
@@ -635,6 +686,26 @@ def test_per_image_ti_on_private_images_keeps_the_loaders_id(
         pn.PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[loaded, plain[0]], **TI_WIDGETS
         )
+
+
+@pytest.mark.parametrize("resolution", [16, 48])
+def test_node_training_pixels_are_the_clis(pack, comfy_base, private_folder, resolution):
+    """The pixels Per-Image TI trains on are the CLI's (``dpagg run``: ``load_image_folder``):
+    exactly, from plain IMAGE input; and Load Private Images' pictures wanted at another
+    resolution are fitted with the CLI's filter (Lanczos), as the CLI fits those pictures."""
+    from dpagg_core.images import load_images
+
+    pn = pack["pn"]
+    cli = load_image_folder(private_folder, resolution, ledger=pn.ledger_path())
+    plain = originals_as_comfy_images(private_folder)
+    x, dataset_id, _ = pn.training_images(None, plain, resolution)
+    assert torch.equal(x, cli.pixels) and dataset_id == cli.dataset_id
+    loaded = pn.LoadPrivateImages.execute(folder="mine", resolution=32).args[0]
+    x, dataset_id, _ = pn.training_images(None, [loaded], resolution)
+    pictures = ((loaded.pixels + 1) / 2).clamp(0, 1)  # the 32 px pictures, as the CLI takes them
+    assert torch.equal(x, load_images(pictures, resolution).pixels)
+    assert dataset_id == cli.dataset_id
+    assert torch.equal(pn.to_model_images(plain, resolution), cli.pixels)
 
 
 def test_core_folder_loaders_are_refused_before_anything_runs(
@@ -695,7 +766,7 @@ def test_paths_mean_the_same_file_in_nodes_cli_and_library(
         home / "out",
     )
     eset = ti_set(n=6)
-    aggregate(pack, eset, accountant.calibrate(1.0, 1e-5, 6, "full"))  # the node's release
+    aggregate(pack, eset, calibration.calibrate(1.0, 1e-5, 6, "full"))  # the node's release
     assert want.is_file() and not (cwd / "~").exists()
     from dpagg_core.cli import main
 
@@ -737,27 +808,31 @@ def test_example_workflows_are_consistent(pack, name):
     assert "embedding_set" in text and "DP_PLAN" in text
 
 
-def test_frontend_extension_parses_and_reads_the_ui_key(pack):
+def test_frontend_extension_reads_the_ui_key(pack):
     js = (REPO / "js" / "dpagg.js").read_text()
     assert f"message?.{pack['pn'].UI_KEY}?.[0]" in js
     for node_id in ("DpaggPrivacyAccountant", "DpaggAggregate"):
         assert f'"{node_id}"' in js
-    node = subprocess.run(["node", "--version"], capture_output=True, text=True)
-    if node.returncode == 0:  # syntax check where Node.js exists
-        mjs = Path(pack["pn"].__file__).parent.parent / "js" / "dpagg.js"
-        check = subprocess.run(
-            ["node", "--input-type=module", "--check"],
-            input=mjs.read_text(),
-            capture_output=True,
-            text=True,
-        )
-        assert check.returncode == 0, check.stderr
+
+
+def test_frontend_extension_is_valid_javascript(pack):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no Node.js `node` binary on PATH: the syntax check of js/dpagg.js needs it")
+    mjs = Path(pack["pn"].__file__).parent.parent / "js" / "dpagg.js"
+    check = subprocess.run(
+        [node, "--input-type=module", "--check"],
+        input=mjs.read_text(),
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr
 
 
 def test_ui_payload_numbers_are_public(pack, comfy_base):
     """The DP Aggregate message holds the plan, budget figures and names, nothing per image."""
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     payload = aggregate(pack, eset, plan, budget_epsilon=2.0).ui["dpagg"][0]
     allowed = {
         "title",
@@ -856,7 +931,7 @@ def test_public_basis_node_from_token_table_or_file(pack, comfy_base, fake_check
 def test_aggregate_with_a_basis_releases_in_its_span_and_records_it(pack, comfy_base):
     eset = ti_set(n=8, v=1, dim=16)
     basis = _basis(pack, k=4)
-    plan = accountant.calibrate(2.0, 1e-5, 8, "full")
+    plan = calibration.calibrate(2.0, 1e-5, 8, "full")
     out = aggregate(pack, eset, plan, basis=basis, budget_epsilon=5.0)
     payload = out.ui["dpagg"][0]
     name = payload["name"]
@@ -877,7 +952,7 @@ def test_aggregate_with_a_basis_releases_in_its_span_and_records_it(pack, comfy_
 
 def test_aggregate_refuses_a_basis_for_another_model_before_spending(pack, comfy_base):
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     for bad, needle in (
         (_basis(pack, model_id="comfyui:sd1:ffffffffffffffff"), "base model"),
         (_basis(pack, v=2), "D=32"),
@@ -891,7 +966,7 @@ def test_aggregate_refuses_a_basis_for_another_model_before_spending(pack, comfy
 
 def test_aggregate_postprocessing_is_recorded_and_shown(pack, comfy_base):
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     out = aggregate(pack, eset, plan, postprocess="js", budget_epsilon=3.0)
     payload = out.ui["dpagg"][0]
     _, record = read_released(
@@ -923,7 +998,7 @@ def test_refusal_names_the_comfyui_way_and_the_ledger_node_raises_only_when_conf
     schema = node.GET_SCHEMA()
     assert schema.node_id == "DpaggPrivacyLedger" and schema.is_output_node
     eset = ti_set(n=6)
-    plan = accountant.calibrate(2.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(2.0, 1e-5, 6, "full")
     aggregate(pack, eset, plan, budget_epsilon=2.0)  # the budget is now used up
     with pytest.raises(BudgetExceeded) as err:
         aggregate(pack, eset, plan, name="another")
@@ -988,7 +1063,7 @@ def test_lower_budget_on_aggregate_says_what_happened(pack, comfy_base):
     """budget_epsilon below the recorded budget: the node says it was not applied to a reused
     release, and that the recorded budget (the "/ 3" shown) is unchanged."""
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     aggregate(pack, eset, plan, budget_epsilon=3.0)
     again = aggregate(pack, eset, plan, budget_epsilon=1.5).ui["dpagg"][0]
     assert again["reused"] is True and again["budget"]["epsilon"] == 3.0
@@ -1006,7 +1081,7 @@ def test_ledger_shows_the_file_name_actually_written(pack, comfy_base, capsys):
     from dpagg_core.cli import main
 
     eset = ti_set(n=6)
-    plan = accountant.calibrate(1.0, 1e-5, 6, "full")
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     aggregate(pack, eset, plan, budget_epsilon=3.0)
     assert aggregate(pack, eset, plan, clip_norm=0.5).args[0] == "embedding:mystyle-2"
     aggregate(pack, eset, plan, clip_norm=0.5)  # re-used: no second file, no second note

@@ -15,13 +15,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dpagg_core import postprocess
-from dpagg_core.accountant import calibrate
-from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, read_released
+from dpagg_core.calibration import calibrate
+from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
+from dpagg_core.images import dataset_id_for
 from dpagg_core.ledger import Ledger
 from dpagg_core.mechanism import Release
 from dpagg_core.postprocess import apply, james_stein, js_factor, rescale_norms
 from dpagg_core.release import release_embeddings
+from dpagg_core.released_file import read_released
 from dpagg_core.subspace import PublicBasis
 
 KEY = bytes(range(32))
@@ -118,7 +120,7 @@ def test_rescale_norms_per_vector_per_key():
 
 @pytest.fixture(scope="module")
 def basis():
-    from dpagg_core.tiny import tiny_text_encoder
+    from tiny_models import tiny_text_encoder
 
     return PublicBasis.from_token_table(tiny_text_encoder(32, seed=0), 4, vectors=2)
 

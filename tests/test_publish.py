@@ -25,7 +25,8 @@ def test_requirements_match_the_package_and_pin_nothing_an_env_already_has():
     deps = names(meta["project"]["dependencies"])
     req = [x for x in (REPO / "requirements.txt").read_text().splitlines() if x and x[0] != "#"]
     # ComfyUI's own torch; dp-accounting (pins attrs<24: a downgrade in ComfyUI, where aiohttp
-    # brings a current attrs) comes from install.py with --no-deps, its other deps listed here.
+    # brings a current attrs) comes from install.py with --no-deps into the pack's _deps/, its
+    # other deps listed here.
     dp_accounting_deps = {"absl-py", "attrs", "dm-tree", "mpmath"}
     assert names(req) == (deps - {"torch", "dp-accounting"}) | dp_accounting_deps
     assert not {"dp-accounting", "clip-anytorch", "torchvision"} & names(req)
@@ -52,8 +53,11 @@ def test_install_py_adds_dp_accounting_without_its_pins(monkeypatch):
         "_installed_version",
         lambda dist: None if dist == "dp-accounting" else "99",
     )
+    monkeypatch.setattr(install, "_version_in", lambda folder, dist: None)  # no _deps/ yet
     todo = install.missing()
-    assert ("dp-accounting>=0.4.4", "--no-deps") in todo
+    # into the pack's own _deps/ (pip does not see it: `pip check` stays clean), not the env
+    target = ("--no-deps", "--upgrade", "--target", str(REPO / "_deps"))
+    assert ("dp-accounting>=0.4.4", target) in todo
 
 
 def test_registry_metadata_and_template_thumbnails():

@@ -14,10 +14,13 @@ from scipy.stats import chi2_contingency
 
 from dpagg_core import mechanism
 from dpagg_core.accountant import PrivacyPlan
-from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, read_released
+from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
+from dpagg_core.images import dataset_id_for
 from dpagg_core.ledger import Ledger
 from dpagg_core.release import release_embeddings
+from dpagg_core.released_file import read_released
+from dpagg_core.request_keys import training_request
 
 COORDS = 1_000_000  # low-bit samples per mean: one release of a 10^6-dimensional mean
 # False-alarm rate of the "no difference" check: P(p < ALPHA | same distribution) = ALPHA.
@@ -96,8 +99,9 @@ def test_dpsgd_results_are_stored_at_published_precision(tmp_path):
         epsilon=5.0,
         accountant="analytic_gaussian",
     )
-    charge = ledger.charge(dataset_id="ds-x", plan=plan, request={}, name="s", clip_norm=1.0)
-    done = ledger.complete(charge.release_id, np.array([0.1, 1 / 3]), {"epsilon": "5"})
+    request = training_request({}, dataset_id="ds-x", plan=plan, name="s", clip_norm=1.0)
+    with ledger.reserve(request) as charge:
+        done = charge.complete(np.array([0.1, 1 / 3]), {"epsilon": "5"})
     assert done.release.vector.tolist() == [float(np.float32(0.1)), float(np.float32(1 / 3))]
     assert ledger.get_release(charge.release_id)["vector"].tolist() == done.release.vector.tolist()
 

@@ -78,7 +78,7 @@ def test_committed_single_file_loads_as_a_diffusers_folder(tmp_path):
 
 
 def test_smoke_benchmark(tmp_path):
-    from dpagg_core import accountant
+    from dpagg_core import calibration
 
     out = tmp_path / "results"
     assert reproduce_paper.main(["--smoke", "--out", str(out)]) == 0
@@ -93,7 +93,7 @@ def test_smoke_benchmark(tmp_path):
         assert 0.0 <= r["acc"] <= 1.0 and math.isfinite(r["kid"])
         if r["method"] in ("dpagg_full", "dpagg_sub", "dpagg_sub_js"):
             assert r["delta"] == 1e-5  # the library default, for every n
-            plan = accountant.calibrate(r["epsilon"], 1e-5, 10, "full")
+            plan = calibration.calibrate(r["epsilon"], 1e-5, 10, "full")
             assert r["sigma"] == pytest.approx(plan.noise_std(r["clip_norm"]), rel=1e-12)
             assert -1.0 <= r["cos"] <= 1.0
         if r["method"] == "dpsgd":

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_models import tiny_pipeline
 
 from dpagg_core import ti
 from dpagg_core.cli import main
-from dpagg_core.embeddings import load_private, read_released
 from dpagg_core.ledger import Ledger
-from dpagg_core.tiny import tiny_pipeline
+from dpagg_core.private_file import load_private
+from dpagg_core.released_file import read_released
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,22 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats
+from tiny_models import tiny_text_encoder
 
 from dpagg_core import mechanism
-from dpagg_core.accountant import PrivacyPlan, calibrate
+from dpagg_core.accountant import PrivacyPlan
 from dpagg_core.audit import audit
-from dpagg_core.embeddings import EmbeddingSet, dataset_id_for, read_released, save_private
+from dpagg_core.calibration import calibrate
+from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
-from dpagg_core.ledger import Ledger, request_key
+from dpagg_core.images import dataset_id_for
+from dpagg_core.ledger import Ledger
+from dpagg_core.minimodel import small_clip_text_config
 from dpagg_core.models import base_model_id_of
+from dpagg_core.private_file import save_private
 from dpagg_core.release import release_embeddings
+from dpagg_core.released_file import read_released
+from dpagg_core.request_keys import request_key
 from dpagg_core.subspace import (
     MECHANISM,
     PublicBasis,
@@ -35,7 +42,6 @@ from dpagg_core.subspace import (
     save_basis,
     save_public_embeddings,
 )
-from dpagg_core.tiny import small_clip_text_config, tiny_text_encoder
 
 KEY = bytes(range(32))
 F32 = 1e-6  # relative float32 tolerance (2^-23 ~ 1.2e-7 per value, summed over a few dims)
@@ -456,7 +462,7 @@ def test_audit_of_the_projected_mechanism_passes_and_catches_a_2x_sensitivity_bu
 
 
 def test_released_file_loads_in_diffusers(tmp_path, basis4, model_id):
-    from dpagg_core.tiny import tiny_pipeline
+    from tiny_models import tiny_pipeline
 
     eset = make_set(model_id)
     plan = calibrate(2.0, 1e-5, eset.n, "full")
@@ -494,8 +500,8 @@ def _sdxl_encoders():
 def test_sdxl_each_encoder_in_its_own_subspace_and_the_file_loads(tmp_path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from safetensors.torch import load_file
+    from tiny_models import tiny_vae
 
-    from dpagg_core.tiny import tiny_vae
     from dpagg_core.tokenizer import clip_tokenizer
 
     te1, te2 = _sdxl_encoders()
@@ -561,7 +567,7 @@ def test_sdxl_each_encoder_in_its_own_subspace_and_the_file_loads(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from dpagg_core.tiny import tiny_pipeline
+    from tiny_models import tiny_pipeline
 
     folder = tmp_path_factory.mktemp("model")
     tiny_pipeline(hidden_size=32, seed=0).save_pretrained(folder)

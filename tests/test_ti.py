@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_pipeline
 
 from dpagg_core.diffusers_backend import DiffusersBackend
 from dpagg_core.embeddings import EmbeddingSet
@@ -29,7 +30,6 @@ from dpagg_core.ti import (
     train_embeddings,
     validate_config,
 )
-from dpagg_core.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,9 +39,10 @@ def tiny_sdxl_pipeline(seed: int = 0):
     OpenCLIP-G-like with projection (48 wide: clip_g is the wider one), text_time UNet
     conditioning, pad '!' on tokenizer 2 as in SDXL."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from tiny_models import tiny_text_encoder, tiny_vae
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dpagg_core.tiny import small_clip_text_config, tiny_text_encoder, tiny_vae
+    from dpagg_core.minimodel import small_clip_text_config
     from dpagg_core.tokenizer import clip_tokenizer
 
     te1 = tiny_text_encoder(32, seed=seed + 1)
@@ -120,13 +121,6 @@ F64 = TIConfig(
     warmup_steps=2,
     seed=7,
 )
-
-
-def _max_diff(a: EmbeddingSet, b: EmbeddingSet, rows_a, rows_b) -> float:
-    return max(
-        float((a.vectors[k][rows_a].double() - b.vectors[k][rows_b].double()).abs().max())
-        for k in a.vectors
-    )
 
 
 def _vectors64(backend, imgs, config, **kw):
@@ -399,3 +393,31 @@ def test_adamw_is_rowwise(seed, foreach, weight_decay, j):
 
     a, b = run(grads), run(other)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[j], b[j])
+
+
+def test_unscale_rowwise_zeroes_only_the_rows_whose_fp16_gradient_overflowed():
+    """fp16 mixed precision (CUDA only in training): the loss is multiplied by a fixed scale and
+    the backward runs through half-precision activations, where one image's large gradient
+    overflows to inf. ``_unscale_rowwise`` divides by the scale and zeroes that image's rows in
+    every key, leaving the other images' gradients exact (a global GradScaler skip would drop the
+    whole step). The same backward in real fp16 arithmetic, on the CPU."""
+    from dpagg_core.ti import _unscale_rowwise
+
+    scale = 1024.0
+    weight = torch.tensor([1.0, 100.0, 2.0], dtype=torch.float16)  # image 1: 1024 * 100 > 65504
+    params = [torch.nn.Parameter(torch.ones(3, 2, 4)), torch.nn.Parameter(torch.ones(3, 2, 6))]
+    frozen = torch.nn.Parameter(torch.ones(3, 2, 4))  # no gradient: skipped
+    loss = (params[0].half() * weight[:, None, None]).float().sum()
+    loss = loss + (params[1].half() * 0.5).float().sum()
+    (loss * scale).backward()
+    assert not torch.isfinite(params[0].grad[1]).all()  # the overflow really happened in fp16
+    assert torch.isfinite(params[0].grad[[0, 2]]).all() and torch.isfinite(params[1].grad).all()
+
+    _unscale_rowwise([*params, frozen], scale)
+
+    assert frozen.grad is None
+    for p in params:
+        assert torch.equal(p.grad[1], torch.zeros_like(p.grad[1]))  # every key of image 1
+    assert torch.equal(params[0].grad[0], torch.full((2, 4), 1.0))
+    assert torch.equal(params[0].grad[2], torch.full((2, 4), 2.0))
+    assert torch.equal(params[1].grad[[0, 2]], torch.full((2, 2, 6), 0.5))

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_models import tiny_pipeline
 
-from dpagg_core import accountant
+from dpagg_core import accountant, calibration
 from dpagg_core import webui as core
-from dpagg_core.embeddings import read_released
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.ledger import Ledger
-from dpagg_core.tiny import tiny_pipeline
+from dpagg_core.released_file import read_released
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,11 +120,11 @@ def test_defaults_are_the_clis():
 
 def test_plan_is_the_accountants():
     s = core.settings_from_dict({"epsilon": 1, "delta": 1e-5})
-    assert core.make_plan(s, 40) == accountant.calibrate(1.0, 1e-5, 40)
+    assert core.make_plan(s, 40) == calibration.calibrate(1.0, 1e-5, 40)
     s = core.settings_from_dict({"mode": "noise_multiplier", "noise_multiplier": 4})
     assert core.make_plan(s, 40) == accountant.epsilon_for(4.0, 1e-5, 40)
     s = core.settings_from_dict({"sampling": "wor", "m": 20, "epsilon": 1})
-    assert core.make_plan(s, 40) == accountant.calibrate(1.0, 1e-5, 40, "wor", 20)
+    assert core.make_plan(s, 40) == calibration.calibrate(1.0, 1e-5, 40, "wor", 20)
     with pytest.raises(DpaggError, match="needs m"):
         core.make_plan(core.settings_from_dict({"sampling": "wor"}), 40)
 
@@ -301,9 +301,13 @@ _STUBS = textwrap.dedent(
     modules.script_callbacks, modules.shared = sc, shared
     sys.modules.update({"modules": modules, "modules.script_callbacks": sc,
                         "modules.shared": shared})
-    if sys.argv[1] == "missing":  # as if install.py had not run yet
-        for name in ("scipy", "attr", "dp_accounting", "platformdirs"):
-            sys.modules[name] = None
+    if sys.argv[1] == "missing":  # as if install.py had not run yet: not installed anywhere
+        class _Absent:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("scipy", "attr", "dp_accounting", "platformdirs"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+        sys.meta_path.insert(0, _Absent())
     sys.path.insert(0, sys.argv[2])
     import importlib.util
     spec = importlib.util.spec_from_file_location("dpagg_webui_tab.py", sys.argv[3])
@@ -374,7 +378,7 @@ def test_install_pins_what_the_webui_pins(monkeypatch):
     reqs = install.requirements()
     assert reqs and not {d for d, _, _ in reqs} & set(install.PROTECTED)
     monkeypatch.setattr(install, "requirements", lambda: [("no-such-dist", "1", "x>=1")])
-    assert install.missing() == [("x>=1", "")]
+    assert install.missing() == [("x>=1", ())]
     path = install.constraints_file()
     try:
         lines = Path(path).read_text().split()

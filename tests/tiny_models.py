@@ -1,47 +1,18 @@
-"""Tiny Stable-Diffusion-structured models built in code, for tests, benchmarks and the demo.
+"""Tiny Stable-Diffusion-structured models built in code, with random weights: test support
+(and ``bench/ti_throughput.py``'s ``tiny`` models).
 
 Same classes and conditioning path as SD1.x (CLIPTextModel -> UNet2DConditionModel cross-attention,
 AutoencoderKL with 4 latent channels, DDPM noise schedule), with random weights and the real CLIP
-tokenizer vocabulary, so nothing is downloaded.
+tokenizer vocabulary, so nothing is downloaded. The shipped mini model (``dpagg_core.minimodel``)
+shares the text-encoder layout and the noise schedule.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
-
-# Stable Diffusion 1.x/2.x's training noise schedule (scheduler kwargs).
-SD_NOISE_SCHEDULE: dict[str, Any] = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    clip_sample=False,
-)
-
-
-def small_clip_text_config(hidden_size: int, **overrides: Any) -> dict[str, Any]:
-    """``CLIPTextConfig`` kwargs of a small CLIP text encoder over the real CLIP vocabulary
-    (2 layers, 4 heads, 77 positions, SD's special token ids)."""
-    return (
-        dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=hidden_size,
-        )
-        | overrides
-    )
+from dpagg_core.minimodel import SD_NOISE_SCHEDULE, small_clip_text_config
+from dpagg_core.tokenizer import clip_tokenizer
 
 
 def tiny_text_encoder(hidden_size: int = 32, seed: int = 0):

@@ -1,0 +1,171 @@
+"""What the skins show of a plan, an image set's budget and the ledger: one implementation.
+
+The ComfyUI nodes (DP Aggregate, Privacy Accountant, Load Private Images, Privacy Ledger) and the
+WebUI tab (``dpagg_core.webui``) build their plan and budget text and figures here, so the same
+plan and the same ledger read alike everywhere.
+
+Public values only (docs/privacy.md invariant 4): the plan, the ledger's budgets, composed spend,
+release counts, names and epsilons. Budget checks are the ledger's dry run (``Ledger.check``):
+nothing is drawn or written.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import BudgetExceeded
+
+if TYPE_CHECKING:  # no import of the accountant (dp-accounting) just to show text
+    from .accountant import PrivacyPlan
+
+BUDGET_NOT_SET = "budget: not set yet (the first release sets it)"
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def plan_lines(plan: PrivacyPlan) -> list[str]:
+    """Short public description of a plan for the node's display."""
+    if plan.sampling == "wor":
+        how = f"m={plan.m} of n={plan.n}"
+    elif plan.sampling == "poisson":
+        how = f"q={plan.q:g} of n={plan.n}"
+    else:
+        how = f"all n={plan.n}"
+    return [
+        f"plan: eps={fmt(plan.epsilon)}, delta={plan.delta:.3g}, noise multiplier="
+        f"{fmt(plan.noise_multiplier)}",
+        f"{plan.sampling} ({how}), {plan.releases} release(s), {plan.accountant}",
+    ]
+
+
+def budget_status(ledger: Any, dataset_id: str) -> dict[str, Any]:
+    """The public budget figures of a dataset: ``{"budget", "spent", "remaining", "releases",
+    "composition"}`` of ``Ledger.status`` (``budget`` and ``remaining`` None before the first
+    release)."""
+    status = ledger.status(dataset_id)
+    keys = ("budget", "spent", "remaining", "releases", "composition")
+    return {k: status[k] for k in keys}
+
+
+def next_release(
+    ledger: Any,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+) -> dict[str, Any]:
+    """Cost of one more release of ``plan`` (the ledger's dry run): ``{"epsilon", "delta"}`` and
+    ``spent_after``/``budget`` if it would pass, ``refused`` (the ledger's message) if not."""
+    out: dict[str, Any] = {"epsilon": plan.epsilon, "delta": plan.delta}
+    try:
+        check = ledger.check(dataset_id, plan, budget_epsilon, budget_delta, mode="clip")
+    except BudgetExceeded as exc:
+        out["refused"] = str(exc)
+        return out
+    out["spent_after"] = check.get("spent_after")
+    out["budget"] = check.get("budget")
+    return out
+
+
+def budget_payload(
+    ledger: Any,
+    dataset_id: str,
+    plan: PrivacyPlan | None,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+) -> tuple[list[str], bool, dict[str, Any]]:
+    """Lines, warning flag and figures of a dataset's budget (public: from the ledger only).
+
+    ``warning`` is True when one more release of ``plan`` would be refused (dry run
+    ``Ledger.check``; nothing is drawn or written)."""
+    status = budget_status(ledger, dataset_id)
+    lines: list[str] = []
+    spent = status["spent"]
+    if status["budget"] is None:
+        lines.append(BUDGET_NOT_SET)
+    else:
+        b, r = status["budget"], status["remaining"]
+        lines.append(
+            f"budget: eps {fmt(spent['epsilon'])} / {fmt(b['epsilon'])} spent, "
+            f"{fmt(r['epsilon'])} left (delta {spent['delta']:.3g} / {b['delta']:.3g})"
+        )
+    lines.append(f"releases of this image set: {status['releases']} ({status['composition']})")
+    warning = False
+    if plan is not None:
+        warning = "refused" in next_release(ledger, dataset_id, plan, budget_epsilon, budget_delta)
+        if warning:
+            lines.append("WARNING: the next release with this plan would exceed the budget")
+    figures = {
+        "budget": status["budget"],
+        "spent": spent,
+        "remaining": status["remaining"],
+        "releases": status["releases"],
+        "next_release_exceeds": warning,
+    }
+    return lines, warning, figures
+
+
+def budget_request_lines(
+    recorded: dict[str, float] | None, be: float | None, bd: float | None, reused: bool
+) -> list[str]:
+    """What DP Aggregate's budget_epsilon/budget_delta did when they differ from the recorded
+    budget: a lower value caps this request only (the recorded budget, shown as "/ total",
+    is unchanged), and a reused release was returned without any budget check."""
+    if recorded is None:
+        return []
+    out = []
+    for label, req, cur in (("epsilon", be, recorded["epsilon"]), ("delta", bd, recorded["delta"])):
+        if req is None or req >= cur * (1 - 1e-9):
+            continue
+        if reused:
+            out.append(
+                f"budget_{label}={req:g} was not applied: this identical request was released "
+                f"before, so its recorded release came back at no cost"
+            )
+        out.append(
+            f"budget_{label}={req:g} is below the recorded budget {cur:g}: it caps new releases "
+            f"of this node only; the image set's budget stays {cur:g} (set it with the "
+            "Privacy Ledger node)"
+        )
+    return out
+
+
+def ledger_lines(ledger: Any, only: str = "") -> tuple[list[str], list[dict[str, Any]]]:
+    """One block per dataset: budget, spend, and each release (name, epsilon, reused or not)."""
+    datasets = [only] if only else ledger.dataset_ids()
+    lines = [f"ledger {ledger.path}", f"{len(datasets)} image set(s)"]
+    table = []
+    for ds in datasets:
+        st = ledger.status(ds)
+        b = st["budget"]
+        spent = st["spent"]
+        budget = "not set" if b is None else f"{fmt(b['epsilon'])} (delta {b['delta']:.3g})"
+        lines.append(
+            f"{ds}: spent eps {fmt(spent['epsilon'])} of {budget}, {st['releases']} release(s)"
+        )
+        releases = ledger.list_releases(ds)
+        for r in releases:  # the file actually written (mystyle-2), else the requested name
+            name = ", ".join(r.get("files") or []) or r["name"]
+            lines.append(
+                f"  #{r['id']} {r['created'][:19]} {name} eps {fmt(r['epsilon'])} "
+                f"delta {r['delta']:.3g}"
+            )
+        table.append(
+            {
+                "dataset": ds,
+                "budget": b,
+                "spent": spent,
+                "releases": [
+                    {
+                        "id": r["id"],
+                        "name": r["name"],
+                        "files": r.get("files") or [],
+                        "epsilon": r["epsilon"],
+                    }
+                    for r in releases
+                ],
+            }
+        )
+    return lines, table
