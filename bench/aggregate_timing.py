@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpagg_core.calibration import calibrate
-from dpagg_core.embeddings import EmbeddingSet
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import Ledger
-from dpagg_core.mechanism import dp_mean
-from dpagg_core.release import release_embeddings
+from dpagg_core.aggregate.release import release_embeddings
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.mechanism import dp_mean
 
 N, DIM, REPEATS = 1000, 768, 7
 

@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 
-from dpagg_core import accountant, calibration
+from dpagg_core.privacy import accountant, calibration
 
 TARGET_S = 0.5
 DELTA_N = 1000  # n; delta = 1 / (10 n)

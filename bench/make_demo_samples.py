@@ -1,15 +1,17 @@
 """Regenerate the demo's bundled private images (``dpagg_core/samples/*.png``).
 
-``DEMO_COUNT`` 32 px renders of the mini model's held-out style ``dpagg_core.minimodel.DEMO_STYLE``
-("ocean checked": the model saw "ocean" and "checked" only with other partners), from the
-procedural dataset's reserved ``DEMO_OFFSET`` range, so they are disjoint from every image the
-model, the judge or the benchmark used. Deterministic: same code, same files.
+``DEMO_COUNT`` 32 px renders of the mini model's held-out style
+``dpagg_core.showcase.minimodel.DEMO_STYLE`` ("ocean checked": the model saw "ocean" and "checked"
+only with other partners), from the procedural dataset's reserved ``DEMO_OFFSET`` range, so they are
+disjoint from every image the model, the judge or the benchmark used. Deterministic: same code, same
+files.
 
     .venv/bin/python bench/make_demo_samples.py
 
 ``--public DIR`` instead writes the PUBLIC images the demo's clip norm comes from: 16 renders of
-the training style ``PUBLIC_STYLE`` (never the private ones). ``dpagg_core.demo.DEMO_CLIP_NORM``
-is what this prints for them, with the demo's TI settings:
+the training style ``PUBLIC_STYLE`` (never the private ones).
+``dpagg_core.showcase.demo.DEMO_CLIP_NORM`` is what this prints for them, with the demo's TI
+settings:
 
     .venv/bin/python bench/make_demo_samples.py --public /tmp/public
     .venv/bin/dpagg suggest-clip-norm --public-images /tmp/public --model <demo out>/minimodel-* \
@@ -30,8 +32,8 @@ if str(ROOT) not in sys.path:
 from PIL import Image  # noqa: E402
 
 from bench.minimodel import data  # noqa: E402
-from dpagg_core.demo import DEMO_COUNT  # noqa: E402
-from dpagg_core.minimodel import DEMO_STYLE  # noqa: E402
+from dpagg_core.showcase.demo import DEMO_COUNT  # noqa: E402
+from dpagg_core.showcase.minimodel import DEMO_STYLE  # noqa: E402
 
 OUT = ROOT / "dpagg_core" / "samples"
 PUBLIC_STYLE = "forest striped"  # a training style, as in bench/reproduce_paper.py

@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/release_low_bits.py          # ~10 s
 
-The figures behind ``dpagg_core.mechanism``'s "Published precision" paragraph. Two datasets whose
-items all sit at the centre (true mean 0) or at ``offset``; one release of a 10^6-dimensional
+The figures behind ``dpagg_core.privacy.mechanism``'s "Published precision" paragraph. Two datasets
+whose items all sit at the centre (true mean 0) or at ``offset``; one release of a 10^6-dimensional
 mean each, drawn with the mechanism's own CSPRNG noise (``mechanism._gaussian_noise``, std as
-``dp_mean`` computes it). For each precision it prints the chi-square p-value of the two
-256-bin histograms of the lowest mantissa byte: ``float64`` is the value ``dp_mean`` computed
-before it was rounded (``mean + noise``), ``float32`` what it releases now
-(``mechanism.to_published_precision``). A p-value near 0 means the low bits tell the two means
-apart; for float32 it should be spread over (0, 1) from run to run.
+``dp_mean`` computes it). For each precision it prints the chi-square p-value of the two 256-bin
+histograms of the lowest mantissa byte: ``float64`` is the value ``dp_mean`` computed before it was
+rounded (``mean + noise``), ``float32`` what it releases now (``mechanism.to_published_precision``).
+A p-value near 0 means the low bits tell the two means apart; for float32 it should be spread over
+(0, 1) from run to run.
 
 Seen here (2 runs): float64 p = 0 (underflow) at z = 0.01, offset 0.3 (noise std 3) and 0.002 /
 0.04 at z = 1, offset 1e-3; float32 p between 0.42 and 0.87 in every case.
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dpagg_core import mechanism  # noqa: E402
-from dpagg_core.accountant import PrivacyPlan  # noqa: E402
+from dpagg_core.privacy import mechanism  # noqa: E402
+from dpagg_core.privacy.accountant import PrivacyPlan  # noqa: E402
 
 COORDS = 1_000_000
 

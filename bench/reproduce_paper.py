@@ -13,15 +13,15 @@ of the style, a different set per seed), the methods are
 * ``ti_shared``     — non-private TI: ONE embedding trained on all n images (epsilon = inf);
 * ``mean``          — non-private mean of the per-image TI embeddings (epsilon = inf);
 * ``dpagg_full``    — DPAgg-TI: clipped mean of all n per-image embeddings + Gaussian noise
-                      (``dpagg_core.mechanism.dp_mean``, analytic Gaussian accountant);
+                      (``dpagg_core.privacy.mechanism.dp_mean``, analytic Gaussian accountant);
 * ``dpagg_wor``     — DPAgg-TI with the paper's subsampling without replacement, m = n/2;
-* ``dpagg_sub``     — DPAgg-TI in a PUBLIC subspace (issue 10, ``dpagg_core.subspace``): the
-                      top ``basis_k`` = 8 principal directions per vector of the public style's
-                      per-image embeddings; clip (C from the same public embeddings), mean and
-                      noise in those 2k coordinates, mapped back;
+* ``dpagg_sub``     — DPAgg-TI in a PUBLIC subspace (issue 10, ``dpagg_core.aggregate.subspace``):
+                      the top ``basis_k`` = 8 principal directions per vector of the public style's
+                      per-image embeddings; clip (C from the same public embeddings), mean and noise
+                      in those 2k coordinates, mapped back;
 * ``dpagg_sub_js``  — the same followed by positive-part James-Stein shrinkage toward the centre
-                      (``dpagg_core.postprocess``, release-only post-processing: free);
-* ``dpsgd``         — DP-SGD TI (``dpagg_core.dpsgd``), Poisson rate q, T steps, PLD;
+                      (``dpagg_core.aggregate.postprocess``, release-only post-processing: free);
+* ``dpsgd``         — DP-SGD TI (``dpagg_core.training.dpsgd``), Poisson rate q, T steps, PLD;
 
 at epsilon in ``--epsilons`` with delta = ``--delta`` (default 1e-5, the library default; the
 first comparison, in ``bench/results``, used 1/(10n)), replace-one adjacency for every DP method.
@@ -133,7 +133,7 @@ def images_tensor(style: str, n: int, offset: int) -> torch.Tensor:
 
 
 def per_image_embeddings(ctx: Context, s: Settings, imgs: torch.Tensor, seed: int) -> np.ndarray:
-    from dpagg_core.ti import train_vectors
+    from dpagg_core.training.ti import train_vectors
 
     cfg = artifact.ti_config(steps=s.ti_steps, learning_rate=s.ti_lr, seed=seed)
     vectors, _ = train_vectors(ctx.backend, imgs, cfg)
@@ -141,7 +141,7 @@ def per_image_embeddings(ctx: Context, s: Settings, imgs: torch.Tensor, seed: in
 
 
 def dpsgd_config(ctx: Context, s: Settings, n: int, seed: int):
-    from dpagg_core.dpsgd import DPSGDConfig
+    from dpagg_core.training.dpsgd import DPSGDConfig
 
     return DPSGDConfig(
         steps=s.dpsgd_steps,
@@ -159,8 +159,8 @@ def dpsgd_config(ctx: Context, s: Settings, n: int, seed: int):
 
 
 def make_context(s: Settings) -> Context:
-    from dpagg_core import dpsgd
-    from dpagg_core.diffusers_backend import DiffusersBackend
+    from dpagg_core.training import dpsgd
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
 
     pipe = artifact.load_pipeline()
     backend = DiffusersBackend.from_pipeline(pipe, model_family="sd1", device="cpu")
@@ -189,7 +189,7 @@ def make_context(s: Settings) -> Context:
     grad_clip = float(g.flatten(1).norm(dim=1).median())
     # The public subspace (issue 10): PCA of the PUBLIC style's per-image embeddings, k per
     # vector, and its C: the median norm of their projected deltas (same rule as C above).
-    from dpagg_core.subspace import PublicBasis, PublicEmbeddings
+    from dpagg_core.aggregate.subspace import PublicBasis, PublicEmbeddings
 
     public = PublicEmbeddings(
         vectors={"emb_params": torch.from_numpy(emb.reshape(-1, v, dim)).float()},
@@ -292,7 +292,9 @@ def _release(out: Path, style: str, n: int, seed: int) -> None:
 
 
 def run(s: Settings, out: Path) -> list[dict]:
-    from dpagg_core import calibration, dpsgd, mechanism, postprocess, subspace
+    from dpagg_core.aggregate import postprocess, subspace
+    from dpagg_core.privacy import calibration, mechanism
+    from dpagg_core.training import dpsgd
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "results.jsonl"

@@ -197,7 +197,7 @@ def _log(msg: str) -> None:
 
 
 def train(backend, style: str, n: int, steps: int, offset: int):
-    from dpagg_core.subspace import train_public_embeddings
+    from dpagg_core.aggregate.subspace import train_public_embeddings
 
     imgs = data.to_tensor([e.image for e in data.style_examples(style, n, offset=offset)])
     cfg = artifact.ti_config(steps=steps, seed=0)
@@ -223,7 +223,7 @@ def embeddings(backend, args) -> dict:
 
 
 def pooled(pes: list):
-    from dpagg_core.subspace import PublicEmbeddings
+    from dpagg_core.aggregate.subspace import PublicEmbeddings
 
     first = pes[0]
     return PublicEmbeddings(
@@ -236,7 +236,7 @@ def pooled(pes: list):
 
 
 def bases(pipe, pes: dict, ks: list[int]) -> dict:
-    from dpagg_core.subspace import PublicBasis
+    from dpagg_core.aggregate.subspace import PublicBasis
 
     tok = pipe.tokenizer
     vocab_ids = sorted({i for w in VOCAB for i in tok(w, add_special_tokens=False).input_ids})
@@ -260,15 +260,17 @@ def flat(pe) -> np.ndarray:
 
 
 def run(args) -> dict:
-    from dpagg_core.calibration import calibrate
-    from dpagg_core.diffusers_backend import DiffusersBackend
-    from dpagg_core.mechanism import dp_mean
-    from dpagg_core.models import base_model_id_of
-    from dpagg_core.postprocess import apply
-    from dpagg_core.subspace import dp_mean_projected
+    from dpagg_core.aggregate.postprocess import apply
+    from dpagg_core.aggregate.subspace import dp_mean_projected
+    from dpagg_core.privacy.calibration import calibrate
+    from dpagg_core.privacy.mechanism import dp_mean
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.models import base_model_id_of
 
     torch.set_num_threads(1)
-    logging.getLogger("dpagg_core.postprocess").setLevel(logging.ERROR)  # "JS factor 0" warnings
+    logging.getLogger("dpagg_core.aggregate.postprocess").setLevel(
+        logging.ERROR
+    )  # "JS factor 0" warnings
     pipe = artifact.load_pipeline()
     bid = base_model_id_of([pipe.text_encoder])
     backend = DiffusersBackend.from_pipeline(
@@ -363,10 +365,10 @@ def centre_compare(args, pes: dict, allb: dict, c: np.ndarray, bid: str, layout)
     table), ``cos_p`` (centred on p: the part of the style that public data does not already
     give) and ``se`` = ||release - m||^2.
     """
-    from dpagg_core.calibration import calibrate
-    from dpagg_core.mechanism import dp_mean
-    from dpagg_core.postprocess import apply
-    from dpagg_core.subspace import dp_mean_projected, public_mean_centre
+    from dpagg_core.aggregate.postprocess import apply
+    from dpagg_core.aggregate.subspace import dp_mean_projected, public_mean_centre
+    from dpagg_core.privacy.calibration import calibrate
+    from dpagg_core.privacy.mechanism import dp_mean
 
     pc = public_mean_centre(pes[BASIS_STYLE])  # type-checked: PublicEmbeddings only
     p = pc.flat()

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from dpagg_core import calibration, mechanism
+    from dpagg_core.privacy import calibration, mechanism
 
     s = rp.Settings(styles=list(STYLES))
     ctx = rp.make_context(s)  # judge references for the public styles, the public centre

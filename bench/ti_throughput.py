@@ -1,4 +1,5 @@
-"""Per-image TI throughput: the batched engine (``dpagg_core.ti``) vs a sequential per-image loop.
+"""Per-image TI throughput: the batched engine (``dpagg_core.training.ti``) vs a sequential
+per-image loop.
 
 In one process, same model and images:
 
@@ -6,8 +7,8 @@ In one process, same model and images:
     one image at a time, batch 1, placeholder tokens added to the tokenizer, the *whole*
     token-embedding matrix trainable (dense gradient, AdamW over all rows) and the non-placeholder
     rows restored after every step, the VAE run on every step (``latent_dist.sample()``);
-(b) **batched**: ``dpagg_core.ti.train_vectors`` with ``batch_size = N`` (latents encoded once,
-    only the ``[N, v, dim]`` placeholder rows trainable).
+(b) **batched**: ``dpagg_core.training.ti.train_vectors`` with ``batch_size = N`` (latents
+    encoded once, only the ``[N, v, dim]`` placeholder rows trainable).
 
 Prints image-steps/s for each N (best of ``--repeats`` alternating runs; the batched time
 includes its one-time latent encoding), the ratio b/a, and peak RSS. Default: 32 px on CPU, 12 TI
@@ -40,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from dpagg_core.diffusers_backend import DiffusersBackend
-from dpagg_core.ti import STYLE_TEMPLATES, TIConfig, train_vectors
+from dpagg_core.training.diffusers_backend import DiffusersBackend
+from dpagg_core.training.ti import STYLE_TEMPLATES, TIConfig, train_vectors
 
 
 def peak_rss_mib() -> float:
@@ -68,7 +69,7 @@ def sd15_pipeline(device: torch.device):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dpagg_core.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+    from dpagg_core.training.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -144,7 +145,7 @@ def build(model: str, device: torch.device, weight_dtype: torch.dtype):
 
 class Sequential:
     def __init__(self, pipe, vectors: int, initializer: str, lr: float, autocast) -> None:
-        from dpagg_core.tokenizer import clip_tokenizer
+        from dpagg_core.training.tokenizer import clip_tokenizer
 
         self.pipe, self.autocast, self.lr = pipe, autocast, lr
         self.device = pipe.unet.device

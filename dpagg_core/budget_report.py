@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import BudgetExceeded
+from dpagg_core.errors import BudgetExceeded
 
 if TYPE_CHECKING:  # no import of the accountant (dp-accounting) just to show text
-    from .accountant import PrivacyPlan
+    from dpagg_core.privacy.accountant import PrivacyPlan
 
 BUDGET_NOT_SET = "budget: not set yet (the first release sets it)"
 

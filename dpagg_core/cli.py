@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import DpaggError
+from dpagg_core import __version__
+from dpagg_core.errors import DpaggError
 
 log = logging.getLogger("dpagg")
 
@@ -27,7 +27,7 @@ log = logging.getLogger("dpagg")
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    from .report import emit
+    from dpagg_core.report import emit
 
     emit(payload, text, as_json=args.json)
 
@@ -63,7 +63,7 @@ def _user_path(text: str) -> Path:
     """Every path argument: ``~`` and environment variables expanded, made absolute - the same
     meaning as ``DPAGG_LEDGER`` / ``DPAGG_DATA_DIR``, the ComfyUI nodes and the library
     (``paths.resolve_path``)."""
-    from .paths import resolve_path
+    from dpagg_core.paths import resolve_path
 
     return resolve_path(text)
 
@@ -136,7 +136,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _default_delta(delta: float | None) -> float:
-    from .accountant import DEFAULT_DELTA
+    from dpagg_core.privacy.accountant import DEFAULT_DELTA
 
     return DEFAULT_DELTA if delta is None else delta
 
@@ -144,8 +144,8 @@ def _default_delta(delta: float | None) -> float:
 def _plan(args: argparse.Namespace, n: int, *, warn: bool = True):
     """The plan from the plan flags; a user-chosen --delta above the safe default is warned
     about on stderr (``accountant.delta_warning``) before anything runs."""
-    from .accountant import delta_warning, epsilon_for
-    from .calibration import calibrate
+    from dpagg_core.privacy.accountant import delta_warning, epsilon_for
+    from dpagg_core.privacy.calibration import calibrate
 
     delta = _default_delta(args.delta)
     warning = delta_warning(delta, n) if args.delta is not None else None
@@ -165,7 +165,7 @@ def _plan(args: argparse.Namespace, n: int, *, warn: bool = True):
 
 
 def _ledger(args: argparse.Namespace):
-    from .ledger import Ledger
+    from dpagg_core.privacy.ledger import Ledger
 
     return Ledger(args.ledger)
 
@@ -176,8 +176,8 @@ def _ledger(args: argparse.Namespace):
 
 
 def cmd_account(args: argparse.Namespace) -> int:
-    from .accountant import DELTA_MEANING, delta_warning, plan_summary
-    from .noise_comparison import noise_comparison
+    from dpagg_core.privacy.accountant import DELTA_MEANING, delta_warning, plan_summary
+    from dpagg_core.privacy.noise_comparison import noise_comparison
 
     if args.n is None:
         raise DpaggError("--n is required: the number of private images (public under replace-one)")
@@ -199,7 +199,7 @@ def cmd_account(args: argparse.Namespace) -> int:
 
 
 def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre: str) -> int:
-    from .release import release_embeddings
+    from dpagg_core.aggregate.release import release_embeddings
 
     if args.clip_norm is None:
         raise DpaggError(
@@ -208,7 +208,7 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
         )
     basis = None
     if getattr(args, "basis", None) is not None:
-        from .subspace import load_basis
+        from dpagg_core.aggregate.subspace import load_basis
 
         basis = load_basis(args.basis)
     outcome = release_embeddings(
@@ -244,20 +244,20 @@ def _public_centre(args: argparse.Namespace) -> Any:
         return None
     if getattr(args, "centre", None) != "public_mean":
         raise DpaggError("--public-embeddings is the centre for --centre public_mean; add it")
-    from .subspace import public_mean_centre
+    from dpagg_core.aggregate.subspace import public_mean_centre
 
     return public_mean_centre(path)
 
 
 def _report_release(args: argparse.Namespace, outcome: Any, method: str = "") -> None:
     """Print a ``release.ReleaseOutcome``: file, prompt, privacy record, budget."""
-    from .report import release_text
+    from dpagg_core.report import release_text
 
     _emit(args, outcome.summary(), release_text(outcome, method))
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from .private_file import load_private
+    from dpagg_core.io.private_file import load_private
 
     eset = load_private(args.embeddings, key=_ledger(args).identity_key())
     plan = _plan(args, eset.n)
@@ -266,8 +266,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .released_file import describe
-    from .report import describe_text
+    from dpagg_core.io.released_file import describe
+    from dpagg_core.report import describe_text
 
     info = describe(args.file)
     _emit(args, info, describe_text(args.file, info))
@@ -275,12 +275,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from dpagg_core.privacy.audit import audit
 
     plan = _plan(args, args.n, warn=False)  # an audit releases nothing
     basis = None
     if getattr(args, "basis", None) is not None:
-        from .subspace import load_basis
+        from dpagg_core.aggregate.subspace import load_basis
 
         basis = load_basis(args.basis)
     result = audit(
@@ -344,7 +344,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _ti_config(args: argparse.Namespace):
-    from .ti import TIConfig
+    from dpagg_core.training.ti import TIConfig
 
     values: dict[str, Any] = {
         "vectors": args.vectors,
@@ -365,7 +365,7 @@ def _ti_config(args: argparse.Namespace):
 
 def _trainer(args: argparse.Namespace, method: str = "ti"):
     """The training driver (``train_run.Trainer``) of the train flags; loads the model."""
-    from .train_run import Trainer
+    from dpagg_core.training.train_run import Trainer
 
     return Trainer(
         args.model,
@@ -379,7 +379,7 @@ def _trainer(args: argparse.Namespace, method: str = "ti"):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import is_main_process
+    from dpagg_core.training.distributed import is_main_process
 
     trainer = _trainer(args)
     eset = trainer.train(trainer.images(args.images))
@@ -391,7 +391,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "shapes": {k: list(v.shape) for k, v in eset.vectors.items()},
     }
     if args.keep_private_embeddings:
-        from .private_file import save_private
+        from dpagg_core.io.private_file import save_private
 
         path = save_private(eset, args.keep_private_embeddings, key=_ledger(args).identity_key())
         log.warning(
@@ -410,7 +410,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .distributed import is_main_process
+    from dpagg_core.training.distributed import is_main_process
 
     if args.method == "dpsgd":
         return _run_dpsgd(args)
@@ -434,7 +434,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args, eset, plan, default_centre="initializer" if eset.centre is not None else "origin"
     )
     if args.preview and model is not None:
-        from .preview import preview_grid
+        from dpagg_core.showcase.preview import preview_grid
 
         png = preview_grid(model, args.out_dir / f"{args.name}.safetensors", args.name)
         print(f"preview: {png}")
@@ -443,9 +443,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_dpsgd(args: argparse.Namespace) -> int:
     """``dpagg run --method dpsgd``: the DP-SGD baseline released through the ledger
-    (``dpagg_core.dpsgd_run``); DPAgg-only options are refused before anything loads."""
-    from .dpsgd import DPSGDConfig
-    from .dpsgd_run import DpsgdRequest, run_dpsgd
+    (``dpagg_core.training.dpsgd_run``); DPAgg-only options are refused before anything loads."""
+    from dpagg_core.training.dpsgd import DPSGDConfig
+    from dpagg_core.training.dpsgd_run import DpsgdRequest, run_dpsgd
 
     _dpsgd_refuse_dpagg_options(args)
     values: dict[str, Any] = {
@@ -487,7 +487,7 @@ def _run_dpsgd(args: argparse.Namespace) -> int:
     )
     _report_release(args, done.outcome, f"DP-SGD, {config.steps} steps")
     if args.preview:
-        from .preview import preview_grid
+        from dpagg_core.showcase.preview import preview_grid
 
         print(f"preview: {preview_grid(done.model, done.outcome.path, done.outcome.name)}")
     return 0
@@ -518,7 +518,7 @@ def _dpsgd_refuse_dpagg_options(args: argparse.Namespace) -> None:
         if getattr(args, dest, default) != default:
             flag = "--" + dest.replace("_", "-")
             raise DpaggError(f"{flag} does not apply to --method dpsgd: {why}. Drop {flag}.")
-    from .distributed import world
+    from dpagg_core.training.distributed import world
 
     if world()[1] > 1:
         raise DpaggError(
@@ -527,7 +527,7 @@ def _dpsgd_refuse_dpagg_options(args: argparse.Namespace) -> None:
 
 
 def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
-    from .mechanism import suggest_clip_norm
+    from dpagg_core.privacy.mechanism import suggest_clip_norm
 
     trainer = _trainer(args)
     eset = trainer.train(trainer.images(args.public_images))
@@ -545,14 +545,14 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
 
 
 def cmd_public_basis(args: argparse.Namespace) -> int:
-    """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``dpagg_core.subspace``), from the
-    model's token table or from per-image TI embeddings of PUBLIC images."""
-    from .subspace import PublicBasis, save_basis, train_public_embeddings
+    """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``dpagg_core.aggregate.subspace``),
+    from the model's token table or from per-image TI embeddings of PUBLIC images."""
+    from dpagg_core.aggregate.subspace import PublicBasis, save_basis, train_public_embeddings
 
     if args.kind == "public_embeddings":
         if args.public_images is None:
             raise DpaggError("--kind public_embeddings needs --public-images DIR (PUBLIC images)")
-        from .train_run import progress_bar
+        from dpagg_core.training.train_run import progress_bar
 
         trainer = _trainer(args)
         loaded = trainer.images(args.public_images)
@@ -565,7 +565,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
             close()
         basis = PublicBasis.from_public_embeddings(public, args.k)
         if args.save_public_embeddings is not None:
-            from .subspace import save_public_embeddings
+            from dpagg_core.aggregate.subspace import save_public_embeddings
 
             save_public_embeddings(public, args.save_public_embeddings)
     else:
@@ -573,7 +573,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
             raise DpaggError(
                 "--public-images/--save-public-embeddings are for --kind public_embeddings"
             )
-        from .models import _text_encoders, load_pipeline
+        from dpagg_core.training.models import _text_encoders, load_pipeline
 
         model = load_pipeline(args.model, family=args.family, device="cpu")
         basis = PublicBasis.from_token_table(
@@ -593,7 +593,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from dpagg_core.showcase.demo import run_demo
 
     return run_demo(args.out_dir, aggregation_only=args.aggregation_only, as_json=args.json)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
-from .errors import DpaggError
+from dpagg_core.errors import DpaggError
 
 LEDGER_ENV = "DPAGG_LEDGER"
 DATA_DIR_ENV = "DPAGG_DATA_DIR"

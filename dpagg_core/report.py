@@ -1,7 +1,7 @@
 """Text of what the command line and the demo print: a release, a released file, the budget.
 
-One implementation for ``dpagg`` (``dpagg_core.cli``) and the demo (``dpagg_core.demo``): the
-privacy record, the budget line, a release's summary and ``dpagg inspect``'s listing. Public
+One implementation for ``dpagg`` (``dpagg_core.cli``) and the demo (``dpagg_core.showcase.demo``):
+the privacy record, the budget line, a release's summary and ``dpagg inspect``'s listing. Public
 values only (the released file's record and the ledger's budget figures).
 """
 

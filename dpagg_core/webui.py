@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .budget_report import BUDGET_NOT_SET, budget_status, next_release
-from .budget_report import fmt as _fmt
-from .errors import DpaggError
+from dpagg_core.budget_report import BUDGET_NOT_SET, budget_status, next_release
+from dpagg_core.budget_report import fmt as _fmt
+from dpagg_core.errors import DpaggError
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ def settings_from_dict(values: Mapping[str, Any]) -> Settings:
 
 def make_plan(s: Settings, n: int):
     """The privacy plan of ``s`` for ``n`` images (target epsilon -> noise, or the reverse)."""
-    from .accountant import epsilon_for
-    from .calibration import calibrate
+    from dpagg_core.privacy.accountant import epsilon_for
+    from dpagg_core.privacy.calibration import calibrate
 
     common = {
         "delta": s.delta,
@@ -203,7 +203,7 @@ def make_plan(s: Settings, n: int):
 
 def ti_config(s: Settings, resolution: int):
     """The ``ti.TIConfig`` of ``s`` at ``resolution`` pixels (validated)."""
-    from .ti import TIConfig, validate_config
+    from dpagg_core.training.ti import TIConfig, validate_config
 
     config = TIConfig(
         steps=s.steps,
@@ -231,7 +231,7 @@ def _opt(value: float) -> float | None:
 def ledger_path(webui_data_dir: str | os.PathLike[str]) -> Path:
     """``DPAGG_LEDGER`` if set (as the CLI and the ComfyUI nodes read it), else
     ``<WebUI data dir>/dpagg/ledger.sqlite`` (``--data-dir``; the WebUI folder by default)."""
-    from .paths import host_ledger_path
+    from dpagg_core.paths import host_ledger_path
 
     return host_ledger_path(webui_data_dir)
 
@@ -245,7 +245,7 @@ def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
         return None
     from safetensors import safe_open
 
-    from .models import detect_family
+    from dpagg_core.training.models import detect_family
 
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
@@ -307,8 +307,8 @@ def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
     """(n, dataset id, warnings) of an image folder, through the canonical decode; cached while
     the folder's listing (names, sizes, mtimes) is unchanged, so the live plan view is cheap.
     Bad input raises the CLI's errors (empty folder, unreadable image, ...)."""
-    from .images import load_image_folder
-    from .paths import resolve_path
+    from dpagg_core.io.images import load_image_folder
+    from dpagg_core.paths import resolve_path
 
     if not str(folder).strip():
         raise DpaggError("images: choose the folder of your PRIVATE images")
@@ -341,8 +341,8 @@ def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) ->
     """
     out: dict[str, Any] = {"ok": False, "error": None, "exceeds": False, "warnings": []}
     try:
-        from .accountant import delta_warning, plan_summary
-        from .ledger import Ledger
+        from dpagg_core.privacy.accountant import delta_warning, plan_summary
+        from dpagg_core.privacy.ledger import Ledger
 
         if s.checkpoint:
             check_family(checkpoint_family(s.checkpoint), loaded_family)
@@ -483,7 +483,7 @@ class RunReport:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    from .release import _writable_folder
+    from dpagg_core.aggregate.release import _writable_folder
 
     if out_dir.exists() and not out_dir.is_dir():
         raise DpaggError(f"embeddings folder {out_dir} is a file; pass a folder")
@@ -511,7 +511,7 @@ def _may_be_identical(book: Any, dataset_id: str, plan: Any, s: Settings) -> boo
     centre, name): a re-run of it may train the identical embeddings and is then free, so an
     exhausted budget must not refuse it before training. The ledger decides after training
     (``release_embeddings``: the identical request is re-used, anything else refused)."""
-    from .names import sanitize_name
+    from dpagg_core.io.names import sanitize_name
 
     name = sanitize_name(s.name)
     for row in book.list_releases(dataset_id):
@@ -529,14 +529,14 @@ def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
     the order, and why nothing is spent before step 6)."""
     import torch
 
-    from .diffusers_backend import DiffusersBackend
-    from .errors import BudgetExceeded
-    from .images import load_image_folder
-    from .ledger import Ledger
-    from .models import load_pipeline
-    from .names import sanitize_name
-    from .release import release_embeddings
-    from .ti import Cancelled, train_embeddings
+    from dpagg_core.aggregate.release import release_embeddings
+    from dpagg_core.errors import BudgetExceeded
+    from dpagg_core.io.images import load_image_folder
+    from dpagg_core.io.names import sanitize_name
+    from dpagg_core.privacy.ledger import Ledger
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.models import load_pipeline
+    from dpagg_core.training.ti import Cancelled, train_embeddings
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -642,12 +642,12 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
     folder itself (tuning C on the private images leaks privacy no record shows)."""
     import torch
 
-    from . import mechanism
-    from .diffusers_backend import DiffusersBackend
-    from .images import load_image_folder
-    from .models import load_pipeline
-    from .paths import resolve_path
-    from .ti import Cancelled, train_embeddings
+    from dpagg_core.io.images import load_image_folder
+    from dpagg_core.paths import resolve_path
+    from dpagg_core.privacy import mechanism
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.models import load_pipeline
+    from dpagg_core.training.ti import Cancelled, train_embeddings
 
     if not s.public_images:
         raise DpaggError("public_images: choose a folder of PUBLIC images in a similar style")
@@ -708,7 +708,7 @@ def preview_prompts(word: str) -> list[tuple[str, str]]:
 
 def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
     """Write the with/without grid (PIL images, one row per prompt) to ``out``."""
-    from .preview import _save_grid
+    from dpagg_core.showcase.preview import _save_grid
 
     out.parent.mkdir(parents=True, exist_ok=True)
     return _save_grid(pairs, out)
@@ -717,7 +717,7 @@ def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
 def error_status(exc: BaseException) -> int:
     """HTTP status of an error for the ``/dpagg/v1`` routes: 409 for a refused or interrupted
     request (budget), 400 for bad input, 500 otherwise."""
-    from .errors import BudgetExceeded
+    from dpagg_core.errors import BudgetExceeded
 
     if isinstance(exc, (BudgetExceeded, Interrupted)):
         return 409

@@ -1,4 +1,4 @@
-"""``dpagg_core.ti.TIBackend`` on ComfyUI's own MODEL / CLIP / VAE objects.
+"""``dpagg_core.training.ti.TIBackend`` on ComfyUI's own MODEL / CLIP / VAE objects.
 
 Per-Image TI trains through the very models Load Checkpoint produced (no second copy loaded
 through diffusers), the way ``comfy_extras/nodes_train.py`` trains LoRAs inside ComfyUI:
@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.models import fingerprint
-from dpagg_core.ti import PLACEHOLDER, LatentDist
+from dpagg_core.training.models import fingerprint
+from dpagg_core.training.ti import PLACEHOLDER, LatentDist
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ CLIP vision -> **Clip Embeddings**) -> ``EMBEDDING_SET`` -> **DP Aggregate** <- 
 
 Identity of the image set (docs/privacy.md invariant 7):
 
-* **Load Private Images** is ``dpagg_core.images.load_image_folder`` on a folder of ComfyUI's
+* **Load Private Images** is ``dpagg_core.io.images.load_image_folder`` on a folder of ComfyUI's
   input directory: the canonical decode (the one of ComfyUI's Load Image), sorted names, each
   picture fitted to ``resolution`` on its own. Its ``PRIVATE_IMAGES`` output carries the
   per-image digests of the FULL-SIZE decoded originals, so the dataset id - and the budget - is
@@ -32,10 +32,10 @@ Privacy (docs/privacy.md):
   loader warnings naming files).
 * Everything that sets the noise is a widget value or derived from public inputs (invariant 2):
   clip norm, centre (the initializer token's embedding), n (the image count), the plan.
-* DP Aggregate releases through ``dpagg_core.release.release_embeddings``: validation first, then
-  the ledger transaction (budget check -> CSPRNG noise -> record -> commit), then the file
-  (invariant 5). An identical request (ComfyUI re-executing the node after a cache eviction or a
-  restart) returns the recorded release and spends nothing; an over-budget request raises
+* DP Aggregate releases through ``dpagg_core.aggregate.release.release_embeddings``: validation
+  first, then the ledger transaction (budget check -> CSPRNG noise -> record -> commit), then the
+  file (invariant 5). An identical request (ComfyUI re-executing the node after a cache eviction or
+  a restart) returns the recorded release and spends nothing; an over-budget request raises
   ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as the node's error.
 * The TI ``training_seed`` drives only the training randomness (invariant 3). It is not named
   ``seed`` and sets ``control_after_generate=False``, so the frontend adds no "randomize after
@@ -54,8 +54,8 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from dpagg_core import accountant, calibration, clip_image, ti
-from dpagg_core.accountant import SAMPLINGS, PrivacyPlan
+from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
+from dpagg_core.aggregate.release import CENTRES, release_embeddings
 from dpagg_core.budget_report import (
     budget_payload,
     budget_request_lines,
@@ -63,9 +63,9 @@ from dpagg_core.budget_report import (
     next_release,
     plan_lines,
 )
-from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import (
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import (
     LoadedImages,
     dataset_id_for,
     fit_images,
@@ -73,20 +73,21 @@ from dpagg_core.images import (
     load_images,
     pixel_digest,
 )
-from dpagg_core.ledger import Ledger, identity_key
-from dpagg_core.mechanism import CLIP_MODES
-from dpagg_core.names import sanitize_name
+from dpagg_core.io.names import sanitize_name
 from dpagg_core.paths import host_ledger_path, resolve_path
-from dpagg_core.postprocess import METHODS as POSTPROCESS_METHODS
-from dpagg_core.release import CENTRES, release_embeddings
+from dpagg_core.privacy import accountant, calibration
+from dpagg_core.privacy.accountant import SAMPLINGS, PrivacyPlan
+from dpagg_core.privacy.ledger import Ledger, identity_key
+from dpagg_core.privacy.mechanism import CLIP_MODES
+from dpagg_core.training import clip_image, ti
 
 CATEGORY = "dpagg/privacy"
 UI_KEY = "dpagg"  # key of the nodes' UI message, read by js/dpagg.js
 
 EmbeddingSetIO = io.Custom("EMBEDDING_SET")
 DpPlanIO = io.Custom("DP_PLAN")
-PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.images.LoadedImages
-PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.subspace.PublicBasis (public)
+PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.io.images.LoadedImages
+PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.aggregate.subspace.PublicBasis (public)
 # DP Aggregate's centres: the public-mean centre needs PUBLIC embeddings, a CLI/library input.
 NODE_CENTRES = tuple(c for c in CENTRES if c != "public_mean")
 BASIS_SOURCES = ("token_table", "file")
@@ -143,7 +144,7 @@ def _flatten_images(images: Any) -> list[torch.Tensor]:
 
 
 def _image_digest(img: torch.Tensor) -> bytes:
-    """``dpagg_core.images.pixel_digest`` of one ComfyUI image: ComfyUI hands over pixels / 255,
+    """``dpagg_core.io.images.pixel_digest`` of one ComfyUI image: ComfyUI hands over pixels / 255,
     so rounding recovers the 8-bit values the CLI would decode from the file."""
     arr = (img.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     return pixel_digest(arr.numpy())
@@ -153,7 +154,7 @@ def images_dataset_id(images: Sequence[torch.Tensor], key: bytes | None = None) 
     """Keyed id of the image set (``embeddings.dataset_id_for`` of the pixel digests, under the
     identity key of the pack's ledger unless ``key`` is given): the ledger keys the budget on
     it, so the same pictures share ONE budget across Load Private Images, Per-Image TI, Clip
-    Embeddings and the CLI (``dpagg_core.images`` uses the same digest)."""
+    Embeddings and the CLI (``dpagg_core.io.images`` uses the same digest)."""
     key = identity_key(ledger_path()) if key is None else key
     return dataset_id_for([_image_digest(img) for img in images], key=key)
 
@@ -962,8 +963,8 @@ class PublicBasisNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, k, vectors, basis_file, model=None, clip=None) -> io.NodeOutput:
-        from dpagg_core.subspace import PublicBasis as Basis
-        from dpagg_core.subspace import load_basis
+        from dpagg_core.aggregate.subspace import PublicBasis as Basis
+        from dpagg_core.aggregate.subspace import load_basis
 
         if source == "file":
             basis = load_basis(resolve_path(str(basis_file)))
@@ -1096,7 +1097,7 @@ class DPAggregate(io.ComfyNode):
     ) -> io.NodeOutput:
         from comfy_execution.graph_utils import ExecutionBlocker
 
-        from dpagg_core.subspace import PublicBasis as CoreBasis
+        from dpagg_core.aggregate.subspace import PublicBasis as CoreBasis
 
         if not isinstance(embedding_set, EmbeddingSet):
             raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")

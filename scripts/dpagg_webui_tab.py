@@ -22,8 +22,8 @@ from typing import Any
 from modules import script_callbacks, shared
 
 try:
-    import dpagg_core.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
-    import dpagg_core.ledger  # noqa: F401
+    import dpagg_core.privacy.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
+    import dpagg_core.privacy.ledger  # noqa: F401
     from dpagg_core import webui as core
     from dpagg_core.errors import DpaggError
 
@@ -207,7 +207,7 @@ def loaded_checkpoint_title() -> str:
 
 def resolve_checkpoint(value: str) -> str:
     """A checkpoint title of the WebUI's list, a file/folder path, or '' (the loaded model /
-    the selected one) -> a path for ``dpagg_core.models``."""
+    the selected one) -> a path for ``dpagg_core.training.models``."""
     from modules import sd_models
 
     value = (value or "").strip()
@@ -362,7 +362,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
     @app.post(f"{prefix}/budget")
     def budget_route(body: dict = Body(default={})) -> Any:  # noqa: B008
         def budget(values: dict[str, Any]) -> dict[str, Any]:
-            from dpagg_core.ledger import Ledger
+            from dpagg_core.privacy.ledger import Ledger
 
             n, dataset_id, warnings = core.scan_images(str(values.get("images", "")), ledger_path())
             status = Ledger(ledger_path()).status(dataset_id)

@@ -1,5 +1,5 @@
 """Image files of the kinds whose decode used to differ between the CLI and ComfyUI, with the
-8-bit RGB pixels the canonical decode (``dpagg_core.images.decode_rgb``, the same as ComfyUI's
+8-bit RGB pixels the canonical decode (``dpagg_core.io.images.decode_rgb``, the same as ComfyUI's
 Load Image) must produce for them. Shared by ``test_images.py`` (CI, against the decode) and
 ``test_comfyui_integration.py`` (against a real ComfyUI).
 

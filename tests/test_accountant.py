@@ -1,5 +1,5 @@
-"""Tests for dpagg_core.accountant: pins, the dp-accounting noise-multiplier trap, monotonicity,
-calibration round trips and input validation.
+"""Tests for dpagg_core.privacy.accountant: pins, the dp-accounting noise-multiplier trap,
+monotonicity, calibration round trips and input validation.
 
 Reference values are computed independently of the module's code paths: the analytic Gaussian
 via dp_accounting.gaussian_mechanism, the k-fold Gaussian via the composition theorem (k
@@ -19,9 +19,10 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpagg_core import accountant as acc
-from dpagg_core import calibration
-from dpagg_core.accountant import (
+from dpagg_core.errors import DpaggError
+from dpagg_core.privacy import accountant as acc
+from dpagg_core.privacy import calibration
+from dpagg_core.privacy.accountant import (
     PrivacyPlan,
     composed_epsilon,
     dp_events,
@@ -29,8 +30,7 @@ from dpagg_core.accountant import (
     plan_summary,
     rdp_wor_epsilon,
 )
-from dpagg_core.calibration import calibrate
-from dpagg_core.errors import DpaggError
+from dpagg_core.privacy.calibration import calibrate
 
 DELTA = 1e-5
 N = 1000

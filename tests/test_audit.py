@@ -1,4 +1,4 @@
-"""Worst-case-neighbour audit of the real dp_mean (dpagg_core.audit).
+"""Worst-case-neighbour audit of the real dp_mean (dpagg_core.privacy.audit).
 
 Small-plan claims are checked at confidence 1 - 3e-7 (one-sided 5 sigma): a correct mechanism +
 accountant fails `passed` with probability <= 3e-7, while the same harness refutes a mechanism
@@ -24,9 +24,11 @@ import pytest
 from scipy import stats
 from scipy.optimize import brentq
 
-from dpagg_core import audit as audit_mod
-from dpagg_core.accountant import PrivacyPlan, epsilon_for, profile_epsilon
-from dpagg_core.audit import (
+from dpagg_core.cli import main
+from dpagg_core.errors import DpaggError
+from dpagg_core.privacy import audit as audit_mod
+from dpagg_core.privacy.accountant import PrivacyPlan, epsilon_for, profile_epsilon
+from dpagg_core.privacy.audit import (
     AUDIT_DELTAS,
     POWER_TARGET,
     AuditResult,
@@ -37,9 +39,7 @@ from dpagg_core.audit import (
     epsilon_lower_bound,
     release_samples,
 )
-from dpagg_core.calibration import calibrate
-from dpagg_core.cli import main
-from dpagg_core.errors import DpaggError
+from dpagg_core.privacy.calibration import calibrate
 
 CONF = 1.0 - 3e-7  # one-sided 5 sigma
 Z5 = 5.0

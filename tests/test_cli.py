@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dpagg_core.cli import main
-from dpagg_core.embeddings import EmbeddingSet
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import Ledger
-from dpagg_core.private_file import save_private
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.io.private_file import save_private
+from dpagg_core.privacy.ledger import Ledger
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -78,7 +78,7 @@ def test_account_compares_the_papers_noise_the_recommended_plan_and_the_subspace
     """One block (and JSON): at the same (epsilon, delta, n) the paper's configuration (wor,
     m = n/10) against dpagg's recommended full plan, both calibrated to that epsilon, and the
     noise norm over D vs K coordinates (ratio sqrt(K/D))."""
-    from dpagg_core.calibration import calibrate
+    from dpagg_core.privacy.calibration import calibrate
 
     argv = ["account", "--epsilon", "1", "--n", "50", "--dim", "768", "--k", "8"]
     cmp_ = run_json(capsys, *argv)["comparison"]
@@ -215,8 +215,8 @@ def test_console_script_runs_demo_aggregation_only(tmp_path):
     assert (tmp_path / "embeddings" / "demo_style.safetensors").exists()
     assert not (tmp_path / "embeddings" / "demo_style_again.safetensors").exists()
     # The demo releases with the library's default delta (1e-5), with no delta warning.
-    from dpagg_core.accountant import DEFAULT_DELTA
-    from dpagg_core.released_file import read_released
+    from dpagg_core.io.released_file import read_released
+    from dpagg_core.privacy.accountant import DEFAULT_DELTA
 
     _, record = read_released(tmp_path / "embeddings" / "demo_style.safetensors")
     assert float(record["delta"]) == DEFAULT_DELTA

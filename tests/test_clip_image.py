@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dpagg_core.clip_image import clip_image_embeddings, load_clip_vision
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import load_image_folder
-from dpagg_core.models import fingerprint
+from dpagg_core.io.images import load_image_folder
+from dpagg_core.training.clip_image import clip_image_embeddings, load_clip_vision
+from dpagg_core.training.models import fingerprint
 
 PROJ = 16
 

@@ -616,7 +616,7 @@ def test_renamed_mixed_size_files_keep_their_id_and_budget(comfy):
     resolution: the same dataset id, so the second release is charged to the same budget and
     refused. ComfyUI's own folder loader (which resized every picture to the first file of an
     unsorted listing: a rename gave a new id, a fresh budget) is refused before training."""
-    from dpagg_core.images import load_image_folder
+    from dpagg_core.io.images import load_image_folder
 
     t0 = time.time()
     folder = comfy["base"] / "input" / "dpagg_it_mixed"
@@ -679,9 +679,9 @@ def test_image_kinds_same_id_through_load_image_and_the_cli_decode(comfy):
     """Two files of each kind - semi-transparent RGBA, 16-bit gray, palette with transparency,
     CMYK JPEG, EXIF-rotated JPEG - through ComfyUI's Load Image (+ Image Batch) into Clip
     Embeddings, and through Load Private Images: the dataset ids the nodes report equal the id
-    of the CLI's decode of the same files (dpagg_core.images, this process) under the same
+    of the CLI's decode of the same files (dpagg_core.io.images, this process) under the same
     ledger. One queue; Preview Any on the accountant's public summary makes it run."""
-    from dpagg_core.images import load_image_folder
+    from dpagg_core.io.images import load_image_folder
 
     api: dict = {}
     for kind in COMFYUI_KINDS:

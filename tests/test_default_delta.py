@@ -16,10 +16,10 @@ import logging
 
 import pytest
 
-from dpagg_core import dpsgd
-from dpagg_core.accountant import DEFAULT_DELTA, delta_warning, epsilon_for
-from dpagg_core.calibration import calibrate
 from dpagg_core.cli import main
+from dpagg_core.privacy.accountant import DEFAULT_DELTA, delta_warning, epsilon_for
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.training import dpsgd
 
 
 def test_library_defaults():

@@ -16,8 +16,8 @@ from importlib import resources
 import pytest
 from PIL import Image
 
-from dpagg_core import demo, minimodel
-from dpagg_core.released_file import read_released
+from dpagg_core.io.released_file import read_released
+from dpagg_core.showcase import demo, minimodel
 
 
 def test_package_ships_the_mini_model_and_the_private_samples():

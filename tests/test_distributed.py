@@ -11,9 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpagg_core.distributed import is_main_process, shard_indices, train_distributed, world
 from dpagg_core.errors import DpaggError
-from dpagg_core.ti import TIConfig, train_embeddings
+from dpagg_core.training.distributed import is_main_process, shard_indices, train_distributed, world
+from dpagg_core.training.ti import TIConfig, train_embeddings
 
 N_IMAGES = 5
 CONFIG = TIConfig(steps=2, learning_rate=5e-2, vectors=2, batch_size=2, weight_decay=1e-2, seed=3)
@@ -27,7 +27,7 @@ def _images() -> torch.Tensor:
 def _backend():
     from tiny_models import tiny_pipeline
 
-    from dpagg_core.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
 
     pipe = tiny_pipeline(seed=0)
     pipe.to(torch.float64)

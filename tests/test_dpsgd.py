@@ -1,4 +1,5 @@
-"""DP-SGD textual inversion (dpagg_core.dpsgd): per-example gradients, accounting, noise scale.
+"""DP-SGD textual inversion (dpagg_core.training.dpsgd): per-example gradients, accounting, noise
+scale.
 
 * Per-example gradients from the batched "row copy" trick equal one-at-a-time gradients (float64,
   tiny random SD1 model) — and equal the gradient of a single shared parameter.
@@ -24,10 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_pipeline
 
-from dpagg_core import accountant, dpsgd, mechanism
-from dpagg_core.diffusers_backend import DiffusersBackend
 from dpagg_core.errors import DpaggError
-from dpagg_core.ti import LatentDist, resolve_templates
+from dpagg_core.privacy import accountant, mechanism
+from dpagg_core.training import dpsgd
+from dpagg_core.training.diffusers_backend import DiffusersBackend
+from dpagg_core.training.ti import LatentDist, resolve_templates
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -84,7 +86,7 @@ def test_per_example_gradients_equal_one_at_a_time(f64_backend):
 
 def test_row_copy_gradient_is_the_shared_parameter_gradient(f64_backend):
     """Single example: d loss / d (its copy) == d loss / d shared, computed without the trick."""
-    from dpagg_core.ti import _draw, ti_loss_per_image
+    from dpagg_core.training.ti import _draw, ti_loss_per_image
 
     b = f64_backend
     imgs = _images(1, seed=2)
@@ -437,7 +439,7 @@ def test_plain_dpsgd_is_unchanged_bit_for_bit_given_fixed_randomness(f64_backend
 
 
 def _tiny_basis(k: int, *, vectors: int = 2, base_model_id: str = "tiny-sd1", seed: int = 4):
-    from dpagg_core.subspace import PublicBasis
+    from dpagg_core.aggregate.subspace import PublicBasis
 
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(32, k)))
     return PublicBasis(

@@ -16,14 +16,15 @@ import torch
 from PIL import Image
 from tiny_models import tiny_pipeline
 
-from dpagg_core import accountant, dpsgd
 from dpagg_core.cli import main
-from dpagg_core.composition import charged_blocks, composed_spend
-from dpagg_core.dpsgd import calibrate_dpsgd
 from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.ledger import Ledger
-from dpagg_core.released_file import read_released
-from dpagg_core.request_keys import training_request
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy import accountant
+from dpagg_core.privacy.composition import charged_blocks, composed_spend
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.request_keys import training_request
+from dpagg_core.training import dpsgd
+from dpagg_core.training.dpsgd import calibrate_dpsgd
 
 N_IMAGES, STEPS, BATCH = 4, 2, 2.0
 DELTA = 1e-2

@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from dpagg_core import embeddings as E
-from dpagg_core import names
-from dpagg_core import private_file as P
-from dpagg_core import released_file as R
-from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import dataset_id_for
+from dpagg_core.io import embeddings as E
+from dpagg_core.io import names
+from dpagg_core.io import private_file as P
+from dpagg_core.io import released_file as R
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
 
 HS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -184,8 +184,8 @@ def _tiny_sdxl():
     from tiny_models import tiny_text_encoder, tiny_vae
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dpagg_core.minimodel import small_clip_text_config
-    from dpagg_core.tokenizer import clip_tokenizer
+    from dpagg_core.showcase.minimodel import small_clip_text_config
+    from dpagg_core.training.tokenizer import clip_tokenizer
 
     def te2():
         torch.manual_seed(1)
@@ -622,7 +622,7 @@ def test_private_file_is_marked_warned_never_overwritten_and_unloadable_as_ti(tm
     from tiny_models import tiny_pipeline
 
     eset = _eset(n=3, v=1, widths={"emb_params": 32})
-    with caplog.at_level(logging.WARNING, logger="dpagg_core.private_file"):
+    with caplog.at_level(logging.WARNING, logger="dpagg_core.io.private_file"):
         path = P.save_private(eset, tmp_path / "priv" / "set.safetensors", key=KEY)
     assert any("PRIVATE" in r.getMessage() for r in caplog.records)
     meta, tensors = _header(path)

@@ -23,21 +23,21 @@ import pytest
 import safetensors.torch
 import torch
 
-from dpagg_core.accountant import PrivacyPlan
-from dpagg_core.calibration import calibrate
-from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError, LedgerError
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import KEY_BYTES, SCHEMA_VERSION, Ledger, identity_key
-from dpagg_core.private_file import load_private, save_private
-from dpagg_core.request_keys import request_key
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.io.private_file import load_private, save_private
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.ledger import KEY_BYTES, SCHEMA_VERSION, Ledger, identity_key
+from dpagg_core.privacy.request_keys import request_key
 
 V1 = Path(__file__).parent / "data" / "ledger_v1"
 DIGESTS = [b"image-one", b"image-two", b"image-three"]
 
 _ID_SCRIPT = """
 import sys
-from dpagg_core.ledger import Ledger
+from dpagg_core.privacy.ledger import Ledger
 print(Ledger(sys.argv[1]).dataset_id([b"image-one", b"image-two", b"image-three"]))
 """
 
@@ -308,7 +308,7 @@ def test_budget_recorded_under_the_old_decode_follows_the_pictures(tmp_path):
     so their id changed; a release recorded under the old id must still count."""
     from PIL import Image
 
-    from dpagg_core import images
+    from dpagg_core.io import images
 
     folder = tmp_path / "imgs"
     folder.mkdir()

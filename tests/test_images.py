@@ -1,4 +1,4 @@
-"""Image loading: real files written with Pillow, loaded by dpagg_core.images.
+"""Image loading: real files written with Pillow, loaded by dpagg_core.io.images.
 
 The canonical decode is pinned against the stored values of each image kind
 (``image_kinds.py``); that it equals ComfyUI's Load Image is checked against a real ComfyUI in
@@ -22,14 +22,14 @@ from image_kinds import KINDS, write_mixed_sizes
 from PIL import Image
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import (
+from dpagg_core.io.images import (
     dataset_id_for,
     decode_rgb,
     load_image_folder,
     load_images,
     pixel_digest,
 )
-from dpagg_core.ledger import identity_key
+from dpagg_core.privacy.ledger import identity_key
 
 TOL = 1.0 / 127.5 + 1e-6  # one 8-bit level in [-1, 1] units
 
@@ -184,7 +184,7 @@ def test_duplicates_warn(folder, caplog):
     shutil.copy(folder / "a.png", folder / "b.png")  # same bytes
     save(img, folder / "c.png", compress_level=0)  # other bytes, same pixels
     save(solid((1, 2, 3), (20, 20)), folder / "d.png")
-    with caplog.at_level(logging.WARNING, logger="dpagg_core.images"):
+    with caplog.at_level(logging.WARNING, logger="dpagg_core.io.images"):
         out = load_image_folder(folder, 16)
     assert (folder / "a.png").read_bytes() != (folder / "c.png").read_bytes()
     dup = [w for w in out.warnings if w.startswith("duplicate")]

@@ -27,13 +27,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from dpagg_core import accountant, mechanism
-from dpagg_core import ledger as ledger_mod
-from dpagg_core.accountant import PrivacyPlan
-from dpagg_core.composition import composed_spend
 from dpagg_core.errors import BudgetExceeded, DpaggError, LedgerError
-from dpagg_core.ledger import Ledger
-from dpagg_core.request_keys import request_key
+from dpagg_core.privacy import accountant, mechanism
+from dpagg_core.privacy import ledger as ledger_mod
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.composition import composed_spend
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.request_keys import request_key
 
 N, D = 8, 6
 DATASET = "ds-test"

@@ -1,8 +1,9 @@
-"""Tests of the DP Gaussian mean mechanism (dpagg_core.mechanism).
+"""Tests of the DP Gaussian mean mechanism (dpagg_core.privacy.mechanism).
 
 Statistical assertions use thresholds of at least 5 standard errors (or p-values / confidence
 levels of about 1e-6), so a correct mechanism fails them with probability ~1e-6 per check.
-The worst-case-neighbour epsilon audit is in tests/test_audit.py (it reuses dpagg_core.audit).
+The worst-case-neighbour epsilon audit is in tests/test_audit.py (it reuses
+dpagg_core.privacy.audit).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from hypothesis.extra.numpy import arrays
 from scipy import stats
 
 import dpagg_core
-from dpagg_core import mechanism
-from dpagg_core.accountant import PrivacyPlan
 from dpagg_core.errors import DpaggError
-from dpagg_core.mechanism import Release, check_inputs, clip_rows, dp_mean, privacy_record
+from dpagg_core.privacy import mechanism
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.mechanism import Release, check_inputs, clip_rows, dp_mean, privacy_record
 
 Z5 = 5.0  # standard errors
 P_TINY = 1e-6  # p-value threshold (about 5 sigma)

@@ -1,5 +1,5 @@
 """Offline model loading: tiny SD1 / SD2 / SDXL pipelines saved as diffusers folders and as
-original-layout (LDM) single files, loaded by dpagg_core.models.load_pipeline.
+original-layout (LDM) single files, loaded by dpagg_core.training.models.load_pipeline.
 
 The LDM layout is written by an independent inverse mapping below (from the public LDM key
 naming), so a round trip through diffusers' converter must reproduce every weight exactly.
@@ -17,10 +17,15 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import tiny_pipeline, tiny_unet, tiny_vae
 
-from dpagg_core import models
 from dpagg_core.errors import DpaggError
-from dpagg_core.models import base_model_id_of, detect_family, detect_prediction_type, load_pipeline
-from dpagg_core.tokenizer import clip_tokenizer
+from dpagg_core.training import models
+from dpagg_core.training.models import (
+    base_model_id_of,
+    detect_family,
+    detect_prediction_type,
+    load_pipeline,
+)
+from dpagg_core.training.tokenizer import clip_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # diffusers -> original (LDM) layout, written for these tests
@@ -488,7 +493,7 @@ def test_tokenizer_inside_comfyui_needs_no_clip_package(tmp_path, monkeypatch):
     import shutil
     import sys
 
-    from dpagg_core import tokenizer
+    from dpagg_core.training import tokenizer
 
     text = "A photo of a lighthouse at dusk, in the style of Monet; 1984 café"
     ref = clip_tokenizer()(text).input_ids

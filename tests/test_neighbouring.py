@@ -22,15 +22,16 @@ import numpy as np
 import pytest
 from dp_accounting.gaussian_mechanism import get_sigma_gaussian
 
-from dpagg_core import accountant, dpsgd, mechanism
-from dpagg_core.accountant import PrivacyPlan, epsilon_for
-from dpagg_core.audit import audit, epsilon_lower_bound
-from dpagg_core.calibration import calibrate
 from dpagg_core.cli import build_parser, main
-from dpagg_core.composition import composed_spend
 from dpagg_core.errors import DpaggError
-from dpagg_core.ledger import Ledger
-from dpagg_core.request_keys import training_request
+from dpagg_core.privacy import accountant, mechanism
+from dpagg_core.privacy.accountant import PrivacyPlan, epsilon_for
+from dpagg_core.privacy.audit import audit, epsilon_lower_bound
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.composition import composed_spend
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.request_keys import training_request
+from dpagg_core.training import dpsgd
 
 MESSAGE = r"neighbouring='add_remove' is not supported: under add/remove adjacency the number"
 WHY = r"n is itself private.*replace-one adjacency with a public n"

@@ -23,12 +23,12 @@ import torch
 from image_kinds import write_mixed_sizes
 from PIL import Image
 
-from dpagg_core import accountant, calibration
-from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.images import LoadedImages, load_image_folder
-from dpagg_core.ledger import Ledger
-from dpagg_core.released_file import read_released
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import LoadedImages, load_image_folder
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy import accountant, calibration
+from dpagg_core.privacy.ledger import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 STUB = Path(__file__).resolve().parent / "comfy_stub"
@@ -139,7 +139,7 @@ def test_root_init_imports_without_comfyui():
         "spec.loader.exec_module(m)\n"
         "assert m.WEB_DIRECTORY == './js' and not hasattr(m, 'comfy_entrypoint'), dir(m)\n"
         "assert 'dpagg_pack.nodes' not in sys.modules\n"
-        "import dpagg_core.release\n"
+        "import dpagg_core.aggregate.release\n"
         "print('ok')\n"
     )
     out = subprocess.run(
@@ -405,7 +405,7 @@ TI_WIDGETS = {
 def tiny_backend(pack, monkeypatch):
     from tiny_models import tiny_pipeline
 
-    from dpagg_core.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
 
     backend = DiffusersBackend.from_pipeline(tiny_pipeline(), base_model_id="tiny-test")
     calls = []
@@ -490,7 +490,7 @@ def test_image_helpers(pack):
 
 def test_dataset_id_matches_the_core_image_loader(pack):
     """ComfyUI images and the CLI's loader identify the same pictures alike (one budget)."""
-    from dpagg_core.images import load_images
+    from dpagg_core.io.images import load_images
 
     imgs = (comfy_images(3, 40, seed=4) * 255).round() / 255  # 8-bit pictures, as ComfyUI loads
     imgs = torch.cat([imgs, torch.rand((3, 40, 24, 3))[:, :, :24].mul(255).round().div(255)], 2)
@@ -556,7 +556,7 @@ def test_clip_embeddings_node_gives_the_cli_vectors(pack, comfy_base):
     ``dpagg aggregate --kind clip`` runs): the same unit-norm rows, model id and dataset id."""
     from test_clip_image import tiny_vision
 
-    from dpagg_core.clip_image import clip_image_embeddings
+    from dpagg_core.training.clip_image import clip_image_embeddings
 
     pn = pack["pn"]
     folder = comfy_base / "input" / "clip"
@@ -693,7 +693,7 @@ def test_node_training_pixels_are_the_clis(pack, comfy_base, private_folder, res
     """The pixels Per-Image TI trains on are the CLI's (``dpagg run``: ``load_image_folder``):
     exactly, from plain IMAGE input; and Load Private Images' pictures wanted at another
     resolution are fitted with the CLI's filter (Lanczos), as the CLI fits those pictures."""
-    from dpagg_core.images import load_images
+    from dpagg_core.io.images import load_images
 
     pn = pack["pn"]
     cli = load_image_folder(private_folder, resolution, ledger=pn.ledger_path())
@@ -877,7 +877,7 @@ def test_accountant_node_defaults_to_delta_1e5_and_warns_on_the_node(pack, comfy
 
 
 def _basis(pack, k=4, v=1, dim=16, model_id="test-model", seed=3):
-    from dpagg_core.subspace import PublicBasis
+    from dpagg_core.aggregate.subspace import PublicBasis
 
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, k)))
     return PublicBasis(
@@ -910,7 +910,7 @@ def fake_checkpoint(pack, monkeypatch):
 def test_public_basis_node_from_token_table_or_file(pack, comfy_base, fake_checkpoint, tmp_path):
     """token_table: built from the CHECKPOINT's table with the ComfyUI backend's model id; file:
     a saved basis round-trips; the UI names kind, k, K, D and the hash (public values)."""
-    from dpagg_core.subspace import load_basis, save_basis
+    from dpagg_core.aggregate.subspace import load_basis, save_basis
 
     node = pack["pn"].PublicBasisNode
     out = node.execute(source="token_table", k=4, vectors=2, basis_file="", model="M", clip="C")

@@ -1,5 +1,5 @@
-"""Free post-processing (dpagg_core.postprocess): the James-Stein formula, norm rescaling, that
-only the release and public values are used, and how it sits after the ledger."""
+"""Free post-processing (dpagg_core.aggregate.postprocess): the James-Stein formula, norm rescaling,
+that only the release and public values are used, and how it sits after the ledger."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dpagg_core import postprocess
-from dpagg_core.calibration import calibrate
-from dpagg_core.embeddings import EmbeddingSet
+from dpagg_core.aggregate import postprocess
+from dpagg_core.aggregate.postprocess import apply, james_stein, js_factor, rescale_norms
+from dpagg_core.aggregate.release import release_embeddings
+from dpagg_core.aggregate.subspace import PublicBasis
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import Ledger
-from dpagg_core.mechanism import Release
-from dpagg_core.postprocess import apply, james_stein, js_factor, rescale_norms
-from dpagg_core.release import release_embeddings
-from dpagg_core.released_file import read_released
-from dpagg_core.subspace import PublicBasis
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.mechanism import Release
 
 KEY = bytes(range(32))
 finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=64)

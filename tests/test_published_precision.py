@@ -12,15 +12,15 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from dpagg_core import mechanism
-from dpagg_core.accountant import PrivacyPlan
-from dpagg_core.embeddings import EmbeddingSet
+from dpagg_core.aggregate.release import release_embeddings
 from dpagg_core.errors import DpaggError
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import Ledger
-from dpagg_core.release import release_embeddings
-from dpagg_core.released_file import read_released
-from dpagg_core.request_keys import training_request
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy import mechanism
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.request_keys import training_request
 
 COORDS = 1_000_000  # low-bit samples per mean: one release of a 10^6-dimensional mean
 # False-alarm rate of the "no difference" check: P(p < ALPHA | same distribution) = ALPHA.

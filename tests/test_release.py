@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpagg_core.calibration import calibrate
-from dpagg_core.embeddings import EmbeddingSet
+from dpagg_core.aggregate.release import release_embeddings
 from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import Ledger
-from dpagg_core.release import release_embeddings
-from dpagg_core.released_file import read_released
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.ledger import Ledger
 
 
 def make_set(n: int = 20, dim: int = 16, seed: int = 0, tag: bytes = b"set") -> EmbeddingSet:

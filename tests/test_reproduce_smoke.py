@@ -64,7 +64,7 @@ def test_kid_is_the_unbiased_mmd_estimator():
 
 
 def test_committed_single_file_loads_as_a_diffusers_folder(tmp_path):
-    from dpagg_core.models import load_pipeline
+    from dpagg_core.training.models import load_pipeline
 
     folder = artifact.load_minimodel(tmp_path)
     loaded = load_pipeline(folder, family="sd1")
@@ -78,7 +78,7 @@ def test_committed_single_file_loads_as_a_diffusers_folder(tmp_path):
 
 
 def test_smoke_benchmark(tmp_path):
-    from dpagg_core import calibration
+    from dpagg_core.privacy import calibration
 
     out = tmp_path / "results"
     assert reproduce_paper.main(["--smoke", "--out", str(out)]) == 0

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from tiny_models import tiny_pipeline
 
-from dpagg_core import ti
 from dpagg_core.cli import main
-from dpagg_core.ledger import Ledger
-from dpagg_core.private_file import load_private
-from dpagg_core.released_file import read_released
+from dpagg_core.io.private_file import load_private
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.training import ti
 
 
 @pytest.fixture(scope="module")

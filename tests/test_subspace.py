@@ -1,5 +1,5 @@
-"""Aggregation in a public subspace (dpagg_core.subspace): the mechanism, the basis, the ledger,
-the audit, SDXL, the released file and the CLI.
+"""Aggregation in a public subspace (dpagg_core.aggregate.subspace): the mechanism, the basis, the
+ledger, the audit, SDXL, the released file and the CLI.
 
 Statistical checks use chi-square / binomial bounds at 1e-7 per side (a correct mechanism fails
 one with probability ~1e-7). Float32 checks: a release is published at float32, so "in span(U)"
@@ -18,21 +18,8 @@ from PIL import Image
 from scipy import stats
 from tiny_models import tiny_text_encoder
 
-from dpagg_core import mechanism
-from dpagg_core.accountant import PrivacyPlan
-from dpagg_core.audit import audit
-from dpagg_core.calibration import calibrate
-from dpagg_core.embeddings import EmbeddingSet
-from dpagg_core.errors import DpaggError
-from dpagg_core.images import dataset_id_for
-from dpagg_core.ledger import Ledger
-from dpagg_core.minimodel import small_clip_text_config
-from dpagg_core.models import base_model_id_of
-from dpagg_core.private_file import save_private
-from dpagg_core.release import release_embeddings
-from dpagg_core.released_file import read_released
-from dpagg_core.request_keys import request_key
-from dpagg_core.subspace import (
+from dpagg_core.aggregate.release import release_embeddings
+from dpagg_core.aggregate.subspace import (
     MECHANISM,
     PublicBasis,
     PublicEmbeddings,
@@ -42,6 +29,19 @@ from dpagg_core.subspace import (
     save_basis,
     save_public_embeddings,
 )
+from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.images import dataset_id_for
+from dpagg_core.io.private_file import save_private
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy import mechanism
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.audit import audit
+from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.request_keys import request_key
+from dpagg_core.showcase.minimodel import small_clip_text_config
+from dpagg_core.training.models import base_model_id_of
 
 KEY = bytes(range(32))
 F32 = 1e-6  # relative float32 tolerance (2^-23 ~ 1.2e-7 per value, summed over a few dims)
@@ -379,7 +379,7 @@ def test_public_mean_centre_cannot_come_from_the_private_set(tmp_path, model_id)
     """The public-mean centre is built only from PublicEmbeddings (or their file): the private
     EmbeddingSet, a private file and a wrapped private set are refused, and release_embeddings
     refuses them (or a missing public input) before the ledger is touched."""
-    from dpagg_core.subspace import PublicCentre, public_mean_centre
+    from dpagg_core.aggregate.subspace import PublicCentre, public_mean_centre
 
     eset = make_set(model_id)
     with pytest.raises(DpaggError, match="EmbeddingSet"):
@@ -408,8 +408,8 @@ def test_public_mean_centre_cannot_come_from_the_private_set(tmp_path, model_id)
 
 
 def test_release_around_the_public_mean_names_it_and_lies_in_its_span(tmp_path, basis4, model_id):
-    from dpagg_core.mechanism import centre_hash
-    from dpagg_core.subspace import public_mean_centre
+    from dpagg_core.aggregate.subspace import public_mean_centre
+    from dpagg_core.privacy.mechanism import centre_hash
 
     eset = make_set(model_id)
     public = _public_set(model_id)
@@ -444,7 +444,7 @@ def test_release_around_the_public_mean_names_it_and_lies_in_its_span(tmp_path, 
 def test_audit_of_the_projected_mechanism_passes_and_catches_a_2x_sensitivity_bug(
     monkeypatch, basis4
 ):
-    from dpagg_core.accountant import epsilon_for
+    from dpagg_core.privacy.accountant import epsilon_for
 
     plan = epsilon_for(0.8, 0.05, 10, "wor", m=5)
     result = audit(plan, clip_norm=1.0, trials=3000, confidence=0.99, basis=basis4)
@@ -502,7 +502,7 @@ def test_sdxl_each_encoder_in_its_own_subspace_and_the_file_loads(tmp_path):
     from safetensors.torch import load_file
     from tiny_models import tiny_vae
 
-    from dpagg_core.tokenizer import clip_tokenizer
+    from dpagg_core.training.tokenizer import clip_tokenizer
 
     te1, te2 = _sdxl_encoders()
     basis = PublicBasis.from_token_table({"clip_l": te1, "clip_g": te2}, 3, vectors=2)
@@ -582,8 +582,8 @@ def _images(folder: Path, count: int, shade: int) -> Path:
 
 
 def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    from dpagg_core import ti
     from dpagg_core.cli import main
+    from dpagg_core.training import ti
 
     def no_training(*_a, **_k):
         raise AssertionError("a basis that does not fit must be refused before training")
@@ -621,12 +621,12 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
     assert record["basis_sha256"] == pe.sha256 and record["postprocess"] == "js"
     assert record["basis_kind"] == "public_embeddings"
     # --centre public_mean: the mean of the saved PUBLIC embeddings, named by its hash
-    from dpagg_core.subspace import public_mean_centre
+    from dpagg_core.aggregate.subspace import public_mean_centre
 
     pc = public_mean_centre(tmp_path / "pub.safetensors")
     capsys.readouterr()
     # suggest-clip-norm gives the C for both centres by the same quantile rule (public images)
-    from dpagg_core.subspace import load_public_embeddings
+    from dpagg_core.aggregate.subspace import load_public_embeddings
 
     argv = ["suggest-clip-norm", "--public-images", str(public), "--vectors", "2", *common]
     assert main([*argv, "--json"]) == 0

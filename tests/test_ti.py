@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_pipeline
 
-from dpagg_core.diffusers_backend import DiffusersBackend
-from dpagg_core.embeddings import EmbeddingSet
 from dpagg_core.errors import DpaggError
-from dpagg_core.ti import (
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.training.diffusers_backend import DiffusersBackend
+from dpagg_core.training.ti import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     Cancelled,
@@ -42,8 +42,8 @@ def tiny_sdxl_pipeline(seed: int = 0):
     from tiny_models import tiny_text_encoder, tiny_vae
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dpagg_core.minimodel import small_clip_text_config
-    from dpagg_core.tokenizer import clip_tokenizer
+    from dpagg_core.showcase.minimodel import small_clip_text_config
+    from dpagg_core.training.tokenizer import clip_tokenizer
 
     te1 = tiny_text_encoder(32, seed=seed + 1)
     torch.manual_seed(seed + 2)
@@ -124,7 +124,7 @@ F64 = TIConfig(
 
 
 def _vectors64(backend, imgs, config, **kw):
-    from dpagg_core.ti import train_vectors
+    from dpagg_core.training.ti import train_vectors
 
     vec, _ = train_vectors(backend, imgs, config, **kw)
     return vec
@@ -401,7 +401,7 @@ def test_unscale_rowwise_zeroes_only_the_rows_whose_fp16_gradient_overflowed():
     overflows to inf. ``_unscale_rowwise`` divides by the scale and zeroes that image's rows in
     every key, leaving the other images' gradients exact (a global GradScaler skip would drop the
     whole step). The same backward in real fp16 arithmetic, on the CPU."""
-    from dpagg_core.ti import _unscale_rowwise
+    from dpagg_core.training.ti import _unscale_rowwise
 
     scale = 1024.0
     weight = torch.tensor([1.0, 100.0, 2.0], dtype=torch.float16)  # image 1: 1024 * 100 > 65504

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from tiny_models import tiny_pipeline
 
-from dpagg_core import accountant, calibration
 from dpagg_core import webui as core
 from dpagg_core.errors import BudgetExceeded, DpaggError
-from dpagg_core.ledger import Ledger
-from dpagg_core.released_file import read_released
+from dpagg_core.io.released_file import read_released
+from dpagg_core.privacy import accountant, calibration
+from dpagg_core.privacy.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -3,16 +3,16 @@
 
 Same classes and conditioning path as SD1.x (CLIPTextModel -> UNet2DConditionModel cross-attention,
 AutoencoderKL with 4 latent channels, DDPM noise schedule), with random weights and the real CLIP
-tokenizer vocabulary, so nothing is downloaded. The shipped mini model (``dpagg_core.minimodel``)
-shares the text-encoder layout and the noise schedule.
+tokenizer vocabulary, so nothing is downloaded. The shipped mini model
+(``dpagg_core.showcase.minimodel``) shares the text-encoder layout and the noise schedule.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpagg_core.minimodel import SD_NOISE_SCHEDULE, small_clip_text_config
-from dpagg_core.tokenizer import clip_tokenizer
+from dpagg_core.showcase.minimodel import SD_NOISE_SCHEDULE, small_clip_text_config
+from dpagg_core.training.tokenizer import clip_tokenizer
 
 
 def tiny_text_encoder(hidden_size: int = 32, seed: int = 0):

@@ -1,23 +1,23 @@
 """The mini-model artifact and the functions the benchmark calls.
 
 The trained model ships in the package (``dpagg_core/data/minimodel.safetensors``, float16,
-9.5 MB; see ``dpagg_core.minimodel``) so ``dpagg demo`` works on an installed dpagg; the style
-judge, needed by the benchmark only, is committed here (``artifact/judge.safetensors``, 0.4 MB).
-Retraining takes 15-20 CPU-minutes on two free cores (much longer on a shared machine), loading a
-second. Both are reproducible from the repo: ``python -m bench.minimodel.train`` writes the same
-files to ``bench/minimodel/cache/`` (git-ignored); ``python -m bench.minimodel.artifact
---promote`` copies them over the shipped ones. ``DPAGG_MINIMODEL_DIR`` points every loader at
-another folder holding both files.
+9.5 MB; see ``dpagg_core.showcase.minimodel``) so ``dpagg demo`` works on an installed dpagg; the
+style judge, needed by the benchmark only, is committed here (``artifact/judge.safetensors``, 0.4
+MB). Retraining takes 15-20 CPU-minutes on two free cores (much longer on a shared machine), loading
+a second. Both are reproducible from the repo: ``python -m bench.minimodel.train`` writes the same
+files to ``bench/minimodel/cache/`` (git-ignored); ``python -m bench.minimodel.artifact --promote``
+copies them over the shipped ones. ``DPAGG_MINIMODEL_DIR`` points every loader at another folder
+holding both files.
 
 API:
 
-* ``model_file()``, ``load_minimodel(cache_dir=None)``: from ``dpagg_core.minimodel``;
+* ``model_file()``, ``load_minimodel(cache_dir=None)``: from ``dpagg_core.showcase.minimodel``;
 * ``load_pipeline()``: the ``StableDiffusionPipeline`` directly (float32, CPU);
 * ``load_judge()``: the style judge;
 * ``ti_config(**overrides)``: the ``TIConfig`` tuned for the mini model (public hyper-parameters,
   chosen on a *training* style, never on the held-out ones);
 
-``dpagg demo`` (``dpagg_core/demo.py``) shows the model on its held-out style DEMO_STYLE.
+``dpagg demo`` (``dpagg_core/showcase/demo.py``) shows the model on its held-out style DEMO_STYLE.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dpagg_core.minimodel import (
+from dpagg_core.showcase.minimodel import (
     DEMO_STYLE,
     MODEL_DIR_ENV,
     MODEL_FILE,
@@ -61,7 +61,7 @@ def judge_file() -> Path:
 
 
 def load_pipeline():
-    from dpagg_core.minimodel import pipeline_from_single_file
+    from dpagg_core.showcase.minimodel import pipeline_from_single_file
 
     return pipeline_from_single_file(model_file())
 
@@ -75,7 +75,7 @@ def load_judge():
 def ti_config(**overrides: Any):
     """Per-image TI recipe for the mini model (chosen with ``bench.minimodel.tune`` on public
     training styles; 150 steps at 1e-2 reach the accuracy of longer/faster settings there)."""
-    from dpagg_core.ti import TIConfig
+    from dpagg_core.training.ti import TIConfig
 
     base: dict[str, Any] = dict(
         steps=TI_STEPS,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # The caption grammar's content classes live with the model (the demo prompts use them).
-from dpagg_core.minimodel import SHAPES as SHAPES
+from dpagg_core.showcase.minimodel import SHAPES as SHAPES
 
 # name -> (background, foreground, secondary) RGB
 PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from dpagg_core.minimodel import pipeline_from_single_file
+    from dpagg_core.showcase.minimodel import pipeline_from_single_file
 
     ap = argparse.ArgumentParser(description="train the style judge")
     ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / "cache")

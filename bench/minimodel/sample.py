@@ -2,9 +2,9 @@
 
 ``generate`` is a plain batched DDIM loop with classifier-free guidance over the pipeline's
 components. A prompt template holds ``'{}'`` where the embedding's ``v`` vectors go; the vectors
-are substituted in the token-embedding *output* by ``dpagg_core.diffusers_backend`` (the same code
-path as training), so what is evaluated is exactly what TI optimised. Sampling randomness comes
-from a ``torch.Generator`` seeded by the caller (public evaluation noise, nothing private).
+are substituted in the token-embedding *output* by ``dpagg_core.training.diffusers_backend`` (the
+same code path as training), so what is evaluated is exactly what TI optimised. Sampling randomness
+comes from a ``torch.Generator`` seeded by the caller (public evaluation noise, nothing private).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ EVAL_TEMPLATES: tuple[str, ...] = tuple(f"a {shape} in {{}} style" for shape in 
 
 
 def _backend(pipe: Any):
-    from dpagg_core.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
 
     return DiffusersBackend.from_pipeline(pipe, model_family="sd1", device="cpu")
 
@@ -65,7 +65,7 @@ def denoise(
     """DDIM with classifier-free guidance; ``cond`` [B, 77, dim] -> uint8 images [B, H, W, 3]."""
     from diffusers import DDIMScheduler
 
-    from dpagg_core.minimodel import SCHEDULER_KW
+    from dpagg_core.showcase.minimodel import SCHEDULER_KW
 
     sched = DDIMScheduler(**SCHEDULER_KW)
     unet, vae = pipe.unet, pipe.vae

@@ -45,13 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpagg_core.minimodel import (
+from dpagg_core.showcase.minimodel import (
     build_components,
     folder_from_single_file,
     make_pipeline,
     save_single_file,
 )
-from dpagg_core.ti import STYLE_TEMPLATES
+from dpagg_core.training.ti import STYLE_TEMPLATES
 
 from . import data
 
@@ -174,8 +174,8 @@ def train_denoiser(
 ):
     from diffusers import DDPMScheduler
 
-    from dpagg_core.minimodel import SCHEDULER_KW
-    from dpagg_core.tokenizer import clip_tokenizer
+    from dpagg_core.showcase.minimodel import SCHEDULER_KW
+    from dpagg_core.training.tokenizer import clip_tokenizer
 
     sched = DDPMScheduler(
         **{k: v for k, v in SCHEDULER_KW.items() if k not in ("set_alpha_to_one", "steps_offset")}
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     prior: dict = {}
     if args.continue_from is not None:
         # Continue training a saved mini model (its VAE and scaling factor are kept).
-        from dpagg_core.minimodel import pipeline_from_single_file
+        from dpagg_core.showcase.minimodel import pipeline_from_single_file
 
         src = pipeline_from_single_file(args.continue_from)
         comps = {"text_encoder": src.text_encoder, "unet": src.unet, "vae": src.vae}

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"prompt words {group:8s} {style:16s} acc {accs[-1]:.2f}", flush=True)
             print(f"== prompt words, {group}: mean acc {np.mean(accs):.3f}", flush=True)
 
-    from dpagg_core import dpsgd
-    from dpagg_core.diffusers_backend import DiffusersBackend
-    from dpagg_core.ti import train_vectors
+    from dpagg_core.training import dpsgd
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.ti import train_vectors
 
     backend = DiffusersBackend.from_pipeline(pipe, model_family="sd1", device="cpu")
     style = args.style

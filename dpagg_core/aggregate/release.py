@@ -1,0 +1,316 @@
+"""One release, end to end: EmbeddingSet -> ledger (budget, DP mean) -> released embedding file.
+
+Shared by the CLI and the ComfyUI DP Aggregate node so both follow the same order:
+
+1. everything that can be wrong with the request (name, output folder, centre, shapes) is checked
+   BEFORE the ledger is touched, so bad input never spends budget;
+2. :meth:`Ledger.release` reserves the spend (budget check, committed row) before the noise is
+   drawn, then stores the result (docs/privacy.md invariant 5); an identical earlier request
+   returns the stored release;
+3. the released vector is (optionally) post-processed (``dpagg_core.aggregate.postprocess``:
+   James-Stein shrinkage, norm rescaling; functions of the release and public values only) and
+   written with :func:`released_file.write_released`. Both are post-processing of a DP output (Dwork
+   & Roth 2014, Prop. 2.1), so if writing fails the release stays spent, and re-running the
+   identical request writes it again without spending. The ledger keeps the RAW release; a re-run
+   post-processes the stored raw release the same way and finds the same file.
+
+With a public ``basis`` (``dpagg_core.aggregate.subspace.PublicBasis``) the mean is aggregated in
+that subspace (``subspace.dp_mean_projected``); the basis is checked against the set (family, base
+model, D) before the ledger is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
+from dpagg_core.aggregate.postprocess import apply as postprocess_apply
+from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.names import next_free_name, sanitize_name
+from dpagg_core.io.released_file import read_released, write_released
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.ledger import BudgetState, Ledger
+from dpagg_core.privacy.request_keys import aggregate_request
+
+log = logging.getLogger(__name__)
+
+CENTRES = ("initializer", "origin", "public_mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseOutcome(BudgetState):
+    """What a release produced: the file, the prompt string and the ledger's view afterwards."""
+
+    path: Path
+    name: str
+    record: dict[str, str]
+    reused: bool
+    release_id: int
+    vectors: dict[str, torch.Tensor]
+
+    @property
+    def prompt(self) -> str:
+        """The exact prompt fragment that selects this release in ComfyUI."""
+        return f"embedding:{self.name}"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "file": str(self.path),
+            "prompt": self.prompt,
+            "reused": self.reused,
+            "release_id": self.release_id,
+            "record": self.record,
+            "budget": {
+                "epsilon": self.budget_epsilon,
+                "delta": self.budget_delta,
+                "spent_epsilon": self.spent_epsilon,
+                "spent_delta": self.spent_delta,
+                "remaining_epsilon": self.remaining_epsilon,
+                "composition": self.composition,
+            },
+        }
+
+
+def centre_vector(eset: EmbeddingSet, centre: str, public_centre: Any = None) -> np.ndarray | None:
+    """The public centre to clip around: the initializer token's embedding, the origin, or
+    (``'public_mean'``) the mean embedding of PUBLIC images, given as ``public_centre``: a
+    ``subspace.PublicCentre`` or ``subspace.PublicEmbeddings`` (or their file). Anything built
+    from the private set is refused (docs/privacy.md invariant 2)."""
+    if centre not in CENTRES:
+        raise DpaggError(f"centre={centre!r} is unknown; use one of {CENTRES}")
+    if centre != "public_mean" and public_centre is not None:
+        raise DpaggError(f"public_centre is only used with centre='public_mean', not {centre!r}")
+    if centre == "public_mean":
+        from dpagg_core.aggregate.subspace import PublicCentre, public_mean_centre
+
+        if public_centre is None:
+            raise DpaggError(
+                "centre='public_mean' needs the embeddings of PUBLIC images (a PublicCentre, "
+                "PublicEmbeddings or their file: `dpagg public-basis --save-public-embeddings`); "
+                "it is never computed from the private set"
+            )
+        pc = (
+            public_centre
+            if isinstance(public_centre, PublicCentre)
+            else public_mean_centre(public_centre)
+        )
+        if pc.model_family != eset.model_family or pc.base_model_id != eset.base_model_id:
+            raise DpaggError(
+                f"the public centre is for {pc.model_family} model {pc.base_model_id!r} but the "
+                f"embeddings are {eset.model_family} on {eset.base_model_id!r}; train the public "
+                "embeddings with the same model"
+            )
+        flat = pc.flat()
+        if flat.size != eset.flat_dim:
+            raise DpaggError(
+                f"the public centre has D={flat.size} values ({pc.num_vectors} vector(s)) but each "
+                f"embedding has D={eset.flat_dim} ({eset.num_vectors}); use the same --vectors"
+            )
+        return flat
+    if centre == "origin":
+        return None
+    flat = eset.flat_centre()
+    if flat is None:
+        raise DpaggError(
+            f"centre='initializer' but this {eset.kind} set has no initializer embedding; "
+            "use centre='origin' (natural for L2-normalised CLIP image embeddings)"
+        )
+    return flat
+
+
+def _writable_folder(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DpaggError(f"output folder {out_dir} is inside a file ({probe}); pass a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DpaggError(f"output folder {out_dir} is not writable; pass a folder you can write")
+
+
+def _existing_release(out_dir: Path, vectors: dict[str, torch.Tensor]) -> Path | None:
+    """A file in ``out_dir`` that already holds exactly these released tensors, if any."""
+    if not out_dir.is_dir():
+        return None
+    for path in sorted(out_dir.glob("*.safetensors")):
+        try:
+            tensors, record = read_released(path)
+        except DpaggError:
+            continue
+        if record.get("format", "").startswith("dpagg-release") and set(tensors) == set(vectors):
+            if all(torch.equal(tensors[k], vectors[k].float()) for k in vectors):
+                return path
+    return None
+
+
+def release_embeddings(
+    eset: EmbeddingSet,
+    *,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    name: str,
+    out_dir: str | os.PathLike[str],
+    ledger: Ledger,
+    centre: str = "initializer",
+    mode: str = "clip",
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+    new_name_per_release: bool = False,
+    a1111_pt: bool = False,
+    basis: Any = None,
+    postprocess: str = "none",
+    target_norms: dict[str, float] | None = None,
+    public_centre: Any = None,
+) -> ReleaseOutcome:
+    """Release one DP mean of ``eset`` and write it as ``<out_dir>/<name>.safetensors``.
+
+    Privacy: the mechanism is the Gaussian mean of :func:`mechanism.dp_mean` (replace-one
+    sensitivity 2C/denominator around a public centre), accounted by ``plan`` and charged to
+    ``eset.dataset_id`` in the ledger. ``clip_norm`` and ``centre`` must be public choices.
+
+    ``new_name_per_release`` (ComfyUI): a new release gets the first free ``name``, ``name-2``,
+    ... so prompt caches never serve an old release; otherwise (CLI) an existing ``name`` is an
+    error raised before anything is spent. An identical earlier request (same data, plan, C,
+    centre, mode, name, basis) spends nothing and returns the file that already holds it.
+
+    ``basis``: a public ``subspace.PublicBasis`` to aggregate in (None: the full space).
+    ``postprocess``: ``'none'``, ``'js'``, ``'norm'`` or ``'js+norm'``
+    (``dpagg_core.aggregate.postprocess``), applied to the raw release after the ledger; ``norm``
+    rescales to ``target_norms`` (public, per key) or, by default, the basis' ``typical_norms``. It
+    is not part of the request: a re-run with another post-processing reuses the recorded release
+    (nothing spent) and writes the new post-processed file under the next free name if ``name`` is
+    taken.
+
+    ``centre='public_mean'`` with ``public_centre`` (``subspace.PublicCentre`` /
+    ``PublicEmbeddings`` of PUBLIC images, or their file): clip around the public images' mean
+    embedding; the record says ``centre: public_mean`` and its ``centre_sha256``
+    (:func:`centre_vector`). James-Stein post-processing then shrinks toward that centre.
+    """
+    if postprocess not in POSTPROCESS_METHODS:
+        raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
+    if basis is not None:
+        from dpagg_core.aggregate.subspace import check_basis
+
+        check_basis(
+            basis,
+            flat_dim=eset.flat_dim,
+            base_model_id=eset.base_model_id,
+            model_family=eset.model_family,
+            vectors=eset.num_vectors,
+        )
+    if "norm" in postprocess and target_norms is None:
+        if basis is None:
+            raise DpaggError(
+                f"postprocess={postprocess!r} rescales to a public typical norm: pass a public "
+                "basis (its typical norms) or target_norms"
+            )
+        target_norms = dict(basis.typical_norms)
+    base = sanitize_name(name)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DpaggError(f"output folder {out} is a file; pass a folder")
+    _writable_folder(out)
+    centre_vec = centre_vector(eset, centre, public_centre)
+    if not eset.dataset_id:
+        raise DpaggError("this embedding set has no dataset_id; it is needed to keep its budget")
+    vectors = eset.flat()
+    request = {
+        "dataset_id": eset.dataset_id,
+        "plan": plan,
+        "clip_norm": clip_norm,
+        "center": centre_vec,
+        "centre_kind": centre,
+        "mode": mode,
+        "name": base,
+        "base_model_id": eset.base_model_id,
+    }
+    basis_sha = None if basis is None else basis.sha256
+    recorded = ledger.stored_result(aggregate_request(vectors, **request, basis_sha256=basis_sha))
+    target = base
+    if recorded is None:
+        if new_name_per_release:
+            target = next_free_name(out, base)
+        elif next_free_name(out, base) != base:
+            raise DpaggError(
+                f"an embedding named {base!r} already exists in {out}; dpagg never overwrites: "
+                f"choose another --name (e.g. {next_free_name(out, base)!r}). Nothing was spent."
+            )
+
+    result = ledger.release(
+        vectors,
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+        basis=basis,
+        **request,
+    )
+    # Post-processing: the raw release (as stored in the ledger) and public values only.
+    vec, extra = postprocess_apply(
+        result.release.vector,
+        method=postprocess,
+        record=result.release.record,
+        layout=[(k, eset.num_vectors, w) for k, w in eset.encoder_widths.items()],
+        centre=centre_vec,
+        target_norms=target_norms,
+    )
+    released = eset.unflat(vec)
+    if result.reused:
+        # Free either way: the identical file if it exists, else the first free name (a new
+        # post-processing of a recorded release must not collide with the earlier file).
+        target = next_free_name(out, base)
+    return write_outcome(
+        out,
+        target,
+        released,
+        {**result.release.record, **extra},
+        result,
+        a1111_pt=a1111_pt,
+        ledger=ledger,
+    )
+
+
+def write_outcome(
+    out: Path,
+    target: str,
+    vectors: dict[str, torch.Tensor],
+    record: dict[str, str],
+    result: Any,
+    *,
+    a1111_pt: bool = False,
+    ledger: Any = None,
+) -> ReleaseOutcome:
+    """Write a recorded release (``result``: a ledger release or charge) as ``<target>``, unless
+    it is a re-used release already on disk in ``out``. Post-processing: costs nothing. With
+    ``ledger``, the name of a newly written file is noted there (``Ledger.note_file``), so the
+    ledger shows ``mystyle-2`` for a request named ``mystyle``."""
+    path = _existing_release(out, vectors) if result.reused else None
+    if path is None:
+        try:
+            path = write_released(out, target, vectors, record, a1111_pt=a1111_pt)
+        except DpaggError as exc:
+            raise DpaggError(
+                f"release {result.release_id} is recorded and its budget spent, but writing the "
+                f"file failed: {exc}. Re-run the identical command to write it without spending "
+                "again."
+            ) from exc
+        if ledger is not None:
+            try:
+                ledger.note_file(result.release_id, path.stem)
+            except DpaggError as exc:  # display only: the release and its file are complete
+                log.warning("could not note file %s in the ledger: %s", path.name, exc)
+    return ReleaseOutcome(
+        path=path,
+        name=path.stem,
+        record=record,
+        reused=result.reused,
+        release_id=result.release_id,
+        vectors=vectors,
+        **vars(result.budget_state()),
+    )

@@ -1,0 +1,85 @@
+"""Atomic, never-overwriting file writes (released embeddings, private sets, public bases), and
+the one safetensors read they share."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dpagg_core.errors import DpaggError
+from dpagg_core.io.names import name_ok, next_free_name
+
+_TMP_SUFFIX = ".dpagg-tmp"
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where possible (/proc on Linux; elsewhere
+    the set-and-restore idiom)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def write_new_file(path: Path, data: bytes, *, public: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically; fail with DpaggError if ``path`` exists.
+
+    The file is readable by its owner only (0600, the temp file's mode) unless ``public``:
+    released embeddings are public by design and get the usual mode (0666 minus the umask),
+    like any file the user's tools write; per-image (private) files stay 0600.
+
+    The bytes go to a hidden temp file in the same folder (never ``*.safetensors``/``*.pt``, so
+    no loader picks it up), are fsynced, then hard-linked to ``path`` (which fails if ``path``
+    exists: no overwrite even in a race) or, where hard links are unsupported, moved with
+    ``os.replace`` after an existence check. A crash leaves either no file or the whole file.
+    """
+    folder = path.parent
+    if path.exists() or path.is_symlink():
+        raise _exists_error(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem[:40]}.", suffix=_TMP_SUFFIX, dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if public:
+                os.fchmod(fh.fileno(), 0o666 & ~_current_umask())
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise _exists_error(path) from None
+        except OSError:
+            # No hard links here (e.g. FAT, some network shares): check, then rename.
+            if path.exists():
+                raise _exists_error(path) from None
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file; DpaggError if it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    except Exception as exc:
+        raise DpaggError(f"{path} is not a readable safetensors file ({exc})") from exc
+    return tensors, meta
+
+
+def _exists_error(path: Path) -> DpaggError:
+    return DpaggError(
+        f"{path} already exists and dpagg never overwrites a file; choose a new name "
+        f"(e.g. {next_free_name(path.parent, path.stem) if name_ok(path.stem) else 'another'!r})"
+    )

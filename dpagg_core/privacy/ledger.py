@@ -1,0 +1,772 @@
+"""The privacy ledger: a per-dataset budget and every DP release, in one SQLite file.
+
+Why a ledger (docs/privacy.md invariant 5): the privacy guarantee covers *everything* released about
+a dataset, so every release is recorded before its result leaves the mechanism, over-budget requests
+are refused before any noise is drawn, and re-running an identical request returns the stored
+release (post-processing of a released value is free, Dwork & Roth 2014, Prop. 2.1) instead of
+drawing fresh noise, which would spend budget again.
+
+One primitive, reserve -> compute -> complete, for every mechanism (DPAgg, CLIP embeddings,
+DP-SGD; CLI, ComfyUI nodes, WebUI)::
+
+    with ledger.reserve(request) as r:      # spend committed, or the recorded answer found
+        if r.reused:
+            return r.result
+        release = mechanism.dp_mean(...)    # or a DP-SGD run: the first noise is drawn here
+        return r.complete(release.vector, release.record)
+
+* :meth:`Ledger.reserve`, ONE ``BEGIN IMMEDIATE`` transaction before any noise exists: an
+  identical request (same :class:`~dpagg_core.privacy.request_keys.Request` digest) whose result is
+  stored is returned (``reused``, nothing spent); otherwise the composed spend of recorded + this
+  request is checked against the budget (BudgetExceeded, nothing written) and a row WITHOUT a result
+  is inserted and COMMITTED. From the commit on the spend counts, whatever happens to the
+  computation: "spend committed before the first noise draw" holds because nothing but
+  :meth:`Reservation.complete` can store a result, and only a committed reservation has one.
+* :meth:`Reservation.complete` stores the released vector (rounded to the published float32
+  precision) and its public record in that row. It spends nothing.
+
+A computation that dies between the two (crash, kill -9, Interrupt) leaves an incomplete row: its
+spend stays recorded (the noise may have been drawn and seen), and re-running the identical request
+is NOT answered from it (there is nothing to return): it is charged again, as a new attempt whose
+row key is the request key suffixed ``#2``, ``#3``, ... Concurrent identical runs are likewise each
+charged. No noise is drawn while the write lock is held, so a long DP-SGD run blocks no one.
+
+What "spent" means (composition) is in ``dpagg_core.privacy.composition``; how a request is
+identified in ``dpagg_core.privacy.request_keys``; the SQLite file in
+``dpagg_core.privacy.ledger_store``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from dpagg_core.errors import BudgetExceeded, DpaggError
+from dpagg_core.paths import default_ledger_path, resolve_path
+from dpagg_core.privacy import mechanism
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.composition import (
+    CHARGE_MODES,
+    REL_TOL,
+    Spend,
+    calls_of_row,
+    check_plan_cost,
+    composed_spend,
+    fits,
+)
+from dpagg_core.privacy.ledger_store import (
+    APPLICATION_ID,
+    COLUMNS,
+    FILES_TABLE,
+    KEY_BYTES,
+    SCHEMA_VERSION,
+    LedgerStore,
+    make_release,
+    now,
+    read_transaction,
+    row_dict,
+    write_transaction,
+)
+from dpagg_core.privacy.request_keys import (
+    Request,
+    aggregate_request,
+    check_budget_value,
+    check_ids,
+    check_plan,
+    request_key,
+    request_mac,
+)
+
+__all__ = [
+    "APPLICATION_ID",
+    "KEY_BYTES",
+    "SCHEMA_VERSION",
+    "BudgetState",
+    "Ledger",
+    "LedgerRelease",
+    "Request",
+    "Reservation",
+    "composed_spend",
+    "identity_key",
+    "request_key",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 30.0
+MODES = mechanism.CLIP_MODES
+
+# Test hook: called inside reserve's transaction right before COMMIT (tests widen the race window
+# between the budget check and the commit with it). Never set in production.
+_before_commit_hook: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetState:
+    """A dataset's composed spend and its budget (after the request it comes with)."""
+
+    spent_epsilon: float
+    spent_delta: float
+    budget_epsilon: float
+    budget_delta: float
+    composition: str  # "none" | "basic" | "pld"
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return max(0.0, self.budget_epsilon - self.spent_epsilon)
+
+    @classmethod
+    def of(cls, spend: Spend, budget: tuple[float, float]) -> BudgetState:
+        return cls(
+            spent_epsilon=spend.epsilon,
+            spent_delta=spend.delta,
+            budget_epsilon=budget[0],
+            budget_delta=budget[1],
+            composition=spend.composition,
+        )
+
+    def budget_state(self) -> BudgetState:
+        """This state alone (drops a subclass's other fields)."""
+        return BudgetState(
+            spent_epsilon=self.spent_epsilon,
+            spent_delta=self.spent_delta,
+            budget_epsilon=self.budget_epsilon,
+            budget_delta=self.budget_delta,
+            composition=self.composition,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerRelease(BudgetState):
+    """A recorded release: the released value, whether it was answered from the ledger
+    (``reused``: nothing spent), its row id, and the dataset's budget state after it."""
+
+    release: mechanism.Release
+    reused: bool
+    release_id: int
+
+
+class Reservation:
+    """The answer of :meth:`Ledger.reserve` (or of its dry run :meth:`Ledger.check_request`).
+
+    ``reused``: an identical request is complete in the ledger; ``result`` is its stored release
+    and nothing was (or would be) spent. Otherwise ``release_id`` is the committed row (0 in a dry
+    run: nothing written), to be filled once with :meth:`complete`; ``attempt`` counts charges of
+    this request (2, 3, ... after failed runs); ``state`` is the dataset's budget state after it.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        request: Request,
+        *,
+        release_id: int,
+        attempt: int,
+        state: BudgetState,
+        result: LedgerRelease | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.request = request
+        self.release_id = release_id
+        self.attempt = attempt
+        self.state = state
+        self.result = result
+        self._completed: LedgerRelease | None = None
+
+    @property
+    def reused(self) -> bool:
+        return self.result is not None
+
+    def complete(self, vector: Any, record: Mapping[str, str]) -> LedgerRelease:
+        """Store the result of this reservation: ``vector`` (any shape; rounded to the published
+        float32 precision, ``mechanism.to_published_precision``) and its public privacy
+        ``record``. Spends nothing (the reservation did). Once per reservation."""
+        if self.reused:
+            raise DpaggError(
+                "complete: this request was answered from the ledger (reused); nothing to store."
+            )
+        if self.release_id == 0:
+            raise DpaggError("complete: a dry run (check_request) reserves nothing to complete.")
+        if self._completed is not None:
+            raise DpaggError(f"complete: release {self.release_id} is already completed.")
+        self._completed = self.ledger._complete(self.release_id, vector, record)
+        return self._completed
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.reused or self.release_id == 0 or self._completed is not None:
+            return
+        log.warning(
+            "privacy ledger %s: release %d of dataset %s was charged but no result was stored "
+            "(%s); its spend stays recorded and an identical re-run is charged again",
+            self.ledger.path,
+            self.release_id,
+            self.request.dataset_id,
+            "interrupted by " + type(exc).__name__ if exc is not None else "not completed",
+        )
+
+
+def identity_key(ledger_path: str | os.PathLike[str] | None = None) -> bytes:
+    """The identity key of the ledger at ``ledger_path`` (default ``paths.default_ledger_path``),
+    creating the ledger if needed. See :meth:`Ledger.identity_key`."""
+    return Ledger(ledger_path).identity_key()
+
+
+class Ledger:
+    """Per-dataset privacy budgets and every release, in one SQLite file.
+
+    ``path`` defaults to ``paths.default_ledger_path()`` (env ``DPAGG_LEDGER``, else the user data
+    dir); parent folders are created on first use. ``timeout`` bounds the wait for another process
+    holding the write lock (SQLite busy timeout), after which :class:`LedgerError` is raised.
+    Each operation opens its own connection, so a ``Ledger`` can be shared across threads and
+    pickled into worker processes.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self.path = resolve_path(path) if path is not None else default_ledger_path()
+        self.timeout = float(timeout)
+        self._store = LedgerStore(self.path, self.timeout)
+
+    #: How a user raises a budget where this ledger's messages are shown: ``None`` names the
+    #: ``dpagg`` command; a front end sets its own (ComfyUI: the Privacy Ledger node and the exact
+    #: ``python -m dpagg_core.cli`` command; a module-level function, so a Ledger still pickles).
+    raise_hint: Callable[[Path, str], str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+    def how_to_raise(self, dataset_id: str) -> str:
+        """The exact way to raise ``dataset_id``'s budget, for "Fix:" texts."""
+        if self.raise_hint is not None:
+            return self.raise_hint(self.path, dataset_id)
+        return (
+            f"`dpagg ledger set-budget --ledger {self.path} --dataset {dataset_id} --epsilon E "
+            "--delta D`"
+        )
+
+    # ---- identity ----------------------------------------------------------------------------
+
+    def identity_key(self) -> bytes:
+        """The ledger's secret key (32 bytes), creating the ledger if needed.
+
+        Every value the ledger stores or the caller derives from private data is keyed by it:
+        dataset ids (``images.dataset_id_for``), request keys, the authentication tag of private
+        per-image files. Because it lives in the ledger file, every process using this ledger
+        (CLI, ComfyUI, WebUI, other users or data dirs) sees the same pictures as the same
+        dataset (docs/privacy.md invariant 7). It is never released, logged or written anywhere
+        else.
+        """
+        with self._store.connect() as con:
+            return self._store.secret(con)
+
+    def dataset_id(self, digests: Any) -> str:
+        """Id of the image set with per-image ``digests`` under this ledger's key."""
+        from dpagg_core.io.images import dataset_id_for
+
+        return dataset_id_for(digests, key=self.identity_key())
+
+    def request_mac(self, digest: str) -> str:
+        """The stored key of a request with :func:`request_key` / :func:`charge_key` ``digest``."""
+        return request_mac(self.identity_key(), digest)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    # ---- budget -----------------------------------------------------------------------------
+
+    def status(self, dataset_id: str) -> dict[str, Any]:
+        """Budget, composed spend, remaining budget and number of releases of ``dataset_id``.
+
+        ``{"dataset_id", "budget": {"epsilon","delta"} | None, "spent": {"epsilon","delta"},
+        "remaining": {"epsilon","delta"} | None, "releases": int, "incomplete": int,
+        "composition": str}``. ``releases`` counts recorded rows (a DP-SGD run is one row);
+        ``incomplete`` those reserved by :meth:`reserve` whose result was never stored (a failed or
+        still-running DP-SGD run: spent, nothing to return). Under PLD composition the spend is
+        reported at the budget's delta, so remaining delta is 0 and only epsilon is left to spend
+        (the next request is re-composed from scratch).
+        """
+        with self._store.connect() as con, read_transaction(con):
+            budget = self._store.budget(con, dataset_id)
+            plans = self._store.plans(con, dataset_id)
+            rows, complete = con.execute(
+                "SELECT count(*), count(vector) FROM releases WHERE dataset_id = ?",
+                (dataset_id,),
+            ).fetchone()
+        spend = composed_spend(plans, budget[1] if budget else 0.0)
+        out: dict[str, Any] = {
+            "dataset_id": dataset_id,
+            "budget": None,
+            "spent": {"epsilon": spend.epsilon, "delta": spend.delta},
+            "remaining": None,
+            "releases": int(rows),
+            "incomplete": int(rows) - int(complete),
+            "composition": spend.composition,
+        }
+        if budget is not None:
+            out["budget"] = {"epsilon": budget[0], "delta": budget[1]}
+            out["remaining"] = {
+                "epsilon": max(0.0, budget[0] - spend.epsilon),
+                "delta": max(0.0, budget[1] - spend.delta),
+            }
+        return out
+
+    def _effective_budget(
+        self,
+        stored: tuple[float, float] | None,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+        dataset_id: str,
+    ) -> tuple[float, float]:
+        """The budget a request is checked against.
+
+        No stored budget: the requested one, else this release's own (epsilon, delta). A stored
+        budget is never raised implicitly: a larger requested value is refused (raise it with
+        ``set_budget``); a smaller one acts as an extra cap for this request.
+        """
+        if stored is None:
+            return (
+                float(plan.epsilon if budget_epsilon is None else budget_epsilon),
+                float(plan.delta if budget_delta is None else budget_delta),
+            )
+        eps, delta = stored
+        for label, req, cur in (("epsilon", budget_epsilon, eps), ("delta", budget_delta, delta)):
+            if req is not None and req > cur * (1 + REL_TOL):
+                raise BudgetExceeded(
+                    f"budget_{label}={req:g} is above dataset {dataset_id!r}'s recorded budget "
+                    f"{label} {cur:g} in {self.path}. A budget is never raised implicitly. Fix: "
+                    f"raise it deliberately with {self.how_to_raise(dataset_id)}, or set "
+                    f"budget_{label} to 0 (keep the recorded budget)."
+                )
+        return (
+            eps if budget_epsilon is None else min(eps, budget_epsilon),
+            delta if budget_delta is None else min(delta, budget_delta),
+        )
+
+    def _refusal(
+        self,
+        dataset_id: str,
+        path: Path,
+        spent: Spend,
+        plan: PrivacyPlan,
+        after: Spend,
+        budget: tuple[float, float],
+    ) -> BudgetExceeded:
+        raise_it = f"raise the budget deliberately with {self.how_to_raise(dataset_id)}"
+        used_up = spent.epsilon >= budget[0] * (1 - REL_TOL) or spent.delta >= budget[1] * (
+            1 - REL_TOL
+        )
+        if used_up:  # no epsilon, however small, fits: only a larger budget helps
+            fix = (
+                f"this image set's budget is used up, so no release fits whatever its epsilon. "
+                f"Fix: {raise_it} (ledger {path}), or release nothing more from these images."
+            )
+        else:
+            fix = (
+                f"Fix: use a larger noise (smaller epsilon: about {budget[0] - spent.epsilon:.4g} "
+                f"of the budget is left) for this release, or {raise_it} (ledger {path})."
+            )
+        return BudgetExceeded(
+            f"privacy budget of dataset {dataset_id!r} would be exceeded: spent "
+            f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} ({spent.composition} "
+            f"composition); budget epsilon={budget[0]:.6g}, delta={budget[1]:.3g}; requested "
+            f"epsilon={plan.epsilon:.6g}, delta={plan.delta:.3g} (total would be "
+            f"epsilon={after.epsilon:.6g}, delta={after.delta:.3g}). No noise was drawn, nothing "
+            f"was spent; {fix}"
+        )
+
+    def _check_locked(
+        self,
+        con: Any,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+        mode: str = "clip",
+    ) -> tuple[tuple[float, float] | None, tuple[float, float], list[PrivacyPlan], Spend]:
+        stored = self._store.budget(con, dataset_id)
+        budget = self._effective_budget(stored, plan, budget_epsilon, budget_delta, dataset_id)
+        plans = self._store.plans(con, dataset_id)
+        after = composed_spend([*plans, *[plan] * calls_of_row(plan, mode)], budget[1])
+        if not fits(after, *budget):
+            raise self._refusal(
+                dataset_id, self.path, composed_spend(plans, budget[1]), plan, after, budget
+            )
+        return stored, budget, plans, after
+
+    def check(
+        self,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None = None,
+        budget_delta: float | None = None,
+        *,
+        mode: str = "clip",
+    ) -> dict[str, Any]:
+        """Dry run of a release of ``plan``: raises BudgetExceeded if it would be refused.
+
+        Returns ``{"budget": {...}, "spent_after": {...}, "composition": str}``. Draws nothing and
+        writes nothing (a concurrent release may still take the budget first). ``mode='dpsgd'``
+        checks a DP-SGD reservation (all ``plan.releases`` calls at once) instead of one call.
+        """
+        check_ids(dataset_id, "check")
+        if mode not in MODES + CHARGE_MODES:
+            raise DpaggError(f"mode={mode!r} is invalid: use one of {MODES + CHARGE_MODES}.")
+        check_plan(plan)
+        check_plan_cost(plan)
+        check_budget_value(budget_epsilon, budget_delta, "budget")
+        with self._store.connect() as con, read_transaction(con):
+            _, budget, _, after = self._check_locked(
+                con, dataset_id, plan, budget_epsilon, budget_delta, mode
+            )
+        return {
+            "budget": {"epsilon": budget[0], "delta": budget[1]},
+            "spent_after": {"epsilon": after.epsilon, "delta": after.delta},
+            "composition": after.composition,
+        }
+
+    def adopt_dataset(self, old_id: str, new_id: str) -> bool:
+        """Move everything recorded for ``old_id`` to ``new_id`` (the same pictures under a new
+        identification rule, e.g. the canonical decode that replaced dpagg <= 0.2's); True if
+        anything moved.
+
+        One write transaction. If ``new_id`` already has a budget, the smaller one is kept
+        (budgets only ever get stricter this way), and every release of both ids counts against
+        it. Request keys are not rewritten, so an identical re-run under the new id is charged
+        again (conservative). A no-op when ``old_id`` is unknown or equals ``new_id``.
+        """
+        check_ids(old_id, "adopt_dataset")
+        check_ids(new_id, "adopt_dataset")
+        if old_id == new_id:
+            return False
+        with self._store.connect() as con:
+            if self._store.budget(con, old_id) is None:  # the usual case: no write lock taken
+                return False
+            with write_transaction(con):
+                old = self._store.budget(con, old_id)  # re-read under the write lock
+                if old is None:
+                    return False
+                new = self._store.budget(con, new_id)
+                eps, delta = old if new is None else (min(old[0], new[0]), min(old[1], new[1]))
+                self._store.upsert_budget(con, new_id, eps, delta)
+                con.execute(
+                    "UPDATE releases SET dataset_id = ? WHERE dataset_id = ?", (new_id, old_id)
+                )
+                con.execute("DELETE FROM datasets WHERE dataset_id = ?", (old_id,))
+        log.warning(
+            "privacy ledger %s: the budget of an image set recorded under dpagg's old image "
+            "decode now applies to its new id %s",
+            self.path,
+            new_id,
+        )
+        return True
+
+    def set_budget(self, dataset_id: str, epsilon: float, delta: float) -> dict[str, Any]:
+        """Set (raise or lower) the budget of ``dataset_id``; returns the new :meth:`status`.
+
+        Lowering it below what is already spent (composed at the new delta) is refused with
+        BudgetExceeded: the spent privacy cannot be taken back.
+        """
+        check_ids(dataset_id, "set_budget")
+        check_budget_value(epsilon, delta, "set_budget")
+        epsilon, delta = float(epsilon), float(delta)
+        with self._store.connect() as con, write_transaction(con):
+            spent = composed_spend(self._store.plans(con, dataset_id), delta)
+            if not fits(spent, epsilon, delta):
+                raise BudgetExceeded(
+                    f"cannot set the budget of dataset {dataset_id!r} to epsilon={epsilon:g}, "
+                    f"delta={delta:g}: already spent epsilon={spent.epsilon:.6g}, "
+                    f"delta={spent.delta:.3g} ({spent.composition} composition at "
+                    f"delta={delta:g}) in {self.path}. Spent privacy cannot be taken back. Fix: "
+                    "choose a budget at least the spent amount."
+                )
+            self._store.upsert_budget(con, dataset_id, epsilon, delta)
+        return self.status(dataset_id)
+
+    # ---- the one primitive: reserve -> compute -> complete -------------------------------------
+
+    def _stored_locked(self, con: Any, request: Request) -> tuple[str, int, LedgerRelease | None]:
+        """(stored key, earlier attempts, stored result) of ``request``."""
+        key = request_mac(self._store.secret(con), request.digest)
+        # Every earlier attempt of this request: the key itself, then key#2, key#3, ...
+        rows = con.execute(
+            "SELECT id, vector, record, item_shape FROM releases WHERE request_key = ? OR "
+            "substr(request_key, 1, ?) = ? ORDER BY id",
+            (key, len(key) + 1, key + "#"),
+        ).fetchall()
+        done = [r for r in rows if r[1] is not None]
+        if not done:
+            return key, len(rows), None
+        row = done[0]
+        stored = self._store.budget(con, request.dataset_id)
+        assert stored is not None, "a release row without its dataset budget"
+        spent = composed_spend(self._store.plans(con, request.dataset_id), stored[1])
+        result = LedgerRelease(
+            **vars(BudgetState.of(spent, stored)),
+            release=make_release(row[1], row[2], row[3]),
+            reused=True,
+            release_id=int(row[0]),
+        )
+        return key, len(rows), result
+
+    def stored_result(self, request: Request) -> LedgerRelease | None:
+        """The recorded result of an identical completed request, or None. Reads only."""
+        with self._store.connect() as con, read_transaction(con):
+            return self._stored_locked(con, request)[2]
+
+    def _lookup_locked(
+        self, con: Any, request: Request, *, write: bool
+    ) -> tuple[int, int, BudgetState, LedgerRelease | None]:
+        """(release_id, attempt, state, stored result) for ``request``, inside the caller's
+        transaction: the stored result of an identical completed request, else the budget check
+        (BudgetExceeded) and, if ``write``, the new row without a result."""
+        key, attempts, result = self._stored_locked(con, request)
+        if result is not None:  # identical request, completed: post-processing of it is free
+            return result.release_id, attempts, result.budget_state(), result
+        attempt = attempts + 1  # incomplete attempts are spent, never answered from
+        stored, budget, _, after = self._check_locked(
+            con,
+            request.dataset_id,
+            request.plan,
+            request.budget_epsilon,
+            request.budget_delta,
+            request.mode,
+        )
+        release_id = 0
+        if write:
+            stamp = now()
+            if stored is None:  # the first release of a dataset sets its budget
+                self._store.upsert_budget(con, request.dataset_id, *budget)
+            cur = con.execute(
+                "INSERT INTO releases (dataset_id, request_key, name, created, plan, epsilon, "
+                "delta, clip_norm, centre_kind, mode, base_model_id, item_shape) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    request.dataset_id,
+                    key if attempt == 1 else f"{key}#{attempt}",
+                    request.name,
+                    stamp,
+                    json.dumps(request.plan.to_dict(), sort_keys=True),
+                    float(request.plan.epsilon),
+                    float(request.plan.delta),
+                    float(request.clip_norm),
+                    request.centre_kind,
+                    request.mode,
+                    request.base_model_id,
+                    "null",  # set by complete()
+                ),
+            )
+            release_id = int(cur.lastrowid)
+        return release_id, attempt, BudgetState.of(after, budget), None
+
+    def reserve(self, request: Request) -> Reservation:
+        """Commit the spend of ``request`` BEFORE any noise exists (module docstring).
+
+        In ONE ``BEGIN IMMEDIATE`` transaction: an identical request whose result is stored is
+        returned (``reused``, nothing spent); the composed spend of the recorded calls plus this
+        request's ``request.calls`` is checked against the budget (BudgetExceeded, nothing
+        written); a row without a result is inserted and COMMITTED. Use the answer as a context
+        manager and store the result with :meth:`Reservation.complete`.
+        """
+        if not isinstance(request, Request):
+            raise DpaggError(
+                f"reserve: {request!r} is not a Request: build one with "
+                "request_keys.aggregate_request or request_keys.training_request."
+            )
+        with self._store.connect() as con, write_transaction(con):
+            release_id, attempt, state, result = self._lookup_locked(con, request, write=True)
+            if result is None and _before_commit_hook is not None:
+                _before_commit_hook()
+        return Reservation(
+            self, request, release_id=release_id, attempt=attempt, state=state, result=result
+        )
+
+    def check_request(self, request: Request) -> Reservation:
+        """Dry run of :meth:`reserve`: the stored result of an identical completed request
+        (``reused``), or the budget state a reservation would leave (``release_id`` 0), or
+        BudgetExceeded. Writes nothing; lets a caller refuse or reuse before a long training run
+        (a concurrent release may still take the budget first)."""
+        with self._store.connect() as con, read_transaction(con):
+            release_id, attempt, state, result = self._lookup_locked(con, request, write=False)
+        return Reservation(
+            self, request, release_id=release_id, attempt=attempt, state=state, result=result
+        )
+
+    def _complete(self, release_id: int, vector: Any, record: Mapping[str, str]) -> LedgerRelease:
+        """Fill the reserved row ``release_id`` (:meth:`Reservation.complete`)."""
+        vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float64))
+        if vec.size and np.isfinite(vec).all():
+            vec = mechanism.to_published_precision(vec)
+        if vec.size == 0 or not np.isfinite(vec).all():
+            raise DpaggError("complete: vector is empty or holds NaN/inf; nothing was stored.")
+        if not isinstance(record, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in record.items()
+        ):
+            raise DpaggError("complete: record must map strings to strings (the privacy record).")
+        rid = int(release_id)
+        with self._store.connect() as con, write_transaction(con):
+            row = con.execute(
+                "SELECT dataset_id, vector FROM releases WHERE id = ?", (rid,)
+            ).fetchone()
+            if row is None or row[1] is not None:
+                raise DpaggError(
+                    f"complete: release {rid} in {self.path} is not an open reservation; each "
+                    "reservation is completed once. Nothing was changed."
+                )
+            con.execute(
+                "UPDATE releases SET vector = ?, record = ?, item_shape = ? WHERE id = ?",
+                (
+                    vec.astype("<f8").tobytes(),
+                    json.dumps(dict(record), sort_keys=True),
+                    json.dumps([int(d) for d in vec.shape]),
+                    rid,
+                ),
+            )
+            stored = self._store.budget(con, row[0])
+            assert stored is not None, "a release row without its dataset budget"
+            spent = composed_spend(self._store.plans(con, row[0]), stored[1])
+        return LedgerRelease(
+            **vars(BudgetState.of(spent, stored)),
+            release=mechanism.Release(vector=vec.copy(), record=dict(record)),
+            reused=False,
+            release_id=rid,
+        )
+
+    def release(
+        self,
+        vectors: Any,
+        *,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        clip_norm: float,
+        center: np.ndarray | None = None,
+        centre_kind: str = "origin",
+        name: str,
+        base_model_id: str = "",
+        budget_epsilon: float | None = None,
+        budget_delta: float | None = None,
+        mode: str = "clip",
+        basis: Any = None,
+    ) -> LedgerRelease:
+        """Release one DP mean of ``vectors`` [n, D] under ``plan``: :meth:`reserve`, then
+        ``mechanism.dp_mean``, then :meth:`Reservation.complete`.
+
+        Everything ``dp_mean`` would refuse is refused first (``mechanism.check_inputs``), before
+        the ledger is opened, so bad input never spends budget. ``basis`` (a
+        ``dpagg_core.aggregate.subspace.PublicBasis``): aggregate in that public subspace
+        (``subspace.dp_mean_projected``; same plan and sensitivity). Its sha256 enters the request
+        key and the record; a basis for another D or another ``base_model_id`` is refused here.
+        The stored vector is the raw release in the full D (post-processing comes after).
+        """
+        check_ids(dataset_id, "release", name=name)
+        check_plan(plan)
+        arr, ctr = mechanism.check_inputs(vectors, plan, clip_norm, center, mode=mode)
+        if basis is not None:
+            from dpagg_core.aggregate.subspace import check_basis
+
+            check_basis(basis, flat_dim=arr[0].size, base_model_id=base_model_id)
+        request = aggregate_request(
+            arr,
+            dataset_id=dataset_id,
+            plan=plan,
+            clip_norm=clip_norm,
+            center=ctr,
+            centre_kind=centre_kind,
+            mode=mode,
+            name=name,
+            base_model_id=base_model_id,
+            basis_sha256=None if basis is None else basis.sha256,
+            budget_epsilon=budget_epsilon,
+            budget_delta=budget_delta,
+        )
+        with self.reserve(request) as reservation:
+            if reservation.result is not None:
+                return reservation.result
+            mean: Callable[..., mechanism.Release] = mechanism.dp_mean
+            extra: dict[str, Any] = {}
+            if basis is not None:
+                from dpagg_core.aggregate.subspace import dp_mean_projected
+
+                mean, extra = dp_mean_projected, {"basis": basis}
+            drawn = mean(
+                arr,
+                plan=plan,
+                clip_norm=clip_norm,
+                center=ctr,
+                mode=mode,
+                base_model_id=base_model_id,
+                centre_kind=centre_kind,
+                **extra,
+            )
+            return reservation.complete(drawn.vector, drawn.record)
+
+    def note_file(self, release_id: int, file_name: str) -> None:
+        """Remember the file name a release was written under (``mystyle-2`` for a request named
+        ``mystyle``), for ``dpagg ledger show`` and the Privacy Ledger node. Display only: the
+        request key keeps the requested name. The table is created on first use (a ledger
+        without it still reads, in this and older dpagg versions)."""
+        if not isinstance(file_name, str) or not file_name:
+            raise DpaggError(f"note_file: file_name={file_name!r} is invalid: give a name.")
+        with self._store.connect() as con, write_transaction(con):
+            con.execute(FILES_TABLE)
+            con.execute(
+                "INSERT INTO release_files (release_id, file_name, created) VALUES (?, ?, ?)",
+                (int(release_id), str(file_name), now()),
+            )
+
+    def dataset_ids(self) -> list[str]:
+        """Every dataset with a budget or a release (sorted); ids only, nothing private."""
+        with self._store.connect() as con:
+            rows = con.execute(
+                "SELECT dataset_id FROM datasets UNION SELECT dataset_id FROM releases ORDER BY 1"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def list_releases(
+        self, dataset_id: str | None = None, *, with_vectors: bool = False
+    ) -> list[dict[str, Any]]:
+        """Recorded releases (oldest first), of one dataset or all; vectors only if asked."""
+        sql = f"SELECT {COLUMNS} FROM releases"
+        args: tuple[Any, ...] = ()
+        if dataset_id is not None:
+            sql += " WHERE dataset_id = ?"
+            args = (dataset_id,)
+        with self._store.connect() as con:
+            rows = con.execute(sql + " ORDER BY id", args).fetchall()
+            files = self._store.files(con)
+        out = [row_dict(r, with_vectors) for r in rows]
+        for r in out:  # the file name(s) actually written (a re-used release may be rewritten)
+            r["files"] = files.get(r["id"], [])
+        return out
+
+    def get_release(self, release_id: int) -> dict[str, Any]:
+        """One recorded release, with its vector (np.float64 [D]) and record.
+
+        A reserved row not yet completed (:meth:`reserve`) has ``vector`` and ``record`` None and
+        ``complete`` False."""
+        with self._store.connect() as con:
+            row = con.execute(
+                f"SELECT {COLUMNS} FROM releases WHERE id = ?", (int(release_id),)
+            ).fetchone()
+        if row is None:
+            raise DpaggError(
+                f"no release with id {release_id} in ledger {self.path}. Fix: list them with "
+                f"`dpagg ledger list`."
+            )
+        return row_dict(row, True)

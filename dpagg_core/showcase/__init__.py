@@ -1,0 +1,1 @@
+"""``dpagg demo``: the bundled mini model, the demo run and image previews."""

@@ -1,0 +1,94 @@
+"""``dpagg run --preview``: a small grid of images generated with the RELEASED embedding.
+
+Only the released file (public, post-processing of the DP output) is used, so the preview costs no
+privacy. The grid holds, per prompt, one image without and one with the embedding, from the same
+public seed, so the difference is the embedding's effect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+PROMPTS = ("a lighthouse, in the style of {}", "a cat, in the style of {}")
+
+
+def preview_grid(
+    model: Any,
+    embedding_file: Path,
+    name: str,
+    *,
+    steps: int = 20,
+    size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Render ``PROMPTS`` with and without ``embedding_file``; write ``<name>_preview.png`` beside.
+
+    ``model`` is a ``dpagg_core.training.models.LoadedModel``. The token ``<name>`` is added to a
+    copy of the tokenizer's vocabulary by diffusers' own ``load_textual_inversion`` and removed
+    again.
+    """
+    pipe = model.pipe
+    token = f"<{name}>"
+    size = size or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "height": size, "width": size}
+
+    def render(text: str) -> Image.Image:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return pipe(text, generator=gen, **kwargs).images[0]
+
+    without = [render(p.format("a painting")) for p in PROMPTS]
+    _load(pipe, embedding_file, token)
+    try:
+        styled = [render(p.format(token)) for p in PROMPTS]
+    finally:
+        _unload(pipe, token)
+    return _save_grid(
+        list(zip(without, styled, strict=True)), embedding_file.with_name(f"{name}_preview.png")
+    )
+
+
+def _load(pipe: Any, path: Path, token: str) -> None:
+    from dpagg_core.io.released_file import read_released
+
+    tensors, _ = read_released(path)
+    if set(tensors) == {"clip_l", "clip_g"}:
+        pipe.load_textual_inversion(
+            tensors["clip_l"],
+            token=token,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+        )
+        pipe.load_textual_inversion(
+            tensors["clip_g"],
+            token=token,
+            text_encoder=pipe.text_encoder_2,
+            tokenizer=pipe.tokenizer_2,
+        )
+    else:
+        pipe.load_textual_inversion(str(path), token=token)
+
+
+def _unload(pipe: Any, token: str) -> None:
+    for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        if getattr(pipe, tok_name, None) is not None and getattr(pipe, enc_name, None) is not None:
+            pipe.unload_textual_inversion(
+                token, tokenizer=getattr(pipe, tok_name), text_encoder=getattr(pipe, enc_name)
+            )
+
+
+def _save_grid(rows: list[tuple[Image.Image, Image.Image]], out: Path) -> Path:
+    w, h = rows[0][0].size
+    label = 14
+    grid = Image.new("RGB", (2 * w, len(rows) * h + label), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 1), "without", fill="black")
+    draw.text((w + 2, 1), "with embedding", fill="black")
+    for i, (a, b) in enumerate(rows):
+        grid.paste(a, (0, label + i * h))
+        grid.paste(b, (w, label + i * h))
+    grid.save(out)
+    return out
