@@ -20,8 +20,9 @@ Order of a run (:func:`run`), each step before anything is spent:
    family against the WebUI's loaded model (an SDXL embedding is useless to an SD1 model);
 5. per-image TI (``ti.train_embeddings``) with ``host.progress`` and ``host.cancelled`` polled
    before every step: Interrupt raises :class:`Interrupted`, nothing is spent or written;
-6. ``release.release_embeddings`` (the ledger transaction, then the file, never overwriting: a new
-   release gets a new name, as the WebUI caches prompt conditioning by text) and
+6. ``release.release_embeddings`` (the ledger's reserve -> noise -> complete, then the file,
+   never overwriting: a new release gets a new name, as the WebUI caches prompt conditioning by
+   text) and
    ``host.reload_embeddings`` so the WebUI's loader picks the file up without a restart.
 
 Privacy: the per-image embeddings and pixels live only in this process's memory during the run

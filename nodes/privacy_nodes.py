@@ -33,10 +33,11 @@ Privacy (docs/privacy.md):
 * Everything that sets the noise is a widget value or derived from public inputs (invariant 2):
   clip norm, centre (the initializer token's embedding), n (the image count), the plan.
 * DP Aggregate releases through ``dpagg_core.aggregate.release.release_embeddings``: validation
-  first, then the ledger transaction (budget check -> CSPRNG noise -> record -> commit), then the
-  file (invariant 5). An identical request (ComfyUI re-executing the node after a cache eviction or
-  a restart) returns the recorded release and spends nothing; an over-budget request raises
-  ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as the node's error.
+  first, then the ledger's reservation (budget check -> spend committed), the CSPRNG noise, the
+  stored result, then the file (invariant 5). An identical request (ComfyUI re-executing the node
+  after a cache eviction or a restart) returns the recorded release and spends nothing; an
+  over-budget request raises ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as
+  the node's error.
 * The TI ``training_seed`` drives only the training randomness (invariant 3). It is not named
   ``seed`` and sets ``control_after_generate=False``, so the frontend adds no "randomize after
   each queue" control: a new seed would retrain, and the next release would spend budget again.
