@@ -483,14 +483,6 @@ class RunReport:
         )
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    from dpagg_core.aggregate.release import _writable_folder
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DpaggError(f"embeddings folder {out_dir} is a file; pass a folder")
-    _writable_folder(out_dir)
-
-
 def _free_memory() -> None:
     gc.collect()
     with contextlib.suppress(Exception):
@@ -544,8 +536,9 @@ def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
     sanitize_name(s.name)
     if not s.checkpoint:
         raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    from dpagg_core.io.files import output_folder
+
+    out_dir = output_folder(out_dir, "embeddings folder")
     loaded_family = host.loaded_family()
     guessed = checkpoint_family(s.checkpoint)
     check_family(guessed, loaded_family)

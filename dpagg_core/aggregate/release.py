@@ -34,6 +34,7 @@ from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
 from dpagg_core.aggregate.postprocess import apply as postprocess_apply
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.files import output_folder
 from dpagg_core.io.names import next_free_name, sanitize_name
 from dpagg_core.io.released_file import read_released, write_released
 from dpagg_core.privacy.accountant import PrivacyPlan
@@ -126,16 +127,6 @@ def centre_vector(eset: EmbeddingSet, centre: str, public_centre: Any = None) ->
     return flat
 
 
-def _writable_folder(out_dir: Path) -> None:
-    probe = out_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise DpaggError(f"output folder {out_dir} is inside a file ({probe}); pass a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DpaggError(f"output folder {out_dir} is not writable; pass a folder you can write")
-
-
 def _existing_release(out_dir: Path, vectors: dict[str, torch.Tensor]) -> Path | None:
     """A file in ``out_dir`` that already holds exactly these released tensors, if any."""
     if not out_dir.is_dir():
@@ -214,10 +205,7 @@ def release_embeddings(
             )
         target_norms = dict(basis.typical_norms)
     base = sanitize_name(name)
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DpaggError(f"output folder {out} is a file; pass a folder")
-    _writable_folder(out)
+    out = output_folder(out_dir)
     centre_vec = centre_vector(eset, centre, public_centre)
     if not eset.dataset_id:
         raise DpaggError("this embedding set has no dataset_id; it is needed to keep its budget")

@@ -11,6 +11,7 @@ from typing import Any
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.names import name_ok, next_free_name
+from dpagg_core.paths import resolve_path
 
 _TMP_SUFFIX = ".dpagg-tmp"
 
@@ -25,6 +26,22 @@ def _current_umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+
+def output_folder(out_dir: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """``out_dir`` resolved (``paths.resolve_path``), checked BEFORE anything is spent: not a
+    file, not inside a file, and its nearest existing folder writable (it may not exist yet)."""
+    out = resolve_path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DpaggError(f"{what} {out} is a file; pass a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DpaggError(f"{what} {out} is inside a file ({probe}); pass a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DpaggError(f"{what} {out} is not writable; pass a folder you can write")
+    return out
 
 
 def write_new_file(path: Path, data: bytes, *, public: bool = False) -> None:

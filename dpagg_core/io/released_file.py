@@ -42,7 +42,7 @@ from dpagg_core.io.embeddings import (
     _as_tensor,
     _check_float32_finite,
 )
-from dpagg_core.io.files import read_safetensors, write_new_file
+from dpagg_core.io.files import output_folder, read_safetensors, write_new_file
 from dpagg_core.io.names import existing_stems, next_free_name, sanitize_name
 
 RELEASE_FORMAT = "dpagg-release/1"
@@ -159,9 +159,7 @@ def write_released(
         raise DpaggError(
             "a1111_pt=True is for SD1/SD2 embeddings only; A1111 reads SDXL files as-is"
         )
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DpaggError(f"output folder {out} is a file; pass a folder (models/embeddings)")
+    out = output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{clean}.safetensors"
     pt_target = out / f"{clean}.pt"

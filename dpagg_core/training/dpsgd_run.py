@@ -113,7 +113,8 @@ def run_dpsgd(req: DpsgdRequest) -> DpsgdRelease:
     and the ledger calls); progress on stderr."""
     import numpy as np
 
-    from dpagg_core.aggregate.release import _writable_folder, write_outcome
+    from dpagg_core.aggregate.release import write_outcome
+    from dpagg_core.io.files import output_folder
     from dpagg_core.io.names import next_free_name, sanitize_name
     from dpagg_core.privacy.accountant import DEFAULT_DELTA, delta_warning
     from dpagg_core.privacy.ledger import Ledger, LedgerRelease, Reservation
@@ -123,10 +124,7 @@ def run_dpsgd(req: DpsgdRequest) -> DpsgdRelease:
     from dpagg_core.training.train_run import Trainer, progress_bar
 
     base = sanitize_name(req.name)
-    out = Path(req.out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DpaggError(f"--out-dir {out} is a file; pass a folder (models/embeddings)")
-    _writable_folder(out)
+    out = output_folder(req.out_dir, "--out-dir")
     c = req.config
     trainer = Trainer(
         req.model,
