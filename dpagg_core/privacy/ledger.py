@@ -81,7 +81,6 @@ from dpagg_core.privacy.request_keys import (
     check_budget_value,
     check_ids,
     check_plan,
-    request_key,
     request_mac,
 )
 
@@ -94,9 +93,7 @@ __all__ = [
     "LedgerRelease",
     "Request",
     "Reservation",
-    "composed_spend",
     "identity_key",
-    "request_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -283,7 +280,7 @@ class Ledger:
         return dataset_id_for(digests, key=self.identity_key())
 
     def request_mac(self, digest: str) -> str:
-        """The stored key of a request with :func:`request_key` / :func:`charge_key` ``digest``."""
+        """The stored key of a request whose unkeyed digest is ``digest`` (``request_keys``)."""
         return request_mac(self.identity_key(), digest)
 
     # ---- reads -------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import numpy as np
 OUT = Path(os.environ["OUT"])
 os.environ["DPAGG_DATA_DIR"] = str(OUT / "data")
 
-from dpagg_core.io.images import dataset_id_for  # noqa: E402
-from dpagg_core.privacy.calibration import calibrate  # noqa: E402
-from dpagg_core.privacy.ledger import Ledger, charge_key, request_key  # noqa: E402
+from dpagg_core.accountant import calibrate  # noqa: E402
+from dpagg_core.embeddings import dataset_id_for  # noqa: E402
+from dpagg_core.ledger import Ledger, charge_key, request_key  # noqa: E402
 
 ds = dataset_id_for([b"image-one", b"image-two", b"image-three"])
 led = Ledger(OUT / "ledger.sqlite")
