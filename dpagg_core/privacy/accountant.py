@@ -60,7 +60,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from dp_accounting import dp_event, gaussian_mechanism
@@ -212,6 +212,17 @@ class PrivacyPlan:
 # --------------------------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------------------------
+
+
+def checked_plan(plan: Any) -> PrivacyPlan:
+    """``plan`` if it is a valid :class:`PrivacyPlan` (:meth:`PrivacyPlan.check`); DpaggError
+    otherwise, before anything is drawn or written. Used by the mechanism and the ledger."""
+    if not isinstance(plan, PrivacyPlan):
+        raise DpaggError(
+            f"plan must be a dpagg_core.privacy.accountant.PrivacyPlan, got {type(plan).__name__}; "
+            "build one with calibration.calibrate or accountant.epsilon_for."
+        )
+    return plan.check()
 
 
 @dataclass(frozen=True)

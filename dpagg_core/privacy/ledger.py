@@ -52,7 +52,7 @@ import numpy as np
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.paths import default_ledger_path, resolve_path
 from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
 from dpagg_core.privacy.composition import (
     CHARGE_MODES,
     REL_TOL,
@@ -80,7 +80,6 @@ from dpagg_core.privacy.request_keys import (
     aggregate_request,
     check_budget_value,
     check_ids,
-    check_plan,
     request_mac,
 )
 
@@ -425,7 +424,7 @@ class Ledger:
         check_ids(dataset_id, "check")
         if mode not in MODES + CHARGE_MODES:
             raise DpaggError(f"mode={mode!r} is invalid: use one of {MODES + CHARGE_MODES}.")
-        check_plan(plan)
+        checked_plan(plan)
         check_plan_cost(plan)
         check_budget_value(budget_epsilon, budget_delta, "budget")
         with self._store.connect() as con, read_transaction(con):
@@ -672,7 +671,7 @@ class Ledger:
         The stored vector is the raw release in the full D (post-processing comes after).
         """
         check_ids(dataset_id, "release", name=name)
-        check_plan(plan)
+        checked_plan(plan)
         arr, ctr = mechanism.check_inputs(vectors, plan, clip_norm, center, mode=mode)
         if basis is not None:
             from dpagg_core.aggregate.subspace import check_basis

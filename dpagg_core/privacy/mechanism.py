@@ -62,7 +62,7 @@ from scipy.special import ndtri
 
 from dpagg_core import __version__
 from dpagg_core.errors import DpaggError
-from dpagg_core.privacy.accountant import NEIGHBOURINGS, PrivacyPlan
+from dpagg_core.privacy.accountant import NEIGHBOURINGS, PrivacyPlan, checked_plan
 
 MECHANISM = "dpagg-gaussian-mean"
 CLIP_MODES: tuple[str, ...] = ("clip", "normalize")
@@ -116,15 +116,6 @@ def _as_float64(x: Any, what: str) -> np.ndarray:
     return arr.astype(np.float64, copy=True)
 
 
-def _check_plan(plan: Any) -> None:
-    if not isinstance(plan, PrivacyPlan):
-        raise DpaggError(
-            f"plan must be a dpagg_core.privacy.accountant.PrivacyPlan, got {type(plan).__name__}; "
-            "build one with the accountant (calibrate / epsilon_for)."
-        )
-    plan.check()
-
-
 def _check_clip_norm(clip_norm: Any) -> float:
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float, np.number)):
         raise DpaggError(f"clip_norm={clip_norm!r}; pass a positive finite number (public C).")
@@ -151,7 +142,7 @@ def check_inputs(
     With ``centre_kind`` also checks that it describes ``center`` truthfully ('origin' exactly
     when the centre is None or zero), as the record will say so.
     """
-    _check_plan(plan)
+    checked_plan(plan)
     c = _check_clip_norm(clip_norm)
     if mode not in CLIP_MODES:
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")
@@ -394,7 +385,7 @@ def privacy_record(
     the base-model id. Never paths, file names, per-image values, seeds, noise or indices.
     Floats use ``repr`` so they round-trip exactly.
     """
-    _check_plan(plan)
+    checked_plan(plan)
     c = _check_clip_norm(clip_norm)
     if mode not in CLIP_MODES:
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")

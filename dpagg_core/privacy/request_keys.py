@@ -21,7 +21,7 @@ import numpy as np
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
 from dpagg_core.privacy.composition import CHARGE_MODES, calls_of_row, check_plan_cost
 
 
@@ -161,7 +161,7 @@ class Request:
             )
         if not isinstance(self.centre_kind, str) or not isinstance(self.base_model_id, str):
             raise DpaggError("centre_kind and base_model_id must be strings.")
-        check_plan(self.plan)
+        checked_plan(self.plan)
         check_budget_value(self.budget_epsilon, self.budget_delta, "budget")
         # The record the result will carry must be valid (C > 0 and finite, public strings).
         mechanism.privacy_record(
@@ -262,12 +262,3 @@ def check_budget_value(epsilon: float | None, delta: float | None, who: str) -> 
         raise DpaggError(f"{who} epsilon={epsilon!r} is invalid: give a finite number > 0.")
     if delta is not None and not (math.isfinite(delta) and 0 <= delta < 1):
         raise DpaggError(f"{who} delta={delta!r} is invalid: give a number in [0, 1).")
-
-
-def check_plan(plan: Any) -> PrivacyPlan:
-    """``plan`` if it is a valid :class:`PrivacyPlan` (its one validator, ``PrivacyPlan.check``)."""
-    if not isinstance(plan, PrivacyPlan):
-        raise DpaggError(
-            f"plan={plan!r} is not a PrivacyPlan: build one with calibration.calibrate."
-        )
-    return plan.check()
