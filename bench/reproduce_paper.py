@@ -22,6 +22,10 @@ of the style, a different set per seed), the methods are
 * ``dpagg_sub_js``  — the same followed by positive-part James-Stein shrinkage toward the centre
                       (``dpagg_core.aggregate.postprocess``, release-only post-processing: free);
 * ``dpsgd``         — DP-SGD TI (``dpagg_core.training.dpsgd``), Poisson rate q, T steps, PLD;
+* ``dpsgd_sub``     — public-subspace DP-SGD TI, the fair baseline for ``dpagg_sub``: the same
+                      public basis U, theta = centre + U a, per-example gradients projected onto U
+                      (U^T g) before clipping, noise in those coordinates (``train_dpsgd(basis=)``);
+                      its C_g is the median projected per-example gradient norm on the public style;
 
 at epsilon in ``--epsilons`` with delta = ``--delta`` (default 1e-5, the library default; the
 first comparison, in ``bench/results``, used 1/(10n)), replace-one adjacency for every DP method.
@@ -30,9 +34,9 @@ assigns to the target style) and KID (judge feature space) against 200 real imag
 that are not in any private set; for DPAgg also the cosine similarity between the release and the
 non-private mean (raw, and centred on the public initializer embedding).
 
-Every hyper-parameter that sets the noise (DPAgg's C, DP-SGD's C_g) is fixed from a *public*
-training style (``--public-style``), never from the held-out private images (docs/privacy.md
-invariant 2).
+Every hyper-parameter that sets the noise (DPAgg's C, DP-SGD's C_g, and their subspace versions)
+is fixed from a *public* training style (``--public-style``), never from the held-out private
+images (docs/privacy.md invariant 2).
 DP noise comes from the OS CSPRNG, so reruns differ even with the same seeds (by design).
 
 Outputs in ``--out`` (default ``bench/results_v2``): ``results.jsonl`` (one line per evaluation;
@@ -43,6 +47,7 @@ runs K single-threaded workers that claim (style, n, seed) blocks and share the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -72,8 +77,9 @@ METHODS = (
     "dpagg_sub",
     "dpagg_sub_js",
     "dpsgd",
+    "dpsgd_sub",
 )
-DP_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js", "dpsgd")
+DP_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js", "dpsgd", "dpsgd_sub")
 DPAGG_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js")
 # The delta of every DP row: the library default (1e-5), or "1/(10n)" (the first comparison's).
 DELTA_CHOICES = ("1e-5", "1/(10n)")
@@ -122,6 +128,7 @@ class Context:
     shape: tuple[int, int]  # (v, dim)
     basis: Any = None  # PublicBasis from the public style's per-image embeddings
     sub_clip_norm: float = 1.0  # C in that subspace, from the same public embeddings
+    sub_grad_clip: float = 1.0  # subspace DP-SGD C_g: median public norm of U^T g
 
 
 def _log(msg: str) -> None:
@@ -187,6 +194,7 @@ def make_context(s: Settings) -> Context:
         image_size=st.size,
     )["emb_params"]
     grad_clip = float(g.flatten(1).norm(dim=1).median())
+    g_flat = g.detach().to("cpu", torch.float64).flatten(1).numpy()  # [n, D], EmbeddingSet order
     # The public subspace (issue 10): PCA of the PUBLIC style's per-image embeddings, k per
     # vector, and its C: the median norm of their projected deltas (same rule as C above).
     from dpagg_core.aggregate.subspace import PublicBasis, PublicEmbeddings
@@ -200,6 +208,10 @@ def make_context(s: Settings) -> Context:
     )
     basis = PublicBasis.from_public_embeddings(public, s.basis_k)
     sub_clip_norm = float(np.median(np.linalg.norm(basis.project(emb - centre), axis=1)))
+    # Subspace DP-SGD's C_g: the same rule as C_g, on the public gradients projected (U^T g);
+    # torch's median (the lower middle value for even n) as for C_g, so C_g,sub <= C_g.
+    sub_norms = np.linalg.norm(basis.project(g_flat), axis=1)
+    sub_grad_clip = float(torch.from_numpy(sub_norms).median())
     refs = {}
     for style in s.styles:
         real = [
@@ -208,11 +220,13 @@ def make_context(s: Settings) -> Context:
         refs[style] = judge.features(jdg, np.stack(real))
     _log(
         f"public calibration on {s.public_style!r}: DPAgg C = {clip_norm:.4g}, "
-        f"C_g = {grad_clip:.4g}, subspace k = {s.basis_k}/vector, C_sub = {sub_clip_norm:.4g}"
+        f"C_g = {grad_clip:.4g}, subspace k = {s.basis_k}/vector, C_sub = {sub_clip_norm:.4g}, "
+        f"C_g,sub = {sub_grad_clip:.4g}"
     )
     return Context(
-        pipe, backend, jdg, centre, clip_norm, grad_clip, refs, (v, dim), basis, sub_clip_norm
-    )
+        pipe, backend, jdg, centre, clip_norm, grad_clip, refs, (v, dim), basis, sub_clip_norm,
+        sub_grad_clip,
+    )  # fmt: skip
 
 
 def evaluate(ctx: Context, s: Settings, style: str, *, flat=None, prompts=None, seed=0) -> dict:
@@ -232,7 +246,8 @@ def evaluate(ctx: Context, s: Settings, style: str, *, flat=None, prompts=None, 
         )
     acc = judge.style_accuracy(ctx.judge, imgs, style)
     k = judge.kid(judge.features(ctx.judge, imgs), ctx.ref_features[style])
-    return {"acc": acc, "kid": k}
+    # n_images: acc is a fraction of these; its binomial sampling error is in table().
+    return {"acc": acc, "kid": k, "n_images": int(len(imgs))}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -440,27 +455,35 @@ def run(s: Settings, out: Path) -> list[dict]:
                         | {"method": "ti_shared", "epsilon": None}
                         | evaluate(ctx, s, style, flat=flat, seed=seed)
                     )
+                # dpsgd_sub: public-subspace DP-SGD (same basis as dpagg_sub, its own public C_g).
+                cfg_sub = dataclasses.replace(cfg, clip_norm=ctx.sub_grad_clip)
                 for eps in s.epsilons:
-                    if not todo(style, n, seed, "dpsgd", eps):
-                        continue
-                    t1 = time.time()
-                    res = dpsgd.train_dpsgd(ctx.backend, imgs, cfg, target_epsilon=eps, delta=delta)
-                    flat = res.vectors["emb_params"].double().flatten().numpy()
-                    _log(
-                        f"DP-SGD {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
-                        f"{time.time() - t1:.0f}s"
-                    )
-                    record(
-                        tag
-                        | {
-                            "method": "dpsgd",
-                            "epsilon": eps,
-                            "clip_norm": cfg.clip_norm,
-                            "sigma": res.plan.noise_std(cfg.clip_norm),
-                            "z": res.noise_multiplier,
-                        }
-                        | evaluate(ctx, s, style, flat=flat, seed=seed)
-                    )
+                    for method, mcfg, basis in (
+                        ("dpsgd", cfg, None),
+                        ("dpsgd_sub", cfg_sub, ctx.basis),
+                    ):
+                        if not todo(style, n, seed, method, eps):
+                            continue
+                        t1 = time.time()
+                        res = dpsgd.train_dpsgd(
+                            ctx.backend, imgs, mcfg, target_epsilon=eps, delta=delta, basis=basis
+                        )
+                        flat = res.vectors["emb_params"].double().flatten().numpy()
+                        _log(
+                            f"{method} {style} n={n} eps={eps} z={res.noise_multiplier:.3g}: "
+                            f"{time.time() - t1:.0f}s"
+                        )
+                        record(
+                            tag
+                            | {
+                                "method": method,
+                                "epsilon": eps,
+                                "clip_norm": mcfg.clip_norm,
+                                "sigma": res.plan.noise_std(mcfg.clip_norm),
+                                "z": res.noise_multiplier,
+                            }
+                            | evaluate(ctx, s, style, flat=flat, seed=seed)
+                        )
             finally:
                 _release(out, style, n, seed)
     _log(f"experiment finished in {time.time() - t0:.0f}s")
@@ -481,22 +504,52 @@ def _ms(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
 
 
+def n_images(s: Settings) -> int:
+    """G: images generated per evaluation (``evaluate``: ``eval_per_template`` per template of
+    ``sample.EVAL_TEMPLATES``, one per shape; the prompt references use the same count)."""
+    return len(sample.EVAL_TEMPLATES) * s.eval_per_template
+
+
+def sampling_error(
+    rows: list[dict], method: str, n: int, eps: float | None, default_g: int
+) -> float | None:
+    """Binomial sampling error of a cell's mean style accuracy: sqrt(sum_i p_i (1 - p_i) / G_i)
+    / k over the cell's k evaluations (p_i the accuracy, G_i its ``n_images``; ``default_g`` for
+    rows written before that was recorded). The error from generating finitely many images, not
+    the spread between styles. None for an empty cell."""
+    cell = [
+        r
+        for r in rows
+        if r["method"] == method and r["n"] == n and r["epsilon"] == eps and "acc" in r
+    ]
+    if not cell:
+        return None
+    var = sum(r["acc"] * (1.0 - r["acc"]) / r.get("n_images", default_g) for r in cell)
+    return math.sqrt(var) / len(cell)
+
+
 def table(rows: list[dict], s: Settings) -> str:
     """Markdown: per n, methods x epsilon, style accuracy and KID (mean ± std over styles x
-    seeds), then the cosine table for DPAgg."""
+    seeds), after each style-accuracy table its binomial sampling error per cell
+    (:func:`sampling_error`), then the cosine table for DPAgg."""
     lines = []
     eps_cols = [None, *s.epsilons]
+    default_g = n_images(s)
+    max_se: tuple[float, str] | None = None
 
     ref = [r for r in rows if r["n"] == 0]
     if ref:
         lines.append("Reference prompts (no private data), over styles:\n")
-        lines.append("| prompt | style accuracy | KID |")
-        lines.append("|---|---|---|")
+        lines.append("| prompt | style accuracy | sampling error (binomial) | KID |")
+        lines.append("|---|---|---|---|")
         for method in ("prompt_words", "no_style"):
             a = [r["acc"] for r in ref if r["method"] == method]
             k = [r["kid"] for r in ref if r["method"] == method]
-            if a:
-                lines.append(f"| {method} | {_ms(a)} | {_ms(k, 3)} |")
+            se = sampling_error(ref, method, 0, None, default_g)
+            if a and se is not None:
+                if max_se is None or se > max_se[0]:
+                    max_se = (se, f"{method}, reference prompts")
+                lines.append(f"| {method} | {_ms(a)} | {se:.3f} | {_ms(k, 3)} |")
         lines.append("")
     for metric, digits, title in (
         ("acc", 2, "style accuracy (higher is better)"),
@@ -517,6 +570,30 @@ def table(rows: list[dict], s: Settings) -> str:
                     continue
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
+            if metric != "acc":
+                continue
+            lines.append(
+                f"n = {n}: sampling error of the style-accuracy mean (binomial, from the G "
+                f"images per evaluation; G = {default_g} unless the row records another)\n"
+            )
+            lines.append(head)
+            lines.append("|---" * (len(eps_cols) + 1) + "|")
+            for method in ("ti_shared", "mean", *DP_METHODS):
+                errs = [sampling_error(rows, method, n, e, default_g) for e in eps_cols]
+                if all(x is None for x in errs):
+                    continue
+                for e, x in zip(eps_cols, errs, strict=True):
+                    eps_txt = "∞" if e is None else f"{e:g}"
+                    if x is not None and (max_se is None or x > max_se[0]):
+                        max_se = (x, f"{method}, n={n}, ε={eps_txt}")
+                cells = ["–" if x is None else f"{x:.3f}" for x in errs]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if metric == "acc" and max_se is not None:
+            lines.append(
+                "Largest binomial sampling error of a style-accuracy cell mean (all cells above): "
+                f"{max_se[0]:.3f} ({max_se[1]}).\n"
+            )
     lines.append(
         "**Cosine similarity of the DPAgg release to the non-private mean** "
         "(raw / centred on the initializer)\n"
@@ -543,6 +620,7 @@ COLOURS = {
     "dpagg_sub": (148, 103, 189),
     "dpagg_sub_js": (255, 127, 14),
     "dpsgd": (214, 39, 40),
+    "dpsgd_sub": (227, 119, 194),
 }
 
 
@@ -635,6 +713,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ns", nargs="+", type=int, default=None)
     ap.add_argument("--epsilons", nargs="+", type=float, default=None)
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument(
+        "--eval-per-template",
+        type=int,
+        default=None,
+        help=f"generated images per template and evaluation (default 6; G = "
+        f"{len(sample.EVAL_TEMPLATES)} x this); rows already in --out are kept, not redone",
+    )
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     ap.add_argument(
         "--delta",
@@ -668,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             ti_steps=40, dpsgd_steps=20, eval_per_template=2, eval_steps=10,
             reference=50, public_n=6,
         )  # fmt: skip
-    for name in ("styles", "ns", "epsilons", "seeds", "methods", "delta"):
+    for name in ("styles", "ns", "epsilons", "seeds", "methods", "delta", "eval_per_template"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     for style in s.styles:

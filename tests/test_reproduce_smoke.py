@@ -89,14 +89,16 @@ def test_smoke_benchmark(tmp_path):
     for m in reproduce_paper.DP_METHODS:
         assert {(m, 1.0), (m, 8.0)} <= methods
     assert len(rows) == 4 + len(reproduce_paper.DP_METHODS) * 2
+    g = len(reproduce_paper.sample.EVAL_TEMPLATES) * 2  # --smoke: 2 images per template
     for r in rows:
         assert 0.0 <= r["acc"] <= 1.0 and math.isfinite(r["kid"])
+        assert r["n_images"] == g and (r["acc"] * g) == pytest.approx(round(r["acc"] * g))
         if r["method"] in ("dpagg_full", "dpagg_sub", "dpagg_sub_js"):
             assert r["delta"] == 1e-5  # the library default, for every n
             plan = calibration.calibrate(r["epsilon"], 1e-5, 10, "full")
             assert r["sigma"] == pytest.approx(plan.noise_std(r["clip_norm"]), rel=1e-12)
             assert -1.0 <= r["cos"] <= 1.0
-        if r["method"] == "dpsgd":
+        if r["method"] in ("dpsgd", "dpsgd_sub"):
             # z C_g / (qN) with q N = 0.25 * 10
             assert r["sigma"] == pytest.approx(r["z"] * r["clip_norm"] / 2.5, rel=1e-9)
     sig = {(r["method"], r["epsilon"]): r["sigma"] for r in rows if "sigma" in r}
@@ -104,11 +106,17 @@ def test_smoke_benchmark(tmp_path):
         assert sig[(m, 1.0)] > sig[(m, 8.0)]  # more privacy, more noise
     table = (out / "table.md").read_text()
     assert "| dpsgd |" in table and "| dpagg_wor |" in table and "ε=8" in table
-    assert "| dpagg_sub |" in table and "| dpagg_sub_js |" in table
+    assert "| dpagg_sub |" in table and "| dpagg_sub_js |" in table and "| dpsgd_sub |" in table
+    assert "sampling error of the style-accuracy mean" in table
+    assert "Largest binomial sampling error" in table
     # The subspace's C is computed in the subspace (smaller than the full-space C).
     c_sub = {r["clip_norm"] for r in rows if r["method"] == "dpagg_sub"}
     c_full = {r["clip_norm"] for r in rows if r["method"] == "dpagg_full"}
     assert len(c_sub) == len(c_full) == 1 and c_sub.pop() < c_full.pop()
+    # Likewise subspace DP-SGD's C_g (public median of ||U^T g||) is below the full-space C_g.
+    cg_sub = {r["clip_norm"] for r in rows if r["method"] == "dpsgd_sub"}
+    cg_full = {r["clip_norm"] for r in rows if r["method"] == "dpsgd"}
+    assert len(cg_sub) == len(cg_full) == 1 and cg_sub.pop() < cg_full.pop()
     from PIL import Image
 
     with Image.open(out / "utility_vs_epsilon.png") as im:
