@@ -16,9 +16,12 @@ of the style, a different set per seed), the methods are
                       (``dpagg_core.privacy.mechanism.dp_mean``, analytic Gaussian accountant);
 * ``dpagg_wor``     — DPAgg-TI with the paper's subsampling without replacement, m = n/2;
 * ``dpagg_sub``     — DPAgg-TI in a PUBLIC subspace (issue 10, ``dpagg_core.aggregate.subspace``):
-                      the top ``basis_k`` = 8 principal directions per vector of the public style's
-                      per-image embeddings; clip (C from the same public embeddings), mean and noise
-                      in those 2k coordinates, mapped back;
+                      the top ``basis_k`` = 16 principal directions per vector of per-image
+                      embeddings of PUBLIC images of the 26 training styles (``--basis-styles
+                      public_style``: of the one public style, k = 8, the first re-run's); clip
+                      (C from the same public embeddings), mean and noise in those 2k
+                      coordinates, mapped back. k was chosen on training styles only
+                      (``bench/choose_public_defaults.py``);
 * ``dpagg_sub_js``  — the same followed by positive-part James-Stein shrinkage toward the centre
                       (``dpagg_core.aggregate.postprocess``, release-only post-processing: free);
 * ``dpsgd``         — DP-SGD TI (``dpagg_core.training.dpsgd``), Poisson rate q, T steps, PLD;
@@ -105,7 +108,12 @@ class Settings:
     public_style: str = "forest striped"
     public_n: int = 16
     delta: str = "1e-5"
-    basis_k: int = 8  # directions per vector of the public-embedding basis (subspace_gain.py)
+    # The public basis (issue 10): PCA of per-image embeddings of PUBLIC images of every training
+    # style ("train", ``basis_per_style`` each) or of the one ``public_style`` ("public_style",
+    # the first re-run's); k per vector chosen on training styles by choose_public_defaults.py.
+    basis_k: int = 16
+    basis_styles: str = "train"
+    basis_per_style: int = 6
 
     def delta_for(self, n: int) -> float:
         return 1e-5 if self.delta == "1e-5" else 1.0 / (10 * n)
@@ -199,15 +207,26 @@ def make_context(s: Settings) -> Context:
     # vector, and its C: the median norm of their projected deltas (same rule as C above).
     from dpagg_core.aggregate.subspace import PublicBasis, PublicEmbeddings
 
+    if s.basis_styles == "train":
+        basis_emb = np.concatenate(
+            [
+                per_image_embeddings(
+                    tmp, s, images_tensor(st_, s.basis_per_style, data.REFERENCE_OFFSET), seed=0
+                )
+                for st_ in data.TRAIN_STYLES
+            ]
+        )
+    else:
+        basis_emb = emb
     public = PublicEmbeddings(
-        vectors={"emb_params": torch.from_numpy(emb.reshape(-1, v, dim)).float()},
+        vectors={"emb_params": torch.from_numpy(basis_emb.reshape(-1, v, dim)).float()},
         model_family="sd1",
         base_model_id=backend.base_model_id or "",
         centre={"emb_params": torch.from_numpy(centre.reshape(v, dim)).float()},
         initializer=artifact.TI_INITIALIZER,
     )
     basis = PublicBasis.from_public_embeddings(public, s.basis_k)
-    sub_clip_norm = float(np.median(np.linalg.norm(basis.project(emb - centre), axis=1)))
+    sub_clip_norm = float(np.median(np.linalg.norm(basis.project(basis_emb - centre), axis=1)))
     # Subspace DP-SGD's C_g: the same rule as C_g, on the public gradients projected (U^T g);
     # torch's median (the lower middle value for even n) as for C_g, so C_g,sub <= C_g.
     sub_norms = np.linalg.norm(basis.project(g_flat), axis=1)
@@ -220,7 +239,8 @@ def make_context(s: Settings) -> Context:
         refs[style] = judge.features(jdg, np.stack(real))
     _log(
         f"public calibration on {s.public_style!r}: DPAgg C = {clip_norm:.4g}, "
-        f"C_g = {grad_clip:.4g}, subspace k = {s.basis_k}/vector, C_sub = {sub_clip_norm:.4g}, "
+        f"C_g = {grad_clip:.4g}; basis from {s.basis_styles!r} ({basis_emb.shape[0]} public "
+        f"embeddings), k = {s.basis_k}/vector, C_sub = {sub_clip_norm:.4g}, "
         f"C_g,sub = {sub_grad_clip:.4g}"
     )
     return Context(
@@ -722,6 +742,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     ap.add_argument(
+        "--basis-k",
+        type=int,
+        default=None,
+        help="public basis directions per vector (default 16: bench/choose_public_defaults.py)",
+    )
+    ap.add_argument(
+        "--basis-styles",
+        default=None,
+        choices=("train", "public_style"),
+        help="public basis from every training style (default) or only --public-style",
+    )
+    ap.add_argument(
         "--delta",
         default=None,
         choices=DELTA_CHOICES,
@@ -751,9 +783,10 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings(
             styles=[artifact.DEMO_STYLE], ns=[10], epsilons=[1.0, 8.0], seeds=1,
             ti_steps=40, dpsgd_steps=20, eval_per_template=2, eval_steps=10,
-            reference=50, public_n=6,
+            reference=50, public_n=6, basis_per_style=1,
         )  # fmt: skip
-    for name in ("styles", "ns", "epsilons", "seeds", "methods", "delta", "eval_per_template"):
+    names = ("styles", "ns", "epsilons", "seeds", "methods", "delta", "eval_per_template")
+    for name in (*names, "basis_k", "basis_styles"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     for style in s.styles:
