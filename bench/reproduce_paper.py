@@ -24,6 +24,10 @@ of the style, a different set per seed), the methods are
                       (``bench/choose_public_defaults.py``);
 * ``dpagg_sub_js``  — the same followed by positive-part James-Stein shrinkage toward the centre
                       (``dpagg_core.aggregate.postprocess``, release-only post-processing: free);
+* ``dpagg_pm``      — ``dpagg_full`` clipped around the PUBLIC mean embedding (the mean per-image
+                      embedding of the basis' public images) instead of the initializer;
+* ``dpagg_sub_pm``  — ``dpagg_sub`` around that public mean (the setting the public dry run of
+                      ``bench/choose_public_defaults.py`` chose);
 * ``dpsgd``         — DP-SGD TI (``dpagg_core.training.dpsgd``), Poisson rate q, T steps, PLD;
 * ``dpsgd_sub``     — public-subspace DP-SGD TI, the fair baseline for ``dpagg_sub``: the same
                       public basis U, theta = centre + U a, per-example gradients projected onto U
@@ -79,11 +83,13 @@ METHODS = (
     "dpagg_wor",
     "dpagg_sub",
     "dpagg_sub_js",
+    "dpagg_pm",
+    "dpagg_sub_pm",
     "dpsgd",
     "dpsgd_sub",
 )
-DP_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js", "dpsgd", "dpsgd_sub")
-DPAGG_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js")
+DPAGG_METHODS = ("dpagg_full", "dpagg_wor", "dpagg_sub", "dpagg_sub_js", "dpagg_pm", "dpagg_sub_pm")
+DP_METHODS = (*DPAGG_METHODS, "dpsgd", "dpsgd_sub")
 # The delta of every DP row: the library default (1e-5), or "1/(10n)" (the first comparison's).
 DELTA_CHOICES = ("1e-5", "1/(10n)")
 
@@ -137,6 +143,10 @@ class Context:
     basis: Any = None  # PublicBasis from the public style's per-image embeddings
     sub_clip_norm: float = 1.0  # C in that subspace, from the same public embeddings
     sub_grad_clip: float = 1.0  # subspace DP-SGD C_g: median public norm of U^T g
+    # The public-mean centre (mean of the basis' public embeddings) and its C, full and in U.
+    public_centre: Any = None
+    pm_clip_norm: float = 1.0
+    pm_sub_clip_norm: float = 1.0
 
 
 def _log(msg: str) -> None:
@@ -231,6 +241,10 @@ def make_context(s: Settings) -> Context:
     # torch's median (the lower middle value for even n) as for C_g, so C_g,sub <= C_g.
     sub_norms = np.linalg.norm(basis.project(g_flat), axis=1)
     sub_grad_clip = float(torch.from_numpy(sub_norms).median())
+    public_centre = basis_emb.mean(0)
+    pm_clip_norm = float(np.median(np.linalg.norm(basis_emb - public_centre, axis=1)))
+    pm_sub = basis.project(basis_emb - public_centre)
+    pm_sub_clip_norm = float(np.median(np.linalg.norm(pm_sub, axis=1)))
     refs = {}
     for style in s.styles:
         real = [
@@ -241,11 +255,12 @@ def make_context(s: Settings) -> Context:
         f"public calibration on {s.public_style!r}: DPAgg C = {clip_norm:.4g}, "
         f"C_g = {grad_clip:.4g}; basis from {s.basis_styles!r} ({basis_emb.shape[0]} public "
         f"embeddings), k = {s.basis_k}/vector, C_sub = {sub_clip_norm:.4g}, "
-        f"C_g,sub = {sub_grad_clip:.4g}"
+        f"C_g,sub = {sub_grad_clip:.4g}; around the public mean: C = {pm_clip_norm:.4g}, "
+        f"C_sub = {pm_sub_clip_norm:.4g}"
     )
     return Context(
         pipe, backend, jdg, centre, clip_norm, grad_clip, refs, (v, dim), basis, sub_clip_norm,
-        sub_grad_clip,
+        sub_grad_clip, public_centre, pm_clip_norm, pm_sub_clip_norm,
     )  # fmt: skip
 
 
@@ -424,23 +439,30 @@ def run(s: Settings, out: Path) -> list[dict]:
                         for method in DPAGG_METHODS:
                             if not todo(style, n, seed, method, eps):
                                 continue
-                            c = ctx.clip_norm
+                            c, cen, kind = ctx.clip_norm, ctx.centre, "initializer"
+                            if method.endswith("_pm"):
+                                cen, kind = ctx.public_centre, "public_mean"
                             if method == "dpagg_wor":
                                 m = max(2, int(round(s.wor_fraction * n)))
                                 plan = calibration.calibrate(eps, delta, n, "wor", m=m)
                             else:
                                 plan = calibration.calibrate(eps, delta, n, "full")
                             if method.startswith("dpagg_sub"):
-                                c = ctx.sub_clip_norm
+                                c = (
+                                    ctx.pm_sub_clip_norm
+                                    if kind == "public_mean"
+                                    else ctx.sub_clip_norm
+                                )
                                 rel = subspace.dp_mean_projected(
                                     emb, plan=plan, clip_norm=c, basis=ctx.basis,
-                                    center=ctx.centre, centre_kind="initializer",
+                                    center=cen, centre_kind=kind,
                                     base_model_id=ctx.basis.base_model_id,
                                 )  # fmt: skip
                             else:
+                                if kind == "public_mean":
+                                    c = ctx.pm_clip_norm
                                 rel = mechanism.dp_mean(
-                                    emb, plan=plan, clip_norm=c, center=ctx.centre,
-                                    centre_kind="initializer",
+                                    emb, plan=plan, clip_norm=c, center=cen, centre_kind=kind,
                                 )  # fmt: skip
                             if method == "dpagg_sub_js":
                                 vec, _ = postprocess.apply(
@@ -639,6 +661,8 @@ COLOURS = {
     "dpagg_wor": (44, 160, 44),
     "dpagg_sub": (148, 103, 189),
     "dpagg_sub_js": (255, 127, 14),
+    "dpagg_pm": (140, 86, 75),
+    "dpagg_sub_pm": (23, 190, 207),
     "dpsgd": (214, 39, 40),
     "dpsgd_sub": (227, 119, 194),
 }
