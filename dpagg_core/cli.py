@@ -544,31 +544,119 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _k_arg(text: str) -> int | str:
+    """``--k`` of public-basis: a positive integer, or ``auto`` (:func:`subspace.choose_k`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a positive integer or 'auto'") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a positive integer or 'auto'")
+    return k
+
+
+def _public_style_folders(folder: Path) -> list[Path]:
+    """The immediate, non-hidden subfolders of ``folder`` that hold at least one image file (one
+    PUBLIC style each, for ``--k auto``); refuses loose images beside them."""
+    from dpagg_core.io.images import IMAGE_EXTENSIONS
+
+    def is_image(p: Path) -> bool:
+        return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        raise DpaggError(f"--public-images {folder} is not a folder")
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    styles = [
+        e
+        for e in entries
+        if e.is_dir() and not e.name.startswith(".") and any(is_image(f) for f in e.iterdir())
+    ]
+    loose = [e.name for e in entries if is_image(e)]
+    if len(styles) < 3:
+        raise DpaggError(
+            f"--k auto needs --public-images {folder} to hold at least 3 subfolders of images, "
+            f"one per PUBLIC style (found {len(styles)}): k is chosen by holding out one style at "
+            "a time. Put the public images in >= 3 subfolders, one per style, or pass --k K."
+        )
+    if loose:
+        raise DpaggError(
+            f"--k auto reads one subfolder per PUBLIC style, but {folder} also holds "
+            f"{len(loose)} image(s) outside them ({', '.join(loose[:5])}"
+            f"{' ...' if len(loose) > 5 else ''}); move them into a style subfolder"
+        )
+    return styles
+
+
+def _k_choice_text(choice: Any) -> str:
+    lines = [f"choice of k on {choice.groups} PUBLIC styles (leave one style out):"]
+    lines.append(f"  {'k':>5}  {'worst cos':>9}  {'mean cos':>8}")
+    for r in choice.rows:
+        if r["usable"]:
+            cells = f"{r['cos_min']:9.4f}  {r['cos_mean']:8.4f}"
+        else:
+            cells = f"{'-':>9}  {'-':>8}  (not usable: too few public directions)"
+        mark = "  <- chosen" if r["k"] == choice.k else ""
+        lines.append(f"  {r['k']:>5}  {cells}{mark}")
+    if choice.met:
+        lines.append(f"k = {choice.k}: the smallest with worst cosine >= {choice.min_cos:g}")
+    else:
+        lines.append(
+            f"no k reached worst cosine >= {choice.min_cos:g}; k = {choice.k} has the largest "
+            "worst cosine (add public styles or images for a better basis)"
+        )
+    return "\n".join(lines)
+
+
 def cmd_public_basis(args: argparse.Namespace) -> int:
     """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``dpagg_core.aggregate.subspace``),
-    from the model's token table or from per-image TI embeddings of PUBLIC images."""
+    from the model's token table or from per-image TI embeddings of PUBLIC images. ``--k auto``
+    chooses k on the public styles (subfolders) only (``subspace.choose_k``)."""
     from dpagg_core.aggregate.subspace import PublicBasis, save_basis, train_public_embeddings
 
+    choice, styles = None, None
     if args.kind == "public_embeddings":
         if args.public_images is None:
             raise DpaggError("--kind public_embeddings needs --public-images DIR (PUBLIC images)")
         from dpagg_core.training.train_run import progress_bar
 
+        styles = _public_style_folders(args.public_images) if args.k == "auto" else None
         trainer = _trainer(args)
-        loaded = trainer.images(args.public_images)
-        update, close = progress_bar(f"per-image TI of {loaded.count} PUBLIC images")
+        if styles is None:
+            loaded = [trainer.images(args.public_images)]
+        else:
+            loaded = [trainer.images(folder) for folder in styles]
+        count = sum(part.count for part in loaded)
+        import torch
+
+        pixels = torch.cat([part.pixels for part in loaded]) if styles else loaded[0].pixels
+        update, close = progress_bar(f"per-image TI of {count} PUBLIC images")
         try:
             public = train_public_embeddings(
-                trainer.backend, loaded.pixels, trainer.config, progress=update
+                trainer.backend, pixels, trainer.config, progress=update
             )
         finally:
             close()
-        basis = PublicBasis.from_public_embeddings(public, args.k)
+        k = args.k
+        if styles is not None:
+            from dpagg_core.aggregate.subspace import auto_k_candidates, choose_k
+
+            groups = [i for i, part in enumerate(loaded) for _ in range(part.count)]
+            width = min(int(t.shape[-1]) for t in public.vectors.values())
+            choice = choose_k(public, groups, auto_k_candidates(width))
+            k = choice.k
+        basis = PublicBasis.from_public_embeddings(public, k)
         if args.save_public_embeddings is not None:
             from dpagg_core.aggregate.subspace import save_public_embeddings
 
             save_public_embeddings(public, args.save_public_embeddings)
     else:
+        if args.k == "auto":
+            raise DpaggError(
+                "--k auto chooses k on PUBLIC image styles (--kind public_embeddings); with "
+                "--kind token_table pass an integer --k"
+            )
         if args.public_images is not None or args.save_public_embeddings is not None:
             raise DpaggError(
                 "--public-images/--save-public-embeddings are for --kind public_embeddings"
@@ -588,6 +676,15 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         f"({basis.dim} noised coordinates of D = {basis.flat_dim}), sha256 {basis.sha256[:16]}...\n"
         f"use it with: dpagg aggregate/run ... --basis {path}"
     )
+    if choice is not None:
+        payload["k_choice"] = {
+            "k": choice.k,
+            "met": choice.met,
+            "min_cos": choice.min_cos,
+            "groups": [folder.name for folder in styles],
+            "rows": [dict(r) for r in choice.rows],
+        }
+        text = _k_choice_text(choice) + "\n" + text
     _emit(args, payload, text)
     return 0
 
@@ -693,7 +790,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="PCA of the model's token table, or of TI embeddings of --public-images",
     )
     p.add_argument("--public-images", type=_user_path, default=None, help="PUBLIC images only")
-    p.add_argument("--k", type=int, default=8, help="directions per vector (public; default 8)")
+    p.add_argument(
+        "--k",
+        type=_k_arg,
+        default=8,
+        help="directions per vector (public; default 8), or 'auto': the smallest of 4, 8, 12, "
+        "16, 24, 32, 48, 64, ... whose worst cosine to a held-out public style's mean is >= 0.95 "
+        "(--public-images then holds >= 3 subfolders, one per public style)",
+    )
     p.add_argument("--out", type=_user_path, required=True, help="basis file (.safetensors)")
     p.add_argument(
         "--save-public-embeddings",

@@ -31,7 +31,8 @@ Privacy (docs/privacy.md):
   ``dpagg ledger show`` prints it - the ledger's budget figures, the released file's name, and
   loader warnings naming files).
 * Everything that sets the noise is a widget value or derived from public inputs (invariant 2):
-  clip norm, centre (the initializer token's embedding), n (the image count), the plan.
+  clip norm, centre (the initializer token's embedding, the origin, or the mean embedding of
+  PUBLIC images from ``public_embeddings_file``), n (the image count), the plan.
 * DP Aggregate releases through ``dpagg_core.aggregate.release.release_embeddings``: validation
   first, then the ledger's reservation (budget check -> spend committed), the CSPRNG noise, the
   stored result, then the file (invariant 5). An identical request (ComfyUI re-executing the node
@@ -89,8 +90,15 @@ EmbeddingSetIO = io.Custom("EMBEDDING_SET")
 DpPlanIO = io.Custom("DP_PLAN")
 PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.io.images.LoadedImages
 PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.aggregate.subspace.PublicBasis (public)
-# DP Aggregate's centres: the public-mean centre needs PUBLIC embeddings, a CLI/library input.
-NODE_CENTRES = tuple(c for c in CENTRES if c != "public_mean")
+# DP Aggregate offers every core centre (``release.CENTRES``); 'public_mean' also needs the
+# ``public_embeddings_file`` input (PUBLIC per-image embeddings, `dpagg public-basis
+# --save-public-embeddings FILE`), the file the CLI's `--centre public_mean --public-embeddings`
+# takes.
+PUBLIC_MEAN_CENTRE = "public_mean"
+PUBLIC_EMBEDDINGS_HINT = (
+    "`dpagg public-basis --public-images DIR --save-public-embeddings FILE` (the file the CLI's "
+    "`--centre public_mean --public-embeddings FILE` takes), from PUBLIC images only"
+)
 BASIS_SOURCES = ("token_table", "file")
 
 # ComfyUI's dataset/folder image loaders (core nodes, 0.3.x and later): unsorted listing, every
@@ -889,6 +897,11 @@ def release_shaping(
     lines: list[str] = []
     figures: dict[str, Any] = {}
     sigma = plan.noise_std(clip_norm)
+    if record.get("centre_sha256"):
+        lines.append(
+            f"centre {record.get('centre')}: sha256 {record['centre_sha256'][:16]}... (public)"
+        )
+        figures["centre"] = {"kind": record.get("centre"), "sha256": record["centre_sha256"]}
     if record.get("basis_dim"):
         k_dim = int(record["basis_dim"])
         ratio = math.sqrt(k_dim / flat_dim)
@@ -993,6 +1006,30 @@ class PublicBasisNode(io.ComfyNode):
 # --------------------------------------------------------------------------------------------
 
 
+def public_centre_problem(centre: Any, public_embeddings_file: Any) -> str | None:
+    """Why ``centre`` and ``public_embeddings_file`` do not go together (None when they do).
+    Cheap checks only (no file is read); the core then refuses a private file, an EmbeddingSet
+    or another model's embeddings, still before the ledger reserves anything."""
+    text = str(public_embeddings_file or "").strip()
+    if centre == PUBLIC_MEAN_CENTRE:
+        if not text:
+            return (
+                "centre=public_mean needs public_embeddings_file: the per-image embeddings of "
+                f"PUBLIC images written by {PUBLIC_EMBEDDINGS_HINT}. Nothing was spent."
+            )
+        if not resolve_path(text).is_file():
+            return (
+                f"public_embeddings_file: {resolve_path(text)} does not exist; write it with "
+                f"{PUBLIC_EMBEDDINGS_HINT}. Nothing was spent."
+            )
+    elif text:
+        return (
+            f"public_embeddings_file is only used with centre=public_mean, not centre={centre!r}: "
+            "clear it or choose centre=public_mean. Nothing was spent."
+        )
+    return None
+
+
 class DPAggregate(io.ComfyNode):
     """Release ONE differentially private mean of an EMBEDDING_SET, recorded in the ledger."""
 
@@ -1021,7 +1058,14 @@ class DPAggregate(io.ComfyNode):
                     tooltip="C: every embedding is clipped to distance C from the centre. Choose "
                     "it from public data, never from these images",
                 ),
-                io.Combo.Input("centre", options=list(NODE_CENTRES), default="initializer"),
+                io.Combo.Input(
+                    "centre",
+                    options=list(CENTRES),
+                    default="initializer",
+                    tooltip="public centre to clip around: initializer (the initializer token's "
+                    "embedding), origin, or public_mean (the mean embedding of PUBLIC images, "
+                    "from public_embeddings_file)",
+                ),
                 io.String.Input("name", default="mystyle", tooltip="base file name"),
                 io.Combo.Input("mode", options=list(CLIP_MODES), default="clip"),
                 io.Float.Input(
@@ -1051,6 +1095,16 @@ class DPAggregate(io.ComfyNode):
                     "James-Stein shrinkage toward the centre; norm = rescale to the basis' "
                     "typical norm",
                 ),
+                io.String.Input(
+                    "public_embeddings_file",
+                    default="",
+                    optional=True,
+                    tooltip="for centre=public_mean only: a .safetensors file of per-image "
+                    "embeddings of PUBLIC images ONLY (never these private images), written by "
+                    "`dpagg public-basis --public-images DIR --save-public-embeddings FILE` - "
+                    "the same file the CLI's `--centre public_mean --public-embeddings FILE` "
+                    "takes. Their mean is the centre; a private file is refused",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="prompt", tooltip="embedding:<name>"),
@@ -1069,8 +1123,13 @@ class DPAggregate(io.ComfyNode):
         c = float(kwargs.get("clip_norm", 0))
         if not (c > 0 and math.isfinite(c)):
             return f"clip_norm={c}: must be a positive number chosen from public data"
-        if kwargs.get("centre") not in NODE_CENTRES:
-            return f"centre={kwargs.get('centre')!r}: use one of {list(NODE_CENTRES)}"
+        if kwargs.get("centre") not in CENTRES:
+            return f"centre={kwargs.get('centre')!r}: use one of {list(CENTRES)}"
+        problem = public_centre_problem(
+            kwargs.get("centre"), kwargs.get("public_embeddings_file", "")
+        )
+        if problem:
+            return problem
         if kwargs.get("postprocess", "none") not in POSTPROCESS_METHODS:
             return f"postprocess={kwargs.get('postprocess')!r}: use one of {POSTPROCESS_METHODS}"
         if kwargs.get("mode") not in CLIP_MODES:
@@ -1095,6 +1154,7 @@ class DPAggregate(io.ComfyNode):
         budget_delta,
         basis=None,
         postprocess="none",
+        public_embeddings_file="",
     ) -> io.NodeOutput:
         from comfy_execution.graph_utils import ExecutionBlocker
 
@@ -1113,6 +1173,16 @@ class DPAggregate(io.ComfyNode):
                 f"{eset.n}: connect the set to the Privacy Accountant's embedding_set input (or "
                 f"set its n to {eset.n}). Nothing was spent."
             )
+        # Checked again here (validate_inputs may be bypassed), before the ledger is touched;
+        # release_embeddings loads the file and refuses a private one before reserving.
+        problem = public_centre_problem(centre, public_embeddings_file)
+        if problem:
+            raise DpaggError(problem)
+        public_centre = (
+            resolve_path(str(public_embeddings_file).strip())
+            if centre == PUBLIC_MEAN_CENTRE
+            else None
+        )
         is_ti = eset.kind == "textual_inversion"
         ledger = comfy_ledger()
         be, bd = _opt(budget_epsilon), _opt(budget_delta)
@@ -1130,6 +1200,7 @@ class DPAggregate(io.ComfyNode):
             new_name_per_release=True,
             basis=basis,
             postprocess=str(postprocess or "none"),
+            public_centre=public_centre,
         )
         more, warning, figures = budget_payload(ledger, eset.dataset_id, plan, be, bd)
         state = "reused (nothing spent)" if outcome.reused else "new release"

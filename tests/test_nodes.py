@@ -184,7 +184,13 @@ def test_entrypoint_lists_the_nodes_with_types(pack):
     agg = schemas["DpaggAggregate"]
     assert types(agg.inputs[:2]) == ["EMBEDDING_SET", "DP_PLAN"]
     optional = {i.id: i.get_io_type() for i in agg.inputs if i.optional}
-    assert optional == {"basis": "PUBLIC_BASIS", "postprocess": "COMBO"}
+    assert optional == {
+        "basis": "PUBLIC_BASIS",
+        "postprocess": "COMBO",
+        "public_embeddings_file": "STRING",
+    }
+    (centre,) = [i for i in agg.inputs if i.id == "centre"]
+    assert centre.options == ["initializer", "origin", "public_mean"]
     assert types(schemas["DpaggPublicBasis"].outputs) == ["PUBLIC_BASIS"]
     assert types(agg.outputs) == ["STRING", "CLIP_VISION_OUTPUT"]
     # The TI seed must not be randomised after each queue (a re-run would spend budget again).
@@ -982,7 +988,134 @@ def test_aggregate_postprocessing_is_recorded_and_shown(pack, comfy_base):
     good = {"name": "x", "clip_norm": 1.0, "centre": "initializer", "mode": "clip"}
     assert validate(**good, postprocess="js+norm") is True
     assert "postprocess" in validate(**good, postprocess="bogus")
-    assert "centre" in validate(**(good | {"centre": "public_mean"}))  # a CLI/library input
+    # public_mean needs its PUBLIC embeddings file (tests below)
+    assert "public_embeddings_file" in validate(**(good | {"centre": "public_mean"}))
+
+
+# ------------------------------------------------------------ public-mean centre (DP Aggregate)
+
+
+def _public_file(folder: Path, eset: EmbeddingSet, n=10, seed=11, model_id=None) -> Path:
+    """PUBLIC per-image embeddings matching ``eset`` (model, centre, initializer), saved as
+    ``dpagg public-basis --save-public-embeddings`` writes them."""
+    from dpagg_core.aggregate.subspace import PublicEmbeddings, save_public_embeddings
+
+    g = torch.Generator().manual_seed(seed)
+    centre = eset.centre["emb_params"]
+    public = PublicEmbeddings(
+        vectors={"emb_params": centre + 0.2 * torch.randn((n, *centre.shape), generator=g)},
+        model_family=eset.model_family,
+        base_model_id=eset.base_model_id if model_id is None else model_id,
+        centre={"emb_params": centre.clone()},
+        initializer=eset.initializer,
+    )
+    return save_public_embeddings(public, folder / "public.safetensors")
+
+
+def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
+    pack, comfy_base, tmp_path
+):
+    """centre=public_mean + public_embeddings_file: the release clips around the PUBLIC mean;
+    its record names ``centre: public_mean`` and the centre's hash, with the same public fields
+    the library's release_embeddings gives for the same inputs (the noise aside). An identical
+    re-execution (ComfyUI cache eviction) spends nothing."""
+    from dpagg_core.aggregate.release import release_embeddings
+    from dpagg_core.aggregate.subspace import public_mean_centre
+    from dpagg_core.privacy.mechanism import centre_hash
+
+    eset = ti_set(n=8)
+    pfile = _public_file(tmp_path / "public", eset)
+    node = pack["pn"].DPAggregate
+    good = {"name": "pm", "clip_norm": 0.5, "centre": "public_mean", "mode": "clip"}
+    assert node.validate_inputs(**good, public_embeddings_file=str(pfile)) is True
+    plan = calibration.calibrate(2.0, 1e-5, 8, "full")
+    kw = {"centre": "public_mean", "clip_norm": 0.5, "name": "pm", "budget_epsilon": 5.0}
+    out = aggregate(pack, eset, plan, public_embeddings_file=f"  {pfile}  ", **kw)
+    payload = out.ui["dpagg"][0]
+    tensors, record = read_released(
+        comfy_base / "models" / "embeddings" / f"{payload['name']}.safetensors"
+    )
+    pc = public_mean_centre(pfile)
+    assert record["centre"] == "public_mean" and record["centre_sha256"] == pc.sha256
+    assert pc.sha256 != centre_hash(eset.flat_centre())  # not the initializer
+    assert payload["centre"] == {"kind": "public_mean", "sha256": pc.sha256}
+    assert any(line.startswith("centre public_mean: sha256 ") for line in payload["lines"])
+    json.dumps(out.ui)
+    # the library, same inputs, its own ledger: the same public record (noise aside)
+    lib = release_embeddings(
+        eset,
+        plan=plan,
+        clip_norm=0.5,
+        name="pm",
+        out_dir=tmp_path / "lib",
+        ledger=Ledger(tmp_path / "lib.sqlite"),
+        centre="public_mean",
+        budget_epsilon=5.0,
+        public_centre=pfile,
+    )
+    same = ("centre", "centre_sha256", "clip_norm", "clip_mode", "sigma", "sensitivity", "n")
+    assert {k: record[k] for k in same} == {k: lib.record[k] for k in same}
+    assert tensors["emb_params"].shape == lib.vectors["emb_params"].shape
+    # ComfyUI re-executing the identical request: the recorded release, nothing spent
+    again = aggregate(pack, eset, plan, public_embeddings_file=str(pfile), **kw)
+    assert again.ui["dpagg"][0]["reused"]
+    assert len(Ledger(pack["pn"].ledger_path()).list_releases()) == 1
+
+
+def test_aggregate_public_mean_without_its_file_fails_validation_and_spends_nothing(
+    pack, comfy_base, tmp_path
+):
+    eset = ti_set(n=6)
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
+    validate = pack["pn"].DPAggregate.validate_inputs
+    good = {"name": "x", "clip_norm": 1.0, "mode": "clip", "budget_epsilon": 0.0}
+    for blank in ({}, {"public_embeddings_file": ""}, {"public_embeddings_file": "  "}):
+        msg = validate(**good, centre="public_mean", **blank)
+        assert isinstance(msg, str) and "public_embeddings_file" in msg
+        assert "--save-public-embeddings" in msg and "PUBLIC" in msg
+    missing = tmp_path / "nope.safetensors"
+    assert "does not exist" in validate(
+        **good, centre="public_mean", public_embeddings_file=str(missing)
+    )
+    pfile = _public_file(tmp_path / "public", eset)
+    for other in ("initializer", "origin"):  # a file with another centre: said, not ignored
+        msg = validate(**good, centre=other, public_embeddings_file=str(pfile))
+        assert isinstance(msg, str) and "only used with centre=public_mean" in msg
+    # execute (validation bypassed) refuses the same, before the ledger is touched
+    for centre, file, needle in (
+        ("public_mean", "", "public_embeddings_file"),
+        ("public_mean", str(missing), "does not exist"),
+        ("initializer", str(pfile), "only used with centre=public_mean"),
+    ):
+        with pytest.raises(DpaggError, match=needle):
+            aggregate(pack, eset, plan, centre=centre, public_embeddings_file=file)
+    assert Ledger(pack["pn"].ledger_path()).list_releases() == []  # nothing spent
+    assert not (comfy_base / "models" / "embeddings").exists()
+
+
+def test_aggregate_refuses_private_or_foreign_public_embeddings_before_spending(
+    pack, comfy_base, tmp_path
+):
+    """A PRIVATE file (the per-image embeddings of the private set, saved as such) or public
+    embeddings of another model are refused by the core before the ledger reserves anything."""
+    from dpagg_core.io.private_file import save_private
+
+    eset = ti_set(n=6)
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
+    private = save_private(eset, tmp_path / "vault" / "set.safetensors", key=bytes(range(32)))
+    foreign = _public_file(tmp_path / "other", eset, model_id="comfyui:sd1:ffffffffffffffff")
+    for bad, needle in ((private, "PRIVATE"), (foreign, "model")):
+        with pytest.raises(DpaggError, match=needle):
+            aggregate(
+                pack,
+                eset,
+                plan,
+                centre="public_mean",
+                public_embeddings_file=str(bad),
+                budget_epsilon=5.0,
+            )
+    assert Ledger(pack["pn"].ledger_path()).list_releases() == []  # nothing spent
+    assert not (comfy_base / "models" / "embeddings").exists()
 
 
 # ------------------------------------------------------------------------------ Privacy Ledger
