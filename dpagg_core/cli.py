@@ -615,7 +615,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
     chooses k on the public styles (subfolders) only (``subspace.choose_k``)."""
     from dpagg_core.aggregate.subspace import PublicBasis, save_basis, train_public_embeddings
 
-    choice, styles = None, None
+    choice, styles, clip_norms = None, None, None
     if args.kind == "public_embeddings":
         if args.public_images is None:
             raise DpaggError("--kind public_embeddings needs --public-images DIR (PUBLIC images)")
@@ -647,6 +647,9 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
             choice = choose_k(public, groups, auto_k_candidates(width))
             k = choice.k
         basis = PublicBasis.from_public_embeddings(public, k)
+        from dpagg_core.aggregate.subspace import subspace_clip_norms
+
+        clip_norms = subspace_clip_norms(public, basis)
         if args.save_public_embeddings is not None:
             from dpagg_core.aggregate.subspace import save_public_embeddings
 
@@ -676,6 +679,13 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         f"({basis.dim} noised coordinates of D = {basis.flat_dim}), sha256 {basis.sha256[:16]}...\n"
         f"use it with: dpagg aggregate/run ... --basis {path}"
     )
+    if clip_norms is not None:
+        payload["suggested_clip_norm"] = clip_norms
+        text += (
+            f"\nsuggested --clip-norm with this basis (median of the public images' distances in "
+            f"its K coordinates): {clip_norms['initializer']:.4g} around the initializer, "
+            f"{clip_norms['public_mean']:.4g} with --centre public_mean"
+        )
     if choice is not None:
         payload["k_choice"] = {
             "k": choice.k,

@@ -222,3 +222,44 @@ def test_cli_public_basis_k_auto(tmp_path, tiny_model_dir, capsys):
     assert main([*argv, *common, "--out", str(out2)]) == 0
     text = capsys.readouterr().out
     assert "worst cos" in text and "<- chosen" in text and "leave one style out" in text
+    # The C to pass with this basis, from the same public embeddings, in the K coordinates.
+    c = payload["suggested_clip_norm"]
+    assert c["initializer"] > 0 and c["public_mean"] > 0 and "--centre public_mean" in text
+
+
+def test_subspace_clip_norms_are_public_medians_in_the_k_coordinates():
+    from dpagg_core.aggregate.subspace import PublicBasis, subspace_clip_norms
+
+    public, _, _ = styled_public(6, noise=0.1)
+    basis = PublicBasis.from_public_embeddings(public, 4)
+    x = public.vectors["emb_params"].double().reshape(public.n, -1).numpy()
+    init = public.centre["emb_params"].double().reshape(-1).numpy()
+    got = subspace_clip_norms(public, basis)
+    for kind, centre in (("initializer", init), ("public_mean", x.mean(0))):
+        in_k = np.linalg.norm((x - centre) @ basis.U, axis=1)
+        assert got[kind] == pytest.approx(float(np.median(in_k)), rel=1e-12)
+        # Projection never lengthens a row: the subspace C is at most the full-space one.
+        assert got[kind] <= float(np.median(np.linalg.norm(x - centre, axis=1)))
+    assert subspace_clip_norms(public, basis, 1.0)["initializer"] == pytest.approx(
+        float(np.max(np.linalg.norm((x - init) @ basis.U, axis=1)))
+    )
+    with pytest.raises(DpaggError, match="quantile"):
+        subspace_clip_norms(public, basis, 0.0)
+
+
+def test_subspace_clip_norms_refuse_the_private_set():
+    from dpagg_core.aggregate.subspace import PublicBasis, subspace_clip_norms
+
+    public, _, _ = styled_public(6)
+    basis = PublicBasis.from_public_embeddings(public, 4)
+    private = EmbeddingSet(
+        vectors={"emb_params": public.vectors["emb_params"]},
+        kind="textual_inversion",
+        model_family="sd1",
+        base_model_id="test-model",
+        centre={"emb_params": public.centre["emb_params"]},
+        initializer="painting",
+        dataset_id="private",
+    )
+    with pytest.raises(DpaggError, match="PRIVATE"):
+        subspace_clip_norms(private, basis)

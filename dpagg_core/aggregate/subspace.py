@@ -870,6 +870,35 @@ def choose_k(
 # --------------------------------------------------------------------------------------------
 
 
+def subspace_clip_norms(public: Any, basis: PublicBasis, quantile: float = 0.5) -> dict[str, float]:
+    """The clip norm C for a release in ``basis``'s subspace, from PUBLIC embeddings only: the
+    ``quantile`` of ``||U^T (x_i - c)||`` over the public images, around the initializer centre
+    they were trained from (``initializer``) and around their own mean (``public_mean``, the
+    centre ``centre='public_mean'`` clips around). The clipping happens in the K coordinates, so
+    this, not the full-space distance, is the C to pass with ``--basis``. ``bench/
+    reproduce_paper.py`` uses the median (``quantile=0.5``). Refuses private input (invariant 2).
+    """
+    _refuse_private(public, "subspace_clip_norms")
+    if isinstance(public, (str, os.PathLike)):
+        public = load_public_embeddings(public)
+    if not isinstance(public, PublicEmbeddings):
+        raise DpaggError(
+            f"subspace_clip_norms takes PublicEmbeddings or their file, got {type(public).__name__}"
+        )
+    if not 0.0 < float(quantile) <= 1.0:
+        raise DpaggError(f"quantile={quantile!r}: pass a number in (0, 1]")
+    flat = np.concatenate(
+        [public.vectors[key].double().reshape(public.n, -1).numpy() for key in public.keys], axis=1
+    )
+    check_basis(basis, flat_dim=flat.shape[1], base_model_id=public.base_model_id)
+    init = np.concatenate([public.centre[key].double().reshape(-1).numpy() for key in public.keys])
+    out = {}
+    for kind, centre in (("initializer", init), ("public_mean", flat.mean(axis=0))):
+        norms = np.linalg.norm(basis.project(flat - centre), axis=1)
+        out[kind] = float(np.quantile(norms, quantile))
+    return out
+
+
 def save_basis(basis: PublicBasis, path: str | os.PathLike[str]) -> Path:
     """Write ``basis`` as a safetensors file (never overwrites): tensors ``basis.<key>``
     (float64 ``[dim, k]`` per-vector blocks), header marked as a PUBLIC basis with its kind, k,
