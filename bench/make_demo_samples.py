@@ -8,15 +8,13 @@ files.
 
     .venv/bin/python bench/make_demo_samples.py
 
-``--public DIR`` instead writes the PUBLIC images the demo's clip norm comes from: 16 renders of
-the training style ``PUBLIC_STYLE`` (never the private ones).
-``dpagg_core.showcase.demo.DEMO_CLIP_NORM`` is what this prints for them, with the demo's TI
-settings:
+``--public-embeddings`` instead writes the demo's PUBLIC per-image embeddings
+(``dpagg_core/samples/public/public_styles.emb.safetensors``): ``PUBLIC_PER_STYLE`` renders of each
+of the 26 *training* styles (never the held-out ones, never the private images), trained with the
+demo's TI settings (``demo.demo_config``) on the shipped mini model. The demo fits its public basis
+and centre to them and takes its clip norm from them (``demo.demo_public``):
 
-    .venv/bin/python bench/make_demo_samples.py --public /tmp/public
-    .venv/bin/dpagg suggest-clip-norm --public-images /tmp/public --model <demo out>/minimodel-* \
-        --vectors 2 --initializer style --steps 80 --learning-rate 0.02 --batch-size 16 \
-        --resolution 32 --quantile 0.5
+    .venv/bin/python bench/make_demo_samples.py --public-embeddings
 """
 
 from __future__ import annotations
@@ -36,8 +34,7 @@ from dpagg_core.showcase.demo import DEMO_COUNT  # noqa: E402
 from dpagg_core.showcase.minimodel import DEMO_STYLE  # noqa: E402
 
 OUT = ROOT / "dpagg_core" / "samples"
-PUBLIC_STYLE = "forest striped"  # a training style, as in bench/reproduce_paper.py
-PUBLIC_COUNT = 16
+PUBLIC_PER_STYLE = 4
 
 
 def write(style: str, count: int, offset: int, folder: Path, prefix: str) -> None:
@@ -49,12 +46,38 @@ def write(style: str, count: int, offset: int, folder: Path, prefix: str) -> Non
     print(f"wrote {count} images of {style!r} to {folder}")
 
 
+def write_public_embeddings() -> Path:
+    import tempfile
+
+    from dpagg_core.aggregate.subspace import save_public_embeddings, train_public_embeddings
+    from dpagg_core.showcase.demo import PUBLIC_EMBEDDINGS, demo_config
+    from dpagg_core.showcase.minimodel import load_minimodel
+    from dpagg_core.training.train_run import Trainer
+
+    images = [
+        ex.image
+        for style in data.TRAIN_STYLES
+        for ex in data.style_examples(style, PUBLIC_PER_STYLE, offset=data.REFERENCE_OFFSET)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_minimodel(Path(tmp))
+        trainer = Trainer(model, demo_config(batch_size=len(images)))
+        public = train_public_embeddings(trainer.backend, data.to_tensor(images), trainer.config)
+        path = save_public_embeddings(public, OUT / PUBLIC_EMBEDDINGS)
+    print(f"wrote PUBLIC embeddings of {len(images)} training-style images to {path}")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--public", type=Path, help="write the public clip-norm images here instead")
+    ap.add_argument(
+        "--public-embeddings",
+        action="store_true",
+        help="write the demo's public embeddings (training styles) instead of the private images",
+    )
     args = ap.parse_args()
-    if args.public:
-        write(PUBLIC_STYLE, PUBLIC_COUNT, data.REFERENCE_OFFSET, args.public, "public")
+    if args.public_embeddings:
+        write_public_embeddings()
     else:
         write(DEMO_STYLE, DEMO_COUNT, data.DEMO_OFFSET, OUT, "private")
 

@@ -25,6 +25,7 @@ def test_package_ships_the_mini_model_and_the_private_samples():
     assert (root / "data" / "minimodel.safetensors").is_file()
     assert minimodel.model_file().stat().st_size <= 25e6
     samples = [e for e in (root / "samples").iterdir() if e.name.endswith(".png")]
+    assert (root / "samples" / demo.PUBLIC_EMBEDDINGS).is_file()
     assert len(samples) == demo.DEMO_COUNT
     assert all(Image.open(s).size == (32, 32) for s in samples[:5])
 
@@ -56,6 +57,16 @@ def test_dpagg_demo_end_to_end(tmp_path):
     assert int(record["n"]) == demo.DEMO_COUNT
     assert abs(float(record["epsilon"]) - demo.DEMO_EPSILON) < 1e-6
     assert not (tmp_path / "embeddings" / "demo_style_again.safetensors").exists()
+    # The small-set setting: a public basis and the public-mean centre, both from the shipped
+    # PUBLIC embeddings of training styles, and C measured in that basis.
+    from dpagg_core.aggregate.subspace import load_public_embeddings, public_mean_centre
+
+    public_file = tmp_path / "public" / "public_styles.emb.safetensors"
+    _, basis, clip_norm = demo.demo_public(tmp_path / "again")
+    assert record["centre"] == "public_mean" and record["basis_k"] == str(demo.DEMO_BASIS_K)
+    assert record["centre_sha256"] == public_mean_centre(load_public_embeddings(public_file)).sha256
+    assert record["basis_sha256"] == basis.sha256
+    assert float(record["clip_norm"]) == pytest.approx(clip_norm, rel=1e-12)
 
     sheet = Image.open(tmp_path / demo.SHEET_NAME)
     assert sheet.size[0] > 10 * 96 and sheet.size[1] >= 3 * 96  # 3 rows of 10 upscaled images

@@ -6,9 +6,14 @@
    training ("ocean checked"; rendered by ``bench/make_demo_samples.py``).
 2. ``dpagg run`` trains one textual-inversion embedding per image, calibrates the Gaussian noise
    to epsilon = ``DEMO_EPSILON`` (delta = the default 1e-5), releases the DP mean through a fresh
-   ledger and writes ``demo_style.safetensors``. The clip norm is public: ``dpagg
-   suggest-clip-norm`` on 16 images of a *training* style with the same TI settings printed 2.55
-   (the command is in ``bench/make_demo_samples.py``).
+   ledger and writes ``demo_style.safetensors``. It uses the setting the benchmark found best for
+   small sets (README "Evidence"): the mean and noise live in a PUBLIC subspace (``DEMO_BASIS_K``
+   directions per vector) fitted to per-image embeddings of PUBLIC images of the model's 26
+   *training* styles, clipped around those public embeddings' mean. The public embeddings ship
+   in ``samples/public/`` (``bench/make_demo_samples.py --public-embeddings`` trains them with
+   the demo's TI settings); the clip norm is their median distance in the subspace
+   (``subspace.subspace_clip_norms``). Nothing of the basis, centre or C comes from the private
+   images.
 3. The released file is loaded the way a user would (diffusers ``load_textual_inversion``) and
    ``demo_with_without.png`` shows the private images, the model without the embedding and with
    it, same seeds.
@@ -30,7 +35,8 @@ import torch
 
 DEMO_COUNT = 128
 DEMO_EPSILON = 2.0
-DEMO_CLIP_NORM = 2.55  # public: suggest-clip-norm on a training style (see the module docstring)
+DEMO_BASIS_K = 16  # directions per vector: bench/choose_public_defaults.py (training styles only)
+PUBLIC_EMBEDDINGS = "public/public_styles.emb.safetensors"  # under dpagg_core/samples
 DEMO_STEPS = 80
 DEMO_LEARNING_RATE = 0.02
 SHEET_NAME = "demo_with_without.png"
@@ -50,6 +56,38 @@ def _samples_dir(out: Path) -> Path:
         if entry.name.endswith(".png"):
             (folder / entry.name).write_bytes(entry.read_bytes())
     return folder
+
+
+def demo_config(batch_size: int = DEMO_COUNT) -> Any:
+    """The demo's TI settings (also those of its shipped public embeddings)."""
+    from dpagg_core.showcase.minimodel import TI_INITIALIZER, TI_VECTORS
+    from dpagg_core.training.ti import TIConfig
+
+    return TIConfig(
+        steps=DEMO_STEPS,
+        learning_rate=DEMO_LEARNING_RATE,
+        vectors=TI_VECTORS,
+        initializer=TI_INITIALIZER,
+        resolution=32,
+        batch_size=batch_size,
+    )
+
+
+def demo_public(out: Path) -> tuple[Path, Any, float]:
+    """The shipped PUBLIC embeddings (copied to ``out``), the basis fitted to them and the clip
+    norm around their mean in that basis: every noise-shaping input of the demo, public."""
+    from dpagg_core.aggregate.subspace import (
+        PublicBasis,
+        load_public_embeddings,
+        subspace_clip_norms,
+    )
+
+    path = out / "public" / Path(PUBLIC_EMBEDDINGS).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((resources.files("dpagg_core") / "samples" / PUBLIC_EMBEDDINGS).read_bytes())
+    public = load_public_embeddings(path)
+    basis = PublicBasis.from_public_embeddings(public, DEMO_BASIS_K)
+    return path, basis, subspace_clip_norms(public, basis)["public_mean"]
 
 
 def _labelled_rows(rows: list[tuple[str, list[Any]]], scale: int = 3) -> Any:
@@ -124,7 +162,14 @@ def _synthetic_set(key: bytes):
 
 
 def _release(
-    source: Any, epsilon: float, name: str, out: Path, ledger: Any, *, clip_norm: float
+    source: Any,
+    epsilon: float,
+    name: str,
+    out: Path,
+    ledger: Any,
+    *,
+    clip_norm: float,
+    public: tuple[Path, Any] | None = None,
 ) -> Any:
     """Release a DP mean of ``source`` (an ``EmbeddingSet``, or a ``(Trainer, images)`` pair to
     train after the budget check) as ``dpagg run``/``aggregate`` would; BudgetExceeded (a
@@ -139,6 +184,18 @@ def _release(
         source = trainer.train(loaded)
     else:
         plan = calibrate(epsilon, n=source.n)
+    if public is not None:  # (public embeddings file, basis): subspace + public-mean centre
+        return release_embeddings(
+            source,
+            plan=plan,
+            clip_norm=clip_norm,
+            name=name,
+            out_dir=out,
+            ledger=ledger,
+            centre="public_mean",
+            public_centre=public[0],
+            basis=public[1],
+        )
     return release_embeddings(
         source,
         plan=plan,
@@ -175,15 +232,9 @@ def run_demo(
         if not private.exists():
             save_private(_synthetic_set(key), private, key=key)
         source: Any = load_private(private, key=key)
-        eps, clip_norm = 1.0, 1.0
+        eps, clip_norm, public = 1.0, 1.0, None
     else:
-        from dpagg_core.showcase.minimodel import (
-            DEMO_STYLE,
-            TI_INITIALIZER,
-            TI_VECTORS,
-            load_minimodel,
-        )
-        from dpagg_core.training.ti import TIConfig
+        from dpagg_core.showcase.minimodel import DEMO_STYLE, load_minimodel
         from dpagg_core.training.train_run import Trainer
 
         _banner(
@@ -193,22 +244,23 @@ def run_demo(
         model = load_minimodel(out)
         images = _samples_dir(out)
         print(f"model : {model}\nimages: {images}")
-        config = TIConfig(
-            steps=DEMO_STEPS,
-            learning_rate=DEMO_LEARNING_RATE,
-            vectors=TI_VECTORS,
-            initializer=TI_INITIALIZER,
-            resolution=32,
-            batch_size=DEMO_COUNT,
-        )
-        trainer = Trainer(model, config, ledger=ledger.path)
+        trainer = Trainer(model, demo_config(), ledger=ledger.path)
         source = (trainer, trainer.images(images))
-        eps, clip_norm = DEMO_EPSILON, DEMO_CLIP_NORM
+        public_file, basis, clip_norm = demo_public(out)
+        public = (public_file, basis)
+        eps = DEMO_EPSILON
+        print(
+            f"public: {public_file} (embeddings of PUBLIC images of the training styles): "
+            f"basis k = {basis.k} per vector (noise on {basis.dim} of {basis.flat_dim} "
+            f"coordinates), centre = their mean, C = {clip_norm:.4g} (their median distance)"
+        )
 
     again = eps / 2
     _banner(f"2. train per image (if any), calibrate to epsilon = {eps:g}, release via the ledger")
     try:
-        outcome = _release(source, eps, "demo_style", embeddings_dir, ledger, clip_norm=clip_norm)
+        outcome = _release(
+            source, eps, "demo_style", embeddings_dir, ledger, clip_norm=clip_norm, public=public
+        )
     except DpaggError as exc:
         print(f"dpagg demo: error: {exc}", file=sys.stderr)
         return 2
@@ -227,7 +279,10 @@ def run_demo(
         f"5. a second release of the same images (epsilon {again:g}) exceeds the budget of {eps:g}"
     )
     try:
-        _release(source, again, "demo_style_again", embeddings_dir, ledger, clip_norm=clip_norm)
+        _release(
+            source, again, "demo_style_again", embeddings_dir, ledger, clip_norm=clip_norm,
+            public=public,
+        )  # fmt: skip
         refused = False
     except DpaggError as exc:
         print(f"dpagg demo: error: {exc}", file=sys.stderr)
