@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         public_mean_centre,
     )
     from dpagg_core.privacy import calibration, mechanism
-    from dpagg_core.training.diffusers_backend import DiffusersBackend
     from dpagg_core.training.ti import train_vectors
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -73,12 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
 
-    pipe = artifact.load_pipeline()
-    backend = DiffusersBackend.from_pipeline(pipe, model_family="sd1", device="cpu")
-    jdg = artifact.load_judge()
-    init = backend.initializer_embedding(artifact.TI_INITIALIZER)["emb_params"][0]
-    v, dim = artifact.TI_VECTORS, int(init.shape[0])
-    centre = init.double().repeat(v).numpy()
+    from bench.reproduce_paper import load_model
+
+    pipe, backend, jdg, centre, v, dim = load_model()
 
     def ti(style: str, n: int, offset: int) -> np.ndarray:
         imgs = data.to_tensor([e.image for e in data.style_examples(style, n, offset=offset)])

@@ -183,16 +183,22 @@ def dpsgd_config(ctx: Context, s: Settings, n: int, seed: int):
     )
 
 
-def make_context(s: Settings) -> Context:
-    from dpagg_core.training import dpsgd
+def load_model() -> tuple[Any, Any, Any, np.ndarray, int, int]:
+    """The mini model's pipeline, its TI backend, the style judge, the public initializer centre
+    (flat ``[v*dim]``, float64), v and dim."""
     from dpagg_core.training.diffusers_backend import DiffusersBackend
 
     pipe = artifact.load_pipeline()
     backend = DiffusersBackend.from_pipeline(pipe, model_family="sd1", device="cpu")
-    jdg = artifact.load_judge()
     init = backend.initializer_embedding(artifact.TI_INITIALIZER)["emb_params"][0]
     v, dim = artifact.TI_VECTORS, int(init.shape[0])
-    centre = init.double().repeat(v).numpy()
+    return pipe, backend, artifact.load_judge(), init.double().repeat(v).numpy(), v, dim
+
+
+def make_context(s: Settings) -> Context:
+    from dpagg_core.training import dpsgd
+
+    pipe, backend, jdg, centre, v, dim = load_model()
     # Public calibration of the clip norms on a TRAINING style (not private, not held out).
     pub = images_tensor(s.public_style, s.public_n, data.REFERENCE_OFFSET)
     tmp = Context(pipe, backend, jdg, centre, 1.0, 1.0, {}, (v, dim))

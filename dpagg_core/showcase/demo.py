@@ -185,17 +185,13 @@ def _release(
     else:
         plan = calibrate(epsilon, n=source.n)
     if public is not None:  # (public embeddings file, basis): subspace + public-mean centre
-        return release_embeddings(
-            source,
-            plan=plan,
-            clip_norm=clip_norm,
-            name=name,
-            out_dir=out,
-            ledger=ledger,
-            centre="public_mean",
-            public_centre=public[0],
-            basis=public[1],
-        )
+        shaping: dict[str, Any] = {
+            "centre": "public_mean",
+            "public_centre": public[0],
+            "basis": public[1],
+        }
+    else:
+        shaping = {"centre": "initializer" if source.centre is not None else "origin"}
     return release_embeddings(
         source,
         plan=plan,
@@ -203,7 +199,7 @@ def _release(
         name=name,
         out_dir=out,
         ledger=ledger,
-        centre="initializer" if source.centre is not None else "origin",
+        **shaping,
     )
 
 
