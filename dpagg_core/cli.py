@@ -600,11 +600,11 @@ def _k_choice_text(choice: Any) -> str:
         mark = "  <- chosen" if r["k"] == choice.k else ""
         lines.append(f"  {r['k']:>5}  {cells}{mark}")
     if choice.met:
-        lines.append(f"k = {choice.k}: the smallest with worst cosine >= {choice.min_cos:g}")
+        lines.append(f"k = {choice.k}: the smallest with mean cosine >= {choice.min_cos:g}")
     else:
         lines.append(
-            f"no k reached worst cosine >= {choice.min_cos:g}; k = {choice.k} has the largest "
-            "worst cosine (add public styles or images for a better basis)"
+            f"no k reached mean cosine >= {choice.min_cos:g}; k = {choice.k} has the largest "
+            "mean cosine (add public styles or images for a better basis)"
         )
     return "\n".join(lines)
 
@@ -805,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_k_arg,
         default=8,
         help="directions per vector (public; default 8), or 'auto': the smallest of 4, 8, 12, "
-        "16, 24, 32, 48, 64, ... whose worst cosine to a held-out public style's mean is >= 0.95 "
+        "16, 24, 32, 48, 64, ... whose mean cosine to a held-out public style's mean is >= 0.95 "
         "(--public-images then holds >= 3 subfolders, one per public style)",
     )
     p.add_argument("--out", type=_user_path, required=True, help="basis file (.safetensors)")

@@ -703,7 +703,7 @@ class KChoice:
     """The result of :func:`choose_k`.
 
     ``k``: the chosen directions per vector; ``met``: whether ``k`` reached ``min_cos`` (False:
-    no candidate did, ``k`` is the one with the largest worst cosine); ``rows``: one dict per
+    no candidate did, ``k`` is the one with the largest mean cosine); ``rows``: one dict per
     candidate (ascending k) with ``k``, ``cos_min`` (worst held-out cosine), ``cos_mean`` and
     ``usable`` (False, cosines None: some fit could not support k, see ``why``);
     ``groups``: the number of public styles.
@@ -758,9 +758,10 @@ def choose_k(
     public style (group) g, fit :meth:`PublicBasis.from_public_embeddings` with k directions on
     the embeddings of the OTHER styles' images, take g's mean embedding delta
     ``d = mean_i(x_i) - centre`` (its images, around ``public.centre``) and the cosine between
-    ``d`` and its projection ``U U^T d``. A k's score is its WORST cosine over the styles. The
-    choice is the smallest k in ``ks`` whose worst cosine is ``>= min_cos`` (``met=True``); if
-    none reaches it, the k with the largest worst cosine (smallest such k on a tie;
+    ``d`` and its projection ``U U^T d``. A k's score is its MEAN cosine over the held-out
+    styles (the worst is reported too: with many public styles one outlier would decide it). The
+    choice is the smallest k in ``ks`` whose mean cosine is ``>= min_cos`` (``met=True``); if
+    none reaches it, the k with the largest mean cosine (smallest such k on a tie;
     ``met=False``). A k that some fit cannot support (fewer non-degenerate directions than k:
     ``from_public_embeddings`` raises) is not usable. Held-out styles stand in for the unknown
     private style: too small a k drops the part of a new style's mean outside the subspace,
@@ -855,11 +856,11 @@ def choose_k(
             f"no candidate k in {cands} can be fitted with one public style left out "
             f"({rows[0]['why']}); add public images or pass a smaller --k"
         )
-    ok = [r for r in usable if r["cos_min"] >= min_cos]
+    ok = [r for r in usable if r["cos_mean"] >= min_cos]
     if ok:
         chosen, met = ok[0], True
     else:
-        chosen, met = max(usable, key=lambda r: (r["cos_min"], -r["k"])), False
+        chosen, met = max(usable, key=lambda r: (r["cos_mean"], -r["k"])), False
     return KChoice(
         k=int(chosen["k"]), met=met, min_cos=min_cos, rows=tuple(rows), groups=len(names)
     )
