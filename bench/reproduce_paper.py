@@ -26,8 +26,9 @@ of the style, a different set per seed), the methods are
                       (``dpagg_core.aggregate.postprocess``, release-only post-processing: free);
 * ``dpagg_pm``      — ``dpagg_full`` clipped around the PUBLIC mean embedding (the mean per-image
                       embedding of the basis' public images) instead of the initializer;
-* ``dpagg_sub_pm``  — ``dpagg_sub`` around that public mean (the setting the public dry run of
-                      ``bench/choose_public_defaults.py`` chose);
+* ``dpagg_sub_pm``  — ``dpagg_sub`` around that public mean (the public dry run of
+                      ``bench/choose_public_defaults.py`` tied it with ``dpagg_sub``; its smaller
+                      public C broke the tie);
 * ``dpsgd``         — DP-SGD TI (``dpagg_core.training.dpsgd``), Poisson rate q, T steps, PLD;
 * ``dpsgd_sub``     — public-subspace DP-SGD TI, the fair baseline for ``dpagg_sub``: the same
                       public basis U, theta = centre + U a, per-example gradients projected onto U
