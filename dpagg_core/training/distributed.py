@@ -202,8 +202,8 @@ def _train_sharded(
     if dist.get_backend() == "nccl":
         torch.cuda.set_device(device)
     dist.gather_object(payload, gathered, dst=0)
-    # gloo's gather returns on a sender before the root has received; without this barrier a
-    # sender may tear its group down mid-transfer (SIGABRT at exit).
+    # gloo's gather returns on a sender before the root has received: no rank leaves (and may
+    # destroy its group) before the root holds every payload.
     dist.barrier()
     if rank != 0:
         if error is not None:
