@@ -106,6 +106,7 @@ from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import (
     PRIVATE_MARKER,
     EmbeddingSet,
+    KeyedVectors,
     _as_tensor,
     _check_float32_finite,
     _checked_centre,
@@ -137,7 +138,7 @@ _CHUNK = 8192
 
 
 @dataclass(eq=False)
-class PublicEmbeddings:
+class PublicEmbeddings(KeyedVectors):
     """Per-image TI embeddings of PUBLIC images (``[n, v, dim]`` float32 per key), for building a
     :class:`PublicBasis`. Deliberately not an :class:`EmbeddingSet` (the private type): the basis
     constructor accepts only this type. Build it with :func:`train_public_embeddings` on public
@@ -178,18 +179,6 @@ class PublicEmbeddings:
             vecs[key] = t.contiguous()
         cen = _checked_centre(self.centre, vecs, "PublicEmbeddings", cast=True)
         self.vectors, self.centre, self._keys = vecs, cen, keys
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return self._keys
-
-    @property
-    def n(self) -> int:
-        return int(self.vectors[self._keys[0]].shape[0])
-
-    @property
-    def num_vectors(self) -> int:
-        return int(self.vectors[self._keys[0]].shape[1])
 
 
 def train_public_embeddings(
@@ -731,20 +720,6 @@ def auto_k_candidates(width: int) -> tuple[int, ...]:
     return kept or (width,)
 
 
-def _flat_delta(public: PublicEmbeddings, rows: np.ndarray) -> np.ndarray:
-    """Mean of the ``rows`` images' embeddings minus the public centre, float64 ``[D]`` in
-    :meth:`EmbeddingSet.flat` order (keys canonical, each ``[v, dim]`` row-major)."""
-    idx = torch.from_numpy(rows)
-    return np.concatenate(
-        [
-            (public.vectors[key][idx].double().mean(0) - public.centre[key].double())
-            .reshape(-1)
-            .numpy()
-            for key in public.keys
-        ]
-    )
-
-
 def choose_k(
     public: Any,
     groups: Sequence[Any] | np.ndarray,
@@ -817,6 +792,7 @@ def choose_k(
 
     cos: dict[int, list[float]] = {k: [] for k in cands}
     why: dict[int, str] = {}
+    flat, centre = public.flat(), public.flat_centre()
     for g in range(len(names)):
         rest = np.flatnonzero(codes != g)
         fit = PublicEmbeddings(
@@ -826,7 +802,7 @@ def choose_k(
             centre=public.centre,
             initializer=public.initializer,
         )
-        d = _flat_delta(public, np.flatnonzero(codes == g))
+        d = flat[codes == g].mean(axis=0) - centre  # the held-out style's mean delta, [D]
         dn = float(np.linalg.norm(d))
         for k in cands:
             if k in why:
@@ -888,13 +864,10 @@ def subspace_clip_norms(public: Any, basis: PublicBasis, quantile: float = 0.5) 
         )
     if not 0.0 < float(quantile) <= 1.0:
         raise DpaggError(f"quantile={quantile!r}: pass a number in (0, 1]")
-    flat = np.concatenate(
-        [public.vectors[key].double().reshape(public.n, -1).numpy() for key in public.keys], axis=1
-    )
+    flat = public.flat()
     check_basis(basis, flat_dim=flat.shape[1], base_model_id=public.base_model_id)
-    init = np.concatenate([public.centre[key].double().reshape(-1).numpy() for key in public.keys])
     out = {}
-    for kind, centre in (("initializer", init), ("public_mean", flat.mean(axis=0))):
+    for kind, centre in (("initializer", public.flat_centre()), ("public_mean", flat.mean(axis=0))):
         norms = np.linalg.norm(basis.project(flat - centre), axis=1)
         out[kind] = float(np.quantile(norms, quantile))
     return out

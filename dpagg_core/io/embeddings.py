@@ -105,8 +105,46 @@ def _family_keys(model_family: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
+class KeyedVectors:
+    """Shapes and flattening of ``vectors[key]`` ``[n, v, dim]`` in the canonical key order
+    ``_keys`` with an optional ``centre[key]`` ``[v, dim]``: one implementation for the private
+    :class:`EmbeddingSet` and ``subspace.PublicEmbeddings`` (which stay distinct types)."""
+
+    vectors: dict[str, torch.Tensor]
+    centre: dict[str, torch.Tensor] | None
+    _keys: tuple[str, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Tensor keys in canonical (flattening) order."""
+        return self._keys
+
+    @property
+    def n(self) -> int:
+        return int(self.vectors[self._keys[0]].shape[0])
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.vectors[self._keys[0]].shape[1])
+
+    def flat(self) -> np.ndarray:
+        """All embeddings as float64 ``[n, D]``, keys concatenated in canonical order.
+
+        The mechanism clips each row of this matrix to L2 norm C: the norm is taken over the whole
+        embedding (all keys and vectors), so one image changes at most one row.
+        """
+        parts = [self.vectors[k].reshape(self.n, -1).double() for k in self._keys]
+        return torch.cat(parts, dim=1).numpy().copy()
+
+    def flat_centre(self) -> np.ndarray | None:
+        """The public centre flattened like :meth:`flat` (float64 ``[D]``), or None."""
+        if self.centre is None:
+            return None
+        return torch.cat([self.centre[k].reshape(-1).double() for k in self._keys]).numpy().copy()
+
+
 @dataclass(eq=False)
-class EmbeddingSet:
+class EmbeddingSet(KeyedVectors):
     """n per-image embeddings of one kind, for one base model. PRIVATE DATA.
 
     ``vectors[key]`` is float32 ``[n, v, dim]``; keys are exactly those of the released file of
@@ -181,20 +219,7 @@ class EmbeddingSet:
             self.centre = _checked_centre(self.centre, vecs, "EmbeddingSet")
         self._keys = keys
 
-    # --- shapes -----------------------------------------------------------------------------
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """Tensor keys in canonical (flattening) order."""
-        return self._keys
-
-    @property
-    def n(self) -> int:
-        return int(self.vectors[self._keys[0]].shape[0])
-
-    @property
-    def num_vectors(self) -> int:
-        return int(self.vectors[self._keys[0]].shape[1])
+    # --- shapes (keys, n, num_vectors, flat, flat_centre: KeyedVectors) ---------------------
 
     @property
     def encoder_widths(self) -> dict[str, int]:
@@ -207,15 +232,6 @@ class EmbeddingSet:
         return sum(self.num_vectors * w for w in self.encoder_widths.values())
 
     # --- flattening (what the mechanism works on) -------------------------------------------
-
-    def flat(self) -> np.ndarray:
-        """All embeddings as float64 ``[n, D]``, keys concatenated in canonical order.
-
-        The mechanism clips each row of this matrix to L2 norm C: the norm is taken over the whole
-        embedding (all keys and vectors), so one image changes at most one row.
-        """
-        parts = [self.vectors[k].reshape(self.n, -1).double() for k in self._keys]
-        return torch.cat(parts, dim=1).numpy().copy()
 
     def unflat(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
         """Inverse of one row of :meth:`flat`: ``[D]`` -> ``{key: float32 [v, dim]}``."""
@@ -234,12 +250,6 @@ class EmbeddingSet:
             out[key] = torch.from_numpy(part.astype(np.float32))
             start += size
         return out
-
-    def flat_centre(self) -> np.ndarray | None:
-        """The public centre flattened like :meth:`flat` (float64 ``[D]``), or None."""
-        if self.centre is None:
-            return None
-        return torch.cat([self.centre[k].reshape(-1).double() for k in self._keys]).numpy().copy()
 
     def __repr__(self) -> str:
         """Shapes and public labels only: the vectors are private (docs/privacy.md invariant 4),
