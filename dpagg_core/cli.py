@@ -530,7 +530,7 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
     from dpagg_core.privacy.mechanism import suggest_clip_norm
 
     trainer = _trainer(args)
-    eset = trainer.train(trainer.images(args.public_images))
+    eset = trainer.train(trainer.images(args.public_images, public=True))
     payload = suggest_clip_norm(eset, args.quantile)
     text = (
         f"suggested --clip-norm {payload['clip_norm']:.4g} (the {args.quantile:.0%} quantile of "
@@ -624,9 +624,9 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         styles = _public_style_folders(args.public_images) if args.k == "auto" else None
         trainer = _trainer(args)
         if styles is None:
-            loaded = [trainer.images(args.public_images)]
+            loaded = [trainer.images(args.public_images, public=True)]
         else:
-            loaded = [trainer.images(folder) for folder in styles]
+            loaded = [trainer.images(folder, public=True) for folder in styles]
         count = sum(part.count for part in loaded)
         import torch
 

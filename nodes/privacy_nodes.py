@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 from comfy_api.latest import io
+from PIL import Image
 
 from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
 from dpagg_core.aggregate.release import CENTRES, release_embeddings
@@ -69,17 +70,18 @@ from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.images import (
     LoadedImages,
-    dataset_id_for,
     fit_images,
+    identify_pictures,
     load_image_folder,
     load_images,
+    look_of,
     pixel_digest,
 )
 from dpagg_core.io.names import sanitize_name
 from dpagg_core.paths import host_ledger_path, resolve_path
 from dpagg_core.privacy import accountant, calibration
 from dpagg_core.privacy.accountant import SAMPLINGS, PrivacyPlan
-from dpagg_core.privacy.ledger import Ledger, identity_key
+from dpagg_core.privacy.ledger import Ledger
 from dpagg_core.privacy.mechanism import CLIP_MODES
 from dpagg_core.training import clip_image, ti
 
@@ -152,20 +154,18 @@ def _flatten_images(images: Any) -> list[torch.Tensor]:
     return out
 
 
-def _image_digest(img: torch.Tensor) -> bytes:
-    """``dpagg_core.io.images.pixel_digest`` of one ComfyUI image: ComfyUI hands over pixels / 255,
-    so rounding recovers the 8-bit values the CLI would decode from the file."""
-    arr = (img.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return pixel_digest(arr.numpy())
-
-
-def images_dataset_id(images: Sequence[torch.Tensor], key: bytes | None = None) -> str:
-    """Keyed id of the image set (``embeddings.dataset_id_for`` of the pixel digests, under the
-    identity key of the pack's ledger unless ``key`` is given): the ledger keys the budget on
-    it, so the same pictures share ONE budget across Load Private Images, Per-Image TI, Clip
-    Embeddings and the CLI (``dpagg_core.io.images`` uses the same digest)."""
-    key = identity_key(ledger_path()) if key is None else key
-    return dataset_id_for([_image_digest(img) for img in images], key=key)
+def images_dataset_id(images: Sequence[torch.Tensor]) -> tuple[str, list[str]]:
+    """(keyed id, warnings) of an IMAGE set: the core's one identity step
+    (``images.identify_pictures``) on the pictures' digests and perceptual hashes, under the
+    pack's ledger, which learns the set's pictures so that every release is charged to each
+    (same ids as the CLI: ``dpagg_core.io.images`` uses the same digest)."""
+    digests, looks = [], []
+    for img in images:
+        arr = (img.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        digests.append(pixel_digest(arr))
+        looks.append(look_of(Image.fromarray(arr, mode="RGB")))
+    names = [f"image {i}" for i in range(len(digests))]
+    return identify_pictures(digests, looks, ledger=ledger_path(), names=names)
 
 
 def private_images(images: Any) -> LoadedImages | None:
@@ -183,8 +183,10 @@ def private_images(images: Any) -> LoadedImages | None:
 
 
 def loaded_dataset_id(loaded: LoadedImages) -> str:
-    """Id of a ``PRIVATE_IMAGES`` set under the pack ledger's key, from its carried digests."""
-    return dataset_id_for(loaded.digests, key=identity_key(ledger_path()))
+    """Id of a ``PRIVATE_IMAGES`` set under the pack ledger's key, from its carried digests
+    (registered with the pack's ledger like any private set)."""
+    names = [f"image {i}" for i in range(len(loaded.digests))]
+    return identify_pictures(loaded.digests, loaded.looks, ledger=ledger_path(), names=names)[0]
 
 
 def refuse_unstable_loader(hidden: Any, input_name: str = "images") -> None:
@@ -519,7 +521,8 @@ def training_images(
     refuse_unstable_loader(hidden)
     imgs = _flatten_images(images)
     if not resolution:
-        return to_model_images(imgs, 0), images_dataset_id(imgs), []
+        dataset_id, warns = images_dataset_id(imgs)
+        return to_model_images(imgs, 0), dataset_id, warns
     pictures = [img.detach().float().clamp(0, 1) for img in imgs]
     loaded = load_images(pictures, resolution, ledger=ledger_path())
     return loaded.pixels, loaded.dataset_id, list(loaded.warnings)
@@ -695,7 +698,7 @@ class ClipEmbeddings(io.ComfyNode):
         else:
             refuse_unstable_loader(cls.hidden)
             imgs = _flatten_images(images)
-            dataset_id = images_dataset_id(imgs)
+            dataset_id = images_dataset_id(imgs)[0]
         progress, should_cancel = _progress(len(imgs))
         rows = []
         for i, img in enumerate(imgs):  # one image at a time: row i depends on image i only

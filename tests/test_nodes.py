@@ -438,7 +438,7 @@ def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_back
     assert tiny_backend == [("M", "C", "V")]
     assert isinstance(eset, EmbeddingSet) and eset.n == 3 and eset.num_vectors == 2
     assert eset.kind == "textual_inversion" and eset.base_model_id == "tiny-test"
-    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))
+    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))[0]
     assert not eset.vectors["emb_params"].is_inference()
     # trained: every row moved away from the public initializer centre
     moved = (eset.vectors["emb_params"] - eset.centre["emb_params"]).flatten(1).norm(dim=1)
@@ -485,11 +485,11 @@ def test_image_helpers(pack):
     x = pn.to_model_images(flat, 16)
     assert tuple(x.shape) == (3, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
     # the dataset id ignores order and changes when one image changes
-    ids = pn.images_dataset_id(flat), pn.images_dataset_id(flat[::-1])
+    ids = pn.images_dataset_id(flat)[0], pn.images_dataset_id(flat[::-1])[0]
     assert ids[0] == ids[1]
     changed = [flat[0].clone(), flat[1], flat[2]]
     changed[0][0, 0, 0] = 1.0 - changed[0][0, 0, 0]
-    assert pn.images_dataset_id(changed) != ids[0]
+    assert pn.images_dataset_id(changed)[0] != ids[0]
     with pytest.raises(DpaggError, match="images"):
         pn._flatten_images([torch.zeros((2, 2))])
 
@@ -502,7 +502,7 @@ def test_dataset_id_matches_the_core_image_loader(pack):
     imgs = torch.cat([imgs, torch.rand((3, 40, 24, 3))[:, :, :24].mul(255).round().div(255)], 2)
     assert tuple(imgs.shape) == (3, 40, 64, 3)  # non-square: width/height order matters
     core = load_images(imgs, resolution=16).dataset_id
-    assert pack["pn"].images_dataset_id(list(imgs)) == core
+    assert pack["pn"].images_dataset_id(list(imgs))[0] == core
 
 
 # ------------------------------------------------------------------------------- Clip Embeddings
@@ -531,7 +531,7 @@ def test_clip_embeddings_encode_each_image_alone(pack, comfy_base):
     assert eset.kind == "clip_image" and eset.n == 3
     want = torch.nn.functional.normalize(imgs.mean(dim=(1, 2)) @ cv.w, dim=-1)  # unit rows
     assert torch.allclose(eset.vectors["image_embeds"][:, 0], want)
-    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))
+    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))[0]
 
 
 class ComfyClipVision:
@@ -1121,13 +1121,15 @@ def test_aggregate_refuses_private_or_foreign_public_embeddings_before_spending(
 # ------------------------------------------------------------------------------ Privacy Ledger
 
 
-def test_refusal_names_the_comfyui_way_and_the_ledger_node_raises_only_when_confirmed(
+def test_refusal_names_the_comfyui_way_and_the_ledger_dialog_route_raises_only_when_confirmed(
     pack, comfy_base
 ):
     """ComfyUI's install puts no `dpagg` on PATH: the refusal names the Privacy Ledger node and
-    the exact `python -m dpagg_core.cli` command; the node lists the sets and releases and
-    raises a budget only with the typed confirmation (then the refused release goes through)."""
-    node = importlib.import_module("nodes.ledger_node").PrivacyLedger
+    the exact `python -m dpagg_core.cli` command; the node lists the sets and releases, and the
+    "Raise budget..." dialog's route function raises a budget only for a JSON request with the
+    typed confirmation (then the refused release goes through)."""
+    ln = importlib.import_module("nodes.ledger_node")
+    node = ln.PrivacyLedger
     schema = node.GET_SCHEMA()
     assert schema.node_id == "DpaggPrivacyLedger" and schema.is_output_node
     eset = ti_set(n=6)
@@ -1142,21 +1144,127 @@ def test_refusal_names_the_comfyui_way_and_the_ledger_node_raises_only_when_conf
     assert f"cd {REPO} && " in msg and "`dpagg ledger" not in msg
     assert "used up" in msg and "smaller epsilon" not in msg
 
-    args = {"dataset": "", "new_budget_epsilon": 0.0, "new_budget_delta": 0.0, "confirm": ""}
-    shown = node.execute(action="show", **args)
+    shown = node.execute(action="show", dataset="")
     assert ds in shown.args[0] and " mystyle eps 2 " in shown.args[0]
     table = shown.ui["dpagg"][0]["datasets"]
     assert [t["dataset"] for t in table] == [ds] and table[0]["budget"]["epsilon"] == 2.0
-    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
-    raise_args = {**args, "dataset": ds, "new_budget_epsilon": 5.0}
-    for confirm in ("", "yes", f"raise {ds} to 4"):
-        with pytest.raises(DpaggError, match=f"raise {ds} to 5'.*Nothing was changed"):
-            node.execute(action="raise budget", **{**raise_args, "confirm": confirm})
-        assert ledger.status(ds)["budget"]["epsilon"] == 2.0
-    done = node.execute(action="raise budget", **{**raise_args, "confirm": f"raise {ds} to 5"})
-    assert done.ui["dpagg"][0]["lines"][0] == f"budget of {ds}: 2 -> 5 (delta 1e-05)"
+    path = comfy_base / "user" / "dpagg" / "ledger.sqlite"
+    ledger = Ledger(path)
+
+    def post(body, content_type="application/json"):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return ln.raise_budget(ln.comfy_ledger(), content_type, raw)
+
+    good = {"dataset": ds, "epsilon": 5, "delta": 0, "confirm": f"raise {ds} to 5"}
+    refused = [  # (request, content type, status)
+        (good, "text/plain", 415),  # a cross-origin "simple" request cannot be JSON
+        (good, "application/x-www-form-urlencoded", 415),
+        (good, "", 415),
+        (b"raise it", "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        ({**good, "confirm": ""}, "application/json", 400),
+        ({**good, "confirm": "yes"}, "application/json", 400),
+        ({**good, "confirm": f"raise {ds} to 4"}, "application/json", 400),
+        ({**good, "confirm": "raise ds-other to 5"}, "application/json", 400),
+        ({k: v for k, v in good.items() if k != "confirm"}, "application/json", 400),
+        ({**good, "epsilon": "5"}, "application/json", 400),
+        ({**good, "epsilon": True, "confirm": f"raise {ds} to 1"}, "application/json", 400),
+        ({**good, "epsilon": -5, "confirm": f"raise {ds} to -5"}, "application/json", 400),
+        ({**good, "dataset": ""}, "application/json", 400),
+        (
+            {**good, "dataset": "ds-unknown", "confirm": "raise ds-unknown to 5"},
+            "application/json",
+            404,
+        ),
+        ({**good, "epsilon": 1, "confirm": f"raise {ds} to 1"}, "application/json", 409),
+    ]
+    for body, ctype, status in refused:
+        code, reply = post(body, ctype)
+        assert (code, reply["ok"]) == (status, False), (body, ctype, reply)
+        assert reply["error"].endswith("Nothing was changed."), reply
+        assert ledger.status(ds)["budget"] == {"epsilon": 2.0, "delta": 1e-5}
+    code, reply = post({**good, "confirm": f"raise {ds} to 4"})
+    assert f"type exactly 'raise {ds} to 5'" in reply["error"]
+
+    code, reply = post(good, "application/json; charset=utf-8")
+    assert code == 200 and reply["ok"] is True, reply
+    assert reply["lines"][0] == f"budget of {ds}: 2 -> 5 (delta 1e-05)"
+    assert reply["datasets"][0]["budget"] == {"epsilon": 5.0, "delta": 1e-5}
     assert ledger.status(ds)["budget"] == {"epsilon": 5.0, "delta": 1e-5}
     assert aggregate(pack, eset, plan, name="another").args[0] == "embedding:another"
+    # "5.0" is the same number; an explicit delta is used
+    code, reply = post({**good, "epsilon": 6.5, "delta": 2e-5, "confirm": f"raise {ds} to 6.50"})
+    assert code == 200 and ledger.status(ds)["budget"] == {"epsilon": 6.5, "delta": 2e-5}
+
+
+def test_ledger_node_only_shows_and_refuses_an_old_raise_workflow(pack, comfy_base):
+    """Raising is out of the graph: the node's only inputs are action (only 'show') and dataset,
+    so no workflow can compute or carry a confirmation. A workflow saved before this change
+    (action 'raise budget' and a matching confirmation) is refused before it runs (validate_inputs,
+    replacing ComfyUI's list check for action) and again in execute, saying how to raise; the
+    budget is unchanged."""
+    ln = importlib.import_module("nodes.ledger_node")
+    node = ln.PrivacyLedger
+    assert widget_ids(node, pack["io"]) == ["action", "dataset"]
+    action = node.GET_SCHEMA().inputs[0]
+    assert action.options == ["show"]
+    eset = ti_set(n=6)
+    aggregate(pack, eset, calibration.calibrate(1.0, 1e-5, 6, "full"), budget_epsilon=1.0)
+    ds = eset.dataset_id
+    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
+    assert node.validate_inputs(action="show", dataset=ds) is True
+    for value in ("raise budget", "set budget"):
+        msg = node.validate_inputs(action=value, dataset=ds)
+        assert isinstance(msg, str) and "Nothing was changed" in msg
+        with pytest.raises(DpaggError) as err:
+            node.execute(action=value, dataset=ds)
+        assert str(err.value) == msg
+    msg = node.validate_inputs(action="raise budget", dataset=ds)
+    assert "action 'raise budget' is refused" in msg and "Set action to 'show'" in msg
+    assert "'Raise budget...' on the Privacy Ledger node" in msg and f"raise {ds} to" in msg
+    assert f"-m dpagg_core.cli ledger set-budget --ledger {ledger.path} --dataset {ds}" in msg
+    # a linked dataset arrives as None at validation
+    assert "--dataset DATASET" in node.validate_inputs(action="raise budget", dataset=None)
+    assert ledger.status(ds)["budget"]["epsilon"] == 1.0
+
+
+def test_raise_route_registers_only_on_a_comfyui_server(pack, monkeypatch):
+    """No ComfyUI server (plain imports, these tests): nothing registered. With one: the route
+    goes on PromptServer.instance.routes (ComfyUI's app and middleware serve it), once."""
+    ln = importlib.import_module("nodes.ledger_node")
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    assert ln.register_routes() is False
+
+    class Routes:
+        def __init__(self):
+            self.added = []
+
+        def post(self, path):
+            return lambda handler: self.added.append((path, handler)) or handler
+
+    instance = SimpleNamespace(routes=Routes())
+    monkeypatch.setitem(
+        sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=instance))
+    )
+    assert ln.register_routes() is True and ln.register_routes() is True
+    assert instance.routes.added == [("/dpagg/ledger/budget", ln.raise_budget_route)]
+    monkeypatch.setitem(
+        sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=None))
+    )
+    assert ln.register_routes() is False
+
+
+def test_frontend_ledger_button_is_not_a_saved_widget(pack):
+    """js/dpagg.js draws the Privacy Ledger's status and adds its "Raise budget..." button as a
+    widget that is serialized neither in widgets_values nor in the prompt; the dialog POSTs JSON
+    to the route."""
+    js = (REPO / "js" / "dpagg.js").read_text()
+    nodes_set = js[js.index("const DPAGG_NODES") : js.index("]);")]
+    assert '"DpaggPrivacyLedger"' in nodes_set
+    assert 'RAISE_BUTTON = "Raise budget..."' in js
+    assert "button.serialize = false" in js and "serialize: false" in js
+    assert 'RAISE_ROUTE = "/dpagg/ledger/budget"' in js
+    assert '"Content-Type": "application/json"' in js
 
 
 def test_accountant_shows_the_verdict_dp_aggregate_will_give(pack, comfy_base, monkeypatch):
@@ -1228,9 +1336,7 @@ def test_ledger_shows_the_file_name_actually_written(pack, comfy_base, capsys):
     out = capsys.readouterr().out
     assert "file=mystyle-2 (requested name=mystyle)" in out
     node = importlib.import_module("nodes.ledger_node").PrivacyLedger
-    shown = node.execute(
-        action="show", dataset="", new_budget_epsilon=0.0, new_budget_delta=0.0, confirm=""
-    ).args[0]
+    shown = node.execute(action="show", dataset="").args[0]
     assert " mystyle-2 eps " in shown
 
 

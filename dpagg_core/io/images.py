@@ -71,12 +71,11 @@ expanded, made absolute - the same meaning as in the CLI and the nodes.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,29 @@ from PIL import Image, ImageOps
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.paths import resolve_path
+from dpagg_core.privacy.identity import (
+    check_identity_key,
+    dataset_id_for,
+    image_ids_for,
+    look_id_for,
+    perceptual_hash,
+)
+from dpagg_core.privacy.ledger import Ledger
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "LoadedImages",
+    "check_identity_key",
+    "dataset_id_for",
+    "decode_rgb",
+    "fit_images",
+    "identify_pictures",
+    "load_image_folder",
+    "load_images",
+    "look_of",
+    "pixel_digest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +133,8 @@ class LoadedImages:
     # per-image pixel_digest of the full-size canonical decode, in row order; the dataset id is
     # dataset_id_for(digests, key=<a ledger's identity key>)
     digests: list[bytes] = field(default_factory=list, repr=False)
+    # per-image perceptual hash (identity.perceptual_hash), same order; private like the digests
+    looks: list[bytes] = field(default_factory=list, repr=False)
 
     @property
     def resolution(self) -> int:
@@ -194,52 +218,33 @@ def pixel_digest(rgb: np.ndarray) -> bytes:
     return h.digest()
 
 
-def check_identity_key(key: Any) -> bytes:
-    """``key`` if it is a ledger's 32-byte identity key (``ledger.identity_key()``); else
-    DpaggError. Everything keyed by it (dataset ids, private-file tags) checks it first."""
-    if not isinstance(key, bytes) or len(key) != 32:
-        raise DpaggError(
-            "the identity key must be the 32 bytes of a ledger's key (ledger.identity_key()); "
-            f"got {type(key).__name__}"
-            + (f" of length {len(key)}" if isinstance(key, (bytes, bytearray)) else "")
-        )
-    return key
-
-
-def dataset_id_for(contents: Iterable[bytes], *, key: bytes) -> str:
-    """Id of a private image collection: HMAC-SHA256 under the ledger's identity ``key`` of its
-    per-image contents (``images.pixel_digest`` of each decoded picture).
-
-    Order-independent (per-image SHA-256 digests are sorted; duplicates count), so renaming or
-    re-ordering files keeps the id; editing, adding or removing an image changes it. The ledger
-    keys privacy budgets on this id. ``key`` is the ledger's (``ledger.identity_key``): one ledger
-    file is one identity space, whichever process, user or data dir computes the id (docs/privacy.md
-    invariant 7). Without the key (random, inside the ledger, never released) the id reveals
-    nothing about the images: it cannot be used to confirm a guess of the collection.
-    """
-    if isinstance(contents, (bytes, bytearray, memoryview, str)):
-        raise DpaggError("dataset_id_for takes an iterable of per-image byte strings, not one blob")
-    digests = []
-    for i, c in enumerate(contents):
-        if not isinstance(c, (bytes, bytearray, memoryview)):
-            raise DpaggError(f"image {i}: dataset_id_for needs raw bytes, got {type(c).__name__}")
-        digests.append(hashlib.sha256(c).digest())
-    if not digests:
-        raise DpaggError("dataset_id_for got no images; the image folder must not be empty")
-    digests.sort()
-    h = hmac.new(check_identity_key(key), b"dpagg-dataset/1", hashlib.sha256)
-    h.update(len(digests).to_bytes(8, "little"))
-    for d in digests:
-        h.update(d)
-    return "ds-" + h.hexdigest()[:32]
+def look_of(rgb: Image.Image) -> bytes:
+    """The public perceptual hash of a decoded picture (``identity.perceptual_hash`` of its gray
+    8 x 9 box-filtered thumbnail): the same for a resized or re-encoded copy."""
+    gray = rgb.convert("L").resize((9, 8), Image.Resampling.BOX)
+    return perceptual_hash(np.asarray(gray, dtype=np.float64))
 
 
 def _process(
     img: Image.Image, resolution: int
-) -> tuple[np.ndarray, bytes, tuple[int, int], list[str]]:
-    """(uint8 [R, R, 3] pixels, digest of the full-size decoded RGB pixels, full size, losses)."""
+) -> tuple[np.ndarray, bytes, tuple[int, int], list[str], bytes]:
+    """(uint8 [R, R, 3] pixels, digest of the full-size decoded RGB pixels, full size, losses,
+    perceptual hash)."""
     rgb, lost = decode_rgb(img)
-    return _fit(rgb, resolution), pixel_digest(np.asarray(rgb)), rgb.size, lost
+    return _fit(rgb, resolution), pixel_digest(np.asarray(rgb)), rgb.size, lost, look_of(rgb)
+
+
+def _refuse_multi_frame(img: Image.Image, name: str) -> None:
+    """One rule for animated / multi-page files (GIF, WebP, TIFF, APNG...): refused everywhere.
+    Counting their frames as pictures would make one file several "people" (ComfyUI's Load Image
+    splits frames, a plain decode keeps the first), and the ids would differ by front end."""
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    if frames > 1:
+        raise DpaggError(
+            f"{name} has {frames} frames (an animated or multi-page image). dpagg takes one "
+            "picture per file, the same in every front end. Fix: export the frame you want as a "
+            "PNG or JPEG, or remove the file."
+        )
 
 
 def _fit(rgb: Image.Image, resolution: int) -> np.ndarray:
@@ -262,9 +267,9 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
 
 def _open_file(
     path: Path, resolution: int, max_pixels: int
-) -> tuple[np.ndarray, bytes, tuple[int, int], list[str], bytes, bytes | None]:
-    """(pixels, pixel digest, decoded size, losses, SHA-256 of the file bytes, legacy digest) of
-    one file (the bytes themselves are not kept)."""
+) -> tuple[np.ndarray, bytes, tuple[int, int], list[str], bytes, bytes | None, bytes]:
+    """(pixels, pixel digest, decoded size, losses, SHA-256 of the file bytes, legacy digest,
+    perceptual hash) of one file (the bytes themselves are not kept)."""
     data = path.read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check governs
@@ -276,10 +281,11 @@ def _open_file(
                 "or raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels= if you trust the file"
             ) from e
         _check_size(img.size, max_pixels, path.name)
+        _refuse_multi_frame(img, path.name)
         img.load()
-        pixels, pix_digest, size, lost = _process(img, resolution)
+        pixels, pix_digest, size, lost, look = _process(img, resolution)
         legacy = _legacy_digest(img)
-    return pixels, pix_digest, size, lost, hashlib.sha256(data).digest(), legacy
+    return pixels, pix_digest, size, lost, hashlib.sha256(data).digest(), legacy, look
 
 
 def _to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -287,20 +293,111 @@ def _to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     return stacked.to(torch.float32).div_(127.5).sub_(1.0)
 
 
+@dataclass
+class _Pictures:
+    """What the loaders collect per picture, in row order (private; never leaves this module
+    except as LoadedImages)."""
+
+    arrays: list[np.ndarray] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    byte_digests: list[bytes | None] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    looks: list[bytes] = field(default_factory=list)
+    legacy: list[bytes | None] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    losses: list[list[str]] = field(default_factory=list)
+
+    def add(self, name: str, processed: tuple, file_digest: bytes | None, legacy: bytes | None):
+        pixels, digest, size, lost, look = processed
+        self.arrays.append(pixels)
+        self.names.append(name)
+        self.byte_digests.append(file_digest)
+        self.digests.append(digest)
+        self.looks.append(look)
+        self.legacy.append(legacy)
+        self.sizes.append(size)
+        self.losses.append(lost)
+
+
+def identify_pictures(
+    digests: Sequence[bytes],
+    looks: Sequence[bytes],
+    *,
+    ledger: Ledger | str | os.PathLike[str] | None,
+    names: Sequence[str],
+    public: bool = False,
+    legacy_digests: Sequence[bytes | None] = (),
+) -> tuple[str, list[str]]:
+    """(dataset id, warnings) of pictures given by their ``pixel_digest`` and ``look_of``, under
+    the identity key of ``ledger`` (a Ledger, a path, or None: the default ledger). The one
+    identity step of every front end (folders, in-memory images, ComfyUI tensors).
+
+    Private pictures (``public=False``) are registered with the ledger as the set's pictures
+    (keyed ids only: ``Ledger.register_set``), so every release of the set is charged to each of
+    them (invariant 9); a picture new to the ledger that looks like one already charged (same
+    keyed perceptual hash: a resized or re-encoded copy) gets a warning naming it.
+
+    Public pictures (``public=True``: a basis, a public-mean centre, a clip-norm suggestion) are
+    NOT registered; any picture the ledger knows as private is refused with an error naming it,
+    and one that looks like a private picture gets a warning (invariant 8)."""
+    led = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+    key = led.identity_key()
+    dataset_id = dataset_id_for(digests, key=key)
+    ids = image_ids_for(digests, key=key)
+    look_ids = [look_id_for(lk, key=key) for lk in looks]
+    warns: list[str] = []
+    if public:
+        hits = led.private_pictures(ids)
+        if hits:
+            raise DpaggError(
+                f"{len(hits)} of these PUBLIC pictures are recorded as PRIVATE in the privacy "
+                f"ledger {led.path}: {_some([names[i] for i in hits])}. A public basis, centre "
+                "or clip norm built from private pictures would make the release depend on them "
+                "without noise (docs/privacy.md invariant 8). Nothing was trained or spent. Fix: "
+                "remove these files from the public folder (use pictures you could publish)."
+            )
+        near = led.private_looks(look_ids)
+        if near:
+            warns.append(
+                f"{len(near)} PUBLIC picture(s) look like pictures recorded as PRIVATE (same "
+                "perceptual hash; a resized or re-encoded copy?): "
+                f"{_some([names[i] for i in near])}. If they are copies of private pictures, "
+                "remove them: a public input must not hold private pictures."
+            )
+        return dataset_id, warns
+    if any(d is not None for d in legacy_digests):
+        # Same pictures, id under dpagg <= 0.2's decode: its recorded spend moves to this id.
+        old = [lg or d for lg, d in zip(legacy_digests, digests, strict=True)]
+        led.adopt_dataset(dataset_id_for(old, key=key), dataset_id)
+    candidates: dict[str, list[str]] = {}
+    if len(digests) > 2 and led.has_unregistered_sets():
+        # A set recorded before per-picture accounting, now loaded with one picture more.
+        for i in range(len(digests)):
+            rest = [*digests[:i], *digests[i + 1 :]]
+            candidates[dataset_id_for(rest, key=key)] = [*ids[:i], *ids[i + 1 :]]
+    near = led.register_set(dataset_id, ids, look_ids, candidates=candidates)
+    if near:
+        warns.append(
+            f"{len(near)} picture(s) are new to the privacy ledger but look like pictures already "
+            f"released (same perceptual hash: a resized or re-encoded copy?): "
+            f"{_some([names[i] for i in near])}. The ledger recognises only identical pixels, so "
+            "a copy gets its own budget while the original's spend is not counted for it. If they "
+            "are copies, remove them or release nothing more from them."
+        )
+    return dataset_id, warns
+
+
 def _finish(
-    arrays: list[np.ndarray],
-    names: list[str],
-    byte_digests: list[bytes | None],
-    pixel_digests: list[bytes],
-    sizes: list[tuple[int, int]],
-    losses: list[list[str]],
+    pics: _Pictures,
     resolution: int,
+    *,
     dataset_id: str | None,
     ledger: str | os.PathLike[str] | None,
     notes: list[str],
     where: str,
-    legacy_digests: Sequence[bytes | None] = (),
+    public: bool,
 ) -> LoadedImages:
+    arrays, names, sizes, losses = pics.arrays, pics.names, pics.sizes, pics.losses
     n = len(arrays)
     if n == 0:
         skipped = f" ({len(notes)} non-image entries skipped)" if notes else ""
@@ -308,27 +405,27 @@ def _finish(
             f"no images found in {where}{skipped}; supported types: "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}"
         )
-    if n < MIN_IMAGES:
+    if n < MIN_IMAGES and not public:
         raise DpaggError(
             f"only one image in {where}: DP aggregation needs at least {MIN_IMAGES}. The released "
             "embedding is a noisy mean that must hide any single image; with n = 1 the mean IS "
             "that image's embedding, so the noise needed to hide it (sensitivity 2C/n = 2C) "
             "destroys it. Add more images (10 or more give useful results)."
         )
+    id_warns: list[str] = []
     if dataset_id is None:
-        from dpagg_core.privacy.ledger import Ledger
-
-        led = Ledger(ledger)
-        key = led.identity_key()
-        dataset_id = dataset_id_for(pixel_digests, key=key)
-        if any(d is not None for d in legacy_digests):
-            # Same pictures, id under dpagg <= 0.2's decode: its recorded spend moves to this id.
-            old = [lg or d for lg, d in zip(legacy_digests, pixel_digests, strict=True)]
-            led.adopt_dataset(dataset_id_for(old, key=key), dataset_id)
+        dataset_id, id_warns = identify_pictures(
+            pics.digests,
+            pics.looks,
+            ledger=ledger,
+            names=names,
+            public=public,
+            legacy_digests=pics.legacy,
+        )
     warns: list[str] = []
     seen_bytes: dict[bytes, str] = {}
     seen_pixels: dict[bytes, str] = {}
-    for name, bd, pd in zip(names, byte_digests, pixel_digests, strict=True):
+    for name, bd, pd in zip(names, pics.byte_digests, pics.digests, strict=True):
         if bd is not None and bd in seen_bytes:
             how, first = "identical file content", seen_bytes[bd]
         elif pd in seen_pixels:
@@ -365,9 +462,12 @@ def _finish(
             f"of each pixel is used, as in ComfyUI's Load Image): {_some(transparent)}. "
             "Flatten them onto a background first if the hidden colours should not be learned."
         )
+    warns = id_warns + warns
     for w in warns:
         log.warning(w)
-    return LoadedImages(_to_tensor(arrays), dataset_id, n, warns, notes, list(pixel_digests))
+    return LoadedImages(
+        _to_tensor(arrays), dataset_id, n, warns, notes, list(pics.digests), list(pics.looks)
+    )
 
 
 def _some(names: list[str]) -> str:
@@ -381,17 +481,26 @@ def load_image_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     dataset_id: str | None = None,
     ledger: str | os.PathLike[str] | None = None,
+    public: bool = False,
 ) -> LoadedImages:
     """Load every image of the folder ``path`` (sorted by name) at ``resolution`` x ``resolution``.
 
     ``path`` may also be a list of PIL images or a tensor (see :func:`load_images`). The dataset
     id is keyed by the identity key of the privacy ledger ``ledger`` (default
-    ``paths.default_ledger_path()``; created if missing). ``dataset_id`` overrides it (only for
-    callers that have their own stable id for the same collection; the ledger is not touched).
+    ``paths.default_ledger_path()``; created if missing), which also learns the set's pictures
+    (keyed ids: :func:`identify_pictures`). ``public=True``: PUBLIC pictures (for a basis, a
+    centre, a clip norm): not registered, and refused if the ledger knows any as private.
+    ``dataset_id`` overrides the id (only for callers that have their own stable id for the same
+    collection; the ledger is not touched).
     """
     if not isinstance(path, (str, os.PathLike)):
         return load_images(
-            path, resolution, max_pixels=max_pixels, dataset_id=dataset_id, ledger=ledger
+            path,
+            resolution,
+            max_pixels=max_pixels,
+            dataset_id=dataset_id,
+            ledger=ledger,
+            public=public,
         )
     resolution = _check_resolution(resolution)
     folder = resolve_path(path)
@@ -400,13 +509,7 @@ def load_image_folder(
     if not folder.is_dir():
         raise DpaggError(f"{folder} is a file; pass the folder that contains the images")
     notes: list[str] = []
-    arrays: list[np.ndarray] = []
-    names: list[str] = []
-    byte_digests: list[bytes | None] = []
-    pixel_digests: list[bytes] = []
-    legacy_digests: list[bytes | None] = []
-    sizes: list[tuple[int, int]] = []
-    losses: list[list[str]] = []
+    pics = _Pictures()
     corrupt: list[str] = []
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
@@ -424,7 +527,7 @@ def load_image_folder(
             notes.append(f"skipped {name} (not an image type)")
             continue
         try:
-            pixels, pix_digest, size, lost, file_digest, legacy = _open_file(
+            pixels, pix_digest, size, lost, file_digest, legacy, look = _open_file(
                 entry, resolution, max_pixels
             )
         except (DpaggError, MemoryError):
@@ -433,13 +536,7 @@ def load_image_folder(
             reason = str(e).splitlines()[0] if str(e) else ""
             corrupt.append(f"{name} ({type(e).__name__}: {reason})")
             continue
-        arrays.append(pixels)
-        names.append(name)
-        byte_digests.append(file_digest)
-        pixel_digests.append(pix_digest)
-        legacy_digests.append(legacy)
-        sizes.append(size)
-        losses.append(lost)
+        pics.add(name, (pixels, pix_digest, size, lost, look), file_digest, legacy)
     if corrupt:
         raise DpaggError(
             f"{len(corrupt)} file(s) in {folder} have an image extension but cannot be decoded "
@@ -449,18 +546,13 @@ def load_image_folder(
     for note in notes:
         log.info(note)
     return _finish(
-        arrays,
-        names,
-        byte_digests,
-        pixel_digests,
-        sizes,
-        losses,
+        pics,
         resolution,
-        dataset_id,
-        ledger,
-        notes,
-        str(folder),
-        legacy_digests,
+        dataset_id=dataset_id,
+        ledger=ledger,
+        notes=notes,
+        where=str(folder),
+        public=public,
     )
 
 
@@ -513,13 +605,14 @@ def load_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     dataset_id: str | None = None,
     ledger: str | os.PathLike[str] | None = None,
+    public: bool = False,
 ) -> LoadedImages:
     """In-memory variant: a list of PIL images, a float tensor in [0, 1] shaped [N, 3, H, W] or
     [N, H, W, 3] (ComfyUI ``IMAGE``), or a list of single-picture tensors of any sizes
     ([H, W, 3] or [3, H, W]). Same decode, processing and checks as the folder loader; a tensor
     holds already-decoded pixels (ComfyUI's Load Image hands over the canonical decode / 255),
-    which round back to the same 8-bit values and so to the same id. ``ledger`` and
-    ``dataset_id`` as in :func:`load_image_folder`.
+    which round back to the same 8-bit values and so to the same id. ``ledger``, ``public`` and
+    ``dataset_id`` as in :func:`load_image_folder`; a multi-frame PIL image is refused as there.
     """
     resolution = _check_resolution(resolution)
     if isinstance(images, torch.Tensor):
@@ -527,7 +620,12 @@ def load_images(
         where = "the images tensor"
     elif isinstance(images, (str, os.PathLike)):
         return load_image_folder(
-            images, resolution, max_pixels=max_pixels, dataset_id=dataset_id, ledger=ledger
+            images,
+            resolution,
+            max_pixels=max_pixels,
+            dataset_id=dataset_id,
+            ledger=ledger,
+            public=public,
         )
     else:
         pils = []
@@ -544,28 +642,17 @@ def load_images(
                 pils.append(im)
             else:
                 raise DpaggError(f"images[{i}] is a {type(im).__name__}, not a PIL image")
-    arrays, names, pixel_digests, sizes, losses = [], [], [], [], []
-    legacy_digests: list[bytes | None] = []
+    pics = _Pictures()
     for i, im in enumerate(pils):
         _check_size(im.size, max_pixels, f"image {i}")
-        pixels, pix_digest, size, lost = _process(im, resolution)
-        arrays.append(pixels)
-        names.append(f"image {i}")
-        pixel_digests.append(pix_digest)
-        legacy_digests.append(_legacy_digest(im))
-        sizes.append(size)
-        losses.append(lost)
+        _refuse_multi_frame(im, f"image {i}")
+        pics.add(f"image {i}", _process(im, resolution), None, _legacy_digest(im))
     return _finish(
-        arrays,
-        names,
-        [None] * len(arrays),
-        pixel_digests,
-        sizes,
-        losses,
+        pics,
         resolution,
-        dataset_id,
-        ledger,
-        [],
-        where,
-        legacy_digests,
+        dataset_id=dataset_id,
+        ledger=ledger,
+        notes=[],
+        where=where,
+        public=public,
     )

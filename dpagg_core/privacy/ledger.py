@@ -38,10 +38,13 @@ identified in ``dpagg_core.privacy.request_keys``; the SQLite file in
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -53,15 +56,23 @@ from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.paths import default_ledger_path, resolve_path
 from dpagg_core.privacy import mechanism
 from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
+from dpagg_core.privacy.accounts import (
+    Admission,
+    Refusal,
+    SetAccount,
+    Spends,
+    admit,
+    set_account,
+    worst,
+)
 from dpagg_core.privacy.composition import (
     CHARGE_MODES,
     REL_TOL,
     Spend,
-    calls_of_row,
     check_plan_cost,
-    composed_spend,
     fits,
 )
+from dpagg_core.privacy.identity import dataset_id_for, set_unit
 from dpagg_core.privacy.ledger_store import (
     APPLICATION_ID,
     COLUMNS,
@@ -168,8 +179,10 @@ class Reservation:
         attempt: int,
         state: BudgetState,
         result: LedgerRelease | None = None,
+        token: str = "",
     ) -> None:
         self.ledger = ledger
+        self._token = token
         self.request = request
         self.release_id = release_id
         self.attempt = attempt
@@ -193,7 +206,7 @@ class Reservation:
             raise DpaggError("complete: a dry run (check_request) reserves nothing to complete.")
         if self._completed is not None:
             raise DpaggError(f"complete: release {self.release_id} is already completed.")
-        self._completed = self.ledger._complete(self.release_id, vector, record)
+        self._completed = self.ledger._complete(self.release_id, self._token, vector, record)
         return self._completed
 
     def __enter__(self) -> Reservation:
@@ -215,6 +228,11 @@ class Reservation:
             self.request.dataset_id,
             "interrupted by " + type(exc).__name__ if exc is not None else "not completed",
         )
+
+
+def _owner_digest(token: str) -> str:
+    """What a row stores of its reservation's secret token (the token itself stays in memory)."""
+    return hashlib.sha256(b"dpagg-reservation/1\x00" + token.encode()).hexdigest()
 
 
 def identity_key(ledger_path: str | os.PathLike[str] | None = None) -> bytes:
@@ -274,8 +292,6 @@ class Ledger:
 
     def dataset_id(self, digests: Any) -> str:
         """Id of the image set with per-image ``digests`` under this ledger's key."""
-        from dpagg_core.io.images import dataset_id_for
-
         return dataset_id_for(digests, key=self.identity_key())
 
     def request_mac(self, digest: str) -> str:
@@ -287,24 +303,28 @@ class Ledger:
     # ---- budget -----------------------------------------------------------------------------
 
     def status(self, dataset_id: str) -> dict[str, Any]:
-        """Budget, composed spend, remaining budget and number of releases of ``dataset_id``.
+        """Budget, composed spend, remaining budget and releases of ``dataset_id``'s pictures.
 
         ``{"dataset_id", "budget": {"epsilon","delta"} | None, "spent": {"epsilon","delta"},
         "remaining": {"epsilon","delta"} | None, "releases": int, "incomplete": int,
-        "composition": str}``. ``releases`` counts recorded rows (a DP-SGD run is one row);
-        ``incomplete`` those reserved by :meth:`reserve` whose result was never stored (a failed or
-        still-running DP-SGD run: spent, nothing to return). Under PLD composition the spend is
-        reported at the budget's delta, so remaining delta is 0 and only epsilon is left to spend
-        (the next request is re-composed from scratch).
+        "composition": str, "pictures": int, "shared": bool}``. The budget lives with each
+        picture (``accounts``); a set shows its worst picture: the one with the least budget left
+        (``pictures`` of them share that state; ``shared``: its spend includes releases of other,
+        overlapping sets). ``releases`` counts the recorded rows charged to any of its pictures
+        (a DP-SGD run is one row); ``incomplete`` those whose result was never stored (spent,
+        nothing to return). Under PLD composition the spend is reported at the budget's delta,
+        so remaining delta is 0 and only epsilon is left to spend.
         """
         with self._store.connect() as con, read_transaction(con):
-            budget = self._store.budget(con, dataset_id)
-            plans = self._store.plans(con, dataset_id)
+            account = set_account(con, dataset_id)
+            state = worst(account, Spends(con))
+            ids = sorted(account.release_ids)
             rows, complete = con.execute(
-                "SELECT count(*), count(vector) FROM releases WHERE dataset_id = ?",
-                (dataset_id,),
+                "SELECT count(*), count(vector) FROM releases "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
             ).fetchone()
-        spend = composed_spend(plans, budget[1] if budget else 0.0)
+        spend, budget = state.spend, state.budget
         out: dict[str, Any] = {
             "dataset_id": dataset_id,
             "budget": None,
@@ -313,6 +333,8 @@ class Ledger:
             "releases": int(rows),
             "incomplete": int(rows) - int(complete),
             "composition": spend.composition,
+            "pictures": state.pictures,
+            "shared": state.shared,
         }
         if budget is not None:
             out["budget"] = {"epsilon": budget[0], "delta": budget[1]}
@@ -322,64 +344,46 @@ class Ledger:
             }
         return out
 
-    def _effective_budget(
-        self,
-        stored: tuple[float, float] | None,
-        plan: PrivacyPlan,
-        budget_epsilon: float | None,
-        budget_delta: float | None,
-        dataset_id: str,
-    ) -> tuple[float, float]:
-        """The budget a request is checked against.
-
-        No stored budget: the requested one, else this release's own (epsilon, delta). A stored
-        budget is never raised implicitly: a larger requested value is refused (raise it with
-        ``set_budget``); a smaller one acts as an extra cap for this request.
-        """
-        if stored is None:
-            return (
-                float(plan.epsilon if budget_epsilon is None else budget_epsilon),
-                float(plan.delta if budget_delta is None else budget_delta),
-            )
-        eps, delta = stored
-        for label, req, cur in (("epsilon", budget_epsilon, eps), ("delta", budget_delta, delta)):
-            if req is not None and req > cur * (1 + REL_TOL):
-                raise BudgetExceeded(
-                    f"budget_{label}={req:g} is above dataset {dataset_id!r}'s recorded budget "
-                    f"{label} {cur:g} in {self.path}. A budget is never raised implicitly. Fix: "
-                    f"raise it deliberately with {self.how_to_raise(dataset_id)}, or set "
-                    f"budget_{label} to 0 (keep the recorded budget)."
-                )
-        return (
-            eps if budget_epsilon is None else min(eps, budget_epsilon),
-            delta if budget_delta is None else min(delta, budget_delta),
-        )
-
-    def _refusal(
-        self,
-        dataset_id: str,
-        path: Path,
-        spent: Spend,
-        plan: PrivacyPlan,
-        after: Spend,
-        budget: tuple[float, float],
-    ) -> BudgetExceeded:
+    def _refusal(self, dataset_id: str, plan: PrivacyPlan, why: Refusal) -> BudgetExceeded:
         raise_it = f"raise the budget deliberately with {self.how_to_raise(dataset_id)}"
+        info = why.info
+        if why.kind == "raise":
+            label, req, cur = info["label"], info["requested"], info["recorded"]
+            return BudgetExceeded(
+                f"budget_{label}={req:g} is above the recorded budget {label} {cur:g} of "
+                f"pictures of image set {dataset_id!r} in {self.path}. A budget is never raised "
+                f"implicitly. Fix: {raise_it}, or set budget_{label} to 0 (keep the recorded "
+                "budget)."
+            )
+        spent, after, budget = info["spent"], info["after"], info["budget"]
+        assert isinstance(spent, Spend) and isinstance(after, Spend) and isinstance(budget, tuple)
         used_up = spent.epsilon >= budget[0] * (1 - REL_TOL) or spent.delta >= budget[1] * (
             1 - REL_TOL
         )
         if used_up:  # no epsilon, however small, fits: only a larger budget helps
             fix = (
-                f"this image set's budget is used up, so no release fits whatever its epsilon. "
-                f"Fix: {raise_it} (ledger {path}), or release nothing more from these images."
+                f"these pictures' budget is used up, so no release that includes them fits "
+                f"whatever its epsilon. Fix: {raise_it} (ledger {self.path}), or release nothing "
+                "more that includes these pictures."
             )
         else:
             fix = (
                 f"Fix: use a larger noise (smaller epsilon: about {budget[0] - spent.epsilon:.4g} "
-                f"of the budget is left) for this release, or {raise_it} (ledger {path})."
+                f"of the budget is left) for this release, or {raise_it} (ledger {self.path})."
             )
+        who = (
+            f"image set {dataset_id!r}"
+            if info["total"] == 1
+            else f"{info['pictures']} of the {info['total']} pictures of image set {dataset_id!r}"
+        )
+        shared = (
+            " (they also took part in releases of other, overlapping image sets: the budget "
+            "protects each picture, whichever set it was released with)"
+            if info.get("shared")
+            else ""
+        )
         return BudgetExceeded(
-            f"privacy budget of dataset {dataset_id!r} would be exceeded: spent "
+            f"privacy budget of {who} would be exceeded{shared}: spent "
             f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} ({spent.composition} "
             f"composition); budget epsilon={budget[0]:.6g}, delta={budget[1]:.3g}; requested "
             f"epsilon={plan.epsilon:.6g}, delta={plan.delta:.3g} (total would be "
@@ -395,16 +399,13 @@ class Ledger:
         budget_epsilon: float | None,
         budget_delta: float | None,
         mode: str = "clip",
-    ) -> tuple[tuple[float, float] | None, tuple[float, float], list[PrivacyPlan], Spend]:
-        stored = self._store.budget(con, dataset_id)
-        budget = self._effective_budget(stored, plan, budget_epsilon, budget_delta, dataset_id)
-        plans = self._store.plans(con, dataset_id)
-        after = composed_spend([*plans, *[plan] * calls_of_row(plan, mode)], budget[1])
-        if not fits(after, *budget):
-            raise self._refusal(
-                dataset_id, self.path, composed_spend(plans, budget[1]), plan, after, budget
-            )
-        return stored, budget, plans, after
+    ) -> tuple[SetAccount, Admission]:
+        account = set_account(con, dataset_id)
+        try:
+            admission = admit(account, Spends(con), plan, mode, budget_epsilon, budget_delta)
+        except Refusal as why:
+            raise self._refusal(dataset_id, plan, why) from None
+        return account, admission
 
     def check(
         self,
@@ -428,13 +429,15 @@ class Ledger:
         check_plan_cost(plan)
         check_budget_value(budget_epsilon, budget_delta, "budget")
         with self._store.connect() as con, read_transaction(con):
-            _, budget, _, after = self._check_locked(
+            _, admission = self._check_locked(
                 con, dataset_id, plan, budget_epsilon, budget_delta, mode
             )
+        after = admission.after
+        budget = after.budget or admission.set_budget
         return {
             "budget": {"epsilon": budget[0], "delta": budget[1]},
-            "spent_after": {"epsilon": after.epsilon, "delta": after.delta},
-            "composition": after.composition,
+            "spent_after": {"epsilon": after.spend.epsilon, "delta": after.spend.delta},
+            "composition": after.spend.composition,
         }
 
     def adopt_dataset(self, old_id: str, new_id: str) -> bool:
@@ -442,28 +445,37 @@ class Ledger:
         identification rule, e.g. the canonical decode that replaced dpagg <= 0.2's); True if
         anything moved.
 
-        One write transaction. If ``new_id`` already has a budget, the smaller one is kept
-        (budgets only ever get stricter this way), and every release of both ids counts against
-        it. Request keys are not rewritten, so an identical re-run under the new id is charged
-        again (conservative). A no-op when ``old_id`` is unknown or equals ``new_id``.
+        One write transaction. The old set's charge unit (``set:<old_id>``, a set whose pictures
+        were never registered) becomes ``set:<new_id>``'s, keeping the smaller budget where both
+        exist (budgets only ever get stricter this way); registering ``new_id``'s pictures then
+        charges them with it (:meth:`register_set`). Request keys are not rewritten, so an
+        identical re-run under the new id is charged again (conservative). A no-op when
+        ``old_id`` is unknown or equals ``new_id``.
         """
         check_ids(old_id, "adopt_dataset")
         check_ids(new_id, "adopt_dataset")
         if old_id == new_id:
             return False
+        old_unit, new_unit = set_unit(old_id), set_unit(new_id)
         with self._store.connect() as con:
-            if self._store.budget(con, old_id) is None:  # the usual case: no write lock taken
+            if not self._store.unit_budgets(con, [old_unit]):  # the usual case: no write lock
                 return False
             with write_transaction(con):
-                old = self._store.budget(con, old_id)  # re-read under the write lock
+                old = self._store.unit_budgets(con, [old_unit]).get(old_unit)
                 if old is None:
                     return False
-                new = self._store.budget(con, new_id)
+                new = self._store.unit_budgets(con, [new_unit]).get(new_unit)
                 eps, delta = old if new is None else (min(old[0], new[0]), min(old[1], new[1]))
+                self._store.upsert_unit_budget(con, new_unit, eps, delta)
                 self._store.upsert_budget(con, new_id, eps, delta)
                 con.execute(
                     "UPDATE releases SET dataset_id = ? WHERE dataset_id = ?", (new_id, old_id)
                 )
+                con.execute(
+                    "UPDATE release_images SET image_id = ? WHERE image_id = ?",
+                    (new_unit, old_unit),
+                )
+                con.execute("DELETE FROM images WHERE image_id = ?", (old_unit,))
                 con.execute("DELETE FROM datasets WHERE dataset_id = ?", (old_id,))
         log.warning(
             "privacy ledger %s: the budget of an image set recorded under dpagg's old image "
@@ -473,29 +485,200 @@ class Ledger:
         )
         return True
 
-    def set_budget(self, dataset_id: str, epsilon: float, delta: float) -> dict[str, Any]:
-        """Set (raise or lower) the budget of ``dataset_id``; returns the new :meth:`status`.
+    # ---- pictures ----------------------------------------------------------------------------
 
-        Lowering it below what is already spent (composed at the new delta) is refused with
-        BudgetExceeded: the spent privacy cannot be taken back.
+    def register_set(
+        self,
+        dataset_id: str,
+        image_ids: Sequence[str],
+        looks: Sequence[str] = (),
+        *,
+        candidates: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[int]:
+        """Record which pictures make up ``dataset_id`` (keyed ids, ``identity.image_ids_for``),
+        so that every release of it is charged to each picture (invariant 9). Returns the
+        indices of pictures that are new to the ledger but whose keyed perceptual hash
+        (``looks``, same order) matches a picture already charged with a release: probably a
+        re-encoded or resized copy, which the exact id cannot recognise (the caller warns).
+
+        A set recorded before its pictures were known (schema 2, or an id passed by a trusted
+        caller) is charged as one unit ``set:<dataset_id>``: registering it attaches that unit's
+        releases and budget to each of its pictures (a picture's budget becomes the smaller of
+        its own and the set's), so no recorded spend is lost. ``candidates`` (dataset id ->
+        image ids, e.g. the set minus one picture) are attached the same way where such a unit
+        exists, and ignored otherwise. Writes only when something is new.
+        """
+        check_ids(dataset_id, "register_set")
+        ids = list(dict.fromkeys(image_ids))
+        if not ids or not all(isinstance(i, str) and i for i in ids):
+            raise DpaggError("register_set: image_ids must be non-empty strings (image_ids_for).")
+        sets = {dataset_id: ids}
+        for cid, cids in (candidates or {}).items():
+            sets.setdefault(cid, list(dict.fromkeys(cids)))
+        look_of = dict(zip(image_ids, looks, strict=False)) if looks else {}
+        with self._store.connect() as con:
+            if self._registration_needed(con, sets, dataset_id, look_of):
+                with write_transaction(con):
+                    for sid, sids in sets.items():
+                        self._attach_locked(con, sid, sids, register=sid == dataset_id)
+                    con.executemany(
+                        "INSERT OR IGNORE INTO image_looks (image_id, look) VALUES (?, ?)",
+                        list(look_of.items()),
+                    )
+            return self._near_copies(con, image_ids, looks)
+
+    def _registration_needed(
+        self, con: Any, sets: Mapping[str, list[str]], dataset_id: str, looks: Mapping[str, str]
+    ) -> bool:
+        units = [set_unit(sid) for sid in sets]
+        if self._store.unit_budgets(con, units) or self._store.unit_releases(con, units):
+            return True
+        known = {
+            r[0]
+            for r in con.execute(
+                "SELECT image_id FROM set_images WHERE dataset_id = ?", (dataset_id,)
+            )
+        }
+        if known != set(sets[dataset_id]):
+            return True
+        if looks:
+            have = con.execute(
+                "SELECT count(*) FROM image_looks WHERE image_id IN (SELECT value FROM "
+                "json_each(?))",
+                (json.dumps(list(looks)),),
+            ).fetchone()[0]
+            return int(have) != len(looks)
+        return False
+
+    def _attach_locked(self, con: Any, dataset_id: str, ids: list[str], *, register: bool) -> None:
+        """Charge ``dataset_id``'s set unit's releases and budget to each picture of ``ids``."""
+        unit = set_unit(dataset_id)
+        unit_budget = self._store.unit_budgets(con, [unit]).get(unit)
+        rids = self._store.unit_releases(con, [unit]).get(unit, ())
+        if not register and unit_budget is None and not rids:
+            return
+        con.executemany(
+            "INSERT OR IGNORE INTO set_images (dataset_id, image_id) VALUES (?, ?)",
+            [(dataset_id, i) for i in ids],
+        )
+        if unit_budget is None and not rids:
+            return
+        con.executemany(
+            "INSERT OR IGNORE INTO release_images (release_id, image_id) VALUES (?, ?)",
+            [(r, i) for r in rids for i in ids],
+        )
+        if unit_budget is not None:
+            have = self._store.unit_budgets(con, ids)
+            for i in ids:
+                cur = have.get(i)
+                eps, delta = (
+                    unit_budget
+                    if cur is None
+                    else (min(cur[0], unit_budget[0]), min(cur[1], unit_budget[1]))
+                )
+                self._store.upsert_unit_budget(con, i, eps, delta)
+        con.execute("DELETE FROM release_images WHERE image_id = ?", (unit,))
+        con.execute("DELETE FROM images WHERE image_id = ?", (unit,))
+        log.info(
+            "privacy ledger %s: the recorded releases of image set %s now count for each of its "
+            "%d pictures",
+            self.path,
+            dataset_id,
+            len(ids),
+        )
+
+    def _near_copies(self, con: Any, image_ids: Sequence[str], looks: Sequence[str]) -> list[int]:
+        if not looks:
+            return []
+        charged = set(self._store.unit_releases(con, list(image_ids)))
+        fresh = [i for i, im in enumerate(image_ids) if im not in charged]
+        if not fresh:
+            return []
+        rows = con.execute(
+            "SELECT DISTINCT l.look FROM image_looks l JOIN release_images r "
+            "ON r.image_id = l.image_id WHERE l.look IN (SELECT value FROM json_each(?)) "
+            "AND l.image_id NOT IN (SELECT value FROM json_each(?))",
+            (json.dumps([looks[i] for i in fresh]), json.dumps(list(image_ids))),
+        ).fetchall()
+        seen = {r[0] for r in rows}
+        return [i for i in fresh if looks[i] in seen]
+
+    def private_pictures(self, image_ids: Sequence[str]) -> list[int]:
+        """Indices of ``image_ids`` the ledger knows as private: a picture of a loaded private set
+        or charged with a release. Public inputs refuse them (invariant 8). Reads only."""
+        ids = list(image_ids)
+        with self._store.connect() as con:
+            known = {
+                r[0]
+                for r in con.execute(
+                    "SELECT image_id FROM set_images WHERE image_id IN (SELECT value FROM "
+                    "json_each(?)) UNION SELECT image_id FROM release_images WHERE image_id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (json.dumps(ids), json.dumps(ids)),
+                )
+            }
+        return [i for i, im in enumerate(ids) if im in known]
+
+    def private_looks(self, looks: Sequence[str]) -> list[int]:
+        """Indices of keyed perceptual hashes (``identity.look_id_for``) that match a private
+        picture's: probably a resized or re-encoded copy of it. Reads only."""
+        with self._store.connect() as con:
+            known = {
+                r[0]
+                for r in con.execute(
+                    "SELECT look FROM image_looks WHERE look IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(looks)),),
+                )
+            }
+        return [i for i, lk in enumerate(looks) if lk in known]
+
+    def has_unregistered_sets(self) -> bool:
+        """Whether any recorded set is still charged as a whole (its pictures never loaded
+        since the upgrade to per-picture accounting): then loaders also offer near subsets
+        (``candidates`` of :meth:`register_set`)."""
+        with self._store.connect() as con:
+            row = con.execute(
+                "SELECT 1 FROM images WHERE substr(image_id, 1, ?) = ? LIMIT 1",
+                (len(set_unit("")), set_unit("")),
+            ).fetchone()
+        return row is not None
+
+    def set_budget(self, dataset_id: str, epsilon: float, delta: float) -> dict[str, Any]:
+        """Set (raise or lower) the budget of every picture of ``dataset_id``; returns the new
+        :meth:`status`.
+
+        The budget lives with each picture, so this also changes what overlapping sets that
+        share these pictures can spend. Lowering it below what any of its pictures already spent
+        (composed at the new delta) is refused with BudgetExceeded: spent privacy cannot be
+        taken back.
         """
         check_ids(dataset_id, "set_budget")
         check_budget_value(epsilon, delta, "set_budget")
         epsilon, delta = float(epsilon), float(delta)
         with self._store.connect() as con, write_transaction(con):
-            spent = composed_spend(self._store.plans(con, dataset_id), delta)
-            if not fits(spent, epsilon, delta):
-                raise BudgetExceeded(
-                    f"cannot set the budget of dataset {dataset_id!r} to epsilon={epsilon:g}, "
-                    f"delta={delta:g}: already spent epsilon={spent.epsilon:.6g}, "
-                    f"delta={spent.delta:.3g} ({spent.composition} composition at "
-                    f"delta={delta:g}) in {self.path}. Spent privacy cannot be taken back. Fix: "
-                    "choose a budget at least the spent amount."
-                )
+            account = set_account(con, dataset_id)
+            spends = Spends(con)
+            for group in account.groups:
+                spent = spends.spend(group, delta)
+                if not fits(spent, epsilon, delta):
+                    raise BudgetExceeded(
+                        f"cannot set the budget of image set {dataset_id!r} to "
+                        f"epsilon={epsilon:g}, delta={delta:g}: {len(group.units)} of its "
+                        f"pictures already spent epsilon={spent.epsilon:.6g}, "
+                        f"delta={spent.delta:.3g} ({spent.composition} composition at "
+                        f"delta={delta:g}) in {self.path}. Spent privacy cannot be taken back. "
+                        "Fix: choose a budget at least the spent amount."
+                    )
+            for unit in account.units:
+                self._store.upsert_unit_budget(con, unit, epsilon, delta)
             self._store.upsert_budget(con, dataset_id, epsilon, delta)
         return self.status(dataset_id)
 
     # ---- the one primitive: reserve -> compute -> complete -------------------------------------
+
+    def _state_locked(self, con: Any, dataset_id: str) -> BudgetState:
+        state = worst(set_account(con, dataset_id), Spends(con))
+        return BudgetState.of(state.spend, state.budget or (0.0, 0.0))
 
     def _stored_locked(self, con: Any, request: Request) -> tuple[str, int, LedgerRelease | None]:
         """(stored key, earlier attempts, stored result) of ``request``."""
@@ -510,11 +693,8 @@ class Ledger:
         if not done:
             return key, len(rows), None
         row = done[0]
-        stored = self._store.budget(con, request.dataset_id)
-        assert stored is not None, "a release row without its dataset budget"
-        spent = composed_spend(self._store.plans(con, request.dataset_id), stored[1])
         result = LedgerRelease(
-            **vars(BudgetState.of(spent, stored)),
+            **vars(self._state_locked(con, request.dataset_id)),
             release=make_release(row[1], row[2], row[3]),
             reused=True,
             release_id=int(row[0]),
@@ -527,16 +707,17 @@ class Ledger:
             return self._stored_locked(con, request)[2]
 
     def _lookup_locked(
-        self, con: Any, request: Request, *, write: bool
+        self, con: Any, request: Request, *, write: bool, owner: str = ""
     ) -> tuple[int, int, BudgetState, LedgerRelease | None]:
         """(release_id, attempt, state, stored result) for ``request``, inside the caller's
-        transaction: the stored result of an identical completed request, else the budget check
-        (BudgetExceeded) and, if ``write``, the new row without a result."""
+        transaction: the stored result of an identical completed request, else the per-picture
+        budget check (BudgetExceeded) and, if ``write``, the new row without a result, charged to
+        each picture of the set (``owner``: the digest of the reservation's secret token)."""
         key, attempts, result = self._stored_locked(con, request)
         if result is not None:  # identical request, completed: post-processing of it is free
             return result.release_id, attempts, result.budget_state(), result
         attempt = attempts + 1  # incomplete attempts are spent, never answered from
-        stored, budget, _, after = self._check_locked(
+        account, admission = self._check_locked(
             con,
             request.dataset_id,
             request.plan,
@@ -546,18 +727,19 @@ class Ledger:
         )
         release_id = 0
         if write:
-            stamp = now()
-            if stored is None:  # the first release of a dataset sets its budget
-                self._store.upsert_budget(con, request.dataset_id, *budget)
+            for unit, budget in admission.new_budgets.items():  # first use sets the budget
+                self._store.upsert_unit_budget(con, unit, *budget)
+            if self._store.budget(con, request.dataset_id) is None:
+                self._store.upsert_budget(con, request.dataset_id, *admission.set_budget)
             cur = con.execute(
                 "INSERT INTO releases (dataset_id, request_key, name, created, plan, epsilon, "
-                "delta, clip_norm, centre_kind, mode, base_model_id, item_shape) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "delta, clip_norm, centre_kind, mode, base_model_id, item_shape, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request.dataset_id,
                     key if attempt == 1 else f"{key}#{attempt}",
                     request.name,
-                    stamp,
+                    now(),
                     json.dumps(request.plan.to_dict(), sort_keys=True),
                     float(request.plan.epsilon),
                     float(request.plan.delta),
@@ -566,31 +748,49 @@ class Ledger:
                     request.mode,
                     request.base_model_id,
                     "null",  # set by complete()
+                    owner,
                 ),
             )
             release_id = int(cur.lastrowid)
-        return release_id, attempt, BudgetState.of(after, budget), None
+            con.executemany(
+                "INSERT INTO release_images (release_id, image_id) VALUES (?, ?)",
+                [(release_id, unit) for unit in account.units],
+            )
+        after = admission.after
+        state = BudgetState.of(after.spend, after.budget or admission.set_budget)
+        return release_id, attempt, state, None
 
     def reserve(self, request: Request) -> Reservation:
         """Commit the spend of ``request`` BEFORE any noise exists (module docstring).
 
         In ONE ``BEGIN IMMEDIATE`` transaction: an identical request whose result is stored is
-        returned (``reused``, nothing spent); the composed spend of the recorded calls plus this
-        request's ``request.calls`` is checked against the budget (BudgetExceeded, nothing
-        written); a row without a result is inserted and COMMITTED. Use the answer as a context
-        manager and store the result with :meth:`Reservation.complete`.
+        returned (``reused``, nothing spent); for every picture of the set, the composed spend of
+        the recorded calls charged to it plus this request's ``request.calls`` is checked against
+        its budget (BudgetExceeded, nothing written); a row without a result is inserted, charged
+        to each picture, and COMMITTED. Use the answer as a context manager and store the result
+        with :meth:`Reservation.complete` (only this reservation can: it holds the row's secret
+        token).
         """
         if not isinstance(request, Request):
             raise DpaggError(
                 f"reserve: {request!r} is not a Request: build one with "
                 "request_keys.aggregate_request or request_keys.training_request."
             )
+        token = secrets.token_hex(32)
         with self._store.connect() as con, write_transaction(con):
-            release_id, attempt, state, result = self._lookup_locked(con, request, write=True)
+            release_id, attempt, state, result = self._lookup_locked(
+                con, request, write=True, owner=_owner_digest(token)
+            )
             if result is None and _before_commit_hook is not None:
                 _before_commit_hook()
         return Reservation(
-            self, request, release_id=release_id, attempt=attempt, state=state, result=result
+            self,
+            request,
+            release_id=release_id,
+            attempt=attempt,
+            state=state,
+            result=result,
+            token=token if result is None else "",
         )
 
     def check_request(self, request: Request) -> Reservation:
@@ -604,8 +804,13 @@ class Ledger:
             self, request, release_id=release_id, attempt=attempt, state=state, result=result
         )
 
-    def _complete(self, release_id: int, vector: Any, record: Mapping[str, str]) -> LedgerRelease:
-        """Fill the reserved row ``release_id`` (:meth:`Reservation.complete`)."""
+    def _complete(
+        self, release_id: int, token: str, vector: Any, record: Mapping[str, str]
+    ) -> LedgerRelease:
+        """Fill the reserved row ``release_id`` (:meth:`Reservation.complete`) if ``token`` is
+        the secret of the reservation that made it. Anyone else (another process finding an
+        orphaned row of a process that died) is refused: an orphan stays spent and is never an
+        answer, since its noise may have been drawn and seen."""
         vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float64))
         if vec.size and np.isfinite(vec).all():
             vec = mechanism.to_published_precision(vec)
@@ -618,12 +823,19 @@ class Ledger:
         rid = int(release_id)
         with self._store.connect() as con, write_transaction(con):
             row = con.execute(
-                "SELECT dataset_id, vector FROM releases WHERE id = ?", (rid,)
+                "SELECT dataset_id, vector, owner FROM releases WHERE id = ?", (rid,)
             ).fetchone()
             if row is None or row[1] is not None:
                 raise DpaggError(
                     f"complete: release {rid} in {self.path} is not an open reservation; each "
                     "reservation is completed once. Nothing was changed."
+                )
+            if not row[2] or not hmac.compare_digest(str(row[2]), _owner_digest(str(token))):
+                raise DpaggError(
+                    f"complete: release {rid} in {self.path} was reserved by another "
+                    "reservation (or a process that died); only the reservation that charged it "
+                    "may store its result. It stays spent and is never an answer. Nothing was "
+                    "changed."
                 )
             con.execute(
                 "UPDATE releases SET vector = ?, record = ?, item_shape = ? WHERE id = ?",
@@ -634,11 +846,9 @@ class Ledger:
                     rid,
                 ),
             )
-            stored = self._store.budget(con, row[0])
-            assert stored is not None, "a release row without its dataset budget"
-            spent = composed_spend(self._store.plans(con, row[0]), stored[1])
+            state = self._state_locked(con, row[0])
         return LedgerRelease(
-            **vars(BudgetState.of(spent, stored)),
+            **vars(state),
             release=mechanism.Release(vector=vec.copy(), record=dict(record)),
             reused=False,
             release_id=rid,

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,16 +34,19 @@ from typing import Any
 import numpy as np
 
 from dpagg_core.errors import LedgerError
-from dpagg_core.paths import legacy_install_salt
+from dpagg_core.paths import HOST_SUBDIR, data_dir, legacy_install_salt
 from dpagg_core.privacy import mechanism
 from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.composition import as_replace_one, calls_of_row
+from dpagg_core.privacy.identity import SET_UNIT_PREFIX
 from dpagg_core.privacy.request_keys import request_mac
 
 log = logging.getLogger(__name__)
 
 # Version 2 keeps the identity key inside the ledger and stores request keys as keyed MACs.
-SCHEMA_VERSION = 2
+# Version 3 charges every release to each of its pictures (keyed image ids, per-image budgets)
+# and binds each open reservation to the process that made it (``releases.owner``).
+SCHEMA_VERSION = 3
 KEY_BYTES = 32
 APPLICATION_ID = 0x44504147  # "DPAG": marks a dpagg ledger, so a foreign SQLite file is refused.
 # The ledger's identity key (docs/privacy.md, "One identity per ledger"): exactly one row of 32
@@ -86,14 +91,66 @@ CREATE TABLE releases (
     base_model_id TEXT NOT NULL,
     item_shape    TEXT NOT NULL,
     vector        BLOB,
-    record        TEXT
+    record        TEXT,
+    owner         TEXT
 );
 CREATE INDEX releases_by_dataset ON releases (dataset_id);
 """
     + _KEY_TABLE
 )
 
+# Schema 3: the picture is the unit of account (docs/privacy.md invariant 9). ``images`` holds
+# each picture's budget (keyed id ``im-...``, or ``set:<dataset_id>`` for a set whose pictures
+# are not known yet), ``release_images`` the pictures each release is charged to,
+# ``set_images`` which pictures make up a loaded set, ``image_looks`` a keyed perceptual hash
+# per picture (near-copy warnings only). Only keyed values: nothing here identifies a picture
+# without the ledger's key.
+_PER_IMAGE_TABLES = """
+CREATE TABLE images (
+    image_id      TEXT PRIMARY KEY,
+    epsilon_total REAL NOT NULL CHECK (epsilon_total > 0),
+    delta_total   REAL NOT NULL CHECK (delta_total >= 0 AND delta_total < 1),
+    created       TEXT NOT NULL,
+    updated       TEXT NOT NULL
+);
+CREATE TABLE set_images (
+    dataset_id TEXT NOT NULL,
+    image_id   TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, image_id)
+);
+CREATE INDEX set_images_by_image ON set_images (image_id);
+CREATE TABLE release_images (
+    release_id INTEGER NOT NULL REFERENCES releases (id),
+    image_id   TEXT NOT NULL,
+    PRIMARY KEY (release_id, image_id)
+);
+CREATE INDEX release_images_by_image ON release_images (image_id);
+CREATE TABLE image_looks (
+    image_id TEXT PRIMARY KEY,
+    look     TEXT NOT NULL
+);
+CREATE INDEX image_looks_by_look ON image_looks (look);
+"""
+
 FIX_PATH = "pass another file with --ledger or the DPAGG_LEDGER environment variable"
+
+
+def _tighten(path: Path, mode: int, what: str) -> None:
+    """Remove group/other permissions from ``path`` (a notice when it changed anything)."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+        if current & 0o077:
+            os.chmod(path, current & mode)
+            log.warning(
+                "privacy ledger %s %s was readable by other users (mode %o); it is now %o. The "
+                "ledger holds the key that identifies your private pictures: keep it private.",
+                what,
+                path,
+                current,
+                current & mode,
+            )
+    except OSError as exc:
+        log.warning("could not make %s private (%s); make it readable by you only", path, exc)
 
 
 def now() -> str:
@@ -114,6 +171,29 @@ class LedgerStore:
     def __init__(self, path: Path, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
+        self._private = False
+
+    def _make_private(self) -> None:
+        """The ledger holds its identity key, so only its owner may read it (docs/privacy.md,
+        "Who can read the ledger"): a new folder is created 0700 and a new file 0600 (SQLite
+        gives its journal the database file's mode). An existing ledger readable by others is
+        tightened once, with a notice; so is its folder when it is dpagg's own (the data dir,
+        or a host's ``dpagg`` folder); a folder the user named is left as it is."""
+        if self._private or os.name != "posix":
+            return
+        folder = self.path.parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif folder.name == HOST_SUBDIR or folder == data_dir():
+            _tighten(folder, 0o700, "folder")
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                extra = self.path.with_name(self.path.name + suffix)
+                if extra.exists():
+                    _tighten(extra, 0o600, "file")
+        self._private = True
 
     def error(self, exc: BaseException) -> LedgerError:
         msg = str(exc)
@@ -154,7 +234,7 @@ class LedgerStore:
     def connect(self) -> Iterator[sqlite3.Connection]:
         """An autocommit connection (transactions are explicit) with a valid schema."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_private()
             con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise self.error(exc) from exc
@@ -171,8 +251,8 @@ class LedgerStore:
             con.close()
 
     def _schema_state(self, con: sqlite3.Connection) -> str:
-        """'ok', 'empty' (create it), 'v1' (migrate it), or raise LedgerError for a foreign or
-        newer file."""
+        """'ok', 'empty' (create it), 'v1' / 'v2' (migrate it), or raise LedgerError for a
+        foreign or newer file."""
         version = con.execute("PRAGMA user_version").fetchone()[0]
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
         tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -184,8 +264,8 @@ class LedgerStore:
                 f"{app_id:#x}). No release was made. Fix: {FIX_PATH}; do not point dpagg at "
                 f"another program's database."
             )
-        if version == 1:
-            return "v1"
+        if version in (1, 2):
+            return f"v{version}"
         if version != SCHEMA_VERSION:
             raise LedgerError(
                 f"privacy ledger {self.path} has schema version {version}, this dpagg reads "
@@ -203,7 +283,7 @@ class LedgerStore:
         with write_transaction(con):
             state = self._schema_state(con)  # re-check under the write lock
             if state == "empty":
-                for stmt in _SCHEMA.split(";"):
+                for stmt in (_SCHEMA + _PER_IMAGE_TABLES).split(";"):
                     if stmt.strip():
                         con.execute(stmt)
                 con.execute(
@@ -212,8 +292,10 @@ class LedgerStore:
                 )
                 con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif state == "v1":
-                self._migrate_v1(con)
+            elif state in ("v1", "v2"):
+                if state == "v1":
+                    self._migrate_v1(con)
+                self._migrate_v2(con)
 
     def _migrate_v1(self, con: sqlite3.Connection) -> None:
         """Schema 1 -> 2, inside the caller's write transaction.
@@ -253,8 +335,34 @@ class LedgerStore:
                 "UPDATE releases SET request_key = ? WHERE id = ?",
                 (request_mac(secret, base) + sep + attempt, row_id),
             )
-        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        con.execute("PRAGMA user_version = 2")
         log.info("privacy ledger %s upgraded to schema %d (%s key)", self.path, 2, origin)
+
+    def _migrate_v2(self, con: sqlite3.Connection) -> None:
+        """Schema 2 -> 3, inside the caller's write transaction: every recorded spend is kept.
+
+        Schema 2 knew image sets, not pictures. Each recorded set becomes one charge unit
+        ``set:<dataset_id>`` with the set's budget, charged with all of its releases; when the
+        set's pictures are loaded again (``Ledger.register_set``) that history and budget are
+        attached to each of its pictures and the unit disappears. Open reservations of schema 2
+        have no owner, so they can never be completed: they stay spent and are never an answer.
+        """
+        for stmt in _PER_IMAGE_TABLES.split(";"):
+            if stmt.strip():
+                con.execute(stmt)
+        con.execute("ALTER TABLE releases ADD COLUMN owner TEXT")
+        con.execute(
+            "INSERT INTO images (image_id, epsilon_total, delta_total, created, updated) "
+            "SELECT ? || dataset_id, epsilon_total, delta_total, created, updated FROM datasets",
+            (SET_UNIT_PREFIX,),
+        )
+        con.execute(
+            "INSERT INTO release_images (release_id, image_id) "
+            "SELECT id, ? || dataset_id FROM releases",
+            (SET_UNIT_PREFIX,),
+        )
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("privacy ledger %s upgraded to schema %d (per-image accounting)", self.path, 3)
 
     def secret(self, con: sqlite3.Connection) -> bytes:
         row = con.execute("SELECT secret FROM ledger_key WHERE id = 1").fetchone()
@@ -291,27 +399,75 @@ class LedgerStore:
         return None if row is None else (float(row[0]), float(row[1]))
 
     @staticmethod
-    def plans(con: sqlite3.Connection, dataset_id: str) -> list[PrivacyPlan]:
-        """Recorded calls: one plan per mechanism call, with the charged (epsilon, delta) as
-        stored in the row. A charged (DP-SGD) row appears ``plan.releases`` times
-        (:func:`calls_of_row`)."""
+    def units(con: sqlite3.Connection, dataset_id: str) -> list[str]:
+        """The charge units of ``dataset_id``: its registered pictures, else the set itself
+        (``set:<dataset_id>``: a set recorded before its pictures were known)."""
+        rows = con.execute(
+            "SELECT image_id FROM set_images WHERE dataset_id = ? ORDER BY image_id", (dataset_id,)
+        ).fetchall()
+        return [r[0] for r in rows] or [SET_UNIT_PREFIX + dataset_id]
+
+    @staticmethod
+    def unit_budgets(
+        con: sqlite3.Connection, units: Sequence[str]
+    ) -> dict[str, tuple[float, float]]:
+        rows = con.execute(
+            "SELECT image_id, epsilon_total, delta_total FROM images "
+            "WHERE image_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(units)),),
+        ).fetchall()
+        return {r[0]: (float(r[1]), float(r[2])) for r in rows}
+
+    @staticmethod
+    def unit_releases(con: sqlite3.Connection, units: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """The release ids charged to each unit (units without any are left out)."""
+        out: dict[str, list[int]] = {}
+        for unit, rid in con.execute(
+            "SELECT image_id, release_id FROM release_images "
+            "WHERE image_id IN (SELECT value FROM json_each(?)) ORDER BY release_id",
+            (json.dumps(list(units)),),
+        ):
+            out.setdefault(unit, []).append(int(rid))
+        return {u: tuple(r) for u, r in out.items()}
+
+    @staticmethod
+    def upsert_unit_budget(
+        con: sqlite3.Connection, unit: str, epsilon: float, delta: float
+    ) -> None:
+        """Set one picture's (unit's) budget, creating its row if needed (caller holds the
+        lock)."""
+        stamp = now()
+        con.execute(
+            "INSERT INTO images (image_id, epsilon_total, delta_total, created, updated) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (image_id) DO UPDATE SET epsilon_total = "
+            "excluded.epsilon_total, delta_total = excluded.delta_total, updated = "
+            "excluded.updated",
+            (unit, epsilon, delta, stamp, stamp),
+        )
+
+    @staticmethod
+    def plans_of(con: sqlite3.Connection, release_ids: Sequence[int]) -> list[PrivacyPlan]:
+        """Recorded calls of the releases ``release_ids``: one plan per mechanism call, with the
+        charged (epsilon, delta) as stored in the row. A charged (DP-SGD) row appears
+        ``plan.releases`` times (:func:`calls_of_row`)."""
         plans = []
-        for plan_json, eps, delta, mode in con.execute(
-            "SELECT plan, epsilon, delta, mode FROM releases WHERE dataset_id = ? ORDER BY id",
-            (dataset_id,),
+        for rid, plan_json, eps, delta, mode in con.execute(
+            "SELECT id, plan, epsilon, delta, mode FROM releases "
+            "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (json.dumps([int(r) for r in release_ids]),),
         ):
             try:
                 plan = plan_from_json(plan_json)
             except (TypeError, ValueError) as exc:
                 raise LedgerError(
-                    f"privacy ledger has an unreadable plan for dataset {dataset_id!r} ({exc}); "
-                    f"the ledger is corrupt. Fix: restore a backup, or {FIX_PATH}."
+                    f"privacy ledger has an unreadable plan in release {rid} ({exc}); the ledger "
+                    f"is corrupt. Fix: restore a backup, or {FIX_PATH}."
                 ) from exc
             if plan.epsilon != eps or plan.delta != delta:
                 raise LedgerError(
-                    f"privacy ledger row for dataset {dataset_id!r} is inconsistent (charged "
-                    f"{eps}, {delta} vs plan {plan.epsilon}, {plan.delta}); the ledger is corrupt."
-                    f" Fix: restore a backup, or {FIX_PATH}."
+                    f"privacy ledger release {rid} is inconsistent (charged {eps}, {delta} vs "
+                    f"plan {plan.epsilon}, {plan.delta}); the ledger is corrupt. Fix: restore a "
+                    f"backup, or {FIX_PATH}."
                 )
             plans.extend([as_replace_one(plan)] * calls_of_row(plan, mode))
         return plans

@@ -95,12 +95,15 @@ class Trainer:
         else:
             self.resolution = config.resolution or 224
 
-    def images(self, folder: Path):
+    def images(self, folder: Path, *, public: bool = False):
         """The image folder through the canonical decode (``dpagg_core.io.images``, the same as
-        ComfyUI's Load Image) at the training resolution. Logs its own warnings."""
+        ComfyUI's Load Image) at the training resolution. Logs its own warnings. ``public``:
+        PUBLIC pictures (refused where the ledger knows any as private; not registered)."""
         from dpagg_core.io.images import load_image_folder
 
-        return load_image_folder(folder, resolution=self.resolution, ledger=self.ledger)
+        return load_image_folder(
+            folder, resolution=self.resolution, ledger=self.ledger, public=public
+        )
 
     def basis(self, path: Path):
         """The PUBLIC basis file ``path`` (``subspace.PublicBasis``), refused unless it fits this
