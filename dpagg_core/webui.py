@@ -51,6 +51,7 @@ from typing import Any, Protocol
 from dpagg_core.budget_report import BUDGET_NOT_SET, budget_status, next_release
 from dpagg_core.budget_report import fmt as _fmt
 from dpagg_core.errors import DpaggError
+from dpagg_core.webui_access import check_epsilon_cap
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,15 @@ def _opt(value: float) -> float | None:
     return None if not value else float(value)
 
 
+def check_epsilon_caps(s: Settings, cap: float | None, plan_epsilon: float | None = None) -> None:
+    """Refuse a target epsilon, a plan's epsilon (a noise-multiplier request) or a new budget
+    above the WebUI's cap (``dpagg_max_epsilon``; None: no cap), before anything runs."""
+    if s.mode == MODE_EPSILON:
+        check_epsilon_cap(s.epsilon, cap, "epsilon")
+    check_epsilon_cap(plan_epsilon, cap, "this plan's epsilon")
+    check_epsilon_cap(_opt(s.budget_epsilon), cap, "budget_epsilon")
+
+
 # ----------------------------------------------------------------------------------------------
 # Where things live in a WebUI
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +340,13 @@ def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) -> dict[str, Any]:
+def plan_view(
+    s: Settings,
+    *,
+    ledger: Path,
+    loaded_family: str | None = None,
+    max_epsilon: float | None = None,
+) -> dict[str, Any]:
     """The live plan and budget of the image set, before anything runs (dry run only).
 
     ``{"ok", "error", "n", "dataset_id", "plan", "plan_text", "delta_warning", "budget",
@@ -338,18 +354,21 @@ def plan_view(s: Settings, *, ledger: Path, loaded_family: str | None = None) ->
     (``None`` before the first release), ``next_release`` the cost of one more release with this
     plan and the composed spend after it, ``exceeds`` whether the ledger would refuse it. Errors
     (bad settings, empty folder, ...) come back as ``ok: False`` with the message, never raised:
-    the tab shows them while the user types.
+    the tab shows them while the user types. ``max_epsilon``: the WebUI's cap
+    (:func:`check_epsilon_caps`).
     """
     out: dict[str, Any] = {"ok": False, "error": None, "exceeds": False, "warnings": []}
     try:
         from dpagg_core.privacy.accountant import delta_warning, plan_summary
         from dpagg_core.privacy.ledger import Ledger
 
+        check_epsilon_caps(s, max_epsilon)
         if s.checkpoint:
             check_family(checkpoint_family(s.checkpoint), loaded_family)
         n, dataset_id, warnings = scan_images(s.images, ledger)
         out.update(n=n, dataset_id=dataset_id, warnings=warnings)
         plan = make_plan(s, n)
+        check_epsilon_caps(s, max_epsilon, plan.epsilon)
         out.update(plan=plan.to_dict(), plan_text=plan_summary(plan))
         out["delta_warning"] = delta_warning(plan.delta, n)
         book = Ledger(ledger)
@@ -379,11 +398,18 @@ def _budget_line(budget: dict[str, Any]) -> str:
     )
 
 
+def error_html(message: Any, lead: str = "") -> str:
+    """An error for the tab, escaped (a file name such as ``<img src=x onerror=...>.jpg`` in a
+    decode error must show as text, never become markup); ``lead`` is trusted markup."""
+    text = html.escape(str(message))
+    return f"<div class='dpagg-error' style='color:#d33'>{lead}{text}</div>"
+
+
 def plan_html(view: Mapping[str, Any]) -> str:
     """The plan view as HTML for the tab (red when the next release would be refused)."""
     esc = html.escape
     if not view.get("ok"):
-        return f"<div class='dpagg-error' style='color:#d33'>{esc(str(view.get('error')))}</div>"
+        return error_html(view.get("error"))
     plan = view["plan"]
     lines = [
         f"<b>{view['n']} private images</b>, image set <code>{esc(view['dataset_id'])}</code>",
@@ -517,9 +543,12 @@ def _may_be_identical(book: Any, dataset_id: str, plan: Any, s: Settings) -> boo
     return False
 
 
-def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
+def run(
+    s: Settings, *, ledger: Path, out_dir: Path, host: Host, max_epsilon: float | None = None
+) -> RunReport:
     """Train per-image TI on the private folder and release one DP embedding (module docstring:
-    the order, and why nothing is spent before step 6)."""
+    the order, and why nothing is spent before step 6). ``max_epsilon``: the WebUI's cap on the
+    plan's epsilon and a new budget (:func:`check_epsilon_caps`), checked before training."""
     import torch
 
     from dpagg_core.aggregate.release import release_embeddings
@@ -534,6 +563,7 @@ def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sanitize_name(s.name)
+    check_epsilon_caps(s, max_epsilon)
     if not s.checkpoint:
         raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
     from dpagg_core.io.files import output_folder
@@ -547,6 +577,7 @@ def run(s: Settings, *, ledger: Path, out_dir: Path, host: Host) -> RunReport:
     if images is None:
         raise DpaggError("images: choose the folder of your PRIVATE images")
     plan = make_plan(s, images.count)
+    check_epsilon_caps(s, max_epsilon, plan.epsilon)
     book = Ledger(ledger)
     book.raise_hint = raise_budget_hint
     try:
@@ -654,14 +685,12 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
         raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
     guessed = checkpoint_family(s.checkpoint)
     resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
-    public = load_image_folder(s.public_images, resolution, ledger=ledger)
     if s.images:
+        # The private folder's pictures become known to the ledger (an unreadable private folder
+        # is reported by the plan, not here); the public load below then refuses any of them.
         with contextlib.suppress(DpaggError):
-            if scan_images(s.images, ledger)[1] == public.dataset_id:
-                raise DpaggError(
-                    "the public folder holds the same pictures as the private one; choose "
-                    "PUBLIC images for the clip norm"
-                )
+            scan_images(s.images, ledger)
+    public = load_image_folder(s.public_images, resolution, ledger=ledger, public=True)
     with host.model_off_device():
         model = load_pipeline(s.checkpoint, device=host.device)
         try:

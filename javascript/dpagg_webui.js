@@ -7,10 +7,10 @@ function dpaggStartRun() {
     var anchor = gradioApp().getElementById('dpagg_progress');
     if (typeof requestProgress === 'function' && anchor) {
         requestProgress(id, anchor, null, function() {
-            anchor.innerHTML = '';
+            anchor.textContent = '';
         }, function(progress) {
             if (progress && progress.textinfo) {
-                anchor.innerHTML = progress.textinfo;
+                anchor.textContent = progress.textinfo;  // text, never markup
             }
         });
     }

@@ -1,10 +1,15 @@
 """dpagg as a Stable Diffusion WebUI extension (AUTOMATIC1111 1.10 API; run in Forge).
 
-A thin skin over ``dpagg_core``: the "Private style (DP)" tab (``script_callbacks.on_ui_tabs``)
-and the ``/dpagg/v1/...`` routes (``script_callbacks.on_app_started``). Every decision lives in
-``dpagg_core.webui`` (tested in CI without a WebUI); this file only talks to the WebUI: its
-progress state and Interrupt, its memory management, its checkpoint list, its embedding
-databases, its txt2img for the preview grid.
+A thin skin over ``dpagg_core``: the "Private style (DP)" tab (``script_callbacks.on_ui_tabs``),
+its settings (``on_ui_settings``) and the ``/dpagg/v1/...`` routes (``on_app_started``). Every
+decision lives in ``dpagg_core.webui`` and ``dpagg_core.webui_access`` (tested in CI without a
+WebUI); this file only talks to the WebUI: its command-line options and settings, its progress
+state and Interrupt, its memory management, its checkpoint list, its embedding databases, its
+txt2img for the preview grid.
+
+The routes exist only when the WebUI serves its own API (``--api``) and are guarded as its own
+routes are (``--api-auth``, else the WebUI's login; without credentials, callers on this machine
+only): ``dpagg_core.webui_access`` says who may call them (docs/privacy.md, invariant 10).
 
 The WebUI imports this file with the extension folder on ``sys.path``, so ``dpagg_core`` resolves
 to the extension's copy. If a dependency is missing (``dp-accounting`` before ``install.py`` ran),
@@ -14,22 +19,31 @@ the import does not fail: the tab shows the error and the routes answer 503.
 from __future__ import annotations
 
 import contextlib
+import html
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from modules import script_callbacks, shared
 
+try:  # the WebUI always has FastAPI; the routes' dependency needs ``Request`` at module level
+    from fastapi import Request
+except ImportError:  # pragma: no cover - only the CI's stub WebUI lacks it
+    Request = Any  # type: ignore[misc,assignment]
+
 try:
     import dpagg_core.privacy.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
     import dpagg_core.privacy.ledger  # noqa: F401
     from dpagg_core import webui as core
+    from dpagg_core import webui_access as access
     from dpagg_core.errors import DpaggError
 
     IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - a broken install; shown in the tab
     core = None  # type: ignore[assignment]
+    access = None  # type: ignore[assignment]
     DpaggError = ValueError  # type: ignore[misc,assignment]
     IMPORT_ERROR = (
         f"dpagg cannot start: {type(exc).__name__}: {exc}. Fix: restart the WebUI so that the "
@@ -192,6 +206,16 @@ def embeddings_dir() -> Path:
     return Path(shared.cmd_opts.embeddings_dir)
 
 
+def image_roots() -> list[Path]:
+    """The folders the tab and the routes may read images from (the setting, else
+    ``<data dir>/dpagg-private``)."""
+    return access.image_roots(getattr(shared.opts, access.SETTING_ROOTS, ""), _data_dir())
+
+
+def max_epsilon() -> float | None:
+    return access.max_epsilon(getattr(shared.opts, access.SETTING_MAX_EPSILON, 0))
+
+
 def checkpoint_choices() -> list[str]:
     from modules import sd_models
 
@@ -220,17 +244,40 @@ def resolve_checkpoint(value: str) -> str:
             raise DpaggError("no checkpoint is loaded or selected; choose one in the WebUI")
         return str(info.filename)
     if os.path.exists(value):
-        return value
+        return _checkpoint_path(value)
     info = sd_models.get_closet_checkpoint_match(value)
     if info is None:
         raise DpaggError(f"checkpoint {value!r} is not in the WebUI's list nor a file path")
     return str(info.filename)
 
 
+def _checkpoint_path(value: str) -> str:
+    """A checkpoint given as a path: only inside the WebUI's checkpoint folders (``--ckpt-dir``,
+    ``models/Stable-diffusion``) or the image roots, so a request cannot make dpagg open (or
+    report on) any other file of the machine."""
+    from modules import sd_models
+
+    folders = [getattr(sd_models, "model_path", None), getattr(shared.cmd_opts, "ckpt_dir", None)]
+    roots = [access.real_path(f) for f in folders if f] + image_roots()
+    if not access.within(value, roots):
+        raise DpaggError(
+            f"checkpoint {value} is outside the WebUI's checkpoint folders "
+            f"({', '.join(map(str, roots))}). Fix: put it in models/Stable-diffusion (or "
+            "--ckpt-dir) and choose it from the list"
+        )
+    return value
+
+
 def settings(values: dict[str, Any]):
-    s = core.settings_from_dict(values)
+    """The request's settings, refused before anything runs when they ask for more than this
+    WebUI allows: an epsilon or a new budget above the cap, a folder outside the image roots."""
     import dataclasses
 
+    s = core.settings_from_dict(values)
+    core.check_epsilon_caps(s, max_epsilon())
+    roots = image_roots()
+    access.check_folder(s.images, roots, "image folder")
+    access.check_folder(s.public_images, roots, "public image folder")
     return dataclasses.replace(s, checkpoint=resolve_checkpoint(s.checkpoint))
 
 
@@ -245,7 +292,12 @@ def plan(values: dict[str, Any]) -> dict[str, Any]:
     except DpaggError as exc:
         view = {"ok": False, "error": str(exc), "exceeds": False}
         return {**view, "html": core.plan_html(view)}
-    return core.plan_view(s, ledger=ledger_path(), loaded_family=WebuiHost().loaded_family())
+    return core.plan_view(
+        s,
+        ledger=ledger_path(),
+        loaded_family=WebuiHost().loaded_family(),
+        max_epsilon=max_epsilon(),
+    )
 
 
 def generate_preview(word: str, steps: int, size: int, out: Path) -> Path:
@@ -288,7 +340,9 @@ def run(values: dict[str, Any]) -> dict[str, Any]:
     """One run (caller holds the WebUI's queue lock and has begun ``shared.state``)."""
     s = settings(values)
     host = WebuiHost()
-    report = core.run(s, ledger=ledger_path(), out_dir=embeddings_dir(), host=host)
+    report = core.run(
+        s, ledger=ledger_path(), out_dir=embeddings_dir(), host=host, max_epsilon=max_epsilon()
+    )
     if s.preview:
         shared.state.textinfo = "preview: generating with and without the embedding"
         out = Path(report.file).with_name(f"{report.name}.preview.png")  # the card's preview
@@ -301,6 +355,41 @@ def run(values: dict[str, Any]) -> dict[str, Any]:
 def suggest(values: dict[str, Any]) -> dict[str, Any]:
     s = settings(values)
     return core.suggest_clip_norm(s, ledger=ledger_path(), host=WebuiHost())
+
+
+def budget(values: dict[str, Any]) -> dict[str, Any]:
+    """The ledger's status of an image set (``{"images": DIR}``, a folder under the roots)."""
+    from dpagg_core.privacy.ledger import Ledger
+
+    folder = str(values.get("images", ""))
+    access.check_folder(folder, image_roots(), "image folder")
+    n, dataset_id, warnings = core.scan_images(folder, ledger_path())
+    status = Ledger(ledger_path()).status(dataset_id)
+    return {"n": n, "dataset_id": dataset_id, "warnings": warnings, **status}
+
+
+def tab_run(values: dict[str, Any]) -> tuple[str | None, str, str]:
+    """The tab's Train and release: (preview image path, plan HTML, result HTML); a refusal
+    shows as an escaped error (file names in it are text, never markup)."""
+    try:
+        out = run(values)
+    except DpaggError as exc:
+        return None, plan(values)["html"], core.error_html(exc, "<b>Nothing released:</b> ")
+    return out.get("preview"), plan(values)["html"], out["html"]
+
+
+def tab_suggest(values: dict[str, Any]) -> tuple[float | None, str]:
+    """The tab's Suggest C: (C or None on an error, the HTML to show)."""
+    try:
+        out = suggest(values)
+    except DpaggError as exc:
+        return None, core.error_html(exc)
+    text = (
+        f"suggested C = {out['clip_norm']:.4g}: the {out['quantile']:.0%} quantile of "
+        f"{out['n_public']} PUBLIC images' distances to the centre (median "
+        f"{out['distances']['median']:.4g})"
+    )
+    return out["clip_norm"], html.escape(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,8 +408,48 @@ def _locked(fn, values: dict[str, Any], job: str):
             shared.state.end()
 
 
+def api_access() -> Any:
+    """``webui_access.ApiAccess`` of this WebUI: its options and its own reading of the login
+    (``--gradio-auth`` and ``--gradio-auth-path``)."""
+    creds = None
+    with contextlib.suppress(ImportError, AttributeError, OSError):
+        from modules import initialize_util
+
+        creds = list(initialize_util.get_gradio_auth_creds())
+    return access.ApiAccess.from_cmd_opts(shared.cmd_opts, creds)
+
+
+def make_guard(rules: Any):
+    """The routes' FastAPI dependency: the caller's credentials (or that it is on this machine),
+    its site and content type, checked by ``webui_access.decide`` before anything else; then the
+    JSON body (an object) of a POST."""
+    from fastapi import HTTPException
+
+    async def guard(request: Request) -> dict[str, Any]:
+        client = request.client.host if request.client else None
+        denial = access.decide(
+            rules, client_host=client, headers=request.headers, method=request.method
+        )
+        if denial is not None:
+            raise HTTPException(denial.status, detail=denial.message, headers=denial.headers)
+        if request.method != "POST":
+            return {}
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise HTTPException(400, detail=f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, detail="the body must be a JSON object of settings")
+        return body
+
+    return guard
+
+
 def on_app_started(_demo: Any, app: Any) -> None:
-    from fastapi import Body
+    from fastapi import Depends
     from fastapi.responses import JSONResponse
 
     for route in getattr(app, "routes", []):  # the API's embedding database (Forge: separate)
@@ -329,7 +458,16 @@ def on_app_started(_demo: Any, app: Any) -> None:
             if db is not None and db not in _api_embedding_dbs:
                 _api_embedding_dbs.append(db)
 
-    prefix = "/dpagg/v1"
+    if access is None:  # a broken install: the tab says why; no routes
+        return
+    rules = api_access()
+    if not rules.enabled:
+        print("[dpagg] the WebUI's API is off: no /dpagg/v1 routes (start it with --api)")
+        return
+    if not rules.credentials:
+        print("[dpagg] no --api-auth: /dpagg/v1 answers callers on this machine only")
+    guarded = Depends(make_guard(rules))
+    prefix = core.API_PREFIX
 
     def answer(fn, *args):
         if IMPORT_ERROR:
@@ -343,7 +481,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
             return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status)
 
     @app.get(f"{prefix}/info")
-    def info() -> Any:
+    def info(_body: dict = guarded) -> Any:
         return answer(
             lambda: {
                 "tab": core.TAB_TITLE,
@@ -356,27 +494,62 @@ def on_app_started(_demo: Any, app: Any) -> None:
         )
 
     @app.post(f"{prefix}/plan")
-    def plan_route(body: dict = Body(default={})) -> Any:  # noqa: B008 - FastAPI idiom
+    def plan_route(body: dict = guarded) -> Any:
         return answer(plan, body)
 
     @app.post(f"{prefix}/budget")
-    def budget_route(body: dict = Body(default={})) -> Any:  # noqa: B008
-        def budget(values: dict[str, Any]) -> dict[str, Any]:
-            from dpagg_core.privacy.ledger import Ledger
-
-            n, dataset_id, warnings = core.scan_images(str(values.get("images", "")), ledger_path())
-            status = Ledger(ledger_path()).status(dataset_id)
-            return {"n": n, "dataset_id": dataset_id, "warnings": warnings, **status}
-
+    def budget_route(body: dict = guarded) -> Any:
         return answer(budget, body)
 
     @app.post(f"{prefix}/run")
-    def run_route(body: dict = Body(default={})) -> Any:  # noqa: B008
+    def run_route(body: dict = guarded) -> Any:
         return answer(_locked, run, body, "dpagg run")
 
     @app.post(f"{prefix}/suggest-clip-norm")
-    def suggest_route(body: dict = Body(default={})) -> Any:  # noqa: B008
+    def suggest_route(body: dict = guarded) -> Any:
         return answer(_locked, suggest, body, "dpagg suggest-clip-norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings (Settings > dpagg); not settable through /sdapi/v1/options (restrict_api)
+# ----------------------------------------------------------------------------------------------
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+
+    if access is None:
+        return
+
+    def option(default: Any, label: str, component: Any, args: dict | None, info: str) -> Any:
+        kwargs = {"section": access.SETTINGS_SECTION, "restrict_api": True}
+        try:
+            made = shared.OptionInfo(default, label, component, args, **kwargs)
+        except TypeError:  # an older WebUI without restrict_api
+            kwargs.pop("restrict_api")
+            made = shared.OptionInfo(default, label, component, args, **kwargs)
+        return made.info(info) if hasattr(made, "info") else made
+
+    shared.opts.add_option(
+        access.SETTING_ROOTS,
+        option(
+            "",
+            access.SETTING_ROOTS_LABEL,
+            gr.Textbox,
+            {"lines": 2},
+            f"private and public; one per line; empty: <data dir>/{access.DEFAULT_ROOT_NAME}",
+        ),
+    )
+    shared.opts.add_option(
+        access.SETTING_MAX_EPSILON,
+        option(
+            0.0,
+            access.SETTING_MAX_EPSILON_LABEL,
+            gr.Number,
+            None,
+            "a request above it is refused before anything is trained or spent",
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,10 +598,14 @@ def on_ui_tabs():
 
     if IMPORT_ERROR:
         with gr.Blocks(analytics_enabled=False) as tab:
-            gr.HTML(f"<div style='color:#d33'>{IMPORT_ERROR}</div>")
+            gr.HTML(f"<div style='color:#d33'>{html.escape(IMPORT_ERROR)}</div>")
         return [(tab, "Private style (DP)", ELEM)]
 
     d = core.Settings()
+    roots = image_roots()
+    with contextlib.suppress(OSError):  # the default root, private to its owner
+        if roots == access.image_roots("", _data_dir()):
+            roots[0].mkdir(mode=0o700, parents=True, exist_ok=True)
     from modules.call_queue import wrap_gradio_gpu_call
 
     with gr.Blocks(analytics_enabled=False) as tab:
@@ -437,7 +614,9 @@ def on_ui_tabs():
                 comps: dict[str, Any] = {}
                 comps["images"] = gr.Textbox(
                     label="Private image folder (never leaves this machine)",
-                    placeholder="/path/to/private/images",
+                    placeholder=str(roots[0] / "my-style"),
+                    info=f"a folder under {', '.join(map(str, roots))} "
+                    "(Settings > dpagg lists the folders dpagg may read)",
                     elem_id=f"{ELEM}_images",
                 )
                 with gr.Row():
@@ -540,13 +719,7 @@ def on_ui_tabs():
             comp.change(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
 
         def do_run(_id_task: str, *args: Any):
-            values = values_of(args)
-            try:
-                out = run(values)
-            except DpaggError as exc:
-                msg = f"<div style='color:#d33'><b>Nothing released:</b> {exc}</div>"
-                return None, plan(values)["html"], msg
-            return out.get("preview"), plan(values)["html"], out["html"]
+            return tab_run(values_of(args))
 
         run_btn.click(
             fn=wrap_gradio_gpu_call(do_run, extra_outputs=[None, gr.update()]),
@@ -556,16 +729,8 @@ def on_ui_tabs():
         )
 
         def do_suggest(_id_task: str, *args: Any):
-            try:
-                out = suggest(values_of(args))
-            except DpaggError as exc:
-                return gr.update(), f"<div style='color:#d33'>{exc}</div>"
-            text = (
-                f"suggested C = {out['clip_norm']:.4g}: the {out['quantile']:.0%} quantile of "
-                f"{out['n_public']} PUBLIC images' distances to the centre (median "
-                f"{out['distances']['median']:.4g})"
-            )
-            return out["clip_norm"], text
+            clip_norm, text = tab_suggest(values_of(args))
+            return (gr.update() if clip_norm is None else clip_norm), text
 
         suggest_btn.click(
             fn=wrap_gradio_gpu_call(do_suggest, extra_outputs=[gr.update()]),
@@ -578,4 +743,5 @@ def on_ui_tabs():
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)

@@ -296,6 +296,7 @@ _STUBS = textwrap.dedent(
     modules = types.ModuleType("modules")
     sc = types.ModuleType("modules.script_callbacks")
     sc.on_ui_tabs = lambda fn: registered.append("on_ui_tabs")
+    sc.on_ui_settings = lambda fn: registered.append("on_ui_settings")
     sc.on_app_started = lambda fn: registered.append("on_app_started")
     shared = types.ModuleType("modules.shared")
     modules.script_callbacks, modules.shared = sc, shared
@@ -338,7 +339,7 @@ def _run_script_with_stub_webui(code: str, mode: str, cwd: Path) -> dict:
 @pytest.mark.parametrize("deps", ["present", "missing"])
 def test_extension_script_imports_with_or_without_dependencies(tmp_path, deps):
     out = _run_script_with_stub_webui(_STUBS, deps, tmp_path)
-    assert out["registered"] == ["on_ui_tabs", "on_app_started"]
+    assert out["registered"] == ["on_ui_tabs", "on_ui_settings", "on_app_started"]
     if deps == "present":
         assert out["error"] is None
     else:
@@ -421,7 +422,7 @@ _RELOAD = textwrap.dedent(
     hijack = mod("modules.sd_hijack",
                  model_hijack=types.SimpleNamespace(embedding_db=WebuiDb("sd_hijack")))
     sc = mod("modules.script_callbacks", on_ui_tabs=lambda f: None,
-             on_app_started=lambda f: None)
+             on_ui_settings=lambda f: None, on_app_started=lambda f: None)
     shared = mod("modules.shared")
     modules = mod("modules", script_callbacks=sc, shared=shared, sd_models=sd_models,
                   sd_hijack=hijack)
@@ -459,3 +460,362 @@ def test_budget_refusals_name_the_way_that_works_in_the_webui():
     hint = webui.raise_budget_hint(Path("/x/ledger.sqlite"), "ds-1")
     assert "-m dpagg_core.cli ledger set-budget --ledger /x/ledger.sqlite --dataset ds-1" in hint
     assert "extensions/dpagg" in hint
+
+
+# ----------------------------------------------------------------------------------------------
+# Who may call the API, and what a request may read or spend (invariant 10)
+# ----------------------------------------------------------------------------------------------
+
+HOSTILE = "<img src=x onerror=alert(1)>.jpg"
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_credentials_are_read_as_the_webui_reads_them():
+    from dpagg_core import webui_access as wa
+
+    assert wa.parse_api_auth("alice:s3cret,bob:p:w") == (("alice", "s3cret"), ("bob", "p:w"))
+    assert wa.parse_api_auth(None) == () and wa.parse_api_auth("nocolon") == ()
+    assert wa.parse_gradio_auth(" carol:pw , dan:x ", ["erin:y,"]) == (
+        ("carol", "pw"),
+        ("dan", "x"),
+        ("erin", "y"),
+    )
+    opts = dataclasses.make_dataclass("Opts", ["api", "api_auth", "gradio_auth", "share"])
+    rules = wa.ApiAccess.from_cmd_opts(opts(True, "a:b", "c:d", False))
+    assert rules.enabled and rules.credentials == (("a", "b"),) and rules.source == "--api-auth"
+    rules = wa.ApiAccess.from_cmd_opts(opts(False, None, "c:d", True))  # no --api-auth: the login
+    assert not rules.enabled and rules.credentials == (("c", "d"),) and rules.tunnel
+    assert rules.source == "--gradio-auth"
+    rules = wa.ApiAccess.from_cmd_opts(opts(True, None, None, False), [("e", "f")])
+    assert rules.credentials == (("e", "f"),)  # the WebUI's own get_gradio_auth_creds()
+    creds = (("alice", "s3cret"), ("bob", "pässwörd"))
+    assert wa.basic_auth_ok(_basic("alice", "s3cret"), creds)
+    assert wa.basic_auth_ok(_basic("bob", "pässwörd"), creds)  # compared as bytes: any text
+    for bad in (_basic("alice", "wrong"), _basic("bob", "s3cret"), "Basic !!", "Bearer x", None):
+        assert not wa.basic_auth_ok(bad, creds)
+
+
+@pytest.mark.parametrize(
+    ("host", "headers", "tunnel", "local"),
+    [
+        ("127.0.0.1", {}, False, True),
+        ("::1", {}, False, True),
+        ("::ffff:127.0.0.1", {}, False, True),
+        ("192.168.1.20", {}, False, False),
+        ("203.0.113.9", {}, False, False),
+        ("127.0.0.1", {"X-Forwarded-For": "203.0.113.9"}, False, False),  # a local proxy
+        ("127.0.0.1", {"Forwarded": "for=203.0.113.9"}, False, False),
+        ("127.0.0.1", {}, True, False),  # --share: the tunnel's remote users arrive locally
+        ("testclient", {}, False, False),
+        (None, {}, False, False),
+    ],
+)
+def test_only_callers_on_this_machine_are_local(host, headers, tunnel, local):
+    from dpagg_core import webui_access as wa
+
+    assert wa.is_local_caller(host, headers, tunnel) is local
+
+
+def test_decide_checks_credentials_then_site_then_content_type():
+    from dpagg_core import webui_access as wa
+
+    json_ct = {"content-type": "application/json; charset=utf-8"}
+    authed = wa.ApiAccess(enabled=True, credentials=(("u", "p"),), source="--api-auth")
+    ok = {"authorization": _basic("u", "p"), **json_ct}
+
+    def decide(rules, host, headers, method="POST"):
+        return wa.decide(rules, client_host=host, headers=headers, method=method)
+
+    denial = decide(authed, "127.0.0.1", json_ct)  # credentials are needed even locally
+    assert denial.status == 401 and denial.headers == {"WWW-Authenticate": "Basic"}
+    assert "--api-auth" in denial.message
+    assert decide(authed, "203.0.113.9", ok) is None  # with them, from anywhere
+    assert decide(authed, "203.0.113.9", {**ok, "content-type": "text/plain"}).status == 415
+    no_type = {"authorization": _basic("u", "p")}
+    assert decide(authed, "203.0.113.9", no_type).status == 415
+    assert decide(authed, "203.0.113.9", no_type, "GET") is None
+    page = {**ok, "origin": "http://evil.example", "host": "127.0.0.1:7860"}
+    assert decide(authed, "127.0.0.1", page).status == 403
+    same = {**ok, "origin": "http://127.0.0.1:7860", "host": "127.0.0.1:7860"}
+    assert decide(authed, "127.0.0.1", same) is None
+    allowed = dataclasses.replace(authed, cors_origins=("http://evil.example",))
+    assert decide(allowed, "127.0.0.1", page) is None  # the user let that site in
+
+    open_ = wa.ApiAccess(enabled=True)
+    denial = decide(open_, "192.168.1.20", json_ct)
+    assert denial.status == 403 and "--api-auth" in denial.message
+    assert decide(open_, "127.0.0.1", json_ct) is None
+    assert decide(open_, "127.0.0.1", {"content-type": "text/plain"}).status == 415
+    null_origin = {**json_ct, "origin": "null", "host": "127.0.0.1:7860"}
+    assert decide(open_, "127.0.0.1", null_origin).status == 403
+
+
+def test_folders_outside_the_roots_are_refused(tmp_path):
+    from dpagg_core import webui_access as wa
+
+    data = tmp_path / "webui"
+    roots = wa.image_roots("", data)
+    assert roots == [(data / "dpagg-private").resolve()]
+    inside = make_images(data / "dpagg-private" / "style")
+    wa.check_folder(str(inside), roots)
+    wa.check_folder(str(data / "dpagg-private"), roots)
+    wa.check_folder("", roots)  # left to "choose the folder of your PRIVATE images"
+    outside = make_images(tmp_path / "elsewhere")
+    link = data / "dpagg-private" / "link"
+    link.symlink_to(outside, target_is_directory=True)
+    for folder in (str(outside), "/etc", str(link), str(inside / ".." / ".." / "..")):
+        with pytest.raises(DpaggError, match="dpagg_image_roots") as info:
+            wa.check_folder(folder, roots)
+        assert "outside the folders dpagg may read" in str(info.value)
+    roots = wa.image_roots(f"{tmp_path / 'elsewhere'}\n ; {tmp_path / 'more'}", data)
+    assert roots == [outside.resolve(), (tmp_path / "more").resolve()]
+    wa.check_folder(str(outside), roots)
+    wa.check_folder(str(link), roots)
+
+
+def test_epsilon_cap_refuses_before_anything_runs(tmp_path, tiny_model_dir):
+    from dpagg_core import webui_access as wa
+
+    assert wa.max_epsilon(0) is None and wa.max_epsilon("") is None and wa.max_epsilon("x") is None
+    assert wa.max_epsilon("8") == 8.0
+    make_images(tmp_path / "private")
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
+    for over, what in (
+        ({"epsilon": 92}, "epsilon 92"),
+        ({"budget_epsilon": 1000}, "budget_epsilon 1000"),
+        ({"mode": "noise_multiplier", "noise_multiplier": 0.2}, "this plan's epsilon"),
+    ):
+        s = settings(tmp_path, tiny_model_dir, **over)
+        host = FakeHost()
+        with pytest.raises(DpaggError, match="dpagg_max_epsilon") as info:
+            core.run(s, ledger=ledger, out_dir=out, host=host, max_epsilon=10.0)
+        assert what in str(info.value) and "Nothing was spent" in str(info.value)
+        assert host.events == []  # nothing loaded, trained or spent
+        view = core.plan_view(s, ledger=ledger, max_epsilon=10.0)
+        assert not view["ok"] and "dpagg_max_epsilon" in view["error"]
+    assert not ledger.exists() or Ledger(ledger).list_releases() == []
+    assert core.plan_view(settings(tmp_path, tiny_model_dir), ledger=ledger, max_epsilon=10)["ok"]
+
+
+def test_error_html_escapes_a_hostile_file_name(tmp_path, tiny_model_dir):
+    folder = make_images(tmp_path / "private")
+    (folder / HOSTILE).write_bytes(b"not a jpeg")
+    with pytest.raises(DpaggError, match="cannot be decoded") as info:
+        core.run(
+            settings(tmp_path, tiny_model_dir),
+            ledger=tmp_path / "l.sqlite",
+            out_dir=tmp_path / "e",
+            host=FakeHost(),
+        )
+    shown = core.error_html(info.value, "<b>Nothing released:</b> ")
+    assert "<img" not in shown and "&lt;img src=x onerror=alert(1)&gt;.jpg" in shown
+    assert shown.count("<b>") == 1
+    view = core.plan_view(settings(tmp_path, tiny_model_dir), ledger=tmp_path / "l.sqlite")
+    assert "<img" not in view["html"] and "&lt;img" in view["html"]
+
+
+# The extension script in a stub WebUI with a real FastAPI app, as A1111's webui.py builds it:
+# ``on_app_started(demo, app)`` after its own API (only with --api). Requests go through
+# starlette's TestClient from a chosen client address.
+_API = textwrap.dedent(
+    """
+    import json, sys, threading, types
+    cfg = json.loads(sys.argv[1])
+    def mod(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        sys.modules[name] = m
+        return m
+    cmd = dict(api=False, nowebui=False, api_auth=None, gradio_auth=None, gradio_auth_path=None,
+               share=False, cors_allow_origins=None, cors_allow_origins_regex=None,
+               embeddings_dir=cfg["data"] + "/embeddings", ckpt_dir=None)
+    cmd.update(cfg.get("cmd", {}))
+    class State:
+        interrupted = False
+        def begin(self, job=""): pass
+        def end(self): pass
+        def interrupt(self): self.interrupted = True
+    shared = mod("modules.shared", cmd_opts=types.SimpleNamespace(**cmd),
+                 opts=types.SimpleNamespace(**cfg.get("opts", {})), state=State())
+    sc = mod("modules.script_callbacks", on_ui_tabs=lambda f: None,
+             on_ui_settings=lambda f: None, on_app_started=lambda f: None)
+    ckpt = types.SimpleNamespace(filename=cfg["models"] + "/m.safetensors", title="m [0]")
+    sd_models = mod("modules.sd_models", model_data=None, model_path=cfg["models"],
+                    checkpoint_tiles=lambda: [ckpt.title], select_checkpoint=lambda: ckpt,
+                    get_closet_checkpoint_match=lambda v: None)
+    modules = mod("modules", script_callbacks=sc, shared=shared, sd_models=sd_models,
+                  paths_internal=mod("modules.paths_internal", data_path=cfg["data"]),
+                  call_queue=mod("modules.call_queue", queue_lock=threading.Lock()),
+                  devices=mod("modules.devices", device="cpu"))
+    sys.path.insert(0, sys.argv[2])
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dpagg_webui_tab.py", sys.argv[3])
+    tab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tab)
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    app = FastAPI()
+    tab.on_app_started(None, app)
+    results = []
+    for r in cfg.get("requests", []):
+        client = TestClient(app, client=(r.get("client", "127.0.0.1"), 50000),
+                            raise_server_exceptions=False)
+        headers = dict(r.get("headers", {}))
+        content = None
+        if "json" in r:
+            content = json.dumps(r["json"]).encode()
+            if r.get("content_type", "application/json"):
+                headers["content-type"] = r.get("content_type", "application/json")
+        auth = tuple(r["auth"]) if r.get("auth") else None
+        resp = client.request(r.get("method", "POST"), r["path"], content=content,
+                              headers=headers, auth=auth)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        results.append({"status": resp.status_code, "body": body,
+                        "www": resp.headers.get("www-authenticate")})
+    out = {"results": results}
+    if "tab_run" in cfg:
+        out["tab_run"] = tab.tab_run(cfg["tab_run"])
+    print(json.dumps(out))
+    """
+)
+
+
+def _webui_api(tmp_path: Path, requests: list[dict], **cfg) -> list[dict]:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")  # starlette's TestClient
+    data, models = tmp_path / "webui", tmp_path / "webui" / "models" / "Stable-diffusion"
+    models.mkdir(parents=True, exist_ok=True)
+    config = {"data": str(data), "models": str(models), "requests": requests, **cfg}
+    out = _run_script_with_stub_webui(_API, json.dumps(config), tmp_path)
+    return out["results"] if "tab_run" not in cfg else out
+
+
+def _root_images(tmp_path: Path) -> Path:
+    return make_images(tmp_path / "webui" / "dpagg-private" / "style")
+
+
+def test_api_routes_are_absent_without_api(tmp_path):
+    images = str(_root_images(tmp_path))
+    res = _webui_api(
+        tmp_path,
+        [
+            {"method": "GET", "path": "/dpagg/v1/info"},
+            {"path": "/dpagg/v1/run", "json": {"images": images}},
+            {"path": "/dpagg/v1/budget", "json": {"images": images}},
+        ],
+        cmd={"api": False},
+    )
+    assert [r["status"] for r in res] == [404, 404, 404]
+
+
+def test_api_takes_the_webuis_api_auth_credentials(tmp_path):
+    images = str(_root_images(tmp_path))
+    outside = make_images(tmp_path / "elsewhere")
+    (tmp_path / "webui" / "dpagg-private" / "link").symlink_to(outside)
+    good, remote = ["alice", "s3cret"], "203.0.113.9"
+    budget = {"path": "/dpagg/v1/budget", "auth": good, "client": remote}
+    res = _webui_api(
+        tmp_path,
+        [
+            {"method": "GET", "path": "/dpagg/v1/info"},  # 0: no credentials
+            {"method": "GET", "path": "/dpagg/v1/info", "auth": ["alice", "wrong"]},
+            {"path": "/dpagg/v1/run", "json": {"images": images, "epsilon": 92}},
+            {"method": "GET", "path": "/dpagg/v1/info", "auth": good, "client": remote},
+            {**budget, "json": {"images": images}},  # 4: OK
+            {**budget, "json": {"images": images}, "content_type": "text/plain"},
+            {**budget, "json": {"images": images}, "content_type": None},  # FastAPI 0.94: JSON
+            {**budget, "json": {"images": str(outside)}},  # 7: out of the roots
+            {**budget, "json": {"images": "/etc"}},
+            {**budget, "json": {"images": str(Path(images).parent / "link")}},
+            {**budget, "path": "/dpagg/v1/run", "json": {"images": images, "epsilon": 92}},
+            {**budget, "path": "/dpagg/v1/run", "json": {"images": images, "budget_epsilon": 1e3}},
+            {**budget, "path": "/dpagg/v1/plan", "json": {"images": images, "epsilon": 2}},
+            {
+                **budget,
+                "path": "/dpagg/v1/run",
+                "json": {"images": images},
+                "headers": {"Origin": "http://evil.example"},
+            },
+            {**budget, "path": "/dpagg/v1/run", "json": {"images": images, "checkpoint": "/etc"}},
+        ],
+        cmd={"api": True, "api_auth": "alice:s3cret,bob:other"},
+        opts={"dpagg_max_epsilon": 10.0},
+    )
+    status = [r["status"] for r in res]
+    assert status == [401, 401, 401, 200, 200, 415, 415, 400, 400, 400, 400, 400, 200, 403, 400]
+    assert res[0]["www"] == "Basic" and "--api-auth" in res[0]["body"]["detail"]
+    assert res[3]["body"]["tab"] == "Private style (DP)"
+    assert res[4]["body"]["n"] == 3 and res[4]["body"]["releases"] == 0
+    assert "application/json" in res[5]["body"]["detail"]
+    for r in res[7:10]:
+        assert "dpagg_image_roots" in r["body"]["error"], r
+    assert "dpagg_max_epsilon" in res[10]["body"]["error"] and "92" in res[10]["body"]["error"]
+    assert "dpagg_max_epsilon" in res[11]["body"]["error"]
+    assert res[12]["body"]["ok"] and res[12]["body"]["n"] == 3
+    assert "cross-site" in res[13]["body"]["detail"]
+    assert "outside the WebUI's checkpoint folders" in res[14]["body"]["error"]
+
+
+def test_without_credentials_only_callers_on_this_machine_are_served(tmp_path):
+    images = str(_root_images(tmp_path))
+    body = {"images": images}
+    res = _webui_api(
+        tmp_path,
+        [
+            {"path": "/dpagg/v1/run", "json": body, "client": "192.168.1.20"},
+            {"path": "/dpagg/v1/budget", "json": body, "client": "203.0.113.9"},
+            {"method": "GET", "path": "/dpagg/v1/info", "client": "192.168.1.20"},
+            {"path": "/dpagg/v1/budget", "json": body, "headers": {"X-Forwarded-For": "1.2.3.4"}},
+            {"path": "/dpagg/v1/budget", "json": body},  # 4: this machine
+            {"path": "/dpagg/v1/budget", "json": body, "client": "::1"},
+            {"path": "/dpagg/v1/budget", "json": body, "content_type": "text/plain"},
+        ],
+        cmd={"api": True},
+    )
+    assert [r["status"] for r in res] == [403, 403, 403, 403, 200, 200, 415]
+    assert "--api-auth" in res[0]["body"]["detail"]
+    assert res[4]["body"]["n"] == 3
+
+
+def test_without_api_auth_the_webui_login_is_required(tmp_path):
+    images = str(_root_images(tmp_path))
+    res = _webui_api(
+        tmp_path,
+        [
+            {"path": "/dpagg/v1/budget", "json": {"images": images}},
+            {"path": "/dpagg/v1/budget", "json": {"images": images}, "auth": ["carol", "pw"]},
+            {
+                "path": "/dpagg/v1/budget",
+                "json": {"images": images},
+                "auth": ["carol", "pw"],
+                "client": "203.0.113.9",
+            },
+        ],
+        cmd={"api": True, "gradio_auth": "carol:pw"},
+    )
+    assert [r["status"] for r in res] == [401, 200, 200]
+    assert "--gradio-auth" in res[0]["body"]["detail"]
+
+
+def test_tab_escapes_a_hostile_file_name(tmp_path):
+    folder = _root_images(tmp_path)
+    (folder / HOSTILE).write_bytes(b"not a jpeg")
+    out = _webui_api(
+        tmp_path,
+        [],
+        cmd={"api": True},
+        tab_run={"images": str(folder), "epsilon": 2, "preview": False},
+    )
+    preview, plan_html, result_html = out["tab_run"]
+    assert preview is None and "Nothing released" in result_html
+    for shown in (plan_html, result_html):
+        assert "cannot be decoded" in shown and "<img" not in shown
+        assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in shown

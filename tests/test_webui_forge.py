@@ -5,8 +5,10 @@ checkpoint in ``models/Stable-diffusion/`` (random weights are fine): ``shared/t
 with ``FORGE_TEST_CKPT=1`` builds exactly that offline. The test copies this repository into
 ``<data dir>/extensions/dpagg`` as a clone would be, runs its ``install.py`` with Forge's own
 installer helper, starts Forge headless on CPU (``--data-dir`` a temporary folder, the
-checkpoints of ``FORGE_DIR``), and drives the extension through its ``/dpagg/v1`` routes and
-Forge's own API: the tab and routes exist, Interrupt spends nothing, a run over 3 images of 64 px
+checkpoints of ``FORGE_DIR``, ``--api --api-auth``), and drives the extension through its
+``/dpagg/v1`` routes and Forge's own API: the routes take Forge's API credentials (401 without),
+JSON bodies only (415) and image folders under ``<data dir>/dpagg-private`` only (400), the tab
+and routes exist, Interrupt spends nothing, a run over 3 images of 64 px
 (1 TI step) releases a file that Forge's embedding databases load without a restart and that a
 txt2img prompt uses (Forge's log says so), an identical re-run spends nothing, an over-budget run
 and an empty folder are refused with nothing written. Timings and log lines are printed (-s).
@@ -38,6 +40,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "*.egg-info", "__pycache__", "tests", "bench", ".ci", ".pytest_cache"
 )
 NAME = "dpaggtest"
+AUTH = ("dpagg-user", "s3cret-pw")  # --api-auth: A1111 splits it at ':' (none in the password)
 
 
 def free_port() -> int:
@@ -46,12 +49,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(port: int, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+def call(
+    port: int,
+    path: str,
+    body: dict | None = None,
+    timeout: float = 600,
+    auth: tuple[str, str] | None = AUTH,
+    content_type: str = "application/json",
+) -> tuple[int, dict]:
+    import base64
+
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": content_type}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
         data=data,
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="GET" if body is None else "POST",
     )
     try:
@@ -116,6 +131,8 @@ def forge(tmp_path_factory):
         "--skip-torch-cuda-test",
         "--no-download-sd-model",
         "--api",
+        "--api-auth",
+        ":".join(AUTH),
         "--server-name",
         "127.0.0.1",
         "--port",
@@ -149,9 +166,15 @@ def forge(tmp_path_factory):
         print("FORGE LOG (selected lines):\n" + "\n".join(keep))
 
 
+def private(data: Path, name: str = "private") -> Path:
+    """A folder under ``<data dir>/dpagg-private``, the one root dpagg reads images from by
+    default (Settings > dpagg)."""
+    return data / "dpagg-private" / name
+
+
 def settings(data: Path, **over) -> dict:
     values = {
-        "images": str(data / "private"),
+        "images": str(private(data)),
         "name": NAME,
         "epsilon": 2.0,
         "clip_norm": 0.5,
@@ -178,6 +201,19 @@ def test_forge_tab_routes_run_reuse_refuse(forge):
     assert "dpagg" not in "\n".join(ln for ln in log_text.splitlines() if "Error" in ln)
     assert "Error loading script: dpagg" not in log_text
 
+    # the routes take Forge's own API credentials, JSON bodies and folders under the root only
+    write_images(private(data), 3)
+    status, err = call(port, "/dpagg/v1/info", auth=None)
+    assert status == 401, err
+    status, err = call(port, "/dpagg/v1/run", settings(data), auth=("dpagg-user", "wrong"))
+    assert status == 401, err
+    status, err = call(port, "/dpagg/v1/budget", settings(data), content_type="text/plain")
+    assert status == 415, err
+    write_images(data / "outside", 2)
+    status, err = call(port, "/dpagg/v1/run", settings(data, images=str(data / "outside")))
+    assert status == 400 and "dpagg_image_roots" in err["error"], err
+    assert embedding_files(data) == []
+
     # the tab and the routes exist
     status, config = call(port, "/config")
     assert status == 200 and "Private style (DP)" in json.dumps(config)
@@ -188,14 +224,13 @@ def test_forge_tab_routes_run_reuse_refuse(forge):
     assert info["embeddings_dir"] == str(data / "embeddings")
     assert info["checkpoints"]
 
-    write_images(data / "private", 3)
     status, plan = call(port, "/dpagg/v1/plan", settings(data))
     assert status == 200 and plan["ok"], plan
     assert plan["n"] == 3 and plan["budget"]["total"] is None and not plan["exceeds"]
 
     # bad input: the CLI's error, nothing written
-    (data / "empty").mkdir()
-    status, err = call(port, "/dpagg/v1/run", settings(data, images=str(data / "empty")))
+    private(data, "empty").mkdir()
+    status, err = call(port, "/dpagg/v1/run", settings(data, images=str(private(data, "empty"))))
     assert status == 400 and "no images" in err["error"].lower(), err
     assert embedding_files(data) == []
 
@@ -225,7 +260,7 @@ def test_forge_tab_routes_run_reuse_refuse(forge):
     assert status == 409 and "nothing was spent" in err["error"], err
     assert seen["progress"] > 0 and seen["eta_relative"] >= 0
     assert embedding_files(data) == []
-    status, budget = call(port, "/dpagg/v1/budget", {"images": str(data / "private")})
+    status, budget = call(port, "/dpagg/v1/budget", {"images": str(private(data))})
     assert status == 200 and budget["releases"] == 0 and budget["spent"]["epsilon"] == 0
 
     # the run: released, loaded by Forge's embedding databases without a restart
@@ -288,12 +323,12 @@ def test_forge_tab_routes_run_reuse_refuse(forge):
 
     # with the model now loaded: another image set (its own budget) released under a new word is
     # usable at once: the loaded model's own embedding database was reloaded, no restart
-    write_images(data / "private2", 2, seed=5)
+    write_images(private(data, "private2"), 2, seed=5)
     t = time.perf_counter()
     status, second = call(
         port,
         "/dpagg/v1/run",
-        settings(data, images=str(data / "private2"), name="dpaggtwo", preview=False),
+        settings(data, images=str(private(data, "private2")), name="dpaggtwo", preview=False),
     )
     timings["second_set_run_s"] = time.perf_counter() - t
     assert status == 200 and not second["reused"], second
