@@ -246,7 +246,7 @@ def _public_centre(args: argparse.Namespace) -> Any:
         raise DpaggError("--public-embeddings is the centre for --centre public_mean; add it")
     from dpagg_core.aggregate.subspace import public_mean_centre
 
-    return public_mean_centre(path)
+    return public_mean_centre(path, ledger=_ledger(args))
 
 
 def _report_release(args: argparse.Namespace, outcome: Any, method: str = "") -> None:
@@ -638,6 +638,12 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
             )
         finally:
             close()
+        from dpagg_core.privacy.identity import image_ids_for
+
+        key = _ledger(args).identity_key()
+        public.source_ids = tuple(
+            i for part in loaded for i in image_ids_for(part.digests, key=key)
+        )
         k = args.k
         if styles is not None:
             from dpagg_core.aggregate.subspace import auto_k_candidates, choose_k
@@ -653,7 +659,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         if args.save_public_embeddings is not None:
             from dpagg_core.aggregate.subspace import save_public_embeddings
 
-            save_public_embeddings(public, args.save_public_embeddings)
+            save_public_embeddings(public, args.save_public_embeddings, key=key)
     else:
         if args.k == "auto":
             raise DpaggError(
@@ -784,11 +790,13 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "images":
             action.required = False
     p.add_argument("--public-images", type=_user_path, required=True, help="PUBLIC images only")
+    _add_ledger_args(p)  # pictures it records as private are refused
     p.add_argument("--quantile", type=float, default=0.9)
     p.set_defaults(func=cmd_suggest_clip_norm)
 
     p = sub.add_parser("public-basis", parents=[common], help="a PUBLIC subspace basis for --basis")
     _add_train_args(p)
+    _add_ledger_args(p)  # pictures it records as private are refused; it keys the file's tag
     p.set_defaults(images=None)
     for action in p._actions:
         if action.dest == "images":

@@ -995,9 +995,10 @@ def test_aggregate_postprocessing_is_recorded_and_shown(pack, comfy_base):
 # ------------------------------------------------------------ public-mean centre (DP Aggregate)
 
 
-def _public_file(folder: Path, eset: EmbeddingSet, n=10, seed=11, model_id=None) -> Path:
+def _public_file(pack, folder: Path, eset: EmbeddingSet, n=10, seed=11, model_id=None) -> Path:
     """PUBLIC per-image embeddings matching ``eset`` (model, centre, initializer), saved as
-    ``dpagg public-basis --save-public-embeddings`` writes them."""
+    ``dpagg public-basis --save-public-embeddings`` writes them (tagged under the pack's
+    ledger)."""
     from dpagg_core.aggregate.subspace import PublicEmbeddings, save_public_embeddings
 
     g = torch.Generator().manual_seed(seed)
@@ -1009,7 +1010,8 @@ def _public_file(folder: Path, eset: EmbeddingSet, n=10, seed=11, model_id=None)
         centre={"emb_params": centre.clone()},
         initializer=eset.initializer,
     )
-    return save_public_embeddings(public, folder / "public.safetensors")
+    key = pack["pn"].comfy_ledger().identity_key()
+    return save_public_embeddings(public, folder / "public.safetensors", key=key)
 
 
 def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
@@ -1024,7 +1026,7 @@ def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
     from dpagg_core.privacy.mechanism import centre_hash
 
     eset = ti_set(n=8)
-    pfile = _public_file(tmp_path / "public", eset)
+    pfile = _public_file(pack, tmp_path / "public", eset)
     node = pack["pn"].DPAggregate
     good = {"name": "pm", "clip_norm": 0.5, "centre": "public_mean", "mode": "clip"}
     assert node.validate_inputs(**good, public_embeddings_file=str(pfile)) is True
@@ -1077,7 +1079,7 @@ def test_aggregate_public_mean_without_its_file_fails_validation_and_spends_noth
     assert "does not exist" in validate(
         **good, centre="public_mean", public_embeddings_file=str(missing)
     )
-    pfile = _public_file(tmp_path / "public", eset)
+    pfile = _public_file(pack, tmp_path / "public", eset)
     for other in ("initializer", "origin"):  # a file with another centre: said, not ignored
         msg = validate(**good, centre=other, public_embeddings_file=str(pfile))
         assert isinstance(msg, str) and "only used with centre=public_mean" in msg
@@ -1103,7 +1105,7 @@ def test_aggregate_refuses_private_or_foreign_public_embeddings_before_spending(
     eset = ti_set(n=6)
     plan = calibration.calibrate(1.0, 1e-5, 6, "full")
     private = save_private(eset, tmp_path / "vault" / "set.safetensors", key=bytes(range(32)))
-    foreign = _public_file(tmp_path / "other", eset, model_id="comfyui:sd1:ffffffffffffffff")
+    foreign = _public_file(pack, tmp_path / "other", eset, model_id="comfyui:sd1:ffffffffffffffff")
     for bad, needle in ((private, "PRIVATE"), (foreign, "model")):
         with pytest.raises(DpaggError, match=needle):
             aggregate(

@@ -9,6 +9,7 @@ holds up to float32 rounding of a vector of norm ~1: a residual below 1e-6 * ||r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -592,10 +593,12 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
     private = _images(tmp_path / "private", 4, 90)
     common = ["--model", str(tiny_model_dir), "--steps", "2", "--resolution", "32"]
     pe_file = tmp_path / "pe.basis.safetensors"
+    led = ["--ledger", str(tmp_path / "ledger.sqlite")]
     assert (
         main(
             ["public-basis", "--public-images", str(public), "--k", "3", "--vectors", "2"]
             + common
+            + led
             + ["--out", str(pe_file), "--json"]
             + ["--save-public-embeddings", str(tmp_path / "pub.safetensors")]
         )
@@ -628,7 +631,7 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
     # suggest-clip-norm gives the C for both centres by the same quantile rule (public images)
     from dpagg_core.aggregate.subspace import load_public_embeddings
 
-    argv = ["suggest-clip-norm", "--public-images", str(public), "--vectors", "2", *common]
+    argv = ["suggest-clip-norm", "--public-images", str(public), "--vectors", "2", *common, *led]
     assert main([*argv, "--json"]) == 0
     suggested = json.loads(capsys.readouterr().out)
     pub = load_public_embeddings(tmp_path / "pub.safetensors").vectors["emb_params"]
@@ -642,6 +645,18 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
     assert main([*run, "--name", "pm", "--basis", str(pe_file), *pm]) == 0
     _, record = read_released(out / "pm.safetensors")
     assert record["centre"] == "public_mean" and record["centre_sha256"] == pc.sha256
+    # Public means public (issue 18 item 3): the private folder, or a copy, as "public" images
+    # is refused by name; a public file tagged under another ledger is refused at release.
+    capsys.readouterr()
+    copy = tmp_path / "copy-of-private"
+    shutil.copytree(private, copy)
+    for verb in (["suggest-clip-norm"], ["public-basis", "--k", "2", "--out", "x.b"]):
+        argv = [*verb, "--public-images", str(copy), "--vectors", "2", *common, *led]
+        assert main(argv) == 2
+        assert "recorded as PRIVATE" in capsys.readouterr().err
+    other = ["--ledger", str(tmp_path / "other.sqlite")]
+    assert main([*run[:-4], *other, "--name", "pm-other", *pm]) == 2
+    assert "failed its authentication check" in capsys.readouterr().err
     # a basis for another number of vectors is refused before training and spending
     capsys.readouterr()
     bad = [*run, "--name", "sub1", "--basis", str(pe_file)]

@@ -80,11 +80,15 @@ class ReleaseOutcome(BudgetState):
         }
 
 
-def centre_vector(eset: EmbeddingSet, centre: str, public_centre: Any = None) -> np.ndarray | None:
+def centre_vector(
+    eset: EmbeddingSet, centre: str, public_centre: Any = None, *, ledger: Ledger | None = None
+) -> np.ndarray | None:
     """The public centre to clip around: the initializer token's embedding, the origin, or
     (``'public_mean'``) the mean embedding of PUBLIC images, given as ``public_centre``: a
     ``subspace.PublicCentre`` or ``subspace.PublicEmbeddings`` (or their file). Anything built
-    from the private set is refused (docs/privacy.md invariant 2)."""
+    from the private set is refused (docs/privacy.md invariant 2). With ``ledger``, a file must be
+    authentic under its key and none of its source pictures private there
+    (``subspace.load_public_embeddings``)."""
     if centre not in CENTRES:
         raise DpaggError(f"centre={centre!r} is unknown; use one of {CENTRES}")
     if centre != "public_mean" and public_centre is not None:
@@ -101,7 +105,7 @@ def centre_vector(eset: EmbeddingSet, centre: str, public_centre: Any = None) ->
         pc = (
             public_centre
             if isinstance(public_centre, PublicCentre)
-            else public_mean_centre(public_centre)
+            else public_mean_centre(public_centre, ledger=ledger)
         )
         if pc.model_family != eset.model_family or pc.base_model_id != eset.base_model_id:
             raise DpaggError(
@@ -206,7 +210,7 @@ def release_embeddings(
         target_norms = dict(basis.typical_norms)
     base = sanitize_name(name)
     out = output_folder(out_dir)
-    centre_vec = centre_vector(eset, centre, public_centre)
+    centre_vec = centre_vector(eset, centre, public_centre, ledger=ledger)
     if not eset.dataset_id:
         raise DpaggError("this embedding set has no dataset_id; it is needed to keep its budget")
     vectors = eset.flat()

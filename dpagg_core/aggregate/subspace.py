@@ -125,6 +125,10 @@ STRUCTURE = "per-vector"
 BASIS_FORMAT = "dpagg-public-basis/1"
 BASIS_MARKER = "dpagg_public_basis"
 PUBLIC_FORMAT = "dpagg-public-embeddings/1"
+# Header keys of an authenticated public file (issue 18 item 3): the keyed ids of its source
+# pictures and an HMAC under the ledger's key over everything in it.
+PUBLIC_SOURCES = "source_images"
+PUBLIC_TAG = "authentication"
 PUBLIC_MARKER = "dpagg_public_embedding_set"
 BASE_VOCAB_ROWS = 49408  # = models.BASE_VOCAB_ROWS (CLIP BPE vocabulary), without importing models
 # Columns must be orthonormal to this tolerance (a PCA gives ~1e-15).
@@ -145,7 +149,8 @@ class PublicEmbeddings(KeyedVectors):
     images; building one from private embeddings violates docs/privacy.md invariant 8.
 
     ``centre``: the public centre ``[v, dim]`` per key (the initializer embedding), the same the
-    private release clips around.
+    private release clips around. ``source_ids``: keyed ids of the source pictures under a
+    ledger's key (``identity.image_ids_for``), so a release can check that none is private.
     """
 
     vectors: dict[str, torch.Tensor]
@@ -153,6 +158,7 @@ class PublicEmbeddings(KeyedVectors):
     base_model_id: str
     centre: dict[str, torch.Tensor]
     initializer: str | None = None
+    source_ids: tuple[str, ...] = ()
     _keys: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +185,7 @@ class PublicEmbeddings(KeyedVectors):
             vecs[key] = t.contiguous()
         cen = _checked_centre(self.centre, vecs, "PublicEmbeddings", cast=True)
         self.vectors, self.centre, self._keys = vecs, cen, keys
+        self.source_ids = tuple(str(i) for i in self.source_ids)
 
 
 def train_public_embeddings(
@@ -203,9 +210,42 @@ def train_public_embeddings(
     )
 
 
-def save_public_embeddings(public: PublicEmbeddings, path: str | os.PathLike[str]) -> Path:
+def public_file_tag(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], key: bytes
+) -> str:
+    """HMAC-SHA256 under a ledger's identity ``key`` of a public embeddings file: its tensors and
+    every header field but the tag itself (so the source ids, model and marker are bound). Like
+    the private files' tag (``private_file.authentication_tag``): without the key nobody can
+    relabel a file (e.g. a private per-image file) as public and have it accepted."""
+    import hmac
+
+    from dpagg_core.privacy.identity import check_identity_key
+
+    h = hmac.new(check_identity_key(key), b"dpagg-public-embeddings/1", hashlib.sha256)
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    for name in sorted(k for k in meta if k != PUBLIC_TAG):
+        put(name.encode())
+        put(str(meta[name]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        put(name.encode())
+        put(repr(tuple(t.shape)).encode())
+        put(t.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
+def save_public_embeddings(
+    public: PublicEmbeddings, path: str | os.PathLike[str], *, key: bytes | None = None
+) -> Path:
     """Write PUBLIC per-image embeddings (marked public, never as a prompt-loadable embedding);
-    never overwrites."""
+    never overwrites. With a ledger's identity ``key`` the file carries the keyed ids of its
+    source pictures (``public.source_ids``) and an authentication tag (:func:`public_file_tag`):
+    front ends load public files only with a tag valid under their ledger
+    (:func:`load_public_embeddings` with ``ledger=``)."""
     import safetensors.torch
 
     if not isinstance(public, PublicEmbeddings):
@@ -223,6 +263,9 @@ def save_public_embeddings(public: PublicEmbeddings, path: str | os.PathLike[str
     }
     if public.initializer is not None:
         meta["initializer"] = public.initializer
+    if key is not None:
+        meta[PUBLIC_SOURCES] = json.dumps(list(public.source_ids))
+        meta[PUBLIC_TAG] = public_file_tag(tensors, meta, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_new_file(path, safetensors.torch.save(tensors, metadata=meta), public=True)
     return path
@@ -241,13 +284,25 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, meta
 
 
-def load_public_embeddings(path: str | os.PathLike[str]) -> PublicEmbeddings:
-    """Read a file written by :func:`save_public_embeddings`; a file marked private is refused."""
+def load_public_embeddings(path: str | os.PathLike[str], *, ledger: Any = None) -> PublicEmbeddings:
+    """Read a file written by :func:`save_public_embeddings`; a file marked private is refused.
+
+    With ``ledger`` (a ``Ledger``: every front end passes its own) the file must be authentic
+    under that ledger's key (:func:`public_file_tag`: an edited, relabelled, untagged or
+    other-ledger file is refused) and none of its source pictures may be recorded as private
+    there (invariant 8). Without it (the project's own shipped public files, benchmarks) the file
+    is trusted as public."""
     path = Path(path).expanduser()
     tensors, meta = _read_safetensors(path)
     if meta.get(PUBLIC_MARKER) != "true" or meta.get("format") != PUBLIC_FORMAT:
         raise DpaggError(f"{path} is not a dpagg PUBLIC embedding set ({PUBLIC_FORMAT})")
     keys = _family_keys(meta.get("model_family", ""))
+    try:
+        sources = tuple(json.loads(meta.get(PUBLIC_SOURCES, "[]")))
+    except ValueError:
+        sources = ()
+    if ledger is not None:
+        _check_public_file(path, tensors, meta, sources, ledger)
     try:
         return PublicEmbeddings(
             vectors={k: tensors[f"public.{k}"] for k in keys},
@@ -255,9 +310,46 @@ def load_public_embeddings(path: str | os.PathLike[str]) -> PublicEmbeddings:
             base_model_id=meta.get("base_model_id", ""),
             centre={k: tensors[f"public_centre.{k}"] for k in keys},
             initializer=meta.get("initializer"),
+            source_ids=sources,
         )
     except KeyError as exc:
         raise DpaggError(f"{path} lacks {exc}; the file is damaged") from None
+
+
+def _check_public_file(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, str],
+    sources: Sequence[str],
+    ledger: Any,
+) -> None:
+    import hmac
+
+    rebuild = (
+        "Nothing was released. Fix: build it again from PUBLIC pictures with this ledger: "
+        f"`dpagg public-basis --kind public_embeddings --public-images DIR --ledger {ledger.path} "
+        "--save-public-embeddings FILE ...`."
+    )
+    tag = meta.get(PUBLIC_TAG)
+    if not tag:
+        raise DpaggError(
+            f"{path} carries no authentication tag (written by an older dpagg or another tool), "
+            "so the pictures it was made from cannot be checked against the privacy ledger "
+            f"{ledger.path}. {rebuild}"
+        )
+    if not hmac.compare_digest(public_file_tag(tensors, meta, ledger.identity_key()), tag):
+        raise DpaggError(
+            f"{path} failed its authentication check: it was edited or relabelled (e.g. a "
+            "private per-image file turned into a public one), damaged, or written with another "
+            f"privacy ledger than {ledger.path}. {rebuild}"
+        )
+    private = ledger.private_pictures(list(sources))
+    if private:
+        raise DpaggError(
+            f"{path} was made from {len(sources)} pictures, {len(private)} of which are "
+            f"recorded as PRIVATE in the privacy ledger {ledger.path}: a centre or basis from "
+            "them is not public (docs/privacy.md invariant 8). " + rebuild
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +413,7 @@ class PublicCentre:
         return np.concatenate([self.vectors[k].double().reshape(-1).numpy() for k in keys])
 
 
-def public_mean_centre(public: Any) -> PublicCentre:
+def public_mean_centre(public: Any, *, ledger: Any = None) -> PublicCentre:
     """The mean per-image embedding of PUBLIC images as a :class:`PublicCentre`.
 
     ``public``: :class:`PublicEmbeddings` or a file written by :func:`save_public_embeddings`.
@@ -334,7 +426,16 @@ def public_mean_centre(public: Any) -> PublicCentre:
             "invariant 2). Use PublicEmbeddings of PUBLIC images (train_public_embeddings)."
         )
     if isinstance(public, (str, os.PathLike)):
-        public = load_public_embeddings(public)
+        public = load_public_embeddings(public, ledger=ledger)
+    elif ledger is not None and isinstance(public, PublicEmbeddings) and public.source_ids:
+        private = ledger.private_pictures(list(public.source_ids))
+        if private:
+            raise DpaggError(
+                f"{len(private)} of the {len(public.source_ids)} source pictures of these public "
+                f"embeddings are recorded as PRIVATE in the privacy ledger {ledger.path}; a "
+                "centre from them is not public (docs/privacy.md invariant 8). Nothing was "
+                "released. Fix: train the public embeddings from PUBLIC pictures only."
+            )
     if not isinstance(public, PublicEmbeddings):
         raise DpaggError(
             "public_mean_centre takes PublicEmbeddings (train_public_embeddings on PUBLIC images) "
