@@ -685,14 +685,12 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
         raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
     guessed = checkpoint_family(s.checkpoint)
     resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
-    public = load_image_folder(s.public_images, resolution, ledger=ledger)
     if s.images:
+        # The private folder's pictures become known to the ledger (an unreadable private folder
+        # is reported by the plan, not here); the public load below then refuses any of them.
         with contextlib.suppress(DpaggError):
-            if scan_images(s.images, ledger)[1] == public.dataset_id:
-                raise DpaggError(
-                    "the public folder holds the same pictures as the private one; choose "
-                    "PUBLIC images for the clip norm"
-                )
+            scan_images(s.images, ledger)
+    public = load_image_folder(s.public_images, resolution, ledger=ledger, public=True)
     with host.model_off_device():
         model = load_pipeline(s.checkpoint, device=host.device)
         try:

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -278,6 +279,14 @@ def test_suggest_clip_norm_uses_public_images_only(tmp_path, tiny_model_dir):
     s = settings(tmp_path, tiny_model_dir, public_images=str(tmp_path / "private"))
     with pytest.raises(DpaggError, match="PUBLIC"):
         core.suggest_clip_norm(s, ledger=ledger, host=FakeHost())
+    # A copy or a symlink of the private folder is refused too, naming the files (issue 18.3:
+    # the guard used to sit inside contextlib.suppress and never fired).
+    shutil.copytree(tmp_path / "private", tmp_path / "copy")
+    (tmp_path / "link").symlink_to(tmp_path / "private")
+    for alias in ("copy", "link"):
+        s = dataclasses.replace(s, public_images=str(tmp_path / alias))
+        with pytest.raises(DpaggError, match="recorded as PRIVATE"):
+            core.suggest_clip_norm(s, ledger=ledger, host=FakeHost())
     s = dataclasses.replace(s, public_images=str(tmp_path / "public"))
     out = core.suggest_clip_norm(s, ledger=ledger, host=FakeHost())
     assert out["n_public"] == 2 and out["clip_norm"] > 0
