@@ -5,6 +5,7 @@ Loaded by the pack's root ``__init__.py`` only when ComfyUI's ``comfy_api`` is i
 nodes are a thin skin over ``dpagg_core``; when the pack is cloned into ``custom_nodes/`` (not
 pip-installed), its root is appended to ``sys.path`` so ``dpagg_core`` resolves to the pack's copy.
 Appending (not prepending) keeps ComfyUI's own top-level ``nodes`` module first on the path.
+Inside ComfyUI it also adds the Privacy Ledger's raise-budget route to ComfyUI's PromptServer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ if importlib.util.find_spec("dpagg_core") is None and _PACK_ROOT not in sys.path
 from comfy_api.latest import ComfyExtension, io  # noqa: E402
 
 from .ledger_node import NODES as LEDGER_NODES  # noqa: E402
+from .ledger_node import register_routes  # noqa: E402
 from .privacy_nodes import NODES  # noqa: E402
+
+# The Privacy Ledger's "Raise budget..." route on ComfyUI's own server (no-op without one).
+register_routes()
 
 
 class DpaggExtension(ComfyExtension):

@@ -189,9 +189,10 @@ def queue(comfy, api: dict, timeout: float = 1200) -> dict:
     """POST /prompt and wait for the history entry: {status, errors, outputs, seconds}."""
     t0 = time.time()
     try:
-        pid = json.loads(post(comfy, "/prompt", {"prompt": api}))["prompt_id"]
+        accepted = json.loads(post(comfy, "/prompt", {"prompt": api}))
     except urllib.error.HTTPError as e:
         return {"status": "rejected", "errors": [e.read().decode()], "outputs": {}}
+    pid = accepted["prompt_id"]
     while time.time() - t0 < timeout:
         hist = get(comfy, f"/history/{pid}")
         if pid in hist:
@@ -205,6 +206,9 @@ def queue(comfy, api: dict, timeout: float = 1200) -> dict:
                 "cached": cached,
                 "outputs": hist[pid]["outputs"],
                 "seconds": round(time.time() - t0, 1),
+                # output nodes ComfyUI left out because they failed validation (others ran)
+                "node_errors": accepted.get("node_errors") or {},
+                "prompt_id": pid,
             }
         time.sleep(1)
     pytest.fail(f"prompt {pid} did not finish within {timeout} s")
@@ -558,13 +562,7 @@ def test_clip_workflow_end_to_end(comfy):
     print(f"\nclip workflow: {res['seconds']} s")
 
 
-LEDGER_SHOW = {
-    "action": "show",
-    "dataset": "",
-    "new_budget_epsilon": 0.0,
-    "new_budget_delta": 0.0,
-    "confirm": "",
-}
+LEDGER_SHOW = {"action": "show", "dataset": ""}
 
 
 def node_of(api: dict, cls: str) -> str:
@@ -710,6 +708,215 @@ def test_image_kinds_same_id_through_load_image_and_the_cli_decode(comfy):
         cli = load_image_folder(folder, 64, ledger=ledger_file(comfy)).dataset_id
         assert via_load_image == cli == via_loader, kind
     print(f"\nimage kinds: {res['seconds']} s for {len(COMFYUI_KINDS)} kinds x 2 loaders")
+
+
+# ------------------------------------------------ raising a budget is never part of the graph
+# DESIGN.md invariant 10: a workflow (computed or saved) never raises a budget; the person at the
+# machine does, through the Privacy Ledger's "Raise budget..." dialog (a route on ComfyUI's own
+# server, behind its middleware) or the CLI. Each test uses its own image-set id, given a budget
+# of 1 here as `dpagg ledger set-budget` would.
+
+RAISE_ROUTE = "/api/dpagg/ledger/budget"
+# the Privacy Ledger's inputs before raising left the graph: what older saved workflows carry
+OLD_LEDGER_SHOW = {**LEDGER_SHOW, "new_budget_epsilon": 0.0, "new_budget_delta": 0.0, "confirm": ""}
+
+
+def ledger_with_budget(comfy, dataset: str, epsilon: float = 1.0):
+    from dpagg_core.privacy.ledger import Ledger
+
+    book = Ledger(ledger_file(comfy))
+    book.set_budget(dataset, epsilon, 1e-5)
+    return book
+
+
+def budget_of(book, dataset: str) -> float:
+    return book.status(dataset)["budget"]["epsilon"]
+
+
+def raise_request(comfy, body, content_type="application/json", path=RAISE_ROUTE, headers=None):
+    """POST to the raise route as the dialog does: (HTTP status, JSON reply or text)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(
+        comfy["url"] + path,
+        data=data,
+        headers={"Content-Type": content_type, **(headers or {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def test_raise_graph_of_comfyui_string_nodes_cannot_raise_a_budget(comfy):
+    """The shared-workflow attack: Ledger(show) -> ComfyUI's RegexExtract (the dataset id) ->
+    StringConcatenate x2 ('raise <id> to 1000') -> a second Ledger node set to 'raise budget'.
+    It used to raise the budget from 1 to 1000 with nothing typed; now that node is refused
+    before it runs (the show node still runs: the old workflow loads) and the budget stays 1."""
+    ds = "ds-itgraph00000000000000000000000"
+    book = ledger_with_budget(comfy, ds)
+    regex = {
+        "string": ["1", 0],
+        "regex_pattern": r"(ds-\w+): spent",
+        "mode": "First Group",
+        "case_insensitive": False,
+        "multiline": False,
+        "dotall": False,
+        "group_index": 1,
+    }
+    api = {
+        "1": {"class_type": "DpaggPrivacyLedger", "inputs": {**OLD_LEDGER_SHOW, "dataset": ds}},
+        "2": {"class_type": "RegexExtract", "inputs": regex},
+        "3": {
+            "class_type": "StringConcatenate",
+            "inputs": {"string_a": "raise ", "string_b": ["2", 0], "delimiter": ""},
+        },
+        "4": {
+            "class_type": "StringConcatenate",
+            "inputs": {"string_a": ["3", 0], "string_b": " to 1000", "delimiter": ""},
+        },
+        "5": {
+            "class_type": "DpaggPrivacyLedger",
+            "inputs": {
+                "action": "raise budget",
+                "dataset": ["2", 0],
+                "new_budget_epsilon": 1000.0,
+                "new_budget_delta": 0.0,
+                "confirm": ["4", 0],
+            },
+        },
+    }
+    res = queue(comfy, api)
+    assert budget_of(book, ds) == 1.0, res
+    assert "5" not in res["outputs"], res["outputs"].get("5")
+    refused = json.dumps(res["node_errors"].get("5") or res["errors"])
+    assert "action 'raise budget' is refused" in refused, res
+    assert "Raise budget..." in refused and "ledger set-budget" in refused
+    # the show node of the same (old-format) workflow ran and shows budget 1
+    assert res["status"] == "success", res["errors"]
+    assert res["outputs"]["1"]["dpagg"][0]["datasets"][0]["budget"]["epsilon"] == 1.0
+    # the raise node alone: the whole prompt is refused, nothing runs
+    alone = queue(comfy, {"5": {**api["5"], "inputs": {**api["5"]["inputs"], "dataset": ds}}})
+    assert alone["status"] == "rejected" and "is refused" in alone["errors"][0]
+    assert budget_of(book, ds) == 1.0
+
+
+def test_raise_route_raises_only_for_confirmed_json_behind_comfyuis_middleware(comfy):
+    """The "Raise budget..." dialog's route on ComfyUI's own server: JSON with the typed
+    confirmation raises the budget; another content type, a wrong confirmation, or a request
+    from another origin (ComfyUI's origin check, as for /prompt) changes nothing."""
+    ds = "ds-itroute0000000000000000000000000"
+    book = ledger_with_budget(comfy, ds)
+    good = {"dataset": ds, "epsilon": 5, "delta": 0, "confirm": f"raise {ds} to 5"}
+    t0 = time.time()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        status, reply = raise_request(comfy, good, ctype)
+        assert status == 415 and reply["ok"] is False, (ctype, reply)
+    for confirm in ("", "yes", f"raise {ds} to 50", f"raise {ds} to 1000", "raise ds-x to 5"):
+        status, reply = raise_request(comfy, {**good, "confirm": confirm})
+        assert status == 400 and f"type exactly 'raise {ds} to 5'" in reply["error"], reply
+    status, _ = raise_request(comfy, good, headers={"Origin": "http://evil.example"})
+    assert status == 403
+    prompt = post_status(comfy, "/prompt", {"prompt": {}}, {"Origin": "http://evil.example"})
+    assert prompt == 403  # the same middleware refuses ComfyUI's own API the same way
+    get_req = urllib.request.Request(comfy["url"] + RAISE_ROUTE, method="GET")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(get_req, timeout=60)
+    assert err.value.code in (404, 405)  # no GET (aiohttp's static fallback answers 404)
+    assert budget_of(book, ds) == 1.0
+
+    status, reply = raise_request(comfy, good)
+    assert status == 200 and reply["ok"] is True, reply
+    assert reply["lines"][0] == f"budget of {ds}: 1 -> 5 (delta 1e-05)"
+    assert budget_of(book, ds) == 5.0
+    # ComfyUI serves custom routes with and without /api; the same-origin header is fine
+    origin = {"Origin": comfy["url"]}
+    again = {**good, "epsilon": 6, "confirm": f"raise {ds} to 6"}
+    status, reply = raise_request(comfy, again, path="/dpagg/ledger/budget", headers=origin)
+    assert status == 200 and budget_of(book, ds) == 6.0, reply
+    # never below what is spent, never an unknown set
+    status, reply = raise_request(
+        comfy, {**good, "dataset": "ds-nope", "confirm": "raise ds-nope to 5"}
+    )
+    assert status == 404 and reply["ok"] is False
+    assert "[dpagg] Privacy Ledger: budget of " + ds + ": 1 -> 5" in comfy["log"].read_text()
+    print(f"\nraise route: {time.time() - t0:.2f} s for all requests")
+
+
+def post_status(comfy, path, body, headers) -> int:
+    req = urllib.request.Request(
+        comfy["url"] + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_workflow_saved_after_a_raise_cannot_raise_when_queued_again(comfy):
+    """After a raise through the dialog's route, the workflow as the frontend saves it holds
+    only the node's widgets (action 'show', dataset): no epsilon, no confirmation, so queueing
+    it again changes nothing and its prompt (what a PNG's metadata keeps) holds no confirmation.
+    An older saved workflow that carries 'raise budget' and a matching confirmation, as a UI
+    workflow or as a PNG's API prompt, is refused; the budget stays what the person set."""
+    ds = "ds-itsavedwf000000000000000000000000"
+    book = ledger_with_budget(comfy, ds)
+    status, reply = raise_request(
+        comfy, {"dataset": ds, "epsilon": 5, "delta": 0, "confirm": f"raise {ds} to 5"}
+    )
+    assert status == 200, reply
+    info = get(comfy, "/object_info")
+    node = info["DpaggPrivacyLedger"]["input"]
+    order = info["DpaggPrivacyLedger"]["input_order"]
+    assert order["required"] == ["action", "dataset"] and not order.get("optional")
+    action = node["required"]["action"]
+    assert (action[1]["options"] if action[0] == "COMBO" else action[0]) == ["show"]
+
+    saved = {  # the frontend's save: one value per serialized widget (the button is not one)
+        "nodes": [
+            {"id": 1, "type": "DpaggPrivacyLedger", "inputs": [], "widgets_values": ["show", ds]}
+        ],
+        "links": [],
+    }
+    api = ui_to_api(saved, info)
+    res = queue(comfy, api)
+    assert res["status"] == "success", res["errors"]
+    assert budget_of(book, ds) == 5.0
+    assert res["outputs"]["1"]["dpagg"][0]["datasets"][0]["budget"]["epsilon"] == 5.0
+    pid = res["prompt_id"]
+    kept = json.dumps(get(comfy, f"/history/{pid}")[pid]["prompt"])
+    assert ds in kept and "raise" not in kept and "confirm" not in kept and "1000" not in kept
+
+    # Workflows saved before raising left the graph: the UI file (5 widget values) and the API
+    # prompt a PNG holds; their confirmation matches a raise to 1000.
+    old_values = ["raise budget", ds, 1000.0, 0.0, f"raise {ds} to 1000"]
+    old_ui = {**saved, "nodes": [{**saved["nodes"][0], "widgets_values": old_values}]}
+    old_api = {
+        "1": {
+            "class_type": "DpaggPrivacyLedger",
+            "inputs": {
+                "action": "raise budget",
+                "dataset": ds,
+                "new_budget_epsilon": 1000.0,
+                "new_budget_delta": 0.0,
+                "confirm": f"raise {ds} to 1000",
+            },
+        }
+    }
+    for prompt in (ui_to_api(old_ui, info), old_api):
+        res = queue(comfy, prompt)
+        assert res["status"] == "rejected", res
+        assert "action 'raise budget' is refused" in res["errors"][0]
+        assert "Raise budget..." in res["errors"][0]
+        assert budget_of(book, ds) == 5.0
 
 
 def test_backend_leaves_comfyui_models_as_they_were(tmp_path):
