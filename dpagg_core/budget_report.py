@@ -42,11 +42,13 @@ def plan_lines(plan: PrivacyPlan) -> list[str]:
 
 def budget_status(ledger: Any, dataset_id: str) -> dict[str, Any]:
     """The public budget figures of a dataset: ``{"budget", "spent", "remaining", "releases",
-    "composition"}`` of ``Ledger.status`` (``budget`` and ``remaining`` None before the first
-    release)."""
+    "composition", "shared"}`` of ``Ledger.status`` (``budget`` and ``remaining`` None before the
+    first release). The budget lives with each picture; these are the set's worst picture's
+    (docs/privacy.md invariant 9); ``shared``: that picture also took part in releases of
+    other, overlapping sets."""
     status = ledger.status(dataset_id)
-    keys = ("budget", "spent", "remaining", "releases", "composition")
-    return {k: status[k] for k in keys}
+    keys = ("budget", "spent", "remaining", "releases", "composition", "shared")
+    return {k: status.get(k) for k in keys}
 
 
 def next_release(
@@ -90,8 +92,16 @@ def budget_payload(
         lines.append(
             f"budget: eps {fmt(spent['epsilon'])} / {fmt(b['epsilon'])} spent, "
             f"{fmt(r['epsilon'])} left (delta {spent['delta']:.3g} / {b['delta']:.3g})"
+            " - its most-spent picture"
         )
-    lines.append(f"releases of this image set: {status['releases']} ({status['composition']})")
+    lines.append(
+        f"releases that include these pictures: {status['releases']} ({status['composition']})"
+    )
+    if status.get("shared"):
+        lines.append(
+            "some of these pictures were also released with other image sets: their spend counts "
+            "here too (the budget protects each picture)"
+        )
     warning = False
     if plan is not None:
         warning = "refused" in next_release(ledger, dataset_id, plan, budget_epsilon, budget_delta)
