@@ -73,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.dpsgd_reference import train_shared_nonprivate  # noqa: E402
 from bench.minimodel import artifact, data, judge, sample  # noqa: E402
 
 METHODS = (
@@ -496,7 +497,7 @@ def run(s: Settings, out: Path) -> list[dict]:
                 cfg = dpsgd_config(ctx, s, n, seed)
                 if todo(style, n, seed, "ti_shared", None):
                     t1 = time.time()
-                    shared = dpsgd.train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
+                    shared = train_shared_nonprivate(ctx.backend, imgs, cfg)["emb_params"]
                     _log(f"shared TI {style} n={n} seed={seed}: {time.time() - t1:.0f}s")
                     flat = shared.double().flatten().numpy()
                     record(

@@ -7,6 +7,7 @@ naming the offending parameter and the fix, with exit status 2; nothing is spent
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -295,18 +296,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     payload = {
         "plan": plan.to_dict(),
         "basis": None if basis is None else basis.record(),
-        "claimed_epsilon": result.claimed_epsilon,
-        "audit_delta": result.audit_delta,
-        "audit_epsilon": result.audit_epsilon,
-        "empirical_epsilon_lower_bound": result.empirical_epsilon_lower_bound,
-        "confidence": result.confidence,
-        "trials": result.trials,
-        "passed": result.passed,
-        "detectable_epsilon": result.detectable_epsilon,
-        "detectable_noise_factor": result.detectable_noise_factor,
-        "power_half_noise": result.power_half_noise,
-        "half_noise_epsilon": result.half_noise_epsilon,
-        "seconds": result.seconds,
+        # every field of the AuditResult but its delta, which is the plan's (above)
+        **{k: v for k, v in dataclasses.asdict(result).items() if k != "delta"},
     }
     _emit(args, payload, result.summary())
     return 0 if result.passed else 1

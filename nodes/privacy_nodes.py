@@ -1,8 +1,9 @@
-"""The five dpagg nodes (ComfyUI V3 API), a thin skin over ``dpagg_core``.
+"""Six of the pack's seven dpagg nodes (ComfyUI V3 API), a thin skin over ``dpagg_core``; the
+seventh, **Privacy Ledger**, is in ``nodes/ledger_node.py``.
 
 Graph: **Load Private Images** -> ``PRIVATE_IMAGES`` -> (Load Checkpoint ->) **Per-Image TI** (or
 CLIP vision -> **Clip Embeddings**) -> ``EMBEDDING_SET`` -> **DP Aggregate** <- ``DP_PLAN`` <-
-**Privacy Accountant**.
+**Privacy Accountant**; an optional **Public Basis** (from PUBLIC images) feeds DP Aggregate.
 
 Identity of the image set (docs/privacy.md invariant 7):
 

@@ -461,13 +461,13 @@ def on_app_started(_demo: Any, app: Any) -> None:
     if access is None:  # a broken install: the tab says why; no routes
         return
     rules = api_access()
+    prefix = core.API_PREFIX
     if not rules.enabled:
-        print("[dpagg] the WebUI's API is off: no /dpagg/v1 routes (start it with --api)")
+        print(f"[dpagg] the WebUI's API is off: no {prefix} routes (start it with --api)")
         return
     if not rules.credentials:
-        print("[dpagg] no --api-auth: /dpagg/v1 answers callers on this machine only")
+        print(f"[dpagg] no --api-auth: {prefix} answers callers on this machine only")
     guarded = Depends(make_guard(rules))
-    prefix = core.API_PREFIX
 
     def answer(fn, *args):
         if IMPORT_ERROR:

@@ -16,6 +16,7 @@ its without-replacement amplification (Balle, Barthe & Gaboardi 2018, Thm 10), s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -257,6 +258,9 @@ def test_readme_audit_flags_half_the_noise(
     # true epsilon of the bug at the README's delta, and the computed probability of this FAIL
     assert out["half_noise_epsilon"] == pytest.approx(2.1547, abs=1e-3)
     assert out["power_half_noise"] > 0.999
+    fields = {f.name for f in dataclasses.fields(audit_mod.AuditResult)}
+    assert set(out) == {"plan", "basis"} | fields - {"delta"}  # the plan carries the delta
+    assert out["plan"]["delta"] == 1e-5
 
 
 def test_readme_audit_passes_the_real_mechanism(capsys: pytest.CaptureFixture[str]) -> None:

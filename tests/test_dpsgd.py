@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,12 @@ from dpagg_core.privacy import accountant, mechanism
 from dpagg_core.training import dpsgd
 from dpagg_core.training.diffusers_backend import DiffusersBackend
 from dpagg_core.training.ti import LatentDist, resolve_templates
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the non-private reference is bench code, not the package's
+    sys.path.insert(0, str(ROOT))
+
+from bench.dpsgd_reference import train_shared_nonprivate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -356,7 +364,7 @@ def test_nonprivate_reference_is_plain_mean_gradient_step(f64_backend):
     cfg = dpsgd.DPSGDConfig(
         steps=1, expected_batch=n, learning_rate=3.0, optimizer="sgd", vectors=1, seed=2,
     )  # fmt: skip
-    got = dpsgd.train_shared_nonprivate(f64_backend, imgs, cfg)["emb_params"].double()
+    got = train_shared_nonprivate(f64_backend, imgs, cfg)["emb_params"].double()
     dist, dist_flip = _dists(f64_backend, imgs)
     init = f64_backend.initializer_embedding("painting")["emb_params"].double()
     grads = dpsgd.per_example_gradients(

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from dpagg_core.showcase.minimodel import (
-    build_components,
     folder_from_single_file,
     make_pipeline,
     save_single_file,
@@ -54,6 +53,7 @@ from dpagg_core.showcase.minimodel import (
 from dpagg_core.training.ti import STYLE_TEMPLATES
 
 from . import data
+from .architecture import build_components
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
 

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from bench.dpsgd_reference import train_shared_nonprivate
+
 from . import artifact, data, judge, sample
 
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for steps in args.dpsgd_steps:
             t0 = time.time()
             cfg = replace(base, steps=steps, learning_rate=lr, clip_norm=c_g)
-            shared = dpsgd.train_shared_nonprivate(backend, imgs, cfg)["emb_params"]
+            shared = train_shared_nonprivate(backend, imgs, cfg)["emb_params"]
             acc_np = _acc(jdg, sample.generate(pipe, vectors=shared, per_template=6), style)
             res = dpsgd.train_dpsgd(backend, imgs, cfg, target_epsilon=1.0, delta=1 / (10 * args.n))
             acc_dp = _acc(

@@ -218,14 +218,15 @@ def release_embeddings(
         "dataset_id": eset.dataset_id,
         "plan": plan,
         "clip_norm": clip_norm,
-        "center": centre_vec,
         "centre_kind": centre,
         "mode": mode,
         "name": base,
         "base_model_id": eset.base_model_id,
     }
     basis_sha = None if basis is None else basis.sha256
-    recorded = ledger.stored_result(aggregate_request(vectors, **request, basis_sha256=basis_sha))
+    recorded = ledger.stored_result(
+        aggregate_request(vectors, center=centre_vec, **request, basis_sha256=basis_sha)
+    )
     target = base
     if recorded is None:
         if new_name_per_release:
@@ -238,6 +239,7 @@ def release_embeddings(
 
     result = ledger.release(
         vectors,
+        center=centre_vec,  # the mechanism's keyword (``center``, as numpy spells it)
         budget_epsilon=budget_epsilon,
         budget_delta=budget_delta,
         basis=basis,

@@ -973,6 +973,6 @@ class Ledger:
         if row is None:
             raise DpaggError(
                 f"no release with id {release_id} in ledger {self.path}. Fix: list them with "
-                f"`dpagg ledger list`."
+                f"`dpagg ledger show`."
             )
         return row_dict(row, True)

@@ -5,7 +5,8 @@ caption->image set of 30 styles, four of them held out; the trained weights ship
 package (``dpagg_core/data/minimodel.safetensors``, float16, 9.5 MB) so ``dpagg demo`` and the
 benchmarks run on a fresh machine without downloading or training anything.
 
-Components (same classes and conditioning path as SD1.x):
+Components (same classes and conditioning path as SD1.x; built from scratch by
+``bench/minimodel/architecture.py``, read back here from the shipped file's metadata):
 
 * ``CLIPTextModel`` (real CLIP BPE vocabulary of 49408 tokens, 77 positions, width 64, 2 layers);
 * ``UNet2DConditionModel`` on 8 x 8 x 8 latents (channels 32/64, cross-attention width 64);
@@ -52,13 +53,6 @@ TI_VECTORS = 2
 TI_STEPS = 150
 TI_LEARNING_RATE = 1e-2
 
-TEXT_WIDTH = 64
-LATENT_SIZE = 8
-# 8 latent channels (SD1/SD2 use 4, SD3/Flux 16): at 4x compression per side, 4 channels lost
-# every texture in a first trial; the UNet only sees more input/output channels.
-LATENT_CHANNELS = 8
-IMAGE_SIZE = 32
-
 # Stable Diffusion 1.x/2.x's training noise schedule (scheduler kwargs).
 SD_NOISE_SCHEDULE: dict[str, Any] = dict(
     beta_start=0.00085,
@@ -92,54 +86,6 @@ def small_clip_text_config(hidden_size: int, **overrides: Any) -> dict[str, Any]
         )
         | overrides
     )
-
-
-def text_encoder_config() -> dict[str, Any]:
-    return small_clip_text_config(
-        TEXT_WIDTH, hidden_act="quick_gelu", attention_dropout=0.0, dropout=0.0
-    )
-
-
-def unet_config() -> dict[str, Any]:
-    return dict(
-        sample_size=LATENT_SIZE,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def vae_config() -> dict[str, Any]:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=1.0,
-    )
-
-
-def build_components(seed: int = 0) -> dict[str, Any]:
-    """Fresh randomly initialised components (deterministic in ``seed``)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
-    unet = UNet2DConditionModel(**unet_config())
-    vae = AutoencoderKL(**vae_config())
-    return {"text_encoder": te, "unet": unet, "vae": vae}
 
 
 def make_pipeline(text_encoder: Any, unet: Any, vae: Any):
