@@ -1022,7 +1022,7 @@ def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
     the library's release_embeddings gives for the same inputs (the noise aside). An identical
     re-execution (ComfyUI cache eviction) spends nothing."""
     from dpagg_core.aggregate.release import release_embeddings
-    from dpagg_core.aggregate.subspace import public_mean_centre
+    from dpagg_core.aggregate.subspace import load_public_embeddings, public_mean_centre
     from dpagg_core.privacy.mechanism import centre_hash
 
     eset = ti_set(n=8)
@@ -1043,7 +1043,14 @@ def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
     assert payload["centre"] == {"kind": "public_mean", "sha256": pc.sha256}
     assert any(line.startswith("centre public_mean: sha256 ") for line in payload["lines"])
     json.dumps(out.ui)
-    # the library, same inputs, its own ledger: the same public record (noise aside)
+    # the library, same inputs, its own ledger: the same public record (noise aside). The file
+    # is tagged under the pack's ledger, so it is refused by path under another ledger ...
+    with pytest.raises(DpaggError, match="authentication check"):
+        release_embeddings(
+            eset, plan=plan, clip_norm=0.5, name="pm", out_dir=tmp_path / "lib",
+            ledger=Ledger(tmp_path / "lib.sqlite"), centre="public_mean", public_centre=pfile,
+        )  # fmt: skip
+    # ... and a caller who trusts it passes its loaded embeddings (trusted-caller API).
     lib = release_embeddings(
         eset,
         plan=plan,
@@ -1053,7 +1060,7 @@ def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
         ledger=Ledger(tmp_path / "lib.sqlite"),
         centre="public_mean",
         budget_epsilon=5.0,
-        public_centre=pfile,
+        public_centre=load_public_embeddings(pfile),
     )
     same = ("centre", "centre_sha256", "clip_norm", "clip_mode", "sigma", "sensitivity", "n")
     assert {k: record[k] for k in same} == {k: lib.record[k] for k in same}
