@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpagg_core.aggregate.release import release_embeddings
+from dpagg_core.aggregate.release import release_embeddings, release_vectors
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.images import dataset_id_for
 from dpagg_core.privacy.calibration import calibrate
@@ -50,7 +50,8 @@ def main() -> None:
 
     def through_ledger() -> None:
         i = next(counter)
-        ledger.release(
+        release_vectors(
+            ledger,
             flat,
             dataset_id=f"bench-{i}",
             plan=plan,

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -50,7 +52,6 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from dpagg_core.aggregate import postprocess
     from dpagg_core.aggregate.subspace import (
-        PublicBasis,
         PublicEmbeddings,
         dp_mean_projected,
         public_mean_centre,
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     public_fit = public_set(fit)
     sweep = []
     for k in a.ks:
-        basis = PublicBasis.from_public_embeddings(public_fit, k)
+        basis = basis_from_public_embeddings(public_fit, k)
         cos, acc_p, acc_m = [], [], []
         for s in val:
             dm = emb[s].mean(0) - centre
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     k_star = min(chosen) if chosen else max(a.ks)
     _log(f"chosen k = {k_star} per vector (smallest with mean validation cosine >= {a.min_cos})")
 
-    basis = PublicBasis.from_public_embeddings(public_fit, k_star)
+    basis = basis_from_public_embeddings(public_fit, k_star)
     centres = {
         "initializer": centre,
         "public_mean": public_mean_centre(public_fit).flat(),

@@ -49,9 +49,10 @@ def write(style: str, count: int, offset: int, folder: Path, prefix: str) -> Non
 def write_public_embeddings() -> Path:
     import tempfile
 
-    from dpagg_core.aggregate.subspace import save_public_embeddings, train_public_embeddings
+    from dpagg_core.aggregate.subspace import save_public_embeddings
     from dpagg_core.showcase.demo import PUBLIC_EMBEDDINGS, demo_config
     from dpagg_core.showcase.minimodel import load_minimodel
+    from dpagg_core.training.public import train_public_embeddings
     from dpagg_core.training.train_run import Trainer
 
     images = [

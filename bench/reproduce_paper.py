@@ -69,6 +69,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -223,7 +225,7 @@ def make_context(s: Settings) -> Context:
     g_flat = g.detach().to("cpu", torch.float64).flatten(1).numpy()  # [n, D], EmbeddingSet order
     # The public subspace (issue 10): PCA of the PUBLIC style's per-image embeddings, k per
     # vector, and its C: the median norm of their projected deltas (same rule as C above).
-    from dpagg_core.aggregate.subspace import PublicBasis, PublicEmbeddings
+    from dpagg_core.aggregate.subspace import PublicEmbeddings
 
     if s.basis_styles == "train":
         basis_emb = np.concatenate(
@@ -243,7 +245,7 @@ def make_context(s: Settings) -> Context:
         centre={"emb_params": torch.from_numpy(centre.reshape(v, dim)).float()},
         initializer=artifact.TI_INITIALIZER,
     )
-    basis = PublicBasis.from_public_embeddings(public, s.basis_k)
+    basis = basis_from_public_embeddings(public, s.basis_k)
     sub_clip_norm = float(np.median(np.linalg.norm(basis.project(basis_emb - centre), axis=1)))
     # Subspace DP-SGD's C_g: the same rule as C_g, on the public gradients projected (U^T g);
     # torch's median (the lower middle value for even n) as for C_g, so C_g,sub <= C_g.

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -54,7 +56,7 @@ K_PER_VECTOR = 16
 
 def main() -> int:
     from bench.reproduce_paper import load_model
-    from dpagg_core.aggregate.subspace import PublicBasis, PublicEmbeddings
+    from dpagg_core.aggregate.subspace import PublicEmbeddings
     from dpagg_core.privacy.calibration import calibrate
     from dpagg_core.training.ti import train_vectors
 
@@ -75,7 +77,7 @@ def main() -> int:
         centre={"emb_params": torch.from_numpy(centre.reshape(v, dim)).float()},
         initializer=artifact.TI_INITIALIZER,
     )
-    basis = PublicBasis.from_public_embeddings(public, K_PER_VECTOR)
+    basis = basis_from_public_embeddings(public, K_PER_VECTOR)
     y = basis.project(rows - rows.mean(0))
     c = float(np.median(np.linalg.norm(y, axis=1)))
     rhos = []

@@ -178,6 +178,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings, basis_from_token_table
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -197,7 +199,7 @@ def _log(msg: str) -> None:
 
 
 def train(backend, style: str, n: int, steps: int, offset: int):
-    from dpagg_core.aggregate.subspace import train_public_embeddings
+    from dpagg_core.training.public import train_public_embeddings
 
     imgs = data.to_tensor([e.image for e in data.style_examples(style, n, offset=offset)])
     cfg = artifact.ti_config(steps=steps, seed=0)
@@ -236,7 +238,6 @@ def pooled(pes: list):
 
 
 def bases(pipe, pes: dict, ks: list[int]) -> dict:
-    from dpagg_core.aggregate.subspace import PublicBasis
 
     tok = pipe.tokenizer
     vocab_ids = sorted({i for w in VOCAB for i in tok(w, add_special_tokens=False).input_ids})
@@ -244,14 +245,14 @@ def bases(pipe, pes: dict, ks: list[int]) -> dict:
     pub3 = pooled([pes[s] for s in BASIS_STYLES3])
     out: dict[str, object] = {"full": None}
     for k in ks:
-        out[f"tt{k}"] = PublicBasis.from_token_table(pipe.text_encoder, k, vectors=2)
+        out[f"tt{k}"] = basis_from_token_table(pipe.text_encoder, k, vectors=2)
         if k < len(vocab_ids) - 1:
-            out[f"ttv{k}"] = PublicBasis.from_token_table(
+            out[f"ttv{k}"] = basis_from_token_table(
                 pipe.text_encoder, k, vectors=2, token_ids=vocab_ids
             )
-        out[f"pe{k}"] = PublicBasis.from_public_embeddings(pub, k)  # centred (the default)
-        out[f"pe_u{k}"] = PublicBasis.from_public_embeddings(pub, k, centred=False)
-        out[f"pe3_{k}"] = PublicBasis.from_public_embeddings(pub3, k)
+        out[f"pe{k}"] = basis_from_public_embeddings(pub, k)  # centred (the default)
+        out[f"pe_u{k}"] = basis_from_public_embeddings(pub, k, centred=False)
+        out[f"pe3_{k}"] = basis_from_public_embeddings(pub3, k)
     return out
 
 

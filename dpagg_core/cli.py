@@ -209,7 +209,7 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
         )
     basis = None
     if getattr(args, "basis", None) is not None:
-        from dpagg_core.aggregate.subspace import load_basis
+        from dpagg_core.aggregate.basis_builders import load_basis
 
         basis = load_basis(args.basis)
     outcome = release_embeddings(
@@ -234,7 +234,7 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
 
 def _public_centre(args: argparse.Namespace) -> Any:
     """The public-mean centre of ``--public-embeddings`` (a PUBLIC file; a private one is
-    refused by ``subspace.load_public_embeddings``), or None."""
+    refused by ``public_embeddings.load_public_embeddings``), or None."""
     path = getattr(args, "public_embeddings", None)
     if path is None:
         if getattr(args, "centre", None) == "public_mean":
@@ -245,7 +245,7 @@ def _public_centre(args: argparse.Namespace) -> Any:
         return None
     if getattr(args, "centre", None) != "public_mean":
         raise DpaggError("--public-embeddings is the centre for --centre public_mean; add it")
-    from dpagg_core.aggregate.subspace import public_mean_centre
+    from dpagg_core.io.public_embeddings import public_mean_centre
 
     return public_mean_centre(path, ledger=_ledger(args))
 
@@ -281,7 +281,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     plan = _plan(args, args.n, warn=False)  # an audit releases nothing
     basis = None
     if getattr(args, "basis", None) is not None:
-        from dpagg_core.aggregate.subspace import load_basis
+        from dpagg_core.aggregate.basis_builders import load_basis
 
         basis = load_basis(args.basis)
     result = audit(
@@ -601,10 +601,15 @@ def _k_choice_text(choice: Any) -> str:
 
 
 def cmd_public_basis(args: argparse.Namespace) -> int:
-    """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``dpagg_core.aggregate.subspace``),
+    """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``aggregate.basis_builders``),
     from the model's token table or from per-image TI embeddings of PUBLIC images. ``--k auto``
-    chooses k on the public styles (subfolders) only (``subspace.choose_k``)."""
-    from dpagg_core.aggregate.subspace import PublicBasis, save_basis, train_public_embeddings
+    chooses k on the public styles (subfolders) only (``basis_choice.choose_k``)."""
+    from dpagg_core.aggregate.basis_builders import (
+        basis_from_public_embeddings,
+        basis_from_token_table,
+        save_basis,
+    )
+    from dpagg_core.training.public import train_public_embeddings
 
     choice, styles, clip_norms = None, None, None
     if args.kind == "public_embeddings":
@@ -637,18 +642,18 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         )
         k = args.k
         if styles is not None:
-            from dpagg_core.aggregate.subspace import auto_k_candidates, choose_k
+            from dpagg_core.aggregate.basis_choice import auto_k_candidates, choose_k
 
             groups = [i for i, part in enumerate(loaded) for _ in range(part.count)]
             width = min(int(t.shape[-1]) for t in public.vectors.values())
             choice = choose_k(public, groups, auto_k_candidates(width))
             k = choice.k
-        basis = PublicBasis.from_public_embeddings(public, k)
-        from dpagg_core.aggregate.subspace import subspace_clip_norms
+        basis = basis_from_public_embeddings(public, k)
+        from dpagg_core.aggregate.basis_choice import subspace_clip_norms
 
         clip_norms = subspace_clip_norms(public, basis)
         if args.save_public_embeddings is not None:
-            from dpagg_core.aggregate.subspace import save_public_embeddings
+            from dpagg_core.io.public_embeddings import save_public_embeddings
 
             save_public_embeddings(public, args.save_public_embeddings, key=key)
     else:
@@ -664,7 +669,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
         from dpagg_core.training.models import _text_encoders, load_pipeline
 
         model = load_pipeline(args.model, family=args.family, device="cpu")
-        basis = PublicBasis.from_token_table(
+        basis = basis_from_token_table(
             _text_encoders(model.pipe), args.k, vectors=args.vectors, model_family=model.family
         )
         if basis.base_model_id != model.base_model_id:  # pragma: no cover - same fingerprint

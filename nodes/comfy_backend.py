@@ -109,8 +109,8 @@ def _checkpoint_fingerprint(family: str, encoders: list[_Encoder], model: Any) -
 
 def checkpoint_tables(model: Any, clip: Any) -> tuple[str, str, dict[str, torch.Tensor]]:
     """``(model_family, base_model_id, {file_key: token-embedding table})`` of a ComfyUI
-    checkpoint, for a PUBLIC basis from its token table (``subspace.PublicBasis.
-    from_token_table``, the Public Basis node). The id is the one Per-Image TI records
+    checkpoint, for a PUBLIC basis from its token table (``basis_builders.
+    basis_from_token_table``, the Public Basis node). The id is the one Per-Image TI records
     (``comfyui:<family>:<hash>``, computed after loading the models as training does), so the
     basis fits embeddings trained on the same MODEL/CLIP and is refused for any other."""
     import comfy.model_management

@@ -92,7 +92,7 @@ UI_KEY = "dpagg"  # key of the nodes' UI message, read by js/dpagg.js
 EmbeddingSetIO = io.Custom("EMBEDDING_SET")
 DpPlanIO = io.Custom("DP_PLAN")
 PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.io.images.LoadedImages
-PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.aggregate.subspace.PublicBasis (public)
+PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.privacy.basis.PublicBasis (public)
 # DP Aggregate offers every core centre (``release.CENTRES``); 'public_mean' also needs the
 # ``public_embeddings_file`` input (PUBLIC per-image embeddings, `dpagg public-basis
 # --save-public-embeddings FILE`), the file the CLI's `--centre public_mean --public-embeddings`
@@ -981,14 +981,13 @@ class PublicBasisNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, k, vectors, basis_file, model=None, clip=None) -> io.NodeOutput:
-        from dpagg_core.aggregate.subspace import PublicBasis as Basis
-        from dpagg_core.aggregate.subspace import load_basis
+        from dpagg_core.aggregate.basis_builders import basis_from_token_table, load_basis
 
         if source == "file":
             basis = load_basis(resolve_path(str(basis_file)))
         elif source == "token_table":
             family, model_id, tables = _checkpoint_tables(model, clip)
-            basis = Basis.from_token_table(
+            basis = basis_from_token_table(
                 tables, int(k), vectors=int(vectors), model_family=family, base_model_id=model_id
             )
         else:
@@ -1162,7 +1161,7 @@ class DPAggregate(io.ComfyNode):
     ) -> io.NodeOutput:
         from comfy_execution.graph_utils import ExecutionBlocker
 
-        from dpagg_core.aggregate.subspace import PublicBasis as CoreBasis
+        from dpagg_core.privacy.basis import PublicBasis as CoreBasis
 
         if not isinstance(embedding_set, EmbeddingSet):
             raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
 from dpagg_core.aggregate.subspace import (
     KChoice,
     PublicEmbeddings,
@@ -199,6 +200,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_cli_public_basis_k_auto(tmp_path, tiny_model_dir, capsys):
     from dpagg_core.cli import main
 
@@ -229,10 +231,10 @@ def test_cli_public_basis_k_auto(tmp_path, tiny_model_dir, capsys):
 
 
 def test_subspace_clip_norms_are_public_medians_in_the_k_coordinates():
-    from dpagg_core.aggregate.subspace import PublicBasis, subspace_clip_norms
+    from dpagg_core.aggregate.subspace import subspace_clip_norms
 
     public, _, _ = styled_public(6, noise=0.1)
-    basis = PublicBasis.from_public_embeddings(public, 4)
+    basis = basis_from_public_embeddings(public, 4)
     x = public.vectors["emb_params"].double().reshape(public.n, -1).numpy()
     init = public.centre["emb_params"].double().reshape(-1).numpy()
     got = subspace_clip_norms(public, basis)
@@ -249,10 +251,10 @@ def test_subspace_clip_norms_are_public_medians_in_the_k_coordinates():
 
 
 def test_subspace_clip_norms_refuse_the_private_set():
-    from dpagg_core.aggregate.subspace import PublicBasis, subspace_clip_norms
+    from dpagg_core.aggregate.subspace import subspace_clip_norms
 
     public, _, _ = styled_public(6)
-    basis = PublicBasis.from_public_embeddings(public, 4)
+    basis = basis_from_public_embeddings(public, 4)
     private = EmbeddingSet(
         vectors={"emb_params": public.vectors["emb_params"]},
         kind="textual_inversion",

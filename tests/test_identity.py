@@ -23,6 +23,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.errors import DpaggError, LedgerError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.images import dataset_id_for
@@ -172,7 +173,8 @@ def test_v1_ledger_migrates_once_keeping_ids_budgets_and_reuse(tmp_path, monkeyp
     status = ledger.status(expected["dataset_id"])
     assert status["spent"]["epsilon"] > 0 and status["budget"]["epsilon"] == 3.0
     # The identical request recorded under v1 is answered from the ledger, not spent again.
-    again = ledger.release(
+    again = release_vectors(
+        ledger,
         np.load(V1 / "vectors.npy"),
         dataset_id=expected["dataset_id"],
         plan=PrivacyPlan(**expected["plan"]),
@@ -218,7 +220,7 @@ def test_empty_v1_ledger_without_salt_gets_a_fresh_key(tmp_path, monkeypatch):
 def _release(ledger: Ledger, vecs: np.ndarray, ds: str):
     plan = calibrate(1.0, delta=1e-5, n=len(vecs), sampling="full")
     args = dict(dataset_id=ds, plan=plan, clip_norm=1.0, centre_kind="origin", mode="clip")
-    out = ledger.release(vecs, name="s", base_model_id="m", **args)
+    out = release_vectors(ledger, vecs, name="s", base_model_id="m", **args)
     digest = request_key(vecs, center=None, name="s", base_model_id="m", **args)
     return out, digest
 
@@ -326,7 +328,9 @@ def test_budget_recorded_under_the_old_decode_follows_the_pictures(tmp_path):
     old_id = dataset_id_for(old_digests, key=key)
     vecs = np.zeros((4, 3))
     plan = calibrate(1.0, delta=1e-5, n=4, sampling="full")
-    ledger.release(vecs, dataset_id=old_id, plan=plan, clip_norm=1.0, name="x", budget_epsilon=1.2)
+    release_vectors(
+        ledger, vecs, dataset_id=old_id, plan=plan, clip_norm=1.0, name="x", budget_epsilon=1.2
+    )
 
     loaded = images.load_image_folder(folder, 16, ledger=ledger.path)
     assert loaded.dataset_id != old_id
@@ -335,7 +339,9 @@ def test_budget_recorded_under_the_old_decode_follows_the_pictures(tmp_path):
     assert ledger.status(old_id)["releases"] == 0
     # The moved spend is enforced: a second epsilon-1 release exceeds the budget of 1.2 (PLD: 1.45).
     with pytest.raises(DpaggError, match="budget"):
-        ledger.release(vecs + 1, dataset_id=loaded.dataset_id, plan=plan, clip_norm=1.0, name="y")
+        release_vectors(
+            ledger, vecs + 1, dataset_id=loaded.dataset_id, plan=plan, clip_norm=1.0, name="y"
+        )
     # Loading again changes nothing.
     before = ledger.path.read_bytes()
     assert images.load_image_folder(folder, 16, ledger=ledger.path).dataset_id == loaded.dataset_id

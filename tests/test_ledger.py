@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
+from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.errors import BudgetExceeded, DpaggError, LedgerError
 from dpagg_core.privacy import accountant, mechanism
 from dpagg_core.privacy import ledger as ledger_mod
@@ -91,8 +92,14 @@ def led(tmp_path) -> Ledger:
 
 
 def release(led: Ledger, name: str, plan: PrivacyPlan | None = None, seed: int = 0, **kw):
-    return led.release(
-        data(seed), dataset_id=DATASET, plan=plan or make_plan(), clip_norm=1.0, name=name, **kw
+    return release_vectors(
+        led,
+        data(seed),
+        dataset_id=DATASET,
+        plan=plan or make_plan(),
+        clip_norm=1.0,
+        name=name,
+        **kw,
     )
 
 
@@ -138,9 +145,9 @@ def test_first_release_sets_budget_and_is_recorded(led, draws):
 
 def test_item_shape_round_trips(led):
     x = np.random.default_rng(1).normal(size=(N, 2, 3))
-    res = led.release(x, dataset_id=DATASET, plan=make_plan(), clip_norm=1.0, name="m")
+    res = release_vectors(led, x, dataset_id=DATASET, plan=make_plan(), clip_norm=1.0, name="m")
     assert res.release.vector.shape == (2, 3)
-    again = led.release(x, dataset_id=DATASET, plan=make_plan(), clip_norm=1.0, name="m")
+    again = release_vectors(led, x, dataset_id=DATASET, plan=make_plan(), clip_norm=1.0, name="m")
     assert again.reused and again.release.vector.shape == (2, 3)
     assert np.array_equal(again.release.vector, res.release.vector)
 
@@ -272,14 +279,15 @@ def test_multi_release_plan_is_charged_per_block(led, draws):
 
 def test_bad_input_touches_nothing(led, draws):
     with pytest.raises(DpaggError, match="plan.n"):
-        led.release(np.zeros((N + 1, D)), dataset_id=DATASET, plan=make_plan(), clip_norm=1.0,
-                    name="a")  # fmt: skip
+        release_vectors(
+            led, np.zeros((N + 1, D)), dataset_id=DATASET, plan=make_plan(), clip_norm=1.0, name="a"
+        )
     with pytest.raises(DpaggError, match="clip_norm"):
-        led.release(data(), dataset_id=DATASET, plan=make_plan(), clip_norm=-1.0, name="a")
+        release_vectors(led, data(), dataset_id=DATASET, plan=make_plan(), clip_norm=-1.0, name="a")
     with pytest.raises(DpaggError, match="base_model_id"):
         release(led, "a", base_model_id="/home/me/model.ckpt")
     with pytest.raises(DpaggError, match="dataset_id"):
-        led.release(data(), dataset_id="", plan=make_plan(), clip_norm=1.0, name="a")
+        release_vectors(led, data(), dataset_id="", plan=make_plan(), clip_norm=1.0, name="a")
     with pytest.raises(DpaggError, match="mode"):
         release(led, "a", mode="scale")
     assert not led.path.exists() and draws == []

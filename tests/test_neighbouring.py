@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from dp_accounting.gaussian_mechanism import get_sigma_gaussian
 
+from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.cli import build_parser, main
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy import accountant, mechanism
@@ -120,7 +121,7 @@ def test_ledger_refuses_a_legacy_plan_and_writes_nothing(tmp_path) -> None:
     led = Ledger(tmp_path / "ledger.sqlite")
     plan = legacy_plan()
     with pytest.raises(DpaggError, match=MESSAGE):
-        led.release(np.zeros((10, 4)), dataset_id="ds", plan=plan, clip_norm=1.0, name="x")
+        release_vectors(led, np.zeros((10, 4)), dataset_id="ds", plan=plan, clip_norm=1.0, name="x")
     with pytest.raises(DpaggError, match=MESSAGE):
         led.check("ds", plan)
     with pytest.raises(DpaggError, match=MESSAGE):
@@ -171,7 +172,7 @@ def test_a_legacy_add_remove_ledger_row_is_read_and_its_spend_counted(tmp_path) 
     path = tmp_path / "ledger.sqlite"
     led = Ledger(path)
     first = epsilon_for(4.0, DELTA, 10, "poisson", q=0.5)
-    led.release(
+    release_vectors(led,
         np.zeros((10, 4)), dataset_id="ds", plan=first, clip_norm=1.0, name="a",
         budget_epsilon=10.0, budget_delta=1e-3,
     )  # fmt: skip
@@ -191,7 +192,9 @@ def test_a_legacy_add_remove_ledger_row_is_read_and_its_spend_counted(tmp_path) 
     assert alone.epsilon > composed_spend([old], 1e-3).epsilon
     # A new (replace-one) release composes with it like any other replace-one release.
     second = epsilon_for(4.0, DELTA, 10, "full")
-    res = led.release(np.zeros((10, 4)), dataset_id="ds", plan=second, clip_norm=1.0, name="b")
+    res = release_vectors(
+        led, np.zeros((10, 4)), dataset_id="ds", plan=second, clip_norm=1.0, name="b"
+    )
     expected = composed_spend([true_cost, second], 1e-3)
     assert res.spent_epsilon == pytest.approx(expected.epsilon)
     assert res.spent_epsilon <= true_cost.epsilon + second.epsilon * (1 + 1e-9)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.io.images import load_image_folder, load_images
 from dpagg_core.privacy import ledger as ledger_mod
@@ -73,7 +74,8 @@ def plan_for(n: int, epsilon: float):
 
 def release(led: Ledger, loaded, epsilon: float, name: str, **kw):
     vecs = np.random.default_rng(len(name)).normal(size=(loaded.count, 4))
-    return led.release(
+    return release_vectors(
+        led,
         vecs,
         dataset_id=loaded.dataset_id,
         plan=plan_for(loaded.count, epsilon),

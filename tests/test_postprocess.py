@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dpagg_core.aggregate import postprocess
+from dpagg_core.aggregate.basis_builders import basis_from_token_table
 from dpagg_core.aggregate.postprocess import apply, james_stein, js_factor, rescale_norms
 from dpagg_core.aggregate.release import release_embeddings
-from dpagg_core.aggregate.subspace import PublicBasis
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.images import dataset_id_for
@@ -122,7 +122,7 @@ def test_rescale_norms_per_vector_per_key():
 def basis():
     from tiny_models import tiny_text_encoder
 
-    return PublicBasis.from_token_table(tiny_text_encoder(32, seed=0), 4, vectors=2)
+    return basis_from_token_table(tiny_text_encoder(32, seed=0), 4, vectors=2)
 
 
 def make_set(model_id: str, seed: int = 0, tag: bytes = b"s") -> EmbeddingSet:
@@ -182,14 +182,16 @@ def test_ledger_keeps_the_raw_release_and_a_rerun_gives_the_same_file(tmp_path, 
 def test_the_file_depends_on_the_private_set_only_through_the_release(tmp_path, basis, monkeypatch):
     """Two different private sets whose (patched) raw releases are equal give identical files."""
     raw = make_set(basis.base_model_id).flat().mean(axis=0)
-    real_release = Ledger.release
+    from dpagg_core.aggregate import release as release_module
 
-    def fixed_release(self, vectors, **kw):
-        result = real_release(self, vectors, **kw)
+    real_draw = release_module.draw_release
+
+    def fixed_draw(ledger, prepared):
+        result = real_draw(ledger, prepared)
         record = dict(result.release.record)
         return type(result)(**{**result.__dict__, "release": Release(raw.copy(), record)})
 
-    monkeypatch.setattr(Ledger, "release", fixed_release)
+    monkeypatch.setattr(release_module, "draw_release", fixed_draw)
     files = []
     for seed, tag in ((1, b"a"), (2, b"b")):
         eset = make_set(basis.base_model_id, seed=seed, tag=tag)

@@ -19,7 +19,8 @@ from PIL import Image
 from scipy import stats
 from tiny_models import tiny_text_encoder
 
-from dpagg_core.aggregate.release import release_embeddings
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings, basis_from_token_table
+from dpagg_core.aggregate.release import release_embeddings, release_vectors
 from dpagg_core.aggregate.subspace import (
     MECHANISM,
     PublicBasis,
@@ -60,7 +61,7 @@ def model_id(te32) -> str:
 
 @pytest.fixture(scope="module")
 def basis4(te32) -> PublicBasis:
-    return PublicBasis.from_token_table(te32, 4, vectors=2)
+    return basis_from_token_table(te32, 4, vectors=2)
 
 
 def make_set(base_model_id: str, n: int = 20, v: int = 2, dim: int = 32, seed: int = 0, tag=b"s"):
@@ -94,7 +95,7 @@ def residual(basis: PublicBasis, delta: np.ndarray) -> float:
 
 
 def test_token_table_basis_is_orthonormal_block_diagonal_and_names_its_model(te32, model_id):
-    b = PublicBasis.from_token_table(te32, 4, vectors=2)
+    b = basis_from_token_table(te32, 4, vectors=2)
     assert (b.kind, b.k, b.vectors, b.dim, b.flat_dim) == ("token_table", 4, 2, 8, 64)
     assert b.base_model_id == model_id and b.model_family == "sd1" and b.centred
     np.testing.assert_allclose(b.U.T @ b.U, np.eye(8), atol=1e-12)
@@ -112,18 +113,18 @@ def test_token_table_basis_is_orthonormal_block_diagonal_and_names_its_model(te3
         float(np.median(np.linalg.norm(table, axis=1)))
     )
     with pytest.raises(DpaggError, match="k="):
-        PublicBasis.from_token_table(te32, 33)
+        basis_from_token_table(te32, 33)
     # a backend that names models its own way (ComfyUI) passes its id; U is the same
-    named = PublicBasis.from_token_table(te32, 4, vectors=2, base_model_id="comfyui:sd1:0a1b")
+    named = basis_from_token_table(te32, 4, vectors=2, base_model_id="comfyui:sd1:0a1b")
     assert named.base_model_id == "comfyui:sd1:0a1b" and named.sha256 == b.sha256
 
 
 def test_basis_cannot_be_built_from_private_input(tmp_path, te32, model_id):
     eset = make_set(model_id)
     with pytest.raises(DpaggError, match="EmbeddingSet"):
-        PublicBasis.from_public_embeddings(eset, 4)
+        basis_from_public_embeddings(eset, 4)
     with pytest.raises(DpaggError, match="EmbeddingSet"):
-        PublicBasis.from_token_table(eset, 4)
+        basis_from_token_table(eset, 4)
     with pytest.raises(DpaggError, match="EmbeddingSet"):
         PublicEmbeddings(
             vectors=eset,  # type: ignore[arg-type]
@@ -133,13 +134,13 @@ def test_basis_cannot_be_built_from_private_input(tmp_path, te32, model_id):
         )
     # the private rows as a "table": refused (a model's table has the 49408-row vocabulary)
     with pytest.raises(DpaggError, match="49408"):
-        PublicBasis.from_token_table(torch.from_numpy(eset.flat()), 4)
+        basis_from_token_table(torch.from_numpy(eset.flat()), 4)
     # a private file (save_private) is refused by every reader of public inputs
     private = save_private(eset, tmp_path / "vault" / "set.safetensors", key=KEY)
     with pytest.raises(DpaggError, match="PRIVATE"):
-        PublicBasis.from_public_embeddings(private, 4)
+        basis_from_public_embeddings(private, 4)
     with pytest.raises(DpaggError, match="PRIVATE"):
-        PublicBasis.from_public_embeddings(str(private), 4)
+        basis_from_public_embeddings(str(private), 4)
     with pytest.raises(DpaggError, match="PRIVATE"):
         load_basis(private)
 
@@ -154,13 +155,13 @@ def test_public_embeddings_basis_and_basis_file_round_trip(tmp_path, model_id):
         centre={"emb_params": centre},
         initializer="painting",
     )
-    b = PublicBasis.from_public_embeddings(public, 5)
+    b = basis_from_public_embeddings(public, 5)
     assert (b.kind, b.k, b.dim, b.rows, b.centred) == ("public_embeddings", 5, 10, 24, True)
     deltas = (public.vectors["emb_params"] - centre).double().reshape(-1, 32).numpy()
     for basis, moment in (
         (b, np.cov(deltas, rowvar=False, bias=True)),  # default: centred PCA of the deltas
         (
-            PublicBasis.from_public_embeddings(public, 5, centred=False),
+            basis_from_public_embeddings(public, 5, centred=False),
             deltas.T @ deltas / len(deltas),  # second moment around the public centre
         ),
     ):
@@ -171,7 +172,7 @@ def test_public_embeddings_basis_and_basis_file_round_trip(tmp_path, model_id):
     assert b.typical_norms["emb_params"] == pytest.approx(float(np.median(mean.norm(dim=1))))
     # from its file too (a PUBLIC embeddings file), same basis
     pfile = save_public_embeddings(public, tmp_path / "public.safetensors")
-    assert PublicBasis.from_public_embeddings(pfile, 5).sha256 == b.sha256
+    assert basis_from_public_embeddings(pfile, 5).sha256 == b.sha256
 
     path = save_basis(b, tmp_path / "b.safetensors")
     again = load_basis(path)
@@ -254,7 +255,7 @@ def test_noise_in_k_coordinates_has_the_planned_std_and_its_norm_scales_with_sqr
     draws = 400
     mean_sq = {}
     for k in (2, 8, 32):
-        basis = PublicBasis.from_token_table(te32, k, vectors=2)
+        basis = basis_from_token_table(te32, k, vectors=2)
         centre = np.linspace(-1, 1, 64)
         data = np.tile(centre, (n, 1))  # every item at the centre: the clipped mean is 0
         model = basis.base_model_id
@@ -299,7 +300,8 @@ def test_basis_mismatch_is_refused_before_anything_is_spent(tmp_path, te32, basi
     with pytest.raises(DpaggError, match=rf"{basis4.base_model_id}.*0123456789abcdef"):
         release_embeddings(other, name="a", basis=basis4, **kw)
     with pytest.raises(DpaggError, match="base model"):
-        ledger.release(
+        release_vectors(
+            ledger,
             other.flat(),
             dataset_id=other.dataset_id,
             plan=plan,
@@ -347,7 +349,7 @@ def test_record_request_key_and_identical_rerun(tmp_path, te32, basis4, model_id
         name="sub",
         base_model_id=model_id,
     )
-    basis8 = PublicBasis.from_token_table(te32, 8, vectors=2)
+    basis8 = basis_from_token_table(te32, 8, vectors=2)
     keys = {
         request_key(eset.flat(), **req),
         request_key(eset.flat(), **req, basis_sha256=basis4.sha256),
@@ -506,7 +508,7 @@ def test_sdxl_each_encoder_in_its_own_subspace_and_the_file_loads(tmp_path):
     from dpagg_core.training.tokenizer import clip_tokenizer
 
     te1, te2 = _sdxl_encoders()
-    basis = PublicBasis.from_token_table({"clip_l": te1, "clip_g": te2}, 3, vectors=2)
+    basis = basis_from_token_table({"clip_l": te1, "clip_g": te2}, 3, vectors=2)
     assert basis.model_family == "sdxl" and basis.base_model_id == base_model_id_of([te1, te2])
     assert (basis.flat_dim, basis.dim) == (2 * 32 + 2 * 64, 2 * 3 * 2)
     # clip_l's columns live in clip_l's rows only, and vice versa
@@ -582,6 +584,7 @@ def _images(folder: Path, count: int, shade: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from dpagg_core.cli import main
     from dpagg_core.training import ti

@@ -19,6 +19,7 @@ from PIL import Image
 from tiny_models import tiny_pipeline
 
 from dpagg_core import webui as core
+from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.io.released_file import read_released
 from dpagg_core.privacy import accountant, calibration
@@ -167,7 +168,8 @@ def test_plan_view_shows_errors_budget_and_red_when_exceeding(tmp_path, tiny_mod
     plan = core.make_plan(s, 3)
     import numpy as np
 
-    Ledger(ledger).release(
+    release_vectors(
+        Ledger(ledger),
         np.zeros((3, 4)),
         dataset_id=view["dataset_id"],
         plan=plan,

@@ -4,9 +4,10 @@ Shared by the CLI and the ComfyUI DP Aggregate node so both follow the same orde
 
 1. everything that can be wrong with the request (name, output folder, centre, shapes) is checked
    BEFORE the ledger is touched, so bad input never spends budget;
-2. :meth:`Ledger.release` reserves the spend (budget check, committed row) before the noise is
-   drawn, then stores the result (docs/privacy.md invariant 5); an identical earlier request
-   returns the stored release;
+2. :func:`release_vectors` (the DP mean of given vectors under the ledger's reserve -> compute ->
+   complete) reserves the spend (budget check, committed row) before the noise is drawn, then
+   stores the result (docs/privacy.md invariant 5); an identical earlier request returns the
+   stored release;
 3. the released vector is (optionally) post-processed (``dpagg_core.aggregate.postprocess``:
    James-Stein shrinkage, norm rescaling; functions of the release and public values only) and
    written with :func:`released_file.write_released`. Both are post-processing of a DP output (Dwork
@@ -14,15 +15,16 @@ Shared by the CLI and the ComfyUI DP Aggregate node so both follow the same orde
    identical request writes it again without spending. The ledger keeps the RAW release; a re-run
    post-processes the stored raw release the same way and finds the same file.
 
-With a public ``basis`` (``dpagg_core.aggregate.subspace.PublicBasis``) the mean is aggregated in
-that subspace (``subspace.dp_mean_projected``); the basis is checked against the set (family, base
-model, D) before the ledger is touched.
+With a public ``basis`` (``dpagg_core.privacy.basis.PublicBasis``) the mean is aggregated in that
+subspace (``basis.dp_mean_projected``); the basis is checked against the set (family, base model,
+D) before the ledger is touched.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,13 @@ from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.files import output_folder
 from dpagg_core.io.names import next_free_name, sanitize_name
+from dpagg_core.io.public_embeddings import PublicCentre, public_mean_centre
 from dpagg_core.io.released_file import read_released, write_released
-from dpagg_core.privacy.accountant import PrivacyPlan
-from dpagg_core.privacy.ledger import BudgetState, Ledger
-from dpagg_core.privacy.request_keys import aggregate_request
+from dpagg_core.privacy import mechanism
+from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
+from dpagg_core.privacy.basis import PublicBasis, check_basis, dp_mean_projected
+from dpagg_core.privacy.ledger import BudgetState, Ledger, LedgerRelease
+from dpagg_core.privacy.request_keys import Request, aggregate_request, check_ids
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +90,15 @@ def centre_vector(
 ) -> np.ndarray | None:
     """The public centre to clip around: the initializer token's embedding, the origin, or
     (``'public_mean'``) the mean embedding of PUBLIC images, given as ``public_centre``: a
-    ``subspace.PublicCentre`` or ``subspace.PublicEmbeddings`` (or their file). Anything built
-    from the private set is refused (docs/privacy.md invariant 2). With ``ledger``, a file must be
-    authentic under its key and none of its source pictures private there
-    (``subspace.load_public_embeddings``)."""
+    ``PublicCentre`` or ``PublicEmbeddings`` (``dpagg_core.io.public_embeddings``, or their file).
+    Anything built from the private set is refused (docs/privacy.md invariant 2). With ``ledger``,
+    a file must be authentic under its key and none of its source pictures private there
+    (``public_embeddings.load_public_embeddings``)."""
     if centre not in CENTRES:
         raise DpaggError(f"centre={centre!r} is unknown; use one of {CENTRES}")
     if centre != "public_mean" and public_centre is not None:
         raise DpaggError(f"public_centre is only used with centre='public_mean', not {centre!r}")
     if centre == "public_mean":
-        from dpagg_core.aggregate.subspace import PublicCentre, public_mean_centre
-
         if public_centre is None:
             raise DpaggError(
                 "centre='public_mean' needs the embeddings of PUBLIC images (a PublicCentre, "
@@ -176,7 +179,7 @@ def release_embeddings(
     error raised before anything is spent. An identical earlier request (same data, plan, C,
     centre, mode, name, basis) spends nothing and returns the file that already holds it.
 
-    ``basis``: a public ``subspace.PublicBasis`` to aggregate in (None: the full space).
+    ``basis``: a public ``privacy.basis.PublicBasis`` to aggregate in (None: the full space).
     ``postprocess``: ``'none'``, ``'js'``, ``'norm'`` or ``'js+norm'``
     (``dpagg_core.aggregate.postprocess``), applied to the raw release after the ledger; ``norm``
     rescales to ``target_norms`` (public, per key) or, by default, the basis' ``typical_norms``. It
@@ -184,7 +187,7 @@ def release_embeddings(
     (nothing spent) and writes the new post-processed file under the next free name if ``name`` is
     taken.
 
-    ``centre='public_mean'`` with ``public_centre`` (``subspace.PublicCentre`` /
+    ``centre='public_mean'`` with ``public_centre`` (``PublicCentre`` /
     ``PublicEmbeddings`` of PUBLIC images, or their file): clip around the public images' mean
     embedding; the record says ``centre: public_mean`` and its ``centre_sha256``
     (:func:`centre_vector`). James-Stein post-processing then shrinks toward that centre.
@@ -192,8 +195,6 @@ def release_embeddings(
     if postprocess not in POSTPROCESS_METHODS:
         raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
     if basis is not None:
-        from dpagg_core.aggregate.subspace import check_basis
-
         check_basis(
             basis,
             flat_dim=eset.flat_dim,
@@ -223,10 +224,15 @@ def release_embeddings(
         "name": base,
         "base_model_id": eset.base_model_id,
     }
-    basis_sha = None if basis is None else basis.sha256
-    recorded = ledger.stored_result(
-        aggregate_request(vectors, center=centre_vec, **request, basis_sha256=basis_sha)
+    prepared = vectors_request(
+        vectors,
+        center=centre_vec,  # the mechanism's keyword (``center``, as numpy spells it)
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+        basis=basis,
+        **request,
     )
+    recorded = ledger.stored_result(prepared.request)
     target = base
     if recorded is None:
         if new_name_per_release:
@@ -237,14 +243,7 @@ def release_embeddings(
                 f"choose another --name (e.g. {next_free_name(out, base)!r}). Nothing was spent."
             )
 
-    result = ledger.release(
-        vectors,
-        center=centre_vec,  # the mechanism's keyword (``center``, as numpy spells it)
-        budget_epsilon=budget_epsilon,
-        budget_delta=budget_delta,
-        basis=basis,
-        **request,
-    )
+    result = draw_release(ledger, prepared)
     # Post-processing: the raw release (as stored in the ledger) and public values only.
     vec, extra = postprocess_apply(
         result.release.vector,
@@ -268,6 +267,141 @@ def release_embeddings(
         a1111_pt=a1111_pt,
         ledger=ledger,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class VectorsRequest:
+    """A checked request for one DP mean of ``vectors`` (:func:`vectors_request`): the ledger's
+    :class:`Request` and the checked float64 inputs of the mechanism. Draws nothing."""
+
+    request: Request
+    vectors: np.ndarray
+    center: np.ndarray | None
+    plan: PrivacyPlan
+    clip_norm: float
+    centre_kind: str
+    mode: str
+    base_model_id: str
+    basis: PublicBasis | None
+
+
+def vectors_request(
+    vectors: Any,
+    *,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    center: np.ndarray | None = None,
+    centre_kind: str = "origin",
+    name: str,
+    base_model_id: str = "",
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+    mode: str = "clip",
+    basis: Any = None,
+) -> VectorsRequest:
+    """Check one DP mean of ``vectors`` [n, D] and build its ledger request, drawing nothing.
+
+    Everything ``dp_mean`` would refuse is refused here (``mechanism.check_inputs``), before the
+    ledger is opened, so bad input never spends budget; so is a ``basis`` for another D or
+    another ``base_model_id``. The basis' sha256 enters the request key."""
+    check_ids(dataset_id, "release", name=name)
+    checked_plan(plan)
+    arr, ctr = mechanism.check_inputs(vectors, plan, clip_norm, center, mode=mode)
+    if basis is not None:
+        check_basis(basis, flat_dim=arr[0].size, base_model_id=base_model_id)
+    request = aggregate_request(
+        arr,
+        dataset_id=dataset_id,
+        plan=plan,
+        clip_norm=clip_norm,
+        center=ctr,
+        centre_kind=centre_kind,
+        mode=mode,
+        name=name,
+        base_model_id=base_model_id,
+        basis_sha256=None if basis is None else basis.sha256,
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+    )
+    return VectorsRequest(
+        request=request,
+        vectors=arr,
+        center=ctr,
+        plan=plan,
+        clip_norm=clip_norm,
+        centre_kind=centre_kind,
+        mode=mode,
+        base_model_id=base_model_id,
+        basis=basis,
+    )
+
+
+def draw_release(ledger: Ledger, prepared: VectorsRequest) -> LedgerRelease:
+    """:meth:`Ledger.reserve` the request, then the mechanism (``mechanism.dp_mean``, or
+    ``basis.dp_mean_projected`` with a basis), then :meth:`Reservation.complete`. An identical
+    completed request returns its stored release and draws nothing. The stored vector is the
+    raw release in the full D (post-processing comes after)."""
+    with ledger.reserve(prepared.request) as reservation:
+        if reservation.result is not None:
+            return reservation.result
+        mean: Callable[..., mechanism.Release] = mechanism.dp_mean
+        extra: dict[str, Any] = {}
+        if prepared.basis is not None:
+            mean, extra = dp_mean_projected, {"basis": prepared.basis}
+        drawn = mean(
+            prepared.vectors,
+            plan=prepared.plan,
+            clip_norm=prepared.clip_norm,
+            center=prepared.center,
+            mode=prepared.mode,
+            base_model_id=prepared.base_model_id,
+            centre_kind=prepared.centre_kind,
+            **extra,
+        )
+        return reservation.complete(drawn.vector, drawn.record)
+
+
+def release_vectors(
+    ledger: Ledger,
+    vectors: Any,
+    *,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    center: np.ndarray | None = None,
+    centre_kind: str = "origin",
+    name: str,
+    base_model_id: str = "",
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+    mode: str = "clip",
+    basis: Any = None,
+) -> LedgerRelease:
+    """Release one DP mean of ``vectors`` [n, D] under ``plan``, charged to ``dataset_id`` in
+    ``ledger`` (formerly ``Ledger.release``): :func:`vectors_request` (every check, nothing
+    drawn), then :func:`draw_release` (reserve -> ``mechanism.dp_mean`` -> complete).
+
+    ``basis`` (a ``dpagg_core.privacy.basis.PublicBasis``): aggregate in that public subspace
+    (``basis.dp_mean_projected``; same plan and sensitivity). Its sha256 enters the request key
+    and the record; a basis for another D or another ``base_model_id`` is refused before the
+    ledger is opened. The stored vector is the raw release in the full D.
+    """
+    prepared = vectors_request(
+        vectors,
+        dataset_id=dataset_id,
+        plan=plan,
+        clip_norm=clip_norm,
+        center=center,
+        centre_kind=centre_kind,
+        name=name,
+        base_model_id=base_model_id,
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+        mode=mode,
+        basis=basis,
+    )
+    return draw_release(ledger, prepared)
 
 
 def write_outcome(

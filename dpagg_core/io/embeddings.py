@@ -22,26 +22,15 @@ import numpy as np
 import torch
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.families import FAMILIES as FAMILIES  # re-exported: io.embeddings.FAMILIES
+from dpagg_core.families import KEYS_BY_FAMILY as KEYS_BY_FAMILY
+from dpagg_core.families import KIND_OF_FAMILY, KINDS
+from dpagg_core.families import family_keys as _family_keys
 
 # Header key marking a private per-image file (``private_file``); every reader of embedding files
 # checks it, so a private set is never taken for a released embedding.
 PRIVATE_MARKER = "dpagg_private_embedding_set"
 
-KINDS = ("textual_inversion", "clip_image")
-FAMILIES = ("sd1", "sd2", "sdxl", "clip_vision")
-# Tensor keys, in the canonical order used by ``flat``/``unflat``, per model family.
-KEYS_BY_FAMILY: dict[str, tuple[str, ...]] = {
-    "sd1": ("emb_params",),
-    "sd2": ("emb_params",),
-    "sdxl": ("clip_l", "clip_g"),
-    "clip_vision": ("image_embeds",),
-}
-KIND_OF_FAMILY = {
-    "sd1": "textual_inversion",
-    "sd2": "textual_inversion",
-    "sdxl": "textual_inversion",
-    "clip_vision": "clip_image",
-}
 # CLIP's context is 77 tokens including BOS and EOS.
 MAX_TI_VECTORS = 75
 
@@ -92,12 +81,6 @@ def _checked_centre(
         _check_float32_finite(c, f"centre[{key!r}]")
         out[key] = c.contiguous()
     return out
-
-
-def _family_keys(model_family: str) -> tuple[str, ...]:
-    if model_family not in KEYS_BY_FAMILY:
-        raise DpaggError(f"model_family={model_family!r} is unknown; use one of {list(FAMILIES)}")
-    return KEYS_BY_FAMILY[model_family]
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ projections (a valid test statistic for the k-fold composition, though not alway
 units of s it is N(0, k) against N(-k/z, k) (full), a binomial mixture over how many of the k
 subsamples held the item (wor: shift -j/z; poisson: +j/(2z) for D0 and -j/(2z) for D1).
 
-The projected mechanism (``basis=``, ``dpagg_core.aggregate.subspace.dp_mean_projected``)
+The projected mechanism (``basis=``, ``dpagg_core.privacy.basis.dp_mean_projected``)
 ----------------------------------------------------------------------------
 With a public basis U (D x K) the neighbours live in the basis' D and are built on its first
 column: x = 2C u_1, so U^T x = 2C e_1 is clipped (in the subspace) to exactly C e_1, the same
@@ -90,7 +90,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import ndtr
@@ -103,10 +102,8 @@ from dpagg_core.privacy.accountant import (
     check_neighbouring,
     profile_epsilon,
 )
+from dpagg_core.privacy.basis import PublicBasis, check_basis, dp_mean_projected
 from dpagg_core.privacy.mechanism import check_inputs, dp_mean
-
-if TYPE_CHECKING:
-    from dpagg_core.aggregate.subspace import PublicBasis
 
 # Fraction of trials used to choose the threshold; the rest give the bound.
 CALIBRATION_FRACTION = 0.3
@@ -456,7 +453,7 @@ def release_samples(
 
     Returns two float64 arrays ``[trials, releases, dim]`` (D0's and D1's releases). The
     neighbours differ along e_1; coordinate 0 is the projection the audit tests.
-    With ``basis`` the real :func:`subspace.dp_mean_projected` runs on neighbours in the basis'
+    With ``basis`` the real :func:`basis.dp_mean_projected` runs on neighbours in the basis'
     D (``dim`` is ignored) that differ along u_1, its first column; the arrays are the releases'
     K basis coordinates ``[trials, releases, K]`` (``U^T release``), coordinate 0 along u_1.
     """
@@ -480,8 +477,6 @@ def _projected_samples(
     plan: PrivacyPlan, clip_norm: float, trials: int, basis: PublicBasis
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`release_samples` of the projected mechanism (module docstring)."""
-    from dpagg_core.aggregate.subspace import check_basis, dp_mean_projected
-
     check_basis(basis, flat_dim=basis.flat_dim, base_model_id=basis.base_model_id)
     d0, d1 = _neighbours(plan, clip_norm, basis.flat_dim, basis.U[:, 0])
     check_inputs(d0, plan, clip_norm)
@@ -505,8 +500,8 @@ def audit(
 ) -> AuditResult:
     """Audit ``plan`` against the real :func:`dp_mean` with worst-case neighbours.
 
-    With ``basis`` (a ``dpagg_core.aggregate.subspace.PublicBasis``) the projected mechanism
-    :func:`subspace.dp_mean_projected` is audited instead, in the basis' D (``dim`` is ignored;
+    With ``basis`` (a ``dpagg_core.privacy.basis.PublicBasis``) the projected mechanism
+    :func:`basis.dp_mean_projected` is audited instead, in the basis' D (``dim`` is ignored;
     module docstring, "The projected mechanism").
 
     Runs ``trials`` x ``plan.releases`` releases on each neighbour (roughly 0.05-0.5 ms each, so
@@ -536,8 +531,6 @@ def audit(
     if basis is None:
         check_inputs(_neighbours(plan, clip_norm, dim)[0], plan, clip_norm)  # before any work
     else:
-        from dpagg_core.aggregate.subspace import check_basis
-
         check_basis(basis, flat_dim=basis.flat_dim, base_model_id=basis.base_model_id)
         check_inputs(np.zeros((plan.n, basis.flat_dim)), plan, clip_norm)
     power = audit_power(plan, trials, confidence, audit_delta)

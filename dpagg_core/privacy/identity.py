@@ -8,6 +8,7 @@ key: an unkeyed hash of a picture would let a reader of the ledger confirm a gue
   size). The ledger charges every release to each of its pictures by this id (invariant 9).
 * :func:`dataset_id_for`: an image set, order-independent; a display name and the key of a set's
   record (the budget still lives with each picture).
+* :func:`fingerprint`: the public id of a model from its weights (``base_model_id``); unkeyed.
 * :func:`look_id_for`: a public perceptual hash of a picture (:func:`perceptual_hash`), keyed. It
   matches a resized or re-encoded copy of a recorded picture where the exact digest does not; the
   ledger uses it only to warn (two different pictures may share it, a heavily edited copy won't).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,3 +111,35 @@ def look_id_for(perceptual: bytes, *, key: bytes) -> str:
 def set_unit(dataset_id: str) -> str:
     """The charge unit of a set whose pictures the ledger does not know (module docs)."""
     return SET_UNIT_PREFIX + dataset_id
+
+
+def fingerprint(
+    tensors: Sequence[Any], *, rows: int | None = None, samples: int | None = None
+) -> str:
+    """First 16 hex digits of sha256 over ``tensors`` (shape, then float16 little-endian bytes).
+
+    Rounding to float16 makes the id independent of the dtype the weights were loaded in.
+    ``rows`` keeps only the first rows of each tensor (the base vocabulary of an embedding table);
+    ``samples`` only that many evenly spaced values of each (flattened) tensor, which tells
+    large models apart without hashing gigabytes (the shape is hashed in full either way).
+
+    A model's public id (``base_model_id``), not keyed: the same weights give the same id under
+    every ledger. ``torch`` is imported here, not at the top, so the ledger and its worker
+    processes, which import this module, do not load it.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach()
+        if rows is not None:
+            t = t[:rows]
+        if samples is not None:
+            flat = t.reshape(-1)
+            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long()
+            h.update(repr(tuple(t.shape)).encode())
+            t = flat[idx.to(flat.device)]
+        t = t.to(device="cpu", dtype=torch.float16).contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes())
+    return h.hexdigest()[:16]

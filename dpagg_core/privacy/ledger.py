@@ -31,6 +31,9 @@ is NOT answered from it (there is nothing to return): it is charged again, as a 
 row key is the request key suffixed ``#2``, ``#3``, ... Concurrent identical runs are likewise each
 charged. No noise is drawn while the write lock is held, so a long DP-SGD run blocks no one.
 
+The DP mean of given vectors under this primitive is ``dpagg_core.aggregate.release.
+release_vectors`` (the ledger draws nothing itself and imports nothing above the privacy layer).
+
 What "spent" means (composition) is in ``dpagg_core.privacy.composition``; how a request is
 identified in ``dpagg_core.privacy.request_keys``; the SQLite file in
 ``dpagg_core.privacy.ledger_store``.
@@ -88,7 +91,6 @@ from dpagg_core.privacy.ledger_store import (
 )
 from dpagg_core.privacy.request_keys import (
     Request,
-    aggregate_request,
     check_budget_value,
     check_ids,
     request_mac,
@@ -853,74 +855,6 @@ class Ledger:
             reused=False,
             release_id=rid,
         )
-
-    def release(
-        self,
-        vectors: Any,
-        *,
-        dataset_id: str,
-        plan: PrivacyPlan,
-        clip_norm: float,
-        center: np.ndarray | None = None,
-        centre_kind: str = "origin",
-        name: str,
-        base_model_id: str = "",
-        budget_epsilon: float | None = None,
-        budget_delta: float | None = None,
-        mode: str = "clip",
-        basis: Any = None,
-    ) -> LedgerRelease:
-        """Release one DP mean of ``vectors`` [n, D] under ``plan``: :meth:`reserve`, then
-        ``mechanism.dp_mean``, then :meth:`Reservation.complete`.
-
-        Everything ``dp_mean`` would refuse is refused first (``mechanism.check_inputs``), before
-        the ledger is opened, so bad input never spends budget. ``basis`` (a
-        ``dpagg_core.aggregate.subspace.PublicBasis``): aggregate in that public subspace
-        (``subspace.dp_mean_projected``; same plan and sensitivity). Its sha256 enters the request
-        key and the record; a basis for another D or another ``base_model_id`` is refused here.
-        The stored vector is the raw release in the full D (post-processing comes after).
-        """
-        check_ids(dataset_id, "release", name=name)
-        checked_plan(plan)
-        arr, ctr = mechanism.check_inputs(vectors, plan, clip_norm, center, mode=mode)
-        if basis is not None:
-            from dpagg_core.aggregate.subspace import check_basis
-
-            check_basis(basis, flat_dim=arr[0].size, base_model_id=base_model_id)
-        request = aggregate_request(
-            arr,
-            dataset_id=dataset_id,
-            plan=plan,
-            clip_norm=clip_norm,
-            center=ctr,
-            centre_kind=centre_kind,
-            mode=mode,
-            name=name,
-            base_model_id=base_model_id,
-            basis_sha256=None if basis is None else basis.sha256,
-            budget_epsilon=budget_epsilon,
-            budget_delta=budget_delta,
-        )
-        with self.reserve(request) as reservation:
-            if reservation.result is not None:
-                return reservation.result
-            mean: Callable[..., mechanism.Release] = mechanism.dp_mean
-            extra: dict[str, Any] = {}
-            if basis is not None:
-                from dpagg_core.aggregate.subspace import dp_mean_projected
-
-                mean, extra = dp_mean_projected, {"basis": basis}
-            drawn = mean(
-                arr,
-                plan=plan,
-                clip_norm=clip_norm,
-                center=ctr,
-                mode=mode,
-                base_model_id=base_model_id,
-                centre_kind=centre_kind,
-                **extra,
-            )
-            return reservation.complete(drawn.vector, drawn.record)
 
     def note_file(self, release_id: int, file_name: str) -> None:
         """Remember the file name a release was written under (``mystyle-2`` for a request named

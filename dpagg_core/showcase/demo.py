@@ -12,7 +12,7 @@
    *training* styles, clipped around those public embeddings' mean. The public embeddings ship
    in ``samples/public/`` (``bench/make_demo_samples.py --public-embeddings`` trains them with
    the demo's TI settings); the clip norm is their median distance in the subspace
-   (``subspace.subspace_clip_norms``). Nothing of the basis, centre or C comes from the private
+   (``basis_choice.subspace_clip_norms``). Nothing of the basis, centre or C comes from the private
    images.
 3. The released file is loaded the way a user would (diffusers ``load_textual_inversion``) and
    ``demo_with_without.png`` shows the private images, the model without the embedding and with
@@ -76,17 +76,15 @@ def demo_config(batch_size: int = DEMO_COUNT) -> Any:
 def demo_public(out: Path) -> tuple[Path, Any, float]:
     """The shipped PUBLIC embeddings (copied to ``out``), the basis fitted to them and the clip
     norm around their mean in that basis: every noise-shaping input of the demo, public."""
-    from dpagg_core.aggregate.subspace import (
-        PublicBasis,
-        load_public_embeddings,
-        subspace_clip_norms,
-    )
+    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+    from dpagg_core.aggregate.basis_choice import subspace_clip_norms
+    from dpagg_core.io.public_embeddings import load_public_embeddings
 
     path = out / "public" / Path(PUBLIC_EMBEDDINGS).name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes((resources.files("dpagg_core") / "samples" / PUBLIC_EMBEDDINGS).read_bytes())
     public = load_public_embeddings(path)
-    basis = PublicBasis.from_public_embeddings(public, DEMO_BASIS_K)
+    basis = basis_from_public_embeddings(public, DEMO_BASIS_K)
     return path, basis, subspace_clip_norms(public, basis)["public_mean"]
 
 

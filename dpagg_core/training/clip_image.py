@@ -46,7 +46,8 @@ from PIL import Image
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.images import LoadedImages, load_image_folder, load_images
-from dpagg_core.training.models import fingerprint, offline
+from dpagg_core.privacy.identity import fingerprint
+from dpagg_core.training.models import offline
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ randomness (timesteps, diffusion noise, templates, flips) of example i at step t
 generator keyed by (seed, t, i): public, independent of which examples were sampled.
 
 Public-subspace DP-SGD (``basis=``; issue 10 part 4, the fair baseline for the projected DPAgg
-mechanism of ``dpagg_core.aggregate.subspace``). With a public orthonormal ``U`` (D x K,
-:class:`dpagg_core.aggregate.subspace.PublicBasis`, built from public data only; docs/privacy.md
+mechanism of ``dpagg_core.privacy.basis``). With a public orthonormal ``U`` (D x K,
+:class:`dpagg_core.privacy.basis.PublicBasis`, built from public data only; docs/privacy.md
 invariant 8) the shared embedding is parametrised as ``theta = c + U a`` (``c`` the initializer
 centre, ``a`` in R^K, starting at 0) and DP-SGD runs on ``a``: per-example gradients w.r.t. ``a``
 are ``U^T g_i`` (the chain rule; ``g_i`` the gradient w.r.t. theta, flattened in
@@ -68,6 +68,7 @@ import torch
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy import accountant, calibration, mechanism
 from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.basis import check_basis
 from dpagg_core.training.ti import (
     Cancelled,
     LatentDist,
@@ -448,7 +449,7 @@ def train_dpsgd(
 ) -> DPSGDResult:
     """Train one shared TI embedding on ``images`` ([N, 3, H, W] in [-1, 1]) with DP-SGD.
 
-    ``basis`` (a public ``dpagg_core.aggregate.subspace.PublicBasis`` for this model and
+    ``basis`` (a public ``dpagg_core.privacy.basis.PublicBasis`` for this model and
     ``vectors``): public-subspace DP-SGD (module docstring): per-example gradients projected onto
     U, clipped and noised in its K coordinates, every update in span(U); checked against the model
     before ``before_noise``. None (default): plain DP-SGD on all D coordinates.
@@ -489,8 +490,6 @@ def train_dpsgd(
     denominator = q * n  # public expected batch size (= plan.denominator)
     st = _setup(backend, images, config, basis)
     if basis is not None:  # after prepare (a backend may name its model there), before any noise
-        from dpagg_core.aggregate.subspace import check_basis
-
         check_basis(
             basis,
             flat_dim=config.vectors * sum(int(d) for d in backend.embedding_dims.values()),

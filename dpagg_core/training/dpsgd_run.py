@@ -71,7 +71,7 @@ def request_of(config: DPSGDConfig, model: Any) -> dict[str, Any]:
     release: the ledger hashes it into the request key (``ledger.charge_key``). The UNet and VAE
     are named by ``models.fingerprint`` of 16 evenly spaced values of each tensor (the text
     encoders are in ``base_model_id``), the scheduler by its config."""
-    from dpagg_core.training.models import fingerprint
+    from dpagg_core.privacy.identity import fingerprint
 
     pipe = model.pipe
     weights = [t for part in (pipe.unet, pipe.vae) for t in part.state_dict().values()]

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -70,6 +69,7 @@ from typing import Any
 import torch
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.privacy.identity import fingerprint as fingerprint  # re-exported (its home)
 
 log = logging.getLogger(__name__)
 
@@ -211,32 +211,6 @@ def offline() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
 # ---------------------------------------------------------------------------------------------
-
-
-def fingerprint(
-    tensors: Sequence[torch.Tensor], *, rows: int | None = None, samples: int | None = None
-) -> str:
-    """First 16 hex digits of sha256 over ``tensors`` (shape, then float16 little-endian bytes).
-
-    Rounding to float16 makes the id independent of the dtype the weights were loaded in.
-    ``rows`` keeps only the first rows of each tensor (the base vocabulary of an embedding table);
-    ``samples`` only that many evenly spaced values of each (flattened) tensor, which tells
-    large models apart without hashing gigabytes (the shape is hashed in full either way).
-    """
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach()
-        if rows is not None:
-            t = t[:rows]
-        if samples is not None:
-            flat = t.reshape(-1)
-            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long()
-            h.update(repr(tuple(t.shape)).encode())
-            t = flat[idx.to(flat.device)]
-        t = t.to(device="cpu", dtype=torch.float16).contiguous()
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _token_table(text_encoder: Any) -> torch.Tensor:

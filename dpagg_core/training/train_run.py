@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dpagg_core.aggregate.basis_builders import load_basis
+from dpagg_core.privacy.basis import check_basis
 from dpagg_core.training.distributed import world
 from dpagg_core.training.ti import TIConfig
 
@@ -106,10 +108,8 @@ class Trainer:
         )
 
     def basis(self, path: Path):
-        """The PUBLIC basis file ``path`` (``subspace.PublicBasis``), refused unless it fits this
-        model and ``config.vectors`` (before any training or spend)."""
-        from dpagg_core.aggregate.subspace import check_basis, load_basis
-
+        """The PUBLIC basis file ``path`` (``privacy.basis.PublicBasis``), refused unless it fits
+        this model and ``config.vectors`` (before any training or spend)."""
         backend = self.backend
         return check_basis(
             load_basis(path),
