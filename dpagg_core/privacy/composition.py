@@ -87,7 +87,7 @@ def _pld(plans: Sequence[PrivacyPlan], delta: float) -> Spend | None:
 def calls_of_row(plan: PrivacyPlan, mode: str) -> int:
     """How many mechanism calls of ``plan`` one ledger row stands for.
 
-    A :meth:`Ledger.release` row is one ``dp_mean`` call; a DP-SGD row (``mode="dpsgd"``)
+    A ``release.release_vectors`` row is one ``dp_mean`` call; a DP-SGD row (``mode="dpsgd"``)
     runs all ``plan.releases`` steps of its plan, so it stands for that many calls. Counting it
     once would let ``charged_blocks`` fit a second identical DP-SGD run into the first one's block.
     """
