@@ -536,7 +536,7 @@ def cmd_suggest_clip_norm(args: argparse.Namespace) -> int:
 
 
 def _k_arg(text: str) -> int | str:
-    """``--k`` of public-basis: a positive integer, or ``auto`` (:func:`subspace.choose_k`)."""
+    """``--k`` of public-basis: a positive integer, or ``auto`` (:func:`basis_choice.choose_k`)."""
     if text.strip().lower() == "auto":
         return "auto"
     try:

@@ -91,7 +91,7 @@ def _checked_centre(
 class KeyedVectors:
     """Shapes and flattening of ``vectors[key]`` ``[n, v, dim]`` in the canonical key order
     ``_keys`` with an optional ``centre[key]`` ``[v, dim]``: one implementation for the private
-    :class:`EmbeddingSet` and ``subspace.PublicEmbeddings`` (which stay distinct types)."""
+    :class:`EmbeddingSet` and ``public_embeddings.PublicEmbeddings`` (which stay distinct types)."""
 
     vectors: dict[str, torch.Tensor]
     centre: dict[str, torch.Tensor] | None

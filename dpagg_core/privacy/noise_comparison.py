@@ -18,7 +18,7 @@ def noise_comparison(
     (a secret subsample of m = n/10 without replacement, arXiv 2411.14639) next to the plan dpagg
     recommends (``full``: every image, no subsample), both calibrated to the same epsilon; and,
     with ``dim`` (D, values per embedding) and ``k`` (K, noised coordinates in a public basis),
-    the subspace's effect on the noise norm (``dpagg_core.aggregate.subspace``). Noise is given in
+    the subspace's effect on the noise norm (``dpagg_core.privacy.basis``). Noise is given in
     units of the clip norm C: per coordinate ``sigma / C``, and the expected norm of the noise
     vector, about ``sigma sqrt(D)`` (the signal, a mean of clipped deltas, has norm <= C)."""
     if k is not None and (dim is None or not 1 <= k <= dim):

@@ -50,7 +50,7 @@ def request_key(
     Two requests with the same key would be answered by the same mechanism on the same data, so
     the stored answer is returned instead of a fresh draw (post-processing is free).
     ``base_model_id`` is included because it is written into the stored privacy record.
-    ``basis_sha256`` (a projected release, ``dpagg_core.aggregate.subspace``) is appended only when
+    ``basis_sha256`` (a projected release, ``dpagg_core.privacy.basis``) is appended only when
     given, so the keys of full-space requests are unchanged.
     """
     arr = _as_float64(vectors)
