@@ -185,7 +185,9 @@ def _release(
     if public is not None:  # (public embeddings file, basis): subspace + public-mean centre
         shaping: dict[str, Any] = {
             "centre": "public_mean",
-            "public_centre": public[0],
+            # the shipped file is the project's own public data (no tag under this ledger):
+            # loaded here without a ledger check, i.e. trusted as public
+            "public_centre": _trusted_public(public[0]),
             "basis": public[1],
         }
     else:
@@ -199,6 +201,13 @@ def _release(
         ledger=ledger,
         **shaping,
     )
+
+
+def _trusted_public(path: Path) -> Any:
+    """The project's shipped PUBLIC embeddings, loaded as trusted (``ledger=None``)."""
+    from dpagg_core.io.public_embeddings import load_public_embeddings
+
+    return load_public_embeddings(path)
 
 
 def run_demo(
