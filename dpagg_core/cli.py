@@ -199,7 +199,8 @@ def cmd_account(args: argparse.Namespace) -> int:
     return 0
 
 
-def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre: str) -> int:
+def _release_and_report(args: argparse.Namespace, eset, plan) -> int:
+    """Release ``eset`` (a private per-image file) with the CLI's release flags and print it."""
     from dpagg_core.aggregate.release import release_embeddings
 
     if args.clip_norm is None:
@@ -213,20 +214,7 @@ def _release_and_report(args: argparse.Namespace, eset, plan, *, default_centre:
 
         basis = load_basis(args.basis)
     outcome = release_embeddings(
-        eset,
-        plan=plan,
-        clip_norm=args.clip_norm,
-        name=args.name,
-        out_dir=args.out_dir,
-        ledger=_ledger(args),
-        centre=args.centre or default_centre,
-        mode=args.clip_mode,
-        budget_epsilon=args.budget_epsilon,
-        budget_delta=args.budget_delta,
-        a1111_pt=args.a1111_pt,
-        basis=basis,
-        postprocess=getattr(args, "postprocess", "none"),
-        public_centre=_public_centre(args),
+        eset, plan=plan, ledger=_ledger(args), **_release_options(args, basis)
     )
     _report_release(args, outcome)
     return 0
@@ -261,9 +249,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from dpagg_core.io.private_file import load_private
 
     eset = load_private(args.embeddings, key=_ledger(args).identity_key())
-    plan = _plan(args, eset.n)
-    default_centre = "initializer" if eset.centre is not None else "origin"
-    return _release_and_report(args, eset, plan, default_centre=default_centre)
+    return _release_and_report(args, eset, _plan(args, eset.n))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -401,35 +387,63 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dpagg_core.training.distributed import is_main_process
+    """``dpagg run``: the core pipeline (``dpagg_core.pipeline.train_and_release``): an identical
+    request is answered from the ledger before any training; otherwise over budget is refused
+    before training, then train per image and release."""
+    from dpagg_core.pipeline import train_and_release
 
     if args.method == "dpsgd":
         return _run_dpsgd(args)
+    if args.clip_norm is None and args.method == "clip":
+        args.clip_norm = 1.0  # L2-normalised CLIP image embeddings around the origin
+    if args.clip_norm is None:
+        raise DpaggError(
+            "--clip-norm is required: choose C from public data (`dpagg suggest-clip-norm`) "
+            "or prior knowledge; never from the private embeddings"
+        )
     trainer = _trainer(args, args.method)
     loaded = trainer.images(args.images)
     plan = _plan(args, loaded.count)  # plan errors surface before any training
-    # An over-budget request is refused before hours of training, not just before the noise.
-    _ledger(args).check(
-        loaded.dataset_id, plan, budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta
+    basis = None
+    if args.basis is not None:  # a misfit basis: refused before training
+        basis = trainer.basis(args.basis) if trainer.backend is not None else None
+        if basis is None:
+            from dpagg_core.aggregate.basis_builders import load_basis
+
+            basis = load_basis(args.basis)
+    outcome = train_and_release(
+        trainer,
+        loaded,
+        plan,
+        ledger=_ledger(args),
+        **_release_options(args, basis),
     )
-    _public_centre(args)  # a missing or private --public-embeddings: refused before training
-    if args.basis is not None and trainer.backend is not None:  # a misfit basis: before training
-        trainer.basis(args.basis)
-    eset = trainer.train(loaded)
-    model = trainer.model
-    if not is_main_process():
+    if outcome is None:  # torchrun: rank 0 releases
         return 0
-    if args.clip_norm is None and args.method == "clip":
-        args.clip_norm = 1.0  # L2-normalised CLIP image embeddings around the origin
-    code = _release_and_report(
-        args, eset, plan, default_centre="initializer" if eset.centre is not None else "origin"
-    )
-    if args.preview and model is not None:
+    _report_release(args, outcome)
+    if args.preview and trainer.model is not None:
         from dpagg_core.showcase.preview import preview_grid
 
-        png = preview_grid(model, args.out_dir / f"{args.name}.safetensors", args.name)
+        png = preview_grid(trainer.model, outcome.path, args.name)
         print(f"preview: {png}")
-    return code
+    return 0
+
+
+def _release_options(args: argparse.Namespace, basis: Any) -> dict[str, Any]:
+    """The release options of the CLI flags (``release_embeddings``' keywords)."""
+    return {
+        "clip_norm": args.clip_norm,
+        "name": args.name,
+        "out_dir": args.out_dir,
+        "centre": args.centre,
+        "mode": args.clip_mode,
+        "budget_epsilon": args.budget_epsilon,
+        "budget_delta": args.budget_delta,
+        "a1111_pt": args.a1111_pt,
+        "basis": basis,
+        "postprocess": getattr(args, "postprocess", "none"),
+        "public_centre": _public_centre(args),
+    }
 
 
 def _run_dpsgd(args: argparse.Namespace) -> int:

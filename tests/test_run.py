@@ -126,3 +126,47 @@ def test_run_rejects_a_single_image_with_a_clear_error(tmp_path, tiny_model_dir,
     ]
     assert main(argv) == 2
     assert "image" in capsys.readouterr().err
+
+
+def test_identical_rerun_is_answered_before_training_even_when_training_is_not_reproducible(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """Issue 19 item 2: the recorded release is keyed by the request's inputs, not by the trained
+    vectors. Training made non-deterministic on purpose (as on a GPU) still re-runs free; the
+    re-run never calls the trainer, even after the released file was deleted; a new seed or a
+    changed model is a new request."""
+    import torch
+
+    images = make_images(tmp_path / "private")
+    out, ledger = tmp_path / "embeddings", tmp_path / "ledger.sqlite"
+    argv = ["run", "--images", str(images), "--model", str(tiny_model_dir), "--steps", "2",
+            "--resolution", "32", "--epsilon", "1", "--delta", "1e-2", "--clip-norm", "0.5",
+            "--name", "nd", "--out-dir", str(out), "--ledger", str(ledger),
+            "--budget-epsilon", "1.5", "--json"]  # fmt: skip
+    real = ti.train_vectors
+    calls: list[int] = []
+
+    def noisy(*args, **kwargs):  # non-deterministic training: different bits every run
+        calls.append(1)
+        vectors, centre = real(*args, **kwargs)
+        return {k: v + 1e-3 * torch.randn_like(v) for k, v in vectors.items()}, centre
+
+    monkeypatch.setattr(ti, "train_vectors", noisy)
+    assert main(argv) == 0 and len(calls) == 1
+    first = json.loads(capsys.readouterr().out)
+    (out / "nd.safetensors").unlink()  # the user lost the file
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert len(calls) == 1, "the identical re-run must not train"
+    assert again["reused"] and again["release_id"] == first["release_id"]
+    assert (out / "nd.safetensors").exists()
+    assert len(Ledger(ledger).list_releases()) == 1  # nothing spent again
+    # A new seed is a deliberately new release: under the same name it is refused (the file
+    # exists), under a new name it is charged - here over budget (1 + 1 > 1.5), so refused
+    # before training.
+    assert main([*argv, "--seed", "7"]) == 2
+    assert "already exists" in capsys.readouterr().err and len(calls) == 1
+    renamed = [*argv, "--seed", "7"]
+    renamed[renamed.index("nd")] = "nd-seed7"
+    assert main(renamed) == 2
+    assert "would be exceeded" in capsys.readouterr().err and len(calls) == 1

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,20 @@ from dpagg_core.privacy import mechanism
 from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
 from dpagg_core.privacy.basis import PublicBasis, check_basis, dp_mean_projected
 from dpagg_core.privacy.ledger import BudgetState, Ledger, LedgerRelease
-from dpagg_core.privacy.request_keys import Request, aggregate_request, check_ids
+from dpagg_core.privacy.request_keys import (
+    Request,
+    aggregate_request,
+    check_ids,
+    inputs_request,
+)
 
 log = logging.getLogger(__name__)
 
 CENTRES = ("initializer", "origin", "public_mean")
+
+
+class NotRecorded(DpaggError):
+    """``release_embeddings(recorded_only=True)`` found no recorded answer (nothing written)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +167,7 @@ def release_embeddings(
     name: str,
     out_dir: str | os.PathLike[str],
     ledger: Ledger,
-    centre: str = "initializer",
+    centre: str | None = None,
     mode: str = "clip",
     budget_epsilon: float | None = None,
     budget_delta: float | None = None,
@@ -167,6 +177,8 @@ def release_embeddings(
     postprocess: str = "none",
     target_norms: dict[str, float] | None = None,
     public_centre: Any = None,
+    inputs: Mapping[str, Any] | None = None,
+    recorded_only: bool = False,
 ) -> ReleaseOutcome:
     """Release one DP mean of ``eset`` and write it as ``<out_dir>/<name>.safetensors``.
 
@@ -191,7 +203,17 @@ def release_embeddings(
     ``PublicEmbeddings`` of PUBLIC images, or their file): clip around the public images' mean
     embedding; the record says ``centre: public_mean`` and its ``centre_sha256``
     (:func:`centre_vector`). James-Stein post-processing then shrinks toward that centre.
+    ``centre=None``: THE default, in one place: the initializer when the set has one, else the
+    origin (CLIP image embeddings).
+
+    ``inputs`` (``dpagg_core.pipeline``): ``eset`` was trained from the images with these
+    inputs, and the request is keyed by them, not by the vectors (a re-run is recognised even if
+    training is not bit-reproducible). ``recorded_only``: answer only from the ledger's record
+    of the identical request; without one raise :class:`NotRecorded` before the ledger is
+    written (``eset`` may then be a shape-only set: its vectors never reach the mechanism).
     """
+    if centre is None:
+        centre = "initializer" if eset.centre is not None else "origin"
     if postprocess not in POSTPROCESS_METHODS:
         raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
     if basis is not None:
@@ -230,6 +252,7 @@ def release_embeddings(
         budget_epsilon=budget_epsilon,
         budget_delta=budget_delta,
         basis=basis,
+        inputs=inputs,
         **request,
     )
     recorded = ledger.stored_result(prepared.request)
@@ -242,6 +265,8 @@ def release_embeddings(
                 f"an embedding named {base!r} already exists in {out}; dpagg never overwrites: "
                 f"choose another --name (e.g. {next_free_name(out, base)!r}). Nothing was spent."
             )
+        if recorded_only:
+            raise NotRecorded("no recorded release answers this request; nothing was written")
 
     result = draw_release(ledger, prepared)
     # Post-processing: the raw release (as stored in the ledger) and public values only.
@@ -299,19 +324,24 @@ def vectors_request(
     budget_delta: float | None = None,
     mode: str = "clip",
     basis: Any = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> VectorsRequest:
     """Check one DP mean of ``vectors`` [n, D] and build its ledger request, drawing nothing.
 
     Everything ``dp_mean`` would refuse is refused here (``mechanism.check_inputs``), before the
     ledger is opened, so bad input never spends budget; so is a ``basis`` for another D or
-    another ``base_model_id``. The basis' sha256 enters the request key."""
+    another ``base_model_id``. The basis' sha256 enters the request key. ``inputs``: the
+    vectors were trained here from the images with these inputs (``pipeline.run_inputs``); the
+    request is then keyed by them instead of by the vectors
+    (``request_keys.inputs_request``)."""
     check_ids(dataset_id, "release", name=name)
     checked_plan(plan)
     arr, ctr = mechanism.check_inputs(vectors, plan, clip_norm, center, mode=mode)
     if basis is not None:
         check_basis(basis, flat_dim=arr[0].size, base_model_id=base_model_id)
-    request = aggregate_request(
-        arr,
+    keying = aggregate_request if inputs is None else partial(inputs_request, inputs)
+    request = keying(
+        *([arr] if inputs is None else []),
         dataset_id=dataset_id,
         plan=plan,
         clip_norm=clip_norm,

@@ -229,6 +229,57 @@ def training_request(
     )
 
 
+def inputs_request(
+    inputs: Mapping[str, Any],
+    *,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    center: np.ndarray | None,
+    centre_kind: str,
+    mode: str,
+    name: str,
+    base_model_id: str = "",
+    basis_sha256: str | None = None,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+) -> Request:
+    """The request for one DP mean of per-image embeddings that the caller TRAINS from the
+    images, keyed by what the user asked (issue 19 item 2), not by the bits training produced:
+    the image set (``dataset_id``), ``inputs`` (JSON values naming everything the training
+    depends on: the TI configuration with its seed and a digest of the model's weights), the
+    plan, C, the public centre, the mode, the basis and the name. A re-run of the same request
+    is answered from the ledger even when training is not bit-reproducible (GPUs), so it never
+    spends twice, and it need not train at all. ``mechanism.CLIP_MODES`` only (one call)."""
+    if not isinstance(inputs, Mapping):
+        raise DpaggError(f"inputs={inputs!r} must be a mapping of JSON values.")
+    if mode not in mechanism.CLIP_MODES:
+        raise DpaggError(f"mode={mode!r} is invalid: use one of {mechanism.CLIP_MODES}.")
+    centre = (
+        None
+        if center is None
+        else hashlib.sha256(_as_float64(center).astype("<f8").tobytes()).hexdigest()
+    )
+    keyed = {
+        "kind": "dpagg-release-by-inputs/1",
+        "inputs": dict(inputs),
+        "centre_sha256": centre,
+        "basis_sha256": basis_sha256,
+    }
+    return training_request(
+        keyed,
+        dataset_id=dataset_id,
+        plan=plan,
+        clip_norm=clip_norm,
+        name=name,
+        centre_kind=centre_kind,
+        mode=mode,
+        base_model_id=base_model_id,
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+    )
+
+
 def _fields(
     dataset_id: str,
     plan: PrivacyPlan,

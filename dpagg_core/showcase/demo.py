@@ -173,15 +173,9 @@ def _release(
     train after the budget check) as ``dpagg run``/``aggregate`` would; BudgetExceeded (a
     DpaggError) before any training or noise when the budget does not allow it."""
     from dpagg_core.aggregate.release import release_embeddings
+    from dpagg_core.pipeline import train_and_release
     from dpagg_core.privacy.calibration import calibrate
 
-    if isinstance(source, tuple):
-        trainer, loaded = source
-        plan = calibrate(epsilon, n=loaded.count)
-        ledger.check(loaded.dataset_id, plan)  # refused here, before the training
-        source = trainer.train(loaded)
-    else:
-        plan = calibrate(epsilon, n=source.n)
     if public is not None:  # (public embeddings file, basis): subspace + public-mean centre
         shaping: dict[str, Any] = {
             "centre": "public_mean",
@@ -191,16 +185,14 @@ def _release(
             "basis": public[1],
         }
     else:
-        shaping = {"centre": "initializer" if source.centre is not None else "origin"}
-    return release_embeddings(
-        source,
-        plan=plan,
-        clip_norm=clip_norm,
-        name=name,
-        out_dir=out,
-        ledger=ledger,
-        **shaping,
-    )
+        shaping = {}  # release_embeddings' default centre
+    options = {"clip_norm": clip_norm, "name": name, "out_dir": out, **shaping}
+    if isinstance(source, tuple):  # the core pipeline: ledger first, then training
+        trainer, loaded = source
+        plan = calibrate(epsilon, n=loaded.count)
+        return train_and_release(trainer, loaded, plan, ledger=ledger, **options)
+    plan = calibrate(epsilon, n=source.n)
+    return release_embeddings(source, plan=plan, ledger=ledger, **options)
 
 
 def _trusted_public(path: Path) -> Any:

@@ -782,6 +782,33 @@ def train_embeddings(
     )
 
 
+def untrained_set(
+    backend: TIBackend,
+    n: int,
+    config: TIConfig,
+    *,
+    dataset_id: str = "",
+    base_model_id: str | None = None,
+) -> EmbeddingSet:
+    """A shape-only set: ``n`` copies of the public initializer centre, the layout a trained set
+    of ``n`` images would have (keys, vectors, widths, centre). No image enters it and nothing
+    is trained. Used to answer an identical request from the ledger's record without training
+    (``aggregate.release.release_embeddings(recorded_only=True)``); its vectors never reach the
+    mechanism."""
+    from dpagg_core.io.embeddings import EmbeddingSet
+
+    centre = public_centre(backend, config)
+    return EmbeddingSet(
+        vectors={k: c.unsqueeze(0).expand(int(n), -1, -1).contiguous() for k, c in centre.items()},
+        kind="textual_inversion",
+        model_family=backend.model_family,
+        base_model_id=backend.base_model_id if base_model_id is None else base_model_id,
+        centre=centre,
+        initializer=config.initializer,
+        dataset_id=dataset_id,
+    )
+
+
 @torch.no_grad()
 def evaluate_loss(
     backend: TIBackend,
