@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +88,50 @@ def run_inputs(trainer: Any) -> dict[str, Any]:
     }
 
 
+@dataclass
+class LoadedModelTrainer:
+    """The pipeline's trainer over a model a host already loaded (the WebUI's): per-image TI on
+    ``backend`` with ``config``; ``progress(done, total)`` and ``should_cancel()`` are the host's
+    (``training.ti.train_embeddings``). ``model_path`` names the weights for the request key."""
+
+    backend: Any
+    config: Any
+    model_path: str | os.PathLike[str]
+    progress: Callable[[int, int], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    method: str = "ti"
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config.resolution)
+
+    def train(self, loaded: Any) -> Any:
+        from dpagg_core.training.ti import train_embeddings
+
+        return train_embeddings(
+            self.backend,
+            loaded.pixels,
+            self.config,
+            dataset_id=loaded.dataset_id,
+            progress=self.progress,
+            should_cancel=self.should_cancel,
+        )
+
+
 def train_and_release(
     trainer: Any,
     loaded: Any,
     plan: PrivacyPlan,
     *,
     ledger: Ledger,
+    before_release: Callable[[], None] | None = None,
     **options: Any,
 ) -> ReleaseOutcome | None:
     """The pipeline (module docstring) for ``loaded`` private images on ``trainer``'s model.
     ``options`` are :func:`release_embeddings`' (clip_norm, name, out_dir, centre, mode,
     budget_*, basis, postprocess, public_centre, ...). Returns None on torchrun ranks other than
-    0 (rank 0 releases)."""
+    0 (rank 0 releases). ``before_release()`` runs after training, before the ledger reserves
+    (a host's last cancel point: raising there spends nothing)."""
     if trainer.method != "ti":
         ledger.check(
             loaded.dataset_id,
@@ -131,4 +165,6 @@ def train_and_release(
     eset = trainer.train(loaded)
     if eset is None:
         return None
+    if before_release is not None:
+        before_release()
     return release_embeddings(eset, plan=plan, ledger=ledger, inputs=inputs, **options)

@@ -551,14 +551,14 @@ def run(
     plan's epsilon and a new budget (:func:`check_epsilon_caps`), checked before training."""
     import torch
 
-    from dpagg_core.aggregate.release import release_embeddings
     from dpagg_core.errors import BudgetExceeded
     from dpagg_core.io.images import load_image_folder
     from dpagg_core.io.names import sanitize_name
+    from dpagg_core.pipeline import LoadedModelTrainer, train_and_release
     from dpagg_core.privacy.ledger import Ledger
     from dpagg_core.training.diffusers_backend import DiffusersBackend
     from dpagg_core.training.models import load_pipeline
-    from dpagg_core.training.ti import Cancelled, train_embeddings
+    from dpagg_core.training.ti import Cancelled
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -605,43 +605,35 @@ def run(
             def progress(done: int, _total: int) -> None:
                 host.progress(done, total, f"per-image TI: step {done} of {total}")
 
+            trainer = LoadedModelTrainer(
+                backend, config, s.checkpoint, progress, _cancel_check(host)
+            )
             t2 = time.perf_counter()
-            try:
+            try:  # the core pipeline: a recorded identical request is answered untrained
                 with torch.inference_mode(False), torch.enable_grad():
-                    eset = train_embeddings(
-                        backend,
-                        images.pixels,
-                        config,
-                        dataset_id=images.dataset_id,
-                        progress=progress,
-                        should_cancel=_cancel_check(host),
+                    outcome = train_and_release(
+                        trainer,
+                        images,
+                        plan,
+                        ledger=book,
+                        clip_norm=s.clip_norm,
+                        name=s.name,
+                        out_dir=out_dir,
+                        centre=s.centre,
+                        budget_epsilon=_opt(s.budget_epsilon),
+                        budget_delta=_opt(s.budget_delta),
+                        new_name_per_release=True,
+                        before_release=_refuse_if_cancelled(host),
                     )
             except Cancelled as exc:
                 raise Interrupted(
                     "interrupted during per-image training: nothing was spent and nothing written"
                 ) from exc
-            timings["train_s"] = time.perf_counter() - t2
+            timings["train_and_release_s"] = time.perf_counter() - t2
         finally:
             del model
             backend = None  # noqa: F841 - drop the last reference to our copy of the weights
             _free_memory()
-    if host.cancelled():
-        raise Interrupted("interrupted before the release: nothing was spent and nothing written")
-    t3 = time.perf_counter()
-    outcome = release_embeddings(
-        eset,
-        plan=plan,
-        clip_norm=s.clip_norm,
-        name=s.name,
-        out_dir=out_dir,
-        ledger=book,
-        centre=s.centre,
-        budget_epsilon=_opt(s.budget_epsilon),
-        budget_delta=_opt(s.budget_delta),
-        new_name_per_release=True,
-    )
-    del eset
-    timings["release_s"] = time.perf_counter() - t3
     host.reload_embeddings(outcome.path)
     summary = outcome.summary()
     timings["total_s"] = time.perf_counter() - t0
@@ -658,6 +650,16 @@ def run(
         timings=timings,
         warnings=list(images.warnings),
     )
+
+
+def _refuse_if_cancelled(host: Host) -> Callable[[], None]:
+    def check() -> None:
+        if host.cancelled():
+            raise Interrupted(
+                "interrupted before the release: nothing was spent and nothing written"
+            )
+
+    return check
 
 
 def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any]:

@@ -264,7 +264,8 @@ def raise_budget_hint(path: Path, dataset_id: str) -> str:
     pack = Path(__file__).resolve().parent.parent
     return (
         f"the 'Raise budget...' button of the Privacy Ledger node (dpagg/privacy; dataset "
-        f"{dataset_id}, and the confirmation it asks for), or in a terminal: `cd {pack} && {sys.executable} "
+        f"{dataset_id}, and the confirmation it asks for), or in a terminal: "
+        f"`cd {pack} && {sys.executable} "
         f"-m dpagg_core.cli ledger set-budget --ledger {path} --dataset {dataset_id} "
         "--epsilon E --delta D`"
     )

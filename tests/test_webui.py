@@ -727,6 +727,7 @@ def test_api_routes_are_absent_without_api(tmp_path):
     assert [r["status"] for r in res] == [404, 404, 404]
 
 
+@pytest.mark.slow
 def test_api_takes_the_webuis_api_auth_credentials(tmp_path):
     images = str(_root_images(tmp_path))
     outside = make_images(tmp_path / "elsewhere")
@@ -775,6 +776,7 @@ def test_api_takes_the_webuis_api_auth_credentials(tmp_path):
     assert "outside the WebUI's checkpoint folders" in res[14]["body"]["error"]
 
 
+@pytest.mark.slow
 def test_without_credentials_only_callers_on_this_machine_are_served(tmp_path):
     images = str(_root_images(tmp_path))
     body = {"images": images}
@@ -796,6 +798,7 @@ def test_without_credentials_only_callers_on_this_machine_are_served(tmp_path):
     assert res[4]["body"]["n"] == 3
 
 
+@pytest.mark.slow
 def test_without_api_auth_the_webui_login_is_required(tmp_path):
     images = str(_root_images(tmp_path))
     res = _webui_api(
@@ -816,6 +819,7 @@ def test_without_api_auth_the_webui_login_is_required(tmp_path):
     assert "--gradio-auth" in res[0]["body"]["detail"]
 
 
+@pytest.mark.slow
 def test_tab_escapes_a_hostile_file_name(tmp_path):
     folder = _root_images(tmp_path)
     (folder / HOSTILE).write_bytes(b"not a jpeg")
@@ -830,3 +834,31 @@ def test_tab_escapes_a_hostile_file_name(tmp_path):
     for shown in (plan_html, result_html):
         assert "cannot be decoded" in shown and "<img" not in shown
         assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in shown
+
+
+def test_identical_rerun_is_answered_untrained_even_when_training_is_not_reproducible(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Issue 19 item 2 in the WebUI: the tab and the API run the core pipeline, so an identical
+    request is answered from the ledger's record without training, whatever bits training made,
+    also after the released file was deleted."""
+    import torch
+
+    from dpagg_core.training import ti
+
+    make_images(tmp_path / "private")
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
+    real, calls = ti.train_vectors, []
+
+    def noisy(*args, **kwargs):
+        calls.append(1)
+        vectors, centre = real(*args, **kwargs)
+        return {k: v + 1e-3 * torch.randn_like(v) for k, v in vectors.items()}, centre
+
+    monkeypatch.setattr(ti, "train_vectors", noisy)
+    s = settings(tmp_path, tiny_model_dir)
+    first = core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
+    Path(first.file).unlink()
+    again = core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
+    assert calls == [1] and again.reused and Path(again.file).exists()
+    assert len(Ledger(ledger).list_releases()) == 1
