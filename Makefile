@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test demo lint bench reproduce clean
+.PHONY: venv test check demo lint bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: venv
 
 test: venv lint
 	$(VENV)/bin/pytest
+
+# The quick lane for edit-test loops: ruff plus every test not marked `slow` (< 2 min on 2 cores).
+# CI runs `make test` (everything).
+check: venv lint
+	$(VENV)/bin/pytest -m "not slow"
 
 demo: venv
 	$(VENV)/bin/dpagg demo

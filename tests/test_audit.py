@@ -245,6 +245,7 @@ def _readme_plan() -> PrivacyPlan:
     return calibrate(1.0, 1e-5, 100, "full")
 
 
+@pytest.mark.slow
 def test_readme_audit_flags_half_the_noise(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -263,6 +264,7 @@ def test_readme_audit_flags_half_the_noise(
     assert out["plan"]["delta"] == 1e-5
 
 
+@pytest.mark.slow
 def test_readme_audit_passes_the_real_mechanism(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(README_ARGS)
     out = json.loads(capsys.readouterr().out)
@@ -307,6 +309,7 @@ def test_exact_power_matches_simulated_binomial_counts() -> None:
         assert abs(sim - exact) <= Z5 * math.sqrt(max(exact * (1 - exact), 1e-4) / 20_000)
 
 
+@pytest.mark.slow
 def test_simulated_readme_audits_match_the_reported_power_and_false_alarm_rate() -> None:
     """The audit's whole procedure (threshold picked on the calibration split) on synthetic
     scores with the README plan's exact distributions (fixed seed).

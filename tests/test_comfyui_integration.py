@@ -358,9 +358,17 @@ def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
     assert {"3", "5"} <= set(second["cached"])
     assert len(ledger_rows(comfy)) == 1 and embedding_files(comfy) == ["itstyle.safetensors"]
 
-    # Drop ComfyUI's caches (the worker applies the flag within its 10 s idle gc interval).
+    # Drop ComfyUI's caches. The worker takes the /free flags when they wake it while idle, and
+    # in any case right after the queue item it is running, before it starts the next: so once a
+    # trivial prompt queued after /free has finished (polled, with a deadline), the caches are
+    # gone before the next prompt starts. No fixed sleep.
     post(comfy, "/free", {"free_memory": True, "unload_models": True})
-    time.sleep(15)
+    empty = {"width": 8, "height": 8, "batch_size": 1, "color": 0}
+    probe = {
+        "901": {"class_type": "EmptyImage", "inputs": empty},
+        "902": {"class_type": "PreviewImage", "inputs": {"images": ["901", 0]}},
+    }
+    assert queue(comfy, probe, timeout=120)["status"] == "success"
     over = small_style_api(comfy, "itstyle_more")  # a new release: 2 + 2 > budget 3
     refused = queue(comfy, over)
     assert refused["status"] == "error"

@@ -36,6 +36,7 @@ def test_model_file_override_names_the_missing_file(tmp_path, monkeypatch):
         minimodel.model_file()
 
 
+@pytest.mark.slow
 def test_dpagg_demo_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dpagg_core.cli", "demo", "--out-dir", str(tmp_path)],

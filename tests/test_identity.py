@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from identity_worker import key_worker
 
 from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.errors import DpaggError, LedgerError
@@ -30,7 +31,7 @@ from dpagg_core.io.images import dataset_id_for
 from dpagg_core.io.private_file import load_private, save_private
 from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.calibration import calibrate
-from dpagg_core.privacy.ledger import KEY_BYTES, SCHEMA_VERSION, Ledger, identity_key
+from dpagg_core.privacy.ledger import KEY_BYTES, SCHEMA_VERSION, Ledger
 from dpagg_core.privacy.request_keys import request_key
 
 V1 = Path(__file__).parent / "data" / "ledger_v1"
@@ -71,23 +72,21 @@ def test_processes_with_different_data_dirs_share_one_identity(tmp_path):
     assert not (tmp_path / "data-b" / "salt").exists()
 
 
-def _key_worker(path: str, barrier, queue) -> None:
-    barrier.wait()
-    try:
-        queue.put(identity_key(path).hex())
-    except Exception as exc:  # reported to the parent
-        queue.put(f"error: {exc}")
-
-
 def test_concurrent_first_use_sees_one_complete_key(tmp_path):
     """Several processes opening a fresh ledger at the same moment (torchrun ranks, ComfyUI plus
-    the CLI) all get the same 32-byte key; none sees a ledger without one."""
-    ctx = multiprocessing.get_context("spawn")
+    the CLI) all get the same 32-byte key; none sees a ledger without one.
+
+    Fresh processes, not forks of this one: a fork server that has imported only the ledger (no
+    torch) forks each worker, which then imports the light ``identity_worker``; 18 workers cost
+    one import, not 18. (Python 3.11's fork server ignores sys.path, so it cannot preload
+    tests/identity_worker.py itself.)"""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["dpagg_core.privacy.ledger"])
     for trial in range(3):
         path = str(tmp_path / f"fresh-{trial}.sqlite")
         workers = 6
         barrier, queue = ctx.Barrier(workers), ctx.Queue()
-        procs = [ctx.Process(target=_key_worker, args=(path, barrier, queue)) for _ in range(6)]
+        procs = [ctx.Process(target=key_worker, args=(path, barrier, queue)) for _ in range(6)]
         for p in procs:
             p.start()
         keys = [queue.get(timeout=120) for _ in procs]

@@ -77,6 +77,7 @@ def test_committed_single_file_loads_as_a_diffusers_folder(tmp_path):
     assert artifact.model_file().stat().st_size <= 25e6
 
 
+@pytest.mark.slow
 def test_smoke_benchmark(tmp_path):
     from dpagg_core.privacy import calibration
 
