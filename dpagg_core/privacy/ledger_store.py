@@ -149,6 +149,8 @@ def _tighten(path: Path, mode: int, what: str) -> None:
                 current,
                 current & mode,
             )
+    except FileNotFoundError:  # a journal that SQLite removed meanwhile
+        return
     except OSError as exc:
         log.warning("could not make %s private (%s); make it readable by you only", path, exc)
 
@@ -278,7 +280,9 @@ class LedgerStore:
         """Create the schema and the identity key in ONE write transaction (or migrate a v1
         ledger). Every other process waits on the write lock and re-checks, so concurrent first
         users all end up with the same, complete key; none can read a ledger without one."""
-        if self._schema_state(con) == "ok":
+        with read_transaction(con):  # one consistent snapshot: another process may commit
+            state = self._schema_state(con)  # the schema between two of these reads
+        if state == "ok":
             return
         with write_transaction(con):
             state = self._schema_state(con)  # re-check under the write lock
