@@ -48,7 +48,7 @@ def test_dpagg_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "refused as expected" in proc.stdout
     # ... refused for its budget (BudgetExceeded), not for any other error that exits with 2
-    assert re.search(r"error: privacy budget of dataset .* would be exceeded", proc.stderr), (
+    assert re.search(r"error: privacy budget of .*image set .* would be exceeded", proc.stderr), (
         proc.stderr[-3000:]
     )
 

@@ -151,7 +151,7 @@ def test_v1_ledger_migrates_once_keeping_ids_budgets_and_reuse(tmp_path, monkeyp
 
     assert ledger.dataset_id(DIGESTS) == expected["dataset_id"]  # the salt became the key
     con = sqlite3.connect(ledger.path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert con.execute("SELECT origin FROM ledger_key").fetchone()[0] == "adopted-install-salt"
     keys = [r[0] for r in con.execute("SELECT request_key FROM releases ORDER BY id")]
     con.close()
