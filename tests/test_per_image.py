@@ -33,22 +33,13 @@ V2 = Path(__file__).parent / "data" / "ledger_v2"
 _FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPAGG_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("DPAGG_LEDGER", str(tmp_path / "env-ledger.sqlite"))
-
-
 @pytest.fixture
 def draws(monkeypatch) -> list[int]:
+    """Counts the noise draws (``mechanism.dp_mean`` calls); the data dir and ledger of each test
+    are its own (conftest)."""
     calls: list[int] = []
     real = mechanism.dp_mean
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mechanism, "dp_mean", counting)
+    monkeypatch.setattr(mechanism, "dp_mean", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
