@@ -119,8 +119,8 @@ def raise_budget_hint(path: Path, dataset_id: str) -> str:
     """How a WebUI user raises a budget: the WebUI has no ``dpagg`` command on PATH, so the
     exact module call with the WebUI's own Python, from the extension's folder."""
     return (
-        f"from the extension folder (extensions/dpagg), run `{sys.executable} -m dpagg_core.cli "
-        f"ledger set-budget --ledger {path} --dataset {dataset_id} --epsilon E --delta D`"
+        f"`{sys.executable} -m dpagg_core.cli ledger set-budget --ledger {path} --dataset "
+        f"{dataset_id} --epsilon E --delta D`, run in the extension folder (extensions/dpagg)"
     )
 
 

@@ -862,3 +862,21 @@ def test_identical_rerun_is_answered_untrained_even_when_training_is_not_reprodu
     again = core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
     assert calls == [1] and again.reused and Path(again.file).exists()
     assert len(Ledger(ledger).list_releases()) == 1
+
+
+def test_refusal_hint_reads_as_a_sentence(tmp_path):
+    """Issue 20 item 9: the WebUI's raise hint is a noun phrase the ledger's "raise the budget
+    deliberately with ..." can carry (it read "with from the extension folder ...")."""
+    from dpagg_core.aggregate.release import release_vectors
+    from dpagg_core.privacy.calibration import calibrate
+
+    book = Ledger(tmp_path / "ledger.sqlite")
+    book.raise_hint = core.raise_budget_hint
+    plan = calibrate(1.0, 1e-5, 4, "full")
+    vecs = [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.0, 0.0]]
+    release_vectors(book, vecs, dataset_id="ds-hint", plan=plan, clip_norm=1.0, name="a")
+    with pytest.raises(BudgetExceeded) as info:
+        book.check("ds-hint", plan)
+    text = str(info.value)
+    assert "deliberately with `" in text and "with from" not in text
+    assert "ledger set-budget --ledger" in text and "extensions/dpagg" in text
