@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import sqlite3
 import time
@@ -29,7 +30,7 @@ from scipy.stats import norm
 
 from dpagg_core.aggregate.release import release_vectors
 from dpagg_core.errors import BudgetExceeded, DpaggError, LedgerError
-from dpagg_core.privacy import accountant, mechanism
+from dpagg_core.privacy import accountant, calibration, mechanism
 from dpagg_core.privacy import ledger as ledger_mod
 from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.composition import composed_spend
@@ -194,8 +195,15 @@ def test_refusal_fix_fits_the_case_and_names_the_front_ends_way(led, draws):
     with pytest.raises(BudgetExceeded) as err:
         release(led, "b", plan)
     msg = str(err.value)
-    assert "larger noise (smaller epsilon: about 0." in msg and "used up" not in msg
+    assert "The largest epsilon that fits now" in msg and "used up" not in msg
     assert f"the Privacy Ledger node ({DATASET})" in msg and "dpagg ledger" not in msg
+    # What it names really fits (the same accountant), and a little more does not (issue 20
+    # item 2: it used to say "about X of the budget is left", which PLD does not mean).
+    best = float(re.search(r"fits now .* is about ([0-9.e-]+)\.", msg).group(1))
+    fit = calibration.calibrate(best, plan.delta, N, "wor", m=N // 2)
+    with pytest.raises(BudgetExceeded):
+        led.check(DATASET, calibration.calibrate(best * 1.05, plan.delta, N, "wor", m=N // 2))
+    assert not release(led, "fits", fit).reused
     with pytest.raises(BudgetExceeded, match="Privacy Ledger node"):
         led.check(DATASET, plan, budget_epsilon=5.0)  # above the recorded budget
     assert pickle.loads(pickle.dumps(led)).raise_hint is _hint

@@ -22,13 +22,15 @@ per such group, not once per picture.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.composition import REL_TOL, Spend, calls_of_row, composed_spend, fits
 from dpagg_core.privacy.ledger_store import LedgerStore
+from dpagg_core.privacy.plan import PrivacyPlan
 
 Budget = tuple[float, float]
 
@@ -200,3 +202,45 @@ def admit(
     state = worst(account, spends, effective, extra)
     set_budget = (min(b[0] for b in effective), min(b[1] for b in effective))
     return Admission(state, new_budgets, set_budget)
+
+
+def largest_epsilon(
+    account: SetAccount,
+    spends: Spends,
+    plan: PrivacyPlan,
+    mode: str,
+    budget_epsilon: float | None,
+    budget_delta: float | None,
+    recalibrate: Callable[[float], PrivacyPlan],
+    *,
+    deadline_s: float = 4.0,
+) -> float | None:
+    """The largest epsilon a release like ``plan`` (``recalibrate(eps)``: same n, delta,
+    sampling, m/q and releases, noise calibrated by the same accountant) may have so that
+    :func:`admit` admits it for every picture; None when none does (a release with the least
+    noise the calibrator allows is refused too, or the budget is used up). Geometric bisection
+    on (1e-4, plan.epsilon); stops at 1 % or ``deadline_s`` with the largest epsilon found to
+    fit (a lower bound: what is reported always fits)."""
+    lo, hi = None, float(plan.epsilon)
+    floor = 1e-4
+    if hi <= floor:
+        return None
+    stop = time.monotonic() + deadline_s
+
+    def fits_at(eps: float) -> bool:
+        try:
+            admit(account, spends, recalibrate(eps), mode, budget_epsilon, budget_delta)
+        except Refusal:
+            return False
+        return True
+
+    if not fits_at(floor):
+        return None
+    lo = floor
+    while hi / lo > 1.01 and time.monotonic() < stop:
+        mid = math.sqrt(lo * hi)
+        if fits_at(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -45,6 +45,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -58,19 +59,18 @@ import numpy as np
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.paths import default_ledger_path, resolve_path
 from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
 from dpagg_core.privacy.accounts import (
     Admission,
     Refusal,
     SetAccount,
     Spends,
     admit,
+    largest_epsilon,
     set_account,
     worst,
 )
 from dpagg_core.privacy.composition import (
     CHARGE_MODES,
-    REL_TOL,
     Spend,
     check_plan_cost,
     fits,
@@ -89,6 +89,7 @@ from dpagg_core.privacy.ledger_store import (
     row_dict,
     write_transaction,
 )
+from dpagg_core.privacy.plan import PrivacyPlan, checked_plan
 from dpagg_core.privacy.request_keys import (
     Request,
     check_budget_value,
@@ -232,6 +233,17 @@ class Reservation:
         )
 
 
+class _Refused(Exception):
+    """A refusal found inside a transaction; worded (with what would fit) after it ends, so no
+    accountant search runs while the ledger's write lock is held."""
+
+    def __init__(self, dataset_id: str, plan: PrivacyPlan, why: Refusal, mode: str,
+                 budget_epsilon: float | None, budget_delta: float | None) -> None:  # fmt: skip
+        super().__init__(why.kind)
+        self.dataset_id, self.plan, self.why, self.mode = dataset_id, plan, why, mode
+        self.budget_epsilon, self.budget_delta = budget_epsilon, budget_delta
+
+
 def _owner_digest(token: str) -> str:
     """What a row stores of its reservation's secret token (the token itself stays in memory)."""
     return hashlib.sha256(b"dpagg-reservation/1\x00" + token.encode()).hexdigest()
@@ -346,7 +358,8 @@ class Ledger:
             }
         return out
 
-    def _refusal(self, dataset_id: str, plan: PrivacyPlan, why: Refusal) -> BudgetExceeded:
+    def _refusal(self, refused: _Refused) -> BudgetExceeded:
+        dataset_id, plan, why = refused.dataset_id, refused.plan, refused.why
         raise_it = f"raise the budget deliberately with {self.how_to_raise(dataset_id)}"
         info = why.info
         if why.kind == "raise":
@@ -359,19 +372,21 @@ class Ledger:
             )
         spent, after, budget = info["spent"], info["after"], info["budget"]
         assert isinstance(spent, Spend) and isinstance(after, Spend) and isinstance(budget, tuple)
-        used_up = spent.epsilon >= budget[0] * (1 - REL_TOL) or spent.delta >= budget[1] * (
-            1 - REL_TOL
-        )
-        if used_up:  # no epsilon, however small, fits: only a larger budget helps
+        best = self._fitting_epsilon(refused)
+        if best is None:  # no epsilon, however small, fits: only a larger budget helps
             fix = (
-                f"these pictures' budget is used up, so no release that includes them fits "
-                f"whatever its epsilon. Fix: {raise_it} (ledger {self.path}), or release nothing "
-                "more that includes these pictures."
+                f"no release that includes these pictures fits any more, whatever its epsilon "
+                f"(their budget is used up). Fix: {raise_it} (ledger {self.path}), or release "
+                "nothing more that includes these pictures."
             )
+        elif math.isnan(best):
+            fix = f"Fix: use a larger noise (smaller epsilon), or {raise_it} (ledger {self.path})."
         else:
             fix = (
-                f"Fix: use a larger noise (smaller epsilon: about {budget[0] - spent.epsilon:.4g} "
-                f"of the budget is left) for this release, or {raise_it} (ledger {self.path})."
+                f"The largest epsilon that fits now for a release like this one (n={plan.n}, "
+                f"delta={plan.delta:.3g}, {plan.sampling} sampling; same accountant) is about "
+                f"{best:.3g}. Fix: release at epsilon <= {best:.3g}, or {raise_it} (ledger "
+                f"{self.path})."
             )
         who = (
             f"image set {dataset_id!r}"
@@ -406,8 +421,27 @@ class Ledger:
         try:
             admission = admit(account, Spends(con), plan, mode, budget_epsilon, budget_delta)
         except Refusal as why:
-            raise self._refusal(dataset_id, plan, why) from None
+            raise _Refused(dataset_id, plan, why, mode, budget_epsilon, budget_delta) from None
         return account, admission
+
+    def _fitting_epsilon(self, refused: _Refused) -> float | None:
+        """The largest epsilon that fits now for a release like the refused one (same n,
+        delta, sampling), by the same accountant; None if none does. Own read transaction."""
+        from dpagg_core.privacy.calibration import calibrate
+
+        plan = refused.plan
+
+        def recalibrate(eps: float) -> PrivacyPlan:
+            return calibrate(eps, plan.delta, plan.n, plan.sampling, m=plan.m, q=plan.q,
+                             releases=plan.releases, neighbouring=plan.neighbouring)  # fmt: skip
+
+        try:
+            with self._store.connect() as con, read_transaction(con):
+                account = set_account(con, refused.dataset_id)
+                caps = (refused.budget_epsilon, refused.budget_delta)
+                return largest_epsilon(account, Spends(con), plan, refused.mode, *caps, recalibrate)
+        except DpaggError:  # a plan the calibrator cannot reproduce: say nothing about it
+            return float("nan")
 
     def check(
         self,
@@ -430,10 +464,13 @@ class Ledger:
         checked_plan(plan)
         check_plan_cost(plan)
         check_budget_value(budget_epsilon, budget_delta, "budget")
-        with self._store.connect() as con, read_transaction(con):
-            _, admission = self._check_locked(
-                con, dataset_id, plan, budget_epsilon, budget_delta, mode
-            )
+        try:
+            with self._store.connect() as con, read_transaction(con):
+                _, admission = self._check_locked(
+                    con, dataset_id, plan, budget_epsilon, budget_delta, mode
+                )
+        except _Refused as refused:
+            raise self._refusal(refused) from None
         after = admission.after
         budget = after.budget or admission.set_budget
         return {
@@ -779,12 +816,15 @@ class Ledger:
                 "request_keys.aggregate_request or request_keys.training_request."
             )
         token = secrets.token_hex(32)
-        with self._store.connect() as con, write_transaction(con):
-            release_id, attempt, state, result = self._lookup_locked(
-                con, request, write=True, owner=_owner_digest(token)
-            )
-            if result is None and _before_commit_hook is not None:
-                _before_commit_hook()
+        try:
+            with self._store.connect() as con, write_transaction(con):
+                release_id, attempt, state, result = self._lookup_locked(
+                    con, request, write=True, owner=_owner_digest(token)
+                )
+                if result is None and _before_commit_hook is not None:
+                    _before_commit_hook()
+        except _Refused as refused:  # worded after the write lock is released
+            raise self._refusal(refused) from None
         return Reservation(
             self,
             request,
@@ -800,8 +840,11 @@ class Ledger:
         (``reused``), or the budget state a reservation would leave (``release_id`` 0), or
         BudgetExceeded. Writes nothing; lets a caller refuse or reuse before a long training run
         (a concurrent release may still take the budget first)."""
-        with self._store.connect() as con, read_transaction(con):
-            release_id, attempt, state, result = self._lookup_locked(con, request, write=False)
+        try:
+            with self._store.connect() as con, read_transaction(con):
+                release_id, attempt, state, result = self._lookup_locked(con, request, write=False)
+        except _Refused as refused:
+            raise self._refusal(refused) from None
         return Reservation(
             self, request, release_id=release_id, attempt=attempt, state=state, result=result
         )
