@@ -20,7 +20,7 @@ first use, so ``import dpagg_core`` stays light and imports neither torch nor nu
 * :func:`train`: per-image textual inversion on a Stable Diffusion model -> a private
   ``EmbeddingSet`` (in memory; never write it next to released files);
   :class:`Trainer` (``dpagg_core.training.train_run``) keeps the model loaded across calls;
-* :func:`calibrate` / :func:`epsilon_for` (``dpagg_core.privacy.calibration`` / ``accountant``):
+* :func:`calibrate` / :func:`epsilon_for` (``dpagg_core.privacy.calibration`` / ``bounds``):
   a ``PrivacyPlan`` for a target epsilon, or the epsilon of a given noise;
 * :func:`release_embeddings` (``dpagg_core.aggregate.release``): the one DP release, charged to the
   ledger before the noise leaves it, written as ``<out_dir>/<name>.safetensors``;
@@ -71,8 +71,8 @@ _LAZY = {
     "Trainer": "dpagg_core.training.train_run",
     "EmbeddingSet": "dpagg_core.io.embeddings",
     "calibrate": "dpagg_core.privacy.calibration",
-    "epsilon_for": "dpagg_core.privacy.accountant",
-    "PrivacyPlan": "dpagg_core.privacy.accountant",
+    "epsilon_for": "dpagg_core.privacy.bounds",
+    "PrivacyPlan": "dpagg_core.privacy.plan",
     "release_embeddings": "dpagg_core.aggregate.release",
     "ReleaseOutcome": "dpagg_core.aggregate.release",
     "Ledger": "dpagg_core.privacy.ledger",
@@ -101,9 +101,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` loa
     from dpagg_core.errors import DpaggError
     from dpagg_core.io.embeddings import EmbeddingSet
     from dpagg_core.io.images import LoadedImages, load_image_folder
-    from dpagg_core.privacy.accountant import PrivacyPlan, epsilon_for
+    from dpagg_core.privacy.bounds import epsilon_for
     from dpagg_core.privacy.calibration import calibrate
     from dpagg_core.privacy.ledger import Ledger
+    from dpagg_core.privacy.plan import PrivacyPlan
     from dpagg_core.training.ti import TIConfig
     from dpagg_core.training.train_run import Trainer
 

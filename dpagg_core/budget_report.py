@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from dpagg_core.errors import BudgetExceeded
 
 if TYPE_CHECKING:  # no import of the accountant (dp-accounting) just to show text
-    from dpagg_core.privacy.accountant import PrivacyPlan
+    from dpagg_core.privacy.plan import PrivacyPlan
 
 BUDGET_NOT_SET = "budget: not set yet (the first release sets it)"
 

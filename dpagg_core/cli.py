@@ -137,16 +137,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _default_delta(delta: float | None) -> float:
-    from dpagg_core.privacy.accountant import DEFAULT_DELTA
+    from dpagg_core.privacy.plan import DEFAULT_DELTA
 
     return DEFAULT_DELTA if delta is None else delta
 
 
 def _plan(args: argparse.Namespace, n: int, *, warn: bool = True):
     """The plan from the plan flags; a user-chosen --delta above the safe default is warned
-    about on stderr (``accountant.delta_warning``) before anything runs."""
-    from dpagg_core.privacy.accountant import delta_warning, epsilon_for
+    about on stderr (``plan_text.delta_warning``) before anything runs."""
+    from dpagg_core.privacy.bounds import epsilon_for
     from dpagg_core.privacy.calibration import calibrate
+    from dpagg_core.privacy.plan_text import delta_warning
 
     delta = _default_delta(args.delta)
     warning = delta_warning(delta, n) if args.delta is not None else None
@@ -177,8 +178,8 @@ def _ledger(args: argparse.Namespace):
 
 
 def cmd_account(args: argparse.Namespace) -> int:
-    from dpagg_core.privacy.accountant import DELTA_MEANING, delta_warning, plan_summary
     from dpagg_core.privacy.noise_comparison import noise_comparison
+    from dpagg_core.privacy.plan_text import DELTA_MEANING, delta_warning, plan_summary
 
     if args.n is None:
         raise DpaggError("--n is required: the number of private images (public under replace-one)")

@@ -450,3 +450,31 @@ def test_check_parameters_leaves_the_n_rules_when_n_is_unknown():
     acc.check_parameters(0.2, 10, "wor", 20, None, 1, "replace_one", n_known=False)
     with pytest.raises(DpaggError, match="m=0"):
         acc.check_parameters(1e-5, None, "wor", 0, None, 1, "replace_one", n_known=False)
+
+
+def test_a_plan_validates_once_on_construction(monkeypatch):
+    """Issue 19 item 4: the rules run when a plan is built; ``check`` / ``checked_plan`` (run by
+    the mechanism, the ledger, the request keys and the release on every use) only read the
+    verdict. An invalid plan still constructs (stored legacy rows load) and raises on every use."""
+    from dpagg_core.privacy import plan as plan_module
+
+    calls = []
+    real = plan_module.check_parameters
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "check_parameters", counting)
+    good = PrivacyPlan("full", 100, 1e-5, 2.0, 1.0, "analytic_gaussian")
+    assert calls == [1]
+    for _ in range(6):
+        assert plan_module.checked_plan(good) is good
+        assert good.check() is good
+    assert calls == [1]
+    assert "_verdict" not in good.to_dict() and "_verdict" not in repr(good)
+    legacy = PrivacyPlan("full", 100, 1e-5, 2.0, 1.0, "pld", neighbouring="add_remove")
+    for _ in range(2):
+        with pytest.raises(DpaggError, match="add_remove"):
+            plan_module.checked_plan(legacy)
+    assert calls == [1]  # its validation stopped at the relation, before check_parameters

@@ -28,7 +28,7 @@ valid claim to test. At the plan's own delta (1e-5, say) a test needs P0(R) ~ 1e
 rates, which a few thousand trials cannot resolve: the audit used to pass a mechanism with half
 the required noise every time. So the audit tests the claim ``eps(delta_a)`` at a larger
 ``audit_delta`` delta_a, recomputed by the same accountant from the plan's noise multiplier
-(``accountant.profile_epsilon``). By default delta_a is the point of a fixed grid
+(``bounds.profile_epsilon``). By default delta_a is the point of a fixed grid
 (:data:`AUDIT_DELTAS`, those >= the plan's delta) where the audit has the most power (below); it
 depends only on the public plan, the trials and the confidence, never on the data, so the
 guarantee of the bound is untouched. A refutation at delta_a refutes the analysis behind the
@@ -96,14 +96,10 @@ from scipy.special import ndtr
 from scipy.stats import beta, binom, norm
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.privacy.accountant import (
-    MIN_NOISE_MULTIPLIER,
-    PrivacyPlan,
-    check_neighbouring,
-    profile_epsilon,
-)
 from dpagg_core.privacy.basis import PublicBasis, check_basis, dp_mean_projected
+from dpagg_core.privacy.bounds import profile_epsilon
 from dpagg_core.privacy.mechanism import check_inputs, dp_mean
+from dpagg_core.privacy.plan import MIN_NOISE_MULTIPLIER, PrivacyPlan, check_neighbouring
 
 # Fraction of trials used to choose the threshold; the rest give the bound.
 CALIBRATION_FRACTION = 0.3

@@ -57,7 +57,7 @@ import numpy as np
 from dpagg_core.errors import DpaggError
 from dpagg_core.families import family_keys as _family_keys
 from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.plan import PrivacyPlan
 
 MECHANISM = "dpagg-gaussian-mean-subspace"
 KINDS: tuple[str, ...] = ("token_table", "public_embeddings")

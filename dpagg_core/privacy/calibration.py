@@ -1,6 +1,6 @@
 """Calibration: the least noise multiplier z whose epsilon meets a target (:func:`calibrate`).
 
-The accountant (:mod:`dpagg_core.privacy.accountant`) gives epsilon(z) per mode; this module inverts
+The accountant (:mod:`dpagg_core.privacy.bounds`) gives epsilon(z) per mode; this module inverts
 it. Where the bound is closed-form it is inverted exactly (one full release: the analytic Gaussian's
 sigma; one WOR release: BBG18's amplification inverted, then the analytic Gaussian). The k-fold
 Gaussian by PLD (``full`` with k > 1, and the unamplified side of ``wor`` with k > 1) is calibrated
@@ -36,27 +36,29 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.privacy.accountant import (
+from dpagg_core.privacy.bounds import (
+    RDP_HIGH_ORDERS,
+    RDP_ORDERS,
+    analytic_gaussian_epsilon,
+    bbg_wor_epsilon,
+    epsilon_of_setting,
+    gaussian_event,
+    pld_gaussian_epsilon,
+    pld_interval,
+    pld_poisson_epsilon,
+    rdp_wor_bound,
+    rdp_wor_orders,
+)
+from dpagg_core.privacy.plan import (
     DEFAULT_DELTA,
     MAX_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
-    RDP_HIGH_ORDERS,
-    RDP_ORDERS,
     PrivacyPlan,
     Sampling,
-    _analytic_gaussian_epsilon,
-    _as_float,
-    _bbg_wor_epsilon,
-    _epsilon,
-    _gaussian_event,
-    _plan,
-    _pld_gaussian_epsilon,
-    _pld_interval,
-    _pld_poisson_epsilon,
-    _rdp_wor,
-    _rdp_wor_orders,
-    _Setting,
+    Setting,
+    as_float,
     check_parameters,
+    plan_from_setting,
 )
 
 _RDP_ALL_ORDERS = RDP_ORDERS + RDP_HIGH_ORDERS
@@ -174,7 +176,7 @@ def _solve_inner(
 
 
 def _calibrate_pld_gaussian(target: float, k: int, delta: float, z_gauss: float) -> float:
-    """z for k Gaussians by PLD (as :func:`~dpagg_core.privacy.accountant.epsilon_for` reports
+    """z for k Gaussians by PLD (as :func:`~dpagg_core.privacy.bounds.epsilon_for` reports
     them), with dp-accounting's ``calibrate_dp_mechanism``.
 
     ``z_gauss`` is the exact answer (analytic Gaussian at z / sqrt(k)); PLD's pessimistic
@@ -183,16 +185,16 @@ def _calibrate_pld_gaussian(target: float, k: int, delta: float, z_gauss: float)
     epsilon <= target and lies within ``_PLD_GAUSSIAN_RTOL`` (relative) of the least such z.
     """
     lo = max(z_gauss, MIN_NOISE_MULTIPLIER)
-    if _pld_gaussian_epsilon(lo, k, delta) <= target:
+    if pld_gaussian_epsilon(lo, k, delta) <= target:
         return lo  # the exact z already meets the target on the PLD grid (or the floor does)
-    if _pld_gaussian_epsilon(MAX_NOISE_MULTIPLIER, k, delta) > target:
+    if pld_gaussian_epsilon(MAX_NOISE_MULTIPLIER, k, delta) > target:
         raise _too_much_noise(target)
-    interval = _pld_interval(1)  # as _pld_gaussian_epsilon: k Gaussians fold into one
+    interval = pld_interval(1)  # as pld_gaussian_epsilon: k Gaussians fold into one
     z = calibrate_dp_mechanism(
         lambda: pld_privacy_accountant.PLDAccountant(
             NeighboringRelation.REPLACE_ONE, value_discretization_interval=interval
         ),
-        lambda zz: _gaussian_event(zz, k),
+        lambda zz: gaussian_event(zz, k),
         target,
         delta,
         bracket_interval=LowerEndpointAndGuess(lo, lo * 1.01),
@@ -210,7 +212,7 @@ def _rdp_window(order: float) -> tuple[float, ...]:
     return tuple(sorted(nearest))
 
 
-def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
+def _calibrate_rdp_wor(target: float, s: Setting, z_other: float) -> float:
     """z from the WBK19 RDP bound, or ``z_other`` when RDP cannot beat it.
 
     eps = min(rdp(z), other(z)) with both decreasing, so the calibrated z is min(z_rdp, z_other).
@@ -221,8 +223,8 @@ def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
     """
     assert s.m is not None
     n, m, k, d = s.n, s.m, s.releases, s.delta
-    eps_base, _ = _rdp_wor_orders(z_other, n, m, k, d, RDP_ORDERS)
-    if eps_base >= target and _rdp_wor(z_other, n, m, k, d)[0] >= target:
+    eps_base, _ = rdp_wor_orders(z_other, n, m, k, d, RDP_ORDERS)
+    if eps_base >= target and rdp_wor_bound(z_other, n, m, k, d)[0] >= target:
         return z_other  # RDP needs at least as much noise
     # Amplification by sampling at rate p = m/n scales the noise needed by roughly p: start near
     # 2p z_other. The (eps, delta) conversion costs about log(1/delta) / (alpha - 1), so the
@@ -232,24 +234,24 @@ def _calibrate_rdp_wor(target: float, s: _Setting, z_other: float) -> float:
     slope = -1.0
     for _ in range(8):
         z, slope = _solve(
-            lambda zz, w=window: _rdp_wor_orders(zz, n, m, k, d, w)[0], target, z, slope=slope
+            lambda zz, w=window: rdp_wor_orders(zz, n, m, k, d, w)[0], target, z, slope=slope
         )
-        _, order = _rdp_wor(z, n, m, k, d)
+        _, order = rdp_wor_bound(z, n, m, k, d)
         if order in window:
             break
         window = _rdp_window(order)
     # eps_full(z) <= eps_window(z) <= target unless high orders were skipped; verify.
-    return _nudge(lambda zz: _rdp_wor(zz, n, m, k, d)[0], target, min(z, z_other))
+    return _nudge(lambda zz: rdp_wor_bound(zz, n, m, k, d)[0], target, min(z, z_other))
 
 
-def _calibrate_z(target: float, s: _Setting) -> float:
+def _calibrate_z(target: float, s: Setting) -> float:
     """A noise multiplier meeting ``target`` for setting s (calibrate() re-checks it)."""
     k, d = s.releases, s.delta
     # Unamplified Gaussian: sigma = sqrt(k) * analytic-Gaussian sigma at target (exact, cheap).
     z_gauss = _analytic_gaussian_sigma(target, d) * math.sqrt(k)
     if s.sampling == "full":
         if k == 1:
-            return _nudge(lambda z: _analytic_gaussian_epsilon(z, d), target, z_gauss)
+            return _nudge(lambda z: analytic_gaussian_epsilon(z, d), target, z_gauss)
         return _calibrate_pld_gaussian(target, k, d, z_gauss)
     if s.sampling == "poisson":
         assert s.q is not None
@@ -257,14 +259,14 @@ def _calibrate_z(target: float, s: _Setting) -> float:
         # Amplification by sampling: start from z_gauss * sqrt(q), bracket on the coarse grid,
         # then refine on the reported grid from there.
         z0, slope = z_gauss * math.sqrt(q), -1.0
-        if _pld_interval(k, coarse=True) > _pld_interval(k):
+        if pld_interval(k, coarse=True) > pld_interval(k):
             z0, slope = _solve(
-                lambda z: _pld_poisson_epsilon(z, q, k, d, True),
+                lambda z: pld_poisson_epsilon(z, q, k, d, True),
                 target,
                 z0,
                 xtol=_COARSE_LOG_XTOL,
             )
-        return _solve(lambda z: _pld_poisson_epsilon(z, q, k, d), target, z0, slope=slope)[0]
+        return _solve(lambda z: pld_poisson_epsilon(z, q, k, d), target, z0, slope=slope)[0]
     assert s.m is not None
     n, m = s.n, s.m
     if k == 1:
@@ -276,7 +278,7 @@ def _calibrate_z(target: float, s: _Setting) -> float:
             eps0 = target - math.log(p)
         z_bbg = _analytic_gaussian_sigma(eps0, min(d / p, 1.0))
         z_bbg = max(z_bbg, MIN_NOISE_MULTIPLIER)
-        return _nudge(lambda z: _bbg_wor_epsilon(z, n, m, d), target, z_bbg)
+        return _nudge(lambda z: bbg_wor_epsilon(z, n, m, d), target, z_bbg)
     z_other = _calibrate_pld_gaussian(target, k, d, z_gauss)
     return _calibrate_rdp_wor(target, s, z_other)
 
@@ -301,7 +303,7 @@ def calibrate(
     returned (with its smaller epsilon). Raises DpaggError on bad input.
     """
     s = check_parameters(delta, n, sampling, m, q, releases, neighbouring)
-    t = _as_float(target_epsilon, "target_epsilon", "pick a privacy budget such as 1 or 8.")
+    t = as_float(target_epsilon, "target_epsilon", "pick a privacy budget such as 1 or 8.")
     if not (t > 0 and math.isfinite(t)):
         raise DpaggError(
             f"target_epsilon={t!r} must be a positive finite number (e.g. 1 to 8); epsilon 0 "
@@ -309,7 +311,7 @@ def calibrate(
         )
     z = min(max(_calibrate_z(t, s), MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
     # Re-evaluate with the reporting accountant (cached, so usually free); nudge if needed.
-    z = _nudge(lambda zz: _epsilon(zz, s)[0], t, z)
-    eps, acc = _epsilon(z, s)
+    z = _nudge(lambda zz: epsilon_of_setting(zz, s)[0], t, z)
+    eps, acc = epsilon_of_setting(z, s)
     assert eps <= t
-    return _plan(z, eps, acc, s)
+    return plan_from_setting(z, eps, acc, s)

@@ -4,14 +4,14 @@ A plan states ``(plan.epsilon, plan.delta)`` for
 ``plan.releases`` calls of the mechanism; calls of one identical plan on a dataset are charged in
 blocks of that many (``charged_blocks``; the default ``releases=1`` charges every call). A plan
 whose stated epsilon is below the accountant's bound for its noise multiplier is refused
-(``accountant.epsilon_for``), so a hand-built plan cannot under-charge. The ledger then takes the
+(``bounds.epsilon_for``), so a hand-built plan cannot under-charge. The ledger then takes the
 tighter of two sound bounds for all charged blocks, recorded plus new:
 
 1. Basic composition (Dwork, Kenthapadi, McSherry, Mironov, Naor 2006; Dwork & Roth 2014,
    Thm 3.16): ``(sum eps_i, sum delta_i)``. Always available; holds for adaptively chosen plans.
 2. Privacy-loss-distribution composition (dp-accounting's ``PLDAccountant``, pessimistic
    discretisation, Meiser & Mohammadi 2018; Koskela et al. 2020; Doroshenko et al. 2022), used only
-   when every plan has a ``DpEvent`` (``accountant.dp_events``) and all plans share one neighbouring
+   when every plan has a ``DpEvent`` (``bounds.dp_events``) and all plans share one neighbouring
    relation: the epsilon of the composed events at the budget's delta, ``(eps_pld, delta_total)``.
    PLD composition is valid for adaptive composition because each release is a fixed mechanism
    given its public plan.
@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.privacy import accountant
-from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy import bounds
+from dpagg_core.privacy.plan import PrivacyPlan
 
 REL_TOL = 1e-9
 # Modes of rows that stand for all plan.releases calls of their plan (DP-SGD: one call per step).
@@ -73,12 +73,12 @@ def _pld(plans: Sequence[PrivacyPlan], delta: float) -> Spend | None:
     if len({p.neighbouring for p in plans}) != 1:
         return None
     try:
-        events = [accountant.dp_events(p) for p in plans]
+        events = [bounds.dp_events(p) for p in plans]
     except (NotImplementedError, DpaggError):
         return None
     if any(e is None for e in events):
         return None
-    eps = accountant.composed_epsilon(events, delta, plans[0].neighbouring)
+    eps = bounds.composed_epsilon(events, delta, plans[0].neighbouring)
     if eps is None or not math.isfinite(eps):
         return None
     return Spend(float(eps), float(delta), "pld")
@@ -142,7 +142,7 @@ def as_replace_one(plan: PrivacyPlan) -> PrivacyPlan:
     if plan.neighbouring == "replace_one":
         return plan
     try:
-        ro = accountant.epsilon_for(
+        ro = bounds.epsilon_for(
             plan.noise_multiplier / 2.0,
             plan.delta,
             plan.n,
@@ -169,7 +169,7 @@ def _reference_epsilon(
     z: float, delta: float, n: int, sampling: str, m: Any, q: Any, releases: int, rel: str
 ) -> float:
     return float(
-        accountant.epsilon_for(
+        bounds.epsilon_for(
             z, delta, n, sampling, m=m, q=q, releases=releases, neighbouring=rel
         ).epsilon
     )
@@ -197,5 +197,5 @@ def check_plan_cost(plan: PrivacyPlan) -> None:
             f"plan.epsilon={plan.epsilon:.6g} understates the privacy cost of its noise: the "
             f"accountant gives epsilon={ref:.6g} for noise_multiplier={plan.noise_multiplier:g}, "
             f"delta={plan.delta:g}. Fix: build the plan with calibration.calibrate or "
-            f"accountant.epsilon_for (`dpagg account`) instead of by hand."
+            f"bounds.epsilon_for (`dpagg account`) instead of by hand."
         )

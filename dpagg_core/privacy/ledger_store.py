@@ -36,9 +36,9 @@ import numpy as np
 from dpagg_core.errors import LedgerError
 from dpagg_core.paths import HOST_SUBDIR, data_dir, legacy_install_salt
 from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.composition import as_replace_one, calls_of_row
 from dpagg_core.privacy.identity import SET_UNIT_PREFIX
+from dpagg_core.privacy.plan import PrivacyPlan
 from dpagg_core.privacy.request_keys import request_mac
 
 log = logging.getLogger(__name__)

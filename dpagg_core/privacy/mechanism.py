@@ -12,7 +12,7 @@ one item moves one ``y_i`` by at most ``||y - y'|| <= 2C``, so the mean moves by
 is post-processing. Replace-one is the only relation honoured: under add/remove adjacency ``n``
 (hence the denominator and the noise std) would itself be private, so a plan saying
 ``neighbouring='add_remove'`` (only an old, stored one can) is refused before anything is drawn
-(``accountant.check_neighbouring``).
+(``plan.check_neighbouring``).
 
 Noise and privacy
 -----------------
@@ -21,7 +21,7 @@ coordinate. For one release on all items this is the Gaussian mechanism whose ex
 (epsilon, delta) curve is the analytic Gaussian of Balle & Wang (ICML 2018, Theorem 8). With a
 secret subsample the privacy is amplified: without replacement (Balle, Barthe & Gaboardi,
 NeurIPS 2018, Theorem 10 for the substitution relation) or Poisson (Zhu, Dong & Wang 2022); the
-accountant (``dpagg_core.privacy.accountant``) turns ``z`` into ``epsilon``. Amplification holds
+accountant (``dpagg_core.privacy.bounds``) turns ``z`` into ``epsilon``. Amplification holds
 ONLY if the subsample is unknown to the adversary, which is why the subsample, like the noise, is
 drawn from the operating system's CSPRNG and never returned, logged or stored (docs/privacy.md
 invariant 3).
@@ -62,7 +62,7 @@ from scipy.special import ndtri
 
 from dpagg_core import __version__
 from dpagg_core.errors import DpaggError
-from dpagg_core.privacy.accountant import NEIGHBOURINGS, PrivacyPlan, checked_plan
+from dpagg_core.privacy.plan import NEIGHBOURINGS, PrivacyPlan, checked_plan
 
 MECHANISM = "dpagg-gaussian-mean"
 CLIP_MODES: tuple[str, ...] = ("clip", "normalize")

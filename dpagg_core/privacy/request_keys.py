@@ -21,8 +21,8 @@ import numpy as np
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
 from dpagg_core.privacy.composition import CHARGE_MODES, calls_of_row, check_plan_cost
+from dpagg_core.privacy.plan import PrivacyPlan, checked_plan
 
 
 def _as_float64(vectors: Any) -> np.ndarray:

@@ -29,7 +29,7 @@ Add/remove adjacency is refused (``neighbouring='add_remove'`` raises DpaggError
 q = expected_batch / N and the denominator qN are computed from N, which is private under
 add/remove, so the noise would change with the data set's size.
 
-In ``dpagg_core.privacy.accountant``'s :class:`PrivacyPlan` convention the noise multiplier is std /
+In ``dpagg_core.privacy.plan``'s :class:`PrivacyPlan` convention the noise multiplier is std /
 sensitivity of the released *mean*: the update G/(qN) has noise std z C_g / (qN) and replace-one
 sensitivity 2 C_g / (qN), so ``plan.noise_multiplier = z / 2``, ``plan.noise_std(C_g) == z C_g /
 (qN)``, and the plan's PLD event is exactly the DP-SGD event above. :func:`sgd_noise_multiplier`
@@ -66,9 +66,10 @@ import numpy as np
 import torch
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.privacy import accountant, calibration, mechanism
-from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy import calibration, mechanism
 from dpagg_core.privacy.basis import check_basis
+from dpagg_core.privacy.bounds import epsilon_for
+from dpagg_core.privacy.plan import DEFAULT_DELTA, PrivacyPlan, check_neighbouring
 from dpagg_core.training.ti import (
     Cancelled,
     LatentDist,
@@ -141,7 +142,7 @@ def sgd_noise_multiplier(plan: PrivacyPlan) -> float:
     2 x plan z (see module docstring)."""
     if plan.sampling != "poisson":
         raise DpaggError(f"plan.sampling={plan.sampling!r}: DP-SGD plans are 'poisson'")
-    accountant.check_neighbouring(plan.neighbouring, "plan.neighbouring")
+    check_neighbouring(plan.neighbouring, "plan.neighbouring")
     return plan.noise_multiplier * 2.0
 
 
@@ -151,19 +152,19 @@ def plan_for_sgd(
     n: int,
     q: float,
     steps: int,
-    delta: float = accountant.DEFAULT_DELTA,
+    delta: float = DEFAULT_DELTA,
     neighbouring: str = "replace_one",
 ) -> PrivacyPlan:
     """The plan (epsilon at ``delta`` by PLD) of T DP-SGD steps with noise multiplier z.
 
     ``neighbouring`` must be 'replace_one' (the default); 'add_remove' raises DpaggError."""
-    accountant.check_neighbouring(neighbouring)
-    return accountant.epsilon_for(z / 2.0, delta, n, "poisson", q=q, releases=steps)
+    check_neighbouring(neighbouring)
+    return epsilon_for(z / 2.0, delta, n, "poisson", q=q, releases=steps)
 
 
 def calibrate_dpsgd(
     target_epsilon: float,
-    delta: float = accountant.DEFAULT_DELTA,
+    delta: float = DEFAULT_DELTA,
     *,
     n: int,
     q: float,
@@ -173,7 +174,7 @@ def calibrate_dpsgd(
     """The least-noise plan with epsilon <= ``target_epsilon`` for T Poisson steps at rate q.
 
     ``neighbouring`` must be 'replace_one' (the default); 'add_remove' raises DpaggError."""
-    accountant.check_neighbouring(neighbouring)
+    check_neighbouring(neighbouring)
     return calibration.calibrate(target_epsilon, delta, n, "poisson", q=q, releases=steps)
 
 
@@ -439,7 +440,7 @@ def train_dpsgd(
     config: DPSGDConfig,
     *,
     target_epsilon: float | None = None,
-    delta: float = accountant.DEFAULT_DELTA,
+    delta: float = DEFAULT_DELTA,
     plan: PrivacyPlan | None = None,
     neighbouring: str = "replace_one",
     before_noise: Callable[[PrivacyPlan], None] | None = None,
@@ -454,7 +455,7 @@ def train_dpsgd(
     U, clipped and noised in its K coordinates, every update in span(U); checked against the model
     before ``before_noise``. None (default): plain DP-SGD on all D coordinates.
 
-    Give either ``target_epsilon`` and ``delta`` (default ``accountant.DEFAULT_DELTA``, 1e-5; the
+    Give either ``target_epsilon`` and ``delta`` (default ``DEFAULT_DELTA``, 1e-5; the
     noise is calibrated by PLD for T steps at q = expected_batch / N) or a ready ``plan`` (sampling
     'poisson', replace-one, with the same n, q and T); ``neighbouring`` must be 'replace_one'
     (module docstring). ``before_noise(plan)`` is called once, after every check and before the
@@ -463,7 +464,7 @@ def train_dpsgd(
     caller's ledger already holds it). Returns the shared embedding, the public centre (initializer
     embedding), the plan and the privacy record.
     """
-    accountant.check_neighbouring(neighbouring)
+    check_neighbouring(neighbouring)
     check_images(images)
     n = int(images.shape[0])
     validate_config(config, n)

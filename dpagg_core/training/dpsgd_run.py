@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DpsgdRequest:
     """What a DP-SGD release needs, all public. ``config.resolution`` None: the model's default.
-    ``delta`` None: ``accountant.DEFAULT_DELTA`` (a given delta above the safe default is warned
+    ``delta`` None: ``plan.DEFAULT_DELTA`` (a given delta above the safe default is warned
     about). ``basis``: a PUBLIC basis file (public-subspace DP-SGD). ``ledger``: the ledger file
     (None: the default); its key ids the images."""
 
@@ -116,9 +116,10 @@ def run_dpsgd(req: DpsgdRequest) -> DpsgdRelease:
     from dpagg_core.aggregate.release import write_outcome
     from dpagg_core.io.files import output_folder
     from dpagg_core.io.names import next_free_name, sanitize_name
-    from dpagg_core.privacy.accountant import DEFAULT_DELTA, delta_warning
     from dpagg_core.privacy.ledger import Ledger, LedgerRelease, Reservation
     from dpagg_core.privacy.mechanism import Release
+    from dpagg_core.privacy.plan import DEFAULT_DELTA
+    from dpagg_core.privacy.plan_text import delta_warning
     from dpagg_core.privacy.request_keys import training_request
     from dpagg_core.training.ti import TIConfig, public_centre
     from dpagg_core.training.train_run import Trainer, progress_bar
