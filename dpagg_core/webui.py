@@ -43,7 +43,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -248,45 +248,12 @@ def ledger_path(webui_data_dir: str | os.PathLike[str]) -> Path:
 
 
 def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
-    """'sd1' | 'sd2' | 'sdxl' of a ``.safetensors`` checkpoint from its header and the few tensors
-    ``models.detect_family`` reads (no full load); None when it cannot tell cheaply (other file
-    types, diffusers folders: the run checks after loading)."""
-    p = Path(path)
-    if p.suffix.lower() not in (".safetensors", ".sft") or not p.is_file():
-        return None
-    from safetensors import safe_open
+    """'sd1' | 'sd2' | 'sdxl' of a ``.safetensors`` checkpoint from its header, by the one family
+    detection (``training.checkpoints.checkpoint_family``: no full load); None when it cannot
+    tell cheaply (other file types, diffusers folders: the run checks after loading)."""
+    from dpagg_core.training.checkpoints import checkpoint_family as family_of_file
 
-    from dpagg_core.training.models import detect_family
-
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            return detect_family(_LazyTensors(f), name=str(p))
-    except DpaggError:
-        raise
-    except Exception as exc:
-        raise DpaggError(
-            f"cannot read checkpoint {p}: {exc}; the file is truncated or not a checkpoint"
-        ) from exc
-
-
-class _LazyTensors(Mapping):
-    """A safetensors file as a read-only mapping that loads a tensor only when it is read."""
-
-    def __init__(self, handle: Any) -> None:
-        self._f = handle
-        self._keys = list(handle.keys())
-        self._set = set(self._keys)
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._set:
-            raise KeyError(key)
-        return self._f.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+    return family_of_file(path)
 
 
 def check_family(chosen: str | None, loaded: str | None) -> None:
