@@ -78,13 +78,16 @@ def _json(value: Any) -> Any:
 def run_inputs(trainer: Any) -> dict[str, Any]:
     """Everything a trained release depends on besides the images and the release options:
     the method, the full TI configuration (seed included), the training resolution and the
-    model's weights digest. JSON values; they key the ledger request."""
+    model's weights digest: ``trainer.model_weights`` where the host names the model itself
+    (ComfyUI: its objects as patched in the graph, ``nodes/comfy_backend.model_key``), else
+    :func:`weights_digest` of ``trainer.model_path``. JSON values; they key the ledger request."""
     config = {k: _json(v) for k, v in dataclasses.asdict(trainer.config).items()}
+    weights = getattr(trainer, "model_weights", None)
     return {
         "method": trainer.method,
         "config": config,
         "resolution": int(trainer.resolution),
-        "model_weights": weights_digest(Path(trainer.model_path)),
+        "model_weights": weights or weights_digest(Path(trainer.model_path)),
     }
 
 
@@ -133,12 +136,7 @@ def train_and_release(
     0 (rank 0 releases). ``before_release()`` runs after training, before the ledger reserves
     (a host's last cancel point: raising there spends nothing)."""
     if trainer.method != "ti":
-        ledger.check(
-            loaded.dataset_id,
-            plan,
-            budget_epsilon=options.get("budget_epsilon"),
-            budget_delta=options.get("budget_delta"),
-        )
+        _refuse_over_budget(ledger, loaded, plan, options)
         eset = trainer.train(loaded)
         return (
             None if eset is None else release_embeddings(eset, plan=plan, ledger=ledger, **options)
@@ -155,16 +153,21 @@ def train_and_release(
         )
     except NotRecorded:
         pass
-    # An over-budget request is refused before hours of training, not just before the noise.
-    ledger.check(
-        loaded.dataset_id,
-        plan,
-        budget_epsilon=options.get("budget_epsilon"),
-        budget_delta=options.get("budget_delta"),
-    )
+    _refuse_over_budget(ledger, loaded, plan, options)
     eset = trainer.train(loaded)
     if eset is None:
         return None
     if before_release is not None:
         before_release()
     return release_embeddings(eset, plan=plan, ledger=ledger, inputs=inputs, **options)
+
+
+def _refuse_over_budget(ledger: Ledger, loaded: Any, plan: PrivacyPlan, options: Any) -> None:
+    """An over-budget request is refused before hours of training, not just before the noise
+    (the ledger's dry run; a concurrent release may still take the budget first)."""
+    ledger.check(
+        loaded.dataset_id,
+        plan,
+        budget_epsilon=options.get("budget_epsilon"),
+        budget_delta=options.get("budget_delta"),
+    )

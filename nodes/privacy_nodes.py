@@ -47,10 +47,11 @@ Privacy (docs/privacy.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,14 @@ def _make_backend(model: Any, clip: Any, vae: Any):
     return ComfyTIBackend(model, clip, vae)
 
 
+def _model_key(model: Any, clip: Any, vae: Any) -> str:
+    """The request key's model part: ComfyUI's objects as patched (a seam, like
+    :func:`_make_backend`)."""
+    from .comfy_backend import model_key
+
+    return model_key(model, clip, vae)
+
+
 def _opt(value: Any) -> float | None:
     """0 (the widget default) means "not given"."""
     value = _first(value)
@@ -627,37 +636,145 @@ class PerImageTI(io.ComfyNode):
         ti.validate_config(config)
         resolution = int(_first(kwargs["resolution"]))
         x, dataset_id, warns = training_images(cls.hidden, images, resolution)
-        chunks = math.ceil(x.shape[0] / config.batch_size)
-        progress, should_cancel = _progress(config.steps * chunks)
-        stage = _stage_reporter(getattr(cls.hidden, "unique_id", None), "Per-Image TI")
-        progress, close_bar = _log_bar(config.steps * chunks, "Per-Image TI", progress)
-        with torch.inference_mode(False):
-            x = x.clone()  # a normal tensor (ComfyUI runs nodes in inference mode)
-            stage(f"{x.shape[0]} images; recording the model's state (restored afterwards)")
-            try:
-                with _make_backend(_first(model), _first(clip), _first(vae)) as backend:
-                    prediction = backend.prediction_type
-                    eset = ti.train_embeddings(
-                        backend,
-                        x,
-                        config,
-                        dataset_id=dataset_id,
-                        progress=progress,
-                        should_cancel=should_cancel,
-                        stage=stage,
-                    )
-            finally:
-                close_bar()
-        stage("done")
-        widths = ", ".join(f"{k} {w}" for k, w in eset.encoder_widths.items())
+        model, clip, vae = _first(model), _first(clip), _first(vae)
+        with _make_backend(model, clip, vae) as backend:  # checks the models; changes nothing
+            family, prediction = backend.model_family, backend.prediction_type
+            widths = ", ".join(f"{k} {w}" for k, w in backend.embedding_dims.items())
+        job = TrainingJob(
+            model=model,
+            clip=clip,
+            vae=vae,
+            pixels=x,
+            config=config,
+            dataset_id=dataset_id,
+            node_id=getattr(cls.hidden, "unique_id", None),
+        )
         lines = [
-            f"{eset.n} per-image embeddings ({eset.model_family}, {prediction}, "
-            f"{eset.num_vectors} vector(s), {widths})",
+            f"{job.n} images to train one embedding each ({family}, {prediction}, "
+            f"{config.vectors} vector(s), {widths})",
+            "deferred: DP Aggregate trains them only if the ledger has no record of this exact "
+            "request (a recorded one is answered untrained, spending nothing)",
             "private: kept in memory only; release them with DP Aggregate",
             f"image set {dataset_id}",
         ] + _warn_lines(warns)
         ui = _ui("Per-Image TI", lines, dataset=dataset_id, prediction=prediction)
-        return io.NodeOutput(eset, ui=ui)
+        return io.NodeOutput(job, ui=ui)
+
+
+class TrainingJob:
+    """Per-Image TI's ``EMBEDDING_SET``: the training it deferred (issue 19 item 2). It carries
+    the MODEL/CLIP/VAE objects, the private pixels ``[n, 3, R, R]``, the TI config and the image
+    set's id, and trains only when asked: DP Aggregate first asks the ledger for the identical
+    request (the pipeline: ``dpagg_core.pipeline.train_and_release``) and trains on
+    ``NotRecorded`` only, so nothing trains on a recorded request. Any other consumer calls
+    :meth:`materialize` (trains once; the set is kept, as ComfyUI kept Per-Image TI's output).
+
+    Private like an ``EmbeddingSet`` (docs/privacy.md invariant 4): in memory only; ``repr``
+    shows public labels only. ``n``, ``dataset_id`` and ``kind`` are public (the Privacy
+    Accountant reads them without training). The pipeline sees it as its images (``pixels``,
+    ``count``, ``dataset_id``) and, through :meth:`trainer`, as its trainer."""
+
+    kind = "textual_inversion"
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        clip: Any,
+        vae: Any,
+        pixels: torch.Tensor,
+        config: ti.TIConfig,
+        dataset_id: str,
+        node_id: Any = None,
+    ) -> None:
+        self._models = (model, clip, vae)
+        self.pixels = pixels
+        self.config = config
+        self.dataset_id = dataset_id
+        self.node_id = node_id
+        self._eset: EmbeddingSet | None = None
+        self._model_key: str | None = None
+        self.trained_here = 0  # trainings run by this job (tests, node messages)
+
+    @property
+    def n(self) -> int:
+        return int(self.pixels.shape[0])
+
+    count = n
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pixels.shape[-1])
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainingJob(kind={self.kind!r}, n={self.n}, resolution={self.resolution}, "
+            f"dataset_id={self.dataset_id!r}, trained={self._eset is not None}; the images "
+            "and per-image vectors are private and not shown)"
+        )
+
+    def model_weights(self) -> str:
+        """The request key's model part: the models as patched (computed once per job)."""
+        if self._model_key is None:
+            self._model_key = _model_key(*self._models)
+        return self._model_key
+
+    @contextlib.contextmanager
+    def trainer(self, node_id: Any = None) -> Iterator[_JobTrainer]:
+        """The pipeline's trainer over this job's models (ComfyUI's objects are restored on
+        leaving): progress and stage text go to ``node_id`` (the running node)."""
+        with _make_backend(*self._models) as backend:
+            yield _JobTrainer(self, backend, self.node_id if node_id is None else node_id)
+
+    def materialize(self, node_id: Any = None) -> EmbeddingSet:
+        """The trained per-image set (trains on the first call)."""
+        if self._eset is None:
+            with self.trainer(node_id) as trainer:
+                trainer.train(self)
+        assert self._eset is not None
+        return self._eset
+
+
+class _JobTrainer:
+    """``pipeline`` trainer of a :class:`TrainingJob`: per-image TI on ComfyUI's objects with
+    ComfyUI's progress bar (each update a cancel point), the Interrupt button polled before
+    every step, setup stages on the node and a tqdm line in the server log."""
+
+    method = "ti"
+
+    def __init__(self, job: TrainingJob, backend: Any, node_id: Any) -> None:
+        self.job, self.backend, self.node_id = job, backend, node_id
+        self.config = job.config
+        self.resolution = job.resolution
+        self.model_weights = job.model_weights()
+
+    def train(self, loaded: Any) -> EmbeddingSet:
+        job = self.job
+        if job._eset is not None:  # trained before (ComfyUI kept this job): no second training
+            return job._eset
+        chunks = math.ceil(job.n / self.config.batch_size)
+        progress, should_cancel = _progress(self.config.steps * chunks)
+        stage = _stage_reporter(self.node_id, "Per-Image TI")
+        progress, close_bar = _log_bar(self.config.steps * chunks, "Per-Image TI", progress)
+        with torch.inference_mode(False):
+            x = job.pixels.clone()  # a normal tensor (ComfyUI runs nodes in inference mode)
+            stage(f"{x.shape[0]} images; recording the model's state (restored afterwards)")
+            try:
+                eset = ti.train_embeddings(
+                    self.backend,
+                    x,
+                    self.config,
+                    dataset_id=job.dataset_id,
+                    progress=progress,
+                    should_cancel=should_cancel,
+                    stage=stage,
+                )
+            finally:
+                close_bar()
+        stage("done")
+        job._eset = eset
+        job.trained_here += 1
+        return eset
 
 
 # --------------------------------------------------------------------------------------------
@@ -830,7 +947,8 @@ class PrivacyAccountant(io.ComfyNode):
         releases,
         embedding_set=None,
     ) -> io.NodeOutput:
-        n_eff = embedding_set.n if isinstance(embedding_set, EmbeddingSet) else int(n)
+        linked = isinstance(embedding_set, (EmbeddingSet, TrainingJob))  # n, id: no training
+        n_eff = embedding_set.n if linked else int(n)
         m_ = int(m) if sampling == "wor" else None
         q_ = float(q) if sampling == "poisson" else None
         if mode == MODE_NOISE:
@@ -849,7 +967,7 @@ class PrivacyAccountant(io.ComfyNode):
             summary = f"WARNING: {delta_warning}\n{summary}"
         warning = delta_warning is not None
         figures: dict[str, Any] = {"delta_warning": delta_warning}
-        if isinstance(embedding_set, EmbeddingSet) and embedding_set.dataset_id:
+        if linked and embedding_set.dataset_id:
             ledger, ds = comfy_ledger(), embedding_set.dataset_id
             targets = aggregate_budgets(cls.hidden) or [("", None, None)]
             _, be, bd = targets[0]
@@ -1110,6 +1228,7 @@ class DPAggregate(io.ComfyNode):
                     "takes. Their mean is the centre; a private file is refused",
                 ),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.String.Output(display_name="prompt", tooltip="embedding:<name>"),
                 io.ClipVisionOutput.Output(
@@ -1164,7 +1283,7 @@ class DPAggregate(io.ComfyNode):
 
         from dpagg_core.privacy.basis import PublicBasis as CoreBasis
 
-        if not isinstance(embedding_set, EmbeddingSet):
+        if not isinstance(embedding_set, (EmbeddingSet, TrainingJob)):
             raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")
         if not isinstance(plan, PrivacyPlan):
             raise DpaggError("plan: connect a Privacy Accountant")
@@ -1190,28 +1309,41 @@ class DPAggregate(io.ComfyNode):
         is_ti = eset.kind == "textual_inversion"
         ledger = comfy_ledger()
         be, bd = _opt(budget_epsilon), _opt(budget_delta)
-        outcome = release_embeddings(
-            eset,
-            plan=plan,
-            clip_norm=float(clip_norm),
-            name=str(name),
-            out_dir=embeddings_dir() if is_ti else clip_release_dir(),
-            ledger=ledger,
-            centre=str(centre),
-            mode=str(mode),
-            budget_epsilon=be,
-            budget_delta=bd,
-            new_name_per_release=True,
-            basis=basis,
-            postprocess=str(postprocess or "none"),
-            public_centre=public_centre,
-        )
+        options: dict[str, Any] = {
+            "clip_norm": float(clip_norm),
+            "name": str(name),
+            "out_dir": embeddings_dir() if is_ti else clip_release_dir(),
+            "centre": str(centre),
+            "mode": str(mode),
+            "budget_epsilon": be,
+            "budget_delta": bd,
+            "new_name_per_release": True,
+            "basis": basis,
+            "postprocess": str(postprocess or "none"),
+            "public_centre": public_centre,
+        }
+        trained: bool | None = None
+        if isinstance(eset, TrainingJob):
+            # The pipeline: the ledger's record of the identical request first (nothing
+            # trained), else the budget check, the training (this node's progress bar and
+            # Interrupt), then the release keyed by the same inputs.
+            outcome, trained = _release_job(eset, plan, ledger, cls, options)
+        else:
+            outcome = release_embeddings(eset, plan=plan, ledger=ledger, **options)
         more, warning, figures = budget_payload(ledger, eset.dataset_id, plan, be, bd)
         state = "reused (nothing spent)" if outcome.reused else "new release"
         lines = [f"{outcome.prompt if is_ti else outcome.name}: {state}"]
+        if trained is not None:
+            lines.append(
+                f"trained {eset.n} per-image embeddings for it"
+                if trained
+                else "answered from the ledger's record: nothing trained, nothing spent"
+            )
+            figures["trained"] = trained
         lines += budget_request_lines(figures.get("budget"), be, bd, outcome.reused)
         lines += plan_lines(plan)
-        shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), eset.flat_dim)
+        flat_dim = sum(int(t.numel()) for t in outcome.vectors.values())
+        shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), flat_dim)
         lines += shaping + more
         figures.update(extra)
         text = outcome.prompt if is_ti else outcome.name
@@ -1235,6 +1367,40 @@ class DPAggregate(io.ComfyNode):
             **figures,
         )
         return io.NodeOutput(text, vision, ui=ui)
+
+
+def _release_job(
+    job: TrainingJob, plan: PrivacyPlan, ledger: Ledger, node: Any, options: dict[str, Any]
+) -> tuple[Any, bool]:
+    """(outcome, trained) of DP Aggregate on Per-Image TI's deferred job, through the core
+    pipeline (``pipeline.train_and_release``): an identical request recorded in the ledger is
+    answered from its record and nothing trains."""
+    import comfy.model_management
+
+    from dpagg_core.pipeline import train_and_release
+
+    node_id = getattr(getattr(node, "hidden", None), "unique_id", None)
+    before = job.trained_here
+    with job.trainer(node_id) as trainer:
+        outcome = train_and_release(
+            trainer,
+            job,
+            plan,
+            ledger=ledger,
+            before_release=comfy.model_management.throw_exception_if_processing_interrupted,
+            **options,
+        )
+    if outcome is None:  # pragma: no cover - torchrun ranks only
+        raise DpaggError("internal: the pipeline returned no release")
+    trained = job.trained_here > before
+    if not trained:
+        stage = _stage_reporter(node_id, "DP Aggregate")
+        stage(
+            "answered from the ledger's record of this request: nothing trained, nothing spent"
+            if outcome.reused
+            else "released the per-image embeddings Per-Image TI trained before"
+        )
+    return outcome, trained
 
 
 NODES: tuple[type[io.ComfyNode], ...] = (

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -120,6 +121,8 @@ def comfy(tmp_path_factory):
     write_images(base / "input" / "dpagg_it_images", 2)
     write_images(base / "input" / "dpagg_it_clip_images", 3, size=48)
     write_images(base / "input" / "dpagg_it_basis", 2, seed=7)
+    write_images(base / "input" / "dpagg_it_rerun", 2, seed=8)
+    write_images(base / "input" / "dpagg_it_cli", 2, seed=9)
     write_mixed_sizes(base / "input" / "dpagg_it_mixed")
     for kind in COMFYUI_KINDS:  # a folder per kind, and the same files in input/ for Load Image
         folder = base / "input" / f"dpagg_kind_{kind}"
@@ -330,8 +333,9 @@ def test_pack_loads_and_object_info_lists_the_nodes(comfy):
 def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
     """Example workflow 1 via /prompt: a release; an identical queue (ComfyUI's cache); after
     dropping ComfyUI's caches an over-budget queue (TI retrains, the release is refused, nothing
-    spent); and the first request again (DP Aggregate re-executes on the retrained embeddings:
-    the ledger returns the recorded release, nothing spent, no new file)."""
+    spent, and Per-Image TI's deferred training never ran); and the first request again (DP
+    Aggregate re-executes: the ledger returns the recorded release, nothing trained or spent, no
+    new file)."""
     api = small_style_api(comfy, "itstyle")
     first = queue(comfy, api)
     assert first["status"] == "success", first["errors"]
@@ -370,9 +374,12 @@ def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
     }
     assert queue(comfy, probe, timeout=120)["status"] == "success"
     over = small_style_api(comfy, "itstyle_more")  # a new release: 2 + 2 > budget 3
+    trainings = comfy["log"].read_text().count("dpagg Per-Image TI: 100%")
     refused = queue(comfy, over)
     assert refused["status"] == "error"
-    assert "3" not in refused["cached"]  # Per-Image TI retrained from scratch
+    assert "3" not in refused["cached"]  # Per-Image TI re-ran (it hands on a deferred job)
+    # refused before the deferred training ran
+    assert comfy["log"].read_text().count("dpagg Per-Image TI: 100%") == trainings
     err = refused["errors"][0]
     assert err["node_type"] == "DpaggAggregate"
     assert "budget" in err["exception_message"] and "BudgetExceeded" in err["exception_type"]
@@ -388,15 +395,17 @@ def test_style_workflow_end_to_end_then_reuse_then_over_budget(comfy):
     acc_ui = refused["outputs"][node_of(over, "DpaggPrivacyAccountant")]["dpagg"][0]
     assert acc_ui["will_be_refused"] is True and acc_ui["warning"] is True
 
-    # The original request again: DP Aggregate re-executes on the retrained (bit-identical)
-    # embeddings, so the ledger recognises the request and returns the recorded release.
+    # The original request again: DP Aggregate re-executes, the ledger recognises the request
+    # by its inputs and returns the recorded release; nothing trains.
     third = queue(comfy, api)
     assert third["status"] == "success", third["errors"]
     assert "5" not in third["cached"], third["cached"]
     ui3 = third["outputs"]["5"]["dpagg"][0]
     assert ui3["reused"] is True and ui3["prompt"] == "embedding:itstyle"
+    assert ui3["trained"] is False
+    assert comfy["log"].read_text().count("dpagg Per-Image TI: 100%") == trainings
     assert len(ledger_rows(comfy)) == 1 and embedding_files(comfy) == ["itstyle.safetensors"]
-    print(f"refused queue (with TI retrain): {refused['seconds']} s; re-run: {third['seconds']} s")
+    print(f"refused queue (nothing trained): {refused['seconds']} s; re-run: {third['seconds']} s")
 
     # Per-Image TI reported its setup stages and a KSampler-like step line in the server log.
     log = comfy["log"].read_text()
@@ -486,10 +495,10 @@ def test_per_image_ti_and_release_on_sd2v_and_sdxl(comfy, family):
         meta = f.metadata()
     if family == "sdxl":
         assert shapes == {"clip_l": [1, 768], "clip_g": [1, 1280]}
-        assert meta["base_model_id"].startswith("comfyui:sdxl:")
+        assert re.fullmatch(r"[0-9a-f]{16}", meta["base_model_id"])  # the CLI's id
     else:
         assert shapes == {"emb_params": [1, 1024]}
-        assert meta["base_model_id"].startswith("comfyui:sd2:")
+        assert re.fullmatch(r"[0-9a-f]{16}", meta["base_model_id"])
     log = comfy["log"].read_text()
     assert "shape mismatch" not in log and f"embedding:{name} does not exist" not in log
     tokenize_release(folder, name, family)
@@ -521,9 +530,93 @@ def test_public_basis_from_the_loaded_checkpoint_drives_dp_aggregate(comfy):
     with safe_open(comfy["base"] / "models" / "embeddings" / "itbasis.safetensors", "pt") as f:
         meta = f.metadata()
     assert meta["basis_kind"] == "token_table" and meta["basis_k"] == "4"
-    assert meta["base_model_id"].startswith("comfyui:sd1:")
+    assert re.fullmatch(r"[0-9a-f]{16}", meta["base_model_id"])
     assert meta["postprocess"] == "js" and len(meta["basis_sha256"]) == 64
     print(f"\npublic basis release: {res['seconds']} s")
+
+
+def drop_caches(comfy) -> None:
+    """Drop ComfyUI's caches (models and node outputs): /free, then a trivial prompt, after
+    which the worker has taken the flags (see the end-to-end test)."""
+    post(comfy, "/free", {"free_memory": True, "unload_models": True})
+    empty = {"width": 8, "height": 8, "batch_size": 1, "color": 0}
+    probe = {
+        "901": {"class_type": "EmptyImage", "inputs": empty},
+        "902": {"class_type": "PreviewImage", "inputs": {"images": ["901", 0]}},
+    }
+    assert queue(comfy, probe, timeout=120)["status"] == "success"
+
+
+def test_rerun_after_a_cache_drop_is_answered_from_the_ledger_without_training(comfy):
+    """Issue 19 item 2: the template queued twice with ComfyUI's caches dropped in between.
+    Every node executes again, but Per-Image TI only hands DP Aggregate a deferred training job
+    and DP Aggregate finds the identical request (same images, model as patched, TI config and
+    seed, plan, C, centre, name) in the ledger: the recorded release, nothing trained (no
+    training line in the log), nothing spent."""
+    api = small_style_api(comfy, "itrerun", budget=0.0, folder="dpagg_it_rerun")
+    ti_node, agg = node_of(api, "DpaggPerImageTI"), node_of(api, "DpaggAggregate")
+    first = queue(comfy, api)
+    assert first["status"] == "success", first["errors"]
+    ui = first["outputs"][agg]["dpagg"][0]
+    assert ui["reused"] is False and ui["trained"] is True
+    trainings = comfy["log"].read_text().count("dpagg Per-Image TI: 100%")
+    assert trainings >= 1
+    rows = ledger_rows(comfy)
+    drop_caches(comfy)
+    second = queue(comfy, api)
+    assert second["status"] == "success", second["errors"]
+    assert ti_node not in second["cached"] and agg not in second["cached"], second["cached"]
+    ui2 = second["outputs"][agg]["dpagg"][0]
+    assert ui2["reused"] is True and ui2["trained"] is False
+    assert ui2["prompt"] == "embedding:itrerun"
+    assert any("nothing trained, nothing spent" in line for line in ui2["lines"])
+    log = comfy["log"].read_text()
+    assert log.count("dpagg Per-Image TI: 100%") == trainings  # no training line added
+    assert "DP Aggregate: answered from the ledger's record" in log
+    assert ledger_rows(comfy) == rows
+    print(f"\nfirst queue (trains): {first['seconds']} s; after a drop: {second['seconds']} s")
+
+
+def test_cli_public_files_fit_dp_aggregate_in_comfyui(comfy, tmp_path):
+    """Issue 19 item 5: one model id. `dpagg public-basis` (the CLI, this repo's Python) on the
+    single-file checkpoint ComfyUI loads, with the ComfyUI pack's ledger, writes a public basis
+    and public embeddings; DP Aggregate in ComfyUI, on sets trained from the same checkpoint,
+    accepts both (centre=public_mean, Public Basis from the file) and the release names the
+    CLI's model id."""
+    pub = tmp_path / "public"
+    write_images(pub, 2, seed=21)
+    basis, emb = tmp_path / "basis.safetensors", tmp_path / "public_emb.safetensors"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPAGG_")}
+    env["DPAGG_DATA_DIR"] = str(tmp_path / "data")
+    cmd = [sys.executable, "-m", "dpagg_core.cli", "public-basis", "--kind", "public_embeddings"]
+    cmd += ["--model", str(CKPT), "--public-images", str(pub), "--ledger", str(ledger_file(comfy))]
+    cmd += ["--save-public-embeddings", str(emb), "--out", str(basis), "--k", "1"]
+    cmd += ["--steps", "2", "--resolution", "64", "--batch-size", "2", "--device", "cpu"]
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    cli_s = time.time() - t0
+    from safetensors import safe_open
+
+    with safe_open(emb, "pt") as f:
+        cli_id = f.metadata()["base_model_id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", cli_id)
+
+    api = small_style_api(comfy, "itcli", budget=0.0, folder="dpagg_it_cli")
+    api["910"] = {
+        "class_type": "DpaggPublicBasis",
+        "inputs": {"source": "file", "k": 1, "vectors": 1, "basis_file": str(basis)},
+    }
+    by_class(api, "DpaggAggregate").update(
+        centre="public_mean", public_embeddings_file=str(emb), basis=["910", 0], clip_norm=0.5
+    )
+    out = queue(comfy, api)
+    assert out["status"] == "success", out["errors"]
+    with safe_open(comfy["base"] / "models" / "embeddings" / "itcli.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["base_model_id"] == cli_id
+    assert meta["centre"] == "public_mean" and meta["basis_kind"] == "public_embeddings"
+    print(f"\nCLI public-basis: {cli_s:.0f} s; ComfyUI release with its files: {out['seconds']} s")
 
 
 def test_clip_workflow_end_to_end(comfy):
@@ -945,7 +1038,7 @@ def test_backend_leaves_comfyui_models_as_they_were(tmp_path):
     r = json.loads(out.read_text())
     print("\nprobe:", json.dumps(r["timings"]))
     assert r["n"] == 2 and r["shape"] == [2, 1, 768] and r["model_family"] == "sd1"
-    assert r["base_model_id"].startswith("comfyui:sd1:")
+    assert re.fullmatch(r"[0-9a-f]{16}", r["base_model_id"])  # the CLI's id of this file
     assert all(d > 0 for d in r["moved_from_init"]) and r["rows_distinct"]
     # invariant 1: image 0's embedding is the same trained alone or in a batch (float noise)
     assert r["row0_batch_vs_alone_maxabs"] < 1e-3

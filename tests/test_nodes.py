@@ -421,6 +421,9 @@ def tiny_backend(pack, monkeypatch):
         return contextlib.nullcontext(backend)
 
     monkeypatch.setattr(pack["pn"], "_make_backend", factory)
+    # the request key's model part: stub objects are no ModelPatchers (the real one is tested
+    # on patcher-like objects in test_a_lora_like_patch_is_a_new_request)
+    monkeypatch.setattr(pack["pn"], "_model_key", lambda m, c, v: f"stub:{m}:{c}:{v}")
     return calls
 
 
@@ -429,13 +432,22 @@ def comfy_images(n, size=32, seed=0):
 
 
 def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_backend):
+    """Per-Image TI hands on a deferred job (it trains nothing itself); materializing it trains
+    one embedding per image, once."""
     imgs = comfy_images(3)
     with torch.inference_mode():  # ComfyUI executes nodes in inference mode
         out = pack["pn"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[imgs[:2], imgs[2:]], **TI_WIDGETS
         )
-    eset = out.args[0]
-    assert tiny_backend == [("M", "C", "V")]
+    job = out.args[0]
+    assert isinstance(job, pack["pn"].TrainingJob) and job.n == 3 and job.trained_here == 0
+    assert pack["utils"].UPDATES == []  # nothing trained yet
+    assert "deferred" in json.dumps(out.ui)
+    assert "private" in repr(job) and "tensor" not in repr(job)
+    with torch.inference_mode():  # e.g. a node that needs the set itself
+        eset = job.materialize()
+        assert job.materialize() is eset and job.trained_here == 1  # trained once
+    assert tiny_backend == [("M", "C", "V")] * 2  # checked by the node, then trained
     assert isinstance(eset, EmbeddingSet) and eset.n == 3 and eset.num_vectors == 2
     assert eset.kind == "textual_inversion" and eset.base_model_id == "tiny-test"
     assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))[0]
@@ -447,18 +459,24 @@ def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_back
     assert pack["utils"].UPDATES[-1] == (4, 4)
     # the UI message holds public values only (no embedding values)
     text = json.dumps(out.ui)
-    assert "per-image embeddings" in text
+    assert "one embedding each" in text
     for x in eset.vectors["emb_params"].flatten()[:20].tolist():
         assert repr(x)[:8] not in text
 
 
 def test_per_image_ti_cancel_returns_nothing(pack, comfy_base, tiny_backend):
-    pack["mm"].interrupt_current_processing(True)
-    with pytest.raises(pack["mm"].InterruptProcessingException):
-        pack["pn"].PerImageTI.execute(
+    job = (
+        pack["pn"]
+        .PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
         )
+        .args[0]
+    )
+    pack["mm"].interrupt_current_processing(True)
+    with pytest.raises(pack["mm"].InterruptProcessingException):
+        job.materialize()
     assert pack["utils"].UPDATES == []  # cancelled before the first step
+    assert job.trained_here == 0 and "trained=False" in repr(job)
 
 
 def test_per_image_ti_validate_inputs(pack):
@@ -1370,7 +1388,7 @@ def test_per_image_ti_reports_setup_stages_before_the_first_step(
     with torch.inference_mode():
         pack["pn"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[imgs], **TI_WIDGETS
-        )
+        ).args[0].materialize()
     texts = [t for t, _, _ in sent]
     assert {n for _, n, _ in sent} == {"5"}
     assert texts[0].startswith("Per-Image TI: 3 images; recording the model's state")
@@ -1383,3 +1401,175 @@ def test_per_image_ti_reports_setup_stages_before_the_first_step(
     err = capsys.readouterr()
     assert "[dpagg] Per-Image TI: preparing the model" in err.out
     assert "dpagg Per-Image TI" in err.err and "4/4" in err.err  # the tqdm line, 2 chunks x 2
+
+
+# ------------------------------------------------------- deferred training (issue 19 item 2)
+
+
+def _graph(pack, model="M", clip="C", vae="V", imgs=None, **aggregate_kw):
+    """Per-Image TI -> (Privacy Accountant, DP Aggregate), as ComfyUI runs the template after a
+    cache drop: every node executes afresh. Returns (job, DP Aggregate's output)."""
+    pn = pack["pn"]
+    imgs = comfy_images(3) if imgs is None else imgs
+    with torch.inference_mode():
+        job = pn.PerImageTI.execute(
+            model=[model], clip=[clip], vae=[vae], images=[imgs], **TI_WIDGETS
+        ).args[0]
+        plan = pn.PrivacyAccountant.execute(**acc_kwargs(n=999), embedding_set=job).args[0]
+        assert plan.n == 3 and job.trained_here == 0  # the accountant trains nothing
+        out = aggregate(pack, job, plan, **({"budget_epsilon": 10.0} | aggregate_kw))
+    return job, out
+
+
+@pytest.fixture
+def counted_training(pack, monkeypatch):
+    """``ti.train_embeddings`` made NON-deterministic on purpose (as on a GPU), counting calls."""
+    real, calls = pack["pn"].ti.train_embeddings, []
+
+    def noisy(*args, **kwargs):
+        calls.append(1)
+        eset = real(*args, **kwargs)
+        for key, t in eset.vectors.items():
+            eset.vectors[key] = t + 1e-3 * torch.randn_like(t)
+        return eset
+
+    monkeypatch.setattr(pack["pn"].ti, "train_embeddings", noisy)
+    return calls
+
+
+def test_identical_request_is_answered_from_the_ledger_without_training(
+    pack, comfy_base, tiny_backend, counted_training
+):
+    """DP Aggregate asks the ledger before running Per-Image TI's deferred training: a re-run of
+    the identical request (new job, as after ComfyUI dropped its caches or restarted) returns
+    the recorded release, spends nothing and never calls the trainer, although training is not
+    bit-reproducible here. Changing only DP Aggregate's name on a kept job releases again
+    without training again."""
+    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
+    job, first = _graph(pack)
+    ui = first.ui["dpagg"][0]
+    assert counted_training == [1] and job.trained_here == 1
+    assert ui["reused"] is False and ui["trained"] is True and first.args[0] == "embedding:mystyle"
+    spent = ledger.status(job.dataset_id)["spent"]["epsilon"]
+    assert spent > 0 and len(ledger.list_releases()) == 1
+    written = read_released(comfy_base / "models" / "embeddings" / "mystyle.safetensors")[0]
+
+    job2, again = _graph(pack)  # the same request, a fresh job: nothing trains
+    ui2 = again.ui["dpagg"][0]
+    assert counted_training == [1] and job2.trained_here == 0, "the re-run trained"
+    assert ui2["reused"] is True and ui2["trained"] is False
+    assert any("nothing trained, nothing spent" in line for line in ui2["lines"])
+    assert again.args[0] == "embedding:mystyle"
+    assert ledger.status(job.dataset_id)["spent"]["epsilon"] == pytest.approx(spent)
+    assert len(ledger.list_releases()) == 1
+    (comfy_base / "models" / "embeddings" / "mystyle.safetensors").unlink()  # file deleted
+    job3, third = _graph(pack)
+    assert counted_training == [1] and third.ui["dpagg"][0]["reused"] is True
+    rewritten = read_released(comfy_base / "models" / "embeddings" / "mystyle.safetensors")[0]
+    assert torch.equal(rewritten["emb_params"], written["emb_params"])  # the recorded release
+
+    # a new seed is a new request: trained and spent
+    with torch.inference_mode():
+        seeded = (
+            pack["pn"]
+            .PerImageTI.execute(
+                model=["M"],
+                clip=["C"],
+                vae=["V"],
+                images=[comfy_images(3)],
+                **(TI_WIDGETS | {"training_seed": [1]}),
+            )
+            .args[0]
+        )
+        plan = calibration.calibrate(2.0, 1e-5, 3, "full")
+        new = aggregate(pack, seeded, plan, budget_epsilon=10.0)
+        assert counted_training == [1, 1] and new.ui["dpagg"][0]["reused"] is False
+        # the kept (trained) job under another name: a new release, no second training
+        other = aggregate(pack, seeded, plan, budget_epsilon=10.0, name="other")
+    assert counted_training == [1, 1] and other.ui["dpagg"][0]["reused"] is False
+    assert len(ledger.list_releases()) == 3
+
+
+def test_over_budget_job_is_refused_before_training(
+    pack, comfy_base, tiny_backend, counted_training
+):
+    with pytest.raises(BudgetExceeded):
+        _graph(pack, budget_epsilon=0.5)  # plan epsilon 2 > budget 0.5
+    assert counted_training == []
+
+
+class _Patcher:
+    """Just what ``comfy_backend.model_key`` reads of a ComfyUI ModelPatcher."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.model = module
+        self.patches: dict = {}
+        self.object_patches: dict = {}
+        self.weight_wrapper_patches: dict = {}
+
+    def get_key_patches(self, filter_prefix=None):
+        return {
+            k: [(w, None)] + self.patches.get(k, [])
+            for k, w in self.model.state_dict().items()
+            if filter_prefix is None or k.startswith(filter_prefix)
+        }
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):  # as ComfyUI's
+        for k, v in patches.items():
+            self.patches.setdefault(k, []).append((strength_patch, v, strength_model, None, None))
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    unet, text, vae = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(4, 4)
+    return (
+        _Patcher(unet),
+        SimpleNamespace(patcher=_Patcher(text), layer_idx=None),
+        SimpleNamespace(patcher=_Patcher(vae)),
+    )
+
+
+def _lora(seed: int, rank: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn((8, rank), generator=g), torch.randn((rank, 8), generator=g)
+    return {"weight": ("lora", (up, down, 1.0, None, None, None))}
+
+
+def test_a_lora_like_patch_is_a_new_request(
+    pack, comfy_base, tiny_backend, counted_training, monkeypatch
+):
+    """The request key's model part is the models AS PATCHED (``comfy_backend.model_key``): a
+    LoRA-like weight patch on the MODEL, another strength, or CLIP Set Last Layer each make a new
+    request (trained and spent); equal weights and patches give the same key, whatever object
+    holds them."""
+    from nodes import comfy_backend
+
+    key = comfy_backend.model_key
+    base = key(*_models())
+    assert key(*_models()) == base  # the same weights, new objects: the same key
+    assert key(*_models(seed=1)) != base  # other weights
+    patched = _models()
+    patched[0].add_patches(_lora(5), strength_patch=1.0)
+    assert key(*patched) != base
+    same = _models()
+    same[0].add_patches(_lora(5), strength_patch=1.0)
+    assert key(*same) == key(*patched)
+    weaker = _models()
+    weaker[0].add_patches(_lora(5), strength_patch=0.5)
+    other_lora = _models()
+    other_lora[0].add_patches(_lora(6), strength_patch=1.0)
+    clip_skip = _models()
+    clip_skip[1].layer_idx = -2
+    on_clip = _models()
+    on_clip[1].patcher.add_patches(_lora(5))
+    keys = {key(*m) for m in (weaker, other_lora, clip_skip, on_clip)}
+    assert len(keys | {base, key(*patched)}) == 6
+
+    monkeypatch.setattr(pack["pn"], "_model_key", key)
+    ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
+    _graph(pack, *_models())
+    _, again = _graph(pack, *_models())
+    assert counted_training == [1] and again.ui["dpagg"][0]["reused"] is True
+    _, lora = _graph(pack, *patched)  # the LoRA-patched model: a new request
+    assert counted_training == [1, 1] and lora.ui["dpagg"][0]["reused"] is False
+    assert lora.args[0] == "embedding:mystyle-2" and len(ledger.list_releases()) == 2

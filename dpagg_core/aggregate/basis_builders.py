@@ -147,9 +147,9 @@ def basis_from_token_table(
     (torch or numpy); SDXL: a mapping ``{'clip_l': ..., 'clip_g': ...}`` (or a sequence of the
     two). Only rows 0..49407 (the CLIP BPE vocabulary) are used, or ``token_ids`` among them;
     the ``base_model_id`` is computed from the tables exactly as ``dpagg_core.training.models``
-    does (``privacy.identity.fingerprint``), so a basis always names the model it belongs to; a
-    backend that names models its own way (the ComfyUI node backend: ``comfyui:<family>:<hash>``)
-    passes its id for the same model as ``base_model_id``. ``model_family`` defaults to ``sdxl``
+    does (``models.base_model_id_of``: the one id of the CLI, the WebUI and the ComfyUI nodes),
+    so a basis always names the model it belongs to; ``base_model_id`` overrides it (a caller
+    that already has the model's id). ``model_family`` defaults to ``sdxl``
     for two tables, else ``sd2`` for 1024-wide, else ``sd1``.
     """
     refuse_private(table, "from_token_table")

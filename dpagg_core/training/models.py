@@ -27,8 +27,13 @@ digits of sha256 over each encoder's token-embedding table (rows 0..49407, the C
 vocabulary, so placeholder tokens added later for TI do not change it), rounded to float16, C
 order, little-endian, encoders in the order of the released file (``clip_l`` then ``clip_g`` for
 SDXL), each preceded by its shape. It is identical for the same weights however they are loaded
-(folder or single file, float32 or float16). It is public: it fingerprints a public base model, not
-the private images.
+(folder or single file, float32 or float16) and in whichever host loads it: ComfyUI's nodes compute
+it with :func:`base_model_id_of` on the (unpatched) token tables of ComfyUI's CLIP, so a basis or
+public-embeddings file made by the CLI is accepted against sets trained in ComfyUI. It names the
+embedding space (what a basis, a centre or a public-embeddings file must match), not every
+weight: a re-run of a trained release is keyed by a digest of all the weights besides
+(``pipeline.weights_digest``; in ComfyUI the model as patched). It is public: it fingerprints a
+public base model, not the private images.
 """
 
 from __future__ import annotations
@@ -184,11 +189,18 @@ def offline() -> Iterator[None]:
 
 
 def _token_table(text_encoder: Any) -> torch.Tensor:
+    if isinstance(text_encoder, torch.Tensor):
+        return text_encoder
     return text_encoder.get_input_embeddings().weight
 
 
 def base_model_id_of(text_encoders: Sequence[Any]) -> str:
-    """``base_model_id`` of a model from its text encoder(s) (``clip_l`` first for SDXL)."""
+    """``base_model_id`` of a model from its text encoder(s) or their token-embedding tables
+    (``clip_l`` first for SDXL): the ONE model id of every host (module docstring). The CLI and
+    the WebUI call it on diffusers' encoders, the ComfyUI nodes on the tables of ComfyUI's CLIP
+    (``nodes/comfy_backend.py``), ``basis_builders.basis_from_token_table`` on the tables it is
+    given: the same function on the same tensors, so a ``dpagg public-basis`` file fits sets
+    trained in ComfyUI on the same checkpoint."""
     return fingerprint([_token_table(te) for te in text_encoders], rows=BASE_VOCAB_ROWS)
 
 
