@@ -12,7 +12,9 @@ statement, wherever it is) and checks:
 
 The layer map, lowest first (rank in brackets):
 
-* **privacy** (0): ``dpagg_core/privacy/*`` and the bottom helpers every layer shares:
+* **privacy** (0): ``dpagg_core/privacy/*`` (``plan``, ``bounds``, ``plan_text`` and the
+  ``accountant`` that re-exports them, ``calibration``, ``mechanism``, the ledger modules, ...)
+  and the bottom helpers every layer shares:
   ``errors.py``, ``paths.py``, ``families.py`` (model families and their tensor keys) and the
   version constant ``dpagg_core.__version__`` (``from dpagg_core import __version__`` is an
   import of that constant, not of the package's facade).
@@ -20,16 +22,17 @@ The layer map, lowest first (rank in brackets):
   files).
 * **aggregate** (2): ``dpagg_core/aggregate/*`` (release, post-processing, public basis builders,
   choice of k and C, the ``subspace`` compatibility names).
-* **training** (3): ``dpagg_core/training/*``. The brief puts aggregate and training on one
-  level that may import each other without cycles; which way the edges point is decided by
-  what each needs: training's run drivers load a basis file and write a release
+* **training** (3): ``dpagg_core/training/*`` (``models`` loads a model; ``checkpoints``
+  reads, detects and converts single-file checkpoints for it). The brief puts aggregate and
+  training on one level that may import each other without cycles; which way the edges point is
+  decided by what each needs: training's run drivers load a basis file and write a release
   (``train_run`` -> ``basis_builders``, ``dpsgd_run`` -> ``release``), while aggregation needs
   nothing from training since the model fingerprint lives in ``privacy.identity`` and
   ``train_public_embeddings`` in ``training.public``. So training sits above aggregate, as in
   DESIGN.md's diagram, and aggregate never imports training.
 * **top** (4), pipeline and skins inside the package: the package ``__init__`` (the Python
   facade, ``dpagg_core.train`` etc.), ``showcase/*``, ``pipeline.py`` (train-then-release),
-  ``cli.py``, ``webui.py``,
+  the ``cli/`` package (``parser``, ``common``, commands by group), ``webui.py``,
   ``webui_access.py``, ``report.py``, ``budget_report.py``.
 
 A module not in this map fails the test: place it (and document it here) when you add it.
