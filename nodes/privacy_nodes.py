@@ -24,10 +24,13 @@ Identity of the image set (docs/privacy.md invariant 7):
 
 Privacy (docs/privacy.md):
 
-* ``EMBEDDING_SET`` carries the n per-image embeddings and ``PRIVATE_IMAGES`` the pictures:
-  private data (invariant 4). They only ever live in ComfyUI's in-memory output cache; no node
-  previews, saves or puts them in a UI message, the workflow or PNG metadata (the ``repr`` of
-  ``PRIVATE_IMAGES`` shows no pixels or digests, should a generic node print it). The UI
+* ``EMBEDDING_SET`` carries the n per-image embeddings (Clip Embeddings) or Per-Image TI's
+  deferred training job (:class:`TrainingJob`: the models, the pictures, the TI config; trained
+  by DP Aggregate only when the ledger has no record of the request) and ``PRIVATE_IMAGES`` the
+  pictures: private data (invariant 4). They only ever live in ComfyUI's in-memory output
+  cache; no node previews, saves or puts them in a UI message, the workflow or PNG metadata (the
+  ``repr`` of ``PRIVATE_IMAGES`` and of a job shows no pixels, digests or vectors, should a
+  generic node print it). The UI
   messages below hold public values only (the plan, n, shapes, the keyed dataset id - as
   ``dpagg ledger show`` prints it - the ledger's budget figures, the released file's name, and
   loader warnings naming files).
@@ -37,12 +40,14 @@ Privacy (docs/privacy.md):
 * DP Aggregate releases through ``dpagg_core.aggregate.release.release_embeddings``: validation
   first, then the ledger's reservation (budget check -> spend committed), the CSPRNG noise, the
   stored result, then the file (invariant 5). An identical request (ComfyUI re-executing the node
-  after a cache eviction or a restart) returns the recorded release and spends nothing; an
+  after a cache eviction or a restart) returns the recorded release and spends nothing - for a
+  Per-Image TI job keyed by its inputs (``pipeline.train_and_release``; the model as patched:
+  ``comfy_backend.model_key``) and answered before any training; an
   over-budget request raises ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as
   the node's error.
 * The TI ``training_seed`` drives only the training randomness (invariant 3). It is not named
   ``seed`` and sets ``control_after_generate=False``, so the frontend adds no "randomize after
-  each queue" control: a new seed would retrain, and the next release would spend budget again.
+  each queue" control: a new seed is a new request, and the next release would spend budget.
 """
 
 from __future__ import annotations
