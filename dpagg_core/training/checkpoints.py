@@ -206,6 +206,21 @@ def _layers_per_block(unet_sd: dict[str, torch.Tensor], n_levels: int) -> int:
     return count // n_levels - 1
 
 
+def _block_out_channels(
+    unet_sd: dict[str, torch.Tensor], n_levels: int, layers: int
+) -> list[int] | None:
+    """Channels of each UNet level, from its first resnet's output conv (as ComfyUI reads a
+    checkpoint's UNet), so a shrunk UNet (merges, test models) loads as ComfyUI loads it; None
+    when the keys are not the LDM layout (then the config's widths stand)."""
+    out = []
+    for level in range(n_levels):
+        w = unet_sd.get(f"input_blocks.{1 + level * (layers + 1)}.0.out_layers.3.weight")
+        if w is None or w.dim() != 4:
+            return None
+        out.append(int(w.shape[0]))
+    return out
+
+
 def _fix_meta_buffers(model: torch.nn.Module) -> None:
     for mod_name, module in model.named_modules():
         for name, buf in list(module._buffers.items()):
@@ -289,6 +304,12 @@ def load_components_from_ldm(
             unet_cfg["layers_per_block"],
         )
         unet_cfg["layers_per_block"] = layers
+    widths = _block_out_channels(unet_keys, len(unet_cfg["block_out_channels"]), layers)
+    if widths is not None and widths != list(unet_cfg["block_out_channels"]):
+        log.info(
+            "%s: UNet level widths %s (config %s)", name, widths, unet_cfg["block_out_channels"]
+        )
+        unet_cfg["block_out_channels"] = widths
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)
     try:
