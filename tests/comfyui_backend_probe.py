@@ -132,7 +132,8 @@ def run(imgs, batch):
         out = PerImageTI.execute(
             model=[model], clip=[clip], vae=[vae], images=[imgs], batch_size=[batch], **widgets
         )
-    return out.args[0], time.time() - t
+        eset = out.args[0].materialize()  # Per-Image TI defers its training (a job)
+    return eset, time.time() - t
 
 
 eset, secs = run(images, 2)
@@ -144,6 +145,21 @@ report["timings"]["train_2_images_batch1_s"] = round(secs, 1)
 ref_after = reference_outputs(model, clip)
 state_after = state(model, clip)
 hashes_after = weight_hashes(model.model, clip.cond_stage_model, vae.first_stage_model)
+
+# The request key's model part (comfy_backend.model_key): the same on a clone, another with a
+# weight patch (a LoRA-like "diff" on one UNet weight) or CLIP Set Last Layer.
+from dpagg_pack.nodes.comfy_backend import model_key  # noqa: E402
+
+key0 = model_key(model, clip, vae)
+lora = model.clone()
+name = next(k for k in lora.model_state_dict() if k.endswith("input_blocks.1.0.in_layers.2.weight"))
+weight = lora.model_state_dict()[name]
+lora.add_patches({name: (torch.full_like(weight, 1e-3),)}, 0.5)
+skip = clip.clone()
+skip.clip_layer(-2)
+report["model_key_same_on_clone"] = model_key(model.clone(), clip.clone(), vae) == key0
+report["model_key_changed_by_patch"] = model_key(lora, clip, vae) != key0
+report["model_key_changed_by_clip_skip"] = model_key(model, skip, vae) != key0
 
 vec = eset.vectors["emb_params"]
 centre = eset.centre["emb_params"]

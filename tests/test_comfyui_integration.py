@@ -1045,4 +1045,6 @@ def test_backend_leaves_comfyui_models_as_they_were(tmp_path):
     assert r["state_keys_checked"] > 1000 and r["state_changed"] == []
     assert r["weights_checked"] > 500 and r["weights_changed"] == []
     assert r["cond_equal"] and r["denoised_equal"]
+    assert r["model_key_same_on_clone"] and r["model_key_changed_by_patch"]
+    assert r["model_key_changed_by_clip_skip"]
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
