@@ -125,25 +125,24 @@ def default_delta(delta: float | None) -> float:
 def plan_of(args: argparse.Namespace, n: int, *, warn: bool = True):
     """The plan from the plan flags; a user-chosen --delta above the safe default is warned
     about on stderr (``plan_text.delta_warning``) before anything runs."""
-    from dpagg_core.privacy.bounds import epsilon_for
-    from dpagg_core.privacy.calibration import calibrate
+    from dpagg_core.privacy.calibration import plan_from_inputs
     from dpagg_core.privacy.plan_text import delta_warning
 
     delta = default_delta(args.delta)
     warning = delta_warning(delta, n) if args.delta is not None else None
     if warn and warning:
         log.warning("%s", warning)
-    common = {
-        "delta": delta,
-        "n": n,
-        "sampling": args.sampling,
-        "m": args.m,
-        "q": args.q,
-        "releases": args.releases,
-    }
-    if getattr(args, "noise_multiplier", None) is not None:
-        return epsilon_for(args.noise_multiplier, **common)
-    return calibrate(args.epsilon, **common)
+    noise = getattr(args, "noise_multiplier", None)
+    return plan_from_inputs(
+        n=n,
+        delta=delta,
+        epsilon=None if noise is not None else args.epsilon,
+        noise_multiplier=noise,
+        sampling=args.sampling,
+        m=args.m,
+        q=args.q,
+        releases=args.releases,
+    )
 
 
 def ledger_of(args: argparse.Namespace):

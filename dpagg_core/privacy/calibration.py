@@ -315,3 +315,44 @@ def calibrate(
     eps, acc = epsilon_of_setting(z, s)
     assert eps <= t
     return plan_from_setting(z, eps, acc, s)
+
+
+def plan_from_inputs(
+    *,
+    n: int,
+    delta: float,
+    epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    sampling: str = "full",
+    m: int | None = None,
+    q: float | None = None,
+    releases: int = 1,
+) -> PrivacyPlan:
+    """THE plan of a front end's inputs (CLI flags, the WebUI's fields, the Privacy Accountant
+    node): a target ``epsilon`` calibrated to the least noise (:func:`calibrate`), or a
+    ``noise_multiplier`` whose epsilon the accountant states (``bounds.epsilon_for``) — exactly
+    one of the two. ``m`` is read only for ``sampling='wor'`` and ``q`` only for ``'poisson'``
+    (a widget may hold a stale value for the other mode), and each mode's own parameter is
+    required. One function, so every front end turns the same inputs into the same plan."""
+    from dpagg_core.privacy.bounds import epsilon_for
+
+    if (epsilon is None) == (noise_multiplier is None):
+        raise DpaggError(
+            "give exactly one of epsilon (the noise is calibrated to it) and noise_multiplier "
+            "(its epsilon is computed)"
+        )
+    if sampling == "wor" and not m:
+        raise DpaggError("sampling 'wor' needs m, the number of images sampled (e.g. n/2)")
+    if sampling == "poisson" and not q:
+        raise DpaggError("sampling 'poisson' needs q, the sampling rate in (0, 1]")
+    common = {
+        "delta": delta,
+        "n": n,
+        "sampling": sampling,
+        "m": (m or None) if sampling == "wor" else None,
+        "q": (q or None) if sampling == "poisson" else None,
+        "releases": releases,
+    }
+    if noise_multiplier is not None:
+        return epsilon_for(noise_multiplier, **common)
+    return calibrate(epsilon, **common)
