@@ -174,7 +174,7 @@ def test_cli_k_auto_is_validated_before_the_model_loads(tmp_path, capsys):
     flat = _images(tmp_path / "flat", 4, 10)
     assert main(["public-basis", "--public-images", str(flat), "--k", "auto", *missing]) == 2
     err = capsys.readouterr().err
-    assert "at least 3 subfolders" in err and "--k K" in err
+    assert "at least 3 subfolders" in err and "give k explicitly" in err
     two = tmp_path / "two"
     for s in range(2):
         _images(two / f"style{s}", 2, 10 + 60 * s)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from dpagg_core.cli.common import emit, ledger_of, trainer_of
@@ -42,38 +41,6 @@ def k_arg(text: str) -> int | str:
     return k
 
 
-def _public_style_folders(folder: Path) -> list[Path]:
-    """The immediate, non-hidden subfolders of ``folder`` that hold at least one image file (one
-    PUBLIC style each, for ``--k auto``); refuses loose images beside them."""
-    from dpagg_core.io.images import IMAGE_EXTENSIONS
-
-    def is_image(p: Path) -> bool:
-        return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-
-    if not folder.is_dir():
-        raise DpaggError(f"--public-images {folder} is not a folder")
-    entries = sorted(folder.iterdir(), key=lambda p: p.name)
-    styles = [
-        e
-        for e in entries
-        if e.is_dir() and not e.name.startswith(".") and any(is_image(f) for f in e.iterdir())
-    ]
-    loose = [e.name for e in entries if is_image(e)]
-    if len(styles) < 3:
-        raise DpaggError(
-            f"--k auto needs --public-images {folder} to hold at least 3 subfolders of images, "
-            f"one per PUBLIC style (found {len(styles)}): k is chosen by holding out one style at "
-            "a time. Put the public images in >= 3 subfolders, one per style, or pass --k K."
-        )
-    if loose:
-        raise DpaggError(
-            f"--k auto reads one subfolder per PUBLIC style, but {folder} also holds "
-            f"{len(loose)} image(s) outside them ({', '.join(loose[:5])}"
-            f"{' ...' if len(loose) > 5 else ''}); move them into a style subfolder"
-        )
-    return styles
-
-
 def _k_choice_text(choice: Any) -> str:
     lines = [f"choice of k on {choice.groups} PUBLIC styles (leave one style out):"]
     lines.append(f"  {'k':>5}  {'worst cos':>9}  {'mean cos':>8}")
@@ -98,58 +65,36 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
     """``dpagg public-basis``: a PUBLIC basis for ``--basis`` (``aggregate.basis_builders``),
     from the model's token table or from per-image TI embeddings of PUBLIC images. ``--k auto``
     chooses k on the public styles (subfolders) only (``basis_choice.choose_k``)."""
-    from dpagg_core.aggregate.basis_builders import (
-        basis_from_public_embeddings,
-        basis_from_token_table,
-        save_basis,
-    )
-    from dpagg_core.training.public import train_public_embeddings
+    from dpagg_core.aggregate.basis_builders import basis_from_token_table, save_basis
 
     choice, styles, clip_norms = None, None, None
     if args.kind == "public_embeddings":
         if args.public_images is None:
             raise DpaggError("--kind public_embeddings needs --public-images DIR (PUBLIC images)")
+        from dpagg_core.training.public import build_public_basis, public_style_folders
         from dpagg_core.training.train_run import progress_bar
 
-        styles = _public_style_folders(args.public_images) if args.k == "auto" else None
-        trainer = trainer_of(args)
-        if styles is None:
-            loaded = [trainer.images(args.public_images, public=True)]
-        else:
-            loaded = [trainer.images(folder, public=True) for folder in styles]
-        count = sum(part.count for part in loaded)
-        import torch
-
-        pixels = torch.cat([part.pixels for part in loaded]) if styles else loaded[0].pixels
-        update, close = progress_bar(f"per-image TI of {count} PUBLIC images")
+        if args.k == "auto":  # bad style folders: refused before the model loads
+            public_style_folders(args.public_images)
+        ledger = ledger_of(args)
+        update, close = progress_bar("per-image TI of the PUBLIC images")
         try:
-            public = train_public_embeddings(
-                trainer.backend, pixels, trainer.config, progress=update
+            built = build_public_basis(
+                trainer_of(args), args.public_images, args.k, ledger=ledger, progress=update
             )
         finally:
             close()
-        from dpagg_core.privacy.identity import image_ids_for
-
-        key = ledger_of(args).identity_key()
-        public.source_ids = tuple(
-            i for part in loaded for i in image_ids_for(part.digests, key=key)
+        basis, clip_norms, choice, styles = (
+            built.basis,
+            built.clip_norms,
+            built.choice,
+            built.styles,
         )
-        k = args.k
-        if styles is not None:
-            from dpagg_core.aggregate.basis_choice import auto_k_candidates, choose_k
-
-            groups = [i for i, part in enumerate(loaded) for _ in range(part.count)]
-            width = min(int(t.shape[-1]) for t in public.vectors.values())
-            choice = choose_k(public, groups, auto_k_candidates(width))
-            k = choice.k
-        basis = basis_from_public_embeddings(public, k)
-        from dpagg_core.aggregate.basis_choice import subspace_clip_norms
-
-        clip_norms = subspace_clip_norms(public, basis)
         if args.save_public_embeddings is not None:
             from dpagg_core.io.public_embeddings import save_public_embeddings
 
-            save_public_embeddings(public, args.save_public_embeddings, key=key)
+            key = ledger.identity_key()
+            save_public_embeddings(built.public, args.save_public_embeddings, key=key)
     else:
         if args.k == "auto":
             raise DpaggError(
@@ -187,7 +132,7 @@ def cmd_public_basis(args: argparse.Namespace) -> int:
             "k": choice.k,
             "met": choice.met,
             "min_cos": choice.min_cos,
-            "groups": [folder.name for folder in styles],
+            "groups": list(styles),
             "rows": [dict(r) for r in choice.rows],
         }
         text = _k_choice_text(choice) + "\n" + text
