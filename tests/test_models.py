@@ -513,3 +513,16 @@ def test_tokenizer_inside_comfyui_needs_no_clip_package(tmp_path, monkeypatch):
         assert tokenizer.clip_tokenizer()(text).input_ids == ref
     finally:
         tokenizer._vocab_and_merges.cache_clear()
+
+
+def test_fingerprint_samples_stay_in_range_for_large_tensors():
+    """float32 linspace rounded the last sample index of a tensor over 2^24 elements past its end
+    (2^25 + 7 values: index 2^25 + 8, IndexError); small tensors keep their ids."""
+    import torch
+
+    from dpagg_core.privacy.identity import fingerprint
+
+    big = torch.zeros(2**25 + 7)
+    assert len(fingerprint([big], samples=16)) == 16
+    small = torch.arange(1000.0).reshape(10, 100)
+    assert fingerprint([small], samples=16) == fingerprint([small.clone()], samples=16)

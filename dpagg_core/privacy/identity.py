@@ -136,7 +136,8 @@ def fingerprint(
             t = t[:rows]
         if samples is not None:
             flat = t.reshape(-1)
-            idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long()
+            last = max(flat.numel() - 1, 0)
+            idx = torch.linspace(0, last, min(samples, flat.numel())).long().clamp_(0, last)
             h.update(repr(tuple(t.shape)).encode())
             t = flat[idx.to(flat.device)]
         t = t.to(device="cpu", dtype=torch.float16).contiguous()
