@@ -65,7 +65,11 @@ from comfy_api.latest import io
 from PIL import Image
 
 from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
-from dpagg_core.aggregate.release import CENTRES, release_embeddings
+from dpagg_core.aggregate.release import (
+    CENTRES,
+    check_public_centre_inputs,
+    release_embeddings,
+)
 from dpagg_core.budget_report import (
     budget_payload,
     budget_request_lines,
@@ -75,8 +79,10 @@ from dpagg_core.budget_report import (
 )
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.files import folder_fingerprint
 from dpagg_core.io.images import (
     LoadedImages,
+    check_resolution,
     fit_images,
     identify_pictures,
     load_image_folder,
@@ -89,7 +95,7 @@ from dpagg_core.paths import host_ledger_path, resolve_path
 from dpagg_core.privacy import accountant, calibration
 from dpagg_core.privacy.accountant import SAMPLINGS, PrivacyPlan
 from dpagg_core.privacy.ledger import Ledger
-from dpagg_core.privacy.mechanism import CLIP_MODES
+from dpagg_core.privacy.mechanism import CLIP_MODES, check_clip_norm
 from dpagg_core.training import clip_image, ti
 
 CATEGORY = "dpagg/privacy"
@@ -104,10 +110,6 @@ PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.privacy.basis.PublicBa
 # --save-public-embeddings FILE`), the file the CLI's `--centre public_mean --public-embeddings`
 # takes.
 PUBLIC_MEAN_CENTRE = "public_mean"
-PUBLIC_EMBEDDINGS_HINT = (
-    "`dpagg public-basis --public-images DIR --save-public-embeddings FILE` (the file the CLI's "
-    "`--centre public_mean --public-embeddings FILE` takes), from PUBLIC images only"
-)
 BASIS_SOURCES = ("token_table", "file")
 
 # ComfyUI's dataset/folder image loaders (core nodes, 0.3.x and later): unsorted listing, every
@@ -279,9 +281,7 @@ def raise_budget_hint(path: Path, dataset_id: str) -> str:
 
 def comfy_ledger(path: Path | None = None) -> Ledger:
     """The ledger as the nodes use it: its messages name the ComfyUI way to raise a budget."""
-    ledger = Ledger(ledger_path() if path is None else path)
-    ledger.raise_hint = raise_budget_hint
-    return ledger
+    return Ledger(ledger_path() if path is None else path, raise_hint=raise_budget_hint)
 
 
 def ledger_path() -> Path:
@@ -410,15 +410,11 @@ def aggregate_budgets(hidden: Any) -> list[tuple[str, float | None, float | None
 def _folder_fingerprint(folder: str, resolution: Any) -> str:
     """Changes when a file of the folder is added, removed, renamed or rewritten (ComfyUI then
     re-runs the loader; renaming re-runs it but keeps the dataset id)."""
-    h = hashlib.sha256(f"{folder}\0{resolution}".encode())
+    key = f"{folder}\0{resolution}"
     try:
-        path = input_folder(folder)
-        for entry in sorted(os.scandir(path), key=lambda e: e.name):
-            st = entry.stat()
-            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        return folder_fingerprint(input_folder(folder), key)
     except (DpaggError, OSError) as exc:
-        h.update(repr(exc).encode())
-    return h.hexdigest()
+        return hashlib.sha256(f"{key}\0{exc!r}".encode()).hexdigest()
 
 
 class LoadPrivateImages(io.ComfyNode):
@@ -461,9 +457,7 @@ class LoadPrivateImages(io.ComfyNode):
         try:  # a linked (converted) input arrives as None here; execute checks it then
             if folder is not None:
                 input_folder(str(folder))
-            res = int(resolution if resolution is not None else 512)
-            if res < 8 or res % 8:
-                raise DpaggError(f"resolution={res}: use a multiple of 8, e.g. 512")
+            check_resolution(int(resolution if resolution is not None else 512))
         except (DpaggError, TypeError, ValueError) as exc:
             return str(exc)
         return True
@@ -845,27 +839,35 @@ class ClipEmbeddings(io.ComfyNode):
 # --------------------------------------------------------------------------------------------
 
 
+def plan_arguments(kw: dict[str, Any], n: int | None = None) -> dict[str, Any]:
+    """The Privacy Accountant's widgets as the keyword arguments of the core's
+    ``calibration.plan_from_inputs`` / ``check_inputs`` (``n`` replaces the widget's n)."""
+    target = kw["mode"] == MODE_TARGET
+    return {
+        "n": int(kw["n"]) if n is None else int(n),
+        "delta": float(kw["delta"]),
+        "epsilon": float(kw["epsilon"]) if target else None,
+        "noise_multiplier": None if target else float(kw["noise_multiplier"]),
+        "sampling": kw["sampling"],
+        "m": int(kw["m"]),
+        "q": float(kw["q"]),
+        "releases": int(kw["releases"]),
+    }
+
+
 def accountant_problems(kw: dict[str, Any], n_known: bool) -> str | None:
-    """Cheap checks of the accountant's widgets, before anything runs (None if fine): a plan's
-    own rules (``accountant.check_parameters``, which ``PrivacyPlan.check`` applies), those that
-    involve n only when n is the widget's (``n_known``), not the linked set's."""
-    mode, sampling = kw.get("mode"), kw.get("sampling")
+    """Cheap checks of the accountant's widgets, before anything runs (None if fine): the core's
+    ``calibration.check_inputs`` (a plan's own rules), those that involve n only when n is the
+    widget's (``n_known``), not the linked set's."""
+    mode = kw.get("mode")
     if mode not in (MODE_TARGET, MODE_NOISE):
         return f"mode={mode!r}: use {MODE_TARGET!r} or {MODE_NOISE!r}"
     try:
-        eps, z = float(kw["epsilon"]), float(kw["noise_multiplier"])
-        delta, n = float(kw["delta"]), int(kw["n"])
-        m, q, k = int(kw["m"]), float(kw["q"]), int(kw["releases"])
+        args = plan_arguments(kw)
     except (KeyError, TypeError, ValueError) as exc:
         return f"bad or missing parameter: {exc}"
-    if mode == MODE_TARGET and not (eps > 0 and math.isfinite(eps)):
-        return f"epsilon={eps}: the target epsilon must be a positive number (e.g. 1 to 8)"
-    m_ = m if sampling == "wor" else None
-    q_ = q if sampling == "poisson" else None
     try:
-        if mode == MODE_NOISE:
-            accountant.check_noise_multiplier(z)
-        accountant.check_parameters(delta, n, sampling, m_, q_, k, "replace_one", n_known=n_known)
+        calibration.check_inputs(**args, n_known=n_known)
     except DpaggError as exc:
         return str(exc)
     return None
@@ -954,16 +956,9 @@ class PrivacyAccountant(io.ComfyNode):
     ) -> io.NodeOutput:
         linked = isinstance(embedding_set, (EmbeddingSet, TrainingJob))  # n, id: no training
         n_eff = embedding_set.n if linked else int(n)
-        m_ = int(m) if sampling == "wor" else None
-        q_ = float(q) if sampling == "poisson" else None
-        if mode == MODE_NOISE:
-            plan = accountant.epsilon_for(
-                float(noise_multiplier), float(delta), n_eff, sampling, m_, q_, int(releases)
-            )
-        else:
-            plan = calibration.calibrate(
-                float(epsilon), float(delta), n_eff, sampling, m_, q_, int(releases)
-            )
+        widgets = dict(mode=mode, epsilon=epsilon, noise_multiplier=noise_multiplier, n=n)
+        widgets.update(delta=delta, sampling=sampling, m=m, q=q, releases=releases)
+        plan = calibration.plan_from_inputs(**plan_arguments(widgets, n_eff))
         summary = accountant.plan_summary(plan)
         lines = plan_lines(plan)
         delta_warning = accountant.delta_warning(plan.delta, n_eff)
@@ -1133,30 +1128,6 @@ class PublicBasisNode(io.ComfyNode):
 # --------------------------------------------------------------------------------------------
 
 
-def public_centre_problem(centre: Any, public_embeddings_file: Any) -> str | None:
-    """Why ``centre`` and ``public_embeddings_file`` do not go together (None when they do).
-    Cheap checks only (no file is read); the core then refuses a private file, an EmbeddingSet
-    or another model's embeddings, still before the ledger reserves anything."""
-    text = str(public_embeddings_file or "").strip()
-    if centre == PUBLIC_MEAN_CENTRE:
-        if not text:
-            return (
-                "centre=public_mean needs public_embeddings_file: the per-image embeddings of "
-                f"PUBLIC images written by {PUBLIC_EMBEDDINGS_HINT}. Nothing was spent."
-            )
-        if not resolve_path(text).is_file():
-            return (
-                f"public_embeddings_file: {resolve_path(text)} does not exist; write it with "
-                f"{PUBLIC_EMBEDDINGS_HINT}. Nothing was spent."
-            )
-    elif text:
-        return (
-            f"public_embeddings_file is only used with centre=public_mean, not centre={centre!r}: "
-            "clear it or choose centre=public_mean. Nothing was spent."
-        )
-    return None
-
-
 class DPAggregate(io.ComfyNode):
     """Release ONE differentially private mean of an EMBEDDING_SET, recorded in the ledger."""
 
@@ -1248,12 +1219,11 @@ class DPAggregate(io.ComfyNode):
             sanitize_name(str(kwargs.get("name", "")))
         except DpaggError as exc:
             return f"name: {exc}"
-        c = float(kwargs.get("clip_norm", 0))
-        if not (c > 0 and math.isfinite(c)):
-            return f"clip_norm={c}: must be a positive number chosen from public data"
-        if kwargs.get("centre") not in CENTRES:
-            return f"centre={kwargs.get('centre')!r}: use one of {list(CENTRES)}"
-        problem = public_centre_problem(
+        try:
+            check_clip_norm(float(kwargs.get("clip_norm", 0)))
+        except (DpaggError, TypeError, ValueError) as exc:
+            return f"{exc} Choose C from public data, never from these images."
+        problem = check_public_centre_inputs(
             kwargs.get("centre"), kwargs.get("public_embeddings_file", "")
         )
         if problem:
@@ -1303,7 +1273,7 @@ class DPAggregate(io.ComfyNode):
             )
         # Checked again here (validate_inputs may be bypassed), before the ledger is touched;
         # release_embeddings loads the file and refuses a private one before reserving.
-        problem = public_centre_problem(centre, public_embeddings_file)
+        problem = check_public_centre_inputs(centre, public_embeddings_file)
         if problem:
             raise DpaggError(problem)
         public_centre = (

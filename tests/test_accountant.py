@@ -478,3 +478,21 @@ def test_a_plan_validates_once_on_construction(monkeypatch):
         with pytest.raises(DpaggError, match="add_remove"):
             plan_module.checked_plan(legacy)
     assert calls == [1]  # its validation stopped at the relation, before check_parameters
+
+
+def test_check_inputs_are_plan_from_inputs_cheap_checks():
+    """calibration.check_inputs: the checks a front end runs before anything (issue 19 item 3),
+    the same inputs as plan_from_inputs; n's own rules wait when n is not known yet."""
+    calibration.check_inputs(n=100, delta=1e-5, epsilon=2.0)
+    calibration.check_inputs(n=100, delta=1e-5, noise_multiplier=2.0, sampling="wor", m=50)
+    with pytest.raises(DpaggError, match="exactly one"):
+        calibration.check_inputs(n=100, delta=1e-5)
+    with pytest.raises(DpaggError, match="target epsilon"):
+        calibration.check_inputs(n=100, delta=1e-5, epsilon=0.0)
+    with pytest.raises(DpaggError, match="noise_multiplier"):
+        calibration.check_inputs(n=100, delta=1e-5, noise_multiplier=0.0)
+    with pytest.raises(DpaggError, match="needs m"):
+        calibration.check_inputs(n=100, delta=1e-5, epsilon=1.0, sampling="wor", m=None)
+    with pytest.raises(DpaggError):
+        calibration.check_inputs(n=10, delta=1e-5, epsilon=1.0, sampling="wor", m=50)
+    calibration.check_inputs(n=10, delta=1e-5, epsilon=1.0, sampling="wor", m=50, n_known=False)

@@ -723,3 +723,12 @@ def test_schema_is_read_in_one_snapshot_under_concurrent_first_use(tmp_path):
         if len(answers) != 1 or next(iter(answers)).startswith("ERR"):
             bad.append(answers)
     assert not bad, bad
+
+
+def test_raise_hint_is_a_constructor_argument(tmp_path):
+    """A front end passes its way to raise a budget when it opens the ledger (issue 19 item 3),
+    instead of assigning the attribute from outside; the default still names `dpagg`."""
+    led = Ledger(tmp_path / "l.sqlite", raise_hint=_hint)
+    assert led.how_to_raise("ds") == "the Privacy Ledger node (ds)"
+    assert pickle.loads(pickle.dumps(led)).raise_hint is _hint
+    assert "dpagg ledger set-budget" in Ledger(tmp_path / "l.sqlite").how_to_raise("ds")

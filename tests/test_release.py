@@ -148,3 +148,32 @@ def test_release_is_centred_on_the_public_centre(tmp_path, ledger):
     target = eset.flat().mean(axis=0)  # all rows are within C of the centre: no clipping bias
     sigma = plan.noise_std(2.0)
     assert np.max(np.abs(released - target)) < 6 * sigma + 1e-6
+
+
+def test_check_public_centre_inputs(tmp_path: Path) -> None:
+    """The front ends' cheap check of centre + public embeddings file (issue 19 item 3: one core
+    function, used by DP Aggregate's validate_inputs): None when they go together."""
+    from dpagg_core.aggregate.release import check_public_centre_inputs as check
+
+    f = tmp_path / "pub.safetensors"
+    f.write_bytes(b"x")
+    assert check("initializer", "") is None and check("origin", None) is None
+    assert check("public_mean", str(f)) is None
+    assert "use one of" in check("middle", "")
+    assert "needs public_embeddings_file" in check("public_mean", "  ")
+    assert "does not exist" in check("public_mean", str(tmp_path / "none.safetensors"))
+    assert "only used with centre=public_mean" in check("origin", str(f))
+
+
+def test_folder_fingerprint_follows_the_listing(tmp_path: Path) -> None:
+    import os
+
+    from dpagg_core.io.files import folder_fingerprint
+
+    (tmp_path / "a.png").write_bytes(b"1")
+    first = folder_fingerprint(tmp_path, "k")
+    assert folder_fingerprint(tmp_path, "k") == first != folder_fingerprint(tmp_path, "other")
+    os.rename(tmp_path / "a.png", tmp_path / "b.png")
+    assert folder_fingerprint(tmp_path, "k") != first
+    with pytest.raises(OSError):
+        folder_fingerprint(tmp_path / "missing", "k")

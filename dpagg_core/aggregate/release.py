@@ -41,6 +41,7 @@ from dpagg_core.io.files import output_folder
 from dpagg_core.io.names import next_free_name, sanitize_name
 from dpagg_core.io.public_embeddings import PublicCentre, public_mean_centre
 from dpagg_core.io.released_file import read_released, write_released
+from dpagg_core.paths import resolve_path
 from dpagg_core.privacy import mechanism
 from dpagg_core.privacy.accountant import PrivacyPlan, checked_plan
 from dpagg_core.privacy.basis import PublicBasis, check_basis, dp_mean_projected
@@ -93,6 +94,40 @@ class ReleaseOutcome(BudgetState):
                 "composition": self.composition,
             },
         }
+
+
+PUBLIC_EMBEDDINGS_HINT = (
+    "`dpagg public-basis --public-images DIR --save-public-embeddings FILE` (the file the CLI's "
+    "`--centre public_mean --public-embeddings FILE` takes), from PUBLIC images only"
+)
+
+
+def check_public_centre_inputs(centre: Any, public_embeddings_file: Any) -> str | None:
+    """Why ``centre`` and a ``public_embeddings_file`` path do not go together (None when they
+    do): an unknown centre, public_mean without a file or with a missing one, a file with another
+    centre. Cheap checks only (the file is not read): :func:`centre_vector` then refuses a private
+    file, an EmbeddingSet or another model's embeddings, still before the ledger reserves
+    anything. For a front end's checks before anything runs."""
+    if centre not in CENTRES:
+        return f"centre={centre!r}: use one of {list(CENTRES)}"
+    text = str(public_embeddings_file or "").strip()
+    if centre == "public_mean":
+        if not text:
+            return (
+                "centre=public_mean needs public_embeddings_file: the per-image embeddings of "
+                f"PUBLIC images written by {PUBLIC_EMBEDDINGS_HINT}. Nothing was spent."
+            )
+        if not resolve_path(text).is_file():
+            return (
+                f"public_embeddings_file: {resolve_path(text)} does not exist; write it with "
+                f"{PUBLIC_EMBEDDINGS_HINT}. Nothing was spent."
+            )
+    elif text:
+        return (
+            f"public_embeddings_file is only used with centre=public_mean, not centre={centre!r}: "
+            "clear it or choose centre=public_mean. Nothing was spent."
+        )
+    return None
 
 
 def centre_vector(

@@ -1,9 +1,10 @@
-"""Atomic, never-overwriting file writes (released embeddings, private sets, public bases), and
-the one safetensors read they share."""
+"""Atomic, never-overwriting file writes (released embeddings, private sets, public bases), the
+one safetensors read they share, and the fingerprint of a folder's listing."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -100,3 +101,15 @@ def _exists_error(path: Path) -> DpaggError:
         f"{path} already exists and dpagg never overwrites a file; choose a new name "
         f"(e.g. {next_free_name(path.parent, path.stem) if name_ok(path.stem) else 'another'!r})"
     )
+
+
+def folder_fingerprint(folder: str | os.PathLike[str], key: str = "") -> str:
+    """A digest of a folder's listing (each entry's name, size and mtime) and ``key``: it changes
+    when a file is added, removed, renamed or rewritten, so a front end can cache what it read
+    from the folder (ComfyUI's ``fingerprint_inputs``, the WebUI's scan cache). Raises OSError
+    when the folder cannot be listed."""
+    h = hashlib.sha256(key.encode())
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        st = entry.stat()
+        h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()

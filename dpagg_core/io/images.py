@@ -139,7 +139,8 @@ class LoadedImages:
         return int(self.pixels.shape[-1])
 
 
-def _check_resolution(resolution: Any) -> int:
+def check_resolution(resolution: Any) -> int:
+    """A working resolution in pixels: an integer, a positive multiple of 8."""
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
         raise DpaggError(f"resolution={resolution!r} must be an integer number of pixels, e.g. 512")
     if resolution < 8 or resolution % 8:
@@ -432,7 +433,7 @@ def load_image_folder(
             ledger=ledger,
             public=public,
         )
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     folder = resolve_path(path)
     if not folder.exists():
         raise DpaggError(f"image folder {folder} does not exist; pass the folder of your images")
@@ -523,7 +524,7 @@ def fit_images(images: Sequence[torch.Tensor] | torch.Tensor, resolution: int) -
 
     Pixels only, for pictures whose set is already identified (e.g. ``LoadedImages.pixels``
     wanted at another resolution: pass ``(pixels + 1) / 2``); no id, no checks on the set."""
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     items = [images] if isinstance(images, torch.Tensor) else list(images)
     return _to_tensor([_fit(pil, resolution) for im in items for pil in _tensor_to_pils(im)])
 
@@ -544,7 +545,7 @@ def load_images(
     which round back to the same 8-bit values and so to the same id. ``ledger``, ``public`` and
     ``dataset_id`` as in :func:`load_image_folder`; a multi-frame PIL image is refused as there.
     """
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     if isinstance(images, torch.Tensor):
         pils = _tensor_to_pils(images)
         where = "the images tensor"

@@ -57,6 +57,7 @@ from dpagg_core.privacy.plan import (
     Sampling,
     Setting,
     as_float,
+    check_noise_multiplier,
     check_parameters,
     plan_from_setting,
 )
@@ -336,15 +337,7 @@ def plan_from_inputs(
     required. One function, so every front end turns the same inputs into the same plan."""
     from dpagg_core.privacy.bounds import epsilon_for
 
-    if (epsilon is None) == (noise_multiplier is None):
-        raise DpaggError(
-            "give exactly one of epsilon (the noise is calibrated to it) and noise_multiplier "
-            "(its epsilon is computed)"
-        )
-    if sampling == "wor" and not m:
-        raise DpaggError("sampling 'wor' needs m, the number of images sampled (e.g. n/2)")
-    if sampling == "poisson" and not q:
-        raise DpaggError("sampling 'poisson' needs q, the sampling rate in (0, 1]")
+    _check_choice(epsilon, noise_multiplier, sampling, m, q)
     common = {
         "delta": delta,
         "n": n,
@@ -356,3 +349,53 @@ def plan_from_inputs(
     if noise_multiplier is not None:
         return epsilon_for(noise_multiplier, **common)
     return calibrate(epsilon, **common)
+
+
+def _check_choice(epsilon: object, noise_multiplier: object, sampling: object, m: object,
+                  q: object) -> None:  # fmt: skip
+    if (epsilon is None) == (noise_multiplier is None):
+        raise DpaggError(
+            "give exactly one of epsilon (the noise is calibrated to it) and noise_multiplier "
+            "(its epsilon is computed)"
+        )
+    if sampling == "wor" and not m:
+        raise DpaggError("sampling 'wor' needs m, the number of images sampled (e.g. n/2)")
+    if sampling == "poisson" and not q:
+        raise DpaggError("sampling 'poisson' needs q, the sampling rate in (0, 1]")
+
+
+def check_inputs(
+    *,
+    n: int,
+    delta: float,
+    epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    sampling: str = "full",
+    m: int | None = None,
+    q: float | None = None,
+    releases: int = 1,
+    n_known: bool = True,
+) -> None:
+    """The cheap checks of :func:`plan_from_inputs`' inputs (no accounting), for a front end's
+    checks before anything runs: DpaggError naming the parameter and the fix. The rules that
+    involve n are skipped when ``n_known`` is False (n comes later, e.g. from a linked set)."""
+    _check_choice(epsilon, noise_multiplier, sampling, m, q)
+    if epsilon is not None:
+        t = as_float(epsilon, "epsilon", "pick a privacy budget such as 1 or 8.")
+        if not (t > 0 and math.isfinite(t)):
+            raise DpaggError(
+                f"epsilon={t!r}: the target epsilon must be a positive finite number (e.g. 1 to "
+                "8); epsilon 0 would need infinite noise."
+            )
+    else:
+        check_noise_multiplier(noise_multiplier)
+    check_parameters(
+        delta,
+        n,
+        sampling,
+        (m or None) if sampling == "wor" else None,
+        (q or None) if sampling == "poisson" else None,
+        releases,
+        "replace_one",
+        n_known=n_known,
+    )

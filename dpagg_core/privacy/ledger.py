@@ -277,15 +277,22 @@ class Ledger:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        raise_hint: Callable[[Path, str], str] | None = None,
     ) -> None:
         self.path = resolve_path(path) if path is not None else default_ledger_path()
         self.timeout = float(timeout)
+        if raise_hint is not None:
+            self.raise_hint = raise_hint
         self._store = LedgerStore(self.path, self.timeout)
 
     #: How a user raises a budget where this ledger's messages are shown: ``None`` names the
-    #: ``dpagg`` command; a front end sets its own (ComfyUI: the Privacy Ledger node and the exact
-    #: ``python -m dpagg_core.cli`` command; a module-level function, so a Ledger still pickles).
+    #: ``dpagg`` command; a front end passes its own as ``Ledger(path, raise_hint=...)`` (ComfyUI:
+    #: the Privacy Ledger node and the exact ``python -m dpagg_core.cli`` command; a module-level
+    #: function, so a Ledger still pickles).
     raise_hint: Callable[[Path, str], str] | None = None
 
     def __repr__(self) -> str:

@@ -116,7 +116,8 @@ def _as_float64(x: Any, what: str) -> np.ndarray:
     return arr.astype(np.float64, copy=True)
 
 
-def _check_clip_norm(clip_norm: Any) -> float:
+def check_clip_norm(clip_norm: Any) -> float:
+    """The clip norm C as a float: a positive finite number (public, never from the data)."""
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float, np.number)):
         raise DpaggError(f"clip_norm={clip_norm!r}; pass a positive finite number (public C).")
     c = float(clip_norm)
@@ -143,7 +144,7 @@ def check_inputs(
     when the centre is None or zero), as the record will say so.
     """
     checked_plan(plan)
-    c = _check_clip_norm(clip_norm)
+    c = check_clip_norm(clip_norm)
     if mode not in CLIP_MODES:
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")
     arr = _as_float64(vectors, "vectors")
@@ -253,7 +254,7 @@ def clip_rows(rows: np.ndarray, clip_norm: float, mode: str = "clip") -> np.ndar
         raise DpaggError(f"clip_rows expects a 2-D array [n, D], got shape {rows.shape}.")
     if not np.isfinite(rows).all():
         raise DpaggError("clip_rows: rows contain NaN or inf; pass finite embeddings.")
-    c = _check_clip_norm(clip_norm)
+    c = check_clip_norm(clip_norm)
     if mode not in CLIP_MODES:
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")
     return _clip_in_place(rows, c, mode)
@@ -386,7 +387,7 @@ def privacy_record(
     Floats use ``repr`` so they round-trip exactly.
     """
     checked_plan(plan)
-    c = _check_clip_norm(clip_norm)
+    c = check_clip_norm(clip_norm)
     if mode not in CLIP_MODES:
         raise DpaggError(f"mode={mode!r}; use 'clip' or 'normalize'.")
     _check_record_text(centre_kind, "centre_kind", _CENTRE_KIND, allow_empty=False)
