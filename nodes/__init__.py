@@ -20,9 +20,25 @@ if importlib.util.find_spec("dpagg_core") is None and _PACK_ROOT not in sys.path
 
 from comfy_api.latest import ComfyExtension, io  # noqa: E402
 
+from .clip_embeddings import ClipEmbeddings  # noqa: E402
+from .dp_aggregate import DPAggregate  # noqa: E402
 from .ledger_node import NODES as LEDGER_NODES  # noqa: E402
 from .ledger_node import register_routes  # noqa: E402
-from .privacy_nodes import NODES  # noqa: E402
+from .load_private_images import LoadPrivateImages  # noqa: E402
+from .per_image_ti import PerImageTI  # noqa: E402
+from .privacy_accountant import PrivacyAccountant  # noqa: E402
+from .public_basis import PublicBasisNode  # noqa: E402
+
+# The six nodes of the privacy flow, one module each (the Privacy Ledger: ledger_node.py); the
+# node ids saved workflows refer to are in each node's define_schema.
+NODES: tuple[type[io.ComfyNode], ...] = (
+    LoadPrivateImages,
+    PerImageTI,
+    ClipEmbeddings,
+    PrivacyAccountant,
+    PublicBasisNode,
+    DPAggregate,
+)
 
 # The Privacy Ledger's "Raise budget..." route on ComfyUI's own server (no-op without one).
 register_routes()

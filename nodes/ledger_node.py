@@ -34,7 +34,7 @@ from comfy_api.latest import io
 from dpagg_core.budget_report import fmt, ledger_lines
 from dpagg_core.errors import BudgetExceeded, DpaggError
 
-from .privacy_nodes import CATEGORY, _ui, comfy_ledger, ledger_path
+from .common import CATEGORY, _ui, comfy_ledger, ledger_path
 
 ACTIONS = ("show",)
 LEGACY_RAISE = "raise budget"  # the action of workflows saved before raising left the graph

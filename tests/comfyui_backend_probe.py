@@ -111,7 +111,7 @@ _spec = importlib.util.spec_from_file_location(
 _pack = importlib.util.module_from_spec(_spec)
 sys.modules["dpagg_pack"] = _pack
 _spec.loader.exec_module(_pack)
-from dpagg_pack.nodes.privacy_nodes import PerImageTI  # noqa: E402
+from dpagg_pack.nodes.per_image_ti import PerImageTI  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
 images = torch.rand((2, 64, 64, 3), generator=g)

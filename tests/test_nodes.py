@@ -51,7 +51,13 @@ def pack():
         nodes = importlib.import_module("nodes")
         yield {
             "nodes": nodes,
-            "pn": importlib.import_module("nodes.privacy_nodes"),
+            "common": importlib.import_module("nodes.common"),
+            "load_private_images": importlib.import_module("nodes.load_private_images"),
+            "per_image_ti": importlib.import_module("nodes.per_image_ti"),
+            "clip_embeddings": importlib.import_module("nodes.clip_embeddings"),
+            "privacy_accountant": importlib.import_module("nodes.privacy_accountant"),
+            "public_basis": importlib.import_module("nodes.public_basis"),
+            "dp_aggregate": importlib.import_module("nodes.dp_aggregate"),
             "folder_paths": importlib.import_module("folder_paths"),
             "io": importlib.import_module("comfy_api.latest").io,
             "utils": importlib.import_module("comfy.utils"),
@@ -113,7 +119,7 @@ def aggregate(pack, eset, plan, **kw):
         "budget_epsilon": 0.0,
         "budget_delta": 0.0,
     } | kw
-    return pack["pn"].DPAggregate.execute(embedding_set=eset, plan=plan, **args)
+    return pack["dp_aggregate"].DPAggregate.execute(embedding_set=eset, plan=plan, **args)
 
 
 def widget_ids(node_cls, io) -> list[str]:
@@ -233,19 +239,19 @@ def acc_kwargs(**kw):
     ],
 )
 def test_accountant_validate_inputs_rejects_bad_parameters(pack, change, needle):
-    msg = pack["pn"].PrivacyAccountant.validate_inputs(**acc_kwargs(**change))
+    msg = pack["privacy_accountant"].PrivacyAccountant.validate_inputs(**acc_kwargs(**change))
     assert isinstance(msg, str) and needle in msg
 
 
 def test_accountant_validate_skips_n_checks_when_set_is_linked(pack):
-    acc = pack["pn"].PrivacyAccountant
+    acc = pack["privacy_accountant"].PrivacyAccountant
     assert acc.validate_inputs(**acc_kwargs()) is True
     # n=1 widget is ignored when an EMBEDDING_SET is linked (ComfyUI passes None for links)
     assert acc.validate_inputs(**acc_kwargs(n=1, delta=0.01), embedding_set=None) is True
 
 
 def test_accountant_reads_n_from_the_set_and_both_modes_agree(pack, comfy_base):
-    acc = pack["pn"].PrivacyAccountant
+    acc = pack["privacy_accountant"].PrivacyAccountant
     eset = ti_set(n=6)
     out = acc.execute(**acc_kwargs(n=999), embedding_set=eset)
     plan, summary = out.args
@@ -387,8 +393,8 @@ def test_aggregate_validate_inputs(pack, change, needle):
         "embedding_set": None,
         "plan": None,
     }
-    assert pack["pn"].DPAggregate.validate_inputs(**kw) is True
-    msg = pack["pn"].DPAggregate.validate_inputs(**(kw | change))
+    assert pack["dp_aggregate"].DPAggregate.validate_inputs(**kw) is True
+    msg = pack["dp_aggregate"].DPAggregate.validate_inputs(**(kw | change))
     assert isinstance(msg, str) and needle in msg
 
 
@@ -420,10 +426,10 @@ def tiny_backend(pack, monkeypatch):
         calls.append((model, clip, vae))
         return contextlib.nullcontext(backend)
 
-    monkeypatch.setattr(pack["pn"], "_make_backend", factory)
+    monkeypatch.setattr(pack["per_image_ti"], "_make_backend", factory)
     # the request key's model part: stub objects are no ModelPatchers (the real one is tested
     # on patcher-like objects in test_a_lora_like_patch_is_a_new_request)
-    monkeypatch.setattr(pack["pn"], "_model_key", lambda m, c, v: f"stub:{m}:{c}:{v}")
+    monkeypatch.setattr(pack["per_image_ti"], "_model_key", lambda m, c, v: f"stub:{m}:{c}:{v}")
     return calls
 
 
@@ -436,11 +442,13 @@ def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_back
     one embedding per image, once."""
     imgs = comfy_images(3)
     with torch.inference_mode():  # ComfyUI executes nodes in inference mode
-        out = pack["pn"].PerImageTI.execute(
+        out = pack["per_image_ti"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[imgs[:2], imgs[2:]], **TI_WIDGETS
         )
     job = out.args[0]
-    assert isinstance(job, pack["pn"].TrainingJob) and job.n == 3 and job.trained_here == 0
+    assert (
+        isinstance(job, pack["per_image_ti"].TrainingJob) and job.n == 3 and job.trained_here == 0
+    )
     assert pack["utils"].UPDATES == []  # nothing trained yet
     assert "deferred" in json.dumps(out.ui)
     assert "private" in repr(job) and "tensor" not in repr(job)
@@ -450,7 +458,7 @@ def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_back
     assert tiny_backend == [("M", "C", "V")] * 2  # checked by the node, then trained
     assert isinstance(eset, EmbeddingSet) and eset.n == 3 and eset.num_vectors == 2
     assert eset.kind == "textual_inversion" and eset.base_model_id == "tiny-test"
-    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))[0]
+    assert eset.dataset_id == pack["common"].images_dataset_id(list(imgs))[0]
     assert not eset.vectors["emb_params"].is_inference()
     # trained: every row moved away from the public initializer centre
     moved = (eset.vectors["emb_params"] - eset.centre["emb_params"]).flatten(1).norm(dim=1)
@@ -466,7 +474,7 @@ def test_per_image_ti_trains_one_embedding_per_image(pack, comfy_base, tiny_back
 
 def test_per_image_ti_cancel_returns_nothing(pack, comfy_base, tiny_backend):
     job = (
-        pack["pn"]
+        pack["per_image_ti"]
         .PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
         )
@@ -481,7 +489,7 @@ def test_per_image_ti_cancel_returns_nothing(pack, comfy_base, tiny_backend):
 
 def test_per_image_ti_validate_inputs(pack):
     ok = TI_WIDGETS | {"model": None, "clip": None, "vae": None, "images": None}
-    assert pack["pn"].PerImageTI.validate_inputs(**ok) is True
+    assert pack["per_image_ti"].PerImageTI.validate_inputs(**ok) is True
     for change, needle in (
         ({"vectors": [9]}, "vectors"),
         ({"resolution": [30]}, "resolution"),
@@ -489,27 +497,26 @@ def test_per_image_ti_validate_inputs(pack):
         ({"learning_rate": [0.0]}, "learning_rate"),
         ({"templates": ["poems"]}, "templates"),
     ):
-        msg = pack["pn"].PerImageTI.validate_inputs(**(ok | change))
+        msg = pack["per_image_ti"].PerImageTI.validate_inputs(**(ok | change))
         assert isinstance(msg, str) and needle in msg, (change, msg)
 
 
 def test_image_helpers(pack):
-    pn = pack["pn"]
     a, b = comfy_images(2, 32, seed=1), comfy_images(1, 48, seed=2)
-    flat = pn._flatten_images([a, b])
+    flat = pack["common"]._flatten_images([a, b])
     assert [tuple(x.shape) for x in flat] == [(32, 32, 3), (32, 32, 3), (48, 48, 3)]
     with pytest.raises(DpaggError, match="resolution"):
-        pn.to_model_images(flat, 0)
-    x = pn.to_model_images(flat, 16)
+        pack["common"].to_model_images(flat, 0)
+    x = pack["common"].to_model_images(flat, 16)
     assert tuple(x.shape) == (3, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
     # the dataset id ignores order and changes when one image changes
-    ids = pn.images_dataset_id(flat)[0], pn.images_dataset_id(flat[::-1])[0]
+    ids = pack["common"].images_dataset_id(flat)[0], pack["common"].images_dataset_id(flat[::-1])[0]
     assert ids[0] == ids[1]
     changed = [flat[0].clone(), flat[1], flat[2]]
     changed[0][0, 0, 0] = 1.0 - changed[0][0, 0, 0]
-    assert pn.images_dataset_id(changed)[0] != ids[0]
+    assert pack["common"].images_dataset_id(changed)[0] != ids[0]
     with pytest.raises(DpaggError, match="images"):
-        pn._flatten_images([torch.zeros((2, 2))])
+        pack["common"]._flatten_images([torch.zeros((2, 2))])
 
 
 def test_dataset_id_matches_the_core_image_loader(pack):
@@ -520,7 +527,7 @@ def test_dataset_id_matches_the_core_image_loader(pack):
     imgs = torch.cat([imgs, torch.rand((3, 40, 24, 3))[:, :, :24].mul(255).round().div(255)], 2)
     assert tuple(imgs.shape) == (3, 40, 64, 3)  # non-square: width/height order matters
     core = load_images(imgs, resolution=16).dataset_id
-    assert pack["pn"].images_dataset_id(list(imgs))[0] == core
+    assert pack["common"].images_dataset_id(list(imgs))[0] == core
 
 
 # ------------------------------------------------------------------------------- Clip Embeddings
@@ -543,13 +550,15 @@ def test_clip_embeddings_encode_each_image_alone(pack, comfy_base):
     cv = FakeClipVision()
     imgs = comfy_images(3, 24)
     eset = (
-        pack["pn"].ClipEmbeddings.execute(clip_vision=[cv], images=[imgs], crop=["center"]).args[0]
+        pack["clip_embeddings"]
+        .ClipEmbeddings.execute(clip_vision=[cv], images=[imgs], crop=["center"])
+        .args[0]
     )
     assert cv.calls == [((1, 24, 24, 3), True)] * 3
     assert eset.kind == "clip_image" and eset.n == 3
     want = torch.nn.functional.normalize(imgs.mean(dim=(1, 2)) @ cv.w, dim=-1)  # unit rows
     assert torch.allclose(eset.vectors["image_embeds"][:, 0], want)
-    assert eset.dataset_id == pack["pn"].images_dataset_id(list(imgs))[0]
+    assert eset.dataset_id == pack["common"].images_dataset_id(list(imgs))[0]
 
 
 class ComfyClipVision:
@@ -582,20 +591,27 @@ def test_clip_embeddings_node_gives_the_cli_vectors(pack, comfy_base):
 
     from dpagg_core.training.clip_image import clip_image_embeddings
 
-    pn = pack["pn"]
     folder = comfy_base / "input" / "clip"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(3)
     for i in range(4):  # at the model's 32 px: no resampling on either path
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(folder / f"{i}.png")
     model = tiny_vision()
-    cli = clip_image_embeddings(model, load_image_folder(folder, 32, ledger=pn.ledger_path()))
+    cli = clip_image_embeddings(
+        model, load_image_folder(folder, 32, ledger=pack["common"].ledger_path())
+    )
     want = cli.vectors["image_embeds"]
     assert torch.allclose(want.norm(dim=-1), torch.ones(4, 1), atol=1e-6)
-    private = pn.LoadPrivateImages.execute(folder="clip", resolution=32).args[0]
+    private = (
+        pack["load_private_images"].LoadPrivateImages.execute(folder="clip", resolution=32).args[0]
+    )
     for images in (originals_as_comfy_images(folder), [private]):
         cv = ComfyClipVision(model)
-        got = pn.ClipEmbeddings.execute(clip_vision=[cv], images=images, crop=["center"]).args[0]
+        got = (
+            pack["clip_embeddings"]
+            .ClipEmbeddings.execute(clip_vision=[cv], images=images, crop=["center"])
+            .args[0]
+        )
         assert torch.allclose(got.vectors["image_embeds"], want, atol=1e-6)
         assert got.base_model_id == cli.base_model_id and got.dataset_id == cli.dataset_id
 
@@ -631,7 +647,7 @@ def test_load_private_images_ids_pictures_not_names_order_or_resolution(
 ):
     """Mixed sizes, renamed so that another file lists first, loaded at another resolution:
     one id, the one the CLI computes for the same files with the same ledger."""
-    loader = pack["pn"].LoadPrivateImages
+    loader = pack["load_private_images"].LoadPrivateImages
     folder_input = next(i for i in loader.define_schema().inputs if i.id == "folder")
     assert folder_input.options == ["mine"]  # ComfyUI/input's sub-folders
     assert loader.validate_inputs(folder="mine", resolution=16) is True
@@ -657,21 +673,24 @@ def test_load_private_images_ids_pictures_not_names_order_or_resolution(
 
 @pytest.mark.parametrize("folder", ["..", "../user", "/etc", "", "missing", "mine/../.."])
 def test_load_private_images_stays_inside_the_input_folder(pack, private_folder, folder):
-    msg = pack["pn"].LoadPrivateImages.validate_inputs(folder=folder, resolution=16)
+    msg = pack["load_private_images"].LoadPrivateImages.validate_inputs(
+        folder=folder, resolution=16
+    )
     assert isinstance(msg, str) and "folder" in msg
     with pytest.raises(DpaggError, match="folder"):
-        pack["pn"].LoadPrivateImages.execute(folder=folder, resolution=16)
+        pack["load_private_images"].LoadPrivateImages.execute(folder=folder, resolution=16)
 
 
 def test_renamed_files_are_charged_to_the_same_budget(pack, comfy_base, private_folder):
     """A release of the set, then the files renamed (another listing order) and released again:
     the second release is charged to the SAME dataset, so it is refused over the budget."""
-    pn = pack["pn"]
-    first = pn.LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
+    first = (
+        pack["load_private_images"].LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
+    )
     plan = calibration.calibrate(2.0, 1e-5, 3, "full")
     aggregate(pack, ti_set(n=3, dataset_id=first.dataset_id), plan, budget_epsilon=2.4)
     rename_all(private_folder)
-    out = pn.LoadPrivateImages.execute(folder="mine", resolution=16)
+    out = pack["load_private_images"].LoadPrivateImages.execute(folder="mine", resolution=16)
     renamed = out.args[0]
     assert out.ui["dpagg"][0]["spent"]["epsilon"] == pytest.approx(plan.epsilon)
     ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
@@ -687,10 +706,11 @@ def test_per_image_ti_on_private_images_keeps_the_loaders_id(
 ):
     """PRIVATE_IMAGES into Per-Image TI (and Clip Embeddings): the id of the carried digests,
     equal to the id of the same pictures given as plain ComfyUI images in any order."""
-    pn = pack["pn"]
-    loaded = pn.LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
+    loaded = (
+        pack["load_private_images"].LoadPrivateImages.execute(folder="mine", resolution=16).args[0]
+    )
     with torch.inference_mode():
-        out = pn.PerImageTI.execute(
+        out = pack["per_image_ti"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[loaded], **TI_WIDGETS
         )
     eset = out.args[0]
@@ -700,14 +720,18 @@ def test_per_image_ti_on_private_images_keeps_the_loaders_id(
     assert any("upscaled here to 32 px" in line for line in payload["lines"])  # 16 px loader
     plain = originals_as_comfy_images(private_folder)[::-1]  # Load Image path, another order
     with torch.inference_mode():
-        out2 = pn.PerImageTI.execute(model=["M"], clip=["C"], vae=["V"], images=plain, **TI_WIDGETS)
+        out2 = pack["per_image_ti"].PerImageTI.execute(
+            model=["M"], clip=["C"], vae=["V"], images=plain, **TI_WIDGETS
+        )
     assert out2.args[0].dataset_id == loaded.dataset_id
     cv = FakeClipVision()
-    clip_set_ = pn.ClipEmbeddings.execute(clip_vision=[cv], images=[loaded], crop=["center"])
+    clip_set_ = pack["clip_embeddings"].ClipEmbeddings.execute(
+        clip_vision=[cv], images=[loaded], crop=["center"]
+    )
     assert clip_set_.args[0].dataset_id == loaded.dataset_id
     assert cv.calls == [((1, 16, 16, 3), True)] * 3
     with pytest.raises(DpaggError, match="ONE Load Private Images"):
-        pn.PerImageTI.execute(
+        pack["per_image_ti"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[loaded, plain[0]], **TI_WIDGETS
         )
 
@@ -719,17 +743,18 @@ def test_node_training_pixels_are_the_clis(pack, comfy_base, private_folder, res
     resolution are fitted with the CLI's filter (Lanczos), as the CLI fits those pictures."""
     from dpagg_core.io.images import load_images
 
-    pn = pack["pn"]
-    cli = load_image_folder(private_folder, resolution, ledger=pn.ledger_path())
+    cli = load_image_folder(private_folder, resolution, ledger=pack["common"].ledger_path())
     plain = originals_as_comfy_images(private_folder)
-    x, dataset_id, _ = pn.training_images(None, plain, resolution)
+    x, dataset_id, _ = pack["per_image_ti"].training_images(None, plain, resolution)
     assert torch.equal(x, cli.pixels) and dataset_id == cli.dataset_id
-    loaded = pn.LoadPrivateImages.execute(folder="mine", resolution=32).args[0]
-    x, dataset_id, _ = pn.training_images(None, [loaded], resolution)
+    loaded = (
+        pack["load_private_images"].LoadPrivateImages.execute(folder="mine", resolution=32).args[0]
+    )
+    x, dataset_id, _ = pack["per_image_ti"].training_images(None, [loaded], resolution)
     pictures = ((loaded.pixels + 1) / 2).clamp(0, 1)  # the 32 px pictures, as the CLI takes them
     assert torch.equal(x, load_images(pictures, resolution).pixels)
     assert dataset_id == cli.dataset_id
-    assert torch.equal(pn.to_model_images(plain, resolution), cli.pixels)
+    assert torch.equal(pack["common"].to_model_images(plain, resolution), cli.pixels)
 
 
 def test_core_folder_loaders_are_refused_before_anything_runs(
@@ -738,26 +763,27 @@ def test_core_folder_loaders_are_refused_before_anything_runs(
     """ComfyUI's dataset loaders resize every picture to the first file of an unsorted listing
     (renaming gave a new id, a fresh budget): a direct link from one is refused, naming the fix;
     Load Image upstream is fine."""
-    pn = pack["pn"]
-    for cls_name in sorted(pn.UNSTABLE_LOADERS):
+    for cls_name in sorted(pack["common"].UNSTABLE_LOADERS):
         prompt = {
             "2": {"class_type": cls_name, "inputs": {"folder": "mine", "resize_method": "None"}},
             "3": {"class_type": "DpaggPerImageTI", "inputs": {"images": ["2", 0]}},
         }
         hidden = SimpleNamespace(prompt=prompt, unique_id="3")
-        monkeypatch.setattr(pn.PerImageTI, "hidden", hidden)
-        monkeypatch.setattr(pn.ClipEmbeddings, "hidden", hidden)
+        monkeypatch.setattr(pack["per_image_ti"].PerImageTI, "hidden", hidden)
+        monkeypatch.setattr(pack["clip_embeddings"].ClipEmbeddings, "hidden", hidden)
         with pytest.raises(DpaggError, match=f"{cls_name}.*Load Private Images"):
-            pn.PerImageTI.execute(
+            pack["per_image_ti"].PerImageTI.execute(
                 model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
             )
         cv = FakeClipVision()
         with pytest.raises(DpaggError, match="Nothing was trained or spent"):
-            pn.ClipEmbeddings.execute(clip_vision=[cv], images=[comfy_images(2)], crop=["center"])
+            pack["clip_embeddings"].ClipEmbeddings.execute(
+                clip_vision=[cv], images=[comfy_images(2)], crop=["center"]
+            )
         assert tiny_backend == [] and cv.calls == []
     prompt["2"]["class_type"] = "LoadImage"
     with torch.inference_mode():
-        pn.PerImageTI.execute(
+        pack["per_image_ti"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[comfy_images(2)], **TI_WIDGETS
         )
     assert len(tiny_backend) == 1
@@ -778,7 +804,7 @@ def test_paths_mean_the_same_file_in_nodes_cli_and_library(
     monkeypatch.setenv("DPAGG_LEDGER", "~/dp/ledger.sqlite")
     monkeypatch.setenv("DPAGG_DATA_DIR", "~/dpdata")
     want = home / "dp" / "ledger.sqlite"
-    assert pack["pn"].ledger_path() == want == paths.default_ledger_path()
+    assert pack["common"].ledger_path() == want == paths.default_ledger_path()
     assert paths.data_dir() == home / "dpdata"
     parser = build_parser()
     assert parser.parse_args(["ledger", "show", "--ledger", "~/dp/ledger.sqlite"]).ledger == want
@@ -821,7 +847,7 @@ def test_example_workflows_are_consistent(pack, name):
         "DpaggAggregate",
     }
     # the images come from Load Private Images, never a loader whose id depends on file names
-    assert not {n["type"] for n in wf["nodes"]} & pack["pn"].UNSTABLE_LOADERS
+    assert not {n["type"] for n in wf["nodes"]} & pack["common"].UNSTABLE_LOADERS
     loader = next(n for n in used if n["type"] == "DpaggLoadPrivateImages")
     (link,) = loader["outputs"][0]["links"]
     dst = next(x for x in wf["links"] if x[0] == link)[3]
@@ -834,7 +860,7 @@ def test_example_workflows_are_consistent(pack, name):
 
 def test_frontend_extension_reads_the_ui_key(pack):
     js = (REPO / "js" / "dpagg.js").read_text()
-    assert f"message?.{pack['pn'].UI_KEY}?.[0]" in js
+    assert f"message?.{pack['common'].UI_KEY}?.[0]" in js
     for node_id in ("DpaggPrivacyAccountant", "DpaggAggregate"):
         assert f'"{node_id}"' in js
 
@@ -843,7 +869,7 @@ def test_frontend_extension_is_valid_javascript(pack):
     node = shutil.which("node")
     if node is None:
         pytest.skip("no Node.js `node` binary on PATH: the syntax check of js/dpagg.js needs it")
-    mjs = Path(pack["pn"].__file__).parent.parent / "js" / "dpagg.js"
+    mjs = Path(pack["common"].__file__).parent.parent / "js" / "dpagg.js"
     check = subprocess.run(
         [node, "--input-type=module", "--check"],
         input=mjs.read_text(),
@@ -882,7 +908,7 @@ def test_ui_payload_numbers_are_public(pack, comfy_base):
 
 
 def test_accountant_node_defaults_to_delta_1e5_and_warns_on_the_node(pack, comfy_base):
-    acc = pack["pn"].PrivacyAccountant
+    acc = pack["privacy_accountant"].PrivacyAccountant
     (delta_input,) = [i for i in acc.define_schema().inputs if i.id == "delta"]
     assert delta_input.default == 1e-5 == accountant.DEFAULT_DELTA
     quiet = acc.execute(**acc_kwargs(n=10)).ui["dpagg"][0]
@@ -927,7 +953,7 @@ def fake_checkpoint(pack, monkeypatch):
         calls.append((model, clip))
         return "sd1", "comfyui:sd1:0123456789abcdef", {"emb_params": table}
 
-    monkeypatch.setattr(pack["pn"], "_checkpoint_tables", tables)
+    monkeypatch.setattr(pack["public_basis"], "_checkpoint_tables", tables)
     return calls
 
 
@@ -936,7 +962,7 @@ def test_public_basis_node_from_token_table_or_file(pack, comfy_base, fake_check
     a saved basis round-trips; the UI names kind, k, K, D and the hash (public values)."""
     from dpagg_core.aggregate.subspace import load_basis, save_basis
 
-    node = pack["pn"].PublicBasisNode
+    node = pack["public_basis"].PublicBasisNode
     out = node.execute(source="token_table", k=4, vectors=2, basis_file="", model="M", clip="C")
     basis = out.args[0]
     assert fake_checkpoint == [("M", "C")]
@@ -984,7 +1010,7 @@ def test_aggregate_refuses_a_basis_for_another_model_before_spending(pack, comfy
     ):
         with pytest.raises(DpaggError, match=needle):
             aggregate(pack, eset, plan, basis=bad)
-    assert Ledger(pack["pn"].ledger_path()).list_releases() == []  # nothing spent
+    assert Ledger(pack["common"].ledger_path()).list_releases() == []  # nothing spent
     assert not list((comfy_base / "models" / "embeddings").glob("*.safetensors"))
 
 
@@ -1002,7 +1028,7 @@ def test_aggregate_postprocessing_is_recorded_and_shown(pack, comfy_base):
     assert any(
         line.startswith("post-processing: js (James-Stein factor") for line in payload["lines"]
     )
-    validate = pack["pn"].DPAggregate.validate_inputs
+    validate = pack["dp_aggregate"].DPAggregate.validate_inputs
     good = {"name": "x", "clip_norm": 1.0, "centre": "initializer", "mode": "clip"}
     assert validate(**good, postprocess="js+norm") is True
     assert "postprocess" in validate(**good, postprocess="bogus")
@@ -1028,7 +1054,7 @@ def _public_file(pack, folder: Path, eset: EmbeddingSet, n=10, seed=11, model_id
         centre={"emb_params": centre.clone()},
         initializer=eset.initializer,
     )
-    key = pack["pn"].comfy_ledger().identity_key()
+    key = pack["common"].comfy_ledger().identity_key()
     return save_public_embeddings(public, folder / "public.safetensors", key=key)
 
 
@@ -1045,7 +1071,7 @@ def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
 
     eset = ti_set(n=8)
     pfile = _public_file(pack, tmp_path / "public", eset)
-    node = pack["pn"].DPAggregate
+    node = pack["dp_aggregate"].DPAggregate
     good = {"name": "pm", "clip_norm": 0.5, "centre": "public_mean", "mode": "clip"}
     assert node.validate_inputs(**good, public_embeddings_file=str(pfile)) is True
     plan = calibration.calibrate(2.0, 1e-5, 8, "full")
@@ -1086,7 +1112,7 @@ def test_aggregate_around_the_public_mean_records_it_as_the_library_does(
     # ComfyUI re-executing the identical request: the recorded release, nothing spent
     again = aggregate(pack, eset, plan, public_embeddings_file=str(pfile), **kw)
     assert again.ui["dpagg"][0]["reused"]
-    assert len(Ledger(pack["pn"].ledger_path()).list_releases()) == 1
+    assert len(Ledger(pack["common"].ledger_path()).list_releases()) == 1
 
 
 def test_aggregate_public_mean_without_its_file_fails_validation_and_spends_nothing(
@@ -1094,7 +1120,7 @@ def test_aggregate_public_mean_without_its_file_fails_validation_and_spends_noth
 ):
     eset = ti_set(n=6)
     plan = calibration.calibrate(1.0, 1e-5, 6, "full")
-    validate = pack["pn"].DPAggregate.validate_inputs
+    validate = pack["dp_aggregate"].DPAggregate.validate_inputs
     good = {"name": "x", "clip_norm": 1.0, "mode": "clip", "budget_epsilon": 0.0}
     for blank in ({}, {"public_embeddings_file": ""}, {"public_embeddings_file": "  "}):
         msg = validate(**good, centre="public_mean", **blank)
@@ -1116,7 +1142,7 @@ def test_aggregate_public_mean_without_its_file_fails_validation_and_spends_noth
     ):
         with pytest.raises(DpaggError, match=needle):
             aggregate(pack, eset, plan, centre=centre, public_embeddings_file=file)
-    assert Ledger(pack["pn"].ledger_path()).list_releases() == []  # nothing spent
+    assert Ledger(pack["common"].ledger_path()).list_releases() == []  # nothing spent
     assert not (comfy_base / "models" / "embeddings").exists()
 
 
@@ -1141,7 +1167,7 @@ def test_aggregate_refuses_private_or_foreign_public_embeddings_before_spending(
                 public_embeddings_file=str(bad),
                 budget_epsilon=5.0,
             )
-    assert Ledger(pack["pn"].ledger_path()).list_releases() == []  # nothing spent
+    assert Ledger(pack["common"].ledger_path()).list_releases() == []  # nothing spent
     assert not (comfy_base / "models" / "embeddings").exists()
 
 
@@ -1298,9 +1324,8 @@ def test_accountant_shows_the_verdict_dp_aggregate_will_give(pack, comfy_base, m
     """The Privacy Accountant reads the budget_epsilon/budget_delta of the DP Aggregate it feeds
     (from the queued prompt) and runs the same ledger check: a plan DP Aggregate refuses is
     flagged on the accountant, and one it accepts is not."""
-    pn = pack["pn"]
     eset = ti_set(n=6)
-    acc = pn.PrivacyAccountant
+    acc = pack["privacy_accountant"].PrivacyAccountant
     assert {"PROMPT", "UNIQUE_ID"} <= set(acc.GET_SCHEMA().hidden)
 
     def queued(budget_epsilon):
@@ -1383,10 +1408,12 @@ def test_per_image_ti_reports_setup_stages_before_the_first_step(
     monkeypatch.setitem(
         sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=FakeServer()))
     )
-    monkeypatch.setattr(pack["pn"].PerImageTI, "hidden", SimpleNamespace(unique_id="5", prompt={}))
+    monkeypatch.setattr(
+        pack["per_image_ti"].PerImageTI, "hidden", SimpleNamespace(unique_id="5", prompt={})
+    )
     imgs = comfy_images(3)
     with torch.inference_mode():
-        pack["pn"].PerImageTI.execute(
+        pack["per_image_ti"].PerImageTI.execute(
             model=["M"], clip=["C"], vae=["V"], images=[imgs], **TI_WIDGETS
         ).args[0].materialize()
     texts = [t for t, _, _ in sent]
@@ -1409,13 +1436,18 @@ def test_per_image_ti_reports_setup_stages_before_the_first_step(
 def _graph(pack, model="M", clip="C", vae="V", imgs=None, **aggregate_kw):
     """Per-Image TI -> (Privacy Accountant, DP Aggregate), as ComfyUI runs the template after a
     cache drop: every node executes afresh. Returns (job, DP Aggregate's output)."""
-    pn = pack["pn"]
     imgs = comfy_images(3) if imgs is None else imgs
     with torch.inference_mode():
-        job = pn.PerImageTI.execute(
-            model=[model], clip=[clip], vae=[vae], images=[imgs], **TI_WIDGETS
-        ).args[0]
-        plan = pn.PrivacyAccountant.execute(**acc_kwargs(n=999), embedding_set=job).args[0]
+        job = (
+            pack["per_image_ti"]
+            .PerImageTI.execute(model=[model], clip=[clip], vae=[vae], images=[imgs], **TI_WIDGETS)
+            .args[0]
+        )
+        plan = (
+            pack["privacy_accountant"]
+            .PrivacyAccountant.execute(**acc_kwargs(n=999), embedding_set=job)
+            .args[0]
+        )
         assert plan.n == 3 and job.trained_here == 0  # the accountant trains nothing
         out = aggregate(pack, job, plan, **({"budget_epsilon": 10.0} | aggregate_kw))
     return job, out
@@ -1424,7 +1456,7 @@ def _graph(pack, model="M", clip="C", vae="V", imgs=None, **aggregate_kw):
 @pytest.fixture
 def counted_training(pack, monkeypatch):
     """``ti.train_embeddings`` made NON-deterministic on purpose (as on a GPU), counting calls."""
-    real, calls = pack["pn"].ti.train_embeddings, []
+    real, calls = pack["per_image_ti"].ti.train_embeddings, []
 
     def noisy(*args, **kwargs):
         calls.append(1)
@@ -1433,7 +1465,7 @@ def counted_training(pack, monkeypatch):
             eset.vectors[key] = t + 1e-3 * torch.randn_like(t)
         return eset
 
-    monkeypatch.setattr(pack["pn"].ti, "train_embeddings", noisy)
+    monkeypatch.setattr(pack["per_image_ti"].ti, "train_embeddings", noisy)
     return calls
 
 
@@ -1471,7 +1503,7 @@ def test_identical_request_is_answered_from_the_ledger_without_training(
     # a new seed is a new request: trained and spent
     with torch.inference_mode():
         seeded = (
-            pack["pn"]
+            pack["per_image_ti"]
             .PerImageTI.execute(
                 model=["M"],
                 clip=["C"],
@@ -1565,7 +1597,7 @@ def test_a_lora_like_patch_is_a_new_request(
     keys = {key(*m) for m in (weaker, other_lora, clip_skip, on_clip)}
     assert len(keys | {base, key(*patched)}) == 6
 
-    monkeypatch.setattr(pack["pn"], "_model_key", key)
+    monkeypatch.setattr(pack["per_image_ti"], "_model_key", key)
     ledger = Ledger(comfy_base / "user" / "dpagg" / "ledger.sqlite")
     _graph(pack, *_models())
     _, again = _graph(pack, *_models())

@@ -1,0 +1,334 @@
+"""The **DP Aggregate** node: ONE differentially private mean of an EMBEDDING_SET, recorded in
+the ledger before it leaves the mechanism (``aggregate.release.release_embeddings``, or the
+pipeline for Per-Image TI's deferred job)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from comfy_api.latest import io
+
+from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
+from dpagg_core.aggregate.release import (
+    CENTRES,
+    check_public_centre_inputs,
+    release_embeddings,
+)
+from dpagg_core.budget_report import (
+    budget_payload,
+    budget_request_lines,
+    fmt,
+    plan_lines,
+)
+from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.names import sanitize_name
+from dpagg_core.paths import resolve_path
+from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.privacy.mechanism import CLIP_MODES, check_clip_norm
+
+from .common import (
+    CATEGORY,
+    PUBLIC_MEAN_CENTRE,
+    DpPlanIO,
+    EmbeddingSetIO,
+    PublicBasisIO,
+    _opt,
+    _stage_reporter,
+    _ui,
+    clip_release_dir,
+    comfy_ledger,
+    embeddings_dir,
+)
+from .per_image_ti import TrainingJob
+
+
+def release_shaping(
+    record: dict[str, str], plan: PrivacyPlan, clip_norm: float, flat_dim: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Node lines and UI figures for a release's public basis and post-processing (public
+    values from its record and plan only)."""
+    lines: list[str] = []
+    figures: dict[str, Any] = {}
+    sigma = plan.noise_std(clip_norm)
+    if record.get("centre_sha256"):
+        lines.append(
+            f"centre {record.get('centre')}: sha256 {record['centre_sha256'][:16]}... (public)"
+        )
+        figures["centre"] = {"kind": record.get("centre"), "sha256": record["centre_sha256"]}
+    if record.get("basis_dim"):
+        k_dim = int(record["basis_dim"])
+        ratio = math.sqrt(k_dim / flat_dim)
+        lines.append(
+            f"basis {record['basis_kind']}, k = {record['basis_k']}: noise on K = {k_dim} of "
+            f"D = {flat_dim} coordinates, noise norm ~{fmt(sigma * math.sqrt(k_dim))} instead "
+            f"of ~{fmt(sigma * math.sqrt(flat_dim))} (x{ratio:.2f})"
+        )
+        figures["basis"] = {
+            "kind": record["basis_kind"],
+            "k": int(record["basis_k"]),
+            "K": k_dim,
+            "D": int(flat_dim),
+            "sha256": record["basis_sha256"],
+            "noise_norm_ratio": ratio,
+        }
+    if record.get("postprocess"):
+        post = record["postprocess"]
+        more = ""
+        if "postprocess_js_factor" in record:
+            more = f" (James-Stein factor {float(record['postprocess_js_factor']):.3f})"
+        lines.append(f"post-processing: {post}{more}; no privacy cost")
+        figures["postprocess"] = post
+    return lines, figures
+
+
+class DPAggregate(io.ComfyNode):
+    """Release ONE differentially private mean of an EMBEDDING_SET, recorded in the ledger."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggAggregate",
+            display_name="DP Aggregate (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Clips every per-image embedding around a public centre, averages them, adds "
+                "Gaussian noise from the DP_PLAN and records the release in the privacy ledger "
+                "(ComfyUI user folder). Writes models/embeddings/<name>.safetensors under a new "
+                "name per release and outputs the exact 'embedding:<name>' text for the prompt."
+            ),
+            inputs=[
+                EmbeddingSetIO.Input("embedding_set"),
+                DpPlanIO.Input("plan"),
+                io.Float.Input(
+                    "clip_norm",
+                    default=1.0,
+                    min=1e-6,
+                    max=1e6,
+                    step=0.01,
+                    round=False,
+                    tooltip="C: every embedding is clipped to distance C from the centre. Choose "
+                    "it from public data, never from these images",
+                ),
+                io.Combo.Input(
+                    "centre",
+                    options=list(CENTRES),
+                    default="initializer",
+                    tooltip="public centre to clip around: initializer (the initializer token's "
+                    "embedding), origin, or public_mean (the mean embedding of PUBLIC images, "
+                    "from public_embeddings_file)",
+                ),
+                io.String.Input("name", default="mystyle", tooltip="base file name"),
+                io.Combo.Input("mode", options=list(CLIP_MODES), default="clip"),
+                io.Float.Input(
+                    "budget_epsilon",
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.1,
+                    tooltip="total epsilon budget of this image set; 0 keeps the recorded budget "
+                    "(the first release records its own epsilon unless set here)",
+                ),
+                io.Float.Input(
+                    "budget_delta", default=0.0, min=0.0, max=0.5, step=1e-6, round=False
+                ),
+                PublicBasisIO.Input(
+                    "basis",
+                    optional=True,
+                    tooltip="optional PUBLIC basis (Public Basis node): clip, average and add "
+                    "the noise in its k directions per vector instead of all D coordinates",
+                ),
+                io.Combo.Input(
+                    "postprocess",
+                    options=list(POSTPROCESS_METHODS),
+                    default="none",
+                    optional=True,
+                    tooltip="free post-processing of the release (no privacy cost): js = "
+                    "James-Stein shrinkage toward the centre; norm = rescale to the basis' "
+                    "typical norm",
+                ),
+                io.String.Input(
+                    "public_embeddings_file",
+                    default="",
+                    optional=True,
+                    tooltip="for centre=public_mean only: a .safetensors file of per-image "
+                    "embeddings of PUBLIC images ONLY (never these private images), written by "
+                    "`dpagg public-basis --public-images DIR --save-public-embeddings FILE` - "
+                    "the same file the CLI's `--centre public_mean --public-embeddings FILE` "
+                    "takes. Their mean is the centre; a private file is refused",
+                ),
+            ],
+            hidden=[io.Hidden.unique_id],
+            outputs=[
+                io.String.Output(display_name="prompt", tooltip="embedding:<name>"),
+                io.ClipVisionOutput.Output(
+                    display_name="CLIP_VISION_OUTPUT", tooltip="for Clip Embeddings sets"
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        try:
+            sanitize_name(str(kwargs.get("name", "")))
+        except DpaggError as exc:
+            return f"name: {exc}"
+        try:
+            check_clip_norm(float(kwargs.get("clip_norm", 0)))
+        except (DpaggError, TypeError, ValueError) as exc:
+            return f"{exc} Choose C from public data, never from these images."
+        problem = check_public_centre_inputs(
+            kwargs.get("centre"), kwargs.get("public_embeddings_file", "")
+        )
+        if problem:
+            return problem
+        if kwargs.get("postprocess", "none") not in POSTPROCESS_METHODS:
+            return f"postprocess={kwargs.get('postprocess')!r}: use one of {POSTPROCESS_METHODS}"
+        if kwargs.get("mode") not in CLIP_MODES:
+            return f"mode={kwargs.get('mode')!r}: use one of {list(CLIP_MODES)}"
+        be, bd = float(kwargs.get("budget_epsilon", 0)), float(kwargs.get("budget_delta", 0))
+        if be < 0 or not math.isfinite(be):
+            return f"budget_epsilon={be}: use 0 (keep the recorded budget) or a positive number"
+        if not 0 <= bd < 1:
+            return f"budget_delta={bd}: use 0 (keep the recorded budget) or a number in (0, 1)"
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        embedding_set,
+        plan,
+        clip_norm,
+        centre,
+        name,
+        mode,
+        budget_epsilon,
+        budget_delta,
+        basis=None,
+        postprocess="none",
+        public_embeddings_file="",
+    ) -> io.NodeOutput:
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        from dpagg_core.privacy.basis import PublicBasis as CoreBasis
+
+        if not isinstance(embedding_set, (EmbeddingSet, TrainingJob)):
+            raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")
+        if not isinstance(plan, PrivacyPlan):
+            raise DpaggError("plan: connect a Privacy Accountant")
+        if basis is not None and not isinstance(basis, CoreBasis):
+            raise DpaggError("basis: connect a Public Basis node (or leave it unconnected)")
+        eset = embedding_set
+        if plan.n != eset.n:
+            raise DpaggError(
+                f"the DP_PLAN was made for n={plan.n} images but the EMBEDDING_SET holds "
+                f"{eset.n}: connect the set to the Privacy Accountant's embedding_set input (or "
+                f"set its n to {eset.n}). Nothing was spent."
+            )
+        # Checked again here (validate_inputs may be bypassed), before the ledger is touched;
+        # release_embeddings loads the file and refuses a private one before reserving.
+        problem = check_public_centre_inputs(centre, public_embeddings_file)
+        if problem:
+            raise DpaggError(problem)
+        public_centre = (
+            resolve_path(str(public_embeddings_file).strip())
+            if centre == PUBLIC_MEAN_CENTRE
+            else None
+        )
+        is_ti = eset.kind == "textual_inversion"
+        ledger = comfy_ledger()
+        be, bd = _opt(budget_epsilon), _opt(budget_delta)
+        options: dict[str, Any] = {
+            "clip_norm": float(clip_norm),
+            "name": str(name),
+            "out_dir": embeddings_dir() if is_ti else clip_release_dir(),
+            "centre": str(centre),
+            "mode": str(mode),
+            "budget_epsilon": be,
+            "budget_delta": bd,
+            "new_name_per_release": True,
+            "basis": basis,
+            "postprocess": str(postprocess or "none"),
+            "public_centre": public_centre,
+        }
+        trained: bool | None = None
+        if isinstance(eset, TrainingJob):
+            # The pipeline: the ledger's record of the identical request first (nothing
+            # trained), else the budget check, the training (this node's progress bar and
+            # Interrupt), then the release keyed by the same inputs.
+            outcome, trained = _release_job(eset, plan, ledger, cls, options)
+        else:
+            outcome = release_embeddings(eset, plan=plan, ledger=ledger, **options)
+        more, warning, figures = budget_payload(ledger, eset.dataset_id, plan, be, bd)
+        state = "reused (nothing spent)" if outcome.reused else "new release"
+        lines = [f"{outcome.prompt if is_ti else outcome.name}: {state}"]
+        if trained is not None:
+            lines.append(
+                f"trained {eset.n} per-image embeddings for it"
+                if trained
+                else "answered from the ledger's record: nothing trained, nothing spent"
+            )
+            figures["trained"] = trained
+        lines += budget_request_lines(figures.get("budget"), be, bd, outcome.reused)
+        lines += plan_lines(plan)
+        flat_dim = sum(int(t.numel()) for t in outcome.vectors.values())
+        shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), flat_dim)
+        lines += shaping + more
+        figures.update(extra)
+        text = outcome.prompt if is_ti else outcome.name
+        if is_ti:
+            vision: Any = ExecutionBlocker(
+                "DP Aggregate: CLIP_VISION_OUTPUT is only produced for Clip Embeddings sets"
+            )
+        else:
+            from comfy.clip_vision import Output
+
+            vision = Output()
+            vision["image_embeds"] = outcome.vectors["image_embeds"].reshape(1, -1).clone()
+        ui = _ui(
+            "DP Aggregate",
+            lines,
+            warning,
+            name=outcome.name,
+            prompt=text,
+            reused=outcome.reused,
+            plan=plan.to_dict(),
+            **figures,
+        )
+        return io.NodeOutput(text, vision, ui=ui)
+
+
+def _release_job(
+    job: TrainingJob, plan: PrivacyPlan, ledger: Ledger, node: Any, options: dict[str, Any]
+) -> tuple[Any, bool]:
+    """(outcome, trained) of DP Aggregate on Per-Image TI's deferred job, through the core
+    pipeline (``pipeline.train_and_release``): an identical request recorded in the ledger is
+    answered from its record and nothing trains."""
+    import comfy.model_management
+
+    from dpagg_core.pipeline import train_and_release
+
+    node_id = getattr(getattr(node, "hidden", None), "unique_id", None)
+    before = job.trained_here
+    with job.trainer(node_id) as trainer:
+        outcome = train_and_release(
+            trainer,
+            job,
+            plan,
+            ledger=ledger,
+            before_release=comfy.model_management.throw_exception_if_processing_interrupted,
+            **options,
+        )
+    if outcome is None:  # pragma: no cover - torchrun ranks only
+        raise DpaggError("internal: the pipeline returned no release")
+    trained = job.trained_here > before
+    if not trained:
+        stage = _stage_reporter(node_id, "DP Aggregate")
+        stage(
+            "answered from the ledger's record of this request: nothing trained, nothing spent"
+            if outcome.reused
+            else "released the per-image embeddings Per-Image TI trained before"
+        )
+    return outcome, trained

@@ -1,0 +1,198 @@
+"""The **Privacy Accountant** node: the plan of its widgets (``calibration.plan_from_inputs``,
+the CLI's), checked against the image set's budget as the DP Aggregate it feeds will check it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from comfy_api.latest import io
+
+from dpagg_core.budget_report import (
+    budget_payload,
+    next_release,
+    plan_lines,
+)
+from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.privacy import accountant, calibration
+from dpagg_core.privacy.accountant import SAMPLINGS
+
+from .common import (
+    CATEGORY,
+    MODE_NOISE,
+    MODE_TARGET,
+    DpPlanIO,
+    EmbeddingSetIO,
+    _opt,
+    _ui,
+    comfy_ledger,
+)
+from .per_image_ti import TrainingJob
+
+
+def aggregate_budgets(hidden: Any) -> list[tuple[str, float | None, float | None]]:
+    """(node id, budget_epsilon, budget_delta) of every DP Aggregate in the queued prompt that
+    takes its plan from this node (``hidden.prompt``/``unique_id``: the API prompt, public
+    widget values), so the Privacy Accountant checks the plan against the same budget."""
+    prompt = getattr(hidden, "prompt", None) or {}
+    me = str(getattr(hidden, "unique_id", None))
+    out = []
+    for node_id, node in prompt.items() if isinstance(prompt, dict) else ():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        link = inputs.get("plan")
+        if node.get("class_type") != "DpaggAggregate" or not isinstance(link, list):
+            continue
+        be, bd = inputs.get("budget_epsilon", 0.0), inputs.get("budget_delta", 0.0)
+        if str(link[0]) == me and all(isinstance(v, (int, float)) for v in (be, bd)):
+            out.append((str(node_id), _opt(be), _opt(bd)))
+    return out
+
+
+def plan_arguments(kw: dict[str, Any], n: int | None = None) -> dict[str, Any]:
+    """The Privacy Accountant's widgets as the keyword arguments of the core's
+    ``calibration.plan_from_inputs`` / ``check_inputs`` (``n`` replaces the widget's n)."""
+    target = kw["mode"] == MODE_TARGET
+    return {
+        "n": int(kw["n"]) if n is None else int(n),
+        "delta": float(kw["delta"]),
+        "epsilon": float(kw["epsilon"]) if target else None,
+        "noise_multiplier": None if target else float(kw["noise_multiplier"]),
+        "sampling": kw["sampling"],
+        "m": int(kw["m"]),
+        "q": float(kw["q"]),
+        "releases": int(kw["releases"]),
+    }
+
+
+def accountant_problems(kw: dict[str, Any], n_known: bool) -> str | None:
+    """Cheap checks of the accountant's widgets, before anything runs (None if fine): the core's
+    ``calibration.check_inputs`` (a plan's own rules), those that involve n only when n is the
+    widget's (``n_known``), not the linked set's."""
+    mode = kw.get("mode")
+    if mode not in (MODE_TARGET, MODE_NOISE):
+        return f"mode={mode!r}: use {MODE_TARGET!r} or {MODE_NOISE!r}"
+    try:
+        args = plan_arguments(kw)
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"bad or missing parameter: {exc}"
+    try:
+        calibration.check_inputs(**args, n_known=n_known)
+    except DpaggError as exc:
+        return str(exc)
+    return None
+
+
+class PrivacyAccountant(io.ComfyNode):
+    """Noise <-> epsilon for a planned release (dp-accounting), as a DP_PLAN."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DpaggPrivacyAccountant",
+            display_name="Privacy Accountant (dpagg)",
+            category=CATEGORY,
+            description=(
+                "Plans a DP release: the least noise for a target epsilon, or the epsilon of a "
+                "given noise multiplier. n comes from the EMBEDDING_SET when connected. With a "
+                "set connected it checks the plan against the image set's budget as the DP "
+                "Aggregate it feeds will (same ledger, same budget_epsilon/budget_delta)."
+            ),
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+            inputs=[
+                io.Combo.Input("mode", options=[MODE_TARGET, MODE_NOISE], default=MODE_TARGET),
+                io.Float.Input(
+                    "epsilon", default=4.0, min=0.001, max=1000.0, step=0.1, tooltip="target"
+                ),
+                io.Float.Input(
+                    "noise_multiplier",
+                    default=1.0,
+                    min=0.001,
+                    max=10000.0,
+                    step=0.01,
+                    tooltip="noise std / L2 sensitivity (used in the noise -> epsilon mode)",
+                ),
+                io.Float.Input(
+                    "delta",
+                    default=accountant.DEFAULT_DELTA,
+                    min=1e-12,
+                    max=0.5,
+                    step=1e-6,
+                    round=False,
+                    tooltip="probability that the guarantee may fail outright; keep the default "
+                    "1e-5 (a larger delta is shown as a warning on this node)",
+                ),
+                io.Int.Input(
+                    "n", default=8, min=1, max=10**9, tooltip="used when no set is connected"
+                ),
+                io.Combo.Input("sampling", options=list(SAMPLINGS), default="full"),
+                io.Int.Input("m", default=4, min=1, max=10**9, tooltip="sample size (wor)"),
+                io.Float.Input(
+                    "q",
+                    default=0.5,
+                    min=1e-6,
+                    max=1.0,
+                    step=0.01,
+                    round=False,
+                    tooltip="sampling rate (poisson)",
+                ),
+                io.Int.Input("releases", default=1, min=1, max=10**6),
+                EmbeddingSetIO.Input("embedding_set", optional=True),
+            ],
+            outputs=[
+                DpPlanIO.Output(display_name="DP_PLAN"),
+                io.String.Output(display_name="summary"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        problem = accountant_problems(kwargs, n_known="embedding_set" not in kwargs)
+        return True if problem is None else problem
+
+    @classmethod
+    def execute(
+        cls,
+        mode,
+        epsilon,
+        noise_multiplier,
+        delta,
+        n,
+        sampling,
+        m,
+        q,
+        releases,
+        embedding_set=None,
+    ) -> io.NodeOutput:
+        linked = isinstance(embedding_set, (EmbeddingSet, TrainingJob))  # n, id: no training
+        n_eff = embedding_set.n if linked else int(n)
+        widgets = dict(mode=mode, epsilon=epsilon, noise_multiplier=noise_multiplier, n=n)
+        widgets.update(delta=delta, sampling=sampling, m=m, q=q, releases=releases)
+        plan = calibration.plan_from_inputs(**plan_arguments(widgets, n_eff))
+        summary = accountant.plan_summary(plan)
+        lines = plan_lines(plan)
+        delta_warning = accountant.delta_warning(plan.delta, n_eff)
+        if delta_warning:
+            lines = [f"WARNING: {delta_warning}", *lines]
+            summary = f"WARNING: {delta_warning}\n{summary}"
+        warning = delta_warning is not None
+        figures: dict[str, Any] = {"delta_warning": delta_warning}
+        if linked and embedding_set.dataset_id:
+            ledger, ds = comfy_ledger(), embedding_set.dataset_id
+            targets = aggregate_budgets(cls.hidden) or [("", None, None)]
+            _, be, bd = targets[0]
+            more, over, budget_figures = budget_payload(ledger, ds, None, be, bd)
+            refusals = []
+            for node_id, be, bd in targets:  # DP Aggregate's own check, as a dry run
+                refused = next_release(ledger, ds, plan, be, bd).get("refused")
+                if refused is not None:
+                    where = f"DP Aggregate (node {node_id})" if node_id else "DP Aggregate"
+                    refusals.append(f"WARNING: {where} will refuse this plan: {refused}")
+            lines += more + refusals
+            warning = warning or bool(refusals)
+            figures.update(budget_figures)
+            figures["will_be_refused"] = figures["next_release_exceeds"] = bool(refusals)
+        return io.NodeOutput(
+            plan,
+            summary,
+            ui=_ui("Privacy Accountant", lines, warning, plan=plan.to_dict(), **figures),
+        )
