@@ -11,7 +11,9 @@ Order of a run (:func:`run`), each step before anything is spent:
 2. the private images (``images.load_image_folder``: the CLI's and ComfyUI's decode and dataset
    id, keyed by the ledger's identity key, so the three skins share one budget per image set when
    they share one ledger file: ``DPAGG_LEDGER``);
-3. the plan (``accountant``) and the ledger's dry run (``Ledger.check``): an over-budget request
+3. the plan (``accountant``), the budget (an image set's first release needs a deliberate
+   ``budget_epsilon``: :func:`needs_budget`) and the ledger's dry run (``Ledger.check``): an
+   over-budget request
    is refused before any training, unless the ledger already holds a release of this set with the
    same public request (plan, C, name): that may be an identical re-run, which is free, so the
    ledger decides after training (the identical embeddings are re-used, others refused);
@@ -62,6 +64,20 @@ MODE_NOISE = "noise_multiplier"
 FAMILY_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 PREVIEW_PROMPTS = ("a lighthouse, in the style of {}", "a cat, in the style of {}")
 PREVIEW_PLAIN = "a painting"
+PLAN_HINT = (
+    "choose the private image folder (type its path, then Enter or click elsewhere): the plan "
+    "and the image set's budget show here before anything runs"
+)
+BUDGET_MEANING = "the total epsilon this image set may ever spend, all its releases together"
+BUDGET_LABEL = "budget epsilon: total epsilon this image set may ever spend"
+BUDGET_INFO = (
+    "required before the image set's first release (a deliberate choice: the ledger refuses "
+    "any release beyond it); 0 = keep the budget the ledger recorded"
+)
+# When the tab recomputes the plan (issue 20 item 11): a text or number field when it is done
+# (Enter or leaving the field), never on each keystroke, which scanned every prefix of a path
+# being typed; a choice (dropdown, radio, checkbox) at once.
+PLAN_EVENTS = {"text": ("blur", "submit"), "choice": ("change",)}
 
 
 class Interrupted(DpaggError):
@@ -234,6 +250,31 @@ def check_epsilon_caps(s: Settings, cap: float | None, plan_epsilon: float | Non
     check_epsilon_cap(_opt(s.budget_epsilon), cap, "budget_epsilon")
 
 
+def target_fields(mode: str) -> dict[str, bool]:
+    """Which of the two privacy-target fields the tab shows for ``mode`` (the other one is not
+    used by the plan, so it is hidden rather than left editable)."""
+    return {"epsilon": mode != MODE_NOISE, "noise_multiplier": mode == MODE_NOISE}
+
+
+def needs_budget(s: Settings, recorded: Mapping[str, Any] | None) -> bool:
+    """True when ``s`` would be an image set's first release without a deliberate budget: the
+    ledger records no budget for the set and ``budget_epsilon`` is 0. The ledger would then
+    default the budget to this release's epsilon, which allows exactly one release (issue 20
+    item 10), so the WebUI asks for it instead."""
+    return recorded is None and not s.budget_epsilon
+
+
+def budget_required_message(plan_epsilon: float, *, refused: bool = False) -> str:
+    """What the tab says (and a refused run answers) when :func:`needs_budget`."""
+    text = (
+        f"budget epsilon: choose {BUDGET_MEANING}, before its first release (this release "
+        f"alone costs epsilon {_fmt(plan_epsilon)}; a budget equal to it allows this one "
+        "release only). It is recorded with the pictures and every later release must fit in "
+        "it; raising it later is a deliberate ledger command."
+    )
+    return text + (" Nothing was spent." if refused else "")
+
+
 # ----------------------------------------------------------------------------------------------
 # Where things live in a WebUI
 # ----------------------------------------------------------------------------------------------
@@ -342,12 +383,18 @@ def plan_view(
         book.raise_hint = raise_budget_hint
         status = budget_status(book, dataset_id)
         out["budget"] = {"total": status.pop("budget"), **status}
+        out["needs_budget"] = needs_budget(s, out["budget"]["total"])
         nxt = next_release(book, dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta))
-        out["exceeds"] = "refused" in nxt
+        # "will be refused" only when it will: a request the ledger may answer from its record
+        # (an identical re-run: same plan, C and name, and then the same model and training
+        # settings) is served at no cost, so it is not called a refusal (issue 20 item 10)
+        out["maybe_recorded"] = "refused" in nxt and _may_be_identical(book, dataset_id, plan, s)
+        out["exceeds"] = "refused" in nxt and not out["maybe_recorded"]
         out["next_release"] = nxt
         out["ok"] = True
     except DpaggError as exc:
         out["error"] = str(exc)
+        out["hint"] = not str(s.images).strip()  # nothing chosen yet: a hint, not an error
     out["html"] = plan_html(out)
     return out
 
@@ -375,6 +422,8 @@ def error_html(message: Any, lead: str = "") -> str:
 def plan_html(view: Mapping[str, Any]) -> str:
     """The plan view as HTML for the tab (red when the next release would be refused)."""
     esc = html.escape
+    if not view.get("ok") and view.get("hint"):
+        return f"<div class='dpagg-plan'>{esc(PLAN_HINT)}</div>"
     if not view.get("ok"):
         return error_html(view.get("error"))
     plan = view["plan"]
@@ -387,10 +436,34 @@ def plan_html(view: Mapping[str, Any]) -> str:
     ]
     nxt = view["next_release"]
     cost = f"next release costs epsilon {_fmt(nxt['epsilon'])}, delta {nxt['delta']:.3g}"
+    if view.get("needs_budget"):
+        lines.append(
+            "<span class='dpagg-needs-budget' style='color:#d33;font-weight:bold'>"
+            f"{esc(budget_required_message(nxt['epsilon']))}"
+            "</span>"
+        )
+    elif view["budget"].get("total") is None and nxt.get("budget"):
+        lines.append(
+            esc(
+                f"this first release sets the budget to epsilon {_fmt(nxt['budget']['epsilon'])}"
+                f", delta {nxt['budget']['delta']:.3g}: {BUDGET_MEANING}"
+            )
+        )
     if view["exceeds"]:
         lines.append(
             f"<span style='color:#d33;font-weight:bold'>{esc(cost)}: it would EXCEED the budget "
             "and will be refused (nothing is spent)</span>"
+        )
+    elif view.get("maybe_recorded"):
+        lines.append(
+            "<span class='dpagg-recorded' style='color:#c80'>"
+            + esc(
+                "an earlier release of this image set has the same plan, clip norm and name: "
+                "with the same checkpoint and training settings (steps, seed, ...) this is an "
+                "identical re-run, answered from the ledger's record at no cost; any other "
+                f"release ({cost}) would exceed the budget and is refused before training"
+            )
+            + "</span>"
         )
     else:
         after = nxt.get("spent_after") or {}
@@ -547,6 +620,8 @@ def run(
     check_epsilon_caps(s, max_epsilon, plan.epsilon)
     book = Ledger(ledger)
     book.raise_hint = raise_budget_hint
+    if needs_budget(s, budget_status(book, images.dataset_id)["budget"]):
+        raise DpaggError(budget_required_message(plan.epsilon, refused=True))
     try:
         book.check(images.dataset_id, plan, _opt(s.budget_epsilon), _opt(s.budget_delta))
     except BudgetExceeded:
@@ -698,12 +773,37 @@ def preview_prompts(word: str) -> list[tuple[str, str]]:
     return [(p.format(PREVIEW_PLAIN), p.format(word)) for p in PREVIEW_PROMPTS]
 
 
-def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
-    """Write the with/without grid (PIL images, one row per prompt) to ``out``."""
-    from dpagg_core.showcase.preview import _save_grid
+PREVIEW_LABELS = ("without", "with embedding")
 
+
+def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
+    """Write the with/without grid (PIL images, one row per prompt) to ``out``, each column
+    under its label. Cells narrower than a label (a 64 px preview) are enlarged by a whole
+    factor (nearest neighbour) so the label fits over its own column instead of being cut
+    (issue 20 item 12: "thout with emb")."""
+    from PIL import Image, ImageDraw
+
+    w, h = pairs[0][0].size
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), label) for label in PREVIEW_LABELS]
+    need = max(b[2] - b[0] for b in boxes) + 8
+    scale = max(1, math.ceil(need / w))
+    cw, ch = w * scale, h * scale
+    band = max(b[3] - b[1] for b in boxes) + 8
+    grid = Image.new("RGB", (2 * cw, len(pairs) * ch + band), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, label in enumerate(PREVIEW_LABELS):
+        width = draw.textlength(label)
+        draw.text((col * cw + (cw - width) / 2, 3), label, fill="black")
+    for row, pair in enumerate(pairs):
+        for col, img in enumerate(pair):
+            cell = img.convert("RGB")
+            if scale > 1:
+                cell = cell.resize((cw, ch), Image.NEAREST)
+            grid.paste(cell, (col * cw, band + row * ch))
     out.parent.mkdir(parents=True, exist_ok=True)
-    return _save_grid(pairs, out)
+    grid.save(out)
+    return out
 
 
 def error_status(exc: BaseException) -> int:

@@ -18,3 +18,25 @@ function dpaggStartRun() {
     res[0] = id;
     return res;
 }
+
+// The Extra Networks panes whose cards list embeddings (the WebUI's tabs with an Extra Networks
+// pane; Forge and A1111 name the Textual Inversion page "textual_inversion").
+var dpaggExtraNetworkTabs = ['txt2img', 'img2img'];
+
+// After Train and release: when the result is a release (new or re-used), press the hidden
+// refresh button of each Textual Inversion pane, exactly as the pane's own Refresh button does
+// (extraNetworksControlRefreshOnClick in the WebUI's javascript/extraNetworks.js clicks
+// "<tab>_textual_inversion_extra_refresh_internal"), so the new card shows without a manual
+// refresh. The server already reloaded the embedding databases before answering.
+function dpaggAfterRun(resultHtml) {
+    if (typeof resultHtml === 'string' && resultHtml.indexOf('dpagg-report') !== -1) {
+        dpaggExtraNetworkTabs.forEach(function(tabname) {
+            var button = gradioApp().getElementById(
+                tabname + '_textual_inversion_extra_refresh_internal');
+            if (button) {
+                button.dispatchEvent(new Event('click'));
+            }
+        });
+    }
+    return [];
+}

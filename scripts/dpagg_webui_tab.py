@@ -587,6 +587,9 @@ _FIELD_ORDER = (
 )
 
 
+_CHOICE_FIELDS = frozenset({"checkpoint", "mode", "sampling", "templates", "preview"})
+
+
 def _js_kwargs(component: Any, fn_name: str) -> dict[str, str]:
     """gradio 3 (A1111 1.10) calls the client-side hook ``_js``, gradio 4 (Forge) ``js``."""
     params = inspect.signature(component.click).parameters
@@ -635,10 +638,20 @@ def on_ui_tabs():
                         label="Privacy target",
                         choices=[core.MODE_EPSILON, core.MODE_NOISE],
                         value=d.mode,
+                        elem_id=f"{ELEM}_mode",
                     )
-                    comps["epsilon"] = gr.Number(label="epsilon", value=d.epsilon)
+                    shown = core.target_fields(d.mode)  # the target not chosen is hidden
+                    comps["epsilon"] = gr.Number(
+                        label="epsilon",
+                        value=d.epsilon,
+                        visible=shown["epsilon"],
+                        elem_id=f"{ELEM}_epsilon",
+                    )
                     comps["noise_multiplier"] = gr.Number(
-                        label="noise multiplier", value=d.noise_multiplier
+                        label="noise multiplier",
+                        value=d.noise_multiplier,
+                        visible=shown["noise_multiplier"],
+                        elem_id=f"{ELEM}_noise_multiplier",
                     )
                     comps["delta"] = gr.Number(label="delta", value=d.delta)
                 with gr.Row():
@@ -657,7 +670,10 @@ def on_ui_tabs():
                     suggest_btn = gr.Button("Suggest C from the public folder")
                 with gr.Row():
                     comps["budget_epsilon"] = gr.Number(
-                        label="budget epsilon (0 = keep / this release's)", value=0
+                        label=core.BUDGET_LABEL,
+                        info=core.BUDGET_INFO,
+                        value=0,
+                        elem_id=f"{ELEM}_budget_epsilon",
                     )
                     comps["budget_delta"] = gr.Number(label="budget delta (0 = keep)", value=0)
                 with gr.Accordion("Per-image textual inversion", open=False):
@@ -696,15 +712,20 @@ def on_ui_tabs():
                         )
             with gr.Column(scale=2):
                 plan_html = gr.HTML(
-                    "<div class='dpagg-plan'>choose the private image folder: the plan and the "
-                    "image set's budget show here before anything runs</div>",
+                    f"<div class='dpagg-plan'>{html.escape(core.PLAN_HINT)}</div>",
                     elem_id=f"{ELEM}_plan",
                 )
                 with gr.Row():
-                    run_btn = gr.Button("Train and release", variant="primary")
+                    run_btn = gr.Button(
+                        "Train and release", variant="primary", elem_id=f"{ELEM}_run"
+                    )
                     stop_btn = gr.Button("Interrupt", elem_id=f"{ELEM}_interrupt")
                 gr.HTML(elem_id=f"{ELEM}_progress")
-                preview = gr.Image(label="Preview (without | with)", interactive=False)
+                preview = gr.Image(
+                    label="Preview: without | with the embedding",
+                    interactive=False,
+                    elem_id=f"{ELEM}_preview",
+                )
                 result_html = gr.HTML(elem_id=f"{ELEM}_result")
         id_task = gr.Textbox(visible=False, elem_id=f"{ELEM}_id_task")
         inputs = [comps[k] for k in _FIELD_ORDER]
@@ -715,8 +736,22 @@ def on_ui_tabs():
         def refresh_plan(*args: Any) -> str:
             return plan(values_of(args))["html"]
 
-        for comp in inputs:
-            comp.change(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
+        for key in _FIELD_ORDER:  # debounced: core.PLAN_EVENTS (no scan per keystroke)
+            kind = "choice" if key in _CHOICE_FIELDS else "text"
+            for event in core.PLAN_EVENTS[kind]:
+                listener = getattr(comps[key], event, None)
+                if listener is not None:
+                    listener(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
+
+        def show_target(mode: str):
+            shown = core.target_fields(mode)
+            return gr.update(visible=shown["epsilon"]), gr.update(visible=shown["noise_multiplier"])
+
+        comps["mode"].change(
+            fn=show_target,
+            inputs=[comps["mode"]],
+            outputs=[comps["epsilon"], comps["noise_multiplier"]],
+        )
 
         def do_run(_id_task: str, *args: Any):
             return tab_run(values_of(args))
@@ -726,6 +761,8 @@ def on_ui_tabs():
             inputs=[id_task, *inputs],
             outputs=[preview, plan_html, result_html],
             **_js_kwargs(run_btn, "dpaggStartRun"),
+        ).then(  # a release: refresh the Extra Networks panes so its card shows at once
+            fn=None, inputs=[result_html], outputs=[], **_js_kwargs(run_btn, "dpaggAfterRun")
         )
 
         def do_suggest(_id_task: str, *args: Any):
@@ -737,7 +774,7 @@ def on_ui_tabs():
             inputs=[id_task, *inputs],
             outputs=[comps["clip_norm"], result_html],
             **_js_kwargs(suggest_btn, "dpaggStartRun"),
-        )
+        ).then(fn=refresh_plan, inputs=inputs, outputs=[plan_html])  # C was set, not typed
         stop_btn.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
     return [(tab, "Private style (DP)", ELEM)]
 

@@ -880,3 +880,66 @@ def test_refusal_hint_reads_as_a_sentence(tmp_path):
     text = str(info.value)
     assert "deliberately with `" in text and "with from" not in text
     assert "ledger set-budget --ledger" in text and "extensions/dpagg" in text
+
+
+def test_first_release_needs_a_deliberate_budget_and_spends_nothing_without(
+    tmp_path, tiny_model_dir
+):
+    """Issue 20 item 10: with no budget recorded and ``budget_epsilon`` 0, the plan asks for one
+    in red and a run is refused before anything loads; with one, the plan says what it sets."""
+    make_images(tmp_path / "private")
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
+    bare = settings(tmp_path, tiny_model_dir, budget_epsilon=0, budget_delta=0)
+    view = core.plan_view(bare, ledger=ledger)
+    assert view["ok"] and view["needs_budget"] and "dpagg-needs-budget" in view["html"]
+    assert "before its first release" in view["html"]
+    host = FakeHost()
+    with pytest.raises(DpaggError, match="Nothing was spent"):
+        core.run(bare, ledger=ledger, out_dir=out, host=host)
+    assert host.events == [] and not out.exists()
+    assert Ledger(ledger).list_releases() == []
+
+    chosen = core.plan_view(settings(tmp_path, tiny_model_dir, budget_epsilon=6), ledger=ledger)
+    assert not chosen["needs_budget"] and "sets the budget to epsilon 6" in chosen["html"]
+
+
+def test_an_identical_rerun_is_not_called_a_refusal(tmp_path, tiny_model_dir):
+    """Issue 20 item 10: once the budget is used up, the plan for the identical request says it
+    is answered from the record (no "will be refused"), and the run is indeed served; another
+    plan is still shown as refused."""
+    make_images(tmp_path / "private")
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
+    s = settings(tmp_path, tiny_model_dir)  # budget epsilon 2 = this release's epsilon
+    core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
+    view = core.plan_view(s, ledger=ledger)
+    assert view["maybe_recorded"] and not view["exceeds"]
+    assert "identical re-run" in view["html"] and "EXCEED" not in view["html"]
+    assert core.run(s, ledger=ledger, out_dir=out, host=FakeHost()).reused
+    other = core.plan_view(dataclasses.replace(s, epsilon=1.0), ledger=ledger)
+    assert other["exceeds"] and not other["maybe_recorded"] and "EXCEED" in other["html"]
+
+
+def test_plan_waits_for_a_folder_and_shows_one_target(tmp_path, tiny_model_dir):
+    """Issue 20 items 11-12: an empty folder field is a hint, not an error; typed fields
+    recompute the plan when done (never per keystroke); only the chosen target is shown."""
+    view = core.plan_view(settings(tmp_path, tiny_model_dir, images=""), ledger=tmp_path / "l")
+    assert not view["ok"] and view["hint"] and "#d33" not in view["html"]
+    assert "change" not in core.PLAN_EVENTS["text"] and core.PLAN_EVENTS["choice"] == ("change",)
+    assert core.target_fields(core.MODE_EPSILON) == {"epsilon": True, "noise_multiplier": False}
+    assert core.target_fields(core.MODE_NOISE) == {"epsilon": False, "noise_multiplier": True}
+
+
+@pytest.mark.parametrize("size", [64, 512])
+def test_preview_grid_labels_fit_their_columns(tmp_path, size):
+    """Issue 20 item 12: each label is drawn whole over its own column (a 64 px preview read
+    "thout with emb"): the grid is enlarged until the wider label fits in one cell."""
+    from PIL import ImageDraw
+
+    pairs = [(Image.new("RGB", (size, size), "red"), Image.new("RGB", (size, size), "blue"))] * 2
+    grid = Image.open(core.save_preview_grid(pairs, tmp_path / "grid.png"))
+    cell = grid.width // 2
+    probe = ImageDraw.Draw(grid)
+    assert all(probe.textlength(label) < cell for label in core.PREVIEW_LABELS)
+    assert grid.getpixel((cell // 2, grid.height - 2)) == (255, 0, 0)
+    assert grid.getpixel((cell + cell // 2, grid.height - 2)) == (0, 0, 255)
+    assert (cell == size) == (size == 512)
