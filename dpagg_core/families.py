@@ -33,3 +33,15 @@ def family_keys(model_family: str) -> tuple[str, ...]:
     if model_family not in KEYS_BY_FAMILY:
         raise DpaggError(f"model_family={model_family!r} is unknown; use one of {list(FAMILIES)}")
     return KEYS_BY_FAMILY[model_family]
+
+
+# Values per token vector of each family's text encoders, all keys together (CLIP ViT-L 768,
+# OpenCLIP ViT-H 1024, SDXL both 768 + 1280): the full-space K of a release without a basis.
+TOKEN_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
+
+
+def full_space_k(model_family: str, vectors: int) -> int:
+    """K, the noised coordinates of a release without a public basis: vectors x token width."""
+    if model_family not in TOKEN_WIDTH:
+        raise DpaggError(f"model_family={model_family!r}: no token width (use sd1, sd2 or sdxl)")
+    return int(vectors) * TOKEN_WIDTH[model_family]

@@ -357,8 +357,10 @@ def plan_view(
 ) -> dict[str, Any]:
     """The live plan and budget of the image set, before anything runs (dry run only).
 
-    ``{"ok", "error", "n", "dataset_id", "plan", "plan_text", "delta_warning", "budget",
-    "next_release", "exceeds", "warnings", "html"}``; ``budget`` holds the ledger's figures
+    ``{"ok", "error", "n", "dataset_id", "plan", "plan_text", "delta_warning", "forecast",
+    "budget", "next_release", "exceeds", "warnings", "html"}``; ``forecast`` is
+    :func:`dpagg_core.privacy.forecast.forecast` for the tab's full space (public values only),
+    ``budget`` holds the ledger's figures
     (``None`` before the first release), ``next_release`` the cost of one more release with this
     plan and the composed spend after it, ``exceeds`` whether the ledger would refuse it. Errors
     (bad settings, empty folder, ...) come back as ``ok: False`` with the message, never raised:
@@ -367,18 +369,25 @@ def plan_view(
     """
     out: dict[str, Any] = {"ok": False, "error": None, "exceeds": False, "warnings": []}
     try:
+        from dpagg_core.families import full_space_k
         from dpagg_core.privacy.accountant import delta_warning, plan_summary
+        from dpagg_core.privacy.forecast import forecast
         from dpagg_core.privacy.ledger import Ledger
 
         check_epsilon_caps(s, max_epsilon)
+        family = checkpoint_family(s.checkpoint) if s.checkpoint else None
         if s.checkpoint:
-            check_family(checkpoint_family(s.checkpoint), loaded_family)
+            check_family(family, loaded_family)
         n, dataset_id, warnings = scan_images(s.images, ledger)
         out.update(n=n, dataset_id=dataset_id, warnings=warnings)
         plan = make_plan(s, n)
         check_epsilon_caps(s, max_epsilon, plan.epsilon)
         out.update(plan=plan.to_dict(), plan_text=plan_summary(plan))
         out["delta_warning"] = delta_warning(plan.delta, n)
+        # the tab releases without a basis: every value of every vector is noised
+        k = full_space_k(family or loaded_family or "sd1", s.vectors)
+        outlook = forecast(plan, k)
+        out["forecast"] = outlook.to_dict() | {"text": outlook.text()}
         book = Ledger(ledger)
         book.raise_hint = raise_budget_hint
         status = budget_status(book, dataset_id)
@@ -434,6 +443,8 @@ def plan_html(view: Mapping[str, Any]) -> str:
         f"({esc(plan['accountant'])})",
         esc(_budget_line(view["budget"])),
     ]
+    if view.get("forecast"):
+        lines.append(f"<span class='dpagg-forecast'>{esc(view['forecast']['text'])}</span>")
     nxt = view["next_release"]
     cost = f"next release costs epsilon {_fmt(nxt['epsilon'])}, delta {nxt['delta']:.3g}"
     if view.get("needs_budget"):

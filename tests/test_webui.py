@@ -901,6 +901,9 @@ def test_first_release_needs_a_deliberate_budget_and_spends_nothing_without(
 
     chosen = core.plan_view(settings(tmp_path, tiny_model_dir, budget_epsilon=6), ledger=ledger)
     assert not chosen["needs_budget"] and "sets the budget to epsilon 6" in chosen["html"]
+    # issue 21 item 2: the forecast for the tab's full space (1 vector x 768 values, SD1)
+    assert chosen["forecast"]["k"] == 768 and chosen["forecast"]["verdict"] == "noise"
+    assert "dpagg-forecast" in chosen["html"] and "mostly noise" in chosen["html"]
 
 
 def test_an_identical_rerun_is_not_called_a_refusal(tmp_path, tiny_model_dir):

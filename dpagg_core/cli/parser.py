@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="K: noised coordinates in a public basis (`dpagg public-basis` prints it: k per "
         "vector x vectors, x2 for SDXL): the subspace's effect on the noise norm (needs --dim)",
     )
+    p.add_argument(
+        "--rho",
+        type=float,
+        default=None,
+        help="the forecast's agreement of public per-image deltas of one style (0-1; default "
+        "0.43, measured on public styles: docs/evidence.md)",
+    )
     p.set_defaults(func=cmd_account)
 
     p = sub.add_parser(

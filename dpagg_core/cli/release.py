@@ -19,6 +19,7 @@ from dpagg_core.errors import DpaggError
 
 
 def cmd_account(args: argparse.Namespace) -> int:
+    from dpagg_core.privacy.forecast import forecast
     from dpagg_core.privacy.noise_comparison import noise_comparison
     from dpagg_core.privacy.plan_text import DELTA_MEANING, delta_warning, plan_summary
 
@@ -31,13 +32,19 @@ def cmd_account(args: argparse.Namespace) -> int:
         if math.isfinite(plan.epsilon) and plan.epsilon > 0
         else (None, "(no noise comparison: the plan's epsilon is not finite)")
     )
+    outlook = forecast(plan, k=args.k or args.dim, rho=args.rho)
     payload = {
         "plan": plan.to_dict(),
         "delta_meaning": DELTA_MEANING,
         "delta_warning": warning,
         "comparison": comparison,
+        "forecast": outlook.to_dict(),
     }
-    emit(args, payload, f"{plan_summary(plan)}\n\n{block}\n\n{DELTA_MEANING}")
+    emit(
+        args,
+        payload,
+        f"{plan_summary(plan)}\n{outlook.text()}\n\n{block}\n\n{DELTA_MEANING}",
+    )
     return 0
 
 
