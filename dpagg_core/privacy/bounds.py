@@ -1,6 +1,6 @@
 """Privacy accounting for DPAgg releases, on Google's dp-accounting library (PyPI
 ``dp-accounting``; inside ComfyUI and the WebUI ``install.py`` installs it with ``--no-deps``
-because it pins attrs<24, see README).
+because it pins attrs<24, see docs/comfyui.md and docs/webui.md).
 
 A release is the clipped mean of a public-size sample of per-image embeddings plus Gaussian noise
 of standard deviation ``z * Delta``, where ``Delta`` is the L2 sensitivity of that mean under the

@@ -7,7 +7,7 @@
 2. ``dpagg run`` trains one textual-inversion embedding per image, calibrates the Gaussian noise
    to epsilon = ``DEMO_EPSILON`` (delta = the default 1e-5), releases the DP mean through a fresh
    ledger and writes ``demo_style.safetensors``. It uses the setting the benchmark found best for
-   small sets (README "Evidence"): the mean and noise live in a PUBLIC subspace (``DEMO_BASIS_K``
+   small sets (docs/evidence.md): the mean and noise live in a PUBLIC subspace (``DEMO_BASIS_K``
    directions per vector) fitted to per-image embeddings of PUBLIC images of the model's 26
    *training* styles, clipped around those public embeddings' mean. The public embeddings ship
    in ``samples/public/`` (``bench/make_demo_samples.py --public-embeddings`` trains them with
