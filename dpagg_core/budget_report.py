@@ -25,6 +25,27 @@ def fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+# The accountant of a plan in words (a node showed a bare "(pld)"): issue 20 item 4.
+ACCOUNTANT_WORDS = {
+    "analytic_gaussian": "analytic Gaussian accountant",
+    "analytic_gaussian+wor_amplification(BBG18)": "analytic Gaussian accountant with subsampling",
+    "rdp_wor": "Renyi DP accountant, subsampled",
+    "pld": "privacy loss distribution accountant",
+    "pld(unamplified)": "privacy loss distribution accountant (no subsampling credit)",
+    "pld_poisson": "privacy loss distribution accountant, Poisson subsampled",
+    "group-privacy": "group privacy bound",
+}
+COMPOSITION_WORDS = {
+    "none": "",
+    "basic": "added up",
+    "pld": "composed with the privacy loss distribution accountant",
+}
+
+
+def accountant_words(name: str) -> str:
+    return ACCOUNTANT_WORDS.get(str(name), f"{name} accountant")
+
+
 def plan_lines(plan: PrivacyPlan) -> list[str]:
     """Short public description of a plan for the node's display."""
     if plan.sampling == "wor":
@@ -36,8 +57,51 @@ def plan_lines(plan: PrivacyPlan) -> list[str]:
     return [
         f"plan: eps={fmt(plan.epsilon)}, delta={plan.delta:.3g}, noise multiplier="
         f"{fmt(plan.noise_multiplier)}",
-        f"{plan.sampling} ({how}), {plan.releases} release(s), {plan.accountant}",
+        f"{plan.sampling} ({how}), {plan.releases} release(s), {accountant_words(plan.accountant)}",
     ]
+
+
+def spent_line(dataset_id: str, status: dict[str, Any]) -> str:
+    """The one budget figure every node and the Privacy Ledger show alike: what is spent of the
+    budget and how many releases (issue 20 item 3: one figure on screen)."""
+    b, spent = status["budget"], status["spent"]
+    budget = "not set" if b is None else f"{fmt(b['epsilon'])} (delta {b['delta']:.3g})"
+    count = status["releases"]
+    return f"{dataset_id}: spent eps {fmt(spent['epsilon'])} of {budget}, {count} release(s)"
+
+
+def next_release_line(
+    ledger: Any,
+    dataset_id: str,
+    plan: PrivacyPlan,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
+) -> tuple[str | None, float | None]:
+    """("the next release can be at most epsilon X at delta Y ...", X): the remaining budget as
+    what the user can do with it, by the accountant the refusal uses for its "largest epsilon
+    that fits" (``Ledger.largest_next_epsilon``); (None, None) before a budget is known."""
+    best = ledger.largest_next_epsilon(dataset_id, plan, budget_epsilon, budget_delta)
+    if best is None:
+        if ledger.status(dataset_id)["budget"] is None and not budget_epsilon:
+            return None, None
+        return (
+            "the budget is used up: no release that includes these pictures fits any more, "
+            "whatever its epsilon",
+            0.0,
+        )
+    if best != best:  # NaN: the plan cannot be re-calibrated; say nothing wrong
+        return None, None
+    if plan.sampling == "wor":
+        how = f"m={plan.m} of n={plan.n}"
+    elif plan.sampling == "poisson":
+        how = f"q={plan.q:g} of n={plan.n}"
+    else:
+        how = f"all n={plan.n}"
+    return (
+        f"the next release can be at most epsilon {best:.3g} at delta {plan.delta:.3g} "
+        f"({plan.sampling} sampling, {how})",
+        best,
+    )
 
 
 def budget_status(ledger: Any, dataset_id: str) -> dict[str, Any]:
@@ -80,39 +144,40 @@ def budget_payload(
 ) -> tuple[list[str], bool, dict[str, Any]]:
     """Lines, warning flag and figures of a dataset's budget (public: from the ledger only).
 
-    ``warning`` is True when one more release of ``plan`` would be refused (dry run
-    ``Ledger.check``; nothing is drawn or written)."""
+    The same lines for the same ledger state on every node (its spent figure is the Privacy
+    Ledger's, :func:`spent_line`); with a plan, what the next release can be
+    (:func:`next_release_line`) and whether this plan fits. ``warning`` is True when one more
+    release of ``plan`` would be refused (dry run ``Ledger.check``; nothing is drawn or
+    written). The nodes' frontend re-asks for these lines after any release (``budget_query``
+    in the UI message, served by the pack's status route), so no node keeps a stale figure."""
     status = budget_status(ledger, dataset_id)
-    lines: list[str] = []
-    spent = status["spent"]
+    lines: list[str] = [spent_line(dataset_id, status)]
     if status["budget"] is None:
         lines.append(BUDGET_NOT_SET)
-    else:
-        b, r = status["budget"], status["remaining"]
-        lines.append(
-            f"budget: eps {fmt(spent['epsilon'])} / {fmt(b['epsilon'])} spent, "
-            f"{fmt(r['epsilon'])} left (delta {spent['delta']:.3g} / {b['delta']:.3g})"
-            " - its most-spent picture"
-        )
-    lines.append(
-        f"releases that include these pictures: {status['releases']} ({status['composition']})"
-    )
     if status.get("shared"):
         lines.append(
             "some of these pictures were also released with other image sets: their spend counts "
             "here too (the budget protects each picture)"
         )
     warning = False
+    most = None
     if plan is not None:
+        text, most = next_release_line(ledger, dataset_id, plan, budget_epsilon, budget_delta)
+        if text:
+            lines.append(text)
         warning = "refused" in next_release(ledger, dataset_id, plan, budget_epsilon, budget_delta)
         if warning:
-            lines.append("WARNING: the next release with this plan would exceed the budget")
+            lines.append(
+                f"WARNING: the next release with this plan (epsilon {fmt(plan.epsilon)}) would "
+                "exceed the budget"
+            )
     figures = {
         "budget": status["budget"],
-        "spent": spent,
+        "spent": status["spent"],
         "remaining": status["remaining"],
         "releases": status["releases"],
         "next_release_exceeds": warning,
+        "next_release_max_epsilon": most,
     }
     return lines, warning, figures
 
@@ -151,10 +216,7 @@ def ledger_lines(ledger: Any, only: str = "") -> tuple[list[str], list[dict[str,
         st = ledger.status(ds)
         b = st["budget"]
         spent = st["spent"]
-        budget = "not set" if b is None else f"{fmt(b['epsilon'])} (delta {b['delta']:.3g})"
-        lines.append(
-            f"{ds}: spent eps {fmt(spent['epsilon'])} of {budget}, {st['releases']} release(s)"
-        )
+        lines.append(spent_line(ds, st))
         releases = ledger.list_releases(ds)
         for r in releases:  # the file actually written (mystyle-2), else the requested name
             name = ", ".join(r.get("files") or []) or r["name"]

@@ -16,7 +16,6 @@ from dpagg_core.aggregate.release import (
     release_embeddings,
 )
 from dpagg_core.budget_report import (
-    budget_payload,
     budget_request_lines,
     fmt,
     plan_lines,
@@ -29,6 +28,7 @@ from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.ledger import Ledger
 from dpagg_core.privacy.mechanism import CLIP_MODES, check_clip_norm
 
+from .budget_status import budget_block, budget_query, notify_ledger_changed
 from .common import (
     CATEGORY,
     PUBLIC_MEAN_CENTRE,
@@ -254,14 +254,19 @@ class DPAggregate(io.ComfyNode):
             "public_centre": public_centre,
         }
         trained: bool | None = None
-        if isinstance(eset, TrainingJob):
-            # The pipeline: the ledger's record of the identical request first (nothing
-            # trained), else the budget check, the training (this node's progress bar and
-            # Interrupt), then the release keyed by the same inputs.
-            outcome, trained = _release_job(eset, plan, ledger, cls, options)
-        else:
-            outcome = release_embeddings(eset, plan=plan, ledger=ledger, **options)
-        more, warning, figures = budget_payload(ledger, eset.dataset_id, plan, be, bd)
+        try:
+            if isinstance(eset, TrainingJob):
+                # The pipeline: the ledger's record of the identical request first (nothing
+                # trained), else the budget check, the training (this node's progress bar and
+                # Interrupt), then the release keyed by the same inputs.
+                outcome, trained = _release_job(eset, plan, ledger, cls, options)
+            else:
+                outcome = release_embeddings(eset, plan=plan, ledger=ledger, **options)
+        finally:  # every open page re-reads its nodes' budget lines (nodes/budget_status.py)
+            notify_ledger_changed(eset.dataset_id)
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        query = budget_query(eset.dataset_id, plan, [(str(node_id or ""), be, bd)])
+        more, warning, figures = budget_block(ledger, query)
         state = "reused (nothing spent)" if outcome.reused else "new release"
         lines = [f"{outcome.prompt if is_ti else outcome.name}: {state}"]
         if trained is not None:
@@ -275,8 +280,8 @@ class DPAggregate(io.ComfyNode):
         lines += plan_lines(plan)
         flat_dim = sum(int(t.numel()) for t in outcome.vectors.values())
         shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), flat_dim)
-        lines += shaping + more
-        figures.update(extra)
+        lines += shaping + more  # budget last: js/dpagg.js refreshes them after any release
+        figures.update(extra, budget_lines=more, budget_query=query)
         text = outcome.prompt if is_ti else outcome.name
         if is_ti:
             vision: Any = ExecutionBlocker(

@@ -137,7 +137,9 @@ class PrivacyLedger(io.ComfyNode):
         ledger = comfy_ledger()
         lines, table = ledger_lines(ledger, str(dataset).strip())
         text = "\n".join(lines)
-        return io.NodeOutput(text, ui=_ui("Privacy Ledger", lines, datasets=table))
+        query = {"ledger": True, "dataset": str(dataset).strip()}  # refreshed by js/dpagg.js
+        ui = _ui("Privacy Ledger", lines, datasets=table, ledger_query=query)
+        return io.NodeOutput(text, ui=ui)
 
 
 NODES: tuple[type[io.ComfyNode], ...] = (PrivacyLedger,)
@@ -211,6 +213,9 @@ def raise_budget(ledger: Any, content_type: str, body: bytes) -> tuple[int, dict
     was = "not set" if old is None else fmt(old["epsilon"])
     done = f"budget of {dataset}: {was} -> {fmt(epsilon)} (delta {delta:.3g})"
     log.info("[dpagg] Privacy Ledger: %s (the '%s' dialog)", done, BUTTON)
+    from .budget_status import notify_ledger_changed
+
+    notify_ledger_changed(dataset)  # every node on the page re-reads its budget lines
     lines, table = ledger_lines(ledger, dataset)
     return 200, {
         "ok": True,
@@ -252,6 +257,10 @@ def register_routes() -> bool:
     if routes is None or not hasattr(routes, "post"):
         return False
     if not getattr(instance, "_dpagg_ledger_route", False):
+        from .budget_status import ROUTE as STATUS_ROUTE
+        from .budget_status import status_route
+
         routes.post(ROUTE)(raise_budget_route)
+        routes.post(STATUS_ROUTE)(status_route)  # read-only: fresh budget lines for the page
         instance._dpagg_ledger_route = True
     return True

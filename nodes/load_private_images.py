@@ -9,9 +9,6 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from dpagg_core.budget_report import (
-    budget_payload,
-)
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.files import folder_fingerprint
 from dpagg_core.io.images import (
@@ -19,6 +16,7 @@ from dpagg_core.io.images import (
     load_image_folder,
 )
 
+from .budget_status import budget_block, budget_query
 from .common import (
     CATEGORY,
     PrivateImagesIO,
@@ -98,10 +96,12 @@ class LoadPrivateImages(io.ComfyNode):
             f"image set {loaded.dataset_id} (from the original pictures; names, order and "
             "resolution do not change it)",
         ]
-        more, _, figures = budget_payload(comfy_ledger(ledger), loaded.dataset_id, None)
-        lines += more + [f"warning: {w}" for w in loaded.warnings]
+        query = budget_query(loaded.dataset_id)
+        more, _, figures = budget_block(comfy_ledger(ledger), query)
+        lines += [f"warning: {w}" for w in loaded.warnings]
         if loaded.notes:
             lines.append(f"{len(loaded.notes)} non-image entries skipped")
+        lines += more  # last: js/dpagg.js replaces them with fresh ones after any release
         duplicates = any(w.startswith("duplicate") for w in loaded.warnings)  # privacy: red
         ui = _ui(
             "Load Private Images",
@@ -109,6 +109,8 @@ class LoadPrivateImages(io.ComfyNode):
             duplicates,
             n=loaded.count,
             dataset=loaded.dataset_id,
+            budget_lines=more,
+            budget_query=query,
             **figures,
         )
         return io.NodeOutput(loaded, ui=ui)

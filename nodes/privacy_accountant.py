@@ -7,16 +7,13 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from dpagg_core.budget_report import (
-    budget_payload,
-    next_release,
-    plan_lines,
-)
+from dpagg_core.budget_report import plan_lines
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.privacy import accountant, calibration
 from dpagg_core.privacy.accountant import SAMPLINGS
 
+from .budget_status import budget_block, budget_query
 from .common import (
     CATEGORY,
     MODE_NOISE,
@@ -176,21 +173,16 @@ class PrivacyAccountant(io.ComfyNode):
             summary = f"WARNING: {delta_warning}\n{summary}"
         warning = delta_warning is not None
         figures: dict[str, Any] = {"delta_warning": delta_warning}
+        figures["n_from_set"] = n_eff if linked else None  # js/dpagg.js shows it on `n`
         if linked and embedding_set.dataset_id:
-            ledger, ds = comfy_ledger(), embedding_set.dataset_id
-            targets = aggregate_budgets(cls.hidden) or [("", None, None)]
-            _, be, bd = targets[0]
-            more, over, budget_figures = budget_payload(ledger, ds, None, be, bd)
-            refusals = []
-            for node_id, be, bd in targets:  # DP Aggregate's own check, as a dry run
-                refused = next_release(ledger, ds, plan, be, bd).get("refused")
-                if refused is not None:
-                    where = f"DP Aggregate (node {node_id})" if node_id else "DP Aggregate"
-                    refusals.append(f"WARNING: {where} will refuse this plan: {refused}")
-            lines += more + refusals
-            warning = warning or bool(refusals)
-            figures.update(budget_figures)
-            figures["will_be_refused"] = figures["next_release_exceeds"] = bool(refusals)
+            # the budget lines: what the next release can be and each DP Aggregate's own check
+            # (a dry run), re-read by js/dpagg.js after any release (nodes/budget_status.py)
+            targets = aggregate_budgets(cls.hidden)
+            query = budget_query(embedding_set.dataset_id, plan, targets, refusals=True)
+            more, over, budget_figures = budget_block(comfy_ledger(), query)
+            lines += more
+            warning = warning or over
+            figures.update(budget_figures, budget_lines=more, budget_query=query)
         return io.NodeOutput(
             plan,
             summary,

@@ -732,3 +732,20 @@ def test_raise_hint_is_a_constructor_argument(tmp_path):
     assert led.how_to_raise("ds") == "the Privacy Ledger node (ds)"
     assert pickle.loads(pickle.dumps(led)).raise_hint is _hint
     assert "dpagg ledger set-budget" in Ledger(tmp_path / "l.sqlite").how_to_raise("ds")
+
+
+def test_largest_next_epsilon_is_what_the_refusal_names_and_it_fits(led, draws):
+    """Issue 20 item 4: the nodes show the remaining budget as "the next release can be at most
+    epsilon X at delta Y", by the same accountant as a refusal's "largest epsilon that fits";
+    X fits and a little more does not; None before any budget is known."""
+    plan = make_plan()
+    assert led.largest_next_epsilon(DATASET, plan) is None  # no budget recorded, none given
+    release(led, "a", plan, budget_epsilon=plan.epsilon * 1.6, budget_delta=plan.delta * 4)
+    best = led.largest_next_epsilon(DATASET, plan)
+    assert 0 < best < plan.epsilon * 1.6
+    fit = calibration.calibrate(best, plan.delta, N, "wor", m=N // 2)
+    led.check(DATASET, fit)  # admitted
+    with pytest.raises(BudgetExceeded) as err:
+        led.check(DATASET, calibration.calibrate(best * 1.05, plan.delta, N, "wor", m=N // 2))
+    named = float(re.search(r"fits now .* is about ([0-9.e-]+)\.", str(err.value)).group(1))
+    assert named == pytest.approx(best, rel=0.03)

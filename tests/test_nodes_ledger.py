@@ -147,7 +147,11 @@ def test_raise_route_registers_only_on_a_comfyui_server(pack, monkeypatch):
         sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=instance))
     )
     assert ln.register_routes() is True and ln.register_routes() is True
-    assert instance.routes.added == [("/dpagg/ledger/budget", ln.raise_budget_route)]
+    status = importlib.import_module("nodes.budget_status")
+    assert instance.routes.added == [
+        ("/dpagg/ledger/budget", ln.raise_budget_route),
+        ("/dpagg/ledger/status", status.status_route),  # read-only budget lines (item 3)
+    ]
     monkeypatch.setitem(
         sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=None))
     )

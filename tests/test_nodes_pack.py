@@ -199,8 +199,13 @@ def test_ui_payload_numbers_are_public(pack, comfy_base):
         "remaining",
         "releases",
         "next_release_exceeds",
+        "next_release_max_epsilon",  # what the next release can be (issue 20 item 4)
+        "budget_lines",  # the budget part of lines, refreshed by js/dpagg.js (item 3)
+        "budget_query",  # dataset id, plan, caps: public, sent back to the status route
     }
     assert set(payload) == allowed
+    assert set(payload["budget_query"]) == {"dataset", "plan", "targets", "refusals"}
+    assert payload["lines"][-len(payload["budget_lines"]) :] == payload["budget_lines"]
     flat = np.concatenate([eset.flat().ravel()])
     text = json.dumps(payload)
     assert not any(f"{v:.6f}" in text for v in flat[:50])

@@ -214,14 +214,16 @@ def largest_epsilon(
     recalibrate: Callable[[float], PrivacyPlan],
     *,
     deadline_s: float = 4.0,
+    upper: float | None = None,
 ) -> float | None:
     """The largest epsilon a release like ``plan`` (``recalibrate(eps)``: same n, delta,
     sampling, m/q and releases, noise calibrated by the same accountant) may have so that
     :func:`admit` admits it for every picture; None when none does (a release with the least
     noise the calibrator allows is refused too, or the budget is used up). Geometric bisection
-    on (1e-4, plan.epsilon); stops at 1 % or ``deadline_s`` with the largest epsilon found to
-    fit (a lower bound: what is reported always fits)."""
-    lo, hi = None, float(plan.epsilon)
+    on (1e-4, ``upper``: default plan.epsilon; ``upper`` itself when it fits); stops at 1 % or
+    ``deadline_s`` with the largest epsilon found to fit (a lower bound: what is reported always
+    fits)."""
+    lo, hi = None, float(plan.epsilon if upper is None else upper)
     floor = 1e-4
     if hi <= floor:
         return None
@@ -236,6 +238,8 @@ def largest_epsilon(
 
     if not fits_at(floor):
         return None
+    if upper is not None and fits_at(hi):
+        return hi
     lo = floor
     while hi / lo > 1.01 and time.monotonic() < stop:
         mid = math.sqrt(lo * hi)

@@ -461,6 +461,41 @@ class Ledger:
         except DpaggError:  # a plan the calibrator cannot reproduce: say nothing about it
             return float("nan")
 
+    def largest_next_epsilon(
+        self,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        budget_epsilon: float | None = None,
+        budget_delta: float | None = None,
+        *,
+        mode: str = "clip",
+    ) -> float | None:
+        """What the next release can be: the largest epsilon that a release like ``plan`` (same
+        n, delta, sampling, m/q, releases; noise calibrated by the same accountant) may have and
+        still be admitted now, searched up to the budget's epsilon - the number a refusal names
+        as "the largest epsilon that fits". None when the image set has no budget yet (and no
+        ``budget_epsilon`` sets one) or when no epsilon fits; NaN when the plan cannot be
+        re-calibrated. Draws nothing, writes nothing."""
+        from dpagg_core.privacy.calibration import calibrate
+
+        check_ids(dataset_id, "check")
+        budget = self.status(dataset_id)["budget"]
+        caps = [c for c in (budget and budget["epsilon"], budget_epsilon) if c]
+        if not caps:
+            return None
+
+        def recalibrate(eps: float) -> PrivacyPlan:
+            return calibrate(eps, plan.delta, plan.n, plan.sampling, m=plan.m, q=plan.q,
+                             releases=plan.releases, neighbouring=plan.neighbouring)  # fmt: skip
+
+        try:
+            with self._store.connect() as con, read_transaction(con):
+                account = set_account(con, dataset_id)
+                return largest_epsilon(account, Spends(con), plan, mode, budget_epsilon,
+                                       budget_delta, recalibrate, upper=min(caps))  # fmt: skip
+        except DpaggError:
+            return float("nan")
+
     def check(
         self,
         dataset_id: str,
