@@ -307,30 +307,66 @@ def _stage_reporter(node_id: Any, title: str):
     import logging
 
     def stage(text: str) -> None:
+        stage.last = text  # type: ignore[attr-defined]  # the ETA line repeats it
         logging.getLogger("dpagg").info("%s: %s", title, text)
         print(f"[dpagg] {title}: {text}", flush=True)
-        try:
-            from server import PromptServer
+        _node_text(node_id, f"{title}: {text}")
 
-            if node_id is not None and PromptServer.instance is not None:
-                PromptServer.instance.send_progress_text(f"{title}: {text}", str(node_id))
-        except (ImportError, AttributeError):  # outside ComfyUI's server (tests, scripts)
-            pass
-
+    stage.last = ""  # type: ignore[attr-defined]
+    stage.node_id = node_id  # type: ignore[attr-defined]
+    stage.title = title  # type: ignore[attr-defined]
     return stage
 
 
-def _log_bar(total: int, title: str, progress):
+def _node_text(node_id: Any, text: str) -> None:
+    """Show ``text`` on the node (ComfyUI's progress text, drawn on the node by its frontend)."""
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, str(node_id))
+    except (ImportError, AttributeError):  # outside ComfyUI's server (tests, scripts)
+        pass
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def eta_text(done: int, total: int, elapsed: float) -> str:
+    """ "step 3 of 8, 0:12 elapsed, about 0:20 left" (the rate so far; issue 20 item 7: the ETA
+    was only in the server log's tqdm line)."""
+    if done <= 0 or total <= 0:
+        return f"step 0 of {total}, {_clock(elapsed)} elapsed"
+    left = elapsed / done * max(0, total - done)
+    return f"step {done} of {total}, {_clock(elapsed)} elapsed, about {_clock(left)} left"
+
+
+def _log_bar(total: int, title: str, progress, stage: Any = None, every_s: float = 1.0):
     """Wrap ``progress`` so each step also advances a tqdm line in the server log, like
-    KSampler's; returns (progress, close)."""
+    KSampler's, and (with ``stage``, a :func:`_stage_reporter`) shows the ETA on the node: the
+    current stage text and :func:`eta_text`, at most every ``every_s`` seconds and at the last
+    step; returns (progress, close)."""
+    import time
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"dpagg {title}", unit="step", leave=True)
+    start = time.monotonic()
+    shown = [-float("inf")]
 
     def step(done: int, total_now: int) -> None:
         bar.total = total_now
         bar.update(done - bar.n)
         progress(done, total_now)
+        now = time.monotonic()
+        if stage is not None and (now - shown[0] >= every_s or done >= total_now):
+            shown[0] = now
+            what = f"{stage.last} - " if getattr(stage, "last", "") else ""
+            eta = eta_text(done, total_now, now - start)
+            _node_text(getattr(stage, "node_id", None), f"{title}: {what}{eta}")
 
     return step, bar.close
 

@@ -305,7 +305,9 @@ class _JobTrainer:
         chunks = math.ceil(job.n / self.config.batch_size)
         progress, should_cancel = _progress(self.config.steps * chunks)
         stage = _stage_reporter(self.node_id, "Per-Image TI")
-        progress, close_bar = _log_bar(self.config.steps * chunks, "Per-Image TI", progress)
+        progress, close_bar = _log_bar(
+            self.config.steps * chunks, "Per-Image TI", progress, stage=stage
+        )
         with torch.inference_mode(False):
             x = job.pixels.clone()  # a normal tensor (ComfyUI runs nodes in inference mode)
             stage(f"{x.shape[0]} images; recording the model's state (restored afterwards)")

@@ -153,6 +153,17 @@ def test_per_image_ti_reports_setup_stages_before_the_first_step(
     err = capsys.readouterr()
     assert "[dpagg] Per-Image TI: preparing the model" in err.out
     assert "dpagg Per-Image TI" in err.err and "4/4" in err.err  # the tqdm line, 2 chunks x 2
+    # issue 20 item 7: the ETA is on the node too (it was only in the log's tqdm line)
+    etas = [t for t in texts if " elapsed" in t]
+    assert etas and "step 4 of 4, " in etas[-1] and "about 0:00 left" in etas[-1]
+    assert all(t.startswith("Per-Image TI: ") and "training" in t for t in etas)
+
+
+def test_eta_text_reads_as_time_left(pack):
+    eta = pack["common"].eta_text
+    assert eta(0, 8, 3.2) == "step 0 of 8, 0:03 elapsed"
+    assert eta(2, 8, 10.0) == "step 2 of 8, 0:10 elapsed, about 0:30 left"
+    assert eta(1, 3, 4000.0) == "step 1 of 3, 1:06:40 elapsed, about 2:13:20 left"
 
 
 def _graph(pack, model="M", clip="C", vae="V", imgs=None, **aggregate_kw):
