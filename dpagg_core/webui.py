@@ -198,25 +198,22 @@ def settings_from_dict(values: Mapping[str, Any]) -> Settings:
 
 
 def make_plan(s: Settings, n: int):
-    """The privacy plan of ``s`` for ``n`` images (target epsilon -> noise, or the reverse)."""
-    from dpagg_core.privacy.accountant import epsilon_for
-    from dpagg_core.privacy.calibration import calibrate
+    """The privacy plan of ``s`` for ``n`` images: the core's one translation of a front end's
+    inputs (``calibration.plan_from_inputs``), with the tab's target mode choosing which of
+    epsilon and noise multiplier it reads."""
+    from dpagg_core.privacy.calibration import plan_from_inputs
 
-    common = {
-        "delta": s.delta,
-        "n": n,
-        "sampling": s.sampling,
-        "m": (s.m or None) if s.sampling == "wor" else None,
-        "q": (s.q or None) if s.sampling == "poisson" else None,
-        "releases": s.releases,
-    }
-    if s.sampling == "wor" and not s.m:
-        raise DpaggError("sampling 'wor' needs m, the number of images sampled (e.g. n/2)")
-    if s.sampling == "poisson" and not s.q:
-        raise DpaggError("sampling 'poisson' needs q, the sampling rate in (0, 1]")
-    if s.mode == MODE_NOISE:
-        return epsilon_for(s.noise_multiplier, **common)
-    return calibrate(s.epsilon, **common)
+    noise = s.mode == MODE_NOISE
+    return plan_from_inputs(
+        n=n,
+        delta=s.delta,
+        epsilon=None if noise else s.epsilon,
+        noise_multiplier=s.noise_multiplier if noise else None,
+        sampling=s.sampling,
+        m=s.m,
+        q=s.q,
+        releases=s.releases,
+    )
 
 
 def ti_config(s: Settings, resolution: int):
@@ -388,8 +385,7 @@ def plan_view(
         k = full_space_k(family or loaded_family or "sd1", s.vectors)
         outlook = forecast(plan, k)
         out["forecast"] = outlook.to_dict() | {"text": outlook.text()}
-        book = Ledger(ledger)
-        book.raise_hint = raise_budget_hint
+        book = Ledger(ledger, raise_hint=raise_budget_hint)
         status = budget_status(book, dataset_id)
         out["budget"] = {"total": status.pop("budget"), **status}
         out["needs_budget"] = needs_budget(s, out["budget"]["total"])
@@ -629,8 +625,7 @@ def run(
         raise DpaggError("images: choose the folder of your PRIVATE images")
     plan = make_plan(s, images.count)
     check_epsilon_caps(s, max_epsilon, plan.epsilon)
-    book = Ledger(ledger)
-    book.raise_hint = raise_budget_hint
+    book = Ledger(ledger, raise_hint=raise_budget_hint)
     if needs_budget(s, budget_status(book, images.dataset_id)["budget"]):
         raise DpaggError(budget_required_message(plan.epsilon, refused=True))
     try:

@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - only the CI's stub WebUI lacks it
 try:
     import dpagg_core.privacy.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
     import dpagg_core.privacy.ledger  # noqa: F401
+    from dpagg_core import options
     from dpagg_core import webui as core
     from dpagg_core import webui_access as access
     from dpagg_core.errors import DpaggError
@@ -43,6 +44,7 @@ try:
     IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - a broken install; shown in the tab
     core = None  # type: ignore[assignment]
+    options = None  # type: ignore[assignment]
     access = None  # type: ignore[assignment]
     DpaggError = ValueError  # type: ignore[misc,assignment]
     IMPORT_ERROR = (
@@ -656,7 +658,7 @@ def on_ui_tabs():
                     comps["delta"] = gr.Number(label="delta", value=d.delta)
                 with gr.Row():
                     comps["sampling"] = gr.Dropdown(
-                        label="Sampling", choices=["full", "wor", "poisson"], value=d.sampling
+                        label="Sampling", choices=list(options.SAMPLINGS), value=d.sampling
                     )
                     comps["m"] = gr.Number(label="m (wor)", value=d.m, precision=0)
                     comps["q"] = gr.Number(label="q (poisson)", value=d.q)
@@ -690,7 +692,9 @@ def on_ui_tabs():
                         )
                     with gr.Row():
                         comps["templates"] = gr.Dropdown(
-                            label="templates", choices=["style", "object"], value=d.templates
+                            label="templates",
+                            choices=list(options.TEMPLATE_KINDS),
+                            value=d.templates,
                         )
                         comps["resolution"] = gr.Number(
                             label="resolution (0 = the model's)", value=0, precision=0

@@ -15,9 +15,10 @@ The layer map, lowest first (rank in brackets):
 * **privacy** (0): ``dpagg_core/privacy/*`` (``plan``, ``bounds``, ``plan_text`` and the
   ``accountant`` that re-exports them, ``calibration``, ``mechanism``, the ledger modules, ...)
   and the bottom helpers every layer shares:
-  ``errors.py``, ``paths.py``, ``families.py`` (model families and their tensor keys) and the
-  version constant ``dpagg_core.__version__`` (``from dpagg_core import __version__`` is an
-  import of that constant, not of the package's facade).
+  ``errors.py``, ``paths.py``, ``families.py`` (model families and their tensor keys),
+  ``options.py`` (the user-facing choices) and the version constant ``dpagg_core.__version__``
+  (``from dpagg_core import __version__`` is an import of that constant, not of the package's
+  facade).
 * **io** (1): ``dpagg_core/io/*`` (image decode, embedding sets, public embeddings, released
   files).
 * **aggregate** (2): ``dpagg_core/aggregate/*`` (release, post-processing, public basis builders,
@@ -67,7 +68,7 @@ def layer_of(module: str) -> str:
     if not rest:
         return "top"  # the package __init__: the facade
     head = rest[0]
-    if head in {"privacy", "errors", "paths", "families"}:
+    if head in {"privacy", "errors", "paths", "families", "options"}:
         return "privacy"
     if head in {"io", "aggregate", "training"}:
         return head
@@ -246,3 +247,33 @@ def test_the_reader_sees_lazy_and_type_checking_imports(tmp_path):
         "dpagg_core.io.images",
         VERSION_NODE,
     } <= targets
+
+
+def test_front_end_choices_are_the_cores_own_tuples():
+    """Issue 19 item 3: every ``choices=`` of the CLI is one of ``dpagg_core.options``' tuples
+    (the same object the core validates against), so a front end can neither offer a choice the
+    core refuses nor miss one it accepts."""
+    import argparse
+
+    from dpagg_core import options
+    from dpagg_core.aggregate import postprocess, release
+    from dpagg_core.cli.parser import build_parser
+    from dpagg_core.privacy import basis, mechanism, plan
+
+    tables = {id(v): k for k, v in vars(options).items() if isinstance(v, tuple)}
+    assert release.CENTRES is options.CENTRES and mechanism.CLIP_MODES is options.CLIP_MODES
+    assert plan.SAMPLINGS is options.SAMPLINGS and postprocess.METHODS is options.POSTPROCESS
+    assert basis.KINDS is options.BASIS_KINDS
+    seen = set()
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+            elif action.choices is not None:
+                assert id(action.choices) in tables, (parser.prog, action.dest, action.choices)
+                seen.add(tables[id(action.choices)])
+
+    walk(build_parser())
+    assert {"SAMPLINGS", "CENTRES", "CLIP_MODES", "POSTPROCESS", "BASIS_KINDS"} <= seen

@@ -870,8 +870,7 @@ def test_refusal_hint_reads_as_a_sentence(tmp_path):
     from dpagg_core.aggregate.release import release_vectors
     from dpagg_core.privacy.calibration import calibrate
 
-    book = Ledger(tmp_path / "ledger.sqlite")
-    book.raise_hint = core.raise_budget_hint
+    book = Ledger(tmp_path / "ledger.sqlite", raise_hint=core.raise_budget_hint)
     plan = calibrate(1.0, 1e-5, 4, "full")
     vecs = [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.0, 0.0]]
     release_vectors(book, vecs, dataset_id="ds-hint", plan=plan, clip_norm=1.0, name="a")

@@ -45,12 +45,13 @@ from typing import Any
 
 import numpy as np
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy.mechanism import to_published_precision
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("none", "js", "norm", "js+norm")
+METHODS: tuple[str, ...] = options.POSTPROCESS
 # A layout: (key, vectors, width) per key, in EmbeddingSet.flat order.
 Layout = Sequence[tuple[str, int, int]]
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpagg_core import options
 from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
 from dpagg_core.aggregate.postprocess import apply as postprocess_apply
 from dpagg_core.errors import DpaggError
@@ -55,7 +56,7 @@ from dpagg_core.privacy.request_keys import (
 
 log = logging.getLogger(__name__)
 
-CENTRES = ("initializer", "origin", "public_mean")
+CENTRES = options.CENTRES
 
 
 class NotRecorded(DpaggError):

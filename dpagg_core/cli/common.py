@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 
 log = logging.getLogger("dpagg")
@@ -36,7 +37,7 @@ def add_plan_args(p: argparse.ArgumentParser, *, allow_noise: bool = True) -> No
         default=None,
         help="delta: the probability the guarantee may fail outright (default 1e-5)",
     )
-    g.add_argument("--sampling", choices=("full", "wor", "poisson"), default="full")
+    g.add_argument("--sampling", choices=options.SAMPLINGS, default="full")
     g.add_argument("--m", type=int, help="subsample size for --sampling wor")
     g.add_argument("--q", type=float, help="sampling rate for --sampling poisson")
     g.add_argument("--releases", type=int, default=1, help="releases the plan covers (k)")
@@ -64,7 +65,7 @@ def add_release_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-norm", type=float, help="clip norm C (public; see suggest-clip-norm)")
     g.add_argument(
         "--centre",
-        choices=("initializer", "origin", "public_mean"),
+        choices=options.CENTRES,
         default=None,
         help="public centre to clip around; public_mean: the mean embedding of PUBLIC images "
         "(--public-embeddings)",
@@ -76,7 +77,7 @@ def add_release_args(p: argparse.ArgumentParser) -> None:
         help="PUBLIC per-image embeddings (`dpagg public-basis --save-public-embeddings`) whose "
         "mean is the centre for --centre public_mean",
     )
-    g.add_argument("--clip-mode", choices=("clip", "normalize"), default="clip")
+    g.add_argument("--clip-mode", choices=options.CLIP_MODES, default="clip")
     g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")
     g.add_argument("--out-dir", type=user_path, required=True, help="folder for <name>.safetensors")
     g.add_argument("--budget-epsilon", type=float, help="dataset budget on first release")
@@ -90,7 +91,7 @@ def add_release_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--postprocess",
-        choices=("none", "js", "norm", "js+norm"),
+        choices=options.POSTPROCESS,
         default="none",
         help="free post-processing of the release: James-Stein shrinkage and/or norm rescaling",
     )
@@ -101,16 +102,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-image textual inversion")
     g.add_argument("--images", type=user_path, required=True, help="folder of private images")
     g.add_argument("--model", type=user_path, required=True, help="diffusers folder or checkpoint")
-    g.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="override model detection")
-    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
+    g.add_argument("--family", choices=options.TI_FAMILIES, help="override model detection")
+    g.add_argument("--prediction-type", choices=options.PREDICTION_TYPES)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--learning-rate", type=float, default=None)
     g.add_argument("--vectors", type=int, default=1, help="vectors per token (1-8)")
     g.add_argument("--initializer", default="painting", help="one-token initializer (public)")
-    g.add_argument("--templates", choices=("style", "object"), default="style")
+    g.add_argument("--templates", choices=options.TEMPLATE_KINDS, default="style")
     g.add_argument("--resolution", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    g.add_argument("--mixed-precision", choices=options.MIXED_PRECISIONS, default="no")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best)")
     g.add_argument("--seed", type=int, default=0, help="TI randomness only (never the DP noise)")

@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from dpagg_core import __version__
+from dpagg_core import __version__, options
 from dpagg_core.cli.common import (
     add_ledger_args,
     add_plan_args,
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     add_plan_args(p, allow_noise=False)
     add_release_args(p)
-    p.add_argument("--method", choices=("ti", "clip", "dpsgd"), default="ti")
+    p.add_argument("--method", choices=options.METHODS, default="ti")
     p.add_argument("--preview", action="store_true", help="also render a small preview grid")
     g = p.add_argument_group("DP-SGD baseline (--method dpsgd; --steps, --learning-rate apply)")
     g.add_argument(
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--grad-clip-norm", type=float, help="per-example gradient clip C_g (default 1e-3)"
     )
-    g.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam")
+    g.add_argument("--optimizer", choices=options.OPTIMIZERS, help="default adam")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("suggest-clip-norm", parents=[common], help="pick C from PUBLIC images")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.required = False
     p.add_argument(
         "--kind",
-        choices=("token_table", "public_embeddings"),
+        choices=options.BASIS_KINDS,
         default="public_embeddings",
         help="PCA of the model's token table, or of TI embeddings of --public-images",
     )

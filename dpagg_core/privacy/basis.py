@@ -54,13 +54,14 @@ from typing import Any
 
 import numpy as np
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 from dpagg_core.families import family_keys as _family_keys
 from dpagg_core.privacy import mechanism
 from dpagg_core.privacy.plan import PrivacyPlan
 
 MECHANISM = "dpagg-gaussian-mean-subspace"
-KINDS: tuple[str, ...] = ("token_table", "public_embeddings")
+KINDS: tuple[str, ...] = options.BASIS_KINDS
 STRUCTURE = "per-vector"
 # Columns must be orthonormal to this tolerance (a PCA gives ~1e-15).
 _ORTHO_TOL = 1e-9

@@ -60,12 +60,12 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri
 
-from dpagg_core import __version__
+from dpagg_core import __version__, options
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy.plan import NEIGHBOURINGS, PrivacyPlan, checked_plan
 
 MECHANISM = "dpagg-gaussian-mean"
-CLIP_MODES: tuple[str, ...] = ("clip", "normalize")
+CLIP_MODES: tuple[str, ...] = options.CLIP_MODES
 NEIGHBOURING: tuple[str, ...] = NEIGHBOURINGS  # ("replace_one",): n is public
 
 # Number of independent normals summed per noise coordinate (Holohan & Braghin 2021; Opacus

@@ -22,10 +22,11 @@ import operator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 
 Sampling = Literal["full", "wor", "poisson"]
-SAMPLINGS: tuple[str, ...] = ("full", "wor", "poisson")
+SAMPLINGS: tuple[str, ...] = options.SAMPLINGS
 # The only neighbouring relation dpagg honours (n is public under replace-one; the reason is in
 # dpagg_core.privacy.bounds' docstring).
 NEIGHBOURINGS: tuple[str, ...] = ("replace_one",)

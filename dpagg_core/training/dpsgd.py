@@ -65,6 +65,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy import calibration, mechanism
 from dpagg_core.privacy.basis import check_basis
@@ -424,7 +425,7 @@ def validate_config(config: DPSGDConfig, n: int) -> None:
         raise DpaggError(f"clip_norm={c.clip_norm!r}: the gradient clip C_g must be positive")
     if not (isinstance(c.learning_rate, (int, float)) and 0 < c.learning_rate < math.inf):
         raise DpaggError(f"learning_rate={c.learning_rate!r}: must be positive (e.g. 5e-3)")
-    if c.optimizer not in ("adam", "sgd"):
+    if c.optimizer not in options.OPTIMIZERS:
         raise DpaggError(f"optimizer={c.optimizer!r}: use 'adam' or 'sgd'")
     if not isinstance(c.chunk_size, int) or c.chunk_size < 1:
         raise DpaggError(f"chunk_size={c.chunk_size!r}: must be a positive integer (e.g. 16)")

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy.identity import fingerprint as fingerprint  # re-exported (its home)
 from dpagg_core.training.checkpoints import (  # the detect_* and read_checkpoint of old
@@ -66,8 +67,8 @@ from dpagg_core.training.checkpoints import (  # the detect_* and read_checkpoin
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+FAMILIES = options.TI_FAMILIES
+PREDICTION_TYPES = options.PREDICTION_TYPES
 SHIPPED_CONFIGS = ("sd1", "sd2", "sd2-base", "sdxl")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth")
 BASE_VOCAB_ROWS = 49408  # CLIP BPE vocabulary; rows added for TI placeholders come after it

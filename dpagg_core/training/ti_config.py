@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from dpagg_core import options
 from dpagg_core.errors import DpaggError
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,7 @@ def validate_config(config: TIConfig, device: torch.device | str | None = None) 
         )
     if not isinstance(c.batch_size, int) or c.batch_size < 1:
         raise DpaggError(f"batch_size={c.batch_size!r}: must be a positive integer")
-    if c.mixed_precision not in ("no", "bf16", "fp16"):
+    if c.mixed_precision not in options.MIXED_PRECISIONS:
         raise DpaggError(f"mixed_precision={c.mixed_precision!r}: use 'no', 'bf16' or 'fp16'")
     if not (c.fp16_loss_scale > 0 and c.fp16_loss_scale < float("inf")):
         raise DpaggError(f"fp16_loss_scale={c.fp16_loss_scale!r}: must be a positive number")
