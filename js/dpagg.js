@@ -5,6 +5,16 @@
 // The data comes from the node's UI output (`ui.dpagg[0]` = {title, lines, warning, ...}), which
 // holds public values only; nothing is added to the workflow JSON (the status is not a widget).
 //
+// One budget figure on screen (nodes/budget_status.py): a node's budget lines (`budget_lines`, the
+// tail of `lines`) come with the public query that made them (`budget_query`; the Privacy Ledger's
+// `ledger_query`). When the server announces a ledger change (websocket event "dpagg.ledger",
+// after every release or raised budget) and when a queued prompt ends (a cached node re-sends its
+// old message), every such node asks the read-only route /dpagg/ledger/status for fresh lines.
+//
+// The status area sits below the widgets; the node is sized to it, growing and shrinking back
+// (dpaggFitSize), so the text is never clipped. The Privacy Accountant hides its `n` widget while
+// an embedding set is connected (n then comes from the set and its status says so).
+//
 // The Privacy Ledger node gets a "Raise budget..." button: a dialog where the person at the machine
 // types the dataset id, epsilon, delta and the confirmation 'raise <dataset> to <epsilon>', POSTed
 // as JSON to the pack's route on ComfyUI's own server (/api/dpagg/ledger/budget, behind ComfyUI's
@@ -25,6 +35,9 @@ const DPAGG_NODES = new Set([
 ]);
 const LEDGER_NODE = "DpaggPrivacyLedger";
 const RAISE_ROUTE = "/dpagg/ledger/budget"; // api.fetchApi adds ComfyUI's /api prefix
+const STATUS_ROUTE = "/dpagg/ledger/status"; // read-only: fresh budget lines for the page
+const LEDGER_EVENT = "dpagg.ledger"; // sent by the server after a ledger change
+const ACCOUNTANT_NODE = "DpaggPrivacyAccountant";
 const RAISE_BUTTON = "Raise budget...";
 const LINE_HEIGHT = 15;
 const PAD = 6;
@@ -64,28 +77,136 @@ function showStatus(node, status) {
   node.dpaggStatus = status;
   setWarning(node, !!status.warning);
   node.dpaggWrapped = null; // re-wrap on next draw
+  dpaggFitSize(node);
   node.setDirtyCanvas(true, true);
+}
+
+let measureCtx = null;
+function statusFont(ctx) {
+  ctx.font = "12px monospace";
+  return ctx;
+}
+
+// The status lines wrapped to the node's width (cached until the width or the status changes).
+function wrappedLines(node, ctx) {
+  const status = node.dpaggStatus;
+  if (!status) return [];
+  const width = node.size[0] - 2 * PAD;
+  if (!node.dpaggWrapped || node.dpaggWrappedWidth !== width) {
+    if (!ctx) {
+      measureCtx ??= document.createElement("canvas").getContext("2d");
+      ctx = measureCtx;
+    }
+    ctx.save();
+    statusFont(ctx);
+    node.dpaggWrapped = (status.lines || []).flatMap((l) => wrap(ctx, l, width));
+    ctx.restore();
+    node.dpaggWrappedWidth = width;
+  }
+  return node.dpaggWrapped;
+}
+
+// Where the status text goes: below the widgets (node coordinates), and the height it needs.
+function statusBox(node) {
+  const lines = wrappedLines(node);
+  const top = node.computeSize()[1];
+  const height = lines.length ? lines.length * LINE_HEIGHT + 2 * PAD : 0;
+  return { top, height, lines: lines.length };
+}
+
+// Size the node to its widgets plus its status: grow so nothing is clipped, shrink back when the
+// status gets shorter (or goes away). The width is the user's: lines wrap to it.
+function dpaggFitSize(node) {
+  if (node.flags?.collapsed) return;
+  const { top, height } = statusBox(node);
+  const want = Math.max(top + height, node.computeSize()[1]);
+  if (Math.abs(node.size[1] - want) > 0.5) node.setSize([node.size[0], want]);
 }
 
 function drawStatus(node, ctx) {
   const status = node.dpaggStatus;
   if (!status || node.flags?.collapsed) return;
   ctx.save();
-  ctx.font = "12px monospace";
-  const width = node.size[0] - 2 * PAD;
-  if (!node.dpaggWrapped || node.dpaggWrappedWidth !== width) {
-    node.dpaggWrapped = (status.lines || []).flatMap((l) => wrap(ctx, l, width));
-    node.dpaggWrappedWidth = width;
-  }
-  const lines = node.dpaggWrapped;
-  const top = node.computeSize()[1];
-  const needed = top + lines.length * LINE_HEIGHT + 2 * PAD;
-  if (node.size[1] < needed) node.setSize([node.size[0], needed]);
+  statusFont(ctx);
+  const lines = wrappedLines(node, ctx);
+  const { top } = statusBox(node);
+  dpaggFitSize(node);
   ctx.fillStyle = status.warning ? "#ffb3b3" : "#b8d4ff";
   lines.forEach((line, i) => {
     ctx.fillText(line, PAD, top + PAD + (i + 1) * LINE_HEIGHT - 3);
   });
   ctx.restore();
+}
+
+// ------------------------------------------------------- one budget figure: refresh from the ledger
+
+function dpaggNodes() {
+  return (app.graph?._nodes || app.graph?.nodes || []).filter((n) => DPAGG_NODES.has(n.type));
+}
+
+// Replace the budget part of a node's status with the route's fresh lines.
+function applyBudget(node, result) {
+  const status = node.dpaggStatus;
+  if (!status || result?.error) return;
+  if (status.ledger_query) {
+    showStatus(node, { ...status, lines: result.lines, datasets: result.datasets });
+    return;
+  }
+  const old = status.budget_lines || [];
+  const own = (status.lines || []).slice(0, (status.lines || []).length - old.length);
+  const figures = result.figures || {};
+  showStatus(node, {
+    ...status,
+    ...figures,
+    lines: [...own, ...result.lines],
+    budget_lines: result.lines,
+    warning: !!status.own_warning || !!result.warning,
+  });
+}
+
+let refreshTimer = null;
+let refreshing = Promise.resolve();
+// Ask the status route for every node's budget (debounced: events come in bursts).
+function refreshBudgets(delay = 150) {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(() => {
+    refreshing = refreshing.then(refreshNow, refreshNow);
+  }, delay);
+}
+
+async function refreshNow() {
+  const nodes = dpaggNodes().filter(
+    (n) => n.dpaggStatus?.budget_query || n.dpaggStatus?.ledger_query,
+  );
+  if (!nodes.length) return;
+  const queries = nodes.map((n) => n.dpaggStatus.budget_query || n.dpaggStatus.ledger_query);
+  try {
+    const resp = await api.fetchApi(STATUS_ROUTE, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ queries }),
+    });
+    if (!resp.ok) return;
+    const { results } = await resp.json();
+    nodes.forEach((node, i) => applyBudget(node, results?.[i]));
+    app.graph?.setDirtyCanvas?.(true, true);
+  } catch (err) {
+    console.warn("[dpagg] budget refresh failed", err);
+  }
+}
+
+// ------------------------------------------------ Privacy Accountant: n comes from the set when linked
+
+function syncAccountantN(node) {
+  const widget = node.widgets?.find((w) => w.name === "n");
+  if (!widget) return;
+  const input = node.inputs?.find((i) => i.name === "embedding_set");
+  const linked = input?.link != null;
+  if (!!widget.hidden === linked) return;
+  widget.hidden = linked; // n comes from the connected set: the status says "n = <set's n>"
+  node.dpaggWrapped = null;
+  dpaggFitSize(node);
+  node.setDirtyCanvas?.(true, true);
 }
 
 function el(tag, props = {}, children = []) {
@@ -210,6 +331,21 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!DPAGG_NODES.has(nodeData.name)) return;
 
+    if (nodeData.name === ACCOUNTANT_NODE) {
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function () {
+        const r = onConnectionsChange?.apply(this, arguments);
+        syncAccountantN(this);
+        return r;
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const r = onConfigure?.apply(this, arguments);
+        syncAccountantN(this); // a loaded workflow or template with the set already linked
+        return r;
+      };
+    }
+
     if (nodeData.name === LEDGER_NODE) {
       const onNodeCreated = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
@@ -227,7 +363,11 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const status = message?.dpagg?.[0];
-      if (status) showStatus(this, status);
+      if (status) {
+        showStatus(this, status);
+        // A node ComfyUI served from its cache re-sends its old message: re-read the ledger.
+        if (status.budget_query || status.ledger_query) refreshBudgets(400);
+      }
     };
 
     const onDrawForeground = nodeType.prototype.onDrawForeground;
@@ -238,6 +378,12 @@ app.registerExtension({
   },
 
   setup() {
+    // One budget figure: after any release (this page's or another's) and when a prompt ends.
+    api.addEventListener(LEDGER_EVENT, () => refreshBudgets());
+    api.addEventListener("execution_success", () => refreshBudgets());
+    api.addEventListener("execution_interrupted", () => refreshBudgets());
+    api.addEventListener("execution_error", () => refreshBudgets());
+
     // A refused release raises BudgetExceeded on DP Aggregate: show it on the node (nothing spent).
     api.addEventListener("execution_error", ({ detail }) => {
       if (!DPAGG_NODES.has(detail?.node_type)) return;
@@ -249,7 +395,7 @@ app.registerExtension({
         warning: true,
         lines: [
           budget ? "REFUSED: over the privacy budget, nothing was spent" : "error:",
-          String(detail.exception_message || "").slice(0, 600),
+          String(detail.exception_message || "").slice(0, 2000),
         ],
       });
     });

@@ -281,7 +281,7 @@ class DPAggregate(io.ComfyNode):
         flat_dim = sum(int(t.numel()) for t in outcome.vectors.values())
         shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), flat_dim)
         lines += shaping + more  # budget last: js/dpagg.js refreshes them after any release
-        figures.update(extra, budget_lines=more, budget_query=query)
+        figures.update(extra, budget_lines=more, budget_query=query, own_warning=False)
         text = outcome.prompt if is_ti else outcome.name
         if is_ti:
             vision: Any = ExecutionBlocker(

@@ -111,6 +111,7 @@ class LoadPrivateImages(io.ComfyNode):
             dataset=loaded.dataset_id,
             budget_lines=more,
             budget_query=query,
+            own_warning=duplicates,
             **figures,
         )
         return io.NodeOutput(loaded, ui=ui)

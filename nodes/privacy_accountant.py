@@ -171,8 +171,10 @@ class PrivacyAccountant(io.ComfyNode):
         if delta_warning:
             lines = [f"WARNING: {delta_warning}", *lines]
             summary = f"WARNING: {delta_warning}\n{summary}"
+        if linked:  # the n widget is hidden while a set is connected (js/dpagg.js)
+            lines.insert(0, f"n = {n_eff}, from the connected image set")
         warning = delta_warning is not None
-        figures: dict[str, Any] = {"delta_warning": delta_warning}
+        figures: dict[str, Any] = {"delta_warning": delta_warning, "own_warning": warning}
         figures["n_from_set"] = n_eff if linked else None  # js/dpagg.js shows it on `n`
         if linked and embedding_set.dataset_id:
             # the budget lines: what the next release can be and each DP Aggregate's own check

@@ -121,5 +121,5 @@ def test_frontend_refreshes_budget_lines_from_the_route_on_events():
     for event in ("LEDGER_EVENT", '"execution_success"', '"execution_error"'):
         assert f"api.addEventListener({event}" in js
     assert "budget_query" in js and "ledger_query" in js and "budget_lines" in js
-    assert "n_from_set" in js  # the Accountant's n shows the set's n
+    assert "widget.hidden = linked" in js  # the Accountant hides n while a set is linked
     assert "dpaggFitSize" in js  # grows and shrinks back to the status

@@ -202,6 +202,7 @@ def test_ui_payload_numbers_are_public(pack, comfy_base):
         "next_release_max_epsilon",  # what the next release can be (issue 20 item 4)
         "budget_lines",  # the budget part of lines, refreshed by js/dpagg.js (item 3)
         "budget_query",  # dataset id, plan, caps: public, sent back to the status route
+        "own_warning",  # red for this node's own reason (kept when budget lines refresh)
     }
     assert set(payload) == allowed
     assert set(payload["budget_query"]) == {"dataset", "plan", "targets", "refusals"}

@@ -60,6 +60,7 @@ def test_accountant_reads_n_from_the_set_and_both_modes_agree(pack, comfy_base):
     payload = out.ui["dpagg"][0]
     assert payload["plan"] == plan.to_dict()
     assert any("not set yet" in line for line in payload["lines"])  # no release yet
+    assert payload["lines"][0] == "n = 6, from the connected image set"  # n widget: hidden
     json.dumps(out.ui)  # UI messages must be JSON
 
 
