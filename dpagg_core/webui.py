@@ -779,37 +779,13 @@ def preview_prompts(word: str) -> list[tuple[str, str]]:
     return [(p.format(PREVIEW_PLAIN), p.format(word)) for p in PREVIEW_PROMPTS]
 
 
-PREVIEW_LABELS = ("without", "with embedding")
-
-
 def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
-    """Write the with/without grid (PIL images, one row per prompt) to ``out``, each column
-    under its label. Cells narrower than a label (a 64 px preview) are enlarged by a whole
-    factor (nearest neighbour) so the label fits over its own column instead of being cut
-    (issue 20 item 12: "thout with emb")."""
-    from PIL import Image, ImageDraw
+    """Write the with/without grid (PIL images, one row per prompt) to ``out``, each column under
+    its label, small cells enlarged so the labels fit (issue 20 item 12;
+    ``showcase.preview.labelled_grid``)."""
+    from dpagg_core.showcase.preview import PREVIEW_LABELS, labelled_grid
 
-    w, h = pairs[0][0].size
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [probe.textbbox((0, 0), label) for label in PREVIEW_LABELS]
-    need = max(b[2] - b[0] for b in boxes) + 8
-    scale = max(1, math.ceil(need / w))
-    cw, ch = w * scale, h * scale
-    band = max(b[3] - b[1] for b in boxes) + 8
-    grid = Image.new("RGB", (2 * cw, len(pairs) * ch + band), "white")
-    draw = ImageDraw.Draw(grid)
-    for col, label in enumerate(PREVIEW_LABELS):
-        width = draw.textlength(label)
-        draw.text((col * cw + (cw - width) / 2, 3), label, fill="black")
-    for row, pair in enumerate(pairs):
-        for col, img in enumerate(pair):
-            cell = img.convert("RGB")
-            if scale > 1:
-                cell = cell.resize((cw, ch), Image.NEAREST)
-            grid.paste(cell, (col * cw, band + row * ch))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
+    return labelled_grid([list(pair) for pair in pairs], list(PREVIEW_LABELS), out)
 
 
 def error_status(exc: BaseException) -> int:

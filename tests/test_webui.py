@@ -937,11 +937,13 @@ def test_preview_grid_labels_fit_their_columns(tmp_path, size):
     "thout with emb"): the grid is enlarged until the wider label fits in one cell."""
     from PIL import ImageDraw
 
+    from dpagg_core.showcase.preview import PREVIEW_LABELS
+
     pairs = [(Image.new("RGB", (size, size), "red"), Image.new("RGB", (size, size), "blue"))] * 2
     grid = Image.open(core.save_preview_grid(pairs, tmp_path / "grid.png"))
     cell = grid.width // 2
     probe = ImageDraw.Draw(grid)
-    assert all(probe.textlength(label) < cell for label in core.PREVIEW_LABELS)
+    assert all(probe.textlength(label) < cell for label in PREVIEW_LABELS)
     assert grid.getpixel((cell // 2, grid.height - 2)) == (255, 0, 0)
     assert grid.getpixel((cell + cell // 2, grid.height - 2)) == (0, 0, 255)
     assert (cell == size) == (size == 512)

@@ -80,15 +80,35 @@ def _unload(pipe: Any, token: str) -> None:
             )
 
 
-def _save_grid(rows: list[tuple[Image.Image, Image.Image]], out: Path) -> Path:
+PREVIEW_LABELS = ("without", "with embedding")
+
+
+def labelled_grid(rows: list[list[Image.Image]], labels: list[str], out: Path) -> Path:
+    """Write ``rows`` (equal-sized PIL images, one list per row) as a grid to ``out``, each column
+    under its label. Cells narrower than the widest label (a 64 px preview) are enlarged by a
+    whole factor (nearest neighbour) so every label fits over its own column instead of being
+    cut ("thout with emb")."""
     w, h = rows[0][0].size
-    label = 14
-    grid = Image.new("RGB", (2 * w, len(rows) * h + label), "white")
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), label) for label in labels]
+    need = max(b[2] - b[0] for b in boxes) + 8
+    scale = max(1, -(-need // w))
+    cw, ch = w * scale, h * scale
+    band = max(b[3] - b[1] for b in boxes) + 8
+    grid = Image.new("RGB", (len(labels) * cw, len(rows) * ch + band), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((2, 1), "without", fill="black")
-    draw.text((w + 2, 1), "with embedding", fill="black")
-    for i, (a, b) in enumerate(rows):
-        grid.paste(a, (0, label + i * h))
-        grid.paste(b, (w, label + i * h))
+    for col, label in enumerate(labels):
+        draw.text((col * cw + (cw - draw.textlength(label)) / 2, 3), label, fill="black")
+    for r, row in enumerate(rows):
+        for col, img in enumerate(row):
+            cell = img.convert("RGB")
+            if scale > 1:
+                cell = cell.resize((cw, ch), Image.NEAREST)
+            grid.paste(cell, (col * cw, band + r * ch))
+    out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out
+
+
+def _save_grid(rows: list[tuple[Image.Image, Image.Image]], out: Path) -> Path:
+    return labelled_grid([list(r) for r in rows], list(PREVIEW_LABELS), out)
