@@ -72,7 +72,16 @@ def layer_of(module: str) -> str:
         return "privacy"
     if head in {"io", "aggregate", "training"}:
         return head
-    if head in {"showcase", "cli", "pipeline", "webui", "webui_access", "report", "budget_report"}:
+    if head in {
+        "showcase",
+        "cli",
+        "pipeline",
+        "rehearsal",
+        "webui",
+        "webui_access",
+        "report",
+        "budget_report",
+    }:
         return "top"
     raise KeyError(module)
 

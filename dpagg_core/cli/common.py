@@ -60,7 +60,9 @@ def add_ledger_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_release_args(p: argparse.ArgumentParser) -> None:
+def add_mechanism_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """How the mean is released (clip norm, centre, basis, post-processing): shared by a real
+    release and a rehearsal, so both release the same way."""
     g = p.add_argument_group("release")
     g.add_argument("--clip-norm", type=float, help="clip norm C (public; see suggest-clip-norm)")
     g.add_argument(
@@ -78,11 +80,6 @@ def add_release_args(p: argparse.ArgumentParser) -> None:
         "mean is the centre for --centre public_mean",
     )
     g.add_argument("--clip-mode", choices=options.CLIP_MODES, default="clip")
-    g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")
-    g.add_argument("--out-dir", type=user_path, required=True, help="folder for <name>.safetensors")
-    g.add_argument("--budget-epsilon", type=float, help="dataset budget on first release")
-    g.add_argument("--budget-delta", type=float, help="dataset delta budget on first release")
-    g.add_argument("--a1111-pt", action="store_true", help="also write an A1111 .pt file")
     g.add_argument(
         "--basis",
         type=user_path,
@@ -95,6 +92,27 @@ def add_release_args(p: argparse.ArgumentParser) -> None:
         default="none",
         help="free post-processing of the release: James-Stein shrinkage and/or norm rescaling",
     )
+    return g
+
+
+def require_clip_norm(args: argparse.Namespace) -> float:
+    """``--clip-norm``, which every release and rehearsal needs and nothing may compute from
+    private data."""
+    if args.clip_norm is None:
+        raise DpaggError(
+            "--clip-norm is required: choose C from public data (`dpagg suggest-clip-norm`) "
+            "or prior knowledge; never from the private embeddings"
+        )
+    return float(args.clip_norm)
+
+
+def add_release_args(p: argparse.ArgumentParser) -> None:
+    g = add_mechanism_args(p)
+    g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")
+    g.add_argument("--out-dir", type=user_path, required=True, help="folder for <name>.safetensors")
+    g.add_argument("--budget-epsilon", type=float, help="dataset budget on first release")
+    g.add_argument("--budget-delta", type=float, help="dataset delta budget on first release")
+    g.add_argument("--a1111-pt", action="store_true", help="also write an A1111 .pt file")
     add_ledger_args(p)
 
 

@@ -18,6 +18,7 @@ from dpagg_core.cli.common import (
 )
 from dpagg_core.cli.public import cmd_public_basis, cmd_suggest_clip_norm, k_arg
 from dpagg_core.cli.records import cmd_audit, cmd_demo, cmd_inspect, cmd_ledger
+from dpagg_core.cli.rehearse import add_rehearse_parser
 from dpagg_core.cli.release import cmd_account, cmd_aggregate, cmd_run, cmd_train
 from dpagg_core.errors import DpaggError
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--optimizer", choices=options.OPTIMIZERS, help="default adam")
     p.set_defaults(func=cmd_run)
+
+    add_rehearse_parser(sub, common)
 
     p = sub.add_parser("suggest-clip-norm", parents=[common], help="pick C from PUBLIC images")
     add_train_args(p)

@@ -13,6 +13,7 @@ from dpagg_core.cli.common import (
     plan_of,
     release_options,
     report_release,
+    require_clip_norm,
     trainer_of,
 )
 from dpagg_core.errors import DpaggError
@@ -52,11 +53,7 @@ def _release_and_report(args: argparse.Namespace, eset, plan) -> int:
     """Release ``eset`` (a private per-image file) with the CLI's release flags and print it."""
     from dpagg_core.aggregate.release import release_embeddings
 
-    if args.clip_norm is None:
-        raise DpaggError(
-            "--clip-norm is required: choose C from public data (`dpagg suggest-clip-norm`) "
-            "or prior knowledge; never from the private embeddings"
-        )
+    require_clip_norm(args)
     basis = None
     if getattr(args, "basis", None) is not None:
         from dpagg_core.aggregate.basis_builders import load_basis
@@ -117,11 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_dpsgd(args)
     if args.clip_norm is None and args.method == "clip":
         args.clip_norm = 1.0  # L2-normalised CLIP image embeddings around the origin
-    if args.clip_norm is None:
-        raise DpaggError(
-            "--clip-norm is required: choose C from public data (`dpagg suggest-clip-norm`) "
-            "or prior knowledge; never from the private embeddings"
-        )
+    require_clip_norm(args)
     trainer = trainer_of(args, args.method)
     loaded = trainer.images(args.images)
     plan = plan_of(args, loaded.count)  # plan errors surface before any training

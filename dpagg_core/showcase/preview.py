@@ -51,6 +51,42 @@ def preview_grid(
     )
 
 
+def grid_of_embeddings(
+    model: Any,
+    rows: list[list[Path | None]],
+    labels: list[str],
+    out: Path,
+    *,
+    prompt: str = PROMPTS[0],
+    steps: int = 20,
+    size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Render ``prompt`` once per embedding file of ``rows`` (None: the plain prompt, "a
+    painting", without any embedding), from the same public seed, and write the labelled grid
+    to ``out``. Each file is rendered once however often it appears."""
+    pipe = model.pipe
+    size = size or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "height": size, "width": size}
+    cache: dict[Path | None, Image.Image] = {}
+
+    def image_of(path: Path | None) -> Image.Image:
+        if path not in cache:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            if path is None:
+                cache[path] = pipe(prompt.format("a painting"), generator=gen, **kwargs).images[0]
+            else:
+                token = "<dpagg-grid>"
+                _load(pipe, path, token)
+                try:
+                    cache[path] = pipe(prompt.format(token), generator=gen, **kwargs).images[0]
+                finally:
+                    _unload(pipe, token)
+        return cache[path]
+
+    return labelled_grid([[image_of(p) for p in row] for row in rows], labels, out)
+
+
 def _load(pipe: Any, path: Path, token: str) -> None:
     from dpagg_core.io.released_file import read_released
 
