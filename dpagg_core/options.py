@@ -12,7 +12,7 @@ from __future__ import annotations
 SAMPLINGS: tuple[str, ...] = ("full", "wor", "poisson")
 CENTRES: tuple[str, ...] = ("initializer", "origin", "public_mean")
 CLIP_MODES: tuple[str, ...] = ("clip", "normalize")
-POSTPROCESS: tuple[str, ...] = ("none", "js", "norm", "js+norm")
+POSTPROCESS: tuple[str, ...] = ("none", "js", "norm", "js+norm", "wiener", "wiener+norm")
 TEMPLATE_KINDS: tuple[str, ...] = ("style", "object")
 MIXED_PRECISIONS: tuple[str, ...] = ("no", "bf16", "fp16")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")

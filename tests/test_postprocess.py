@@ -16,7 +16,14 @@ from hypothesis.extra.numpy import arrays
 
 from dpagg_core.aggregate import postprocess
 from dpagg_core.aggregate.basis_builders import basis_from_token_table
-from dpagg_core.aggregate.postprocess import apply, james_stein, js_factor, rescale_norms
+from dpagg_core.aggregate.postprocess import (
+    WienerPrior,
+    apply,
+    james_stein,
+    js_factor,
+    rescale_norms,
+    wiener,
+)
 from dpagg_core.aggregate.release import release_embeddings
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
@@ -28,6 +35,19 @@ from dpagg_core.privacy.mechanism import Release
 
 KEY = bytes(range(32))
 finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=64)
+
+
+class _Coords:
+    """A basis of the first k coordinate axes of R^d (``project``/``lift`` as ``PublicBasis``)."""
+
+    def __init__(self, d: int, k: int) -> None:
+        self.u = np.eye(d)[:, :k]
+
+    def project(self, x):
+        return np.asarray(x, dtype=np.float64) @ self.u
+
+    def lift(self, y):
+        return self.u @ np.asarray(y, dtype=np.float64)
 
 
 @settings(max_examples=200, deadline=None)
@@ -70,16 +90,17 @@ def test_postprocessing_reads_only_the_release_and_public_values(r, sigma, noise
     c = np.linspace(-1, 1, 12)
     record = {"sigma": repr(sigma), "basis_dim": "8"}
     norms = {"emb_params": 0.7}
+    prior = WienerPrior(basis=_Coords(12, 8), mean=c, variances=np.linspace(0.1, 2.0, 8))
     for method in postprocess.METHODS:
         a, extra_a = apply(r, method=method, record=record, layout=layout, centre=c,
-                           target_norms=norms)  # fmt: skip
+                           target_norms=norms, prior=prior)  # fmt: skip
         b, extra_b = apply(r, method=method, record={**noise, **record}, layout=layout,
-                           centre=c, target_norms=norms)  # fmt: skip
+                           centre=c, target_norms=norms, prior=prior)  # fmt: skip
         assert np.array_equal(a, b) and extra_a == extra_b
         assert np.array_equal(a, a.astype(np.float32).astype(np.float64))  # published precision
     # the signature admits nothing that could carry the private per-image embeddings
     params = set(inspect.signature(apply).parameters)
-    assert params == {"release", "method", "record", "layout", "centre", "target_norms"}
+    assert params == {"release", "method", "record", "layout", "centre", "target_norms", "prior"}
 
 
 def test_js_uses_the_noised_dimension_k_and_lowers_the_squared_error():
@@ -223,3 +244,115 @@ def test_norm_without_a_public_target_is_refused_before_spending(tmp_path, basis
     # full space with JS: K is the full D
     res = release_embeddings(eset, postprocess="js", **kw)
     assert res.record["postprocess_js_k"] == str(eset.flat_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Wiener filter (posterior mean under a Gaussian prior fitted to public style means)
+# --------------------------------------------------------------------------------------------
+
+
+def test_wiener_is_the_per_coordinate_formula():
+    basis = _Coords(5, 3)
+    m = np.array([1.0, -1.0, 0.5, 7.0, 7.0])  # the prior mean (its last two values are ignored)
+    lam = np.array([4.0, 1.0, 0.0])
+    r = np.array([3.0, 1.0, 2.0, 9.0, -2.0])
+    out, f = wiener(r, WienerPrior(basis=basis, mean=m, variances=lam), sigma=2.0)
+    np.testing.assert_allclose(f, [4 / 8, 1 / 5, 0.0])
+    # in the basis: m + f (r - m); outside it (coordinates 4, 5) the release is kept
+    np.testing.assert_allclose(out, [1 + 0.5 * 2, -1 + 0.2 * 2, 0.5, 9.0, -2.0])
+    # noise std 0: nothing to filter; an isotropic prior is James-Stein-like (one factor)
+    np.testing.assert_allclose(wiener(r, WienerPrior(basis=basis, mean=m, variances=lam),
+                                      sigma=0.0)[0], r)  # fmt: skip
+    iso, f_iso = wiener(r, WienerPrior(basis=basis, mean=m, variances=np.ones(3)), sigma=1.0)
+    np.testing.assert_allclose(f_iso, 0.5)
+    np.testing.assert_allclose(iso[:3], m[:3] + 0.5 * (r[:3] - m[:3]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    r=arrays(np.float64, 6, elements=finite),
+    m=arrays(np.float64, 6, elements=finite),
+    lam=arrays(np.float64, 4, elements=st.floats(0, 10, allow_nan=False)),
+    sigma=st.floats(0, 5, allow_nan=False),
+)
+def test_wiener_shrinks_toward_the_prior_mean(r, m, lam, sigma):
+    prior = WienerPrior(basis=_Coords(6, 4), mean=m, variances=lam)
+    out, f = wiener(r, prior, sigma=sigma)
+    assert np.all((0 <= f) & (f <= 1))
+    # each basis coordinate moves toward the prior mean's, never past it
+    d_in, d_out = (r - m)[:4], (out - m)[:4]
+    assert np.all(np.abs(d_out) <= np.abs(d_in) + 1e-9)
+    assert np.all(d_out * d_in >= -1e-12)
+    np.testing.assert_allclose(out[4:], r[4:])
+
+
+def test_wiener_prior_from_public_style_means_and_it_lowers_the_error():
+    rng = np.random.default_rng(1)
+    d, k, n_styles, per = 8, 4, 400, 6
+    basis = _Coords(d, k)
+    centre = np.zeros(d)
+    lam = np.array([4.0, 1.0, 0.25, 0.0])  # the spread of the true style means per direction
+    mus = np.zeros((n_styles, d))
+    mus[:, :k] = 2.0 + rng.standard_normal((n_styles, k)) * np.sqrt(lam)
+    styles = [mu + 0.5 * rng.standard_normal((per, d)) for mu in mus]
+    prior = WienerPrior.from_style_means(styles, basis=basis, centre=centre)
+    np.testing.assert_allclose(prior.mean[:k], 2.0, atol=0.15)
+    assert not prior.mean[k:].any()
+    # debiased: the within-style part (0.25 / 6 per direction) is taken out
+    np.testing.assert_allclose(prior.variances, lam, atol=0.12 * lam.max())
+    raw_var = WienerPrior.from_style_means(styles, basis=basis, centre=centre, debias=False)
+    assert np.all(raw_var.variances >= prior.variances)
+    # clipping at C shortens the per-image coordinates before averaging
+    clipped = WienerPrior.from_style_means(styles, basis=basis, centre=centre, clip_norm=1.0)
+    assert np.linalg.norm(clipped.mean[:k]) <= 1.0 + 1e-9
+    # on releases mu + N(0, sigma^2) in the basis, the posterior mean beats the raw release
+    sigma = 1.0
+    truth = mus[:, :k]
+    noisy = truth + sigma * rng.standard_normal(truth.shape)
+    post = np.stack([wiener(np.r_[x, np.zeros(d - k)], prior, sigma=sigma)[0][:k] for x in noisy])
+    assert ((post - truth) ** 2).sum(1).mean() < 0.6 * ((noisy - truth) ** 2).sum(1).mean()
+    with pytest.raises(DpaggError, match="two public styles"):
+        WienerPrior.from_style_means(styles[:1], basis=basis, centre=centre)
+
+
+def test_wiener_reads_only_the_release_and_the_public_prior():
+    """The factor depends on the record's sigma only; the prior is built from public arrays; a
+    missing prior is refused; the record names the prior by its digest."""
+    basis = _Coords(6, 4)
+    prior = WienerPrior(basis=basis, mean=np.ones(6), variances=np.array([1.0, 2.0, 3.0, 0.0]))
+    r = np.arange(6.0)
+    layout = [("emb_params", 1, 6)]
+    out, extra = apply(r, method="wiener", record={"sigma": "1.0", "n": "50", "epsilon": "2"},
+                       layout=layout, prior=prior)  # fmt: skip
+    expected, f = wiener(r, prior, sigma=1.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert extra["postprocess"] == "wiener"
+    assert extra["postprocess_wiener_prior_sha256"] == prior.digest()
+    assert float(extra["postprocess_wiener_mean_factor"]) == pytest.approx(float(np.mean(f)))
+    with pytest.raises(DpaggError, match="public prior"):
+        apply(r, method="wiener", record={"sigma": "1.0"}, layout=layout)
+    both, _ = apply(r, method="wiener+norm", record={"sigma": "1.0"}, layout=layout,
+                    prior=prior, target_norms={"emb_params": 3.0})  # fmt: skip
+    assert np.linalg.norm(both) == pytest.approx(3.0)
+    params = set(inspect.signature(WienerPrior.from_style_means).parameters)
+    assert params == {"styles", "basis", "centre", "clip_norm", "debias"}
+
+
+def test_release_with_wiener_needs_a_prior_before_spending(tmp_path, basis):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    eset = make_set(basis.base_model_id)
+    plan = calibrate(2.0, 1e-5, eset.n, "full")
+    kw = dict(plan=plan, clip_norm=0.5, out_dir=tmp_path / "e", ledger=ledger, basis=basis)
+    with pytest.raises(DpaggError, match="public prior"):
+        release_embeddings(eset, name="w", postprocess="wiener", **kw)
+    assert ledger.list_releases() == []
+    # a prior from other (public) sets, grouped by style
+    public = [make_set(basis.base_model_id, seed=s, tag=bytes([s])).flat() for s in (5, 6, 7)]
+    prior = WienerPrior.from_style_means(public, basis=basis, centre=eset.flat_centre())
+    res = release_embeddings(eset, name="w", postprocess="wiener", prior=prior, **kw)
+    tensors, record = read_released(res.path)
+    assert record["postprocess"] == "wiener"
+    row = ledger.get_release(res.release_id)
+    expected, _ = wiener(row["vector"], prior, sigma=float(row["record"]["sigma"]))
+    np.testing.assert_allclose(tensors["emb_params"].double().reshape(-1).numpy(), expected,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Post-processing of a DP release that costs no privacy: James-Stein shrinkage, norm rescaling.
+"""Post-processing of a DP release that costs no privacy: James-Stein, a Wiener filter, norms.
 
 Everything here is a function of the RELEASED vector and of public quantities only (the public
 centre, the plan's noise std ``sigma`` from the privacy record, the number K of noised
@@ -28,19 +28,36 @@ Methods (:data:`METHODS`):
   the release along the centre's direction, and after a strong James-Stein shrinkage that
   direction dominates (``js+norm`` lowered the cosine to the non-private mean).
 * ``js+norm``: ``js``, then ``norm``.
+* ``wiener``: the posterior mean under a Gaussian prior fitted to PUBLIC style means
+  (:class:`WienerPrior`): in the K basis coordinates ``y = U^T (r - m)`` around the prior mean
+  ``m``, each coordinate is multiplied by ``lambda_j / (lambda_j + sigma^2)``, where ``lambda_j``
+  is the variance of the public style means along basis direction j and ``sigma`` the release's
+  noise std per coordinate (the record's ``sigma``): ``r - U ((1 - f) * y)``. For
+  ``r = mu + U N(0, sigma^2 I_K)`` with ``U^T (mu - m) ~ N(0, diag(lambda))`` it is the posterior
+  mean (the minimum expected squared error); unlike ``js`` it shrinks the directions in which
+  public styles differ little much more than those in which they differ a lot (anisotropic), and
+  toward the public styles' mean rather than toward the centre. The component of ``r - m``
+  outside ``span(U)`` (zero for a release in that basis around a centre in ``m + span(U)``) is
+  kept. The prior is built from public images only, grouped by style
+  (:meth:`WienerPrior.from_style_means`), and its digest goes into the record.
+* ``wiener+norm``: ``wiener``, then ``norm``.
 
 The record gains ``postprocess`` (the method) and its public parameters (``postprocess_js_k``,
-``postprocess_js_sigma``, ``postprocess_js_factor``, ``postprocess_target_norms``). The factor is
+``postprocess_js_sigma``, ``postprocess_js_factor``, ``postprocess_target_norms``,
+``postprocess_wiener_prior_sha256``, ``postprocess_wiener_sigma``,
+``postprocess_wiener_mean_factor``). The factor is
 a function of the release (so as public as the release itself) and tells a user when the release
 was shrunk to (nearly) nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,6 +123,103 @@ def rescale_norms(release: Any, *, layout: Layout, target_norms: Mapping[str, fl
     return r
 
 
+@dataclass(frozen=True, eq=False)
+class WienerPrior:
+    """A Gaussian prior ``N(mean, U diag(variances) U^T)`` on a release, fitted to PUBLIC data.
+
+    ``basis``: the public basis (``privacy.basis.PublicBasis`` or anything with ``project`` /
+    ``lift`` and orthonormal columns), K directions; ``mean``: the prior mean, a flat ``[D]``
+    vector; ``variances``: ``[K]``, the variance of the public style means along each direction.
+    Everything here is public: it is built from public images only and never from a private set,
+    so post-processing with it costs no privacy (it is a function of the release and of public
+    data).
+    """
+
+    basis: Any
+    mean: np.ndarray
+    variances: np.ndarray
+
+    def __post_init__(self) -> None:
+        mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
+        var = np.asarray(self.variances, dtype=np.float64).reshape(-1)
+        if not (np.all(np.isfinite(var)) and np.all(var >= 0)):
+            raise DpaggError("the prior's variances must be finite and >= 0")
+        if not np.all(np.isfinite(mean)):
+            raise DpaggError("the prior's mean must be finite")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "variances", var)
+
+    @classmethod
+    def from_style_means(
+        cls,
+        styles: Sequence[Any],
+        *,
+        basis: Any,
+        centre: Any,
+        clip_norm: float | None = None,
+        debias: bool = True,
+    ) -> WienerPrior:
+        """The prior of the style means of PUBLIC per-image embeddings, one ``[m_s, D]`` array
+        per public style (at least two styles).
+
+        Each image's coordinates ``U^T (x - centre)`` are clipped to ``clip_norm`` when given (a
+        release's expectation is the mean of CLIPPED coordinates), averaged per style; the prior
+        mean is ``centre + U`` (the mean of the style means) and ``variances`` their
+        between-style variance per direction. ``debias``: minus the part that the finite number
+        of images per style adds (the mean within-style variance / m_s), floored at 0, so that
+        ``variances`` estimates the spread of the styles themselves.
+        """
+        if len(styles) < 2:
+            raise DpaggError("a prior needs the embeddings of at least two public styles")
+        c = np.asarray(centre, dtype=np.float64).reshape(-1)
+        means, within = [], []
+        for rows in styles:
+            x = np.asarray(rows, dtype=np.float64).reshape(-1, c.size)
+            y = np.asarray(basis.project(x - c), dtype=np.float64)
+            if clip_norm is not None:
+                norms = np.linalg.norm(y, axis=1, keepdims=True)
+                y = y * np.minimum(1.0, float(clip_norm) / np.where(norms > 0, norms, 1.0))
+            means.append(y.mean(axis=0))
+            if len(y) > 1:
+                within.append(y.var(axis=0, ddof=1) / len(y))
+        means_arr = np.stack(means)
+        var = means_arr.var(axis=0, ddof=1)
+        if debias and within:
+            var = np.maximum(var - np.mean(within, axis=0), 0.0)
+        mean = c + np.asarray(basis.lift(means_arr.mean(axis=0)), dtype=np.float64).reshape(-1)
+        return cls(basis=basis, mean=mean, variances=var)
+
+    def factors(self, sigma: float) -> np.ndarray:
+        """``lambda_j / (lambda_j + sigma^2)`` per direction (1 where sigma is 0)."""
+        if not math.isfinite(sigma) or sigma < 0:
+            raise DpaggError(f"sigma={sigma!r}; pass the plan's (public) noise std.")
+        s2 = float(sigma) ** 2
+        if s2 == 0:
+            return np.ones_like(self.variances)
+        return self.variances / (self.variances + s2)
+
+    def digest(self) -> str:
+        """sha256 (hex) of the prior's mean and variances (float64 bytes), for the record."""
+        h = hashlib.sha256()
+        h.update(self.mean.tobytes())
+        h.update(self.variances.tobytes())
+        return h.hexdigest()
+
+
+def wiener(release: Any, prior: WienerPrior, *, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(r - U ((1 - f) * U^T (r - m)), f)``: the posterior mean of the flat ``release`` r under
+    the public ``prior`` (mean m, variances lambda, basis U) for noise std ``sigma`` per
+    coordinate, ``f = lambda / (lambda + sigma^2)``."""
+    r = np.asarray(release, dtype=np.float64).reshape(-1)
+    if prior.mean.shape != r.shape:
+        raise DpaggError(f"the prior has {prior.mean.size} values but the release has {r.size}")
+    y = np.asarray(prior.basis.project(r - prior.mean), dtype=np.float64).reshape(-1)
+    if y.shape != prior.variances.shape:
+        raise DpaggError(f"the prior has {prior.variances.size} variances for {y.size} directions")
+    f = prior.factors(sigma)
+    return r - np.asarray(prior.basis.lift((1.0 - f) * y), dtype=np.float64).reshape(-1), f
+
+
 def noised_coordinates(record: Mapping[str, str], flat_dim: int) -> int:
     """K, the number of coordinates the release's noise was added to: ``basis_dim`` from the
     record of a projected release, else the full D."""
@@ -121,12 +235,14 @@ def apply(
     layout: Layout,
     centre: Any = None,
     target_norms: Mapping[str, float] | None = None,
+    prior: WienerPrior | None = None,
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Post-process a flat raw ``release`` with ``method`` (:data:`METHODS`).
 
     Uses only the release, its public privacy ``record`` (``sigma``, ``basis_dim``), the public
-    ``centre``, the ``layout`` ``[(key, vectors, width)]`` and public ``target_norms``. Returns
-    the float32-exact vector and the record fields to add (empty for ``none``).
+    ``centre``, the ``layout`` ``[(key, vectors, width)]``, public ``target_norms`` and the public
+    ``prior`` (``wiener``). Returns the float32-exact vector and the record fields to add (empty
+    for ``none``).
     """
     if method not in METHODS:
         raise DpaggError(f"postprocess={method!r}; use one of {list(METHODS)}")
@@ -134,11 +250,25 @@ def apply(
     if method == "none":
         return to_published_precision(r), {}  # a raw release is float32-exact already
     extra: dict[str, str] = {"postprocess": method}
-    if "js" in method:
+    if "wiener" in method and prior is None:
+        raise DpaggError(
+            f"postprocess={method!r} needs a public prior (WienerPrior.from_style_means of public "
+            "images grouped by style)"
+        )
+    if "js" in method or "wiener" in method:
         try:
             sigma = float(record["sigma"])
         except (KeyError, ValueError):
             raise DpaggError("the release's record has no noise std 'sigma'") from None
+    if "wiener" in method:
+        assert prior is not None
+        r, f = wiener(r, prior, sigma=sigma)
+        extra.update(
+            postprocess_wiener_prior_sha256=prior.digest(),
+            postprocess_wiener_sigma=repr(sigma),
+            postprocess_wiener_mean_factor=repr(float(np.mean(f))),
+        )
+    if "js" in method:
         k = noised_coordinates(record, r.size)
         r, f = james_stein(r, centre, sigma=sigma, k=k)
         extra.update(

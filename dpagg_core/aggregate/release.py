@@ -215,6 +215,7 @@ def release_embeddings(
     public_centre: Any = None,
     inputs: Mapping[str, Any] | None = None,
     recorded_only: bool = False,
+    prior: Any = None,
 ) -> ReleaseOutcome:
     """Release one DP mean of ``eset`` and write it as ``<out_dir>/<name>.safetensors``.
 
@@ -233,7 +234,8 @@ def release_embeddings(
     rescales to ``target_norms`` (public, per key) or, by default, the basis' ``typical_norms``. It
     is not part of the request: a re-run with another post-processing reuses the recorded release
     (nothing spent) and writes the new post-processed file under the next free name if ``name`` is
-    taken.
+    taken. ``'wiener'`` / ``'wiener+norm'`` need ``prior``, a public
+    ``postprocess.WienerPrior`` (refused before anything is spent without one).
 
     ``centre='public_mean'`` with ``public_centre`` (``PublicCentre`` /
     ``PublicEmbeddings`` of PUBLIC images, or their file): clip around the public images' mean
@@ -267,6 +269,11 @@ def release_embeddings(
                 "basis (its typical norms) or target_norms"
             )
         target_norms = dict(basis.typical_norms)
+    if "wiener" in postprocess and prior is None:
+        raise DpaggError(
+            f"postprocess={postprocess!r} needs a public prior (postprocess.WienerPrior."
+            "from_style_means of public images grouped by style)"
+        )
     base = sanitize_name(name)
     out = output_folder(out_dir)
     centre_vec = centre_vector(eset, centre, public_centre, ledger=ledger)
@@ -313,6 +320,7 @@ def release_embeddings(
         layout=[(k, eset.num_vectors, w) for k, w in eset.encoder_widths.items()],
         centre=centre_vec,
         target_norms=target_norms,
+        prior=prior,
     )
     released = eset.unflat(vec)
     if result.reused:
