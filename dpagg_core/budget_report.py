@@ -19,6 +19,28 @@ if TYPE_CHECKING:  # no import of the accountant (dp-accounting) just to show te
     from dpagg_core.privacy.plan import PrivacyPlan
 
 BUDGET_NOT_SET = "budget: not set yet (the first release sets it)"
+BUDGET_MEANING = "the total epsilon this image set may ever spend, all its releases together"
+
+
+def needs_budget(recorded_budget: Any, budget_epsilon: float | None) -> bool:
+    """True when a release would be an image set's first without a deliberate budget: the
+    ledger records none for its pictures (``budget_status(...)["budget"]`` is None) and none was
+    chosen. The ledger would then default the budget to this release's epsilon, which allows
+    exactly one release (issue 20 item 10), so every front end asks for it instead: a silent
+    default would make the most important number of the guarantee nobody's choice."""
+    return recorded_budget is None and not budget_epsilon
+
+
+def budget_required_message(plan_epsilon: float, field: str, *, refused: bool = False) -> str:
+    """What a front end says when :func:`needs_budget`: ``field`` names its own input (the
+    CLI's ``--budget-epsilon``, the tab's "budget epsilon", the node's ``budget_epsilon``)."""
+    text = (
+        f"{field}: choose {BUDGET_MEANING}, before its first release (this release alone costs "
+        f"epsilon {fmt(plan_epsilon)}; a budget equal to it allows this one release only). It is "
+        "recorded with the pictures and every later release must fit in it; raising it later "
+        "is a deliberate ledger command."
+    )
+    return text + (" Nothing was spent." if refused else "")
 
 
 def fmt(x: float) -> str:

@@ -50,8 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dpagg_core.budget_report import BUDGET_NOT_SET, budget_status, next_release
+from dpagg_core.budget_report import BUDGET_MEANING, BUDGET_NOT_SET, budget_status, next_release
+from dpagg_core.budget_report import budget_required_message as _budget_required
 from dpagg_core.budget_report import fmt as _fmt
+from dpagg_core.budget_report import needs_budget as _needs_budget
 from dpagg_core.errors import DpaggError
 from dpagg_core.webui_access import check_epsilon_cap
 
@@ -68,7 +70,6 @@ PLAN_HINT = (
     "choose the private image folder (type its path, then Enter or click elsewhere): the plan "
     "and the image set's budget show here before anything runs"
 )
-BUDGET_MEANING = "the total epsilon this image set may ever spend, all its releases together"
 BUDGET_LABEL = "budget epsilon: total epsilon this image set may ever spend"
 BUDGET_INFO = (
     "required before the image set's first release (a deliberate choice: the ledger refuses "
@@ -253,23 +254,14 @@ def target_fields(mode: str) -> dict[str, bool]:
     return {"epsilon": mode != MODE_NOISE, "noise_multiplier": mode == MODE_NOISE}
 
 
-def needs_budget(s: Settings, recorded: Mapping[str, Any] | None) -> bool:
-    """True when ``s`` would be an image set's first release without a deliberate budget: the
-    ledger records no budget for the set and ``budget_epsilon`` is 0. The ledger would then
-    default the budget to this release's epsilon, which allows exactly one release (issue 20
-    item 10), so the WebUI asks for it instead."""
-    return recorded is None and not s.budget_epsilon
+def needs_budget(s: Settings, recorded: Any) -> bool:
+    """``budget_report.needs_budget`` for the tab's settings (issue 20 item 10)."""
+    return _needs_budget(recorded, s.budget_epsilon)
 
 
 def budget_required_message(plan_epsilon: float, *, refused: bool = False) -> str:
     """What the tab says (and a refused run answers) when :func:`needs_budget`."""
-    text = (
-        f"budget epsilon: choose {BUDGET_MEANING}, before its first release (this release "
-        f"alone costs epsilon {_fmt(plan_epsilon)}; a budget equal to it allows this one "
-        "release only). It is recorded with the pictures and every later release must fit in "
-        "it; raising it later is a deliberate ledger command."
-    )
-    return text + (" Nothing was spent." if refused else "")
+    return _budget_required(plan_epsilon, "budget epsilon", refused=refused)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,9 +140,12 @@ def test_aggregate_inspect_ledger_and_refusal(tmp_path, capsys):
         "--ledger",
         str(ledger),
     ]
-    res = run_json(
-        capsys, "aggregate", "--embeddings", str(private), "--epsilon", "1", "--name", "s", *common
-    )
+    # issue 20 item 10: the set's first release needs a deliberate budget; nothing spent
+    first = ["aggregate", "--embeddings", str(private), "--epsilon", "1", "--name", "s", *common]
+    assert main(first) == 2
+    assert "--budget-epsilon E: choose the total epsilon" in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())
+    res = run_json(capsys, *first, "--budget-epsilon", "1")
     assert res["prompt"] == "embedding:s" and Path(res["file"]).exists()
     assert res["budget"]["remaining_epsilon"] == pytest.approx(0.0, abs=1e-6)
 

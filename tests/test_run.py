@@ -62,6 +62,9 @@ def test_run_trains_releases_previews_and_refuses_over_budget_before_training(
         "--vectors",
         "2",
     ]
+    assert main(argv) == 2  # issue 20 item 10: no budget chosen for a first release
+    assert "--budget-epsilon E" in capsys.readouterr().err and not out.exists()
+    argv += ["--budget-epsilon", "1"]
     assert main([*argv, "--preview", "--json"]) == 0
     stdout = capsys.readouterr().out
     payload = json.loads(stdout[: stdout.rindex("}") + 1])

@@ -106,6 +106,16 @@ def require_clip_norm(args: argparse.Namespace) -> float:
     return float(args.clip_norm)
 
 
+def require_budget(args: argparse.Namespace, dataset_id: str, plan: Any) -> None:
+    """An image set's first release needs a deliberate ``--budget-epsilon`` (issue 20 item 10;
+    ``budget_report.needs_budget``): refused before anything trains or is spent."""
+    from dpagg_core.budget_report import budget_required_message, budget_status, needs_budget
+
+    recorded = budget_status(ledger_of(args), dataset_id)["budget"]
+    if needs_budget(recorded, getattr(args, "budget_epsilon", None)):
+        raise DpaggError(budget_required_message(plan.epsilon, "--budget-epsilon E", refused=True))
+
+
 def add_release_args(p: argparse.ArgumentParser) -> None:
     g = add_mechanism_args(p)
     g.add_argument("--name", required=True, help="embedding name (used as embedding:<name>)")

@@ -13,6 +13,7 @@ from dpagg_core.cli.common import (
     plan_of,
     release_options,
     report_release,
+    require_budget,
     require_clip_norm,
     trainer_of,
 )
@@ -70,7 +71,9 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from dpagg_core.io.private_file import load_private
 
     eset = load_private(args.embeddings, key=ledger_of(args).identity_key())
-    return _release_and_report(args, eset, plan_of(args, eset.n))
+    plan = plan_of(args, eset.n)
+    require_budget(args, eset.dataset_id, plan)
+    return _release_and_report(args, eset, plan)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -118,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     trainer = trainer_of(args, args.method)
     loaded = trainer.images(args.images)
     plan = plan_of(args, loaded.count)  # plan errors surface before any training
+    require_budget(args, loaded.dataset_id, plan)
     basis = None
     if args.basis is not None:  # a misfit basis: refused before training
         basis = trainer.basis(args.basis) if trainer.backend is not None else None
