@@ -40,3 +40,21 @@ function dpaggAfterRun(resultHtml) {
     }
     return [];
 }
+
+// Leaving a number field of the tab recomputes the plan (issue 20 item 11: when a field is done,
+// never per keystroke). Text fields do this with their own blur event; gradio 4's Number (Forge)
+// has none, so the tab's hidden "dpagg_replan" button is clicked instead (in A1111 too: the tab
+// registers no Number blur, so the plan is computed once).
+function dpaggNumberLeft(event) {
+    var field = event.target;
+    if (!field || field.tagName !== 'INPUT' || field.type !== 'number') {
+        return;
+    }
+    var tab = gradioApp().getElementById('tab_dpagg');
+    var button = gradioApp().getElementById('dpagg_replan');
+    if (tab && button && tab.contains(field)) {
+        button.dispatchEvent(new Event('click'));
+    }
+}
+
+document.addEventListener('focusout', dpaggNumberLeft, true);

@@ -302,8 +302,10 @@ def plan(values: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def generate_preview(word: str, steps: int, size: int, out: Path) -> Path:
-    """With/without grid rendered by the WebUI's own txt2img (released embedding only)."""
+def generate_preview(word: str, steps: int, size: int, out: Path, card: Path | None = None) -> Path:
+    """With/without grid rendered by the WebUI's own txt2img (released embedding only), written
+    to ``out``; ``card``: also the first picture WITH the embedding, alone (the Extra Networks
+    card's thumbnail)."""
     from modules import processing
 
     model = _loaded_model() or shared.sd_model
@@ -335,6 +337,9 @@ def generate_preview(word: str, steps: int, size: int, out: Path) -> Path:
                     p.close()
             row.append(processed.images[0])
         pairs.append(tuple(row))
+    if card is not None:
+        card.parent.mkdir(parents=True, exist_ok=True)
+        pairs[0][1].convert("RGB").save(card)
     return core.save_preview_grid(pairs, out)
 
 
@@ -347,10 +352,14 @@ def run(values: dict[str, Any]) -> dict[str, Any]:
     )
     if s.preview:
         shared.state.textinfo = "preview: generating with and without the embedding"
-        out = Path(report.file).with_name(f"{report.name}.preview.png")  # the card's preview
-        if not out.exists():
-            generate_preview(report.prompt_word, s.preview_steps, s.preview_size, out)
-        report.preview = str(out)
+        # The Extra Networks card shows <name>.preview.png cropped to a portrait: one picture
+        # with the embedding (the with/without grid there was cut to "without | with embeddi");
+        # the grid, shown in the tab, goes beside the ledger in the WebUI's data folder
+        card = Path(report.file).with_name(f"{report.name}.preview.png")
+        grid = Path(_data_dir()) / "dpagg" / "previews" / f"{report.name}.grid.png"
+        if not (card.exists() and grid.exists()):
+            generate_preview(report.prompt_word, s.preview_steps, s.preview_size, grid, card)
+        report.preview = str(grid)
     return report.to_dict() | {"html": report.html()}
 
 
@@ -724,9 +733,14 @@ def on_ui_tabs():
                         "Train and release", variant="primary", elem_id=f"{ELEM}_run"
                     )
                     stop_btn = gr.Button("Interrupt", elem_id=f"{ELEM}_interrupt")
-                gr.HTML(elem_id=f"{ELEM}_progress")
+                # the WebUI's progress bar is drawn (position: absolute) in the anchor's parent:
+                # a "progress-container" row (the WebUI's class, position: relative) keeps it
+                # above the progress text instead of over the plan at the top of the column
+                with gr.Row(elem_classes="progress-container"):
+                    gr.HTML(elem_id=f"{ELEM}_progress")
                 preview = gr.Image(
                     label="Preview: without | with the embedding",
+                    show_label=False,  # gradio 4 draws it over the grid's own "without" label
                     interactive=False,
                     elem_id=f"{ELEM}_preview",
                 )
@@ -743,9 +757,16 @@ def on_ui_tabs():
         for key in _FIELD_ORDER:  # debounced: core.PLAN_EVENTS (no scan per keystroke)
             kind = "choice" if key in _CHOICE_FIELDS else "text"
             for event in core.PLAN_EVENTS[kind]:
+                if event == "blur" and isinstance(comps[key], gr.Number):
+                    continue  # gradio 4's Number has no blur event: javascript/dpagg_webui.js
                 listener = getattr(comps[key], event, None)
                 if listener is not None:
                     listener(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
+        # A number field that is left (blur): dpaggNumberLeft (javascript/dpagg_webui.js) clicks
+        # this hidden button, the same in gradio 3 (A1111) and 4 (Forge, whose gr.Number has no
+        # blur event, so a typed budget or epsilon was not planned until Enter or the next run)
+        replan_btn = gr.Button(visible=False, elem_id=f"{ELEM}_replan")
+        replan_btn.click(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
 
         def show_target(mode: str):
             shown = core.target_fields(mode)

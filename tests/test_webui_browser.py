@@ -7,8 +7,10 @@ complete: no scan per keystroke), switch the privacy target (the other field hid
 and release without a budget (asked for), with one (progress in the WebUI's bar, the result, the
 64 px preview grid with its labels), again (the identical request: the plan does not call it a
 refusal, the ledger serves its record), over budget (red plan, refused), then open txt2img's
-Textual Inversion pane: the new card is there without a manual refresh. 64 px, 2 TI steps, 3
-images. Screenshots go to ``$DPAGG_SCREENSHOTS`` (default: a temporary folder; printed, -s).
+Textual Inversion pane (opened once before the release, without the card): the new card is there
+without a manual refresh. Leaving a number field recomputes the plan (the budget line changes).
+64 px, 2 TI steps, 3 images. Screenshots go to ``$DPAGG_SCREENSHOTS`` (default: a temporary
+folder; printed, -s).
 """
 
 from __future__ import annotations
@@ -77,8 +79,20 @@ def drive(page, url: str, folder: Path, shots: Path, timings: dict[str, float]) 
         expect(page.locator("#tab_dpagg .progressDiv")).to_have_count(0, timeout=60_000)
         timings[key] = time.perf_counter() - t
 
+    def textual_inversion_cards():  # txt2img's Textual Inversion extra-networks pane
+        page.locator("#tabs > .tab-nav > button", has_text="Txt2img").click()
+        pane = page.locator("#txt2img_extra_tabs > .tab-nav > button", has_text="Textual Inversion")
+        pane.click()
+        return page.locator(f"#txt2img_textual_inversion_cards_html .card[data-name='{NAME}']")
+
     t = time.perf_counter()
     page.goto(url, timeout=120_000)
+    # item 8: the pane is listed (once, when the page loads; the WebUI keeps that list until a
+    # refresh) and opened before the release, as a user who looked at it first would have it;
+    # the new card must show there later without a manual refresh
+    before = textual_inversion_cards()
+    expect(page.locator("#txt2img_textual_inversion_cards")).to_be_attached(timeout=60_000)
+    expect(before).to_have_count(0)
     page.locator("#tabs > .tab-nav > button", has_text="Private style (DP)").click()
     plan = page.locator("#dpagg_plan")
     result = page.locator("#dpagg_result")
@@ -130,7 +144,12 @@ def drive(page, url: str, folder: Path, shots: Path, timings: dict[str, float]) 
 
     train("released a new differentially private embedding", "first_release_s", progress=True)
     expect(result).to_contain_text(f"{NAME}.safetensors")
-    expect(page.locator("#dpagg_preview img")).to_be_visible(timeout=60_000)
+    grid = page.locator("#dpagg_preview img")
+    expect(grid).to_be_visible(timeout=60_000)
+    # item 12: 64 px cells are enlarged so the column labels fit (the grid is wider than two raw
+    # cells), and no gradio label badge is drawn over the grid's own "without" label
+    assert grid.evaluate("img => img.naturalWidth") > 2 * 64
+    expect(page.locator("#dpagg_preview").get_by_text("Preview: without")).to_have_count(0)
     shot("04-released")
 
     # item 10: the identical request is not announced as a refusal, and is served
@@ -147,9 +166,7 @@ def drive(page, url: str, folder: Path, shots: Path, timings: dict[str, float]) 
     shot("06-over-budget-refused")
 
     # item 8: the new card is in txt2img's Textual Inversion pane, no manual refresh
-    page.locator("#tabs > .tab-nav > button", has_text="Txt2img").click()
-    page.locator("#txt2img_extra_tabs > .tab-nav > button", has_text="Textual Inversion").click()
-    card = page.locator(f"#txt2img_textual_inversion_cards_html .card[data-name='{NAME}']")
+    card = textual_inversion_cards()
     expect(card).to_have_count(1, timeout=30_000)
     card.scroll_into_view_if_needed()
     shot("07-txt2img-card")

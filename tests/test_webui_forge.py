@@ -141,6 +141,12 @@ def forge(tmp_path_factory):
         str(data),
         "--ckpt-dir",
         str(ckpts),
+        # Forge lets gradio serve files from the data dir only (--gradio-allowed-path defaults to
+        # it): with --data-dir elsewhere its own script.js, javascript/*.js and style.css answer
+        # 403 and the page has no WebUI JavaScript (no gradioApp, no progress bar, no Extra
+        # Networks); allowing the Forge folder serves them as a default install does
+        "--gradio-allowed-path",
+        str(forge_dir),
     ]
     log = open(log_path, "w")  # noqa: SIM115 - closed in the teardown
     t = time.perf_counter()
@@ -271,7 +277,8 @@ def test_forge_tab_routes_run_reuse_refuse(forge):
     timings.update({f"first_run_{k}": v for k, v in report["timings"].items()})
     assert report["prompt_word"] == NAME and not report["reused"]
     assert Path(report["file"]) == data / "embeddings" / f"{NAME}.safetensors"
-    assert report["preview"] and Path(report["preview"]).is_file()
+    assert report["preview"] and Path(report["preview"]).is_file()  # the with/without grid
+    assert (data / "embeddings" / f"{NAME}.preview.png").is_file()  # the card's thumbnail
     from safetensors.torch import load_file
 
     tensors = load_file(report["file"])
