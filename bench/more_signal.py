@@ -1,0 +1,439 @@
+"""More signal per image (issue 21 item 4), measured on PUBLIC training styles only.
+
+    nice -n 19 .venv/bin/python bench/more_signal.py embed --variant v2     # per-image TI, cached
+    nice -n 19 .venv/bin/python bench/more_signal.py analyze --variants v2 v1 ...
+
+``embed`` trains the per-image TI embeddings of one per-image TI variant (:data:`VARIANTS`) for
+``--per-style`` public images of each of the 26 training styles (``data.REFERENCE_OFFSET``, as in
+``bench/snr_geometry.py``) and for ``--n`` further images of each of the 4 validation styles of
+``bench/choose_public_defaults.py`` (``REFERENCE_OFFSET + 500``, disjoint), and caches them under
+``bench/minimodel/cache/more_signal/`` (git-ignored). No held-out style is read.
+
+``analyze`` reads the caches and, per variant and per k per vector in ``--ks``:
+
+* the geometry (the ``snr_geometry`` estimator): basis = per-vector PCA of the 22 fitting styles'
+  public embeddings, centre = their mean, C = median norm of their projected deltas, rho = the
+  unbiased norm of the mean clipped delta / C, per fitting style (6 images) and per validation
+  style (its ``--n`` images); SNR = rho n / (2 z sqrt K) at (``--n``, ``--epsilon``);
+* the judge's style accuracy on the validation styles (``--draws`` noise draws each): the
+  non-private mean, its projection, and the private release (subspace, public-mean centre) raw
+  and post-processed with ``js``, ``wiener``, ``norm`` and ``wiener+norm``
+  (``dpagg_core.aggregate.postprocess``; the prior and the typical norm come from the 22 fitting
+  styles only).
+
+Writes ``--out`` (JSON lines, one row per variant and k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.minimodel import artifact, data  # noqa: E402
+
+CACHE = ROOT / "bench" / "minimodel" / "cache" / "more_signal"
+VALIDATION_INDICES = (0, 7, 14, 21)  # as bench/choose_public_defaults.py
+VAL_OFFSET = data.REFERENCE_OFFSET + 500
+# name: TIConfig overrides (the mini model's recipe otherwise: 2 vectors, no flip, 150 steps)
+VARIANTS: dict[str, dict] = {
+    "v2": dict(vectors=2, flip=False, steps=150),
+    "v1": dict(vectors=1, flip=False, steps=150),
+    "v2_flip": dict(vectors=2, flip=True, steps=150),
+    "v1_flip": dict(vectors=1, flip=True, steps=150),
+    "v1_75": dict(vectors=1, flip=False, steps=75),
+    "v2_75": dict(vectors=2, flip=False, steps=75),
+}
+POSTPROCESS = ("none", "js", "wiener", "norm", "wiener+norm")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def embed(variant: str, per_style: int, n: int) -> Path:
+    from bench.reproduce_paper import load_model
+    from dpagg_core.training.ti import train_vectors
+
+    _, backend, _, _, _, _ = load_model()
+    cfg = artifact.ti_config(learning_rate=1e-2, **VARIANTS[variant])
+    train = list(data.TRAIN_STYLES)
+    val = [train[i] for i in VALIDATION_INDICES]
+    t0 = time.time()
+
+    def ti(style: str, count: int, offset: int) -> np.ndarray:
+        imgs = data.to_tensor([e.image for e in data.style_examples(style, count, offset=offset)])
+        vec, _ = train_vectors(backend, imgs, cfg)
+        return vec["emb_params"].double().flatten(1).numpy()
+
+    # all public images of all training styles in one batch (the trajectories are per image)
+    imgs = [
+        e.image
+        for s in train
+        for e in data.style_examples(s, per_style, offset=data.REFERENCE_OFFSET)
+    ]
+    vec, _ = train_vectors(backend, data.to_tensor(imgs), cfg)
+    public = vec["emb_params"].double().flatten(1).numpy().reshape(len(train), per_style, -1)
+    _log(f"{variant}: public TI {len(train)} x {per_style} ({time.time() - t0:.0f}s)")
+    valsets = np.stack([ti(s, n, VAL_OFFSET) for s in val])
+    _log(f"{variant}: validation TI {len(val)} x {n} ({time.time() - t0:.0f}s)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{variant}_p{per_style}_n{n}.npz"
+    np.savez(path, public=public, val=valsets, styles=np.array(train), val_styles=np.array(val),
+             seconds=time.time() - t0)  # fmt: skip
+    _log(f"wrote {path}")
+    return path
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
+
+
+def unbiased_rho(u: np.ndarray) -> float:
+    m = len(u)
+    mu2 = (m * float(np.sum(u.mean(0) ** 2)) - float(np.mean(np.sum(u**2, axis=1)))) / (m - 1)
+    return float(np.sqrt(max(mu2, 0.0)))
+
+
+def analyze(a: argparse.Namespace) -> None:
+    from bench.minimodel import judge, sample
+    from bench.reproduce_paper import load_model
+    from dpagg_core.aggregate import postprocess
+    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+    from dpagg_core.aggregate.subspace import PublicEmbeddings, dp_mean_projected
+    from dpagg_core.privacy import calibration
+
+    pipe, backend, jdg, init1, _, dim = load_model()
+    init_tok = init1[:dim]
+    plan = calibration.calibrate(a.epsilon, 1e-5, a.n, "full")
+    z = plan.noise_multiplier
+    out = []
+    for variant in a.variants:
+        f = np.load(CACHE / f"{variant}_p{a.per_style}_n{a.n}.npz")
+        public, valsets = f["public"], f["val"]
+        styles = [str(s) for s in f["styles"]]
+        val = [str(s) for s in f["val_styles"]]
+        fit_idx = [i for i, s in enumerate(styles) if s not in val]
+        v = public.shape[-1] // dim
+        centre_init = np.tile(init_tok, v)
+        fit_rows = public[fit_idx].reshape(-1, v * dim)
+        pe = PublicEmbeddings(
+            vectors={"emb_params": torch.from_numpy(fit_rows.reshape(-1, v, dim)).float()},
+            model_family="sd1",
+            base_model_id=backend.base_model_id or "",
+            centre={"emb_params": torch.from_numpy(centre_init.reshape(v, dim)).float()},
+            initializer=artifact.TI_INITIALIZER,
+        )
+        cen = fit_rows.mean(0)
+        layout = [("emb_params", v, dim)]
+
+        def accuracy(flat: np.ndarray, style: str, seed: int = 0, v=v) -> float:
+            vec = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(v, dim))
+            imgs = sample.generate(
+                pipe, vectors=vec, per_template=6, steps=20, guidance=3.0, seed=1000 + seed
+            )
+            return float(judge.style_accuracy(jdg, imgs, style))
+
+        nonpriv = [accuracy(valsets[i].mean(0), s) for i, s in enumerate(val)] if a.accuracy else []
+        for k in a.ks:
+            t0 = time.time()
+            basis = basis_from_public_embeddings(pe, k)
+            y = basis.project(fit_rows - cen)
+            c = float(np.median(np.linalg.norm(y, axis=1)))
+            kk = basis.dim
+
+            def rho_of(rows: np.ndarray, basis=basis, c=c, cen=cen) -> float:
+                ys = basis.project(rows - cen)
+                u = ys * np.minimum(1.0, c / np.linalg.norm(ys, axis=1, keepdims=True)) / c
+                return unbiased_rho(u)
+
+            rho_fit = [rho_of(public[i]) for i in fit_idx]
+            rho_val = [rho_of(valsets[i]) for i in range(len(val))]
+
+            def snr(r: float, kk=kk) -> float:
+                return r * a.n / (2 * z * np.sqrt(kk))
+
+            # the public prior: per-style means of the fitting styles (clipped per image, as the
+            # release's expectation is), in the basis coordinates around the public centre
+            prior = postprocess.WienerPrior.from_style_means(
+                [public[i] for i in fit_idx], basis=basis, centre=cen, clip_norm=c
+            )
+            style_norms = [
+                np.linalg.norm(public[i].mean(0).reshape(v, dim), axis=1).mean() for i in fit_idx
+            ]
+            target = float(np.median(style_norms))
+            row = {
+                "variant": variant,
+                **VARIANTS[variant],
+                "k_per_vector": k,
+                "K": kk,
+                "C": c,
+                "z": z,
+                "n": a.n,
+                "epsilon": a.epsilon,
+                "rho_fit_median": float(np.median(rho_fit)),
+                "rho_fit_min": float(np.min(rho_fit)),
+                "rho_fit_max": float(np.max(rho_fit)),
+                "rho_val": rho_val,
+                "snr_fit_median": float(snr(np.median(rho_fit))),
+                "snr_val_median": float(snr(np.median(rho_val))),
+                # how much of a validation style's delta (around the release's centre) the
+                # basis keeps: the release can at best give the projection
+                "cos_projected_val": [
+                    _cos(
+                        basis.lift(basis.project(valsets[i].mean(0) - cen)),
+                        valsets[i].mean(0) - cen,
+                    )
+                    for i in range(len(val))
+                ],
+                "prior_lambda_median": float(np.median(prior.variances)),
+                "sigma": float(plan.noise_std(c)),
+                "target_norm": target,
+            }
+            if a.accuracy:
+                row["acc_nonprivate"] = nonpriv
+                row["acc_projected"] = [
+                    accuracy(cen + basis.lift(basis.project(valsets[i].mean(0) - cen)), s)
+                    for i, s in enumerate(val)
+                ]
+                accs: dict[str, list[list[float]]] = {m: [] for m in a.postprocess}
+                cos: dict[str, list[float]] = {m: [] for m in a.postprocess}
+                for i, s in enumerate(val):
+                    per = {m: [] for m in a.postprocess}
+                    truth = valsets[i].mean(0) - cen
+                    for draw in range(a.draws):
+                        torch.manual_seed(10_000 * i + draw)
+                        rel = dp_mean_projected(
+                            valsets[i], plan=plan, clip_norm=c, basis=basis, center=cen,
+                            centre_kind="public_mean", base_model_id=basis.base_model_id,
+                        )  # fmt: skip
+                        for m in a.postprocess:
+                            vec, _ = postprocess.apply(
+                                rel.vector, method=m, record=rel.record, layout=layout, centre=cen,
+                                target_norms={"emb_params": target}, prior=prior,
+                            )  # fmt: skip
+                            d = vec - cen
+                            cos[m].append(
+                                float(
+                                    d @ truth / (np.linalg.norm(d) * np.linalg.norm(truth) + 1e-12)
+                                )
+                            )
+                            per[m].append(accuracy(vec, s, seed=draw))
+                    for m in a.postprocess:
+                        accs[m].append(per[m])
+                row["acc_release"] = accs
+                row["cos_release"] = {m: float(np.mean(x)) for m, x in cos.items()}
+                row["draws"] = a.draws
+            row["seconds"] = round(time.time() - t0)
+            out.append(row)
+            _log(json.dumps({k_: v_ for k_, v_ in row.items() if k_ not in ("rho_val",)})[:900])
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            with a.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def heldout(a: argparse.Namespace) -> None:
+    """The chosen recipe on HELD-OUT styles (never used for choosing): per (style, n, seed) the
+    per-image TI of ``reproduce_paper``'s private set (``PRIVATE_OFFSET + 1000 seed``, TI seed =
+    seed), the non-private mean, and ``--draws`` releases per epsilon in the basis of ALL 26
+    public training styles (cached by ``embed``) around their mean, C = median projected norm, with
+    ``--postprocess`` (the Wiener prior from the 26 public styles). Accuracy as in
+    ``reproduce_paper.evaluate`` (6 per template, 20 steps, sampler seed 1000 + seed)."""
+    from bench.minimodel import judge, sample
+    from bench.reproduce_paper import load_model
+    from dpagg_core.aggregate import postprocess
+    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+    from dpagg_core.aggregate.subspace import PublicEmbeddings, dp_mean_projected
+    from dpagg_core.privacy import calibration
+    from dpagg_core.training.ti import train_vectors
+
+    pipe, backend, jdg, init1, _, dim = load_model()
+    cfg_over = VARIANTS[a.variant]
+    v = cfg_over["vectors"]
+    f = np.load(CACHE / f"{a.variant}_p{a.per_style}_n50.npz")
+    public = f["public"]
+    rows = public.reshape(-1, v * dim)
+    centre_init = np.tile(init1[:dim], v)
+    pe = PublicEmbeddings(
+        vectors={"emb_params": torch.from_numpy(rows.reshape(-1, v, dim)).float()},
+        model_family="sd1",
+        base_model_id=backend.base_model_id or "",
+        centre={"emb_params": torch.from_numpy(centre_init.reshape(v, dim)).float()},
+        initializer=artifact.TI_INITIALIZER,
+    )
+    basis = basis_from_public_embeddings(pe, a.k)
+    cen = rows.mean(0)
+    c = float(np.median(np.linalg.norm(basis.project(rows - cen), axis=1)))
+    prior = postprocess.WienerPrior.from_style_means(
+        list(public), basis=basis, centre=cen, clip_norm=c
+    )
+    target = float(
+        np.median([np.linalg.norm(p.mean(0).reshape(v, dim), axis=1).mean() for p in public])
+    )
+    layout = [("emb_params", v, dim)]
+    method = f"dpagg_sub_pm_{a.variant}_k{a.k}_{a.postprocess}"
+
+    def accuracy(flat: np.ndarray, style: str, seed: int) -> float:
+        vec = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(v, dim))
+        imgs = sample.generate(
+            pipe, vectors=vec, per_template=6, steps=20, guidance=3.0, seed=1000 + seed
+        )
+        return float(judge.style_accuracy(jdg, imgs, style))
+
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for style in a.styles:
+        for seed in a.seeds:
+            for n in a.ns:
+                t0 = time.time()
+                ex = data.style_examples(style, n, offset=data.PRIVATE_OFFSET + 1000 * seed)
+                cfg = artifact.ti_config(learning_rate=1e-2, seed=seed, **cfg_over)
+                vec, _ = train_vectors(backend, data.to_tensor([e.image for e in ex]), cfg)
+                emb = vec["emb_params"].double().flatten(1).numpy()
+                tag = {"style": style, "n": n, "seed": seed, "delta": 1e-5, "variant": a.variant}
+                out = [tag | {"method": f"mean_{a.variant}", "epsilon": None,
+                              "acc": accuracy(emb.mean(0), style, seed)}]  # fmt: skip
+                for eps in a.epsilons:
+                    plan = calibration.calibrate(eps, 1e-5, n, "full")
+                    accs = []
+                    for _ in range(a.draws):
+                        rel = dp_mean_projected(
+                            emb, plan=plan, clip_norm=c, basis=basis, center=cen,
+                            centre_kind="public_mean", base_model_id=basis.base_model_id,
+                        )  # fmt: skip
+                        vec_pp, _ = postprocess.apply(
+                            rel.vector, method=a.postprocess, record=rel.record, layout=layout,
+                            centre=cen, target_norms={"emb_params": target}, prior=prior,
+                        )  # fmt: skip
+                        accs.append(accuracy(vec_pp, style, seed))
+                    out.append(tag | {"method": method, "epsilon": eps, "k": a.k, "K": basis.dim,
+                                      "clip_norm": c, "sigma": plan.noise_std(c),
+                                      "acc": float(np.mean(accs)), "acc_draws": accs})  # fmt: skip
+                with a.out.open("a") as fh:
+                    for r in out:
+                        fh.write(json.dumps(r) + "\n")
+                _log(f"{style} n={n} seed={seed}: {[r['acc'] for r in out]} "
+                     f"({time.time() - t0:.0f}s)")  # fmt: skip
+
+
+def summarize(path: Path) -> str:
+    """The markdown tables of ``analyze``'s rows (the last row per variant and k wins)."""
+    rows: dict[tuple[str, int], dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        rows[(r["variant"], r["k_per_vector"])] = r
+    out = [
+        "| variant | vectors | flip | steps | k/vector | K | C | rho (fit styles: median, "
+        "min-max) | rho (validation, n) | SNR fit | SNR val | cos(projected) val |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, k), r in rows.items():
+        out.append(
+            f"| {variant} | {r['vectors']} | {r['flip']} | {r['steps']} | {k} | {r['K']} | "
+            f"{r['C']:.3g} | {r['rho_fit_median']:.3f} ({r['rho_fit_min']:.2f}-"
+            f"{r['rho_fit_max']:.2f}) | {np.median(r['rho_val']):.3f} | "
+            f"{r['snr_fit_median']:.2f} | {r['snr_val_median']:.2f} | "
+            f"{np.mean(r.get('cos_projected_val', [np.nan])):.3f} |"
+        )
+    acc_rows = [r for r in rows.values() if "acc_release" in r]
+    if acc_rows:
+        best_np = max(float(np.mean(r["acc_nonprivate"])) for r in acc_rows)
+        methods = [m for m in POSTPROCESS if any(m in r["acc_release"] for r in acc_rows)]
+        out += [
+            "",
+            f"Judge's style accuracy on the 4 public validation styles (n = {acc_rows[0]['n']}, "
+            f"epsilon = {acc_rows[0]['epsilon']}, delta 1e-5, subspace + public-mean centre; "
+            "mean ± std over styles x draws, [between-style std of the per-style means], "
+            f"share = mean / the best non-private row ({best_np:.3f})):",
+            "",
+            "| variant | k | draws | non-private | projected | " + " | ".join(methods) + " |",
+            "|---|---|---|---|---|" + "---|" * len(methods),
+        ]
+        for r in acc_rows:
+            cells = []
+            for m in methods:
+                if m not in r["acc_release"]:
+                    cells.append("-")
+                    continue
+                per_style = np.array(r["acc_release"][m])
+                mu = float(per_style.mean())
+                cells.append(
+                    f"{mu:.3f} ± {per_style.std():.2f} [{per_style.mean(1).std():.2f}] "
+                    f"({mu / best_np:.0%})"
+                )
+            out.append(
+                f"| {r['variant']} | {r['k_per_vector']} | {r['draws']} | "
+                f"{np.mean(r['acc_nonprivate']):.3f} | {np.mean(r['acc_projected']):.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        out += [
+            "",
+            "Cosine of the released delta with the non-private delta (mean over styles x draws):",
+            "",
+            "| variant | k | " + " | ".join(methods) + " |",
+            "|---|---|" + "---|" * len(methods),
+        ]
+        for r in acc_rows:
+            out.append(
+                f"| {r['variant']} | {r['k_per_vector']} | "
+                + " | ".join(
+                    f"{r['cos_release'][m]:.3f}" if m in r["cos_release"] else "-" for m in methods
+                )
+                + " |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("embed")
+    e.add_argument("--variant", choices=list(VARIANTS), required=True)
+    z = sub.add_parser("analyze")
+    z.add_argument("--variants", nargs="+", default=["v2", "v1"])
+    z.add_argument("--ks", type=int, nargs="+", default=[8, 16])
+    z.add_argument("--epsilon", type=float, default=2.0)
+    z.add_argument("--draws", type=int, default=4)
+    z.add_argument("--accuracy", action="store_true")
+    z.add_argument("--postprocess", nargs="+", default=list(POSTPROCESS))
+    z.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "more_signal.jsonl")
+    h = sub.add_parser("heldout")
+    h.add_argument("--variant", choices=list(VARIANTS), required=True)
+    h.add_argument("--k", type=int, required=True)
+    h.add_argument("--postprocess", default="none")
+    h.add_argument("--styles", nargs="+", default=list(data.HELD_OUT))
+    h.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    h.add_argument("--ns", type=int, nargs="+", default=[10, 25, 50, 200])
+    h.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
+    h.add_argument("--draws", type=int, default=2)
+    h.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "heldout.jsonl")
+    sm = sub.add_parser("summarize")
+    sm.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "more_signal.jsonl")
+    for p in (e, z, sm, h):
+        p.add_argument("--per-style", type=int, default=6)
+        p.add_argument("--n", type=int, default=50)
+        p.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.cmd == "embed":
+        embed(a.variant, a.per_style, a.n)
+    elif a.cmd == "heldout":
+        heldout(a)
+    elif a.cmd == "summarize":
+        print(summarize(a.out), end="")
+    else:
+        analyze(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
