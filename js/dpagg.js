@@ -43,11 +43,30 @@ const LINE_HEIGHT = 15;
 const PAD = 6;
 const WARN = { color: "#7a2a2a", bgcolor: "#5a1f1f" };
 
+// Break a word wider than the line (a path, a dataset id) into pieces that fit.
+function pieces(ctx, word, width) {
+  const out = [];
+  let piece = "";
+  for (const ch of word) {
+    if (piece && ctx.measureText(piece + ch).width > width) {
+      out.push(piece);
+      piece = ch;
+    } else {
+      piece += ch;
+    }
+  }
+  out.push(piece);
+  return out;
+}
+
 function wrap(ctx, text, width) {
   const out = [];
   for (const para of String(text).split("\n")) {
     let line = "";
-    for (const word of para.split(" ")) {
+    const words = para
+      .split(" ")
+      .flatMap((w) => (ctx.measureText(w).width > width ? pieces(ctx, w, width) : [w]));
+    for (const word of words) {
       const next = line ? `${line} ${word}` : word;
       if (line && ctx.measureText(next).width > width) {
         out.push(line);
@@ -106,10 +125,34 @@ function wrappedLines(node, ctx) {
   return node.dpaggWrapped;
 }
 
+const PROGRESS_TEXT = "$$node-text-preview"; // ComfyUI's progress text (a DOM widget)
+const PROGRESS_TEXT_MAX = 64;
+
+// Keep the frontend's growable widgets (the progress text) from taking the status area: without a
+// maximum they get all the free height of the node, i.e. the room made for the status.
+function capGrowableWidgets(node) {
+  for (const w of node.widgets || []) {
+    if (w.name === PROGRESS_TEXT && w.options && !w.options.getMaxHeight) {
+      w.options.getMaxHeight = () => PROGRESS_TEXT_MAX;
+    }
+  }
+}
+
+// The bottom of the widgets as laid out (node coordinates), at least the computed minimum size.
+function widgetsBottom(node) {
+  let bottom = node.computeSize()[1];
+  for (const w of node.widgets || []) {
+    if (w.hidden || typeof w.y !== "number") continue;
+    bottom = Math.max(bottom, w.y + (w.computedHeight ?? 0));
+  }
+  return bottom;
+}
+
 // Where the status text goes: below the widgets (node coordinates), and the height it needs.
 function statusBox(node) {
+  capGrowableWidgets(node);
   const lines = wrappedLines(node);
-  const top = node.computeSize()[1];
+  const top = widgetsBottom(node);
   const height = lines.length ? lines.length * LINE_HEIGHT + 2 * PAD : 0;
   return { top, height, lines: lines.length };
 }
@@ -179,7 +222,8 @@ async function refreshNow() {
     (n) => n.dpaggStatus?.budget_query || n.dpaggStatus?.ledger_query,
   );
   if (!nodes.length) return;
-  const queries = nodes.map((n) => n.dpaggStatus.budget_query || n.dpaggStatus.ledger_query);
+  const asked = nodes.map((n) => n.dpaggStatus); // a status replaced meanwhile is left alone
+  const queries = asked.map((s) => s.budget_query || s.ledger_query);
   try {
     const resp = await api.fetchApi(STATUS_ROUTE, {
       method: "POST",
@@ -188,7 +232,9 @@ async function refreshNow() {
     });
     if (!resp.ok) return;
     const { results } = await resp.json();
-    nodes.forEach((node, i) => applyBudget(node, results?.[i]));
+    nodes.forEach((node, i) => {
+      if (node.dpaggStatus === asked[i]) applyBudget(node, results?.[i]);
+    });
     app.graph?.setDirtyCanvas?.(true, true);
   } catch (err) {
     console.warn("[dpagg] budget refresh failed", err);
@@ -204,6 +250,14 @@ function syncAccountantN(node) {
   const linked = input?.link != null;
   if (!!widget.hidden === linked) return;
   widget.hidden = linked; // n comes from the connected set: the status says "n = <set's n>"
+  // The frontend still lays hidden widgets out; give it no height so no gap is left.
+  if (linked) {
+    widget.dpaggComputeSize = widget.computeSize;
+    widget.computeSize = () => [0, -4];
+  } else {
+    if (widget.dpaggComputeSize) widget.computeSize = widget.dpaggComputeSize;
+    else delete widget.computeSize;
+  }
   node.dpaggWrapped = null;
   dpaggFitSize(node);
   node.setDirtyCanvas?.(true, true);

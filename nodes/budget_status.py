@@ -74,11 +74,24 @@ def budget_block(ledger: Any, query: dict[str, Any]) -> tuple[list[str], bool, d
             refused = next_release(ledger, ds, plan, be, bd).get("refused")
             if refused is not None:
                 where = f"DP Aggregate (node {node_id})" if node_id else "DP Aggregate"
-                refusals.append(f"WARNING: {where} will refuse this plan: {refused}")
+                refusals.append(f"WARNING: {where} will refuse this plan: {short(refused)}")
+        if refusals:  # they say it per DP Aggregate: no general warning besides
+            lines = [x for x in lines if not x.startswith("WARNING: the next release with")]
         lines += refusals
         warning = warning or bool(refusals)
         figures["will_be_refused"] = figures["next_release_exceeds"] = bool(refusals)
     return lines, warning, figures
+
+
+# Where a refusal's reason ends and its fix (the long "how to raise" text) begins.
+_FIX_MARKERS = (" No noise was drawn", " A budget is never raised", " Fix:")
+
+
+def short(refusal: str) -> str:
+    """A refusal's reason without its fix (the Accountant's warning: DP Aggregate shows the
+    whole message when it refuses; "the next release can be at most ..." is on the line above)."""
+    cut = min((i for m in _FIX_MARKERS if (i := refusal.find(m)) > 0), default=len(refusal))
+    return refusal[:cut].rstrip()
 
 
 def _cap(value: Any) -> float | None:

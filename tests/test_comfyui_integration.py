@@ -141,6 +141,13 @@ def comfy(tmp_path_factory):
         env=env,
         timeout=600,
     )
+    yield from launch_comfy(base, env)
+
+
+def launch_comfy(base: Path, env: dict[str, str]):
+    """Start ``main.py --cpu`` on a free port with ``base`` as its base directory, wait for the
+    pack's nodes, yield ``{"url", "base", "log", "startup_s"}``, stop it (shared by the browser
+    test, ``tests/test_comfyui_browser.py``)."""
     port = free_port()
     log_path = base / "comfyui.log"
     log = open(log_path, "w")

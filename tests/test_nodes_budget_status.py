@@ -80,8 +80,8 @@ def test_remaining_budget_reads_as_the_next_release_and_it_fits(pack, comfy_base
     assert most == pytest.approx(ui["next_release_max_epsilon"], rel=1e-2)
     with pytest.raises(BudgetExceeded) as err:
         aggregate(pack, eset, calibration.calibrate(most * 1.05, 1e-5, 6, "full"), clip_norm=0.7)
-    named = float(re.search(r"fits now .* is about ([0-9.e-]+)\.", str(err.value)).group(1))
-    assert named == pytest.approx(most, rel=0.03)
+    named = re.search(r"fits now .* is about ([0-9.e-]+)\.", str(err.value)).group(1)
+    assert named == f"{most:.3g}" and named in line  # the same number as the node showed
     fits = aggregate(pack, eset, calibration.calibrate(most, 1e-5, 6, "full"), clip_norm=0.6)
     after = fits.ui["dpagg"][0]
     assert any("used up" in x or "at most epsilon" in x for x in after["budget_lines"])
@@ -123,3 +123,32 @@ def test_frontend_refreshes_budget_lines_from_the_route_on_events():
     assert "budget_query" in js and "ledger_query" in js and "budget_lines" in js
     assert "widget.hidden = linked" in js  # the Accountant hides n while a set is linked
     assert "dpaggFitSize" in js  # grows and shrinks back to the status
+
+
+def test_a_refusal_changes_nothing_so_no_event_and_the_accountant_says_it_short(
+    pack, comfy_base, sent, monkeypatch
+):
+    """A refused release spends nothing: no refresh event. The Accountant's warning gives the
+    refusal's reason, not its whole fix text (DP Aggregate shows that when it refuses)."""
+    eset = ti_set(n=6)
+    plan = calibration.calibrate(2.5, 1e-5, 6, "full")
+    aggregate(pack, eset, plan, budget_epsilon=3.0)
+    assert len(sent) == 1
+    with pytest.raises(BudgetExceeded):
+        aggregate(pack, eset, plan, budget_epsilon=3.0, clip_norm=0.5)
+    assert len(sent) == 1  # refused: the ledger is as it was, no event
+    acc = pack["privacy_accountant"].PrivacyAccountant
+    prompt = {
+        "7": {"class_type": "DpaggPrivacyAccountant", "inputs": {}},
+        "9": {"class_type": "DpaggAggregate", "inputs": {"plan": ["7", 0], "budget_epsilon": 3}},
+    }
+    monkeypatch.setattr(acc, "hidden", SimpleNamespace(prompt=prompt, unique_id="7"))
+    ui = acc.execute(**acc_kwargs(n=6, epsilon=2.5), embedding_set=eset).ui["dpagg"][0]
+    (warning,) = [x for x in ui["lines"] if x.startswith("WARNING")]
+    assert warning.startswith("WARNING: DP Aggregate (node 9) will refuse this plan: privacy")
+    assert "would be exceeded" in warning and "Fix:" not in warning and "ledger" not in warning
+    assert any(x.startswith("the next release can be at most epsilon") for x in ui["lines"])
+    short = importlib.import_module("nodes.budget_status").short
+    assert short("budget_epsilon=5 is above X. A budget is never raised implicitly.") == (
+        "budget_epsilon=5 is above X."
+    )

@@ -266,6 +266,15 @@ def identity_key(ledger_path: str | os.PathLike[str] | None = None) -> bytes:
     return Ledger(ledger_path).identity_key()
 
 
+def _composition_words(kind: str) -> str:
+    """How the spend was composed, in words (a bare "(pld)" told a user nothing)."""
+    words = {
+        "pld": "composed with the privacy loss distribution (PLD) accountant",
+        "basic": "basic composition: added up",
+    }
+    return words.get(kind, f"{kind} composition")
+
+
 class Ledger:
     """Per-dataset privacy budgets and every release, in one SQLite file.
 
@@ -419,8 +428,9 @@ class Ledger:
         )
         return BudgetExceeded(
             f"privacy budget of {who} would be exceeded{shared}: spent "
-            f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} ({spent.composition} "
-            f"composition); budget epsilon={budget[0]:.6g}, delta={budget[1]:.3g}; requested "
+            f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} "
+            f"({_composition_words(spent.composition)}); budget epsilon={budget[0]:.6g}, "
+            f"delta={budget[1]:.3g}; requested "
             f"epsilon={plan.epsilon:.6g}, delta={plan.delta:.3g} (total would be "
             f"epsilon={after.epsilon:.6g}, delta={after.delta:.3g}). No noise was drawn, nothing "
             f"was spent; {fix}"
@@ -444,10 +454,30 @@ class Ledger:
 
     def _fitting_epsilon(self, refused: _Refused) -> float | None:
         """The largest epsilon that fits now for a release like the refused one (same n,
-        delta, sampling), by the same accountant; None if none does. Own read transaction."""
-        from dpagg_core.privacy.calibration import calibrate
+        delta, sampling), by the same accountant and the same search as
+        :meth:`largest_next_epsilon` (so the refusal and the nodes' "the next release can be at
+        most" name the same number); None if none does. Own read transaction."""
+        caps = self._epsilon_caps(refused.dataset_id, refused.budget_epsilon)
+        upper = min(caps) if caps else refused.plan.epsilon
+        r = refused
+        return self._largest_epsilon(
+            r.dataset_id, r.plan, r.mode, r.budget_epsilon, r.budget_delta, upper
+        )
 
-        plan = refused.plan
+    def _epsilon_caps(self, dataset_id: str, budget_epsilon: float | None) -> list[float]:
+        budget = self.status(dataset_id)["budget"]
+        return [c for c in (budget and budget["epsilon"], budget_epsilon) if c]
+
+    def _largest_epsilon(
+        self,
+        dataset_id: str,
+        plan: PrivacyPlan,
+        mode: str,
+        budget_epsilon: float | None,
+        budget_delta: float | None,
+        upper: float,
+    ) -> float | None:
+        from dpagg_core.privacy.calibration import calibrate
 
         def recalibrate(eps: float) -> PrivacyPlan:
             return calibrate(eps, plan.delta, plan.n, plan.sampling, m=plan.m, q=plan.q,
@@ -455,9 +485,9 @@ class Ledger:
 
         try:
             with self._store.connect() as con, read_transaction(con):
-                account = set_account(con, refused.dataset_id)
-                caps = (refused.budget_epsilon, refused.budget_delta)
-                return largest_epsilon(account, Spends(con), plan, refused.mode, *caps, recalibrate)
+                account = set_account(con, dataset_id)
+                return largest_epsilon(account, Spends(con), plan, mode, budget_epsilon,
+                                       budget_delta, recalibrate, upper=upper)  # fmt: skip
         except DpaggError:  # a plan the calibrator cannot reproduce: say nothing about it
             return float("nan")
 
@@ -476,25 +506,12 @@ class Ledger:
         as "the largest epsilon that fits". None when the image set has no budget yet (and no
         ``budget_epsilon`` sets one) or when no epsilon fits; NaN when the plan cannot be
         re-calibrated. Draws nothing, writes nothing."""
-        from dpagg_core.privacy.calibration import calibrate
-
         check_ids(dataset_id, "check")
-        budget = self.status(dataset_id)["budget"]
-        caps = [c for c in (budget and budget["epsilon"], budget_epsilon) if c]
+        caps = self._epsilon_caps(dataset_id, budget_epsilon)
         if not caps:
             return None
-
-        def recalibrate(eps: float) -> PrivacyPlan:
-            return calibrate(eps, plan.delta, plan.n, plan.sampling, m=plan.m, q=plan.q,
-                             releases=plan.releases, neighbouring=plan.neighbouring)  # fmt: skip
-
-        try:
-            with self._store.connect() as con, read_transaction(con):
-                account = set_account(con, dataset_id)
-                return largest_epsilon(account, Spends(con), plan, mode, budget_epsilon,
-                                       budget_delta, recalibrate, upper=min(caps))  # fmt: skip
-        except DpaggError:
-            return float("nan")
+        return self._largest_epsilon(dataset_id, plan, mode, budget_epsilon, budget_delta,
+                                     min(caps))  # fmt: skip
 
     def check(
         self,
