@@ -140,6 +140,11 @@ def drive(page, url: str, shots: Path, timings: dict[str, float]) -> None:
     etas = wait_for_eta(page)
     wait_status(page, "DpaggAggregate", "new release")
     wait_idle(page)
+    page.wait_for_function(  # the picture made with the new embedding is on Save Image
+        """() => (window.comfyAPI.app.app.graph._nodes || []).some(
+             (n) => n.type === 'SaveImage' && n.imgs?.length && n.imgs[0].complete)""",
+        timeout=120_000,
+    )
     timings["first_run_s"] = time.perf_counter() - t
     page.wait_for_timeout(1500)  # the budget refresh after the prompt ended
     shot("02-released")
