@@ -324,6 +324,125 @@ def heldout(a: argparse.Namespace) -> None:
                      f"({time.time() - t0:.0f}s)")  # fmt: skip
 
 
+def ceiling(a: argparse.Namespace) -> None:
+    """Non-private ceiling per PUBLIC training style: the judge's accuracy of the mean of its
+    ``--per-style`` cached public embeddings, per variant (all 26 styles; public data only)."""
+    from bench.minimodel import judge, sample
+    from bench.reproduce_paper import load_model
+
+    pipe, _, jdg, _, _, dim = load_model()
+    res: dict[str, dict[str, float]] = {}
+    for variant in a.variants:
+        f = np.load(CACHE / f"{variant}_p{a.per_style}_n50.npz")
+        v = VARIANTS[variant]["vectors"]
+        res[variant] = {}
+        for style, rows in zip([str(x) for x in f["styles"]], f["public"], strict=True):
+            vec = torch.from_numpy(rows.mean(0).astype(np.float32).reshape(v, dim))
+            imgs = sample.generate(pipe, vectors=vec, per_template=6, steps=20, guidance=3.0,
+                                   seed=1000)  # fmt: skip
+            res[variant][style] = float(judge.style_accuracy(jdg, imgs, style))
+        _log(f"{variant}: mean {np.mean(list(res[variant].values())):.3f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1) + "\n")
+
+
+def public_rho(variant: str, k: int, per_style: int = 6) -> tuple[float, int]:
+    """(median rho over the 26 PUBLIC training styles, K) in the basis of all 26 (as ``heldout``
+    releases in): the forecast's agreement for this recipe, from public data only."""
+    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+    from dpagg_core.aggregate.subspace import PublicEmbeddings
+
+    public = np.load(CACHE / f"{variant}_p{per_style}_n50.npz")["public"]
+    v = VARIANTS[variant]["vectors"]
+    rows = public.reshape(-1, public.shape[-1])
+    dim = rows.shape[1] // v
+    pe = PublicEmbeddings(
+        vectors={"emb_params": torch.from_numpy(rows.reshape(-1, v, dim)).float()},
+        model_family="sd1",
+        base_model_id="",
+        centre={"emb_params": torch.zeros(v, dim)},
+        initializer=artifact.TI_INITIALIZER,
+    )
+    basis = basis_from_public_embeddings(pe, k)
+    cen = rows.mean(0)
+    c = float(np.median(np.linalg.norm(basis.project(rows - cen), axis=1)))
+    rhos = []
+    for p in public:
+        ys = basis.project(p - cen)
+        rhos.append(
+            unbiased_rho(ys * np.minimum(1.0, c / np.linalg.norm(ys, axis=1, keepdims=True)) / c)
+        )
+    return float(np.median(rhos)), int(basis.dim)
+
+
+def heldout_table(path: Path, v3: Path) -> str:
+    """The held-out grid of ``heldout`` rows: style accuracy (mean ± std over styles x seeds, each
+    the mean of its draws), between-style spread, share of the BEST non-private row at that n
+    (``mean``/``ti_shared`` of ``v3`` or this recipe's own non-private mean), and the plan
+    forecast's verdict (public rho of this recipe, its K) against the measured one (>= 75 %
+    clear, 25-75 % weak, below noise: ``bench/forecast_check.py``'s bins)."""
+    from collections import defaultdict
+
+    from dpagg_core.privacy import calibration
+    from dpagg_core.privacy.forecast import verdict_of
+
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    old = [json.loads(x) for x in v3.read_text().splitlines()]
+    np_acc: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for r in old:
+        if r["method"] in ("mean", "ti_shared"):
+            np_acc[(r["n"], r["method"] + " (v3, 2 vectors)")].append(r["acc"])
+    cell: dict[tuple[int, float], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    method = variant = k = None
+    for r in rows:
+        if r["epsilon"] is None:
+            np_acc[(r["n"], r["method"])].append(r["acc"])
+        else:
+            method, variant, k = r["method"], r["variant"], r["k"]
+            cell[(r["n"], r["epsilon"])][r["style"]].append(r["acc"])
+    if method is None:
+        return "no held-out rows yet\n"
+    rho, kk = public_rho(variant, k)
+    best = {n: max(float(np.mean(a)) for (m, a) in [(m, a) for (nn, m), a in np_acc.items()
+                                                     if nn == n]) for n, _ in cell}  # fmt: skip
+    out = [
+        f"Held-out grid of `{method}` (4 held-out styles x seeds, 2 noise draws per release; "
+        f"forecast rho = {rho:.3f} from the 26 public training styles, K = {kk}):",
+        "",
+        "| n | non-private rows (mean over styles x seeds) | best |",
+        "|---|---|---|",
+    ]
+    for n in sorted({n for n, _ in cell}):
+        parts = ", ".join(
+            f"{m} {np.mean(a):.3f} ({len(a)})" for (nn, m), a in sorted(np_acc.items()) if nn == n
+        )
+        out.append(f"| {n} | {parts} | {best[n]:.3f} |")
+    out += [
+        "",
+        "| n | epsilon | cells | accuracy | between-style std | share of best non-private | "
+        "forecast SNR | forecast | measured | agree |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    agree = total = 0
+    for (n, eps), by_style in sorted(cell.items()):
+        accs = [a for v_ in by_style.values() for a in v_]
+        share = float(np.mean(accs)) / best[n]
+        z = calibration.calibrate(eps, 1e-5, n, "full").noise_multiplier
+        snr = rho * n / (2 * z * np.sqrt(kk))
+        fc = verdict_of(snr)
+        ms = "clear" if share >= 0.75 else "weak" if share >= 0.25 else "noise"
+        agree += fc == ms
+        total += 1
+        style_means = [float(np.mean(v_)) for v_ in by_style.values()]
+        out.append(
+            f"| {n} | {eps:g} | {len(accs)} | {np.mean(accs):.3f} ± {np.std(accs):.3f} | "
+            f"{np.std(style_means):.3f} | {share:.0%} | {snr:.2f} | {fc} | {ms} | "
+            f"{'yes' if fc == ms else 'no'} |"
+        )
+    out += ["", f"Forecast agrees with the measured verdict in {agree}/{total} cells."]
+    return "\n".join(out) + "\n"
+
+
 def summarize(path: Path) -> str:
     """The markdown tables of ``analyze``'s rows (the last row per variant and k wins)."""
     rows: dict[tuple[str, int], dict] = {}
@@ -416,9 +535,15 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
     h.add_argument("--draws", type=int, default=2)
     h.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "heldout.jsonl")
+    ce = sub.add_parser("ceiling")
+    ce.add_argument("--variants", nargs="+", default=["v2", "v1", "v1_flip"])
+    ce.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "ceiling.json")
+    ht = sub.add_parser("heldout-table")
+    ht.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "heldout.jsonl")
+    ht.add_argument("--v3", type=Path, default=ROOT / "bench" / "results_v3" / "results.jsonl")
     sm = sub.add_parser("summarize")
     sm.add_argument("--out", type=Path, default=ROOT / "bench" / "results_v4" / "more_signal.jsonl")
-    for p in (e, z, sm, h):
+    for p in (e, z, sm, h, ht, ce):
         p.add_argument("--per-style", type=int, default=6)
         p.add_argument("--n", type=int, default=50)
         p.add_argument("--threads", type=int, default=1)
@@ -428,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         embed(a.variant, a.per_style, a.n)
     elif a.cmd == "heldout":
         heldout(a)
+    elif a.cmd == "ceiling":
+        ceiling(a)
+    elif a.cmd == "heldout-table":
+        print(heldout_table(a.out, a.v3), end="")
     elif a.cmd == "summarize":
         print(summarize(a.out), end="")
     else:
