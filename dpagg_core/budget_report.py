@@ -1,8 +1,10 @@
-"""What the skins show of a plan, an image set's budget and the ledger: one implementation.
+"""The words of a plan, a release, an image set's budget and the ledger: ONE text module.
 
-The ComfyUI nodes (DP Aggregate, Privacy Accountant, Load Private Images, Privacy Ledger) and the
-WebUI tab (``dpagg_core.webui``) build their plan and budget text and figures here, so the same
-plan and the same ledger read alike everywhere.
+The CLI and the demo (a release, a released file's record, ``dpagg inspect``), the ComfyUI nodes
+(DP Aggregate, Privacy Accountant, Load Private Images, Privacy Ledger) and the WebUI tab
+(``dpagg_core.webui``) build their plan, release and budget text and figures here, so the same
+plan and the same ledger read alike everywhere (issue 19 item 3). Markup stays with its host
+(the tab's HTML in ``webui``, the nodes' UI messages in ``nodes/``).
 
 Public values only (docs/privacy.md invariant 4): the plan, the ledger's budgets, composed spend,
 release counts, names and epsilons. Budget checks are the ledger's dry run (``Ledger.check``):
@@ -11,6 +13,9 @@ nothing is drawn or written.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpagg_core.errors import BudgetExceeded
@@ -263,3 +268,114 @@ def ledger_lines(ledger: Any, only: str = "") -> tuple[list[str], list[dict[str,
             }
         )
     return lines, table
+
+
+# ----------------------------------------------------------------------------------------------
+# A release and a released file (the CLI and the demo print these)
+# ----------------------------------------------------------------------------------------------
+
+
+def budget_line(
+    spent: tuple[float, float],
+    total: tuple[float, float] | None,
+    releases: int | None,
+    composition: str,
+) -> str:
+    """THE budget line of an image set: spent of total epsilon (and delta), what is left,
+    releases (None: not counted here), composition. ``total`` None: no budget recorded yet."""
+    if total is None:
+        return BUDGET_NOT_SET
+    left = total[0] - spent[0]
+    left = left if left > 1e-6 * total[0] else 0.0  # float dust
+    count = "" if releases is None else f"{releases} release(s), "
+    return (
+        f"budget: epsilon {fmt(spent[0])} / {fmt(total[0])} spent, {fmt(left)} left (delta "
+        f"{spent[1]:.3g} / {total[1]:.3g}); {count}{composition} composition"
+    )
+
+
+def print_payload(payload: dict[str, Any], text: str, *, as_json: bool = False) -> None:
+    """Print ``payload`` as JSON (``--json``) or ``text``."""
+    if as_json:
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def record_text(record: dict[str, str]) -> str:
+    width = max(len(k) for k in record)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in sorted(record.items()))
+
+
+def release_text(outcome: Any, method: str = "") -> str:
+    """A ``release.ReleaseOutcome``: file, prompt, privacy record, budget."""
+    b = outcome.summary()["budget"]
+    label = f" {method}" if method else ""
+    head = (
+        f"re-used the identical earlier{label} release (nothing spent)"
+        if outcome.reused
+        else f"released {outcome.path}" + (f" ({method})" if method else "")
+    )
+    budget = budget_line(
+        (b["spent_epsilon"], b["spent_delta"]), (b["epsilon"], b["delta"]), None, b["composition"]
+    )
+    return "\n".join(
+        [
+            head,
+            f"use it in a prompt as: {outcome.prompt}",
+            "privacy record (stored in the file header):",
+            record_text(outcome.record),
+            budget,
+        ]
+    )
+
+
+def describe_text(file: str | Path, info: dict[str, Any]) -> str:
+    """``dpagg inspect``'s listing of a released file's ``describe`` output."""
+    lines = [f"{file}:"]
+    for k, v in info.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            lines.append(record_text({str(a): str(b) for a, b in v.items()}) if v else "  -")
+        else:
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+
+
+def release_shaping(
+    record: dict[str, str], plan: PrivacyPlan, clip_norm: float, flat_dim: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Lines and figures for a release's public centre, basis and post-processing (public
+    values from its record and plan only)."""
+    lines: list[str] = []
+    figures: dict[str, Any] = {}
+    sigma = plan.noise_std(clip_norm)
+    if record.get("centre_sha256"):
+        lines.append(
+            f"centre {record.get('centre')}: sha256 {record['centre_sha256'][:16]}... (public)"
+        )
+        figures["centre"] = {"kind": record.get("centre"), "sha256": record["centre_sha256"]}
+    if record.get("basis_dim"):
+        k_dim = int(record["basis_dim"])
+        ratio = math.sqrt(k_dim / flat_dim)
+        lines.append(
+            f"basis {record['basis_kind']}, k = {record['basis_k']}: noise on K = {k_dim} of "
+            f"D = {flat_dim} coordinates, noise norm ~{fmt(sigma * math.sqrt(k_dim))} instead "
+            f"of ~{fmt(sigma * math.sqrt(flat_dim))} (x{ratio:.2f})"
+        )
+        figures["basis"] = {
+            "kind": record["basis_kind"],
+            "k": int(record["basis_k"]),
+            "K": k_dim,
+            "D": int(flat_dim),
+            "sha256": record["basis_sha256"],
+            "noise_norm_ratio": ratio,
+        }
+    if record.get("postprocess"):
+        post = record["postprocess"]
+        more = ""
+        if "postprocess_js_factor" in record:
+            more = f" (James-Stein factor {float(record['postprocess_js_factor']):.3f})"
+        lines.append(f"post-processing: {post}{more}; no privacy cost")
+        figures["postprocess"] = post
+    return lines, figures

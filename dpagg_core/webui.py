@@ -50,7 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dpagg_core.budget_report import BUDGET_MEANING, BUDGET_NOT_SET, budget_status, next_release
+from dpagg_core.budget_report import (
+    BUDGET_MEANING,
+    budget_line,
+    budget_status,
+    next_release,
+)
 from dpagg_core.budget_report import budget_required_message as _budget_required
 from dpagg_core.budget_report import fmt as _fmt
 from dpagg_core.budget_report import needs_budget as _needs_budget
@@ -398,14 +403,11 @@ def plan_view(
 
 def _budget_line(budget: dict[str, Any]) -> str:
     total, spent = budget.get("total"), budget["spent"]
-    if total is None:
-        return BUDGET_NOT_SET
-    rem = budget["remaining"] or {"epsilon": 0.0}
-    left = rem["epsilon"] if rem["epsilon"] > 1e-6 * total["epsilon"] else 0.0  # float dust
-    return (
-        f"budget: epsilon {_fmt(spent['epsilon'])} / {_fmt(total['epsilon'])} spent, "
-        f"{_fmt(left)} left (delta {spent['delta']:.3g} / {total['delta']:.3g}); "
-        f"{budget['releases']} release(s), {budget['composition']} composition"
+    return budget_line(
+        (spent["epsilon"], spent["delta"]),
+        None if total is None else (total["epsilon"], total["delta"]),
+        budget["releases"],
+        budget["composition"],
     )
 
 

@@ -17,8 +17,8 @@ from dpagg_core.aggregate.release import (
 )
 from dpagg_core.budget_report import (
     budget_request_lines,
-    fmt,
     plan_lines,
+    release_shaping,
 )
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
@@ -43,45 +43,6 @@ from .common import (
     embeddings_dir,
 )
 from .per_image_ti import TrainingJob
-
-
-def release_shaping(
-    record: dict[str, str], plan: PrivacyPlan, clip_norm: float, flat_dim: int
-) -> tuple[list[str], dict[str, Any]]:
-    """Node lines and UI figures for a release's public basis and post-processing (public
-    values from its record and plan only)."""
-    lines: list[str] = []
-    figures: dict[str, Any] = {}
-    sigma = plan.noise_std(clip_norm)
-    if record.get("centre_sha256"):
-        lines.append(
-            f"centre {record.get('centre')}: sha256 {record['centre_sha256'][:16]}... (public)"
-        )
-        figures["centre"] = {"kind": record.get("centre"), "sha256": record["centre_sha256"]}
-    if record.get("basis_dim"):
-        k_dim = int(record["basis_dim"])
-        ratio = math.sqrt(k_dim / flat_dim)
-        lines.append(
-            f"basis {record['basis_kind']}, k = {record['basis_k']}: noise on K = {k_dim} of "
-            f"D = {flat_dim} coordinates, noise norm ~{fmt(sigma * math.sqrt(k_dim))} instead "
-            f"of ~{fmt(sigma * math.sqrt(flat_dim))} (x{ratio:.2f})"
-        )
-        figures["basis"] = {
-            "kind": record["basis_kind"],
-            "k": int(record["basis_k"]),
-            "K": k_dim,
-            "D": int(flat_dim),
-            "sha256": record["basis_sha256"],
-            "noise_norm_ratio": ratio,
-        }
-    if record.get("postprocess"):
-        post = record["postprocess"]
-        more = ""
-        if "postprocess_js_factor" in record:
-            more = f" (James-Stein factor {float(record['postprocess_js_factor']):.3f})"
-        lines.append(f"post-processing: {post}{more}; no privacy cost")
-        figures["postprocess"] = post
-    return lines, figures
 
 
 class DPAggregate(io.ComfyNode):

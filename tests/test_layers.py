@@ -79,7 +79,6 @@ def layer_of(module: str) -> str:
         "rehearsal",
         "webui",
         "webui_access",
-        "report",
         "budget_report",
     }:
         return "top"

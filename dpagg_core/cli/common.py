@@ -16,9 +16,9 @@ log = logging.getLogger("dpagg")
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
-    from dpagg_core.report import emit
+    from dpagg_core.budget_report import print_payload
 
-    emit(payload, text, as_json=args.json)
+    print_payload(payload, text, as_json=args.json)
 
 
 def add_plan_args(p: argparse.ArgumentParser, *, allow_noise: bool = True) -> None:
@@ -252,6 +252,6 @@ def release_options(args: argparse.Namespace, basis: Any) -> dict[str, Any]:
 
 def report_release(args: argparse.Namespace, outcome: Any, method: str = "") -> None:
     """Print a ``release.ReleaseOutcome``: file, prompt, privacy record, budget."""
-    from dpagg_core.report import release_text
+    from dpagg_core.budget_report import release_text
 
     emit(args, outcome.summary(), release_text(outcome, method))

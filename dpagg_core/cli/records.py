@@ -67,8 +67,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from dpagg_core.budget_report import describe_text
     from dpagg_core.io.released_file import describe
-    from dpagg_core.report import describe_text
 
     info = describe(args.file)
     emit(args, info, describe_text(args.file, info))

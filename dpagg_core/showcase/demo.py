@@ -207,10 +207,11 @@ def run_demo(
 ) -> int:
     """The demo (module docstring) in ``out_dir`` (default: a new temporary folder); 0 when the
     over-budget second release was refused as it must be."""
+    from dpagg_core.budget_report import describe_text, release_text
+    from dpagg_core.budget_report import print_payload as emit
     from dpagg_core.errors import DpaggError
     from dpagg_core.io.released_file import describe
     from dpagg_core.privacy.ledger import Ledger
-    from dpagg_core.report import describe_text, emit, release_text
 
     out = Path(out_dir or tempfile.mkdtemp(prefix="dpagg-demo-")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
