@@ -281,16 +281,18 @@ def budget_line(
     releases: int | None,
     composition: str,
 ) -> str:
-    """THE budget line of an image set: spent of total epsilon (and delta), what is left,
-    releases (None: not counted here), composition. ``total`` None: no budget recorded yet."""
+    """THE budget line of an image set: spent of total epsilon (and delta), releases (None: not
+    counted here), composition in words. No "X left": composition is sub-additive, so what the
+    next release may cost is the accountant's answer (``next_release_line``), not a difference
+    (issue 20 item 4). ``total`` None: no budget recorded yet."""
     if total is None:
         return BUDGET_NOT_SET
-    left = total[0] - spent[0]
-    left = left if left > 1e-6 * total[0] else 0.0  # float dust
-    count = "" if releases is None else f"{releases} release(s), "
+    parts = [] if releases is None else [f"{releases} release(s)"]
+    how = COMPOSITION_WORDS.get(str(composition), f"{composition} composition")
+    parts += [how] if how else []
     return (
-        f"budget: epsilon {fmt(spent[0])} / {fmt(total[0])} spent, {fmt(left)} left (delta "
-        f"{spent[1]:.3g} / {total[1]:.3g}); {count}{composition} composition"
+        f"budget: epsilon {fmt(spent[0])} / {fmt(total[0])} spent (delta "
+        f"{spent[1]:.3g} / {total[1]:.3g})" + (f"; {', '.join(parts)}" if parts else "")
     )
 
 
