@@ -403,17 +403,16 @@ class Ledger:
         if best is None:  # no epsilon, however small, fits: only a larger budget helps
             fix = (
                 f"no release that includes these pictures fits any more, whatever its epsilon "
-                f"(their budget is used up). Fix: {raise_it} (ledger {self.path}), or release "
+                f"(their budget is used up). Fix: {raise_it}, or release "
                 "nothing more that includes these pictures."
             )
         elif math.isnan(best):
-            fix = f"Fix: use a larger noise (smaller epsilon), or {raise_it} (ledger {self.path})."
+            fix = f"Fix: use a larger noise (smaller epsilon), or {raise_it}."
         else:
             fix = (
                 f"The largest epsilon that fits now for a release like this one (n={plan.n}, "
                 f"delta={plan.delta:.3g}, {plan.sampling} sampling; same accountant) is about "
-                f"{best:.3g}. Fix: release at epsilon <= {best:.3g}, or {raise_it} (ledger "
-                f"{self.path})."
+                f"{best:.3g}. Fix: release at epsilon <= {best:.3g}, or {raise_it}."
             )
         who = (
             f"image set {dataset_id!r}"
