@@ -17,6 +17,9 @@ from dpagg_core.aggregate.release import (
 )
 from dpagg_core.budget_report import (
     budget_request_lines,
+    budget_required_message,
+    budget_status,
+    needs_budget,
     plan_lines,
     release_shaping,
 )
@@ -89,8 +92,9 @@ class DPAggregate(io.ComfyNode):
                     min=0.0,
                     max=1000.0,
                     step=0.1,
-                    tooltip="total epsilon budget of this image set; 0 keeps the recorded budget "
-                    "(the first release records its own epsilon unless set here)",
+                    tooltip="the total epsilon this image set may ever spend, all releases "
+                    "together: required before its first release (a deliberate choice), then 0 "
+                    "keeps the recorded budget (raising it is the Privacy Ledger's dialog)",
                 ),
                 io.Float.Input(
                     "budget_delta", default=0.0, min=0.0, max=0.5, step=1e-6, round=False
@@ -201,6 +205,12 @@ class DPAggregate(io.ComfyNode):
         is_ti = eset.kind == "textual_inversion"
         ledger = comfy_ledger()
         be, bd = _opt(budget_epsilon), _opt(budget_delta)
+        # issue 20 item 10: an image set's first release needs a deliberate budget (the
+        # ledger's default, this release's epsilon, would allow that one release only)
+        if needs_budget(budget_status(ledger, eset.dataset_id)["budget"], be):
+            raise DpaggError(
+                budget_required_message(plan.epsilon, "budget_epsilon (on this node)", refused=True)
+            )
         options: dict[str, Any] = {
             "clip_norm": float(clip_norm),
             "name": str(name),

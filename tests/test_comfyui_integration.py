@@ -484,7 +484,7 @@ def test_per_image_ti_and_release_on_sd2v_and_sdxl(comfy, family):
     if not ckpt.exists():
         pytest.skip(f"set DPAGG_{family.upper()}_CKPT (tests/make_comfy_test_ckpts.py)")
     name = f"it{family}"
-    api = small_style_api(comfy, name, budget=0.0, folder=f"dpagg_it_{family}", ckpt=ckpt.name)
+    api = small_style_api(comfy, name, budget=10.0, folder=f"dpagg_it_{family}", ckpt=ckpt.name)
     res = queue(comfy, api)
     assert res["status"] == "success", res["errors"]
     ti = res["outputs"][node_of(api, "DpaggPerImageTI")]["dpagg"][0]
@@ -516,7 +516,7 @@ def test_public_basis_from_the_loaded_checkpoint_drives_dp_aggregate(comfy):
     """Public Basis (token_table) on Load Checkpoint's MODEL/CLIP names the model exactly as
     Per-Image TI does (else DP Aggregate would refuse it), and DP Aggregate releases in its
     subspace with James-Stein post-processing; the record names basis and post-processing."""
-    api = small_style_api(comfy, "itbasis", budget=0.0, folder="dpagg_it_basis")
+    api = small_style_api(comfy, "itbasis", budget=10.0, folder="dpagg_it_basis")
     ckpt = node_of(api, "CheckpointLoaderSimple")
     api["900"] = {
         "class_type": "DpaggPublicBasis",
@@ -560,7 +560,7 @@ def test_rerun_after_a_cache_drop_is_answered_from_the_ledger_without_training(c
     and DP Aggregate finds the identical request (same images, model as patched, TI config and
     seed, plan, C, centre, name) in the ledger: the recorded release, nothing trained (no
     training line in the log), nothing spent."""
-    api = small_style_api(comfy, "itrerun", budget=0.0, folder="dpagg_it_rerun")
+    api = small_style_api(comfy, "itrerun", budget=10.0, folder="dpagg_it_rerun")
     ti_node, agg = node_of(api, "DpaggPerImageTI"), node_of(api, "DpaggAggregate")
     first = queue(comfy, api)
     assert first["status"] == "success", first["errors"]
@@ -609,7 +609,7 @@ def test_cli_public_files_fit_dp_aggregate_in_comfyui(comfy, tmp_path):
         cli_id = f.metadata()["base_model_id"]
     assert re.fullmatch(r"[0-9a-f]{16}", cli_id)
 
-    api = small_style_api(comfy, "itcli", budget=0.0, folder="dpagg_it_cli")
+    api = small_style_api(comfy, "itcli", budget=10.0, folder="dpagg_it_cli")
     api["910"] = {
         "class_type": "DpaggPublicBasis",
         "inputs": {"source": "file", "k": 1, "vectors": 1, "basis_file": str(basis)},
@@ -654,6 +654,11 @@ def test_clip_workflow_end_to_end(comfy):
         assert "BudgetExceeded" in shared["errors"][0]["exception_type"]
     folder.update(folder="dpagg_it_clip_images")  # another image set: its own budget
     rows = len(ledger_rows(comfy))
+    # issue 20 item 10: its first release needs a deliberate budget; nothing spent without
+    refused = queue(comfy, api)
+    assert refused["status"] == "error" and len(ledger_rows(comfy)) == rows
+    assert "budget_epsilon (on this node): choose the total epsilon" in str(refused["errors"])
+    by_class(api, "DpaggAggregate").update(budget_epsilon=4.0)
     res = queue(comfy, api)
     assert res["status"] == "success", res["errors"]
     assert len(ledger_rows(comfy)) == rows + 1

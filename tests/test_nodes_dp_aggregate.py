@@ -111,7 +111,7 @@ def test_aggregate_noise_matches_the_plan(pack, comfy_base):
         dataset_id="ds-noise000000000000000000000000000",
     )
     plan = accountant.epsilon_for(1.0, 1e-5, n, "full")
-    text, _ = aggregate(pack, eset, plan, clip_norm=1.0).args
+    text, _ = aggregate(pack, eset, plan, clip_norm=1.0, budget_epsilon=50.0).args
     released, _ = read_released(comfy_base / "models" / "embeddings" / "mystyle.safetensors")
     resid = released["emb_params"].double().reshape(-1) - vecs.double().mean(0).reshape(-1)
     sigma = plan.noise_std(1.0)
@@ -124,7 +124,9 @@ def test_aggregate_noise_matches_the_plan(pack, comfy_base):
 def test_aggregate_clip_image_set_gives_clip_vision_output(pack, comfy_base):
     eset = clip_set(n=5, dim=12)
     plan = calibration.calibrate(3.0, 1e-5, 5, "full")
-    text, vision = aggregate(pack, eset, plan, centre="origin", mode="normalize", name="cs").args
+    text, vision = aggregate(
+        pack, eset, plan, centre="origin", mode="normalize", name="cs", budget_epsilon=5.0
+    ).args
     assert text == "cs"
     path = comfy_base / "output" / "dpagg_clip" / "cs.safetensors"
     tensors, record = read_released(path)
@@ -207,7 +209,7 @@ def test_aggregate_refuses_a_basis_for_another_model_before_spending(pack, comfy
         ("not a basis", "Public Basis"),
     ):
         with pytest.raises(DpaggError, match=needle):
-            aggregate(pack, eset, plan, basis=bad)
+            aggregate(pack, eset, plan, basis=bad, budget_epsilon=5.0)
     assert Ledger(pack["common"].ledger_path()).list_releases() == []  # nothing spent
     assert not list((comfy_base / "models" / "embeddings").glob("*.safetensors"))
 
@@ -380,3 +382,17 @@ def test_lower_budget_on_aggregate_says_what_happened(pack, comfy_base):
     new = aggregate(pack, eset, plan, budget_epsilon=1.5, clip_norm=0.5).ui["dpagg"][0]
     assert new["reused"] is False and "was not applied" not in "\n".join(new["lines"])
     assert "caps new releases of this node only" in "\n".join(new["lines"])
+
+
+def test_first_release_needs_a_deliberate_budget(pack, comfy_base):
+    """Issue 20 item 10: budget_epsilon 0 on an image set's first release is refused before
+    anything is spent (it would have made this one release the whole budget); with a budget the
+    same node releases, and afterwards 0 keeps the recorded budget."""
+    eset = ti_set(n=6)
+    plan = calibration.calibrate(1.0, 1e-5, 6, "full")
+    with pytest.raises(DpaggError, match="budget_epsilon \\(on this node\\): choose the total"):
+        aggregate(pack, eset, plan)
+    assert Ledger(pack["common"].ledger_path()).list_releases() == []
+    aggregate(pack, eset, plan, budget_epsilon=3.0)
+    aggregate(pack, eset, plan, name="again", clip_norm=0.5)  # recorded budget 3 is kept
+    assert len(Ledger(pack["common"].ledger_path()).list_releases()) == 2
