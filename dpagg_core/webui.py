@@ -533,7 +533,12 @@ class RunReport:
             else "released a new differentially private embedding"
         )
         b = self.budget
-        left = b["remaining_epsilon"] if b["remaining_epsilon"] > 1e-6 * b["epsilon"] else 0.0
+        budget = budget_line(
+            (b["spent_epsilon"], b["spent_delta"]),
+            (b["epsilon"], b["delta"]),
+            None,
+            b["composition"],
+        )
         rows = "".join(
             f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
             for k, v in sorted(self.record.items())
@@ -542,9 +547,7 @@ class RunReport:
             f"<div class='dpagg-report'><b>{esc(head)}</b>: <code>{esc(self.file)}</code><br>"
             f"use it in a prompt as: <code>{esc(self.prompt_word)}</code> "
             f"(e.g. <i>a lighthouse, in the style of {esc(self.prompt_word)}</i>)<br>"
-            f"budget: epsilon {_fmt(b['spent_epsilon'])} / {_fmt(b['epsilon'])} spent "
-            f"(remaining {_fmt(left)}), delta {b['spent_delta']:.3g} / "
-            f"{b['delta']:.3g} [{esc(b['composition'])}]<br>"
+            f"{esc(budget)}<br>"
             "privacy record (stored in the file header):"
             f"<table class='dpagg-record'>{rows}</table></div>"
         )
