@@ -95,7 +95,10 @@ def run_inputs(trainer: Any) -> dict[str, Any]:
 class LoadedModelTrainer:
     """The pipeline's trainer over a model a host already loaded (the WebUI's): per-image TI on
     ``backend`` with ``config``; ``progress(done, total)`` and ``should_cancel()`` are the host's
-    (``training.ti.train_embeddings``). ``model_path`` names the weights for the request key."""
+    (``training.ti.train_embeddings``). ``model_path`` names the weights for the request key.
+    ``ledger`` (a path) keys :meth:`images`, as ``training.train_run.Trainer.images`` does, so
+    the rehearsal and the public basis (``rehearsal.rehearse``, ``training.public``) take this
+    trainer too."""
 
     backend: Any
     config: Any
@@ -103,10 +106,20 @@ class LoadedModelTrainer:
     progress: Callable[[int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     method: str = "ti"
+    ledger: str | os.PathLike[str] | None = None
 
     @property
     def resolution(self) -> int:
         return int(self.config.resolution)
+
+    def images(self, folder: str | os.PathLike[str], *, public: bool = False) -> Any:
+        """The image folder through the canonical decode at the training resolution; ``public``:
+        PUBLIC pictures (refused where the ledger knows any as private; not registered)."""
+        from dpagg_core.io.images import load_image_folder
+
+        return load_image_folder(
+            folder, resolution=self.resolution, ledger=self.ledger, public=public
+        )
 
     def train(self, loaded: Any) -> Any:
         from dpagg_core.training.ti import train_embeddings

@@ -22,6 +22,9 @@ Order of a run (:func:`run`), each step before anything is spent:
    family against the WebUI's loaded model (an SDXL embedding is useless to an SD1 model);
 5. per-image TI (``ti.train_embeddings``) with ``host.progress`` and ``host.cancelled`` polled
    before every step: Interrupt raises :class:`Interrupted`, nothing is spent or written;
+   with a public style folder (``public_style_folder``, issue 21 item 3), per-image TI of those
+   PUBLIC pictures first (:func:`build_style_recipe`: basis, public-mean centre, C), checked
+   like the private folder's before anything loads (:func:`check_public_folder`);
 6. ``release.release_embeddings`` (the ledger's reserve -> noise -> complete, then the file,
    never overwriting: a new release gets a new name, as the WebUI caches prompt conditioning by
    text) and
@@ -84,6 +87,14 @@ BUDGET_INFO = (
 # (Enter or leaving the field), never on each keystroke, which scanned every prefix of a path
 # being typed; a choice (dropdown, radio, checkbox) at once.
 PLAN_EVENTS = {"text": ("blur", "submit"), "choice": ("change",)}
+# The public style folder (issue 21 item 3): the README's small-set recipe, a basis of k
+# directions per vector from PUBLIC images, the public-mean centre and C from the same data.
+STYLE_K_DEFAULT = 16
+STYLE_INFO = (
+    "optional: PUBLIC images of styles like yours (k = 0: one subfolder per style, k chosen on "
+    "them). When set, the release is noised in their basis around their mean embedding, with C "
+    "from them: the recipe that works best at small n. Never your private pictures."
+)
 
 
 class Interrupted(DpaggError):
@@ -132,6 +143,9 @@ class Settings:
     preview_size: int = 0
     public_images: str = ""
     quantile: float = 0.9
+    public_style_folder: str = ""
+    public_style_k: int = STYLE_K_DEFAULT
+    clip_norm_from_style: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -200,6 +214,11 @@ def settings_from_dict(values: Mapping[str, Any]) -> Settings:
         raise DpaggError("preview_steps must be >= 1, preview_size 0 or a multiple of 8")
     if not 0 < s.quantile <= 1:
         raise DpaggError(f"quantile={s.quantile}: use a number in (0, 1], e.g. 0.9")
+    if s.public_style_k < 0:
+        raise DpaggError(
+            f"public_style_k={s.public_style_k}: directions per vector (e.g. 16), or 0 to choose "
+            "k on the public style subfolders"
+        )
     return s
 
 
@@ -338,6 +357,127 @@ def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The public style folder (issue 21 item 3)
+# ----------------------------------------------------------------------------------------------
+
+
+def style_k(s: Settings) -> int | str:
+    """The k of ``build_public_basis`` for ``s`` (0 in the field: ``'auto'``)."""
+    return "auto" if s.public_style_k == 0 else int(s.public_style_k)
+
+
+def style_dim(s: Settings, family: str) -> int | None:
+    """K of the release with ``s``'s public style folder before its basis is built: k x vectors
+    per encoder (SDXL has two; k = 0, chosen later, is forecast at :data:`STYLE_K_DEFAULT`);
+    None without a style folder (the full space)."""
+    if not s.public_style_folder:
+        return None
+    keys = 2 if family == "sdxl" else 1
+    return (s.public_style_k or STYLE_K_DEFAULT) * s.vectors * keys
+
+
+def _not_the_private_folder(s: Settings, folder: str, what: str) -> None:
+    from dpagg_core.paths import resolve_path
+
+    if s.images and resolve_path(s.images) == resolve_path(folder):
+        raise DpaggError(
+            f"the {what} is the private folder: it must hold PUBLIC images only, never the "
+            "private ones. Fix: choose a folder of public images in a similar style."
+        )
+
+
+def check_public_folder(
+    s: Settings, folder: str, ledger: Path, what: str, *, styles: bool = False
+) -> int:
+    """Refuse a PUBLIC folder (style folder, rehearsal folder) before any model loads or anything
+    is spent: the private folder itself, or any picture the ledger knows as private (the keyed
+    per-image digests; the private folder's pictures are made known first). ``styles``: one
+    subfolder per style (``training.public.public_style_folders``). Returns its count."""
+    from dpagg_core.io.images import load_image_folder
+    from dpagg_core.paths import resolve_path
+
+    if not str(folder).strip():
+        raise DpaggError(f"{what}: choose a folder of PUBLIC images in a similar style")
+    _not_the_private_folder(s, folder, what)
+    if s.images:
+        with contextlib.suppress(DpaggError):  # the private pictures become known to the ledger
+            scan_images(s.images, ledger)
+    path = resolve_path(folder)
+    if styles:
+        from dpagg_core.training.public import public_style_folders
+
+        parts = public_style_folders(path)
+    else:
+        parts = [path]
+    return sum(load_image_folder(f, 8, ledger=ledger, public=True).count for f in parts)
+
+
+def check_style_folder(s: Settings, ledger: Path) -> int:
+    """:func:`check_public_folder` for ``s.public_style_folder`` (k = 0: style subfolders)."""
+    return check_public_folder(
+        s, s.public_style_folder, ledger, "public style folder", styles=s.public_style_k == 0
+    )
+
+
+@dataclass(frozen=True)
+class StyleRecipe:
+    """What a public style folder gives a release (all of it public): the basis, the public
+    embeddings (the centre ``public_mean``) and the clip norm with where it came from."""
+
+    basis: Any
+    public: Any
+    clip_norm: float
+    clip_norm_source: str
+
+    def options(self) -> dict[str, Any]:
+        """``release_embeddings`` / ``rehearsal.rehearse`` keywords."""
+        return {
+            "basis": self.basis,
+            "centre": "public_mean",
+            "public_centre": self.public,
+            "clip_norm": self.clip_norm,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "basis_kind": self.basis.kind,
+            "k": int(self.basis.k),
+            "K": int(self.basis.dim),
+            "public_images": int(self.public.n),
+            "centre": "public_mean",
+            "clip_norm": float(self.clip_norm),
+            "clip_norm_source": self.clip_norm_source,
+        }
+
+
+def build_style_recipe(s: Settings, trainer: Any, book: Any, host: Host) -> StyleRecipe:
+    """The public style folder's basis, public-mean centre and C (``training.public.
+    build_public_basis``, the CLI's ``dpagg public-basis``) on ``trainer``'s loaded model: C
+    is the public images' suggestion around their mean unless ``clip_norm_from_style`` is off
+    (then the C field). Interrupt raises :class:`Interrupted` (nothing spent or written)."""
+    import torch
+
+    from dpagg_core.paths import resolve_path
+    from dpagg_core.training.public import build_public_basis
+
+    def progress(done: int, total: int) -> None:
+        host.progress(done, total, f"TI on the PUBLIC style folder: step {done} of {total}")
+
+    host.progress(0, 1, "per-image TI of the PUBLIC style folder")
+    with torch.inference_mode(False), torch.enable_grad():
+        built = build_public_basis(
+            trainer, resolve_path(s.public_style_folder), style_k(s), ledger=book, progress=progress
+        )
+    if host.cancelled():
+        raise Interrupted("interrupted: nothing was spent and nothing written")
+    if s.clip_norm_from_style:
+        clip_norm, source = float(built.clip_norms["public_mean"]), "public style folder"
+    else:
+        clip_norm, source = float(s.clip_norm), "set by the user"
+    return StyleRecipe(built.basis, built.public, clip_norm, source)
+
+
+# ----------------------------------------------------------------------------------------------
 # Plan and budget view
 # ----------------------------------------------------------------------------------------------
 
@@ -378,8 +518,10 @@ def plan_view(
         check_epsilon_caps(s, max_epsilon, plan.epsilon)
         out.update(plan=plan.to_dict(), plan_text=plan_summary(plan))
         out["delta_warning"] = delta_warning(plan.delta, n)
-        # the tab releases without a basis: every value of every vector is noised
-        k = full_space_k(family or loaded_family or "sd1", s.vectors)
+        # without a public style folder every value of every vector is noised; with one, the
+        # K coordinates of its basis (k x vectors per encoder; known before it is built)
+        model_family = family or loaded_family or "sd1"
+        k = style_dim(s, model_family) or full_space_k(model_family, s.vectors)
         outlook = forecast(plan, k)
         out["forecast"] = outlook.to_dict() | {"text": outlook.text()}
         book = Ledger(ledger, raise_hint=raise_budget_hint)
@@ -521,6 +663,7 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     preview: str | None = None
+    recipe: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -548,9 +691,20 @@ class RunReport:
             f"use it in a prompt as: <code>{esc(self.prompt_word)}</code> "
             f"(e.g. <i>a lighthouse, in the style of {esc(self.prompt_word)}</i>)<br>"
             f"{esc(budget)}<br>"
-            "privacy record (stored in the file header):"
+            + (f"{esc(_recipe_line(self.recipe))}<br>" if self.recipe else "")
+            + "privacy record (stored in the file header):"
             f"<table class='dpagg-record'>{rows}</table></div>"
         )
+
+
+def _recipe_line(recipe: Mapping[str, Any] | None) -> str:
+    if not recipe:
+        return ""
+    return (
+        f"recipe: public {recipe['basis_kind']} basis, k {recipe['k']} (K {recipe['K']}), centre "
+        f"{recipe['centre']}, C {recipe['clip_norm']:.4g} ({recipe['clip_norm_source']}), from "
+        f"{recipe['public_images']} PUBLIC images"
+    )
 
 
 def _free_memory() -> None:
@@ -631,6 +785,8 @@ def run(
         if not _may_be_identical(book, images.dataset_id, plan, s):
             raise  # over budget and certainly a new request: refused before any training
     ti_config(s, resolution)  # bad TI settings: refused before the model is loaded
+    if s.public_style_folder:  # a private picture in it: refused before anything loads
+        check_style_folder(s, ledger)
     timings["checks_s"] = time.perf_counter() - t0
 
     host.progress(0, 1, "loading the checkpoint")
@@ -651,8 +807,15 @@ def run(
                 host.progress(done, total, f"per-image TI: step {done} of {total}")
 
             trainer = LoadedModelTrainer(
-                backend, config, s.checkpoint, progress, _cancel_check(host)
+                backend, config, s.checkpoint, progress, _cancel_check(host), ledger=ledger
             )
+            recipe = None
+            options: dict[str, Any] = {"clip_norm": s.clip_norm, "centre": s.centre}
+            if s.public_style_folder:  # issue 21 item 3: basis, centre and C from PUBLIC images
+                t_style = time.perf_counter()
+                recipe = build_style_recipe(s, trainer, book, host)
+                options = recipe.options()
+                timings["public_style_s"] = time.perf_counter() - t_style
             t2 = time.perf_counter()
             try:  # the core pipeline: a recorded identical request is answered untrained
                 with torch.inference_mode(False), torch.enable_grad():
@@ -661,10 +824,9 @@ def run(
                         images,
                         plan,
                         ledger=book,
-                        clip_norm=s.clip_norm,
                         name=s.name,
                         out_dir=out_dir,
-                        centre=s.centre,
+                        **options,
                         budget_epsilon=_opt(s.budget_epsilon),
                         budget_delta=_opt(s.budget_delta),
                         new_name_per_release=True,
@@ -694,6 +856,7 @@ def run(
         dataset_id=images.dataset_id,
         timings=timings,
         warnings=list(images.warnings),
+        recipe=None if recipe is None else recipe.to_dict(),
     )
 
 
@@ -764,6 +927,132 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
             backend = None  # noqa: F841
             _free_memory()
     return mechanism.suggest_clip_norm(eset, s.quantile)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rehearsal on PUBLIC images (issue 21 item 1): nothing spent or recorded
+# ----------------------------------------------------------------------------------------------
+
+
+def rehearsal_epsilon(s: Settings, n: int) -> float:
+    """The epsilon a rehearsal of ``s`` centres on: the target, or in noise-multiplier mode the
+    plan's epsilon for ``n`` images."""
+    return float(s.epsilon) if s.mode == MODE_EPSILON else float(make_plan(s, n).epsilon)
+
+
+def rehearse(
+    s: Settings,
+    *,
+    ledger: Path,
+    out_dir: Path,
+    host: Host,
+    public_folder: str,
+    n: int,
+    draws: int = 2,
+) -> dict[str, Any]:
+    """The tab's release on ``n`` PUBLIC images of ``public_folder`` (``rehearsal.rehearse``,
+    as ``dpagg rehearse``): the same checkpoint, TI settings, plan rules, C, centre and (with a
+    public style folder) basis as :func:`run`, at half, the chosen and double epsilon, ``draws``
+    fresh noise draws each. Nothing is spent or recorded (no ledger release; the pictures are
+    loaded as public: a folder holding a picture the ledger knows as private is refused before
+    any model loads). The files go to ``out_dir`` (never the embeddings folder). With
+    ``s.preview`` the grid (without | non-private | three epsilons) is rendered on dpagg's own
+    copy of the checkpoint (``showcase.preview.grid_of_embeddings``), not the WebUI's txt2img.
+    Returns the summary, its ``text``, the ``recipe`` (or None) and ``grid`` (a path or None)."""
+    import torch
+
+    from dpagg_core.io.files import output_folder
+    from dpagg_core.io.names import sanitize_name
+    from dpagg_core.pipeline import LoadedModelTrainer
+    from dpagg_core.privacy.ledger import Ledger
+    from dpagg_core.rehearsal import pick_public
+    from dpagg_core.rehearsal import rehearse as rehearse_public
+    from dpagg_core.training.diffusers_backend import DiffusersBackend
+    from dpagg_core.training.models import load_pipeline
+    from dpagg_core.training.ti import Cancelled
+
+    name = sanitize_name(s.name)
+    if not s.checkpoint:
+        raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
+    if draws < 1:
+        raise DpaggError(f"draws={draws}: at least one noise draw per epsilon")
+    epsilon = rehearsal_epsilon(s, max(int(n), 2))
+
+    def plan_for(eps: float, count: int):
+        return make_plan(dataclasses.replace(s, mode=MODE_EPSILON, epsilon=eps), count)
+
+    pick_public(check_public_folder(s, public_folder, ledger, "public rehearsal folder"), n, s.seed)
+    plan_for(epsilon, n)  # the plan's errors before anything loads
+    if s.public_style_folder:
+        check_style_folder(s, ledger)
+    guessed = checkpoint_family(s.checkpoint)
+    check_family(guessed, host.loaded_family())
+    resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
+    ti_config(s, resolution)
+    out_dir = output_folder(out_dir, "rehearsal folder")
+    book = Ledger(ledger, raise_hint=raise_budget_hint)
+    host.progress(0, 1, "loading the checkpoint")
+    with host.model_off_device():
+        model = load_pipeline(s.checkpoint, device=host.device)
+        try:
+            check_family(model.family, host.loaded_family())
+            backend = DiffusersBackend.from_loaded(model)
+            if not s.resolution:
+                resolution = backend.default_resolution
+            config = ti_config(s, resolution)
+
+            def progress(done: int, total: int) -> None:
+                host.progress(done, total, f"TI on PUBLIC images: step {done} of {total}")
+
+            trainer = LoadedModelTrainer(
+                backend, config, s.checkpoint, progress, _cancel_check(host), ledger=ledger
+            )
+            recipe = build_style_recipe(s, trainer, book, host) if s.public_style_folder else None
+            options = recipe.options() if recipe else {"clip_norm": s.clip_norm, "centre": s.centre}
+            render = None
+            if s.preview:
+                from functools import partial
+
+                from dpagg_core.showcase.preview import grid_of_embeddings
+
+                render = partial(
+                    grid_of_embeddings, model, steps=s.preview_steps, size=s.preview_size or None
+                )
+            try:
+                with torch.inference_mode(False), torch.enable_grad():
+                    result = rehearse_public(
+                        trainer,
+                        public_folder,
+                        n=n,
+                        plan_for=plan_for,
+                        epsilon=epsilon,
+                        out_dir=out_dir,
+                        name=f"{name}-rehearsal",
+                        draws=draws,
+                        seed=s.seed,
+                        render=render,
+                        ledger=book,
+                        **options,
+                    )
+            except Cancelled as exc:
+                raise Interrupted("interrupted: nothing was spent and nothing written") from exc
+        finally:
+            del model
+            backend = None  # noqa: F841
+            _free_memory()
+    out = result.summary()
+    out["text"] = result.text()
+    out["recipe"] = None if recipe is None else recipe.to_dict()
+    return out
+
+
+def rehearsal_html(out: Mapping[str, Any]) -> str:
+    """A rehearsal's summary for the tab (escaped text; the grid is shown beside it)."""
+    lines = out["text"].splitlines()
+    if out.get("recipe"):
+        lines.insert(1, _recipe_line(out["recipe"]))
+    body = "<br>".join(html.escape(line) for line in lines)
+    return f"<div class='dpagg-rehearsal'>{body}</div>"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -280,6 +280,7 @@ def settings(values: dict[str, Any]):
     roots = image_roots()
     access.check_folder(s.images, roots, "image folder")
     access.check_folder(s.public_images, roots, "public image folder")
+    access.check_folder(s.public_style_folder, roots, "public style folder")
     return dataclasses.replace(s, checkpoint=resolve_checkpoint(s.checkpoint))
 
 
@@ -368,6 +369,40 @@ def suggest(values: dict[str, Any]) -> dict[str, Any]:
     return core.suggest_clip_norm(s, ledger=ledger_path(), host=WebuiHost())
 
 
+REHEARSAL_KEYS = ("public_folder", "n", "draws")
+
+
+def rehearsals_dir() -> Path:
+    """Where rehearsals write their (public) files: beside the ledger, never the embeddings
+    folder the WebUI loads from."""
+    return Path(_data_dir()) / "dpagg" / "rehearsals"
+
+
+def rehearse(values: dict[str, Any]) -> dict[str, Any]:
+    """A rehearsal on PUBLIC images (``core.rehearse``): the settings plus ``public_folder``,
+    ``n`` and ``draws``. Nothing is spent or recorded."""
+    values = dict(values)
+    asked = {k: values.pop(k, None) for k in REHEARSAL_KEYS}
+    s = settings(values)
+    folder = str(asked["public_folder"] or "")
+    access.check_folder(folder, image_roots(), "public rehearsal folder")
+    try:
+        n = int(float(asked["n"] or 0))
+        draws = int(float(asked["draws"] or 2))
+    except (TypeError, ValueError):
+        raise DpaggError("n and draws: whole numbers (n: the size of your private set)") from None
+    out = core.rehearse(
+        s,
+        ledger=ledger_path(),
+        out_dir=rehearsals_dir(),
+        host=WebuiHost(),
+        public_folder=folder,
+        n=n,
+        draws=draws,
+    )
+    return out | {"html": core.rehearsal_html(out)}
+
+
 def budget(values: dict[str, Any]) -> dict[str, Any]:
     """The ledger's status of an image set (``{"images": DIR}``, a folder under the roots)."""
     from dpagg_core.privacy.ledger import Ledger
@@ -387,6 +422,15 @@ def tab_run(values: dict[str, Any]) -> tuple[str | None, str, str]:
     except DpaggError as exc:
         return None, plan(values)["html"], core.error_html(exc, "<b>Nothing released:</b> ")
     return out.get("preview"), plan(values)["html"], out["html"]
+
+
+def tab_rehearse(values: dict[str, Any]) -> tuple[str | None, str]:
+    """The tab's Rehearse: (grid path or None, the summary HTML or an escaped error)."""
+    try:
+        out = rehearse(values)
+    except DpaggError as exc:
+        return None, core.error_html(exc, "<b>No rehearsal:</b> ")
+    return out.get("grid"), out["html"]
 
 
 def tab_suggest(values: dict[str, Any]) -> tuple[float | None, str]:
@@ -516,6 +560,10 @@ def on_app_started(_demo: Any, app: Any) -> None:
     def run_route(body: dict = guarded) -> Any:
         return answer(_locked, run, body, "dpagg run")
 
+    @app.post(f"{prefix}/rehearse")
+    def rehearse_route(body: dict = guarded) -> Any:
+        return answer(_locked, rehearse, body, "dpagg rehearse")
+
     @app.post(f"{prefix}/suggest-clip-norm")
     def suggest_route(body: dict = guarded) -> Any:
         return answer(_locked, suggest, body, "dpagg suggest-clip-norm")
@@ -582,6 +630,9 @@ _FIELD_ORDER = (
     "clip_norm",
     "public_images",
     "quantile",
+    "public_style_folder",
+    "public_style_k",
+    "clip_norm_from_style",
     "budget_epsilon",
     "budget_delta",
     "steps",
@@ -598,7 +649,9 @@ _FIELD_ORDER = (
 )
 
 
-_CHOICE_FIELDS = frozenset({"checkpoint", "mode", "sampling", "templates", "preview"})
+_CHOICE_FIELDS = frozenset(
+    {"checkpoint", "mode", "sampling", "templates", "preview", "clip_norm_from_style"}
+)
 
 
 def _js_kwargs(component: Any, fn_name: str) -> dict[str, str]:
@@ -687,6 +740,56 @@ def on_ui_tabs():
                         elem_id=f"{ELEM}_budget_epsilon",
                     )
                     comps["budget_delta"] = gr.Number(label="budget delta (0 = keep)", value=0)
+                with gr.Accordion("Public style folder (the recipe for small sets)", open=False):
+                    with gr.Row():
+                        comps["public_style_folder"] = gr.Textbox(
+                            label="PUBLIC style folder (empty: release in the full space)",
+                            info=core.STYLE_INFO,
+                            placeholder="/path",
+                            elem_id=f"{ELEM}_public_style_folder",
+                        )
+                        comps["public_style_k"] = gr.Number(
+                            label="k per vector (0 = choose on the style subfolders)",
+                            value=d.public_style_k,
+                            precision=0,
+                        )
+                        comps["clip_norm_from_style"] = gr.Checkbox(
+                            label="C from the style folder (off: the C field)",
+                            value=d.clip_norm_from_style,
+                        )
+                with gr.Accordion("Rehearse on public images (spends nothing)", open=False):
+                    gr.HTML(
+                        "<div class='dpagg-rehearse-info'>"
+                        + html.escape(
+                            "see what your n and epsilon give before touching the private "
+                            "pictures: the same model, TI settings, plan, C and recipe on n "
+                            "PUBLIC images of a similar style, at half, your and double epsilon, "
+                            "beside the non-private mean and the model without an embedding. "
+                            "Nothing is spent or recorded; a folder holding a picture recorded "
+                            "as private is refused. The grid is drawn when 'with/without "
+                            "preview' is on."
+                        )
+                        + "</div>"
+                    )
+                    with gr.Row():
+                        rehearse_folder = gr.Textbox(
+                            label="PUBLIC rehearsal folder",
+                            placeholder="/path",
+                            elem_id=f"{ELEM}_rehearse_folder",
+                        )
+                        rehearse_n = gr.Number(
+                            label="n (the size of your private set)", value=10, precision=0
+                        )
+                        rehearse_draws = gr.Number(
+                            label="noise draws per epsilon", value=2, precision=0
+                        )
+                        rehearse_btn = gr.Button("Rehearse", elem_id=f"{ELEM}_rehearse")
+                    rehearse_grid = gr.Image(
+                        label="Rehearsal: without | non-private | three epsilons",
+                        interactive=False,
+                        elem_id=f"{ELEM}_rehearse_grid",
+                    )
+                    rehearse_html = gr.HTML(elem_id=f"{ELEM}_rehearse_result")
                 with gr.Accordion("Per-image textual inversion", open=False):
                     with gr.Row():
                         comps["steps"] = gr.Number(label="TI steps", value=d.steps, precision=0)
@@ -800,6 +903,17 @@ def on_ui_tabs():
             outputs=[comps["clip_norm"], result_html],
             **_js_kwargs(suggest_btn, "dpaggStartRun"),
         ).then(fn=refresh_plan, inputs=inputs, outputs=[plan_html])  # C was set, not typed
+
+        def do_rehearse(_id_task: str, folder: str, n: Any, draws: Any, *args: Any):
+            asked = {"public_folder": folder, "n": n, "draws": draws}
+            return tab_rehearse(values_of(args) | asked)
+
+        rehearse_btn.click(
+            fn=wrap_gradio_gpu_call(do_rehearse, extra_outputs=[gr.update()]),
+            inputs=[id_task, rehearse_folder, rehearse_n, rehearse_draws, *inputs],
+            outputs=[rehearse_grid, rehearse_html],
+            **_js_kwargs(rehearse_btn, "dpaggStartRun"),
+        )
         stop_btn.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
     return [(tab, "Private style (DP)", ELEM)]
 

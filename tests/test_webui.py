@@ -947,3 +947,129 @@ def test_preview_grid_labels_fit_their_columns(tmp_path, size):
     assert grid.getpixel((cell // 2, grid.height - 2)) == (255, 0, 0)
     assert grid.getpixel((cell + cell // 2, grid.height - 2)) == (0, 0, 255)
     assert (cell == size) == (size == 512)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rehearsal and public style folder (issue 21 items 1 and 3)
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_a_private_copy(tmp_path: Path, ledger: Path, name: str) -> Path:
+    """A PUBLIC-looking folder holding one picture the ledger records as private."""
+    from dpagg_core.io.images import load_image_folder
+
+    load_image_folder(tmp_path / "private", resolution=32, ledger=ledger)  # recorded as private
+    mixed = make_images(tmp_path / name, count=4, shade=7)
+    shutil.copy(tmp_path / "private" / "i0.png", mixed / "copy_i0.png")
+    return mixed
+
+
+def test_rehearsal_shows_three_epsilons_and_records_nothing(tmp_path, tiny_model_dir):
+    from dpagg_core.rehearsal import REHEARSAL_RECORD, rehearsal_epsilons
+
+    make_images(tmp_path / "private")
+    public = make_images(tmp_path / "public", count=5, shade=7)
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "rehearsals"
+    host = FakeHost()
+    s = settings(tmp_path, tiny_model_dir, preview=True, preview_steps=2)
+    got = core.rehearse(
+        s, ledger=ledger, out_dir=out, host=host, public_folder=str(public), n=4, draws=2
+    )
+    eps = [r["epsilon"] for r in got["releases"]]
+    assert eps == pytest.approx(rehearsal_epsilons(2.0), rel=1e-3)
+    assert got["n"] == 4 and got["available"] == 5 and got["recipe"] is None
+    for release in got["releases"]:
+        assert len(release["files"]) == 2
+        tensors, record = read_released(Path(release["files"][0]))
+        assert record["rehearsal"] == REHEARSAL_RECORD and tensors["emb_params"].shape == (1, 32)
+        assert Path(release["files"][0]).parent.parent == out  # never the embeddings folder
+    assert Path(got["grid"]).is_file()  # rendered on dpagg's own copy of the checkpoint
+    kinds = [e[0] for e in host.events]
+    assert kinds.index("off") < kinds.index("restored") and "reload" not in kinds
+    html_out = core.rehearsal_html(got)
+    assert "nothing was spent" in html_out and "epsilon 4" in html_out
+    assert Ledger(ledger).list_releases() == []
+    # a public folder holding a picture recorded as private: refused before any model loads
+    mixed = _with_a_private_copy(tmp_path, ledger, "mixed")
+    refused = FakeHost()
+    with pytest.raises(DpaggError, match="copy_i0.png"):
+        core.rehearse(
+            s, ledger=ledger, out_dir=out, host=refused, public_folder=str(mixed), n=2, draws=1
+        )
+    assert refused.events == []
+    with pytest.raises(DpaggError, match="PUBLIC images only"):
+        core.rehearse(
+            s, ledger=ledger, out_dir=out, host=refused, public_folder=s.images, n=2, draws=1
+        )
+    with pytest.raises(DpaggError, match="holds 5 images"):
+        core.rehearse(s, ledger=ledger, out_dir=out, host=refused, public_folder=str(public), n=9)
+    assert refused.events == [] and Ledger(ledger).list_releases() == []
+
+
+def test_public_style_folder_releases_in_its_basis_around_its_mean(tmp_path, tiny_model_dir):
+    make_images(tmp_path / "private")
+    style = make_images(tmp_path / "style", count=4, shade=7)
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
+    s = settings(
+        tmp_path,
+        tiny_model_dir,
+        public_style_folder=str(style),
+        public_style_k=2,
+        budget_epsilon=10,  # two releases
+    )
+    # the forecast counts the basis' K coordinates (k x vectors), not the full space
+    assert core.plan_view(s, ledger=ledger)["forecast"]["k"] == 2
+    plain = core.plan_view(dataclasses.replace(s, public_style_folder=""), ledger=ledger)
+    assert plain["forecast"]["k"] == 768  # sd1, 1 vector: unchanged without a style folder
+    report = core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
+    _, record = read_released(Path(report.file))
+    assert record["basis_kind"] == "public_embeddings" and record["basis_k"] == "2"
+    assert record["centre"] == "public_mean"
+    assert report.recipe["clip_norm_source"] == "public style folder"
+    assert float(record["clip_norm"]) == pytest.approx(report.recipe["clip_norm"])
+    assert report.recipe["clip_norm"] != s.clip_norm and "recipe: public" in report.html()
+    # C set explicitly: the C field, still in the public basis around the public mean
+    explicit = dataclasses.replace(s, clip_norm_from_style=False, name="explicit")
+    again = core.run(explicit, ledger=ledger, out_dir=out, host=FakeHost())
+    _, record = read_released(Path(again.file))
+    assert float(record["clip_norm"]) == pytest.approx(0.5) and record["centre"] == "public_mean"
+
+
+def test_public_style_folder_with_a_private_picture_spends_nothing(tmp_path, tiny_model_dir):
+    make_images(tmp_path / "private")
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
+    mixed = _with_a_private_copy(tmp_path, ledger, "style")
+    host = FakeHost()
+    s = settings(tmp_path, tiny_model_dir, public_style_folder=str(mixed), public_style_k=2)
+    with pytest.raises(DpaggError, match="copy_i0.png"):
+        core.run(s, ledger=ledger, out_dir=out, host=host)
+    assert host.events == []  # refused before the checkpoint loads
+    with pytest.raises(DpaggError, match="PUBLIC images only"):
+        core.run(
+            dataclasses.replace(s, public_style_folder=s.images),
+            ledger=ledger,
+            out_dir=out,
+            host=host,
+        )
+    assert not out.exists() or not any(out.iterdir())
+    assert Ledger(ledger).list_releases() == []
+
+
+def test_rehearse_route_and_style_folder_stay_inside_the_roots(tmp_path):
+    images = str(_root_images(tmp_path))
+    outside = str(make_images(tmp_path / "elsewhere", shade=7))
+    res = _webui_api(
+        tmp_path,
+        [
+            {
+                "path": "/dpagg/v1/rehearse",
+                "json": {"images": images, "public_folder": outside, "n": 2},
+            },
+            {"path": "/dpagg/v1/run", "json": {"images": images, "public_style_folder": outside}},
+        ],
+        cmd={"api": True},
+    )
+    assert [r["status"] for r in res] == [400, 400]
+    assert "public rehearsal folder" in res[0]["body"]["error"]
+    assert "public style folder" in res[1]["body"]["error"]
+    assert all("outside the folders dpagg may read" in r["body"]["error"] for r in res)
