@@ -5,6 +5,11 @@
 behind :class:`Host` (progress, Interrupt, moving the WebUI's model off the GPU, reloading its
 embedding databases), so CI tests all of this with a fake host and a tiny model.
 
+Three modules, one door: :mod:`dpagg_core.webui_settings` (the settings, their checks and plan,
+the folder scan, the host protocol), :mod:`dpagg_core.webui_public` (the PUBLIC folders: style
+recipe, clip-norm suggestion, rehearsal) and this one (the live plan view and the run, the
+result); every name of the other two is re-exported here, so the tab imports only ``webui``.
+
 Order of a run (:func:`run`), each step before anything is spent:
 
 1. the settings (:func:`settings_from_dict`), the embedding name and the output folder;
@@ -38,20 +43,15 @@ setting (invariant 2); the seed drives only the TI randomness (invariant 3).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
-import hashlib
 import html
 import logging
 import math
-import os
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from dpagg_core.budget_report import (
     BUDGET_MEANING,
@@ -59,423 +59,60 @@ from dpagg_core.budget_report import (
     budget_status,
     next_release,
 )
-from dpagg_core.budget_report import budget_required_message as _budget_required
 from dpagg_core.budget_report import fmt as _fmt
-from dpagg_core.budget_report import needs_budget as _needs_budget
 from dpagg_core.errors import DpaggError
-from dpagg_core.webui_access import check_epsilon_cap
+from dpagg_core.webui_public import (  # noqa: F401 - re-exported: webui.<name>
+    StyleRecipe,
+    build_style_recipe,
+    check_public_folder,
+    check_style_folder,
+    rehearsal_epsilon,
+    rehearsal_html,
+    rehearse,
+    style_dim,
+    style_k,
+    suggest_clip_norm,
+)
+from dpagg_core.webui_settings import (  # noqa: F401 - re-exported: webui.<name>
+    _FIELDS,
+    API_PREFIX,
+    BUDGET_INFO,
+    BUDGET_LABEL,
+    FAMILY_RESOLUTION,
+    MODE_EPSILON,
+    MODE_NOISE,
+    PLAN_EVENTS,
+    PLAN_HINT,
+    PREVIEW_PLAIN,
+    PREVIEW_PROMPTS,
+    STYLE_INFO,
+    STYLE_K_DEFAULT,
+    TAB_TITLE,
+    Host,
+    Interrupted,
+    Settings,
+    _cancel_check,
+    _convert,
+    _folder_fingerprint,
+    _free_memory,
+    _opt,
+    _recipe_line,
+    _refuse_if_cancelled,
+    budget_required_message,
+    check_epsilon_caps,
+    check_family,
+    checkpoint_family,
+    ledger_path,
+    make_plan,
+    needs_budget,
+    raise_budget_hint,
+    scan_images,
+    settings_from_dict,
+    target_fields,
+    ti_config,
+)
 
 log = logging.getLogger(__name__)
-
-API_PREFIX = "/dpagg/v1"
-TAB_TITLE = "Private style (DP)"
-MODE_EPSILON = "epsilon"
-MODE_NOISE = "noise_multiplier"
-FAMILY_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-PREVIEW_PROMPTS = ("a lighthouse, in the style of {}", "a cat, in the style of {}")
-PREVIEW_PLAIN = "a painting"
-PLAN_HINT = (
-    "choose the private image folder (type its path, then Enter or click elsewhere): the plan "
-    "and the image set's budget show here before anything runs"
-)
-BUDGET_LABEL = "budget epsilon: total epsilon this image set may ever spend"
-BUDGET_INFO = (
-    "required before the image set's first release (a deliberate choice: the ledger refuses "
-    "any release beyond it); 0 = keep the budget the ledger recorded"
-)
-# When the tab recomputes the plan (issue 20 item 11): a text or number field when it is done
-# (Enter or leaving the field), never on each keystroke, which scanned every prefix of a path
-# being typed; a choice (dropdown, radio, checkbox) at once.
-PLAN_EVENTS = {"text": ("blur", "submit"), "choice": ("change",)}
-# The public style folder (issue 21 item 3): the README's small-set recipe, a basis of k
-# directions per vector from PUBLIC images, the public-mean centre and C from the same data.
-STYLE_K_DEFAULT = 16
-STYLE_INFO = (
-    "optional: PUBLIC images of styles like yours (k = 0: one subfolder per style, k chosen on "
-    "them). When set, the release is noised in their basis around their mean embedding, with C "
-    "from them: the recipe that works best at small n. Never your private pictures."
-)
-
-
-class Interrupted(DpaggError):
-    """The user pressed Interrupt before the release: nothing was spent or written."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the tab / ``POST /dpagg/v1/run`` takes. All of it is public (invariant 2).
-
-    ``checkpoint``: a checkpoint file or diffusers folder ('' = the host resolves the WebUI's
-    loaded model). ``m``, ``q``, ``budget_*``, ``resolution`` and ``preview_size``: 0 means
-    "not given" (the widgets' convention, as in the ComfyUI nodes).
-    """
-
-    images: str = ""
-    checkpoint: str = ""
-    name: str = "mystyle"
-    mode: str = MODE_EPSILON
-    epsilon: float = 4.0
-    noise_multiplier: float = 1.0
-    delta: float = 1e-5
-    sampling: str = "full"
-    m: int = 0
-    q: float = 0.0
-    releases: int = 1
-    clip_norm: float = 1.0
-    centre: str = "initializer"
-    budget_epsilon: float = 0.0
-    budget_delta: float = 0.0
-    steps: int = 300
-    learning_rate: float = 5e-3
-    vectors: int = 1
-    initializer: str = "painting"
-    templates: str = "style"
-    resolution: int = 0
-    batch_size: int = 8
-    seed: int = 0
-    preview: bool = True
-    preview_steps: int = 20
-    preview_size: int = 0
-    public_images: str = ""
-    quantile: float = 0.9
-    public_style_folder: str = ""
-    public_style_k: int = STYLE_K_DEFAULT
-    clip_norm_from_style: bool = True
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-
-
-def raise_budget_hint(path: Path, dataset_id: str) -> str:
-    """How a WebUI user raises a budget: the WebUI has no ``dpagg`` command on PATH, so the
-    exact module call with the WebUI's own Python, from the extension's folder."""
-    return (
-        f"`{sys.executable} -m dpagg_core.cli ledger set-budget --ledger {path} --dataset "
-        f"{dataset_id} --epsilon E --delta D`, run in the extension folder (extensions/dpagg)"
-    )
-
-
-def _convert(name: str, value: Any, kind: type) -> Any:
-    if value is None:
-        return _FIELDS[name].default
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.strip().lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.strip().lower() in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind is int:
-            as_float = float(value)
-            if not as_float.is_integer():
-                raise ValueError(value)
-            return int(as_float)
-        if kind is float:
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError(value)
-            return out
-        return str(value).strip()
-    except (TypeError, ValueError):
-        raise DpaggError(
-            f"{name}={value!r} is not a valid {kind.__name__}; fix the {name} field"
-        ) from None
-
-
-def settings_from_dict(values: Mapping[str, Any]) -> Settings:
-    """Validated :class:`Settings` from the tab's widgets or an API body (unknown keys refused)."""
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        raise DpaggError(
-            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}"
-        )
-    kinds = {"bool": bool, "int": int, "float": float, "str": str}
-    out = {k: _convert(k, v, kinds[str(_FIELDS[k].type)]) for k, v in values.items()}
-    s = Settings(**out)
-    if s.mode not in (MODE_EPSILON, MODE_NOISE):
-        raise DpaggError(f"mode={s.mode!r}: use {MODE_EPSILON!r} or {MODE_NOISE!r}")
-    if not (s.clip_norm > 0):
-        raise DpaggError(
-            f"clip_norm={s.clip_norm}: must be positive, chosen from PUBLIC data (use the "
-            "'suggest from a public folder' button), never from the private images"
-        )
-    if s.budget_epsilon < 0 or not 0 <= s.budget_delta < 1:
-        raise DpaggError("budget_epsilon / budget_delta: use 0 (keep the recorded budget) or > 0")
-    if s.resolution < 0 or s.resolution % 8:
-        raise DpaggError(f"resolution={s.resolution}: 0 (the model's) or a multiple of 8")
-    if s.preview_steps < 1 or s.preview_size < 0 or s.preview_size % 8:
-        raise DpaggError("preview_steps must be >= 1, preview_size 0 or a multiple of 8")
-    if not 0 < s.quantile <= 1:
-        raise DpaggError(f"quantile={s.quantile}: use a number in (0, 1], e.g. 0.9")
-    if s.public_style_k < 0:
-        raise DpaggError(
-            f"public_style_k={s.public_style_k}: directions per vector (e.g. 16), or 0 to choose "
-            "k on the public style subfolders"
-        )
-    return s
-
-
-def make_plan(s: Settings, n: int):
-    """The privacy plan of ``s`` for ``n`` images: the core's one translation of a front end's
-    inputs (``calibration.plan_from_inputs``), with the tab's target mode choosing which of
-    epsilon and noise multiplier it reads."""
-    from dpagg_core.privacy.calibration import plan_from_inputs
-
-    noise = s.mode == MODE_NOISE
-    return plan_from_inputs(
-        n=n,
-        delta=s.delta,
-        epsilon=None if noise else s.epsilon,
-        noise_multiplier=s.noise_multiplier if noise else None,
-        sampling=s.sampling,
-        m=s.m,
-        q=s.q,
-        releases=s.releases,
-    )
-
-
-def ti_config(s: Settings, resolution: int):
-    """The ``ti.TIConfig`` of ``s`` at ``resolution`` pixels (validated)."""
-    from dpagg_core.training.ti import TIConfig, validate_config
-
-    config = TIConfig(
-        steps=s.steps,
-        learning_rate=s.learning_rate,
-        vectors=s.vectors,
-        initializer=s.initializer,
-        templates=s.templates,
-        resolution=resolution,
-        batch_size=s.batch_size,
-        seed=s.seed,
-    )
-    validate_config(config)
-    return config
-
-
-def _opt(value: float) -> float | None:
-    return None if not value else float(value)
-
-
-def check_epsilon_caps(s: Settings, cap: float | None, plan_epsilon: float | None = None) -> None:
-    """Refuse a target epsilon, a plan's epsilon (a noise-multiplier request) or a new budget
-    above the WebUI's cap (``dpagg_max_epsilon``; None: no cap), before anything runs."""
-    if s.mode == MODE_EPSILON:
-        check_epsilon_cap(s.epsilon, cap, "epsilon")
-    check_epsilon_cap(plan_epsilon, cap, "this plan's epsilon")
-    check_epsilon_cap(_opt(s.budget_epsilon), cap, "budget_epsilon")
-
-
-def target_fields(mode: str) -> dict[str, bool]:
-    """Which of the two privacy-target fields the tab shows for ``mode`` (the other one is not
-    used by the plan, so it is hidden rather than left editable)."""
-    return {"epsilon": mode != MODE_NOISE, "noise_multiplier": mode == MODE_NOISE}
-
-
-def needs_budget(s: Settings, recorded: Any) -> bool:
-    """``budget_report.needs_budget`` for the tab's settings (issue 20 item 10)."""
-    return _needs_budget(recorded, s.budget_epsilon)
-
-
-def budget_required_message(plan_epsilon: float, *, refused: bool = False) -> str:
-    """What the tab says (and a refused run answers) when :func:`needs_budget`."""
-    return _budget_required(plan_epsilon, "budget epsilon", refused=refused)
-
-
-# ----------------------------------------------------------------------------------------------
-# Where things live in a WebUI
-# ----------------------------------------------------------------------------------------------
-
-
-def ledger_path(webui_data_dir: str | os.PathLike[str]) -> Path:
-    """``DPAGG_LEDGER`` if set (as the CLI and the ComfyUI nodes read it), else
-    ``<WebUI data dir>/dpagg/ledger.sqlite`` (``--data-dir``; the WebUI folder by default)."""
-    from dpagg_core.paths import host_ledger_path
-
-    return host_ledger_path(webui_data_dir)
-
-
-def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
-    """'sd1' | 'sd2' | 'sdxl' of a ``.safetensors`` checkpoint from its header, by the one family
-    detection (``training.checkpoints.checkpoint_family``: no full load); None when it cannot
-    tell cheaply (other file types, diffusers folders: the run checks after loading)."""
-    from dpagg_core.training.checkpoints import checkpoint_family as family_of_file
-
-    return family_of_file(path)
-
-
-def check_family(chosen: str | None, loaded: str | None) -> None:
-    """Refuse to train for a family the WebUI's loaded model cannot use (before anything runs)."""
-    if chosen and loaded and chosen != loaded:
-        raise DpaggError(
-            f"the checkpoint is {chosen} but the WebUI has an {loaded} model loaded: an {chosen} "
-            f"embedding cannot be used by an {loaded} model (the WebUI skips it). Fix: choose an "
-            f"{loaded} checkpoint, or load an {chosen} model in the WebUI first. Nothing was spent."
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# The image set (count and id for the live plan view)
-# ----------------------------------------------------------------------------------------------
-
-_scan_cache: dict[str, tuple[int, str, tuple[str, ...]]] = {}
-
-
-def _folder_fingerprint(folder: Path, ledger: Path) -> str:
-    h = hashlib.sha256(f"{folder}\0{ledger}".encode())
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        st = entry.stat()
-        h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()
-
-
-def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
-    """(n, dataset id, warnings) of an image folder, through the canonical decode; cached while
-    the folder's listing (names, sizes, mtimes) is unchanged, so the live plan view is cheap.
-    Bad input raises the CLI's errors (empty folder, unreadable image, ...)."""
-    from dpagg_core.io.images import load_image_folder
-    from dpagg_core.paths import resolve_path
-
-    if not str(folder).strip():
-        raise DpaggError("images: choose the folder of your PRIVATE images")
-    path = resolve_path(folder)
-    if not path.is_dir():
-        raise DpaggError(f"image folder {path} does not exist or is not a folder")
-    key = _folder_fingerprint(path, ledger)
-    if key not in _scan_cache:
-        loaded = load_image_folder(path, 8, ledger=ledger)  # 8 px: only the count and id are kept
-        _scan_cache.clear()
-        _scan_cache[key] = (loaded.count, loaded.dataset_id, tuple(loaded.warnings))
-    n, dataset_id, warnings = _scan_cache[key]
-    return n, dataset_id, list(warnings)
-
-
-# ----------------------------------------------------------------------------------------------
-# The public style folder (issue 21 item 3)
-# ----------------------------------------------------------------------------------------------
-
-
-def style_k(s: Settings) -> int | str:
-    """The k of ``build_public_basis`` for ``s`` (0 in the field: ``'auto'``)."""
-    return "auto" if s.public_style_k == 0 else int(s.public_style_k)
-
-
-def style_dim(s: Settings, family: str) -> int | None:
-    """K of the release with ``s``'s public style folder before its basis is built: k x vectors
-    per encoder (SDXL has two; k = 0, chosen later, is forecast at :data:`STYLE_K_DEFAULT`);
-    None without a style folder (the full space)."""
-    if not s.public_style_folder:
-        return None
-    keys = 2 if family == "sdxl" else 1
-    return (s.public_style_k or STYLE_K_DEFAULT) * s.vectors * keys
-
-
-def _not_the_private_folder(s: Settings, folder: str, what: str) -> None:
-    from dpagg_core.paths import resolve_path
-
-    if s.images and resolve_path(s.images) == resolve_path(folder):
-        raise DpaggError(
-            f"the {what} is the private folder: it must hold PUBLIC images only, never the "
-            "private ones. Fix: choose a folder of public images in a similar style."
-        )
-
-
-def check_public_folder(
-    s: Settings, folder: str, ledger: Path, what: str, *, styles: bool = False
-) -> int:
-    """Refuse a PUBLIC folder (style folder, rehearsal folder) before any model loads or anything
-    is spent: the private folder itself, or any picture the ledger knows as private (the keyed
-    per-image digests; the private folder's pictures are made known first). ``styles``: one
-    subfolder per style (``training.public.public_style_folders``). Returns its count."""
-    from dpagg_core.io.images import load_image_folder
-    from dpagg_core.paths import resolve_path
-
-    if not str(folder).strip():
-        raise DpaggError(f"{what}: choose a folder of PUBLIC images in a similar style")
-    _not_the_private_folder(s, folder, what)
-    if s.images:
-        with contextlib.suppress(DpaggError):  # the private pictures become known to the ledger
-            scan_images(s.images, ledger)
-    path = resolve_path(folder)
-    if styles:
-        from dpagg_core.training.public import public_style_folders
-
-        parts = public_style_folders(path)
-    else:
-        parts = [path]
-    return sum(load_image_folder(f, 8, ledger=ledger, public=True).count for f in parts)
-
-
-def check_style_folder(s: Settings, ledger: Path) -> int:
-    """:func:`check_public_folder` for ``s.public_style_folder`` (k = 0: style subfolders)."""
-    return check_public_folder(
-        s, s.public_style_folder, ledger, "public style folder", styles=s.public_style_k == 0
-    )
-
-
-@dataclass(frozen=True)
-class StyleRecipe:
-    """What a public style folder gives a release (all of it public): the basis, the public
-    embeddings (the centre ``public_mean``) and the clip norm with where it came from."""
-
-    basis: Any
-    public: Any
-    clip_norm: float
-    clip_norm_source: str
-
-    def options(self) -> dict[str, Any]:
-        """``release_embeddings`` / ``rehearsal.rehearse`` keywords."""
-        return {
-            "basis": self.basis,
-            "centre": "public_mean",
-            "public_centre": self.public,
-            "clip_norm": self.clip_norm,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "basis_kind": self.basis.kind,
-            "k": int(self.basis.k),
-            "K": int(self.basis.dim),
-            "public_images": int(self.public.n),
-            "centre": "public_mean",
-            "clip_norm": float(self.clip_norm),
-            "clip_norm_source": self.clip_norm_source,
-        }
-
-
-def build_style_recipe(s: Settings, trainer: Any, book: Any, host: Host) -> StyleRecipe:
-    """The public style folder's basis, public-mean centre and C (``training.public.
-    build_public_basis``, the CLI's ``dpagg public-basis``) on ``trainer``'s loaded model: C
-    is the public images' suggestion around their mean unless ``clip_norm_from_style`` is off
-    (then the C field). Interrupt raises :class:`Interrupted` (nothing spent or written)."""
-    import torch
-
-    from dpagg_core.paths import resolve_path
-    from dpagg_core.training.public import build_public_basis
-
-    def progress(done: int, total: int) -> None:
-        host.progress(done, total, f"TI on the PUBLIC style folder: step {done} of {total}")
-
-    host.progress(0, 1, "per-image TI of the PUBLIC style folder")
-    with torch.inference_mode(False), torch.enable_grad():
-        built = build_public_basis(
-            trainer, resolve_path(s.public_style_folder), style_k(s), ledger=book, progress=progress
-        )
-    if host.cancelled():
-        raise Interrupted("interrupted: nothing was spent and nothing written")
-    if s.clip_norm_from_style:
-        clip_norm, source = float(built.clip_norms["public_mean"]), "public style folder"
-    else:
-        clip_norm, source = float(s.clip_norm), "set by the user"
-    return StyleRecipe(built.basis, built.public, clip_norm, source)
-
 
 # ----------------------------------------------------------------------------------------------
 # Plan and budget view
@@ -625,28 +262,6 @@ def plan_html(view: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-class Host(Protocol):
-    """What a run needs from the WebUI (``scripts/dpagg_webui_tab.py``; fakes in the tests)."""
-
-    device: str
-
-    def progress(self, done: int, total: int, text: str) -> None:
-        """Show progress in the WebUI's own progress UI (it computes the ETA)."""
-
-    def cancelled(self) -> bool:
-        """True once the user pressed Interrupt."""
-
-    def model_off_device(self) -> contextlib.AbstractContextManager[Any]:
-        """Move the WebUI's model off the GPU (its own memory management) for the block and
-        make it usable again after; a no-op on CPU."""
-
-    def reload_embeddings(self, path: Path) -> None:
-        """Make the WebUI's embedding databases load the new file (no restart)."""
-
-    def loaded_family(self) -> str | None:
-        """'sd1' | 'sd2' | 'sdxl' of the WebUI's loaded model, or None if unknown."""
-
-
 @dataclass
 class RunReport:
     """What a run produced: public values only (the released file and its record)."""
@@ -695,32 +310,6 @@ class RunReport:
             + "privacy record (stored in the file header):"
             f"<table class='dpagg-record'>{rows}</table></div>"
         )
-
-
-def _recipe_line(recipe: Mapping[str, Any] | None) -> str:
-    if not recipe:
-        return ""
-    return (
-        f"recipe: public {recipe['basis_kind']} basis, k {recipe['k']} (K {recipe['K']}), centre "
-        f"{recipe['centre']}, C {recipe['clip_norm']:.4g} ({recipe['clip_norm_source']}), from "
-        f"{recipe['public_images']} PUBLIC images"
-    )
-
-
-def _free_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _cancel_check(host: Host) -> Callable[[], bool]:
-    def should_cancel() -> bool:
-        return bool(host.cancelled())
-
-    return should_cancel
 
 
 def _may_be_identical(book: Any, dataset_id: str, plan: Any, s: Settings) -> bool:
@@ -858,201 +447,6 @@ def run(
         warnings=list(images.warnings),
         recipe=None if recipe is None else recipe.to_dict(),
     )
-
-
-def _refuse_if_cancelled(host: Host) -> Callable[[], None]:
-    def check() -> None:
-        if host.cancelled():
-            raise Interrupted(
-                "interrupted before the release: nothing was spent and nothing written"
-            )
-
-    return check
-
-
-def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any]:
-    """The clip norm C from PUBLIC images (``s.public_images``): per-image TI with the same
-    model and settings as the private run, then the ``s.quantile`` quantile of the embeddings'
-    distances to the initializer centre (as ``dpagg suggest-clip-norm``). Refuses the private
-    folder itself (tuning C on the private images leaks privacy no record shows)."""
-    import torch
-
-    from dpagg_core.io.images import load_image_folder
-    from dpagg_core.paths import resolve_path
-    from dpagg_core.privacy import mechanism
-    from dpagg_core.training.diffusers_backend import DiffusersBackend
-    from dpagg_core.training.models import load_pipeline
-    from dpagg_core.training.ti import Cancelled, train_embeddings
-
-    if not s.public_images:
-        raise DpaggError("public_images: choose a folder of PUBLIC images in a similar style")
-    if s.images and resolve_path(s.images) == resolve_path(s.public_images):
-        raise DpaggError(
-            "the public folder is the private folder: C must come from PUBLIC images, never "
-            "from the private ones. Fix: choose a folder of public images in a similar style."
-        )
-    if not s.checkpoint:
-        raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
-    guessed = checkpoint_family(s.checkpoint)
-    resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
-    if s.images:
-        # The private folder's pictures become known to the ledger (an unreadable private folder
-        # is reported by the plan, not here); the public load below then refuses any of them.
-        with contextlib.suppress(DpaggError):
-            scan_images(s.images, ledger)
-    public = load_image_folder(s.public_images, resolution, ledger=ledger, public=True)
-    with host.model_off_device():
-        model = load_pipeline(s.checkpoint, device=host.device)
-        try:
-            backend = DiffusersBackend.from_loaded(model)
-            config = ti_config(s, resolution)
-            total = config.steps * math.ceil(public.count / config.batch_size)
-
-            def progress(done: int, _total: int) -> None:
-                host.progress(done, total, f"TI on PUBLIC images: step {done} of {total}")
-
-            try:
-                with torch.inference_mode(False), torch.enable_grad():
-                    eset = train_embeddings(
-                        backend,
-                        public.pixels,
-                        config,
-                        progress=progress,
-                        should_cancel=_cancel_check(host),
-                    )
-            except Cancelled as exc:
-                raise Interrupted("interrupted: no clip norm suggested") from exc
-        finally:
-            del model
-            backend = None  # noqa: F841
-            _free_memory()
-    return mechanism.suggest_clip_norm(eset, s.quantile)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rehearsal on PUBLIC images (issue 21 item 1): nothing spent or recorded
-# ----------------------------------------------------------------------------------------------
-
-
-def rehearsal_epsilon(s: Settings, n: int) -> float:
-    """The epsilon a rehearsal of ``s`` centres on: the target, or in noise-multiplier mode the
-    plan's epsilon for ``n`` images."""
-    return float(s.epsilon) if s.mode == MODE_EPSILON else float(make_plan(s, n).epsilon)
-
-
-def rehearse(
-    s: Settings,
-    *,
-    ledger: Path,
-    out_dir: Path,
-    host: Host,
-    public_folder: str,
-    n: int,
-    draws: int = 2,
-) -> dict[str, Any]:
-    """The tab's release on ``n`` PUBLIC images of ``public_folder`` (``rehearsal.rehearse``,
-    as ``dpagg rehearse``): the same checkpoint, TI settings, plan rules, C, centre and (with a
-    public style folder) basis as :func:`run`, at half, the chosen and double epsilon, ``draws``
-    fresh noise draws each. Nothing is spent or recorded (no ledger release; the pictures are
-    loaded as public: a folder holding a picture the ledger knows as private is refused before
-    any model loads). The files go to ``out_dir`` (never the embeddings folder). With
-    ``s.preview`` the grid (without | non-private | three epsilons) is rendered on dpagg's own
-    copy of the checkpoint (``showcase.preview.grid_of_embeddings``), not the WebUI's txt2img.
-    Returns the summary, its ``text``, the ``recipe`` (or None) and ``grid`` (a path or None)."""
-    import torch
-
-    from dpagg_core.io.files import output_folder
-    from dpagg_core.io.names import sanitize_name
-    from dpagg_core.pipeline import LoadedModelTrainer
-    from dpagg_core.privacy.ledger import Ledger
-    from dpagg_core.rehearsal import pick_public
-    from dpagg_core.rehearsal import rehearse as rehearse_public
-    from dpagg_core.training.diffusers_backend import DiffusersBackend
-    from dpagg_core.training.models import load_pipeline
-    from dpagg_core.training.ti import Cancelled
-
-    name = sanitize_name(s.name)
-    if not s.checkpoint:
-        raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
-    if draws < 1:
-        raise DpaggError(f"draws={draws}: at least one noise draw per epsilon")
-    epsilon = rehearsal_epsilon(s, max(int(n), 2))
-
-    def plan_for(eps: float, count: int):
-        return make_plan(dataclasses.replace(s, mode=MODE_EPSILON, epsilon=eps), count)
-
-    pick_public(check_public_folder(s, public_folder, ledger, "public rehearsal folder"), n, s.seed)
-    plan_for(epsilon, n)  # the plan's errors before anything loads
-    if s.public_style_folder:
-        check_style_folder(s, ledger)
-    guessed = checkpoint_family(s.checkpoint)
-    check_family(guessed, host.loaded_family())
-    resolution = s.resolution or FAMILY_RESOLUTION.get(guessed or "sd1", 512)
-    ti_config(s, resolution)
-    out_dir = output_folder(out_dir, "rehearsal folder")
-    book = Ledger(ledger, raise_hint=raise_budget_hint)
-    host.progress(0, 1, "loading the checkpoint")
-    with host.model_off_device():
-        model = load_pipeline(s.checkpoint, device=host.device)
-        try:
-            check_family(model.family, host.loaded_family())
-            backend = DiffusersBackend.from_loaded(model)
-            if not s.resolution:
-                resolution = backend.default_resolution
-            config = ti_config(s, resolution)
-
-            def progress(done: int, total: int) -> None:
-                host.progress(done, total, f"TI on PUBLIC images: step {done} of {total}")
-
-            trainer = LoadedModelTrainer(
-                backend, config, s.checkpoint, progress, _cancel_check(host), ledger=ledger
-            )
-            recipe = build_style_recipe(s, trainer, book, host) if s.public_style_folder else None
-            options = recipe.options() if recipe else {"clip_norm": s.clip_norm, "centre": s.centre}
-            render = None
-            if s.preview:
-                from functools import partial
-
-                from dpagg_core.showcase.preview import grid_of_embeddings
-
-                render = partial(
-                    grid_of_embeddings, model, steps=s.preview_steps, size=s.preview_size or None
-                )
-            try:
-                with torch.inference_mode(False), torch.enable_grad():
-                    result = rehearse_public(
-                        trainer,
-                        public_folder,
-                        n=n,
-                        plan_for=plan_for,
-                        epsilon=epsilon,
-                        out_dir=out_dir,
-                        name=f"{name}-rehearsal",
-                        draws=draws,
-                        seed=s.seed,
-                        render=render,
-                        ledger=book,
-                        **options,
-                    )
-            except Cancelled as exc:
-                raise Interrupted("interrupted: nothing was spent and nothing written") from exc
-        finally:
-            del model
-            backend = None  # noqa: F841
-            _free_memory()
-    out = result.summary()
-    out["text"] = result.text()
-    out["recipe"] = None if recipe is None else recipe.to_dict()
-    return out
-
-
-def rehearsal_html(out: Mapping[str, Any]) -> str:
-    """A rehearsal's summary for the tab (escaped text; the grid is shown beside it)."""
-    lines = out["text"].splitlines()
-    if out.get("recipe"):
-        lines.insert(1, _recipe_line(out["recipe"]))
-    body = "<br>".join(html.escape(line) for line in lines)
-    return f"<div class='dpagg-rehearsal'>{body}</div>"
 
 
 # ----------------------------------------------------------------------------------------------

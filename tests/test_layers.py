@@ -79,6 +79,8 @@ def layer_of(module: str) -> str:
         "rehearsal",
         "webui",
         "webui_access",
+        "webui_public",
+        "webui_settings",
         "budget_report",
     }:
         return "top"
