@@ -658,7 +658,7 @@ def test_cli_public_basis_run_with_basis_and_audit(tmp_path, tiny_model_dir, cap
         assert main(argv) == 2
         assert "recorded as PRIVATE" in capsys.readouterr().err
     other = ["--ledger", str(tmp_path / "other.sqlite")]
-    assert main([*run[:-4], *other, "--name", "pm-other", *pm]) == 2
+    assert main([*run[:-4], *other, "--budget-epsilon", "10", "--name", "pm-other", *pm]) == 2
     assert "failed its authentication check" in capsys.readouterr().err
     # a basis for another number of vectors is refused before training and spending
     capsys.readouterr()
