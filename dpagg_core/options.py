@@ -12,7 +12,10 @@ from __future__ import annotations
 SAMPLINGS: tuple[str, ...] = ("full", "wor", "poisson")
 CENTRES: tuple[str, ...] = ("initializer", "origin", "public_mean")
 CLIP_MODES: tuple[str, ...] = ("clip", "normalize")
-POSTPROCESS: tuple[str, ...] = ("none", "js", "norm", "js+norm", "wiener", "wiener+norm")
+POSTPROCESS: tuple[str, ...] = ("none", "js", "norm", "js+norm")
+# Post-processing that needs a public prior object (Python API only: no front end builds one yet,
+# so none offers them; ``aggregate.postprocess.METHODS`` is both tuples).
+POSTPROCESS_WITH_PRIOR: tuple[str, ...] = ("wiener", "wiener+norm")
 TEMPLATE_KINDS: tuple[str, ...] = ("style", "object")
 MIXED_PRECISIONS: tuple[str, ...] = ("no", "bf16", "fp16")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")

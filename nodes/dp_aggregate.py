@@ -9,7 +9,6 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from dpagg_core.aggregate.postprocess import METHODS as POSTPROCESS_METHODS
 from dpagg_core.aggregate.release import (
     CENTRES,
     check_public_centre_inputs,
@@ -26,6 +25,7 @@ from dpagg_core.budget_report import (
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.names import sanitize_name
+from dpagg_core.options import POSTPROCESS
 from dpagg_core.paths import resolve_path
 from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.ledger import Ledger
@@ -107,7 +107,7 @@ class DPAggregate(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "postprocess",
-                    options=list(POSTPROCESS_METHODS),
+                    options=list(POSTPROCESS),
                     default="none",
                     optional=True,
                     tooltip="free post-processing of the release (no privacy cost): js = "
@@ -149,8 +149,8 @@ class DPAggregate(io.ComfyNode):
         )
         if problem:
             return problem
-        if kwargs.get("postprocess", "none") not in POSTPROCESS_METHODS:
-            return f"postprocess={kwargs.get('postprocess')!r}: use one of {POSTPROCESS_METHODS}"
+        if kwargs.get("postprocess", "none") not in POSTPROCESS:
+            return f"postprocess={kwargs.get('postprocess')!r}: use one of {POSTPROCESS}"
         if kwargs.get("mode") not in CLIP_MODES:
             return f"mode={kwargs.get('mode')!r}: use one of {list(CLIP_MODES)}"
         be, bd = float(kwargs.get("budget_epsilon", 0)), float(kwargs.get("budget_delta", 0))

@@ -68,7 +68,7 @@ from dpagg_core.privacy.mechanism import to_published_precision
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = options.POSTPROCESS
+METHODS: tuple[str, ...] = options.POSTPROCESS + options.POSTPROCESS_WITH_PRIOR
 # A layout: (key, vectors, width) per key, in EmbeddingSet.flat order.
 Layout = Sequence[tuple[str, int, int]]
 
