@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpagg_core.errors import BudgetExceeded
+from dpagg_core.privacy.plan_text import composition_words
 
 if TYPE_CHECKING:  # no import of the accountant (dp-accounting) just to show text
     from dpagg_core.privacy.plan import PrivacyPlan
@@ -62,29 +63,29 @@ ACCOUNTANT_WORDS = {
     "pld_poisson": "privacy loss distribution accountant, Poisson subsampled",
     "group-privacy": "group privacy bound",
 }
-COMPOSITION_WORDS = {
-    "none": "",
-    "basic": "added up",
-    "pld": "composed with the privacy loss distribution accountant",
-}
 
 
 def accountant_words(name: str) -> str:
     return ACCOUNTANT_WORDS.get(str(name), f"{name} accountant")
 
 
+def sampling_words(plan: PrivacyPlan) -> str:
+    """Which images a release of ``plan`` averages: ``m=5 of n=50``, ``q=0.1 of n=50``,
+    ``all n=50``."""
+    if plan.sampling == "wor":
+        return f"m={plan.m} of n={plan.n}"
+    if plan.sampling == "poisson":
+        return f"q={plan.q:g} of n={plan.n}"
+    return f"all n={plan.n}"
+
+
 def plan_lines(plan: PrivacyPlan) -> list[str]:
     """Short public description of a plan for the node's display."""
-    if plan.sampling == "wor":
-        how = f"m={plan.m} of n={plan.n}"
-    elif plan.sampling == "poisson":
-        how = f"q={plan.q:g} of n={plan.n}"
-    else:
-        how = f"all n={plan.n}"
     return [
         f"plan: eps={fmt(plan.epsilon)}, delta={plan.delta:.3g}, noise multiplier="
         f"{fmt(plan.noise_multiplier)}",
-        f"{plan.sampling} ({how}), {plan.releases} release(s), {accountant_words(plan.accountant)}",
+        f"{plan.sampling} ({sampling_words(plan)}), {plan.releases} release(s), "
+        f"{accountant_words(plan.accountant)}",
     ]
 
 
@@ -109,7 +110,7 @@ def next_release_line(
     that fits" (``Ledger.largest_next_epsilon``); (None, None) before a budget is known."""
     best = ledger.largest_next_epsilon(dataset_id, plan, budget_epsilon, budget_delta)
     if best is None:
-        if ledger.status(dataset_id)["budget"] is None and not budget_epsilon:
+        if needs_budget(ledger.status(dataset_id)["budget"], budget_epsilon):
             return None, None
         return (
             "the budget is used up: no release that includes these pictures fits any more, "
@@ -118,15 +119,9 @@ def next_release_line(
         )
     if best != best:  # NaN: the plan cannot be re-calibrated; say nothing wrong
         return None, None
-    if plan.sampling == "wor":
-        how = f"m={plan.m} of n={plan.n}"
-    elif plan.sampling == "poisson":
-        how = f"q={plan.q:g} of n={plan.n}"
-    else:
-        how = f"all n={plan.n}"
     return (
         f"the next release can be at most epsilon {best:.3g} at delta {plan.delta:.3g} "
-        f"({plan.sampling} sampling, {how})",
+        f"({plan.sampling} sampling, {sampling_words(plan)})",
         best,
     )
 
@@ -288,7 +283,7 @@ def budget_line(
     if total is None:
         return BUDGET_NOT_SET
     parts = [] if releases is None else [f"{releases} release(s)"]
-    how = COMPOSITION_WORDS.get(str(composition), f"{composition} composition")
+    how = composition_words(composition)
     parts += [how] if how else []
     return (
         f"budget: epsilon {fmt(spent[0])} / {fmt(total[0])} spent (delta "

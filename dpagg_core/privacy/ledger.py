@@ -101,6 +101,7 @@ from dpagg_core.privacy.ledger_store import (
     write_transaction,
 )
 from dpagg_core.privacy.plan import PrivacyPlan, checked_plan
+from dpagg_core.privacy.plan_text import composition_words
 from dpagg_core.privacy.request_keys import (
     Request,
     check_budget_value,
@@ -266,15 +267,6 @@ def identity_key(ledger_path: str | os.PathLike[str] | None = None) -> bytes:
     return Ledger(ledger_path).identity_key()
 
 
-def _composition_words(kind: str) -> str:
-    """How the spend was composed, in words (a bare "(pld)" told a user nothing)."""
-    words = {
-        "pld": "composed with the privacy loss distribution (PLD) accountant",
-        "basic": "basic composition: added up",
-    }
-    return words.get(kind, f"{kind} composition")
-
-
 class Ledger:
     """Per-dataset privacy budgets and every release, in one SQLite file.
 
@@ -428,7 +420,7 @@ class Ledger:
         return BudgetExceeded(
             f"privacy budget of {who} would be exceeded{shared}: spent "
             f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.3g} "
-            f"({_composition_words(spent.composition)}); budget epsilon={budget[0]:.6g}, "
+            f"({composition_words(spent.composition)}); budget epsilon={budget[0]:.6g}, "
             f"delta={budget[1]:.3g}; requested "
             f"epsilon={plan.epsilon:.6g}, delta={plan.delta:.3g} (total would be "
             f"epsilon={after.epsilon:.6g}, delta={after.delta:.3g}). No noise was drawn, nothing "

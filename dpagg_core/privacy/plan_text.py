@@ -29,6 +29,21 @@ _THEOREMS = {
 }
 
 
+# How recorded spend was composed (``composition.Spend.composition``), in words: a bare "(pld)"
+# told a user nothing (issue 20 item 4). "none": no release yet, nothing to say.
+_COMPOSITION_WORDS = {
+    "none": "",
+    "basic": "basic composition: added up",
+    "pld": "composed with the privacy loss distribution (PLD) accountant",
+}
+
+
+def composition_words(kind: str) -> str:
+    """How the spend was composed, in words (empty for ``'none'``); the ledger's refusals and
+    every budget line use this one wording."""
+    return _COMPOSITION_WORDS.get(str(kind), f"{kind} composition")
+
+
 def delta_warning(delta: float, n: int | None = None) -> str | None:
     """The warning every front end shows for a user-chosen ``delta`` above :data:`DEFAULT_DELTA`
     or above 1/(10 n); None when delta is at most both.
