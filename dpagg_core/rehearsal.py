@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from dpagg_core.aggregate.postprocess import apply as postprocess_apply
-from dpagg_core.aggregate.release import centre_vector
+from dpagg_core.aggregate.release import (
+    centre_vector,
+    default_centre,
+    draw_mean,
+    postprocess_targets,
+)
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.names import next_free_name, sanitize_name
 from dpagg_core.io.released_file import write_released
-from dpagg_core.privacy import mechanism
-from dpagg_core.privacy.basis import dp_mean_projected
 from dpagg_core.privacy.forecast import Forecast, agreement, forecast
 
 REHEARSAL_RECORD = "public images only: a rehearsal, not a release of private data"
@@ -144,12 +147,13 @@ def rehearse(
     ledger whose private pictures are refused (its key identifies them)."""
     if draws < 1:
         raise DpaggError(f"draws={draws}: at least one noise draw per epsilon")
+    target_norms = postprocess_targets(postprocess, basis)  # before any training
     plans = {e: plan_for(e, n) for e in rehearsal_epsilons(float(epsilon))}
     folder = Path(out_dir) / next_free_name(Path(out_dir), sanitize_name(name))
     loaded = trainer.images(Path(public_folder), public=True)
     chosen = pick_public(loaded.count, n, seed)
     eset = trainer.train(_subset(loaded, chosen))
-    centre = centre or ("initializer" if eset.centre is not None else "origin")
+    centre = centre or default_centre(eset)
     centre_vec = centre_vector(eset, centre, public_centre, ledger=ledger)
     flat = eset.flat().astype(np.float64)
     base = np.zeros(flat.shape[1]) if centre_vec is None else np.asarray(centre_vec, np.float64)
@@ -171,14 +175,23 @@ def rehearse(
     for e, plan in plans.items():
         files[e], error[e] = [], []
         for d in range(draws):
-            draw = _release(flat, plan, clip_norm, centre_vec, centre, mode, basis, eset)
+            draw = draw_mean(
+                flat,
+                plan=plan,
+                clip_norm=clip_norm,
+                center=centre_vec,
+                mode=mode,
+                base_model_id=eset.base_model_id,
+                centre_kind=centre,
+                basis=basis,
+            )
             vec, extra = postprocess_apply(
                 draw.vector,
                 method=postprocess,
                 record=draw.record,
                 layout=layout,
                 centre=centre_vec,
-                target_norms=None if basis is None else dict(basis.typical_norms),
+                target_norms=target_norms,
             )
             error[e].append(float(np.linalg.norm(vec - mean)) / offset)
             tag = f"eps{plan.epsilon:.3g}_draw{d + 1}".replace(".", "p")
@@ -201,31 +214,6 @@ def rehearse(
         rows += [[None, mean_file] + [files[e][d] for e in plans] for d in range(1, draws)]
         result.grid = render(rows, labels, folder / "grid.png")
     return result
-
-
-def _release(
-    flat: np.ndarray,
-    plan: Any,
-    clip_norm: float,
-    centre_vec: Any,
-    centre: str,
-    mode: str,
-    basis: Any,
-    eset: Any,
-) -> mechanism.Release:
-    """One fresh draw of the mechanism a release uses (public data: no ledger)."""
-    mean = mechanism.dp_mean if basis is None else dp_mean_projected
-    extra = {} if basis is None else {"basis": basis}
-    return mean(
-        flat,
-        plan=plan,
-        clip_norm=clip_norm,
-        center=centre_vec,
-        mode=mode,
-        base_model_id=eset.base_model_id,
-        centre_kind=centre,
-        **extra,
-    )
 
 
 def _subset(loaded: Any, rows: list[int]) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.families import family_keys
 from dpagg_core.webui_settings import (
     FAMILY_RESOLUTION,
     MODE_EPSILON,
@@ -56,7 +57,7 @@ def style_dim(s: Settings, family: str) -> int | None:
     None without a style folder (the full space)."""
     if not s.public_style_folder:
         return None
-    keys = 2 if family == "sdxl" else 1
+    keys = len(family_keys(family))
     return (s.public_style_k or STYLE_K_DEFAULT) * s.vectors * keys
 
 

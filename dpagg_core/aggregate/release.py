@@ -195,6 +195,72 @@ def _existing_release(out_dir: Path, vectors: dict[str, torch.Tensor]) -> Path |
     return None
 
 
+def default_centre(eset: EmbeddingSet) -> str:
+    """THE default centre, in one place: the initializer when the set has one, else the origin
+    (CLIP image embeddings). A public choice: it depends only on the set's kind."""
+    return "initializer" if eset.centre is not None else "origin"
+
+
+def check_postprocess_method(postprocess: str) -> None:
+    if postprocess not in POSTPROCESS_METHODS:
+        raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
+
+
+def postprocess_targets(
+    postprocess: str,
+    basis: PublicBasis | None,
+    target_norms: dict[str, float] | None = None,
+    prior: Any = None,
+) -> dict[str, float] | None:
+    """The public inputs ``postprocess`` needs, checked before anything is trained or spent: the
+    target norms of ``'norm'`` (given, or the basis' typical norms) and the prior of
+    ``'wiener'``. Returns the target norms to use."""
+    check_postprocess_method(postprocess)
+    if "norm" in postprocess and target_norms is None:
+        if basis is None:
+            raise DpaggError(
+                f"postprocess={postprocess!r} rescales to a public typical norm: pass a public "
+                "basis (its typical norms) or target_norms"
+            )
+        target_norms = dict(basis.typical_norms)
+    if "wiener" in postprocess and prior is None:
+        raise DpaggError(
+            f"postprocess={postprocess!r} needs a public prior (postprocess.WienerPrior."
+            "from_style_means of public images grouped by style)"
+        )
+    return target_norms
+
+
+def draw_mean(
+    vectors: Any,
+    *,
+    plan: PrivacyPlan,
+    clip_norm: float,
+    center: Any,
+    mode: str,
+    base_model_id: str,
+    centre_kind: str,
+    basis: PublicBasis | None = None,
+) -> mechanism.Release:
+    """One draw of the mean mechanism a release uses: ``mechanism.dp_mean`` in the full space,
+    ``basis.dp_mean_projected`` in a public basis. Accounting is the caller's: the ledger's
+    reservation (:func:`draw_release`), or none for PUBLIC data (``rehearsal``)."""
+    extra: dict[str, Any] = {} if basis is None else {"basis": basis}
+    mean: Callable[..., mechanism.Release] = (
+        mechanism.dp_mean if basis is None else dp_mean_projected
+    )
+    return mean(
+        vectors,
+        plan=plan,
+        clip_norm=clip_norm,
+        center=center,
+        mode=mode,
+        base_model_id=base_model_id,
+        centre_kind=centre_kind,
+        **extra,
+    )
+
+
 def release_embeddings(
     eset: EmbeddingSet,
     *,
@@ -250,10 +316,8 @@ def release_embeddings(
     of the identical request; without one raise :class:`NotRecorded` before the ledger is
     written (``eset`` may then be a shape-only set: its vectors never reach the mechanism).
     """
-    if centre is None:
-        centre = "initializer" if eset.centre is not None else "origin"
-    if postprocess not in POSTPROCESS_METHODS:
-        raise DpaggError(f"postprocess={postprocess!r}; use one of {list(POSTPROCESS_METHODS)}")
+    centre = centre or default_centre(eset)
+    check_postprocess_method(postprocess)
     if basis is not None:
         check_basis(
             basis,
@@ -262,18 +326,7 @@ def release_embeddings(
             model_family=eset.model_family,
             vectors=eset.num_vectors,
         )
-    if "norm" in postprocess and target_norms is None:
-        if basis is None:
-            raise DpaggError(
-                f"postprocess={postprocess!r} rescales to a public typical norm: pass a public "
-                "basis (its typical norms) or target_norms"
-            )
-        target_norms = dict(basis.typical_norms)
-    if "wiener" in postprocess and prior is None:
-        raise DpaggError(
-            f"postprocess={postprocess!r} needs a public prior (postprocess.WienerPrior."
-            "from_style_means of public images grouped by style)"
-        )
+    target_norms = postprocess_targets(postprocess, basis, target_norms, prior)
     base = sanitize_name(name)
     out = output_folder(out_dir)
     centre_vec = centre_vector(eset, centre, public_centre, ledger=ledger)
@@ -419,11 +472,7 @@ def draw_release(ledger: Ledger, prepared: VectorsRequest) -> LedgerRelease:
     with ledger.reserve(prepared.request) as reservation:
         if reservation.result is not None:
             return reservation.result
-        mean: Callable[..., mechanism.Release] = mechanism.dp_mean
-        extra: dict[str, Any] = {}
-        if prepared.basis is not None:
-            mean, extra = dp_mean_projected, {"basis": prepared.basis}
-        drawn = mean(
+        drawn = draw_mean(
             prepared.vectors,
             plan=prepared.plan,
             clip_norm=prepared.clip_norm,
@@ -431,7 +480,7 @@ def draw_release(ledger: Ledger, prepared: VectorsRequest) -> LedgerRelease:
             mode=prepared.mode,
             base_model_id=prepared.base_model_id,
             centre_kind=prepared.centre_kind,
-            **extra,
+            basis=prepared.basis,
         )
         return reservation.complete(drawn.vector, drawn.record)
 

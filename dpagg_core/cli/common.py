@@ -126,9 +126,13 @@ def add_release_args(p: argparse.ArgumentParser) -> None:
     add_ledger_args(p)
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_train_args(p: argparse.ArgumentParser, *, private_images: bool = True) -> None:
+    """The training flags; ``private_images=False`` for the commands that train on
+    ``--public-images`` only (``--images`` is then optional and unused)."""
     g = p.add_argument_group("per-image textual inversion")
-    g.add_argument("--images", type=user_path, required=True, help="folder of private images")
+    g.add_argument(
+        "--images", type=user_path, required=private_images, help="folder of private images"
+    )
     g.add_argument("--model", type=user_path, required=True, help="diffusers folder or checkpoint")
     g.add_argument("--family", choices=options.TI_FAMILIES, help="override model detection")
     g.add_argument("--prediction-type", choices=options.PREDICTION_TYPES)

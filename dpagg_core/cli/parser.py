@@ -98,23 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_rehearse_parser(sub, common)
 
     p = sub.add_parser("suggest-clip-norm", parents=[common], help="pick C from PUBLIC images")
-    add_train_args(p)
-    p.set_defaults(images=None)
-    for action in p._actions:
-        if action.dest == "images":
-            action.required = False
+    add_train_args(p, private_images=False)
     p.add_argument("--public-images", type=user_path, required=True, help="PUBLIC images only")
     add_ledger_args(p)  # pictures it records as private are refused
     p.add_argument("--quantile", type=float, default=0.9)
     p.set_defaults(func=cmd_suggest_clip_norm)
 
     p = sub.add_parser("public-basis", parents=[common], help="a PUBLIC subspace basis for --basis")
-    add_train_args(p)
+    add_train_args(p, private_images=False)
     add_ledger_args(p)  # pictures it records as private are refused; it keys the file's tag
-    p.set_defaults(images=None)
-    for action in p._actions:
-        if action.dest == "images":
-            action.required = False
     p.add_argument(
         "--kind",
         choices=options.BASIS_KINDS,

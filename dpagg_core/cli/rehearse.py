@@ -26,11 +26,7 @@ def add_rehearse_parser(sub: argparse._SubParsersAction, common: argparse.Argume
         parents=[common],
         help="see what n and epsilon give, on PUBLIC images (nothing spent)",
     )
-    add_train_args(p)
-    p.set_defaults(images=None)
-    for action in p._actions:
-        if action.dest == "images":
-            action.required = False
+    add_train_args(p, private_images=False)
     add_plan_args(p, allow_noise=False)
     add_mechanism_args(p)
     add_ledger_args(p)  # pictures it records as private are refused
