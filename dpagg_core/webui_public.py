@@ -170,7 +170,6 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
     import torch
 
     from dpagg_core.io.images import load_image_folder
-    from dpagg_core.paths import resolve_path
     from dpagg_core.privacy import mechanism
     from dpagg_core.training.diffusers_backend import DiffusersBackend
     from dpagg_core.training.models import load_pipeline
@@ -178,11 +177,7 @@ def suggest_clip_norm(s: Settings, *, ledger: Path, host: Host) -> dict[str, Any
 
     if not s.public_images:
         raise DpaggError("public_images: choose a folder of PUBLIC images in a similar style")
-    if s.images and resolve_path(s.images) == resolve_path(s.public_images):
-        raise DpaggError(
-            "the public folder is the private folder: C must come from PUBLIC images, never "
-            "from the private ones. Fix: choose a folder of public images in a similar style."
-        )
+    _not_the_private_folder(s, s.public_images, "public folder for the clip norm C")
     if not s.checkpoint:
         raise DpaggError("checkpoint: choose the model to train on (default: the loaded one)")
     guessed = checkpoint_family(s.checkpoint)
