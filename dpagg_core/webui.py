@@ -9,6 +9,8 @@ Three modules, one door: :mod:`dpagg_core.webui_settings` (the settings, their c
 the folder scan, the host protocol), :mod:`dpagg_core.webui_public` (the PUBLIC folders: style
 recipe, clip-norm suggestion, rehearsal) and this one (the live plan view and the run, the
 result); every name of the other two is re-exported here, so the tab imports only ``webui``.
+They return data (dicts, dataclasses, plain text from :mod:`dpagg_core.budget_report`), never
+markup: the tab's HTML lives with the host, in ``scripts/dpagg_webui_html.py``.
 
 Order of a run (:func:`run`), each step before anything is spent:
 
@@ -44,22 +46,14 @@ setting (invariant 2); the seed drives only the TI randomness (invariant 3).
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpagg_core.budget_report import (
-    BUDGET_MEANING,
-    budget_line,
-    budget_status,
-    next_release,
-)
-from dpagg_core.budget_report import fmt as _fmt
+from dpagg_core.budget_report import budget_status, next_release
 from dpagg_core.errors import DpaggError
 from dpagg_core.webui_public import (  # noqa: F401 - re-exported: webui.<name>
     StyleRecipe,
@@ -67,7 +61,6 @@ from dpagg_core.webui_public import (  # noqa: F401 - re-exported: webui.<name>
     check_public_folder,
     check_style_folder,
     rehearsal_epsilon,
-    rehearsal_html,
     rehearse,
     style_dim,
     style_k,
@@ -96,7 +89,6 @@ from dpagg_core.webui_settings import (  # noqa: F401 - re-exported: webui.<name
     _folder_fingerprint,
     _free_memory,
     _opt,
-    _recipe_line,
     _refuse_if_cancelled,
     budget_required_message,
     check_epsilon_caps,
@@ -106,6 +98,7 @@ from dpagg_core.webui_settings import (  # noqa: F401 - re-exported: webui.<name
     make_plan,
     needs_budget,
     raise_budget_hint,
+    recipe_line,
     scan_images,
     settings_from_dict,
     target_fields,
@@ -129,7 +122,8 @@ def plan_view(
     """The live plan and budget of the image set, before anything runs (dry run only).
 
     ``{"ok", "error", "n", "dataset_id", "plan", "plan_text", "delta_warning", "forecast",
-    "budget", "next_release", "exceeds", "warnings", "html"}``; ``forecast`` is
+    "budget", "next_release", "exceeds", "maybe_recorded", "needs_budget", "warnings"}`` (data
+    only: the tab's HTML of it is ``scripts/dpagg_webui_html.py``); ``forecast`` is
     :func:`dpagg_core.privacy.forecast.forecast` for the tab's full space (public values only),
     ``budget`` holds the ledger's figures
     (``None`` before the first release), ``next_release`` the cost of one more release with this
@@ -176,85 +170,7 @@ def plan_view(
     except DpaggError as exc:
         out["error"] = str(exc)
         out["hint"] = not str(s.images).strip()  # nothing chosen yet: a hint, not an error
-    out["html"] = plan_html(out)
     return out
-
-
-def _budget_line(budget: dict[str, Any]) -> str:
-    total, spent = budget.get("total"), budget["spent"]
-    return budget_line(
-        (spent["epsilon"], spent["delta"]),
-        None if total is None else (total["epsilon"], total["delta"]),
-        budget["releases"],
-        budget["composition"],
-    )
-
-
-def error_html(message: Any, lead: str = "") -> str:
-    """An error for the tab, escaped (a file name such as ``<img src=x onerror=...>.jpg`` in a
-    decode error must show as text, never become markup); ``lead`` is trusted markup."""
-    text = html.escape(str(message))
-    return f"<div class='dpagg-error' style='color:#d33'>{lead}{text}</div>"
-
-
-def plan_html(view: Mapping[str, Any]) -> str:
-    """The plan view as HTML for the tab (red when the next release would be refused)."""
-    esc = html.escape
-    if not view.get("ok") and view.get("hint"):
-        return f"<div class='dpagg-plan'>{esc(PLAN_HINT)}</div>"
-    if not view.get("ok"):
-        return error_html(view.get("error"))
-    plan = view["plan"]
-    lines = [
-        f"<b>{view['n']} private images</b>, image set <code>{esc(view['dataset_id'])}</code>",
-        f"plan: epsilon {_fmt(plan['epsilon'])}, delta {plan['delta']:.3g}, noise multiplier "
-        f"{_fmt(plan['noise_multiplier'])}, sampling {esc(plan['sampling'])} "
-        f"({esc(plan['accountant'])})",
-        esc(_budget_line(view["budget"])),
-    ]
-    if view.get("forecast"):
-        lines.append(f"<span class='dpagg-forecast'>{esc(view['forecast']['text'])}</span>")
-    nxt = view["next_release"]
-    cost = f"next release costs epsilon {_fmt(nxt['epsilon'])}, delta {nxt['delta']:.3g}"
-    if view.get("needs_budget"):
-        lines.append(
-            "<span class='dpagg-needs-budget' style='color:#d33;font-weight:bold'>"
-            f"{esc(budget_required_message(nxt['epsilon']))}"
-            "</span>"
-        )
-    elif view["budget"].get("total") is None and nxt.get("budget"):
-        lines.append(
-            esc(
-                f"this first release sets the budget to epsilon {_fmt(nxt['budget']['epsilon'])}"
-                f", delta {nxt['budget']['delta']:.3g}: {BUDGET_MEANING}"
-            )
-        )
-    if view["exceeds"]:
-        lines.append(
-            f"<span style='color:#d33;font-weight:bold'>{esc(cost)}: it would EXCEED the budget "
-            "and will be refused (nothing is spent)</span>"
-        )
-    elif view.get("maybe_recorded"):
-        lines.append(
-            "<span class='dpagg-recorded' style='color:#c80'>"
-            + esc(
-                "an earlier release of this image set has the same plan, clip norm and name: "
-                "with the same checkpoint and training settings (steps, seed, ...) this is an "
-                "identical re-run, answered from the ledger's record at no cost; any other "
-                f"release ({cost}) would exceed the budget and is refused before training"
-            )
-            + "</span>"
-        )
-    else:
-        after = nxt.get("spent_after") or {}
-        if after:
-            cost += f" (spent after: epsilon {_fmt(after['epsilon'])})"
-        lines.append(esc(cost))
-    if view.get("delta_warning"):
-        lines.append(f"<span style='color:#d33'>{esc(view['delta_warning'])}</span>")
-    lines += [f"<span style='color:#c80'>warning: {esc(w)}</span>" for w in view["warnings"]]
-    klass = "dpagg-plan dpagg-exceeds" if view["exceeds"] else "dpagg-plan"
-    return f"<div class='{klass}'>" + "<br>".join(lines) + "</div>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,34 +198,6 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def html(self) -> str:
-        esc = html.escape
-        head = (
-            "re-used the identical earlier release (nothing spent)"
-            if self.reused
-            else "released a new differentially private embedding"
-        )
-        b = self.budget
-        budget = budget_line(
-            (b["spent_epsilon"], b["spent_delta"]),
-            (b["epsilon"], b["delta"]),
-            None,
-            b["composition"],
-        )
-        rows = "".join(
-            f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
-            for k, v in sorted(self.record.items())
-        )
-        return (
-            f"<div class='dpagg-report'><b>{esc(head)}</b>: <code>{esc(self.file)}</code><br>"
-            f"use it in a prompt as: <code>{esc(self.prompt_word)}</code> "
-            f"(e.g. <i>a lighthouse, in the style of {esc(self.prompt_word)}</i>)<br>"
-            f"{esc(budget)}<br>"
-            + (f"{esc(_recipe_line(self.recipe))}<br>" if self.recipe else "")
-            + "privacy record (stored in the file header):"
-            f"<table class='dpagg-record'>{rows}</table></div>"
-        )
 
 
 def _may_be_identical(book: Any, dataset_id: str, plan: Any, s: Settings) -> bool:

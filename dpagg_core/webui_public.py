@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ from dpagg_core.webui_settings import (
     Settings,
     _cancel_check,
     _free_memory,
-    _recipe_line,
     check_family,
     checkpoint_family,
     make_plan,
@@ -331,12 +328,3 @@ def rehearse(
     out["text"] = result.text()
     out["recipe"] = None if recipe is None else recipe.to_dict()
     return out
-
-
-def rehearsal_html(out: Mapping[str, Any]) -> str:
-    """A rehearsal's summary for the tab (escaped text; the grid is shown beside it)."""
-    lines = out["text"].splitlines()
-    if out.get("recipe"):
-        lines.insert(1, _recipe_line(out["recipe"]))
-    body = "<br>".join(html.escape(line) for line in lines)
-    return f"<div class='dpagg-rehearsal'>{body}</div>"

@@ -339,7 +339,8 @@ class Host(Protocol):
         """'sd1' | 'sd2' | 'sdxl' of the WebUI's loaded model, or None if unknown."""
 
 
-def _recipe_line(recipe: Mapping[str, Any] | None) -> str:
+def recipe_line(recipe: Mapping[str, Any] | None) -> str:
+    """The public style recipe (``webui_public.StyleRecipe.to_dict``) in one line of text."""
     if not recipe:
         return ""
     return (

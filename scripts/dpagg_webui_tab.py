@@ -3,9 +3,9 @@
 A thin skin over ``dpagg_core``: the "Private style (DP)" tab (``script_callbacks.on_ui_tabs``),
 its settings (``on_ui_settings``) and the ``/dpagg/v1/...`` routes (``on_app_started``). Every
 decision lives in ``dpagg_core.webui`` and ``dpagg_core.webui_access`` (tested in CI without a
-WebUI); this file only talks to the WebUI: its command-line options and settings, its progress
-state and Interrupt, its memory management, its checkpoint list, its embedding databases, its
-txt2img for the preview grid.
+WebUI); the tab's HTML is ``dpagg_webui_html.py`` beside it. This file only talks to the WebUI:
+its command-line options and settings, its progress state and Interrupt, its memory management,
+its checkpoint list, its embedding databases, its txt2img for the preview grid.
 
 The routes exist only when the WebUI serves its own API (``--api``) and are guarded as its own
 routes are (``--api-auth``, else the WebUI's login; without credentials, callers on this machine
@@ -33,6 +33,18 @@ try:  # the WebUI always has FastAPI; the routes' dependency needs ``Request`` a
 except ImportError:  # pragma: no cover - only the CI's stub WebUI lacks it
     Request = Any  # type: ignore[misc,assignment]
 
+
+def _sibling(name: str) -> Any:
+    """``scripts/<name>.py`` loaded by its path, as the WebUI loads every file of ``scripts/``
+    (never on ``sys.path``): the tab's HTML, ``dpagg_webui_html.py`` (its docstring: why)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 try:
     import dpagg_core.privacy.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
     import dpagg_core.privacy.ledger  # noqa: F401
@@ -41,9 +53,10 @@ try:
     from dpagg_core import webui_access as access
     from dpagg_core.errors import DpaggError
 
+    views = _sibling("dpagg_webui_html")
     IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - a broken install; shown in the tab
-    core = None  # type: ignore[assignment]
+    core = views = None  # type: ignore[assignment]
     options = None  # type: ignore[assignment]
     access = None  # type: ignore[assignment]
     DpaggError = ValueError  # type: ignore[misc,assignment]
@@ -294,13 +307,14 @@ def plan(values: dict[str, Any]) -> dict[str, Any]:
         s = settings(values)
     except DpaggError as exc:
         view = {"ok": False, "error": str(exc), "exceeds": False}
-        return {**view, "html": core.plan_html(view)}
-    return core.plan_view(
-        s,
-        ledger=ledger_path(),
-        loaded_family=WebuiHost().loaded_family(),
-        max_epsilon=max_epsilon(),
-    )
+    else:
+        view = core.plan_view(
+            s,
+            ledger=ledger_path(),
+            loaded_family=WebuiHost().loaded_family(),
+            max_epsilon=max_epsilon(),
+        )
+    return {**view, "html": views.plan_html(view)}
 
 
 def generate_preview(word: str, steps: int, size: int, out: Path, card: Path | None = None) -> Path:
@@ -361,7 +375,7 @@ def run(values: dict[str, Any]) -> dict[str, Any]:
         if not (card.exists() and grid.exists()):
             generate_preview(report.prompt_word, s.preview_steps, s.preview_size, grid, card)
         report.preview = str(grid)
-    return report.to_dict() | {"html": report.html()}
+    return report.to_dict() | {"html": views.report_html(report)}
 
 
 def suggest(values: dict[str, Any]) -> dict[str, Any]:
@@ -400,7 +414,7 @@ def rehearse(values: dict[str, Any]) -> dict[str, Any]:
         n=n,
         draws=draws,
     )
-    return out | {"html": core.rehearsal_html(out)}
+    return out | {"html": views.rehearsal_html(out)}
 
 
 def budget(values: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +434,7 @@ def tab_run(values: dict[str, Any]) -> tuple[str | None, str, str]:
     try:
         out = run(values)
     except DpaggError as exc:
-        return None, plan(values)["html"], core.error_html(exc, "<b>Nothing released:</b> ")
+        return None, plan(values)["html"], views.error_html(exc, "<b>Nothing released:</b> ")
     return out.get("preview"), plan(values)["html"], out["html"]
 
 
@@ -429,7 +443,7 @@ def tab_rehearse(values: dict[str, Any]) -> tuple[str | None, str]:
     try:
         out = rehearse(values)
     except DpaggError as exc:
-        return None, core.error_html(exc, "<b>No rehearsal:</b> ")
+        return None, views.error_html(exc, "<b>No rehearsal:</b> ")
     return out.get("grid"), out["html"]
 
 
@@ -438,13 +452,8 @@ def tab_suggest(values: dict[str, Any]) -> tuple[float | None, str]:
     try:
         out = suggest(values)
     except DpaggError as exc:
-        return None, core.error_html(exc)
-    text = (
-        f"suggested C = {out['clip_norm']:.4g}: the {out['quantile']:.0%} quantile of "
-        f"{out['n_public']} PUBLIC images' distances to the centre (median "
-        f"{out['distances']['median']:.4g})"
-    )
-    return out["clip_norm"], html.escape(text)
+        return None, views.error_html(exc)
+    return out["clip_norm"], views.suggest_html(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -758,19 +767,7 @@ def on_ui_tabs():
                             value=d.clip_norm_from_style,
                         )
                 with gr.Accordion("Rehearse on public images (spends nothing)", open=False):
-                    gr.HTML(
-                        "<div class='dpagg-rehearse-info'>"
-                        + html.escape(
-                            "see what your n and epsilon give before touching the private "
-                            "pictures: the same model, TI settings, plan, C and recipe on n "
-                            "PUBLIC images of a similar style, at half, your and double epsilon, "
-                            "beside the non-private mean and the model without an embedding. "
-                            "Nothing is spent or recorded; a folder holding a picture recorded "
-                            "as private is refused. The grid is drawn when 'with/without "
-                            "preview' is on."
-                        )
-                        + "</div>"
-                    )
+                    gr.HTML(views.rehearse_info_html())
                     with gr.Row():
                         rehearse_folder = gr.Textbox(
                             label="PUBLIC rehearsal folder",
@@ -828,8 +825,7 @@ def on_ui_tabs():
                         )
             with gr.Column(scale=2):
                 plan_html = gr.HTML(
-                    f"<div class='dpagg-plan'>{html.escape(core.PLAN_HINT)}</div>",
-                    elem_id=f"{ELEM}_plan",
+                    views.plan_html({"ok": False, "hint": True}), elem_id=f"{ELEM}_plan"
                 )
                 with gr.Row():
                     run_btn = gr.Button(

@@ -1,11 +1,13 @@
 """The Stable Diffusion WebUI skin's logic (``dpagg_core.webui``) without a WebUI: a fake host,
 a tiny diffusers model, real images, a real ledger. The extension script itself
-(``scripts/dpagg_webui_tab.py``) is imported in a subprocess against stub ``modules``."""
+(``scripts/dpagg_webui_tab.py``) is imported in a subprocess against stub ``modules``; the tab's
+HTML (``scripts/dpagg_webui_html.py``) is loaded by its path, as the WebUI and the tab load it."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +28,25 @@ from dpagg_core.privacy import accountant, calibration
 from dpagg_core.privacy.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
+HTML_SCRIPT = ROOT / "scripts" / "dpagg_webui_html.py"
+
+
+def _load_by_path(name: str, path: Path):
+    """A file of ``scripts/`` as the WebUI loads it (``script_loading.load_module``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+views = _load_by_path("dpagg_webui_html.py", HTML_SCRIPT)
+
+
+def plan_shown(view: dict) -> str:
+    """The plan view as the tab shows it."""
+    return views.plan_html(view)
+
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -150,7 +171,7 @@ def test_plan_view_shows_errors_budget_and_red_when_exceeding(tmp_path, tiny_mod
     empty = settings(tmp_path, tiny_model_dir, images=str(tmp_path / "none"))
     view = core.plan_view(empty, ledger=ledger)
     assert not view["ok"] and "does not exist" in view["error"]
-    assert "color:#d33" in view["html"]
+    assert "color:#d33" in plan_shown(view)
     (tmp_path / "emptydir").mkdir()
     view = core.plan_view(
         settings(tmp_path, tiny_model_dir, images=str(tmp_path / "emptydir")), ledger=ledger
@@ -179,7 +200,7 @@ def test_plan_view_shows_errors_budget_and_red_when_exceeding(tmp_path, tiny_mod
         name="other",
     )
     view = core.plan_view(s, ledger=ledger)
-    assert view["exceeds"] and "EXCEED" in view["html"] and "#d33" in view["html"]
+    assert view["exceeds"] and "EXCEED" in plan_shown(view) and "#d33" in plan_shown(view)
     assert view["budget"]["spent"]["epsilon"] == pytest.approx(plan.epsilon)
 
 
@@ -207,7 +228,7 @@ def test_run_releases_reuses_and_refuses_over_budget(tmp_path, tiny_model_dir):
     assert kinds.index("off") < kinds.index("restored") < kinds.index("reload")
     assert host.events[-1] == ("reload", path)
     assert ("progress", 4, 4) in host.events  # 2 steps x 2 chunks (3 images, batch 2)
-    assert "mystyle" in report.html() and "privacy record" in report.html()
+    assert "mystyle" in views.report_html(report) and "privacy record" in views.report_html(report)
 
     again = core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
     assert again.reused and again.file == report.file
@@ -623,11 +644,11 @@ def test_error_html_escapes_a_hostile_file_name(tmp_path, tiny_model_dir):
             out_dir=tmp_path / "e",
             host=FakeHost(),
         )
-    shown = core.error_html(info.value, "<b>Nothing released:</b> ")
+    shown = views.error_html(info.value, "<b>Nothing released:</b> ")
     assert "<img" not in shown and "&lt;img src=x onerror=alert(1)&gt;.jpg" in shown
     assert shown.count("<b>") == 1
     view = core.plan_view(settings(tmp_path, tiny_model_dir), ledger=tmp_path / "l.sqlite")
-    assert "<img" not in view["html"] and "&lt;img" in view["html"]
+    assert "<img" not in plan_shown(view) and "&lt;img" in plan_shown(view)
 
 
 # The extension script in a stub WebUI with a real FastAPI app, as A1111's webui.py builds it:
@@ -890,8 +911,8 @@ def test_first_release_needs_a_deliberate_budget_and_spends_nothing_without(
     ledger, out = tmp_path / "ledger.sqlite", tmp_path / "embeddings"
     bare = settings(tmp_path, tiny_model_dir, budget_epsilon=0, budget_delta=0)
     view = core.plan_view(bare, ledger=ledger)
-    assert view["ok"] and view["needs_budget"] and "dpagg-needs-budget" in view["html"]
-    assert "before its first release" in view["html"]
+    assert view["ok"] and view["needs_budget"] and "dpagg-needs-budget" in plan_shown(view)
+    assert "before its first release" in plan_shown(view)
     host = FakeHost()
     with pytest.raises(DpaggError, match="Nothing was spent"):
         core.run(bare, ledger=ledger, out_dir=out, host=host)
@@ -899,10 +920,10 @@ def test_first_release_needs_a_deliberate_budget_and_spends_nothing_without(
     assert Ledger(ledger).list_releases() == []
 
     chosen = core.plan_view(settings(tmp_path, tiny_model_dir, budget_epsilon=6), ledger=ledger)
-    assert not chosen["needs_budget"] and "sets the budget to epsilon 6" in chosen["html"]
+    assert not chosen["needs_budget"] and "sets the budget to epsilon 6" in plan_shown(chosen)
     # issue 21 item 2: the forecast for the tab's full space (1 vector x 768 values, SD1)
     assert chosen["forecast"]["k"] == 768 and chosen["forecast"]["verdict"] == "noise"
-    assert "dpagg-forecast" in chosen["html"] and "mostly noise" in chosen["html"]
+    assert "dpagg-forecast" in plan_shown(chosen) and "mostly noise" in plan_shown(chosen)
 
 
 def test_an_identical_rerun_is_not_called_a_refusal(tmp_path, tiny_model_dir):
@@ -915,17 +936,17 @@ def test_an_identical_rerun_is_not_called_a_refusal(tmp_path, tiny_model_dir):
     core.run(s, ledger=ledger, out_dir=out, host=FakeHost())
     view = core.plan_view(s, ledger=ledger)
     assert view["maybe_recorded"] and not view["exceeds"]
-    assert "identical re-run" in view["html"] and "EXCEED" not in view["html"]
+    assert "identical re-run" in plan_shown(view) and "EXCEED" not in plan_shown(view)
     assert core.run(s, ledger=ledger, out_dir=out, host=FakeHost()).reused
     other = core.plan_view(dataclasses.replace(s, epsilon=1.0), ledger=ledger)
-    assert other["exceeds"] and not other["maybe_recorded"] and "EXCEED" in other["html"]
+    assert other["exceeds"] and not other["maybe_recorded"] and "EXCEED" in plan_shown(other)
 
 
 def test_plan_waits_for_a_folder_and_shows_one_target(tmp_path, tiny_model_dir):
     """Issue 20 items 11-12: an empty folder field is a hint, not an error; typed fields
     recompute the plan when done (never per keystroke); only the chosen target is shown."""
     view = core.plan_view(settings(tmp_path, tiny_model_dir, images=""), ledger=tmp_path / "l")
-    assert not view["ok"] and view["hint"] and "#d33" not in view["html"]
+    assert not view["ok"] and view["hint"] and "#d33" not in plan_shown(view)
     assert "change" not in core.PLAN_EVENTS["text"] and core.PLAN_EVENTS["choice"] == ("change",)
     assert core.target_fields(core.MODE_EPSILON) == {"epsilon": True, "noise_multiplier": False}
     assert core.target_fields(core.MODE_NOISE) == {"epsilon": False, "noise_multiplier": True}
@@ -986,7 +1007,7 @@ def test_rehearsal_shows_three_epsilons_and_records_nothing(tmp_path, tiny_model
     assert Path(got["grid"]).is_file()  # rendered on dpagg's own copy of the checkpoint
     kinds = [e[0] for e in host.events]
     assert kinds.index("off") < kinds.index("restored") and "reload" not in kinds
-    html_out = core.rehearsal_html(got)
+    html_out = views.rehearsal_html(got)
     assert "nothing was spent" in html_out and "epsilon 4" in html_out
     assert Ledger(ledger).list_releases() == []
     # a public folder holding a picture recorded as private: refused before any model loads
@@ -1027,7 +1048,8 @@ def test_public_style_folder_releases_in_its_basis_around_its_mean(tmp_path, tin
     assert record["centre"] == "public_mean"
     assert report.recipe["clip_norm_source"] == "public style folder"
     assert float(record["clip_norm"]) == pytest.approx(report.recipe["clip_norm"])
-    assert report.recipe["clip_norm"] != s.clip_norm and "recipe: public" in report.html()
+    assert report.recipe["clip_norm"] != s.clip_norm
+    assert "recipe: public" in views.report_html(report)
     # C set explicitly: the C field, still in the public basis around the public mean
     explicit = dataclasses.replace(s, clip_norm_from_style=False, name="explicit")
     again = core.run(explicit, ledger=ledger, out_dir=out, host=FakeHost())

@@ -1,0 +1,137 @@
+"""Host text and HTML live next to the host (issue 19 item 3): ``dpagg_core`` returns data and
+plain text, the WebUI tab's markup is ``scripts/dpagg_webui_html.py``. That file is loaded as a
+script by AUTOMATIC1111 / Forge (every ``.py`` of ``scripts/``) and by the tab from its path, so
+loading it must be harmless and light."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HTML_SCRIPT = ROOT / "scripts" / "dpagg_webui_html.py"
+
+_TAGS = (
+    "div|span|table|thead|tbody|tr|td|th|p|br|hr|b|i|u|em|strong|small|code|pre|a|img|ul|ol|li"
+    "|h[1-6]|details|summary|label|input|button|form|style|script|iframe"
+)
+# An HTML tag: a known element, then only name=value attributes ("<a ledger's key>" and
+# "<out_dir>/<name>.safetensors" in docstrings are placeholders, not markup).
+HTML_TAG = re.compile(
+    rf"</?(?:{_TAGS})(?:\s+[\w-]+=(?:'[^']*'|\"[^\"]*\"|[^\s>]+))*\s*/?>", re.IGNORECASE
+)
+
+
+def html_tags_in(text: str) -> list[str]:
+    return [m.group(0) for m in HTML_TAG.finditer(text)]
+
+
+def test_the_tag_finder_finds_markup_and_ignores_placeholders():
+    marked = [
+        "f\"<div class='dpagg-plan'>{x}</div>\"",
+        '"<br>".join(lines)',
+        "\"<span style='color:#d33;font-weight:bold'>\"",
+        "f\"<table class='dpagg-record'>{rows}</table>\"",
+        '"<p>" + text',
+        "f\"<div class='{klass}'>\"",
+        '"<b>Nothing released:</b> "',
+        '"<tr><td>"',
+    ]
+    for line in marked:
+        assert html_tags_in(line), line
+    for line in (
+        "written as ``<out_dir>/<name>.safetensors``",
+        "dataset_id_for(digests, key=<a ledger's identity key>)",
+        "the token ``<name>`` is added",
+        "TOKEN = '<demo_style>'",
+        "'a <shape> in the style'",
+        "x < b and c > d",
+    ):
+        assert not html_tags_in(line), line
+
+
+def html_in_package(root: Path) -> list[str]:
+    """``file:line: tags`` of every HTML tag in ``root/dpagg_core``'s Python files."""
+    found = []
+    for path in sorted((root / "dpagg_core").rglob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if tags := html_tags_in(line):
+                found.append(f"{path.relative_to(root).as_posix()}:{number}: {', '.join(tags)}")
+    return found
+
+
+def test_dpagg_core_holds_no_html():
+    """Every markup string of a skin is host-side (``scripts/``, ``nodes/``): a tag anywhere in
+    ``dpagg_core/`` fails, naming the file and line."""
+    found = html_in_package(ROOT)
+    assert not found, "HTML in dpagg_core (move it next to its host):\n" + "\n".join(found)
+
+
+def test_the_check_fails_on_html_in_the_library(tmp_path):
+    """The same scan over a package holding the old ``webui.py``'s lines fails, naming them."""
+    package = tmp_path / "dpagg_core"
+    package.mkdir()
+    (package / "webui.py").write_text(
+        '"""Writes ``<out_dir>/<name>.safetensors``."""\n'
+        "def error_html(text):\n"
+        "    return f\"<div class='dpagg-error' style='color:#d33'>{text}</div>\"\n"
+        'ROW = "<tr><td>{k}</td><td>{v}</td></tr>"\n',
+        encoding="utf-8",
+    )
+    found = html_in_package(tmp_path)
+    assert [line.split(": ")[0] for line in found] == [
+        "dpagg_core/webui.py:3",
+        "dpagg_core/webui.py:4",
+    ]
+
+
+def test_the_html_script_loads_as_a_webui_script_without_heavy_imports():
+    """Loaded as the WebUI loads every file of ``scripts/`` (``importlib`` from its path, the
+    file name as module name, the extension folder on ``sys.path``): no ``Script`` class or
+    callback, no WebUI module, and none of torch, scipy, dp-accounting (a broken install still
+    loads it; the tab then shows what is missing)."""
+    code = textwrap.dedent(
+        """
+        import importlib.util, inspect, json, sys
+        sys.path.insert(0, sys.argv[1])
+        spec = importlib.util.spec_from_file_location("dpagg_webui_html.py", sys.argv[2])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        heavy = {"torch", "scipy", "dp_accounting", "modules"} & set(sys.modules)
+        classes = [n for n, v in vars(module).items()
+                   if inspect.isclass(v) and v.__module__ == module.__name__]
+        names = [n for n in ("plan_html", "error_html", "report_html", "rehearsal_html")
+                 if callable(getattr(module, n, None))]
+        print(json.dumps({"heavy": sorted(heavy), "classes": classes, "names": names}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(HTML_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {
+        "heavy": [],
+        "classes": [],
+        "names": ["plan_html", "error_html", "report_html", "rehearsal_html"],
+    }
+
+
+@pytest.mark.parametrize("name", ["plan_html", "error_html", "rehearsal_html", "RunReport"])
+def test_the_library_no_longer_offers_html(name):
+    from dpagg_core import webui
+
+    if name == "RunReport":
+        assert not hasattr(webui.RunReport, "html")
+    else:
+        assert not hasattr(webui, name)
