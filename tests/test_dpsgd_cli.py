@@ -255,3 +255,83 @@ def test_dpagg_only_options_are_refused_before_loading(tmp_path, capsys, monkeyp
     assert main(argv(tmp_path, missing_model, "x", "--sampling", "wor", "--m", "2")) == 2
     assert "--sampling" in capsys.readouterr().err
     assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_a_changed_dpsgd_request_trains_and_spends_an_identical_one_does_not(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """The request key (``request_keys.training_request`` over the image set, the model
+    fingerprint, the DP-SGD config with its seed, the plan and the name) decides: the identical
+    request is answered from the record without calling the trainer; the same command with
+    another seed is a new release, trained and charged."""
+    make_images(tmp_path / "private")
+    file = tmp_path / "embeddings" / "sgd.safetensors"
+    trained: list[int] = []
+    real_train = dpsgd.train_dpsgd
+
+    def counting(*a, **k):
+        trained.append(1)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(dpsgd, "train_dpsgd", counting)
+    extra = ["--budget-epsilon", "10"]
+    first = run_json(capsys, argv(tmp_path, tiny_model_dir, "sgd", *extra))
+    assert trained == [1] and not first["reused"]
+    led = Ledger(tmp_path / "ledger.sqlite")
+    (row,) = led.list_releases()
+    spent = led.status(row["dataset_id"])
+
+    monkeypatch.setattr(dpsgd, "train_dpsgd", fail_if_trained)
+    file.unlink()  # the name is free again: only the ledger's record can answer
+    again = run_json(capsys, argv(tmp_path, tiny_model_dir, "sgd", *extra))
+    assert again["reused"] and again["release_id"] == row["id"]
+    assert led.status(row["dataset_id"]) == spent and len(led.list_releases()) == 1
+
+    monkeypatch.setattr(dpsgd, "train_dpsgd", counting)
+    file.unlink()
+    seeded = run_json(capsys, argv(tmp_path, tiny_model_dir, "sgd", *extra, "--seed", "1"))
+    assert trained == [1, 1] and not seeded["reused"] and seeded["release_id"] != row["id"]
+    after = led.status(row["dataset_id"])
+    assert after["releases"] == 2 and after["spent"]["epsilon"] > spent["spent"]["epsilon"]
+
+
+def test_the_dpsgd_request_key_follows_every_input():
+    """``request_of`` + ``training_request``: equal inputs give equal keys; the image set, the
+    seed, another config value, the UNet, the text encoder alone (not in ``base_model_id``), the
+    plan, the name and a basis each give a new one."""
+    from types import SimpleNamespace
+
+    from dpagg_core.training.dpsgd import DPSGDConfig
+    from dpagg_core.training.dpsgd_run import request_of
+
+    def model(seed: int = 0):
+        return SimpleNamespace(
+            pipe=tiny_pipeline(hidden_size=32, seed=seed), family="sd1", prediction_type="epsilon"
+        )
+
+    base_model, base_config, plan = model(), DPSGDConfig(), plan_of_run()
+
+    def key(m=base_model, config=base_config, dataset="ds", p=plan, name="x", basis=None):
+        request = request_of(config, m) | ({"basis_sha256": basis} if basis else {})
+        return training_request(
+            request, dataset_id=dataset, plan=p, name=name, clip_norm=config.clip_norm
+        ).digest
+
+    reference = key()
+    assert key(m=model()) == reference  # the same weights, loaded again
+    text_encoder_only = model()
+    with torch.no_grad():
+        for param_name, param in text_encoder_only.pipe.text_encoder.named_parameters():
+            if "embeddings" not in param_name:
+                param.add_(0.5)
+    changed = [
+        key(dataset="other"),
+        key(config=DPSGDConfig(seed=1)),
+        key(config=DPSGDConfig(steps=3)),
+        key(m=model(seed=1)),
+        key(m=text_encoder_only),
+        key(p=calibrate_dpsgd(1.0, DELTA, n=N_IMAGES, q=BATCH / N_IMAGES, steps=STEPS)),
+        key(name="y"),
+        key(basis="0" * 64),
+    ]
+    assert reference not in changed and len(set(changed)) == len(changed)

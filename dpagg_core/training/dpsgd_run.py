@@ -11,6 +11,14 @@ after all its own checks and before the first noise draw (the spend is committed
 the result is stored with ``Reservation.complete`` and written with
 ``released_file.write_released`` (post-processing, free). A failure after the reservation leaves
 the spend recorded; re-running the identical request is charged again (a new attempt).
+
+The request is the shared one: ``request_keys.training_request`` (the TI pipeline's
+``inputs_request`` builds on it) over the image set's id, :func:`request_of` (the DP-SGD config
+with its seed, a fingerprint of the loaded weights, the scheduler), the plan, C_g, the basis and
+the name, answered by the same ledger calls. Two differences are the mechanism's, not a second
+check: the noise is drawn in every training step, so the spend is reserved before the first step
+(``before_noise``) instead of after training; and the model is named by the loaded weights
+(``pipeline.weights_digest`` sits in a layer above this one).
 """
 
 from __future__ import annotations
@@ -68,13 +76,17 @@ class _Reused(Exception):
 
 def request_of(config: DPSGDConfig, model: Any) -> dict[str, Any]:
     """Everything besides the images, plan, C_g, name and base model id that determines a DP-SGD
-    release: the ledger hashes it into the request key (``ledger.charge_key``). The UNet and VAE
-    are named by ``models.fingerprint`` of 16 evenly spaced values of each tensor (the text
-    encoders are in ``base_model_id``), the scheduler by its config."""
+    release: the ledger hashes it into the request key (``request_keys.training_request``, the
+    train-then-release key the TI pipeline's ``inputs_request`` also builds on). The weights are
+    named by ``identity.fingerprint`` of 16 evenly spaced values of every tensor of the UNet, the
+    VAE and the text encoder(s) (``base_model_id`` covers only the token table: a checkpoint
+    whose text encoder alone differs trains a different embedding), the scheduler by its config.
+    """
     from dpagg_core.privacy.identity import fingerprint
 
     pipe = model.pipe
-    weights = [t for part in (pipe.unet, pipe.vae) for t in part.state_dict().values()]
+    parts = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    weights = [t for part in parts if part is not None for t in part.state_dict().values()]
     return {
         "method": dpsgd.METHOD,
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
