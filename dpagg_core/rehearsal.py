@@ -147,12 +147,60 @@ def rehearse(
     ledger whose private pictures are refused (its key identifies them)."""
     if draws < 1:
         raise DpaggError(f"draws={draws}: at least one noise draw per epsilon")
-    target_norms = postprocess_targets(postprocess, basis)  # before any training
+    postprocess_targets(postprocess, basis)  # checked before any training
     plans = {e: plan_for(e, n) for e in rehearsal_epsilons(float(epsilon))}
-    folder = Path(out_dir) / next_free_name(Path(out_dir), sanitize_name(name))
     loaded = trainer.images(Path(public_folder), public=True)
     chosen = pick_public(loaded.count, n, seed)
     eset = trainer.train(_subset(loaded, chosen))
+    return rehearse_set(
+        eset,
+        plans=plans,
+        epsilon=epsilon,
+        clip_norm=clip_norm,
+        out_dir=out_dir,
+        name=name,
+        centre=centre,
+        public_centre=public_centre,
+        basis=basis,
+        mode=mode,
+        postprocess=postprocess,
+        draws=draws,
+        render=render,
+        ledger=ledger,
+        available=loaded.count,
+    )
+
+
+def rehearse_set(
+    eset: Any,
+    *,
+    plans: dict[float, Any],
+    epsilon: float,
+    clip_norm: float,
+    out_dir: str | Path,
+    name: str = "rehearsal",
+    centre: str | None = None,
+    public_centre: Any = None,
+    basis: Any = None,
+    mode: str = "clip",
+    postprocess: str = "none",
+    draws: int = 2,
+    render: Any = None,
+    ledger: Any = None,
+    available: int | None = None,
+    rho: float | None = None,
+    rho_source: str = "measured on this public folder",
+) -> Rehearsal:
+    """The releases of a rehearsal from per-image embeddings of PUBLIC pictures already trained
+    (:func:`rehearse`'s second half; ComfyUI's Rehearse node trains them through Per-Image TI):
+    ``plans[e]`` per epsilon (:func:`rehearsal_epsilons`), ``draws`` fresh noise draws each,
+    files in a new folder under ``out_dir``. ``rho``: the forecast's agreement (None: measured on
+    ``eset``, as one style). Never give it private embeddings: nothing here asks the ledger."""
+    if draws < 1:
+        raise DpaggError(f"draws={draws}: at least one noise draw per epsilon")
+    n = int(eset.n)
+    target_norms = postprocess_targets(postprocess, basis)
+    folder = Path(out_dir) / next_free_name(Path(out_dir), sanitize_name(name))
     centre = centre or default_centre(eset)
     centre_vec = centre_vector(eset, centre, public_centre, ledger=ledger)
     flat = eset.flat().astype(np.float64)
@@ -163,10 +211,9 @@ def rehearse(
     deltas = flat - base
     coords = basis.project(deltas) if basis is not None else deltas
     k = int(basis.dim) if basis is not None else int(flat.shape[1])
-    rho = agreement([coords], clip_norm)
-    outlook = forecast(
-        plans[float(epsilon)], k, max(rho, 1e-6), rho_source="measured on this public folder"
-    )
+    if rho is None:
+        rho = agreement([coords], clip_norm)
+    outlook = forecast(plans[float(epsilon)], k, max(rho, 1e-6), rho_source=rho_source)
     record = {"rehearsal": REHEARSAL_RECORD, "n": str(n), "centre": centre}
     folder.mkdir(parents=True, exist_ok=True)
     mean_file = write_released(folder, "nonprivate_mean", eset.unflat(mean), record)
@@ -199,7 +246,7 @@ def rehearse(
             files[e].append(write_released(folder, tag, eset.unflat(vec), meta))
     result = Rehearsal(
         n=n,
-        available=loaded.count,
+        available=n if available is None else int(available),
         plans=plans,
         forecast=outlook,
         mean_file=mean_file,

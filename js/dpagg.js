@@ -32,6 +32,9 @@ const DPAGG_NODES = new Set([
   "DpaggPublicBasis",
   "DpaggAggregate",
   "DpaggPrivacyLedger",
+  "DpaggLoadPublicImages",
+  "DpaggPublicStyle",
+  "DpaggRehearse",
 ]);
 const LEDGER_NODE = "DpaggPrivacyLedger";
 const RAISE_ROUTE = "/dpagg/ledger/budget"; // api.fetchApi adds ComfyUI's /api prefix

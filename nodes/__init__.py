@@ -1,5 +1,6 @@
 """dpagg's ComfyUI nodes (V3 API): Load Private Images, Per-Image TI, Clip Embeddings, Privacy
-Accountant, Public Basis, DP Aggregate, Privacy Ledger.
+Accountant, Public Basis, DP Aggregate, Privacy Ledger, and for PUBLIC pictures Load Public
+Images, Public Style (the small-set recipe in the graph) and Rehearse on Public Images.
 
 Loaded by the pack's root ``__init__.py`` only when ComfyUI's ``comfy_api`` is importable. The
 nodes are a thin skin over ``dpagg_core``; when the pack is cloned into ``custom_nodes/`` (not
@@ -25,12 +26,15 @@ from .dp_aggregate import DPAggregate  # noqa: E402
 from .ledger_node import NODES as LEDGER_NODES  # noqa: E402
 from .ledger_node import register_routes  # noqa: E402
 from .load_private_images import LoadPrivateImages  # noqa: E402
+from .load_public_images import LoadPublicImages  # noqa: E402
 from .per_image_ti import PerImageTI  # noqa: E402
 from .privacy_accountant import PrivacyAccountant  # noqa: E402
 from .public_basis import PublicBasisNode  # noqa: E402
+from .public_style import PublicStyle  # noqa: E402
+from .rehearse import Rehearse  # noqa: E402
 
-# The six nodes of the privacy flow, one module each (the Privacy Ledger: ledger_node.py); the
-# node ids saved workflows refer to are in each node's define_schema.
+# The nodes of the privacy flow and of its public side, one module each (the Privacy Ledger:
+# ledger_node.py); the node ids saved workflows refer to are in each node's define_schema.
 NODES: tuple[type[io.ComfyNode], ...] = (
     LoadPrivateImages,
     PerImageTI,
@@ -38,6 +42,9 @@ NODES: tuple[type[io.ComfyNode], ...] = (
     PrivacyAccountant,
     PublicBasisNode,
     DPAggregate,
+    LoadPublicImages,
+    PublicStyle,
+    Rehearse,
 )
 
 # The Privacy Ledger's "Raise budget..." route on ComfyUI's own server (no-op without one).

@@ -82,6 +82,9 @@ EmbeddingSetIO = io.Custom("EMBEDDING_SET")
 DpPlanIO = io.Custom("DP_PLAN")
 PrivateImagesIO = io.Custom("PRIVATE_IMAGES")  # a dpagg_core.io.images.LoadedImages
 PublicBasisIO = io.Custom("PUBLIC_BASIS")  # a dpagg_core.privacy.basis.PublicBasis (public)
+PublicImagesIO = io.Custom("PUBLIC_IMAGES")  # a load_public_images.PublicImages (public)
+# a dpagg_core.training.public.PublicBasisBuild: PUBLIC per-image embeddings with their styles
+PublicEmbeddingsIO = io.Custom("PUBLIC_EMBEDDINGS")
 # DP Aggregate offers every core centre (``release.CENTRES``); 'public_mean' also needs the
 # ``public_embeddings_file`` input (PUBLIC per-image embeddings, `dpagg public-basis
 # --save-public-embeddings FILE`), the file the CLI's `--centre public_mean --public-embeddings`
@@ -377,8 +380,8 @@ def _opt(value: Any) -> float | None:
     return None if value is None or float(value) == 0.0 else float(value)
 
 
-def _images_input(tooltip: str) -> Any:
-    """``images``: Load Private Images' PRIVATE_IMAGES or any ComfyUI IMAGE (batch or list)."""
-    return io.MultiType.Input(
-        io.Image.Input("images", tooltip=tooltip), types=[io.Image, PrivateImagesIO]
-    )
+def _images_input(tooltip: str, public: bool = False) -> Any:
+    """``images``: Load Private Images' PRIVATE_IMAGES or any ComfyUI IMAGE (batch or list);
+    with ``public``, also Load Public Images' PUBLIC_IMAGES (Per-Image TI)."""
+    types = [io.Image, PrivateImagesIO] + ([PublicImagesIO] if public else [])
+    return io.MultiType.Input(io.Image.Input("images", tooltip=tooltip), types=types)

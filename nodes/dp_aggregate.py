@@ -25,11 +25,14 @@ from dpagg_core.budget_report import (
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.names import sanitize_name
+from dpagg_core.io.public_embeddings import public_mean_centre
 from dpagg_core.options import POSTPROCESS
 from dpagg_core.paths import resolve_path
 from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.forecast import Forecast, forecast
 from dpagg_core.privacy.ledger import Ledger
 from dpagg_core.privacy.mechanism import CLIP_MODES, check_clip_norm
+from dpagg_core.training.public import PublicBasisBuild
 
 from .budget_status import budget_block, budget_query, notify_ledger_changed
 from .common import (
@@ -38,6 +41,7 @@ from .common import (
     DpPlanIO,
     EmbeddingSetIO,
     PublicBasisIO,
+    PublicEmbeddingsIO,
     _opt,
     _stage_reporter,
     _ui,
@@ -45,7 +49,7 @@ from .common import (
     comfy_ledger,
     embeddings_dir,
 )
-from .per_image_ti import TrainingJob
+from .per_image_ti import TrainingJob, refuse_public
 
 
 class DPAggregate(io.ComfyNode):
@@ -114,6 +118,13 @@ class DPAggregate(io.ComfyNode):
                     "James-Stein shrinkage toward the centre; norm = rescale to the basis' "
                     "typical norm",
                 ),
+                PublicEmbeddingsIO.Input(
+                    "public_embeddings",
+                    optional=True,
+                    tooltip="for centre=public_mean: Public Style's PUBLIC_EMBEDDINGS (their "
+                    "mean is the centre; also sets the forecast's agreement). Or give "
+                    "public_embeddings_file instead",
+                ),
                 io.String.Input(
                     "public_embeddings_file",
                     default="",
@@ -125,7 +136,7 @@ class DPAggregate(io.ComfyNode):
                     "takes. Their mean is the centre; a private file is refused",
                 ),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
             outputs=[
                 io.String.Output(display_name="prompt", tooltip="embedding:<name>"),
                 io.ClipVisionOutput.Output(
@@ -140,15 +151,17 @@ class DPAggregate(io.ComfyNode):
             sanitize_name(str(kwargs.get("name", "")))
         except DpaggError as exc:
             return f"name: {exc}"
-        try:
-            check_clip_norm(float(kwargs.get("clip_norm", 0)))
+        try:  # a linked clip_norm (Public Style's C) is not here yet: execute checks it
+            if "clip_norm" in kwargs:
+                check_clip_norm(float(kwargs["clip_norm"]))
         except (DpaggError, TypeError, ValueError) as exc:
             return f"{exc} Choose C from public data, never from these images."
-        problem = check_public_centre_inputs(
-            kwargs.get("centre"), kwargs.get("public_embeddings_file", "")
-        )
-        if problem:
-            return problem
+        centre, text = kwargs.get("centre"), str(kwargs.get("public_embeddings_file", "") or "")
+        # a linked Public Style is not in kwargs; the queued prompt shows the link
+        if not (centre == PUBLIC_MEAN_CENTRE and linked_input(cls, "public_embeddings")):
+            problem = check_public_centre_inputs(centre, text)
+            if problem:
+                return problem
         if kwargs.get("postprocess", "none") not in POSTPROCESS:
             return f"postprocess={kwargs.get('postprocess')!r}: use one of {POSTPROCESS}"
         if kwargs.get("mode") not in CLIP_MODES:
@@ -173,6 +186,7 @@ class DPAggregate(io.ComfyNode):
         budget_delta,
         basis=None,
         postprocess="none",
+        public_embeddings=None,
         public_embeddings_file="",
     ) -> io.NodeOutput:
         from comfy_execution.graph_utils import ExecutionBlocker
@@ -181,6 +195,8 @@ class DPAggregate(io.ComfyNode):
 
         if not isinstance(embedding_set, (EmbeddingSet, TrainingJob)):
             raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")
+        refuse_public(embedding_set, "embedding_set")
+        check_clip_norm(float(clip_norm))
         if not isinstance(plan, PrivacyPlan):
             raise DpaggError("plan: connect a Privacy Accountant")
         if basis is not None and not isinstance(basis, CoreBasis):
@@ -194,14 +210,7 @@ class DPAggregate(io.ComfyNode):
             )
         # Checked again here (validate_inputs may be bypassed), before the ledger is touched;
         # release_embeddings loads the file and refuses a private one before reserving.
-        problem = check_public_centre_inputs(centre, public_embeddings_file)
-        if problem:
-            raise DpaggError(problem)
-        public_centre = (
-            resolve_path(str(public_embeddings_file).strip())
-            if centre == PUBLIC_MEAN_CENTRE
-            else None
-        )
+        public_centre = public_centre_input(centre, public_embeddings, public_embeddings_file)
         is_ti = eset.kind == "textual_inversion"
         ledger = comfy_ledger()
         be, bd = _opt(budget_epsilon), _opt(budget_delta)
@@ -255,6 +264,12 @@ class DPAggregate(io.ComfyNode):
         lines += budget_request_lines(figures.get("budget"), be, bd, outcome.reused)
         lines += plan_lines(plan)
         flat_dim = sum(int(t.numel()) for t in outcome.vectors.values())
+        if is_ti:
+            outlook = release_forecast(
+                plan, basis, flat_dim, float(clip_norm), str(centre), public_embeddings
+            )
+            lines.append(outlook.text())
+            figures["forecast"] = outlook.to_dict()
         shaping, extra = release_shaping(outcome.record, plan, float(clip_norm), flat_dim)
         lines += shaping + more  # budget last: js/dpagg.js refreshes them after any release
         figures.update(extra, budget_lines=more, budget_query=query, own_warning=False)
@@ -279,6 +294,70 @@ class DPAggregate(io.ComfyNode):
             **figures,
         )
         return io.NodeOutput(text, vision, ui=ui)
+
+
+def linked_input(node: Any, name: str) -> bool:
+    """Whether input ``name`` of this node is linked in the queued prompt (``hidden.prompt``:
+    validate_inputs receives no value for a linked input). False when the prompt is unknown."""
+    hidden = getattr(node, "hidden", None)
+    prompt = getattr(hidden, "prompt", None) or {}
+    me = str(getattr(hidden, "unique_id", None))
+    entry = prompt.get(me) if isinstance(prompt, dict) else None
+    inputs = entry.get("inputs", {}) if isinstance(entry, dict) else {}
+    return isinstance(inputs.get(name), list)
+
+
+def public_centre_input(centre: Any, public_embeddings: Any, public_embeddings_file: Any) -> Any:
+    """What ``release_embeddings`` takes as ``public_centre``: Public Style's PUBLIC_EMBEDDINGS
+    or the file (exactly one, and only with centre=public_mean); None for the other centres.
+    Checked before the ledger is touched (validate_inputs cannot see a linked input)."""
+    text = str(public_embeddings_file or "").strip()
+    if public_embeddings is not None:
+        if not isinstance(public_embeddings, PublicBasisBuild):
+            raise DpaggError("public_embeddings: connect a Public Style node's PUBLIC_EMBEDDINGS")
+        if centre != PUBLIC_MEAN_CENTRE:
+            raise DpaggError(
+                f"public_embeddings is linked but centre={centre!r}: choose centre=public_mean "
+                "(their mean) or unlink it. Nothing was spent."
+            )
+        if text:
+            raise DpaggError(
+                "centre=public_mean has both Public Style's public_embeddings and a "
+                "public_embeddings_file: keep one (clear the file). Nothing was spent."
+            )
+        return public_embeddings.public
+    problem = check_public_centre_inputs(centre, text)
+    if problem:
+        if centre == PUBLIC_MEAN_CENTRE and not text:
+            problem = problem.replace(
+                "needs public_embeddings_file:",
+                "needs Public Style's public_embeddings (linked) or public_embeddings_file:",
+            )
+        raise DpaggError(problem)
+    return resolve_path(text) if centre == PUBLIC_MEAN_CENTRE else None
+
+
+def release_forecast(
+    plan: PrivacyPlan,
+    basis: Any,
+    flat_dim: int,
+    clip_norm: float,
+    centre: str,
+    public_embeddings: Any,
+) -> Forecast:
+    """The forecast line (``privacy.forecast``): K from the basis (else all D coordinates),
+    the agreement rho measured on Public Style's PUBLIC embeddings around this centre and in
+    this basis when linked, else the documented default. Public inputs only."""
+    k = int(basis.dim) if basis is not None else int(flat_dim)
+    if not isinstance(public_embeddings, PublicBasisBuild):
+        return forecast(plan, k)
+    public = public_embeddings.public
+    centre_vec = {
+        PUBLIC_MEAN_CENTRE: lambda: public_mean_centre(public).flat(),
+        "initializer": public.flat_centre,
+    }.get(centre, lambda: None)()
+    rho = public_embeddings.agreement(clip_norm, centre_vec, basis)
+    return forecast(plan, k, max(rho, 1e-6), rho_source="measured on Public Style's images")
 
 
 def _release_job(

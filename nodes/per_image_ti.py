@@ -5,8 +5,10 @@ of the request (``TrainingJob``; issue 19 item 2)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ from dpagg_core.io.images import (
     fit_images,
     load_images,
 )
+from dpagg_core.privacy.identity import image_ids_for
 from dpagg_core.training import ti
+from dpagg_core.training.public import cached_public_embeddings, train_public_embeddings
 
 from .common import (
     CATEGORY,
@@ -37,6 +41,7 @@ from .common import (
     refuse_unstable_loader,
     to_model_images,
 )
+from .load_public_images import PublicImages
 
 
 def _make_backend(model: Any, clip: Any, vae: Any):
@@ -89,6 +94,35 @@ def training_images(
     return loaded.pixels, loaded.dataset_id, list(loaded.warnings)
 
 
+def public_images(images: Any) -> PublicImages | None:
+    """The ``PUBLIC_IMAGES`` of an images input, or None (private or plain IMAGE data)."""
+    items = images if isinstance(images, (list, tuple)) else [images]
+    found = [x for x in items if isinstance(x, PublicImages)]
+    if not found:
+        return None
+    if len(found) != 1 or len(items) != 1:
+        raise DpaggError("images: connect ONE Load Public Images output, not a mix with others")
+    return found[0]
+
+
+def public_pixels(public: PublicImages, resolution: int) -> torch.Tensor:
+    """The public pictures at ``resolution`` (0: as loaded), fitted as the CLI fits pictures."""
+    if resolution and resolution != public.resolution:
+        return fit_images(((public.pixels + 1) / 2).clamp(0, 1), resolution)
+    return public.pixels
+
+
+def refuse_public(value: Any, where: str) -> None:
+    """A Per-Image TI job of PUBLIC images is never a private set: DP Aggregate and the Privacy
+    Accountant refuse it (a release is of private pictures, and n is theirs)."""
+    if isinstance(value, TrainingJob) and value.public is not None:
+        raise DpaggError(
+            f"{where}: this Per-Image TI trains PUBLIC images (Load Public Images); they feed "
+            "Public Style or Rehearse. Connect the Per-Image TI of Load Private Images here. "
+            "Nothing was spent."
+        )
+
+
 def _ti_config(kw: dict[str, Any]) -> ti.TIConfig:
     return ti.TIConfig(
         steps=int(_first(kw["steps"])),
@@ -125,7 +159,9 @@ class PerImageTI(io.ComfyNode):
                 io.Vae.Input("vae"),
                 _images_input(
                     "the private images: Load Private Images (recommended: its dataset id does "
-                    "not depend on file names), or an IMAGE batch / list"
+                    "not depend on file names), or an IMAGE batch / list; or Load Public "
+                    "Images, for Public Style or Rehearse (never DP Aggregate)",
+                    public=True,
                 ),
                 io.Int.Input("steps", default=300, min=1, max=100000, tooltip="steps per image"),
                 io.Float.Input(
@@ -185,7 +221,11 @@ class PerImageTI(io.ComfyNode):
         config = _ti_config(kwargs)
         ti.validate_config(config)
         resolution = int(_first(kwargs["resolution"]))
-        x, dataset_id, warns = training_images(cls.hidden, images, resolution)
+        public = public_images(images)
+        if public is not None:
+            x, dataset_id, warns = public_pixels(public, resolution), "", list(public.warnings)
+        else:
+            x, dataset_id, warns = training_images(cls.hidden, images, resolution)
         model, clip, vae = _first(model), _first(clip), _first(vae)
         with _make_backend(model, clip, vae) as backend:  # checks the models; changes nothing
             family, prediction = backend.model_family, backend.prediction_type
@@ -198,15 +238,27 @@ class PerImageTI(io.ComfyNode):
             config=config,
             dataset_id=dataset_id,
             node_id=getattr(cls.hidden, "unique_id", None),
+            public=public,
         )
-        lines = [
+        head = (
             f"{job.n} images to train one embedding each ({family}, {prediction}, "
-            f"{config.vectors} vector(s), {widths})",
-            "deferred: DP Aggregate trains them only if the ledger has no record of this exact "
-            "request (a recorded one is answered untrained, spending nothing)",
-            "private: kept in memory only; release them with DP Aggregate",
-            f"image set {dataset_id}",
-        ] + _warn_lines(warns)
+            f"{config.vectors} vector(s), {widths})"
+        )
+        if public is not None:
+            lines = [
+                head,
+                "PUBLIC images: deferred until Public Style or Rehearse needs them; never "
+                "released by DP Aggregate",
+            ]
+        else:
+            lines = [
+                head,
+                "deferred: DP Aggregate trains them only if the ledger has no record of this "
+                "exact request (a recorded one is answered untrained, spending nothing)",
+                "private: kept in memory only; release them with DP Aggregate",
+                f"image set {dataset_id}",
+            ]
+        lines += _warn_lines(warns)
         ui = _ui("Per-Image TI", lines, dataset=dataset_id, prediction=prediction)
         return io.NodeOutput(job, ui=ui)
 
@@ -236,8 +288,10 @@ class TrainingJob:
         config: ti.TIConfig,
         dataset_id: str,
         node_id: Any = None,
+        public: PublicImages | None = None,
     ) -> None:
         self._models = (model, clip, vae)
+        self.public = public  # PUBLIC pictures (Load Public Images): never a release's set
         self.pixels = pixels
         self.config = config
         self.dataset_id = dataset_id
@@ -276,6 +330,60 @@ class TrainingJob:
         with _make_backend(*self._models) as backend:
             yield _JobTrainer(self, backend, self.node_id if node_id is None else node_id)
 
+    def subset(self, rows: Sequence[int]) -> TrainingJob:
+        """A job of PUBLIC pictures ``rows`` only (a rehearsal's n of the folder), untrained."""
+        if self.public is None:
+            raise DpaggError("internal: only a job of PUBLIC images is subset")
+        rows = list(rows)
+        picked = PublicImages(
+            pixels=self.public.pixels[rows],
+            digests=[self.public.digests[i] for i in rows],
+            groups=tuple(self.public.groups[i] for i in rows),
+            styles=self.public.styles,
+            folder=self.public.folder,
+        )
+        sub = TrainingJob(
+            model=self._models[0],
+            clip=self._models[1],
+            vae=self._models[2],
+            pixels=self.pixels[rows],
+            config=self.config,
+            dataset_id=self.dataset_id,
+            node_id=self.node_id,
+            public=picked,
+        )
+        sub._model_key = self._model_key
+        return sub
+
+    def public_embeddings(self, cache_dir: Path, ledger: Any, node_id: Any = None):
+        """(PublicEmbeddings, from_cache) of this job's PUBLIC pictures, trained through the
+        same ``ti.train_vectors`` loop as a private set (``training.public.
+        train_public_embeddings``) and kept on disk keyed by the model, the TI settings, the
+        resolution and the pictures (``training.public.cached_public_embeddings``: the same
+        public centre and basis after a restart, so an identical release is not charged again)."""
+        if self.public is None:
+            raise DpaggError(
+                "Public Style / Rehearse take the Per-Image TI of Load Public Images, never of "
+                "private images (docs/privacy.md invariant 8)"
+            )
+        key = ledger.identity_key()
+        ids = image_ids_for(self.public.digests, key=key)
+        inputs = {
+            "kind": "dpagg-public-embeddings-cache/1",
+            "config": {k: str(v) for k, v in dataclasses.asdict(self.config).items()},
+            "resolution": self.resolution,
+            "model_weights": self.model_weights(),
+            "pictures": ids,
+        }
+
+        def train() -> Any:
+            with self.trainer(node_id) as trainer:
+                public = trainer.train_public(self)
+            public.source_ids = tuple(ids)
+            return public
+
+        return cached_public_embeddings(cache_dir, inputs, train, ledger=ledger)
+
     def materialize(self, node_id: Any = None) -> EmbeddingSet:
         """The trained per-image set (trains on the first call)."""
         if self._eset is None:
@@ -298,32 +406,48 @@ class _JobTrainer:
         self.resolution = job.resolution
         self.model_weights = job.model_weights()
 
-    def train(self, loaded: Any) -> EmbeddingSet:
-        job = self.job
-        if job._eset is not None:  # trained before (ComfyUI kept this job): no second training
-            return job._eset
-        chunks = math.ceil(job.n / self.config.batch_size)
+    @contextlib.contextmanager
+    def _bars(self) -> Iterator[tuple[Any, Any, Any]]:
+        """(progress, should_cancel, stage) of one training: ComfyUI's bar, the node's stage
+        text and a tqdm line in the server log."""
+        chunks = math.ceil(self.job.n / self.config.batch_size)
         progress, should_cancel = _progress(self.config.steps * chunks)
         stage = _stage_reporter(self.node_id, "Per-Image TI")
         progress, close_bar = _log_bar(
             self.config.steps * chunks, "Per-Image TI", progress, stage=stage
         )
-        with torch.inference_mode(False):
+        try:
+            yield progress, should_cancel, stage
+        finally:
+            close_bar()
+        stage("done")
+
+    def train(self, loaded: Any) -> EmbeddingSet:
+        job = self.job
+        if job._eset is not None:  # trained before (ComfyUI kept this job): no second training
+            return job._eset
+        with self._bars() as (progress, should_cancel, stage), torch.inference_mode(False):
             x = job.pixels.clone()  # a normal tensor (ComfyUI runs nodes in inference mode)
             stage(f"{x.shape[0]} images; recording the model's state (restored afterwards)")
-            try:
-                eset = ti.train_embeddings(
-                    self.backend,
-                    x,
-                    self.config,
-                    dataset_id=job.dataset_id,
-                    progress=progress,
-                    should_cancel=should_cancel,
-                    stage=stage,
-                )
-            finally:
-                close_bar()
-        stage("done")
+            eset = ti.train_embeddings(
+                self.backend,
+                x,
+                self.config,
+                dataset_id=job.dataset_id,
+                progress=progress,
+                should_cancel=should_cancel,
+                stage=stage,
+            )
         job._eset = eset
         job.trained_here += 1
         return eset
+
+    def train_public(self, job: TrainingJob) -> Any:
+        """PublicEmbeddings of a job of PUBLIC pictures (the same TI loop and settings)."""
+        with self._bars() as (progress, _should_cancel, stage), torch.inference_mode(False):
+            stage(f"{job.n} PUBLIC images; recording the model's state (restored afterwards)")
+            public = train_public_embeddings(
+                self.backend, job.pixels.clone(), self.config, progress=progress
+            )
+        job.trained_here += 1
+        return public

@@ -12,6 +12,7 @@ from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.privacy import accountant, calibration
 from dpagg_core.privacy.accountant import SAMPLINGS
+from dpagg_core.privacy.forecast import forecast
 
 from .budget_status import budget_block, budget_query
 from .common import (
@@ -24,7 +25,7 @@ from .common import (
     _ui,
     comfy_ledger,
 )
-from .per_image_ti import TrainingJob
+from .per_image_ti import TrainingJob, refuse_public
 
 
 def aggregate_budgets(hidden: Any) -> list[tuple[str, float | None, float | None]]:
@@ -160,6 +161,7 @@ class PrivacyAccountant(io.ComfyNode):
         releases,
         embedding_set=None,
     ) -> io.NodeOutput:
+        refuse_public(embedding_set, "embedding_set")
         linked = isinstance(embedding_set, (EmbeddingSet, TrainingJob))  # n, id: no training
         n_eff = embedding_set.n if linked else int(n)
         widgets = dict(mode=mode, epsilon=epsilon, noise_multiplier=noise_multiplier, n=n)
@@ -167,6 +169,8 @@ class PrivacyAccountant(io.ComfyNode):
         plan = calibration.plan_from_inputs(**plan_arguments(widgets, n_eff))
         summary = accountant.plan_summary(plan)
         lines = plan_lines(plan)
+        outlook = forecast(plan)  # the recipe's K and agreement: no basis or public images here
+        lines.append(f"{outlook.text()} (DP Aggregate: for its own basis and public images)")
         delta_warning = accountant.delta_warning(plan.delta, n_eff)
         if delta_warning:
             lines = [f"WARNING: {delta_warning}", *lines]
@@ -175,6 +179,7 @@ class PrivacyAccountant(io.ComfyNode):
             lines.insert(0, f"n = {n_eff}, from the connected image set")
         warning = delta_warning is not None
         figures: dict[str, Any] = {"delta_warning": delta_warning, "own_warning": warning}
+        figures["forecast"] = outlook.to_dict()
         figures["n_from_set"] = n_eff if linked else None  # js/dpagg.js shows it on `n`
         if linked and embedding_set.dataset_id:
             # the budget lines: what the next release can be and each DP Aggregate's own check

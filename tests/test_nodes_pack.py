@@ -57,6 +57,9 @@ def test_entrypoint_lists_the_nodes_with_types(pack):
         "DpaggPublicBasis",
         "DpaggAggregate",
         "DpaggPrivacyLedger",
+        "DpaggLoadPublicImages",
+        "DpaggPublicStyle",
+        "DpaggRehearse",
     }
     assert {s.category for s in schemas.values()} == {"dpagg/privacy"}
 
@@ -68,7 +71,8 @@ def test_entrypoint_lists_the_nodes_with_types(pack):
     assert types(loader.outputs) == ["PRIVATE_IMAGES"]
     ti_s = schemas["DpaggPerImageTI"]
     images = "IMAGE,PRIVATE_IMAGES"  # Load Private Images, or any IMAGE batch / list
-    assert types(ti_s.inputs[:4]) == ["MODEL", "CLIP", "VAE", images]
+    # Per-Image TI also trains Load Public Images' pictures (for Public Style and Rehearse)
+    assert types(ti_s.inputs[:4]) == ["MODEL", "CLIP", "VAE", images + ",PUBLIC_IMAGES"]
     assert types(ti_s.outputs) == ["EMBEDDING_SET"]
     assert ti_s.is_input_list  # accepts lists from ComfyUI's dataset loaders
     assert types(schemas["DpaggClipEmbeddings"].inputs[:2]) == ["CLIP_VISION", images]
@@ -81,8 +85,17 @@ def test_entrypoint_lists_the_nodes_with_types(pack):
     assert optional == {
         "basis": "PUBLIC_BASIS",
         "postprocess": "COMBO",
+        "public_embeddings": "PUBLIC_EMBEDDINGS",
         "public_embeddings_file": "STRING",
     }
+    assert types(schemas["DpaggLoadPublicImages"].outputs) == ["PUBLIC_IMAGES"]
+    style = schemas["DpaggPublicStyle"]
+    assert types(style.outputs) == ["PUBLIC_BASIS", "PUBLIC_EMBEDDINGS", "FLOAT"]
+    rehearse = schemas["DpaggRehearse"]
+    assert types(rehearse.inputs[:2]) == ["EMBEDDING_SET", "DP_PLAN"]
+    assert [o.is_output_list for o in rehearse.outputs] == [True, True]
+    pick = next(i for i in rehearse.inputs if i.id == "pick_seed")
+    assert pick.control_after_generate is False
     (centre,) = [i for i in agg.inputs if i.id == "centre"]
     assert centre.options == ["initializer", "origin", "public_mean"]
     assert types(schemas["DpaggPublicBasis"].outputs) == ["PUBLIC_BASIS"]
@@ -204,8 +217,20 @@ def test_ui_payload_numbers_are_public(pack, comfy_base):
         "budget_lines",  # the budget part of lines, refreshed by js/dpagg.js (item 3)
         "budget_query",  # dataset id, plan, caps: public, sent back to the status route
         "own_warning",  # red for this node's own reason (kept when budget lines refresh)
+        "forecast",  # SNR, verdict, K, rho, n, epsilon, needed n/epsilon: public (issue 21)
     }
     assert set(payload) == allowed
+    assert set(payload["forecast"]) == {
+        "snr",
+        "verdict",
+        "rho",
+        "rho_source",
+        "k",
+        "n",
+        "epsilon",
+        "needed_n",
+        "needed_epsilon",
+    }
     assert set(payload["budget_query"]) == {"dataset", "plan", "targets", "refusals"}
     assert payload["lines"][-len(payload["budget_lines"]) :] == payload["budget_lines"]
     flat = np.concatenate([eset.flat().ravel()])

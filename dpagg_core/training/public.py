@@ -4,15 +4,23 @@ choice of k and the clip norms (:func:`build_public_basis`, used by ``dpagg publ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dpagg_core.errors import DpaggError
-from dpagg_core.io.public_embeddings import PublicEmbeddings
+from dpagg_core.io.public_embeddings import (
+    PublicEmbeddings,
+    load_public_embeddings,
+    save_public_embeddings,
+)
+from dpagg_core.privacy.forecast import agreement
 from dpagg_core.training.ti import train_vectors
 
 
@@ -73,13 +81,26 @@ def public_style_folders(folder: Path) -> list[Path]:
 @dataclass(frozen=True, eq=False)
 class PublicBasisBuild:
     """A basis built from PUBLIC pictures: their embeddings (with the keyed ids of their source
-    pictures), the basis, the choice of k (``auto``), the style folders and the suggested C."""
+    pictures), the basis, the choice of k (``auto``), the style folders and the suggested C.
+    ``groups[i]``: the style (index into ``styles``) of public picture i; all 0 for one folder.
+    Public through and through, so its repr may show everything."""
 
     public: PublicEmbeddings
     basis: Any
     clip_norms: dict[str, float]
     choice: Any = None
     styles: tuple[str, ...] = ()
+    groups: tuple[int, ...] = ()
+
+    def agreement(self, clip_norm: float, centre: Any, basis: Any = None) -> float:
+        """The forecast's rho (``privacy.forecast.agreement``) measured on these PUBLIC
+        embeddings for a release with ``clip_norm`` around ``centre`` (flat, None: the origin)
+        in ``basis``'s coordinates (None: all D): per public style, the median over styles."""
+        flat = self.public.flat().astype(np.float64)
+        deltas = flat - (0.0 if centre is None else np.asarray(centre, np.float64))
+        coords = basis.project(deltas) if basis is not None else deltas
+        labels = np.asarray(self.groups or [0] * len(coords))
+        return agreement([coords[labels == g] for g in np.unique(labels)], clip_norm)
 
 
 def build_public_basis(
@@ -98,8 +119,6 @@ def build_public_basis(
     public=True)``: any picture ``ledger`` knows as private is refused by name), and the keyed
     ids of the source pictures go into the embeddings (so a file written from them is checked at
     release). Invariant 8: nothing here reads a private set."""
-    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
-    from dpagg_core.aggregate.basis_choice import auto_k_candidates, choose_k, subspace_clip_norms
     from dpagg_core.privacy.identity import image_ids_for
 
     styles = public_style_folders(folder) if k == "auto" else None
@@ -108,11 +127,37 @@ def build_public_basis(
     public = train_public_embeddings(trainer.backend, pixels, trainer.config, progress=progress)
     key = ledger.identity_key()
     public.source_ids = tuple(i for part in parts for i in image_ids_for(part.digests, key=key))
+    groups = [i for i, part in enumerate(parts) for _ in range(part.count)]
+    return style_from_public(public, k, groups, tuple(f.name for f in styles or ()))
+
+
+def style_from_public(
+    public: PublicEmbeddings,
+    k: int | str,
+    groups: Sequence[int] = (),
+    styles: Sequence[str] = (),
+) -> PublicBasisBuild:
+    """The basis, the choice of k and the clip norms from PUBLIC embeddings already trained
+    (:func:`build_public_basis`'s second half; ComfyUI's Public Style node trains them through
+    Per-Image TI): ``k='auto'`` (or 0) chooses k by leaving one style (``groups``: a style index
+    per picture, >= 3 styles) out (``aggregate.basis_choice.choose_k``). Public inputs only
+    (invariant 8): ``basis_from_public_embeddings`` refuses anything else."""
+    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+    from dpagg_core.aggregate.basis_choice import auto_k_candidates, choose_k, subspace_clip_norms
+
+    labels = tuple(int(g) for g in groups) or (0,) * public.n
+    if len(labels) != public.n:
+        raise DpaggError(f"groups: one style per public picture ({public.n}), got {len(labels)}")
     choice = None
-    if styles is not None:
-        groups = [i for i, part in enumerate(parts) for _ in range(part.count)]
+    if k in ("auto", 0):
+        if len(set(labels)) < 3:
+            raise DpaggError(
+                "k=auto (0) chooses k by holding out one PUBLIC style at a time and needs at "
+                f"least 3 styles (found {len(set(labels))}): put the public images in >= 3 "
+                "subfolders, one per style, or give k (e.g. 16)"
+            )
         width = min(int(t.shape[-1]) for t in public.vectors.values())
-        choice = choose_k(public, groups, auto_k_candidates(width))
+        choice = choose_k(public, list(labels), auto_k_candidates(width))
         k = choice.k
     basis = basis_from_public_embeddings(public, int(k))
     return PublicBasisBuild(
@@ -120,5 +165,30 @@ def build_public_basis(
         basis=basis,
         clip_norms=subspace_clip_norms(public, basis),
         choice=choice,
-        styles=tuple(f.name for f in styles or ()),
+        styles=tuple(styles),
+        groups=labels,
     )
+
+
+def cached_public_embeddings(
+    cache_dir: Path,
+    inputs: Mapping[str, Any],
+    train: Callable[[], PublicEmbeddings],
+    *,
+    ledger: Any,
+) -> tuple[PublicEmbeddings, bool]:
+    """(embeddings, from_cache): PUBLIC per-image embeddings kept on disk, keyed by what they
+    were trained from (``inputs``: JSON values naming the model's weights, the TI settings and
+    the keyed ids of the public pictures). Why: a release is keyed by its public centre and
+    basis (``request_keys.inputs_request``), so public embeddings trained again after a restart
+    (not bit-identical on a GPU) would make an identical release look new and spend again.
+    The file is written with the ledger's key and read back only when authentic under it and
+    none of its pictures has since been recorded as private
+    (``io.public_embeddings.load_public_embeddings``)."""
+    digest = hashlib.sha256(json.dumps(dict(inputs), sort_keys=True).encode()).hexdigest()
+    path = Path(cache_dir) / f"public-{digest[:32]}.safetensors"
+    if path.is_file():
+        return load_public_embeddings(path, ledger=ledger), True
+    public = train()
+    save_public_embeddings(public, path, key=ledger.identity_key())
+    return public, False
