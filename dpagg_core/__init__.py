@@ -32,7 +32,10 @@ first use, so ``import dpagg_core`` stays light and imports neither torch nor nu
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -49,10 +52,6 @@ def _add_pack_deps() -> None:
     never shadows an installed package. Covers the ComfyUI nodes, the WebUI tab and
     ``python -m dpagg_core.cli`` run from the pack folder.
     """
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     deps = str(Path(__file__).resolve().parent.parent / "_deps")
     if deps in sys.path or not Path(deps).is_dir():
         return
@@ -146,8 +145,6 @@ def train(
     ``prediction_type``: override the model's detection (``'sd1'``, ``'sd2'``, ``'sdxl'``;
     ``'epsilon'``, ``'v_prediction'``). A progress bar goes to stderr. For several trainings on
     one model, use :class:`Trainer` (it loads the model once)."""
-    from pathlib import Path
-
     from dpagg_core.training.ti import TIConfig
     from dpagg_core.training.train_run import Trainer
 

@@ -33,6 +33,7 @@ from dpagg_core.aggregate.release import NotRecorded, ReleaseOutcome, release_em
 from dpagg_core.paths import resolve_path
 from dpagg_core.privacy.accountant import PrivacyPlan
 from dpagg_core.privacy.ledger import Ledger
+from dpagg_core.training import ti  # ti.train_embeddings read at call time: tests replace it
 
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".sft"})
 _digests: dict[tuple[Any, ...], str] = {}
@@ -122,9 +123,7 @@ class LoadedModelTrainer:
         )
 
     def train(self, loaded: Any) -> Any:
-        from dpagg_core.training.ti import train_embeddings
-
-        return train_embeddings(
+        return ti.train_embeddings(
             self.backend,
             loaded.pixels,
             self.config,
@@ -154,10 +153,8 @@ def train_and_release(
         return (
             None if eset is None else release_embeddings(eset, plan=plan, ledger=ledger, **options)
         )
-    from dpagg_core.training.ti import untrained_set
-
     inputs = run_inputs(trainer)
-    shape = untrained_set(
+    shape = ti.untrained_set(
         trainer.backend, loaded.count, trainer.config, dataset_id=loaded.dataset_id
     )
     try:  # an identical request: its recorded release, nothing trained or spent

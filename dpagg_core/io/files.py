@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.names import name_ok, next_free_name
 from dpagg_core.paths import resolve_path
@@ -85,8 +87,6 @@ def write_new_file(path: Path, data: bytes, *, public: bool = False) -> None:
 
 def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(tensors, header metadata) of a safetensors file; DpaggError if it cannot be read."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

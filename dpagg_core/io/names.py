@@ -15,6 +15,8 @@ import unicodedata
 import zipfile
 from pathlib import Path
 
+from safetensors import safe_open
+
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import PRIVATE_MARKER
 
@@ -138,8 +140,6 @@ def looks_like_prompt_folder(folder: Path) -> str | None:
 
 
 def _safetensors_is_embedding(path: Path) -> bool:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

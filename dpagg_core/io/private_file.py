@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dpagg_core import __version__
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import PRIVATE_MARKER, EmbeddingSet, _family_keys
 from dpagg_core.io.files import read_safetensors, write_new_file
@@ -93,8 +94,6 @@ def save_private(eset: EmbeddingSet, path: str | os.PathLike[str], *, key: bytes
     tensors = {f"per_image.{k}": eset.vectors[k] for k in eset.keys}
     if eset.centre is not None:
         tensors.update({f"public_centre.{k}": eset.centre[k] for k in eset.keys})
-    from dpagg_core import __version__
-
     meta = {
         PRIVATE_MARKER: "true",
         "format": PRIVATE_FORMAT,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import (
@@ -211,8 +212,6 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     For a private set only shapes and public metadata are shown, never values.
     """
-    from safetensors import safe_open
-
     path = Path(path).expanduser()
     if path.suffix.lower() == ".safetensors" and path.is_file():
         try:

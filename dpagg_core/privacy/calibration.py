@@ -41,6 +41,7 @@ from dpagg_core.privacy.bounds import (
     RDP_ORDERS,
     analytic_gaussian_epsilon,
     bbg_wor_epsilon,
+    epsilon_for,
     epsilon_of_setting,
     gaussian_event,
     pld_gaussian_epsilon,
@@ -335,8 +336,6 @@ def plan_from_inputs(
     one of the two. ``m`` is read only for ``sampling='wor'`` and ``q`` only for ``'poisson'``
     (a widget may hold a stale value for the other mode), and each mode's own parameter is
     required. One function, so every front end turns the same inputs into the same plan."""
-    from dpagg_core.privacy.bounds import epsilon_for
-
     _check_choice(epsilon, noise_multiplier, sampling, m, q)
     common = {
         "delta": delta,

@@ -80,6 +80,7 @@ from dpagg_core.privacy.accounts import (
     set_account,
     worst,
 )
+from dpagg_core.privacy.calibration import calibrate
 from dpagg_core.privacy.composition import (
     CHARGE_MODES,
     Spend,
@@ -468,8 +469,6 @@ class Ledger:
         budget_delta: float | None,
         upper: float,
     ) -> float | None:
-        from dpagg_core.privacy.calibration import calibrate
-
         def recalibrate(eps: float) -> PrivacyPlan:
             return calibrate(eps, plan.delta, plan.n, plan.sampling, m=plan.m, q=plan.q,
                              releases=plan.releases, neighbouring=plan.neighbouring)  # fmt: skip

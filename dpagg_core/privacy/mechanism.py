@@ -50,6 +50,7 @@ samples show; an exact guarantee would need a discrete mechanism.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import secrets
@@ -431,8 +432,6 @@ def centre_hash(center: Any) -> str:
     as float64 little-endian. Named in the record of a release around a ``public_mean`` centre
     so an auditor can check which centre was used (the centre is public; docs/privacy.md
     invariant 2)."""
-    import hashlib
-
     arr = np.ascontiguousarray(np.asarray(center, dtype="<f8").reshape(-1))
     h = hashlib.sha256()
     h.update(np.asarray([arr.size], dtype="<i8").tobytes())

@@ -33,6 +33,21 @@ from typing import Any
 
 import torch
 
+from dpagg_core.budget_report import describe_text, release_text
+from dpagg_core.budget_report import print_payload as emit
+from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
+from dpagg_core.io.released_file import describe
+from dpagg_core.showcase.minimodel import (
+    DEMO_STYLE,
+    SHAPES,
+    TI_INITIALIZER,
+    TI_VECTORS,
+    load_minimodel,
+)
+from dpagg_core.training.models import load_pipeline
+from dpagg_core.training.ti import TIConfig
+
 DEMO_COUNT = 128
 DEMO_EPSILON = 2.0
 DEMO_BASIS_K = 16  # directions per vector: bench/choose_public_defaults.py (training styles only)
@@ -60,9 +75,6 @@ def _samples_dir(out: Path) -> Path:
 
 def demo_config(batch_size: int = DEMO_COUNT) -> Any:
     """The demo's TI settings (also those of its shipped public embeddings)."""
-    from dpagg_core.showcase.minimodel import TI_INITIALIZER, TI_VECTORS
-    from dpagg_core.training.ti import TIConfig
-
     return TIConfig(
         steps=DEMO_STEPS,
         learning_rate=DEMO_LEARNING_RATE,
@@ -111,9 +123,6 @@ def with_without_sheet(model: Path, embedding: Path, private: Path, out_png: Pat
     The released file is loaded by diffusers' own ``load_textual_inversion``, as a user would."""
     from PIL import Image
 
-    from dpagg_core.showcase.minimodel import SHAPES
-    from dpagg_core.training.models import load_pipeline
-
     pipe = load_pipeline(model).pipe
     pipe.set_progress_bar_config(disable=True)
     pipe.load_textual_inversion(str(embedding), token=TOKEN)
@@ -141,7 +150,6 @@ def with_without_sheet(model: Path, embedding: Path, private: Path, out_png: Pat
 
 
 def _synthetic_set(key: bytes):
-    from dpagg_core.io.embeddings import EmbeddingSet
     from dpagg_core.io.images import dataset_id_for
 
     gen = torch.Generator().manual_seed(0)
@@ -207,10 +215,6 @@ def run_demo(
 ) -> int:
     """The demo (module docstring) in ``out_dir`` (default: a new temporary folder); 0 when the
     over-budget second release was refused as it must be."""
-    from dpagg_core.budget_report import describe_text, release_text
-    from dpagg_core.budget_report import print_payload as emit
-    from dpagg_core.errors import DpaggError
-    from dpagg_core.io.released_file import describe
     from dpagg_core.privacy.ledger import Ledger
 
     out = Path(out_dir or tempfile.mkdtemp(prefix="dpagg-demo-")).expanduser()
@@ -230,7 +234,6 @@ def run_demo(
         source: Any = load_private(private, key=key)
         eps, clip_norm, public = 1.0, 1.0, None
     else:
-        from dpagg_core.showcase.minimodel import DEMO_STYLE, load_minimodel
         from dpagg_core.training.train_run import Trainer
 
         _banner(

@@ -32,12 +32,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from dpagg_core.training.tokenizer import CLIP_VOCAB_SIZE
+from dpagg_core.paths import data_dir
+from dpagg_core.training.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
 MODEL_FILE = Path(__file__).resolve().parent.parent / "data" / "minimodel.safetensors"
 MODEL_DIR_ENV = "DPAGG_MINIMODEL_DIR"  # optional override: a folder holding minimodel.safetensors
@@ -91,8 +95,6 @@ def small_clip_text_config(hidden_size: int, **overrides: Any) -> dict[str, Any]
 def make_pipeline(text_encoder: Any, unet: Any, vae: Any):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from dpagg_core.training.tokenizer import clip_tokenizer
-
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -140,7 +142,6 @@ def save_single_file(pipe: Any, path: str | Path, extra: dict[str, str] | None =
 def pipeline_from_single_file(path: str | Path):
     """Rebuild the float32 pipeline from ``save_single_file``'s output."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors import safe_open
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with safe_open(str(path), framework="pt") as fh:
@@ -174,9 +175,6 @@ def pipeline_from_single_file(path: str | Path):
 
 def folder_from_single_file(path: str | Path, folder: str | Path) -> Path:
     """Write the diffusers folder for a single-file mini model (atomically: temp dir + rename)."""
-    import shutil
-    import tempfile
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     pipe = pipeline_from_single_file(path)
@@ -216,8 +214,6 @@ def load_minimodel(cache_dir: str | Path | None = None) -> Path:
     given. Loadable with ``dpagg_core.training.models.load_pipeline(path)``."""
     src = model_file()
     if cache_dir is None:
-        from dpagg_core.paths import data_dir
-
         cache_dir = data_dir() / "minimodel"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
     folder = Path(cache_dir) / f"minimodel-{digest}"

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from dpagg_core.io.released_file import read_released
+
 PROMPTS = ("a lighthouse, in the style of {}", "a cat, in the style of {}")
 
 
@@ -88,8 +90,6 @@ def grid_of_embeddings(
 
 
 def _load(pipe: Any, path: Path, token: str) -> None:
-    from dpagg_core.io.released_file import read_released
-
     tensors, _ = read_released(path)
     if set(tensors) == {"clip_l", "clip_g"}:
         pipe.load_textual_inversion(

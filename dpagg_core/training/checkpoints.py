@@ -32,14 +32,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors import safe_open
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.training.tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +82,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "download?) or not a safetensors file; download it again."
             ) from e
     elif suffix in (".ckpt", ".pt", ".pth"):
-        import pickle
-        import zipfile
-
         try:
             sd = torch.load(
                 str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
@@ -160,8 +162,6 @@ def _sidecar_parameterization(path: Path) -> tuple[str, Path] | None:
         if not yaml_path.is_file():
             continue
         try:
-            import yaml
-
             cfg = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
         except Exception as e:
             raise DpaggError(
@@ -360,8 +360,6 @@ def load_components_from_ldm(
 
     from transformers import CLIPTokenizer
 
-    from dpagg_core.training.tokenizer import clip_tokenizer
-
     for sub in ("tokenizer", "tokenizer_2"):
         if sub not in index:
             continue
@@ -389,8 +387,6 @@ def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
     p = Path(path)
     if p.suffix.lower() not in (".safetensors", ".sft") or not p.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             return detect_family(_LazyTensors(f), name=str(p))

@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.training.ti import (
     Cancelled,
     TIBackend,
@@ -35,17 +36,12 @@ from dpagg_core.training.ti import (
     validate_config,
 )
 
-if TYPE_CHECKING:
-    from dpagg_core.io.embeddings import EmbeddingSet
-
 log = logging.getLogger(__name__)
 
 
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of this process: from the process group when one is initialised,
     else from torchrun's ``RANK`` / ``WORLD_SIZE`` (``(0, 1)`` outside torchrun)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,8 +64,6 @@ def init_process_group(*, init_method: str | None = None) -> bool:
     """Initialise ``torch.distributed`` from torchrun's environment if not done yet: nccl when
     CUDA is available (one GPU per local rank), gloo otherwise. Returns True if it initialised
     the group here (the caller then destroys it)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return False
     rank, size = world()
@@ -88,8 +82,6 @@ def init_process_group(*, init_method: str | None = None) -> bool:
 
 
 def _local_device() -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -117,8 +109,6 @@ def train_distributed(
     or is cancelled never leaves the others hanging; rank 0 then raises (``Cancelled`` if any
     rank was cancelled, else ``DpaggError`` naming the rank) and returns nothing partial.
     """
-    import torch.distributed as dist
-
     # Same inputs on every rank, so a bad input fails identically everywhere (no rank waits).
     check_images(images)
     validate_config(config)
@@ -162,10 +152,6 @@ def _train_sharded(
     progress: Callable[[int, int], None] | None,
     should_cancel: Callable[[], bool] | None,
 ) -> EmbeddingSet | None:
-    import torch.distributed as dist
-
-    from dpagg_core.io.embeddings import EmbeddingSet
-
     rank, size = dist.get_rank(), dist.get_world_size()
     device = _local_device()
     n = int(images.shape[0])

@@ -75,6 +75,7 @@ from dpagg_core.training.ti import (
     Cancelled,
     LatentDist,
     TIBackend,
+    TIConfig,
     _draw,
     check_images,
     initializer_rows,
@@ -293,8 +294,6 @@ def _setup(
 ) -> _State:
     """Shared vectors at the initializer, the optimizer, and the latents (encoded once). With a
     ``basis`` the optimizer acts on the K coordinates ``a`` (theta = centre + U a)."""
-    from dpagg_core.training.ti import TIConfig
-
     templates = resolve_templates(config.templates)
     if config.resolution is not None:
         images = resize_center_crop(images, config.resolution)

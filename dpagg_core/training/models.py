@@ -53,6 +53,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants as hub_constants  # a dependency of transformers/diffusers
 import torch
 
 from dpagg_core import options
@@ -64,6 +65,7 @@ from dpagg_core.training.checkpoints import (  # the detect_* and read_checkpoin
     load_components_from_ldm,
     read_checkpoint,
 )
+from dpagg_core.training.tokenizer import _vocab_and_merges
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,6 @@ def _shipped(name: str) -> Any:
 
 def _write_tokenizer_files(folder: Path) -> None:
     """vocab.json + merges.txt of the CLIP BPE (same 49408 tokens as every SD text encoder)."""
-    from dpagg_core.training.tokenizer import _vocab_and_merges
-
     vocab, merges = _vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
@@ -167,8 +167,6 @@ def offline() -> Iterator[None]:
     """
     names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
     saved = {n: os.environ.get(n) for n in names}
-    import huggingface_hub.constants as hub_constants  # a dependency of transformers/diffusers
-
     saved_flag = hub_constants.HF_HUB_OFFLINE
     try:
         for n in names:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
+from dpagg_core.aggregate.basis_choice import auto_k_candidates, choose_k, subspace_clip_norms
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.public_embeddings import (
     PublicEmbeddings,
@@ -21,6 +23,7 @@ from dpagg_core.io.public_embeddings import (
     save_public_embeddings,
 )
 from dpagg_core.privacy.forecast import agreement
+from dpagg_core.privacy.identity import image_ids_for
 from dpagg_core.training.ti import train_vectors
 
 
@@ -119,8 +122,6 @@ def build_public_basis(
     public=True)``: any picture ``ledger`` knows as private is refused by name), and the keyed
     ids of the source pictures go into the embeddings (so a file written from them is checked at
     release). Invariant 8: nothing here reads a private set."""
-    from dpagg_core.privacy.identity import image_ids_for
-
     styles = public_style_folders(folder) if k == "auto" else None
     parts = [trainer.images(f, public=True) for f in (styles or [folder])]
     pixels = torch.cat([part.pixels for part in parts])
@@ -142,9 +143,6 @@ def style_from_public(
     Per-Image TI): ``k='auto'`` (or 0) chooses k by leaving one style (``groups``: a style index
     per picture, >= 3 styles) out (``aggregate.basis_choice.choose_k``). Public inputs only
     (invariant 8): ``basis_from_public_embeddings`` refuses anything else."""
-    from dpagg_core.aggregate.basis_builders import basis_from_public_embeddings
-    from dpagg_core.aggregate.basis_choice import auto_k_candidates, choose_k, subspace_clip_norms
-
     labels = tuple(int(g) for g in groups) or (0,) * public.n
     if len(labels) != public.n:
         raise DpaggError(f"groups: one style per public picture ({public.n}), got {len(labels)}")

@@ -34,11 +34,11 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.training.ti_config import (  # noqa: F401 - re-exported: the names of per-image TI
     MAX_VECTORS,
     OBJECT_TEMPLATES,
@@ -54,9 +54,6 @@ from dpagg_core.training.ti_config import (  # noqa: F401 - re-exported: the nam
     resolve_templates,
     validate_config,
 )
-
-if TYPE_CHECKING:
-    from dpagg_core.io.embeddings import EmbeddingSet
 
 log = logging.getLogger(__name__)
 
@@ -449,8 +446,6 @@ def train_embeddings(
     encoding) before it starts. ``dataset_id`` is stored as given; ``base_model_id`` defaults to
     the backend's.
     """
-    from dpagg_core.io.embeddings import EmbeddingSet
-
     vectors, centre = train_vectors(
         backend,
         images,
@@ -484,8 +479,6 @@ def untrained_set(
     is trained. Used to answer an identical request from the ledger's record without training
     (``aggregate.release.release_embeddings(recorded_only=True)``); its vectors never reach the
     mechanism."""
-    from dpagg_core.io.embeddings import EmbeddingSet
-
     centre = public_centre(backend, config)
     return EmbeddingSet(
         vectors={k: c.unsqueeze(0).expand(int(n), -1, -1).contiguous() for k, c in centre.items()},

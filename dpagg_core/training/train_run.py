@@ -17,9 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dpagg_core.aggregate.basis_builders import load_basis
 from dpagg_core.privacy.basis import check_basis
-from dpagg_core.training.distributed import world
+from dpagg_core.training import ti  # ti.train_embeddings read at call time: tests replace it
+from dpagg_core.training.diffusers_backend import DiffusersBackend
+from dpagg_core.training.distributed import train_distributed, world
+from dpagg_core.training.models import load_pipeline
 from dpagg_core.training.ti import TIConfig
 
 
@@ -44,8 +49,6 @@ def progress_bar(desc: str) -> tuple[Callable[[int, int], None], Callable[[], No
 
 def pick_device(device: str | None = None) -> str:
     """``device`` if given, else the best: CUDA (under torchrun the local rank's GPU) or CPU."""
-    import torch
-
     if device:
         return device
     if not torch.cuda.is_available():
@@ -83,9 +86,6 @@ class Trainer:
         self.backend = None
         self.config = config
         if method == "ti":
-            from dpagg_core.training.diffusers_backend import DiffusersBackend
-            from dpagg_core.training.models import load_pipeline
-
             self.model = load_pipeline(
                 model, family=family, prediction_type=prediction_type, device=pick_device(device)
             )
@@ -125,10 +125,7 @@ class Trainer:
             from dpagg_core.training.clip_image import clip_image_embeddings
 
             return clip_image_embeddings(self.model_path, loaded, device=pick_device(self.device))
-        from dpagg_core.training.distributed import train_distributed
-        from dpagg_core.training.ti import train_embeddings
-
-        train = train_distributed if world()[1] > 1 else train_embeddings  # torchrun: sharded
+        train = train_distributed if world()[1] > 1 else ti.train_embeddings  # torchrun: sharded
         update, close = progress_bar(f"per-image TI ({loaded.count} images)")
         try:
             return train(
