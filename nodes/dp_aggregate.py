@@ -136,7 +136,7 @@ class DPAggregate(io.ComfyNode):
                     "takes. Their mean is the centre; a private file is refused",
                 ),
             ],
-            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.String.Output(display_name="prompt", tooltip="embedding:<name>"),
                 io.ClipVisionOutput.Output(
@@ -152,13 +152,14 @@ class DPAggregate(io.ComfyNode):
         except DpaggError as exc:
             return f"name: {exc}"
         try:  # a linked clip_norm (Public Style's C) is not here yet: execute checks it
-            if "clip_norm" in kwargs:
+            if kwargs.get("clip_norm") is not None:
                 check_clip_norm(float(kwargs["clip_norm"]))
         except (DpaggError, TypeError, ValueError) as exc:
             return f"{exc} Choose C from public data, never from these images."
         centre, text = kwargs.get("centre"), str(kwargs.get("public_embeddings_file", "") or "")
-        # a linked Public Style is not in kwargs; the queued prompt shows the link
-        if not (centre == PUBLIC_MEAN_CENTRE and linked_input(cls, "public_embeddings")):
+        # a linked input arrives here as None (its value exists only at execution); an
+        # unlinked optional one is absent
+        if not (centre == PUBLIC_MEAN_CENTRE and "public_embeddings" in kwargs):
             problem = check_public_centre_inputs(centre, text)
             if problem:
                 return problem
@@ -294,17 +295,6 @@ class DPAggregate(io.ComfyNode):
             **figures,
         )
         return io.NodeOutput(text, vision, ui=ui)
-
-
-def linked_input(node: Any, name: str) -> bool:
-    """Whether input ``name`` of this node is linked in the queued prompt (``hidden.prompt``:
-    validate_inputs receives no value for a linked input). False when the prompt is unknown."""
-    hidden = getattr(node, "hidden", None)
-    prompt = getattr(hidden, "prompt", None) or {}
-    me = str(getattr(hidden, "unique_id", None))
-    entry = prompt.get(me) if isinstance(prompt, dict) else None
-    inputs = entry.get("inputs", {}) if isinstance(entry, dict) else {}
-    return isinstance(inputs.get(name), list)
 
 
 def public_centre_input(centre: Any, public_embeddings: Any, public_embeddings_file: Any) -> Any:

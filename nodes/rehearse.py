@@ -139,7 +139,7 @@ class Rehearse(io.ComfyNode):
     def validate_inputs(cls, **kwargs: Any) -> bool | str:
         try:
             sanitize_name(str(kwargs.get("name", "rehearsal")))
-            if "clip_norm" in kwargs:  # a linked C arrives in execute
+            if kwargs.get("clip_norm") is not None:  # a linked C arrives in execute
                 check_clip_norm(float(kwargs["clip_norm"]))
         except (DpaggError, TypeError, ValueError) as exc:
             return str(exc)

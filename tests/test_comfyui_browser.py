@@ -25,7 +25,16 @@ import time
 from pathlib import Path
 
 import pytest
-from test_comfyui_integration import CKPT, COMFY, REPO, child_env, launch_comfy, write_images
+from test_comfyui_integration import (
+    CKPT,
+    COMFY,
+    PUBLIC_STYLES,
+    REPO,
+    child_env,
+    launch_comfy,
+    write_images,
+    write_public_styles,
+)
 
 CHROMIUM = os.environ.get("DPAGG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -58,6 +67,7 @@ def comfy_page_server(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "dpagg").symlink_to(REPO)
     write_images(base / "input" / FOLDER, 3, seed=21)
+    write_public_styles(base / "input" / PUBLIC_STYLES)
     yield from launch_comfy(base, child_env(base / "dpagg_data"))
 
 
@@ -125,6 +135,7 @@ def drive(page, url: str, shots: Path, timings: dict[str, float]) -> None:
         {
             "CheckpointLoaderSimple": {"ckpt_name": "sd15_test.safetensors"},
             "DpaggLoadPrivateImages": {"folder": FOLDER, "resolution": 64},
+            "DpaggLoadPublicImages": {"folder": PUBLIC_STYLES, "resolution": 64},
             "DpaggPerImageTI": {"steps": 2, "resolution": 64, "batch_size": 3},
             "DpaggPrivacyAccountant": {"epsilon": 2.5, "delta": 1e-5},
             "DpaggAggregate": {"name": "browserstyle", "budget_epsilon": 6.0},
@@ -162,6 +173,12 @@ def drive(page, url: str, shots: Path, timings: dict[str, float]) -> None:
     assert "the next release can be at most epsilon" in acc and "(pld)" not in acc  # item 4
     assert " left (" not in acc
     assert not nodes["DpaggAggregate"]["status"]["warning"]  # the plan still fits: not red
+    # issue 21: the recipe built in the graph, and a forecast beside the plan
+    style = "\n".join(nodes["DpaggPublicStyle"]["status"]["lines"])
+    assert "chosen on 3 PUBLIC styles" in style and "clip_norm C = " in style
+    agg = "\n".join(nodes["DpaggAggregate"]["status"]["lines"])
+    assert "forecast: signal-to-noise" in agg and "measured on Public Style's images" in agg
+    assert "forecast: signal-to-noise" in acc
 
     # --- second run, another name, above what the page says fits: refused ------------------
     # (not "2.5 + eps > 6": an epsilon-5 release fits here, composition is sub-additive)

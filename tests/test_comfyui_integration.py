@@ -55,7 +55,11 @@ OUR_NODES = (
     "DpaggAggregate",
     "DpaggPrivacyLedger",
     "DpaggPublicBasis",
+    "DpaggLoadPublicImages",
+    "DpaggPublicStyle",
+    "DpaggRehearse",
 )
+PUBLIC_STYLES = "public_style_images"  # the main template's public folder (one subfolder per style)
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -77,6 +81,16 @@ def child_env(data_dir: Path) -> dict[str, str]:
     env["DPAGG_DATA_DIR"] = str(data_dir)  # install salt; the ledger stays ComfyUI's user dir
     env.pop("PYTHONPATH", None)
     return env
+
+
+def write_public_styles(folder: Path, styles: int = 3, per_style: int = 3) -> None:
+    """PUBLIC pictures in one subfolder per style (Public Style's k=auto holds one out)."""
+    for s in range(styles):
+        write_images(folder / f"style{s}", per_style, seed=100 + s)
+
+
+def all_of_class(api: dict, cls: str) -> list[dict]:
+    return [n["inputs"] for n in api.values() if n["class_type"] == cls]
 
 
 def write_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> None:
@@ -119,6 +133,8 @@ def comfy(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "dpagg").symlink_to(REPO)
     write_images(base / "input" / "dpagg_it_images", 2)
+    write_public_styles(base / "input" / PUBLIC_STYLES)
+    write_images(base / "input" / "dpagg_it_rehearsal", 4, seed=30)
     write_images(base / "input" / "dpagg_it_clip_images", 3, size=48)
     write_images(base / "input" / "dpagg_it_basis", 2, seed=7)
     write_images(base / "input" / "dpagg_it_rerun", 2, seed=8)
@@ -264,12 +280,15 @@ def small_style_api(
     folder: str = "dpagg_it_images",
     ckpt: str = "sd15_test.safetensors",
 ) -> dict:
-    """The example workflow, made small: SD1 test checkpoint, 2 images, 64 px, 2 steps."""
+    """The example workflow (the small-set recipe: Public Style from 3 x 3 PUBLIC pictures),
+    made small: SD1 test checkpoint, 2 private images, 64 px, 2 steps."""
     wf = json.loads((REPO / "example_workflows" / "private_style_embedding.json").read_text())
     api = ui_to_api(wf, get(comfy, "/object_info"))
     by_class(api, "CheckpointLoaderSimple")["ckpt_name"] = ckpt
     by_class(api, "DpaggLoadPrivateImages").update(folder=folder, resolution=64)
-    by_class(api, "DpaggPerImageTI").update(steps=2, resolution=64, batch_size=2, training_seed=3)
+    by_class(api, "DpaggLoadPublicImages").update(folder=PUBLIC_STYLES, resolution=64)
+    for ti in all_of_class(api, "DpaggPerImageTI"):  # the private and the public one
+        ti.update(steps=2, resolution=64, batch_size=2, training_seed=3)
     by_class(api, "DpaggPrivacyAccountant").update(epsilon=2.0, delta=1e-3)
     by_class(api, "DpaggAggregate").update(name=name, budget_epsilon=budget, budget_delta=0.0)
     by_class(api, "EmptyLatentImage").update(width=64, height=64)
@@ -313,7 +332,7 @@ def test_pack_loads_and_object_info_lists_the_nodes(comfy):
         "MODEL",
         "CLIP",
         "VAE",
-        "IMAGE,PRIVATE_IMAGES",
+        "IMAGE,PRIVATE_IMAGES,PUBLIC_IMAGES",
     ]
     assert info["DpaggClipEmbeddings"]["input"]["required"]["clip_vision"][0] == "CLIP_VISION"
     assert info["DpaggLoadPrivateImages"]["output"] == ["PRIVATE_IMAGES"]
@@ -328,7 +347,11 @@ def test_pack_loads_and_object_info_lists_the_nodes(comfy):
     # the frontend extension and the example workflows are served
     assert any("dpagg" in e and e.endswith("dpagg.js") for e in get(comfy, "/extensions"))
     templates = get(comfy, "/workflow_templates")
-    assert sorted(templates["dpagg"]) == ["private_clip_style", "private_style_embedding"]
+    assert sorted(templates["dpagg"]) == [
+        "private_clip_style",
+        "private_style_embedding",
+        "rehearse_on_public_images",
+    ]
     for name in templates["dpagg"]:  # the thumbnail the template browser asks for
         thumb = urllib.request.urlopen(f"{comfy['url']}/api/workflow_templates/dpagg/{name}.jpg")
         assert thumb.headers["Content-Type"] == "image/jpeg" and thumb.read(3) == b"\xff\xd8\xff"
@@ -614,7 +637,9 @@ def test_cli_public_files_fit_dp_aggregate_in_comfyui(comfy, tmp_path):
         "class_type": "DpaggPublicBasis",
         "inputs": {"source": "file", "k": 1, "vectors": 1, "basis_file": str(basis)},
     }
-    by_class(api, "DpaggAggregate").update(
+    agg = by_class(api, "DpaggAggregate")
+    agg.pop("public_embeddings")  # the CLI's file instead of the template's Public Style
+    agg.update(
         centre="public_mean", public_embeddings_file=str(emb), basis=["910", 0], clip_norm=0.5
     )
     out = queue(comfy, api)
@@ -624,6 +649,56 @@ def test_cli_public_files_fit_dp_aggregate_in_comfyui(comfy, tmp_path):
     assert meta["base_model_id"] == cli_id
     assert meta["centre"] == "public_mean" and meta["basis_kind"] == "public_embeddings"
     print(f"\nCLI public-basis: {cli_s:.0f} s; ComfyUI release with its files: {out['seconds']} s")
+
+
+def test_main_template_releases_with_public_style_and_rehearsal_spends_nothing(comfy):
+    """Issue 21 items 1 and 3 in the real ComfyUI. The main template's small-set recipe: Public
+    Style (3 PUBLIC styles, k chosen by leaving one out) gives DP Aggregate its basis, the
+    public-mean centre and C through links; the release records them and shows the forecast
+    with rho from the public styles. The rehearsal template: Rehearse's list output renders
+    one picture per grid cell through one KSampler -> Preview Image (2 + 3 epsilons x 2
+    draws = 8), its files load as embeddings (no warning), the ledger is untouched."""
+    api = small_style_api(comfy, "itrecipe", budget=10.0, folder="dpagg_it_basis")
+    style, agg = node_of(api, "DpaggPublicStyle"), node_of(api, "DpaggAggregate")
+    res = queue(comfy, api)
+    assert res["status"] == "success", res["errors"]
+    shown = res["outputs"][style]["dpagg"][0]
+    assert any("chosen on 3 PUBLIC styles" in line for line in shown["lines"]), shown
+    ui = res["outputs"][agg]["dpagg"][0]
+    assert ui["forecast"]["rho_source"] == "measured on Public Style's images"
+    assert ui["forecast"]["k"] == shown["K"]
+    from safetensors import safe_open
+
+    with safe_open(comfy["base"] / "models" / "embeddings" / "itrecipe.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["centre"] == "public_mean" and meta["basis_kind"] == "public_embeddings"
+    assert float(meta["clip_norm"]) == pytest.approx(shown["clip_norm"], rel=1e-6)
+    rows = ledger_rows(comfy)
+
+    wf = json.loads((REPO / "example_workflows" / "rehearse_on_public_images.json").read_text())
+    rehearsal = ui_to_api(wf, get(comfy, "/object_info"))
+    by_class(rehearsal, "CheckpointLoaderSimple")["ckpt_name"] = "sd15_test.safetensors"
+    loaders = {n["folder"]: n for n in all_of_class(rehearsal, "DpaggLoadPublicImages")}
+    loaders["public_style_images"].update(resolution=64)
+    loaders["public_rehearsal_images"].update(folder="dpagg_it_rehearsal", resolution=64)
+    for ti in all_of_class(rehearsal, "DpaggPerImageTI"):
+        ti.update(steps=2, resolution=64, batch_size=2, training_seed=3)
+    by_class(rehearsal, "DpaggPrivacyAccountant").update(n=3, epsilon=2.0, delta=1e-3)
+    by_class(rehearsal, "DpaggRehearse").update(name="itrehearsal")
+    by_class(rehearsal, "EmptyLatentImage").update(width=64, height=64)
+    by_class(rehearsal, "KSampler").update(steps=2)
+    out = queue(comfy, rehearsal)
+    assert out["status"] == "success", out["errors"]
+    info = out["outputs"][node_of(rehearsal, "DpaggRehearse")]["dpagg"][0]
+    assert info["rehearsal"]["n"] == 3 and info["rehearsal"]["available"] == 4
+    assert len(info["labels"]) == 8 and info["labels"][1] == "non-private mean"
+    assert len(out["outputs"][node_of(rehearsal, "PreviewImage")]["images"]) == 8
+    files = sorted((comfy["base"] / "models" / "embeddings" / "dpagg_rehearsal").rglob("*"))
+    assert len([f for f in files if f.suffix == ".safetensors"]) == 7
+    log = comfy["log"].read_text()
+    assert "does not exist, ignoring" not in log
+    assert ledger_rows(comfy) == rows  # nothing recorded
+    print(f"\nrecipe release: {res['seconds']} s; rehearsal (8 pictures): {out['seconds']} s")
 
 
 def test_clip_workflow_end_to_end(comfy):

@@ -145,7 +145,9 @@ def test_paths_mean_the_same_file_in_nodes_cli_and_library(
     assert shown["ledger"] == str(want) and len(shown["releases"]) == 1
 
 
-@pytest.mark.parametrize("name", ["private_style_embedding", "private_clip_style"])
+@pytest.mark.parametrize(
+    "name", ["private_style_embedding", "private_clip_style", "rehearse_on_public_images"]
+)
 def test_example_workflows_are_consistent(pack, name):
     wf = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     assert wf["version"] == 0.4
@@ -157,21 +159,30 @@ def test_example_workflows_are_consistent(pack, name):
         assert typ in nodes[dst]["inputs"][dst_slot]["type"].split(",")
     ours = {c.define_schema().node_id: c for c in pack["nodes"].NODES}
     used = [n for n in wf["nodes"] if n["type"] in ours]
-    assert {n["type"] for n in used} >= {
-        "DpaggLoadPrivateImages",
-        "DpaggPrivacyAccountant",
-        "DpaggAggregate",
-    }
-    # the images come from Load Private Images, never a loader whose id depends on file names
+    kinds = {n["type"] for n in used}
+    for n in used:  # widget values line up with the node's current schema
+        assert len(n["widgets_values"]) == len(widget_ids(ours[n["type"]], pack["io"])), n["type"]
+    # no loader whose id depends on file names
     assert not {n["type"] for n in wf["nodes"]} & pack["common"].UNSTABLE_LOADERS
+    text = json.dumps(wf)
+    assert "embedding_set" in text and "DP_PLAN" in text
+    if name == "rehearse_on_public_images":  # public pictures only: nothing to spend
+        assert kinds >= {"DpaggLoadPublicImages", "DpaggPublicStyle", "DpaggRehearse"}
+        assert not kinds & {"DpaggLoadPrivateImages", "DpaggAggregate"}
+        return
+    assert kinds >= {"DpaggLoadPrivateImages", "DpaggPrivacyAccountant", "DpaggAggregate"}
+    # the images come from Load Private Images
     loader = next(n for n in used if n["type"] == "DpaggLoadPrivateImages")
     (link,) = loader["outputs"][0]["links"]
     dst = next(x for x in wf["links"] if x[0] == link)[3]
     assert nodes[dst]["type"] in ("DpaggPerImageTI", "DpaggClipEmbeddings")
-    for n in used:  # widget values line up with the node's current schema
-        assert len(n["widgets_values"]) == len(widget_ids(ours[n["type"]], pack["io"])), n["type"]
-    text = json.dumps(wf)
-    assert "embedding_set" in text and "DP_PLAN" in text
+    if name == "private_style_embedding":  # the small-set recipe is the main template
+        agg = next(n for n in used if n["type"] == "DpaggAggregate")
+        linked = {i["name"]: i["link"] for i in agg["inputs"]}
+        sources = {x[0]: nodes[x[1]]["type"] for x in wf["links"]}
+        for socket in ("basis", "public_embeddings", "clip_norm"):
+            assert sources[linked[socket]] == "DpaggPublicStyle", socket
+        assert agg["widgets_values"][1] == "public_mean"
 
 
 def test_frontend_extension_reads_the_ui_key(pack):
