@@ -246,7 +246,6 @@ PENDING = frozenset(
         "dpagg_core/webui.py",
         "dpagg_core/webui_public.py",
         "dpagg_core/webui_settings.py",
-        "dpagg_core/privacy/forecast.py",
         "dpagg_core/training/dpsgd_run.py",
     }
 )

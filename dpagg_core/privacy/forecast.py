@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dpagg_core.errors import DpaggError
+from dpagg_core.privacy.plan import MIN_NOISE_MULTIPLIER
 
 # Median agreement over 26 PUBLIC training styles (6 public images each) on the mini model with
 # the recommended recipe (public basis, k = 16 per vector, public-mean centre, C = median public
@@ -102,8 +103,7 @@ def forecast(
     fraction (exact for full sampling, where z does not depend on n; about right otherwise);
     ``needed_epsilon`` is the accountant's epsilon for the noise multiplier that reaches
     :data:`CLEAR_SNR` at this n (:func:`dpagg_core.privacy.bounds.epsilon_for`)."""
-    from dpagg_core.privacy.bounds import epsilon_for
-    from dpagg_core.privacy.plan import MIN_NOISE_MULTIPLIER
+    from dpagg_core.privacy.bounds import epsilon_for  # dp_accounting
 
     k = DEFAULT_K if k is None else int(k)
     source = rho_source or ("given" if rho is not None else DEFAULT_RHO_SOURCE)
