@@ -11,8 +11,12 @@ name, the extension folder on ``sys.path`` while it runs; ``scripts/`` itself is
 ``sys.path``, so ``import dpagg_webui_html`` would fail). So this file is loaded twice and is
 harmless either way: the WebUI's load defines functions only (no ``Script`` class, no callback),
 and ``dpagg_webui_tab.py`` loads its own copy from its own folder by path (``_sibling``), which
-needs no ``sys.path`` entry and no load order. Its imports are ``dpagg_core``'s text modules
-(pure Python: no torch, no dp-accounting), so even a broken install loads it.
+needs no ``sys.path`` entry and no load order. Loading it imports nothing of ``dpagg_core``: its
+functions import ``dpagg_core``'s text modules when called (the tab has imported ``dpagg_core``
+by then). An import at the top would run ``dpagg_core/__init__`` inside the WebUI's load of THIS
+file, and the ``_deps`` folder (dp-accounting) it appends to ``sys.path`` would vanish with the
+temporary ``sys.path`` the WebUI restores after each script: the tab would then find no
+dp-accounting (the Forge test caught exactly that).
 """
 
 from __future__ import annotations
@@ -20,10 +24,6 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from typing import Any
-
-from dpagg_core.budget_report import BUDGET_MEANING, budget_line
-from dpagg_core.budget_report import fmt as _fmt
-from dpagg_core.webui_settings import PLAN_HINT, budget_required_message, recipe_line
 
 REHEARSE_INFO = (
     "see what your n and epsilon give before touching the private pictures: the same model, TI "
@@ -41,6 +41,8 @@ def error_html(message: Any, lead: str = "") -> str:
 
 
 def _budget_line(budget: Mapping[str, Any]) -> str:
+    from dpagg_core.budget_report import budget_line  # on call: the module docstring says why
+
     total, spent = budget.get("total"), budget["spent"]
     return budget_line(
         (spent["epsilon"], spent["delta"]),
@@ -53,6 +55,10 @@ def _budget_line(budget: Mapping[str, Any]) -> str:
 def plan_html(view: Mapping[str, Any]) -> str:
     """``webui.plan_view``'s dict as the tab shows it (red when the next release would be
     refused; the hint before a folder is chosen)."""
+    from dpagg_core.budget_report import BUDGET_MEANING
+    from dpagg_core.budget_report import fmt as _fmt
+    from dpagg_core.webui_settings import PLAN_HINT, budget_required_message
+
     esc = html.escape
     if not view.get("ok") and view.get("hint"):
         return f"<div class='dpagg-plan'>{esc(PLAN_HINT)}</div>"
@@ -113,6 +119,9 @@ def plan_html(view: Mapping[str, Any]) -> str:
 
 def report_html(report: Any) -> str:
     """A run's result (``webui.RunReport``, public values only) with its privacy record."""
+    from dpagg_core.budget_report import budget_line
+    from dpagg_core.webui_settings import recipe_line
+
     esc = html.escape
     head = (
         "re-used the identical earlier release (nothing spent)"
@@ -143,6 +152,8 @@ def report_html(report: Any) -> str:
 
 def rehearsal_html(out: Mapping[str, Any]) -> str:
     """A rehearsal's summary (``webui.rehearse``) for the tab; the grid is shown beside it."""
+    from dpagg_core.webui_settings import recipe_line
+
     lines = out["text"].splitlines()
     if out.get("recipe"):
         lines.insert(1, recipe_line(out["recipe"]))
