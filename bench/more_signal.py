@@ -2,6 +2,7 @@
 
     nice -n 19 .venv/bin/python bench/more_signal.py embed --variant v2     # per-image TI, cached
     nice -n 19 .venv/bin/python bench/more_signal.py analyze --variants v2 v1 ...
+    .venv/bin/python bench/more_signal.py --plot-only   # results_v4/utility_vs_epsilon.png, ~1 s
 
 ``embed`` trains the per-image TI embeddings of one per-image TI variant (:data:`VARIANTS`) for
 ``--per-style`` public images of each of the 26 training styles (``data.REFERENCE_OFFSET``, as in
@@ -375,16 +376,11 @@ def public_rho(variant: str, k: int, per_style: int = 6) -> tuple[float, int]:
     return float(np.median(rhos)), int(basis.dim)
 
 
-def heldout_table(path: Path, v3: Path) -> str:
-    """The held-out grid of ``heldout`` rows: style accuracy (mean ± std over styles x seeds, each
-    the mean of its draws), between-style spread, share of the BEST non-private row at that n
-    (``mean``/``ti_shared`` of ``v3`` or this recipe's own non-private mean), and the plan
-    forecast's verdict (public rho of this recipe, its K) against the measured one (>= 75 %
-    clear, 25-75 % weak, below noise: ``bench/forecast_check.py``'s bins)."""
+def _heldout_cells(path: Path, v3: Path) -> tuple:
+    """``heldout`` rows grouped as ``heldout_table`` and ``plot_heldout`` read them: (method,
+    variant, k, non-private accuracies per (n, row name), release accuracies per (n, epsilon)
+    and style (one per seed, each the mean of its draws), the best non-private mean per n)."""
     from collections import defaultdict
-
-    from dpagg_core.privacy import calibration
-    from dpagg_core.privacy.forecast import verdict_of
 
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     old = [json.loads(x) for x in v3.read_text().splitlines()]
@@ -400,11 +396,24 @@ def heldout_table(path: Path, v3: Path) -> str:
         else:
             method, variant, k = r["method"], r["variant"], r["k"]
             cell[(r["n"], r["epsilon"])][r["style"]].append(r["acc"])
+    best = {n: max(float(np.mean(a)) for (m, a) in [(m, a) for (nn, m), a in np_acc.items()
+                                                     if nn == n]) for n, _ in cell}  # fmt: skip
+    return method, variant, k, np_acc, cell, best
+
+
+def heldout_table(path: Path, v3: Path) -> str:
+    """The held-out grid of ``heldout`` rows: style accuracy (mean ± std over styles x seeds, each
+    the mean of its draws), between-style spread, share of the BEST non-private row at that n
+    (``mean``/``ti_shared`` of ``v3`` or this recipe's own non-private mean), and the plan
+    forecast's verdict (public rho of this recipe, its K) against the measured one (>= 75 %
+    clear, 25-75 % weak, below noise: ``bench/forecast_check.py``'s bins)."""
+    from dpagg_core.privacy import calibration
+    from dpagg_core.privacy.forecast import verdict_of
+
+    method, variant, k, np_acc, cell, best = _heldout_cells(path, v3)
     if method is None:
         return "no held-out rows yet\n"
     rho, kk = public_rho(variant, k)
-    best = {n: max(float(np.mean(a)) for (m, a) in [(m, a) for (nn, m), a in np_acc.items()
-                                                     if nn == n]) for n, _ in cell}  # fmt: skip
     out = [
         f"Held-out grid of `{method}` (4 held-out styles x seeds, 2 noise draws per release; "
         f"forecast rho = {rho:.3f} from the 26 public training styles, K = {kk}):",
@@ -441,6 +450,163 @@ def heldout_table(path: Path, v3: Path) -> str:
         )
     out += ["", f"Forecast agrees with the measured verdict in {agree}/{total} cells."]
     return "\n".join(out) + "\n"
+
+
+# issue 21's targets on the held-out grid: (n, epsilon) -> share of the best non-private row
+TARGETS = {(50, 2.0): 0.8, (200, 1.0): 0.9, (25, 4.0): 0.5}
+PLOT_COLOURS = {10: (214, 39, 40), 25: (255, 127, 14), 50: (31, 119, 180), 200: (44, 160, 44)}
+
+
+def _choice_shares(choice: Path, method: str) -> dict[tuple[int, float], tuple[str, str]]:
+    """(n, epsilon) -> (accuracy "mean ± std", share "NN%") as ``choice.md`` prints them in the
+    held-out table of ``method`` (the first table after its "Held-out grid of `method`" line)."""
+    lines = choice.read_text().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(f"Held-out grid of `{method}`"))
+    out: dict[tuple[int, float], tuple[str, str]] = {}
+    for x in lines[start + 1 :]:
+        if x.startswith("Forecast agrees"):
+            break
+        cells = [c.strip() for c in x.strip("|").split("|")]
+        if len(cells) == 10 and cells[0].isdigit():
+            out[(int(cells[0]), float(cells[1]))] = (cells[3], cells[5])
+    return out
+
+
+def heldout_shares(path: Path, v3: Path) -> tuple[str, dict[tuple[int, float], dict]]:
+    """Per (n, epsilon) of a ``heldout`` grid: the share of the best non-private row at that n
+    (mean over styles x seeds / best, exactly as ``heldout_table``), its std over the same cells
+    (styles x seeds, each the mean of its draws) / best, and the between-style std / best."""
+    method, _, _, _, cell, best = _heldout_cells(path, v3)
+    res = {}
+    for (n, eps), by_style in sorted(cell.items()):
+        accs = [a for v_ in by_style.values() for a in v_]
+        res[(n, eps)] = {
+            "acc": float(np.mean(accs)),
+            "acc_std": float(np.std(accs)),
+            "best": best[n],
+            "share": float(np.mean(accs)) / best[n],
+            "share_std": float(np.std(accs)) / best[n],
+            "between_style_std": float(np.std([np.mean(v_) for v_ in by_style.values()])) / best[n],
+            "cells": len(accs),
+        }
+    return method, res
+
+
+def plot_heldout(path: Path, v3: Path, png: Path, choice: Path | None = None) -> Path:
+    """``png``: share of the best non-private row at that n vs epsilon (log x) for the held-out
+    grid in ``path``, one line per n, bars = ± std over styles x seeds (the "±" of
+    ``heldout_table``) / best; dashed marks: issue 21's targets (:data:`TARGETS`). With
+    ``choice``, asserts the plotted numbers are the ones its table prints. Pillow, no training."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    method, res = heldout_shares(path, v3)
+    if choice is not None:
+        printed = _choice_shares(choice, method)
+        assert set(printed) == set(res), (sorted(printed), sorted(res))
+        for key, r in res.items():
+            got = (f"{r['acc']:.3f} ± {r['acc_std']:.3f}", f"{r['share']:.0%}")
+            assert got == printed[key], (key, got, printed[key])
+    ns = sorted({n for n, _ in res})
+    eps = sorted({e for _, e in res})
+    font, small, big = (ImageFont.load_default(size=s_) for s_ in (17, 15, 20))
+    W, H = 1000, 700
+    x0, y0, x1, y1 = 90, 80, 760, 610
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = np.log(eps[0] / 1.35), np.log(eps[-1] * 1.35)
+    y_hi = max(1.0, max(r["share"] + r["share_std"] for r in res.values()))
+    y_hi = float(np.ceil(y_hi * 10) / 10)
+
+    def X(e: float) -> float:
+        return x0 + (np.log(e) - lo) / (hi - lo) * (x1 - x0)
+
+    def Y(v: float) -> float:
+        return y1 - v / y_hi * (y1 - y0)
+
+    d.text((W / 2, 18), f"Held-out grid, {method}", font=big, fill="black", anchor="mt")
+    d.text((W / 2, 46), "(recommended recipe: 2 vectors + flips, k = 16; bench/results_v4)",
+           font=small, fill="black", anchor="mt")  # fmt: skip
+    for k in range(int(round(y_hi * 10)) + 1):
+        v = k / 10
+        if k % 2 == 0 or y_hi <= 0.6:
+            d.line([x0, Y(v), x1, Y(v)], fill=(225, 225, 225))
+            d.text((x0 - 8, Y(v)), f"{v:.0%}", font=font, fill="black", anchor="rm")
+    for e in eps:
+        d.line([X(e), y0, X(e), y1], fill=(240, 240, 240))
+        d.line([X(e), y1, X(e), y1 + 6], fill="black")
+        d.text((X(e), y1 + 10), f"{e:g}", font=font, fill="black", anchor="mt")
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    d.text(((x0 + x1) / 2, y1 + 38), "epsilon (log scale), delta = 1e-5", font=font,
+           fill="black", anchor="mt")  # fmt: skip
+    ylab = Image.new("RGBA", (420, 24), (255, 255, 255, 0))
+    ImageDraw.Draw(ylab).text((210, 12), "share of the best non-private row at that n",
+                              font=font, fill="black", anchor="mm")  # fmt: skip
+    ylab = ylab.rotate(90, expand=True)
+    img.paste(ylab, (14, int((y0 + y1) / 2 - ylab.height / 2)), ylab)
+
+    # lines, dodged a little along x so the bars do not overlap
+    def dodge(n: int) -> float:
+        return (ns.index(n) - (len(ns) - 1) / 2) * 7
+
+    # issue 21's targets: a dashed mark at the target level over that cell, in that n's colour,
+    # and a hollow diamond at the target itself (labelled in the legend, not over the data)
+    for (n, e), t in TARGETS.items():
+        if (n, e) not in res:
+            continue
+        col = PLOT_COLOURS.get(n, (0, 0, 0))
+        for xs in range(int(X(e) - 40), int(X(e) + 40), 10):
+            d.line([xs, Y(t), xs + 6, Y(t)], fill=col, width=3)
+        x, y = X(e) + dodge(n), Y(t)
+        d.polygon([(x, y - 9), (x + 9, y), (x, y + 9), (x - 9, y)], outline=col, fill="white",
+                  width=3)  # fmt: skip
+    for n in ns:
+        col = PLOT_COLOURS.get(n, (0, 0, 0))
+        dx = dodge(n)
+        at = [e for e in eps if (n, e) in res]
+        pts = [(X(e) + dx, Y(res[(n, e)]["share"])) for e in at]
+        for e, (x, _) in zip(at, pts, strict=True):
+            r = res[(n, e)]
+            ya, yb = Y(max(r["share"] - r["share_std"], 0.0)), Y(r["share"] + r["share_std"])
+            d.line([x, ya, x, yb], fill=col, width=2)
+            d.line([x - 4, ya, x + 4, ya], fill=col, width=2)
+            d.line([x - 4, yb, x + 4, yb], fill=col, width=2)
+        d.line(pts, fill=col, width=3)
+        for x, y in pts:
+            d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=col)
+    lx, ly = x1 + 25, y0
+    d.text((lx, ly), "n (best non-private)", font=font, fill="black")
+    for j, n in enumerate(ns):
+        col = PLOT_COLOURS.get(n, (0, 0, 0))
+        yy = ly + 32 + 28 * j
+        d.line([lx, yy, lx + 30, yy], fill=col, width=3)
+        d.ellipse([lx + 10, yy - 5, lx + 20, yy + 5], fill=col)
+        d.text((lx + 40, yy), f"n = {n} ({res[(n, eps[0])]['best']:.3f})", font=font,
+               fill="black", anchor="lm")  # fmt: skip
+    notes = [
+        "points: mean accuracy over",
+        "4 held-out styles x 2 seeds",
+        "(each the mean of 2 noise",
+        "draws) / the best non-private",
+        "row at that n (choice.md)",
+        "",
+        "bars: ± std over the same",
+        "8 styles x seeds cells / best",
+        "",
+        "dashed + diamond: issue 21",
+        "targets (measured):",
+    ]
+    ty = ly + 32 + 28 * len(ns) + 20
+    for j, t in enumerate(notes):
+        d.text((lx, ty + 22 * j), t, font=small, fill=(60, 60, 60))
+    ty += 22 * len(notes) + 4
+    for (n, e), t in TARGETS.items():
+        if (n, e) in res:
+            d.text((lx, ty), f"({n}, {e:g}) >= {t:.0%}: {res[(n, e)]['share']:.0%}", font=font,
+                   fill=PLOT_COLOURS.get(n, (0, 0, 0)))  # fmt: skip
+            ty += 26
+    png.parent.mkdir(parents=True, exist_ok=True)
+    img.save(png)
+    return png
 
 
 def summarize(path: Path) -> str:
@@ -512,9 +678,36 @@ def summarize(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot_results_v4(results: Path = ROOT / "bench" / "results_v4") -> Path:
+    """``results/utility_vs_epsilon.png`` from the held-out rows of the recipe recommended in
+    ``results/settings.json`` (``heldout_v2_flip.jsonl``), checked against ``choice.md``."""
+    rec = json.loads((results / "settings.json").read_text())["recommended"]
+    variant = rec.removeprefix("dpagg_sub_pm_").rsplit("_k", 1)[0]
+    rows = results / f"heldout_{variant}.jsonl"
+    v3 = ROOT / "bench" / "results_v3" / "results.jsonl"
+    method, res = heldout_shares(rows, v3)
+    assert method.startswith(rec + "_"), (method, rec)
+    png = plot_heldout(
+        rows,
+        v3,
+        results / "utility_vs_epsilon.png",
+        choice=results / "choice.md",
+    )
+    for (n, e), t in TARGETS.items():
+        r = res[(n, e)]
+        _log(f"({n}, {e:g}): share {r['share']:.3f} ± {r['share_std']:.3f} (target {t:.0%})")
+    return png
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="only redraw bench/results_v4/utility_vs_epsilon.png from the recommended "
+        "recipe's held-out rows (settings.json), checked against choice.md; no training",
+    )
+    sub = ap.add_subparsers(dest="cmd")
     e = sub.add_parser("embed")
     e.add_argument("--variant", choices=list(VARIANTS), required=True)
     z = sub.add_parser("analyze")
@@ -548,6 +741,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--n", type=int, default=50)
         p.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.plot_only:
+        t0 = time.time()
+        png = plot_results_v4()
+        _log(f"wrote {png} ({time.time() - t0:.1f}s)")
+        return 0
+    if a.cmd is None:
+        ap.error("a command (embed, analyze, heldout, ...) or --plot-only is required")
     torch.set_num_threads(a.threads)
     if a.cmd == "embed":
         embed(a.variant, a.per_style, a.n)
