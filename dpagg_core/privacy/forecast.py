@@ -42,6 +42,7 @@ DEFAULT_K = 32
 CLEAR_SNR = 2.0
 WEAK_SNR = 1.0
 VERDICTS = ("noise", "weak", "clear")
+MANY_IMAGES = 100_000  # beyond this the text says "more than" (the figure means nothing)
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,18 @@ class Forecast:
 
     def text(self) -> str:
         """One sentence a user reads beside the plan."""
+        agreed = f"{self.rho:.2g}" if self.rho >= 1e-3 else "about 0"
         head = (
             f"forecast: signal-to-noise {self.snr:.2g} (K = {self.k} noised coordinates, "
-            f"agreement {self.rho:.2g}: {self.rho_source}): "
+            f"agreement {agreed}: {self.rho_source}): "
         )
         if self.verdict == "clear":
             return head + "expect a clear style"
         ways = []
-        if self.needed_n is not None:
-            ways.append(f"about {self.needed_n} images at this epsilon")
+        if self.needed_n is not None and self.needed_n <= MANY_IMAGES:
+            ways.append(f"about {self.needed_n:,} images at this epsilon")
+        elif self.needed_n is not None:
+            ways.append(f"more than {MANY_IMAGES:,} images at this epsilon")
         if self.needed_epsilon is not None:
             ways.append(f"epsilon about {self.needed_epsilon:.3g} with these {self.n} images")
         need = " or ".join(ways) if ways else "far more images"
