@@ -4,7 +4,7 @@ The CLI and the demo (a release, a released file's record, ``dpagg inspect``), t
 (DP Aggregate, Privacy Accountant, Load Private Images, Privacy Ledger) and the WebUI tab
 (``dpagg_core.webui``) build their plan, release and budget text and figures here, so the same
 plan and the same ledger read alike everywhere (issue 19 item 3). Markup stays with its host
-(the tab's HTML in ``webui``, the nodes' UI messages in ``nodes/``).
+(the tab's HTML in ``scripts/dpagg_webui_html.py``, the nodes' UI messages in ``nodes/``).
 
 Public values only (docs/privacy.md invariant 4): the plan, the ledger's budgets, composed spend,
 release counts, names and epsilons. Budget checks are the ledger's dry run (``Ledger.check``):

@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from dpagg_core.budget_report import budget_status, next_release
-from dpagg_core.errors import DpaggError
+from dpagg_core.errors import BudgetExceeded, DpaggError
+from dpagg_core.families import full_space_k
 from dpagg_core.webui_public import (  # noqa: F401 - re-exported: webui.<name>
     StyleRecipe,
     build_style_recipe,
@@ -134,7 +135,6 @@ def plan_view(
     """
     out: dict[str, Any] = {"ok": False, "error": None, "exceeds": False, "warnings": []}
     try:
-        from dpagg_core.families import full_space_k
         from dpagg_core.privacy.accountant import delta_warning, plan_summary
         from dpagg_core.privacy.forecast import forecast
         from dpagg_core.privacy.ledger import Ledger
@@ -226,7 +226,6 @@ def run(
     plan's epsilon and a new budget (:func:`check_epsilon_caps`), checked before training."""
     import torch
 
-    from dpagg_core.errors import BudgetExceeded
     from dpagg_core.io.images import load_image_folder
     from dpagg_core.io.names import sanitize_name
     from dpagg_core.pipeline import LoadedModelTrainer, train_and_release
@@ -359,7 +358,6 @@ def save_preview_grid(pairs: list[tuple[Any, Any]], out: Path) -> Path:
 def error_status(exc: BaseException) -> int:
     """HTTP status of an error for the ``/dpagg/v1`` routes: 409 for a refused or interrupted
     request (budget), 400 for bad input, 500 otherwise."""
-    from dpagg_core.errors import BudgetExceeded
 
     if isinstance(exc, (BudgetExceeded, Interrupted)):
         return 409

@@ -13,11 +13,13 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.families import family_keys
+from dpagg_core.paths import resolve_path
 from dpagg_core.webui_settings import (
     FAMILY_RESOLUTION,
     MODE_EPSILON,
@@ -59,7 +61,6 @@ def style_dim(s: Settings, family: str) -> int | None:
 
 
 def _not_the_private_folder(s: Settings, folder: str, what: str) -> None:
-    from dpagg_core.paths import resolve_path
 
     if s.images and resolve_path(s.images) == resolve_path(folder):
         raise DpaggError(
@@ -76,7 +77,6 @@ def check_public_folder(
     per-image digests; the private folder's pictures are made known first). ``styles``: one
     subfolder per style (``training.public.public_style_folders``). Returns its count."""
     from dpagg_core.io.images import load_image_folder
-    from dpagg_core.paths import resolve_path
 
     if not str(folder).strip():
         raise DpaggError(f"{what}: choose a folder of PUBLIC images in a similar style")
@@ -139,7 +139,6 @@ def build_style_recipe(s: Settings, trainer: Any, book: Any, host: Host) -> Styl
     (then the C field). Interrupt raises :class:`Interrupted` (nothing spent or written)."""
     import torch
 
-    from dpagg_core.paths import resolve_path
     from dpagg_core.training.public import build_public_basis
 
     def progress(done: int, total: int) -> None:
@@ -295,8 +294,6 @@ def rehearse(
             options = recipe.options() if recipe else {"clip_norm": s.clip_norm, "centre": s.centre}
             render = None
             if s.preview:
-                from functools import partial
-
                 from dpagg_core.showcase.preview import grid_of_embeddings
 
                 render = partial(

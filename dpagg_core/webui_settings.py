@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from dpagg_core.budget_report import budget_required_message as _budget_required
 from dpagg_core.budget_report import needs_budget as _needs_budget
 from dpagg_core.errors import DpaggError
+from dpagg_core.paths import host_ledger_path, resolve_path
 from dpagg_core.webui_access import check_epsilon_cap
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,6 @@ def budget_required_message(plan_epsilon: float, *, refused: bool = False) -> st
 def ledger_path(webui_data_dir: str | os.PathLike[str]) -> Path:
     """``DPAGG_LEDGER`` if set (as the CLI and the ComfyUI nodes read it), else
     ``<WebUI data dir>/dpagg/ledger.sqlite`` (``--data-dir``; the WebUI folder by default)."""
-    from dpagg_core.paths import host_ledger_path
 
     return host_ledger_path(webui_data_dir)
 
@@ -301,7 +301,6 @@ def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
     the folder's listing (names, sizes, mtimes) is unchanged, so the live plan view is cheap.
     Bad input raises the CLI's errors (empty folder, unreadable image, ...)."""
     from dpagg_core.io.images import load_image_folder
-    from dpagg_core.paths import resolve_path
 
     if not str(folder).strip():
         raise DpaggError("images: choose the folder of your PRIVATE images")

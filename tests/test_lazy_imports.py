@@ -239,33 +239,9 @@ def misplaced_lazy_imports(
     return bad
 
 
-# Files being edited by others when this test landed: their needless function-level imports are
-# still to move. Take a file out of this set once it passes (the test below says when).
-PENDING = frozenset(
-    {
-        "dpagg_core/webui.py",
-        "dpagg_core/webui_public.py",
-        "dpagg_core/webui_settings.py",
-        "dpagg_core/training/dpsgd_run.py",
-    }
-)
-
-
-def _file_of(line: str) -> str:
-    return line.split(":", 1)[0]
-
-
 def test_function_level_imports_keep_something_heavy_out():
-    bad = [line for line in misplaced_lazy_imports() if _file_of(line) not in PENDING]
+    bad = misplaced_lazy_imports()
     assert not bad, "function-level imports with no heavy library to keep out:\n" + "\n".join(bad)
-
-
-def test_pending_files_are_still_pending():
-    flagged = {_file_of(line) for line in misplaced_lazy_imports()}
-    done = sorted(PENDING - flagged)
-    assert not done, (
-        f"these files pass now: take them out of PENDING in {Path(__file__).name}: {done}"
-    )
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

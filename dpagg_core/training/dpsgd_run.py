@@ -30,10 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpagg_core.aggregate.release import ReleaseOutcome
+import numpy as np
+
+from dpagg_core.aggregate.release import ReleaseOutcome, write_outcome
 from dpagg_core.errors import DpaggError
+from dpagg_core.io.embeddings import KIND_OF_FAMILY, EmbeddingSet
+from dpagg_core.io.files import output_folder
+from dpagg_core.io.names import next_free_name, sanitize_name
+from dpagg_core.privacy.identity import fingerprint
+from dpagg_core.privacy.ledger import Ledger, LedgerRelease, Reservation
+from dpagg_core.privacy.mechanism import Release
+from dpagg_core.privacy.plan import DEFAULT_DELTA
+from dpagg_core.privacy.plan_text import delta_warning
+from dpagg_core.privacy.request_keys import training_request
 from dpagg_core.training import dpsgd
 from dpagg_core.training.dpsgd import DPSGDConfig
+from dpagg_core.training.ti import TIConfig, public_centre
+from dpagg_core.training.train_run import Trainer, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +95,6 @@ def request_of(config: DPSGDConfig, model: Any) -> dict[str, Any]:
     VAE and the text encoder(s) (``base_model_id`` covers only the token table: a checkpoint
     whose text encoder alone differs trains a different embedding), the scheduler by its config.
     """
-    from dpagg_core.privacy.identity import fingerprint
-
     pipe = model.pipe
     parts = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
     weights = [t for part in parts if part is not None for t in part.state_dict().values()]
@@ -102,10 +113,6 @@ def request_of(config: DPSGDConfig, model: Any) -> dict[str, Any]:
 def _unflat(vector: Any, centre: dict[str, Any], model_family: str) -> dict[str, Any]:
     """A stored flat DP-SGD release back to ``{key: float32 [v, dim]}`` (``EmbeddingSet.unflat``
     with the shapes of the public centre)."""
-    import numpy as np
-
-    from dpagg_core.io.embeddings import KIND_OF_FAMILY, EmbeddingSet
-
     shapes = EmbeddingSet(
         vectors={k: c.unsqueeze(0) for k, c in centre.items()},
         kind=KIND_OF_FAMILY[model_family],
@@ -123,19 +130,6 @@ def _unflat(vector: Any, centre: dict[str, Any], model_family: str) -> dict[str,
 def run_dpsgd(req: DpsgdRequest) -> DpsgdRelease:
     """Train (or re-use) and write the DP-SGD release of ``req`` (module docstring for the order
     and the ledger calls); progress on stderr."""
-    import numpy as np
-
-    from dpagg_core.aggregate.release import write_outcome
-    from dpagg_core.io.files import output_folder
-    from dpagg_core.io.names import next_free_name, sanitize_name
-    from dpagg_core.privacy.ledger import Ledger, LedgerRelease, Reservation
-    from dpagg_core.privacy.mechanism import Release
-    from dpagg_core.privacy.plan import DEFAULT_DELTA
-    from dpagg_core.privacy.plan_text import delta_warning
-    from dpagg_core.privacy.request_keys import training_request
-    from dpagg_core.training.ti import TIConfig, public_centre
-    from dpagg_core.training.train_run import Trainer, progress_bar
-
     base = sanitize_name(req.name)
     out = output_folder(req.out_dir, "--out-dir")
     c = req.config
