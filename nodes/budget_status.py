@@ -28,6 +28,8 @@ from dpagg_core.budget_report import budget_payload, ledger_lines, next_release
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy.plan import PrivacyPlan
 
+from .common import comfy_ledger
+
 ROUTE = "/dpagg/ledger/status"  # also /api/dpagg/ledger/status
 EVENT = "dpagg.ledger"  # websocket event after a ledger change: {"dataset": id}
 MAX_QUERIES = 64
@@ -138,8 +140,6 @@ def status_reply(ledger: Any, content_type: str, body: bytes) -> tuple[int, dict
 async def status_route(request: Any) -> Any:
     """aiohttp handler of :data:`ROUTE`."""
     from aiohttp import web
-
-    from .common import comfy_ledger
 
     body = await request.read()
     status, reply = await asyncio.to_thread(

@@ -34,6 +34,7 @@ attention within a sample, and SDXL's ``y`` row b is built from pooled row b onl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import types
 from collections.abc import Sequence
@@ -183,8 +184,6 @@ def model_key(model: Any, clip: Any, vae: Any) -> str:
     patches (e.g. a sampling override) and weight wrappers; and the CLIP's ``layer_idx`` (CLIP
     Set Last Layer). So a LoRA or any other patch is a new request, and an identical graph after
     a restart is the same request. Deterministic, read without loading the models to the GPU."""
-    import hashlib
-
     h = hashlib.sha256(b"dpagg-comfyui-model/1")
     for role, patcher in (
         ("model", model),

@@ -55,7 +55,10 @@ Privacy (docs/privacy.md):
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -242,8 +245,6 @@ def to_model_images(images: Sequence[torch.Tensor], resolution: int) -> torch.Te
 def raise_budget_hint(path: Path, dataset_id: str) -> str:
     """How a ComfyUI user raises a budget (no `dpagg` command is on PATH in ComfyUI's install):
     the Privacy Ledger node, or the exact command with ComfyUI's own Python from the pack."""
-    import sys
-
     pack = Path(__file__).resolve().parent.parent
     return (
         f"the 'Raise budget...' button of the Privacy Ledger node (dpagg/privacy; dataset "
@@ -307,7 +308,6 @@ def _stage_reporter(node_id: Any, title: str):
     """``stage(text)``: a setup stage shown on the node (ComfyUI's progress text, as nodes that
     load models do) and printed to the server log, so a long setup (model preparation, latent
     encoding: over a minute on CPU) does not look like a stalled 0 % bar. Public text only."""
-    import logging
 
     def stage(text: str) -> None:
         stage.last = text  # type: ignore[attr-defined]  # the ETA line repeats it
@@ -352,8 +352,6 @@ def _log_bar(total: int, title: str, progress, stage: Any = None, every_s: float
     KSampler's, and (with ``stage``, a :func:`_stage_reporter`) shows the ETA on the node: the
     current stage text and :func:`eta_text`, at most every ``every_s`` seconds and at the last
     step; returns (progress, close)."""
-    import time
-
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"dpagg {title}", unit="step", leave=True)

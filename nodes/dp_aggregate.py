@@ -28,7 +28,9 @@ from dpagg_core.io.names import sanitize_name
 from dpagg_core.io.public_embeddings import public_mean_centre
 from dpagg_core.options import POSTPROCESS
 from dpagg_core.paths import resolve_path
+from dpagg_core.pipeline import train_and_release
 from dpagg_core.privacy.accountant import PrivacyPlan
+from dpagg_core.privacy.basis import PublicBasis as CoreBasis
 from dpagg_core.privacy.forecast import Forecast, forecast
 from dpagg_core.privacy.ledger import Ledger
 from dpagg_core.privacy.mechanism import CLIP_MODES, check_clip_norm
@@ -191,8 +193,6 @@ class DPAggregate(io.ComfyNode):
         public_embeddings_file="",
     ) -> io.NodeOutput:
         from comfy_execution.graph_utils import ExecutionBlocker
-
-        from dpagg_core.privacy.basis import PublicBasis as CoreBasis
 
         if not isinstance(embedding_set, (EmbeddingSet, TrainingJob)):
             raise DpaggError("embedding_set: connect Per-Image TI or Clip Embeddings")
@@ -357,8 +357,6 @@ def _release_job(
     pipeline (``pipeline.train_and_release``): an identical request recorded in the ledger is
     answered from its record and nothing trains."""
     import comfy.model_management
-
-    from dpagg_core.pipeline import train_and_release
 
     node_id = getattr(getattr(node, "hidden", None), "unique_id", None)
     before = job.trained_here

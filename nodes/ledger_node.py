@@ -34,6 +34,8 @@ from comfy_api.latest import io
 from dpagg_core.budget_report import fmt, ledger_lines
 from dpagg_core.errors import BudgetExceeded, DpaggError
 
+from .budget_status import ROUTE as STATUS_ROUTE
+from .budget_status import notify_ledger_changed, status_route
 from .common import CATEGORY, _ui, comfy_ledger, ledger_path
 
 ACTIONS = ("show",)
@@ -213,8 +215,6 @@ def raise_budget(ledger: Any, content_type: str, body: bytes) -> tuple[int, dict
     was = "not set" if old is None else fmt(old["epsilon"])
     done = f"budget of {dataset}: {was} -> {fmt(epsilon)} (delta {delta:.3g})"
     log.info("[dpagg] Privacy Ledger: %s (the '%s' dialog)", done, BUTTON)
-    from .budget_status import notify_ledger_changed
-
     notify_ledger_changed(dataset)  # every node on the page re-reads its budget lines
     lines, table = ledger_lines(ledger, dataset)
     return 200, {
@@ -257,9 +257,6 @@ def register_routes() -> bool:
     if routes is None or not hasattr(routes, "post"):
         return False
     if not getattr(instance, "_dpagg_ledger_route", False):
-        from .budget_status import ROUTE as STATUS_ROUTE
-        from .budget_status import status_route
-
         routes.post(ROUTE)(raise_budget_route)
         routes.post(STATUS_ROUTE)(status_route)  # read-only: fresh budget lines for the page
         instance._dpagg_ledger_route = True

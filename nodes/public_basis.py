@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
+from dpagg_core.aggregate.basis_builders import basis_from_token_table, load_basis
 from dpagg_core.errors import DpaggError
 from dpagg_core.paths import resolve_path
 from dpagg_core.training import ti
@@ -88,8 +89,6 @@ class PublicBasisNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, k, vectors, basis_file, model=None, clip=None) -> io.NodeOutput:
-        from dpagg_core.aggregate.basis_builders import basis_from_token_table, load_basis
-
         if source == "file":
             basis = load_basis(resolve_path(str(basis_file)))
         elif source == "token_table":

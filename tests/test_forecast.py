@@ -92,7 +92,8 @@ def test_agreement_estimates_rho_without_the_small_sample_bias():
 def test_dpagg_account_shows_the_forecast(capsys):
     assert main(["account", "--epsilon", "2", "--n", "50"]) == 0
     out = capsys.readouterr().out
-    assert "forecast: signal-to-noise 0.95" in out and "mostly noise" in out
+    # rho n / (2 z sqrt K) = 0.37 * 50 / (2 * 2.00 * sqrt 32) (z = 2.00 at epsilon 2, n 50)
+    assert "forecast: signal-to-noise 0.82" in out and "mostly noise" in out
     assert main(["account", "--epsilon", "2", "--n", "50", "--rho", "0.9", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["forecast"]["rho"] == 0.9 and payload["forecast"]["k"] == DEFAULT_K

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="the forecast's agreement of public per-image deltas of one style (0-1; default "
-        "0.43, measured on public styles: docs/evidence.md)",
+        "0.37, measured on public styles: docs/evidence.md)",
     )
     p.set_defaults(func=cmd_account)
 

@@ -31,11 +31,13 @@ import numpy as np
 from dpagg_core.errors import DpaggError
 from dpagg_core.privacy.plan import MIN_NOISE_MULTIPLIER
 
-# Median agreement over 26 PUBLIC training styles (6 public images each) on the mini model with
-# the recommended recipe (public basis, k = 16 per vector, public-mean centre, C = median public
-# distance): bench/snr_geometry.py. Used when no public embeddings are at hand; for the full
-# space (no basis) it is an optimistic value (the extra coordinates carry no shared style).
-DEFAULT_RHO = 0.43
+# Median agreement over 22 PUBLIC training styles (6 public images each) on the mini model with
+# the recommended recipe (bench/results_v4/settings.json: 2 vectors + flips, public basis k = 16
+# per vector, public-mean centre, C = median public distance): rho_fit_median of the v2_flip /
+# k 16 row of bench/results_v4/geometry.jsonl, 0.365 (the third run's recipe measured 0.43).
+# Used when no public embeddings are at hand; for the full space (no basis) it is an optimistic
+# value (the extra coordinates carry no shared style).
+DEFAULT_RHO = 0.37
 DEFAULT_RHO_SOURCE = "the default, measured on public styles"
 # K of the recommended recipe (k = 16 per vector, 2 vectors): the default where K is unknown.
 DEFAULT_K = 32
