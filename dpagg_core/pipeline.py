@@ -80,7 +80,7 @@ def run_inputs(trainer: Any) -> dict[str, Any]:
     """Everything a trained release depends on besides the images and the release options:
     the method, the full TI configuration (seed included), the training resolution and the
     model's weights digest: ``trainer.model_weights`` where the host names the model itself
-    (ComfyUI: its objects as patched in the graph, ``nodes/comfy_backend.model_key``), else
+    (ComfyUI: its objects as patched in the graph, ``nodes/comfy_model_key.model_key``), else
     :func:`weights_digest` of ``trainer.model_path``. JSON values; they key the ledger request."""
     config = {k: _json(v) for k, v in dataclasses.asdict(trainer.config).items()}
     weights = getattr(trainer, "model_weights", None)

@@ -45,7 +45,7 @@ Privacy (docs/privacy.md):
   stored result, then the file (invariant 5). An identical request (ComfyUI re-executing the node
   after a cache eviction or a restart) returns the recorded release and spends nothing - for a
   Per-Image TI job keyed by its inputs (``pipeline.train_and_release``; the model as patched:
-  ``comfy_backend.model_key``) and answered before any training; an
+  ``comfy_model_key.model_key``) and answered before any training; an
   over-budget request raises ``BudgetExceeded`` before any noise is drawn, which ComfyUI shows as
   the node's error.
 * The TI ``training_seed`` drives only the training randomness (invariant 3). It is not named

@@ -24,6 +24,7 @@ from dpagg_core.privacy.identity import image_ids_for
 from dpagg_core.training import ti
 from dpagg_core.training.public import cached_public_embeddings, train_public_embeddings
 
+from . import comfy_model_key
 from .common import (
     CATEGORY,
     EmbeddingSetIO,
@@ -54,9 +55,7 @@ def _make_backend(model: Any, clip: Any, vae: Any):
 def _model_key(model: Any, clip: Any, vae: Any) -> str:
     """The request key's model part: ComfyUI's objects as patched (a seam, like
     :func:`_make_backend`)."""
-    from .comfy_backend import model_key
-
-    return model_key(model, clip, vae)
+    return comfy_model_key.model_key(model, clip, vae)
 
 
 def _warn_lines(warnings: Sequence[str]) -> list[str]:

@@ -146,9 +146,9 @@ ref_after = reference_outputs(model, clip)
 state_after = state(model, clip)
 hashes_after = weight_hashes(model.model, clip.cond_stage_model, vae.first_stage_model)
 
-# The request key's model part (comfy_backend.model_key): the same on a clone, another with a
+# The request key's model part (comfy_model_key.model_key): the same on a clone, another with a
 # weight patch (a LoRA-like "diff" on one UNet weight) or CLIP Set Last Layer.
-from dpagg_pack.nodes.comfy_backend import model_key  # noqa: E402
+from dpagg_pack.nodes.comfy_model_key import model_key  # noqa: E402
 
 key0 = model_key(model, clip, vae)
 lora = model.clone()

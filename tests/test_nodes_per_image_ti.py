@@ -248,7 +248,7 @@ def test_over_budget_job_is_refused_before_training(
 
 
 class _Patcher:
-    """Just what ``comfy_backend.model_key`` reads of a ComfyUI ModelPatcher."""
+    """Just what ``comfy_model_key.model_key`` reads of a ComfyUI ModelPatcher."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.model = module
@@ -287,13 +287,13 @@ def _lora(seed: int, rank: int = 2):
 def test_a_lora_like_patch_is_a_new_request(
     pack, comfy_base, tiny_backend, counted_training, monkeypatch
 ):
-    """The request key's model part is the models AS PATCHED (``comfy_backend.model_key``): a
+    """The request key's model part is the models AS PATCHED (``comfy_model_key.model_key``): a
     LoRA-like weight patch on the MODEL, another strength, or CLIP Set Last Layer each make a new
     request (trained and spent); equal weights and patches give the same key, whatever object
     holds them."""
-    from nodes import comfy_backend
+    from nodes import comfy_model_key
 
-    key = comfy_backend.model_key
+    key = comfy_model_key.model_key
     base = key(*_models())
     assert key(*_models()) == base  # the same weights, new objects: the same key
     assert key(*_models(seed=1)) != base  # other weights
