@@ -704,6 +704,7 @@ def _first_use(path: str, go, q) -> None:
         q.put(f"ERR {type(exc).__name__}: {exc}")
 
 
+@pytest.mark.slow  # 400 processes (~19 s on 2 cores): `make test` (CI) runs it, `make check` not
 def test_schema_is_read_in_one_snapshot_under_concurrent_first_use(tmp_path):
     """Regression: the schema state (application id, version, table count) was read in three
     separate autocommit statements, so a process could read the header before and the tables
