@@ -1,11 +1,18 @@
 """dpagg as a Stable Diffusion WebUI extension (AUTOMATIC1111 1.10 API; run in Forge).
 
 A thin skin over ``dpagg_core``: the "Private style (DP)" tab (``script_callbacks.on_ui_tabs``),
-its settings (``on_ui_settings``) and the ``/dpagg/v1/...`` routes (``on_app_started``). Every
-decision lives in ``dpagg_core.webui`` and ``dpagg_core.webui_access`` (tested in CI without a
-WebUI); the tab's HTML is ``dpagg_webui_html.py`` beside it. This file only talks to the WebUI:
-its command-line options and settings, its progress state and Interrupt, its memory management,
-its checkpoint list, its embedding databases, its txt2img for the preview grid.
+its settings (``on_ui_settings``) and the ``/dpagg/v1/...`` routes (``on_app_started``), all
+registered here. Every decision lives in ``dpagg_core.webui`` and ``dpagg_core.webui_access``
+(tested in CI without a WebUI). This file talks to the WebUI: its command-line options and
+settings, its progress state and Interrupt, its memory management, its checkpoint list, its
+embedding databases, its txt2img for the preview grid. It holds the actions the tab and the
+routes share, the routes, and the registration of the callbacks. Three files beside it, none of
+which imports this one, hold the rest (issue 19 item 4): ``dpagg_webui_layout.py`` the Gradio
+layout of the tab and of Settings > dpagg (built by a function given this file's handlers to
+wire), ``dpagg_webui_html.py`` the tab's HTML, ``dpagg_webui_host.py`` the WebUI behind
+``dpagg_core.webui.Host`` (progress, Interrupt, the model off the GPU, the embedding databases).
+This file loads each by its path (``_sibling``): the WebUI loads every file of ``scripts/`` as
+its own script, by path, and never puts ``scripts/`` on ``sys.path``, so ``import`` would fail.
 
 The routes exist only when the WebUI serves its own API (``--api``) and are guarded as its own
 routes are (``--api-auth``, else the WebUI's login; without credentials, callers on this machine
@@ -19,8 +26,6 @@ the import does not fail: the tab shows the error and the routes answer 503.
 from __future__ import annotations
 
 import contextlib
-import html
-import inspect
 import json
 import os
 from pathlib import Path
@@ -36,7 +41,9 @@ except ImportError:  # pragma: no cover - only the CI's stub WebUI lacks it
 
 def _sibling(name: str) -> Any:
     """``scripts/<name>.py`` loaded by its path, as the WebUI loads every file of ``scripts/``
-    (never on ``sys.path``): the tab's HTML, ``dpagg_webui_html.py`` (its docstring: why)."""
+    (never on ``sys.path``, so ``import <name>`` would fail): the tab's layout, its HTML and
+    the WebUI host (``dpagg_webui_html.py``'s docstring: why, and why a sibling imports no
+    ``dpagg_core`` when it is loaded)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
@@ -45,10 +52,13 @@ def _sibling(name: str) -> Any:
     return module
 
 
+layout = _sibling("dpagg_webui_layout")  # these two import nothing heavy: a broken install
+webui_host = _sibling("dpagg_webui_host")  # still shows its error in the tab
+
+
 try:
     import dpagg_core.privacy.accountant  # noqa: F401 - needs scipy, attrs: fail here, not mid-run
     import dpagg_core.privacy.ledger  # noqa: F401
-    from dpagg_core import options
     from dpagg_core import webui as core
     from dpagg_core import webui_access as access
     from dpagg_core.errors import DpaggError
@@ -57,7 +67,6 @@ try:
     IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - a broken install; shown in the tab
     core = views = None  # type: ignore[assignment]
-    options = None  # type: ignore[assignment]
     access = None  # type: ignore[assignment]
     DpaggError = ValueError  # type: ignore[misc,assignment]
     IMPORT_ERROR = (
@@ -68,138 +77,6 @@ except Exception as exc:  # pragma: no cover - a broken install; shown in the ta
     print(f"[dpagg] {IMPORT_ERROR}")
 
 ELEM = "dpagg"
-_api_embedding_dbs: list[Any] = []  # the API's own embedding database (Forge keeps a separate one)
-
-
-# ----------------------------------------------------------------------------------------------
-# The WebUI behind dpagg_core.webui.Host
-# ----------------------------------------------------------------------------------------------
-
-
-def _loaded_model() -> Any:
-    """The WebUI's loaded model without triggering a load (None if none is loaded)."""
-    from modules import sd_models
-
-    data = getattr(sd_models, "model_data", None)
-    model = getattr(data, "sd_model", None) if data is not None else None
-    if model is None or getattr(model, "sd_checkpoint_info", None) is None:
-        return None
-    return model
-
-
-def _is_forge() -> bool:
-    try:
-        import backend.memory_management  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
-def _call_reload(db: Any, *, sync: bool = False) -> None:
-    """``load_textual_inversion_embeddings`` of A1111's database (``force_reload``; ``sync``:
-    re-read the expected width from the loaded model, only for the model's own database) or of
-    Forge's backend one (no arguments)."""
-    fn = db.load_textual_inversion_embeddings
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {}
-    if "force_reload" in params:
-        kwargs["force_reload"] = True
-    if "sync_with_sd_model" in params:
-        kwargs["sync_with_sd_model"] = sync
-    fn(**kwargs)
-
-
-def reload_webui_embeddings() -> list[str]:
-    """Reload every embedding database the WebUI uses, so a new file works without a restart:
-    the loaded model's (Forge: its text-processing engines; A1111: ``sd_hijack``'s), the Extra
-    Networks page's and the API's (``/sdapi/v1/embeddings``)."""
-    done: list[str] = []
-    model = _loaded_model()
-    for attr in ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g"):
-        engine = getattr(model, attr, None) if model is not None else None
-        if engine is not None and getattr(engine, "embeddings", None) is not None:
-            _call_reload(engine.embeddings)
-            done.append(f"model:{attr}")
-    with contextlib.suppress(ImportError, AttributeError):
-        from modules import sd_hijack
-
-        db = sd_hijack.model_hijack.embedding_db
-        if model is not None and not done:
-            _call_reload(db, sync=True)
-            done.append("sd_hijack")
-    with contextlib.suppress(ImportError, AttributeError):
-        from modules import ui_extra_networks_textual_inversion as extra
-
-        if getattr(extra, "embedding_db", None) is not None:
-            _call_reload(extra.embedding_db)
-            done.append("extra_networks")
-    for db in _api_embedding_dbs:
-        _call_reload(db)
-        done.append("api")
-    return done
-
-
-class WebuiHost:
-    """``dpagg_core.webui.Host`` over the running WebUI."""
-
-    def __init__(self) -> None:
-        from modules import devices
-
-        self.device = str(getattr(devices, "device", "cpu"))
-
-    def progress(self, done: int, total: int, text: str) -> None:
-        st = shared.state
-        st.job_count = 1
-        st.job_no = 0
-        st.sampling_steps = max(1, int(total))
-        st.sampling_step = int(done)
-        st.textinfo = text
-
-    def cancelled(self) -> bool:
-        return bool(getattr(shared.state, "interrupted", False))
-
-    @contextlib.contextmanager
-    def model_off_device(self):
-        """Forge: its memory manager unloads every model from the GPU and loads the WebUI's model
-        back by itself at the next generation. A1111: ``sd_models.send_model_to_cpu`` (lowvram
-        aware) before, ``send_model_to_device`` after. Nothing to do on CPU."""
-        if not self.device.startswith(("cuda", "xpu", "mps")):
-            yield
-            return
-        from modules import sd_models
-
-        model = _loaded_model()
-        if _is_forge():
-            from backend import memory_management
-
-            memory_management.unload_all_models()
-            memory_management.soft_empty_cache()
-            yield
-            return
-        if model is not None:
-            sd_models.send_model_to_cpu(model)
-        try:
-            yield
-        finally:
-            if model is not None:
-                sd_models.send_model_to_device(model)
-
-    def reload_embeddings(self, path: Path) -> None:
-        done = reload_webui_embeddings()
-        print(f"[dpagg] released {path.name}; reloaded embedding databases: {', '.join(done)}")
-
-    def loaded_family(self) -> str | None:
-        model = _loaded_model()
-        if model is None:
-            return None
-        if getattr(model, "is_sdxl", False):
-            return "sdxl"
-        if getattr(model, "is_sd2", False):
-            return "sd2"
-        if getattr(model, "is_sd1", False):
-            return "sd1"
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +115,7 @@ def checkpoint_choices() -> list[str]:
 
 
 def loaded_checkpoint_title() -> str:
-    model = _loaded_model()
+    model = webui_host.loaded_model()
     if model is not None:
         return str(model.sd_checkpoint_info.title)
     return str(getattr(shared.opts, "sd_model_checkpoint", "") or "")
@@ -251,7 +128,7 @@ def resolve_checkpoint(value: str) -> str:
 
     value = (value or "").strip()
     if not value:
-        model = _loaded_model()
+        model = webui_host.loaded_model()
         if model is not None:
             return str(model.sd_checkpoint_info.filename)
         info = sd_models.select_checkpoint()
@@ -311,7 +188,7 @@ def plan(values: dict[str, Any]) -> dict[str, Any]:
         view = core.plan_view(
             s,
             ledger=ledger_path(),
-            loaded_family=WebuiHost().loaded_family(),
+            loaded_family=webui_host.WebuiHost().loaded_family(),
             max_epsilon=max_epsilon(),
         )
     return {**view, "html": views.plan_html(view)}
@@ -323,7 +200,7 @@ def generate_preview(word: str, steps: int, size: int, out: Path, card: Path | N
     card's thumbnail)."""
     from modules import processing
 
-    model = _loaded_model() or shared.sd_model
+    model = webui_host.loaded_model() or shared.sd_model
     if not size:
         size = 1024 if getattr(model, "is_sdxl", False) else 512
     pairs = []
@@ -361,7 +238,7 @@ def generate_preview(word: str, steps: int, size: int, out: Path, card: Path | N
 def run(values: dict[str, Any]) -> dict[str, Any]:
     """One run (caller holds the WebUI's queue lock and has begun ``shared.state``)."""
     s = settings(values)
-    host = WebuiHost()
+    host = webui_host.WebuiHost()
     report = core.run(
         s, ledger=ledger_path(), out_dir=embeddings_dir(), host=host, max_epsilon=max_epsilon()
     )
@@ -380,7 +257,7 @@ def run(values: dict[str, Any]) -> dict[str, Any]:
 
 def suggest(values: dict[str, Any]) -> dict[str, Any]:
     s = settings(values)
-    return core.suggest_clip_norm(s, ledger=ledger_path(), host=WebuiHost())
+    return core.suggest_clip_norm(s, ledger=ledger_path(), host=webui_host.WebuiHost())
 
 
 REHEARSAL_KEYS = ("public_folder", "n", "draws")
@@ -409,7 +286,7 @@ def rehearse(values: dict[str, Any]) -> dict[str, Any]:
         s,
         ledger=ledger_path(),
         out_dir=rehearsals_dir(),
-        host=WebuiHost(),
+        host=webui_host.WebuiHost(),
         public_folder=folder,
         n=n,
         draws=draws,
@@ -519,8 +396,8 @@ def on_app_started(_demo: Any, app: Any) -> None:
     for route in getattr(app, "routes", []):  # the API's embedding database (Forge: separate)
         if getattr(route, "path", "") == "/sdapi/v1/refresh-embeddings":
             db = getattr(getattr(route.endpoint, "__self__", None), "embedding_db", None)
-            if db is not None and db not in _api_embedding_dbs:
-                _api_embedding_dbs.append(db)
+            if db is not None and db not in webui_host.api_embedding_dbs:
+                webui_host.api_embedding_dbs.append(db)
 
     if access is None:  # a broken install: the tab says why; no routes
         return
@@ -579,339 +456,37 @@ def on_app_started(_demo: Any, app: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings (Settings > dpagg); not settable through /sdapi/v1/options (restrict_api)
+# The tab and Settings > dpagg: their layout is dpagg_webui_layout.py, wired to the actions above
 # ----------------------------------------------------------------------------------------------
 
 
 def on_ui_settings() -> None:
-    import gradio as gr
-
+    """Settings > dpagg; not settable through /sdapi/v1/options (restrict_api)."""
     if access is None:
         return
-
-    def option(default: Any, label: str, component: Any, args: dict | None, info: str) -> Any:
-        kwargs = {"section": access.SETTINGS_SECTION, "restrict_api": True}
-        try:
-            made = shared.OptionInfo(default, label, component, args, **kwargs)
-        except TypeError:  # an older WebUI without restrict_api
-            kwargs.pop("restrict_api")
-            made = shared.OptionInfo(default, label, component, args, **kwargs)
-        return made.info(info) if hasattr(made, "info") else made
-
-    shared.opts.add_option(
-        access.SETTING_ROOTS,
-        option(
-            "",
-            access.SETTING_ROOTS_LABEL,
-            gr.Textbox,
-            {"lines": 2},
-            f"private and public; one per line; empty: <data dir>/{access.DEFAULT_ROOT_NAME}",
-        ),
-    )
-    shared.opts.add_option(
-        access.SETTING_MAX_EPSILON,
-        option(
-            0.0,
-            access.SETTING_MAX_EPSILON_LABEL,
-            gr.Number,
-            None,
-            "a request above it is refused before anything is trained or spent",
-        ),
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# The tab
-# ----------------------------------------------------------------------------------------------
-
-_FIELD_ORDER = (
-    "images",
-    "checkpoint",
-    "name",
-    "mode",
-    "epsilon",
-    "noise_multiplier",
-    "delta",
-    "sampling",
-    "m",
-    "q",
-    "releases",
-    "clip_norm",
-    "public_images",
-    "quantile",
-    "public_style_folder",
-    "public_style_k",
-    "clip_norm_from_style",
-    "budget_epsilon",
-    "budget_delta",
-    "steps",
-    "learning_rate",
-    "vectors",
-    "initializer",
-    "templates",
-    "resolution",
-    "batch_size",
-    "seed",
-    "preview",
-    "preview_steps",
-    "preview_size",
-)
-
-
-_CHOICE_FIELDS = frozenset(
-    {"checkpoint", "mode", "sampling", "templates", "preview", "clip_norm_from_style"}
-)
-
-
-def _js_kwargs(component: Any, fn_name: str) -> dict[str, str]:
-    """gradio 3 (A1111 1.10) calls the client-side hook ``_js``, gradio 4 (Forge) ``js``."""
-    params = inspect.signature(component.click).parameters
-    return {"js": fn_name} if "js" in params else {"_js": fn_name}
+    layout.add_settings(shared)
 
 
 def on_ui_tabs():
-    import gradio as gr
-
     if IMPORT_ERROR:
-        with gr.Blocks(analytics_enabled=False) as tab:
-            gr.HTML(f"<div style='color:#d33'>{html.escape(IMPORT_ERROR)}</div>")
-        return [(tab, "Private style (DP)", ELEM)]
-
-    d = core.Settings()
+        return layout.error_tab(IMPORT_ERROR, ELEM)
     roots = image_roots()
     with contextlib.suppress(OSError):  # the default root, private to its owner
         if roots == access.image_roots("", _data_dir()):
             roots[0].mkdir(mode=0o700, parents=True, exist_ok=True)
-    from modules.call_queue import wrap_gradio_gpu_call
-
-    with gr.Blocks(analytics_enabled=False) as tab:
-        with gr.Row():
-            with gr.Column(scale=3):
-                comps: dict[str, Any] = {}
-                comps["images"] = gr.Textbox(
-                    label="Private image folder (never leaves this machine)",
-                    placeholder=str(roots[0] / "my-style"),
-                    info=f"a folder under {', '.join(map(str, roots))} "
-                    "(Settings > dpagg lists the folders dpagg may read)",
-                    elem_id=f"{ELEM}_images",
-                )
-                with gr.Row():
-                    choices = checkpoint_choices()
-                    comps["checkpoint"] = gr.Dropdown(
-                        label="Checkpoint (default: the loaded one)",
-                        choices=choices,
-                        value=loaded_checkpoint_title() if choices else None,
-                        elem_id=f"{ELEM}_checkpoint",
-                    )
-                    comps["name"] = gr.Textbox(
-                        label="Embedding name (the prompt word)", value=d.name
-                    )
-                with gr.Row():
-                    comps["mode"] = gr.Radio(
-                        label="Privacy target",
-                        choices=[core.MODE_EPSILON, core.MODE_NOISE],
-                        value=d.mode,
-                        elem_id=f"{ELEM}_mode",
-                    )
-                    shown = core.target_fields(d.mode)  # the target not chosen is hidden
-                    comps["epsilon"] = gr.Number(
-                        label="epsilon",
-                        value=d.epsilon,
-                        visible=shown["epsilon"],
-                        elem_id=f"{ELEM}_epsilon",
-                    )
-                    comps["noise_multiplier"] = gr.Number(
-                        label="noise multiplier",
-                        value=d.noise_multiplier,
-                        visible=shown["noise_multiplier"],
-                        elem_id=f"{ELEM}_noise_multiplier",
-                    )
-                    comps["delta"] = gr.Number(label="delta", value=d.delta)
-                with gr.Row():
-                    comps["sampling"] = gr.Dropdown(
-                        label="Sampling", choices=list(options.SAMPLINGS), value=d.sampling
-                    )
-                    comps["m"] = gr.Number(label="m (wor)", value=d.m, precision=0)
-                    comps["q"] = gr.Number(label="q (poisson)", value=d.q)
-                    comps["releases"] = gr.Number(label="releases", value=d.releases, precision=0)
-                with gr.Row():
-                    comps["clip_norm"] = gr.Number(label="Clip norm C (public)", value=d.clip_norm)
-                    comps["public_images"] = gr.Textbox(
-                        label="PUBLIC folder for the clip-norm suggestion", placeholder="/path"
-                    )
-                    comps["quantile"] = gr.Number(label="quantile", value=d.quantile)
-                    suggest_btn = gr.Button("Suggest C from the public folder")
-                with gr.Row():
-                    comps["budget_epsilon"] = gr.Number(
-                        label=core.BUDGET_LABEL,
-                        info=core.BUDGET_INFO,
-                        value=0,
-                        elem_id=f"{ELEM}_budget_epsilon",
-                    )
-                    comps["budget_delta"] = gr.Number(label="budget delta (0 = keep)", value=0)
-                with gr.Accordion("Public style folder (the recipe for small sets)", open=False):
-                    with gr.Row():
-                        comps["public_style_folder"] = gr.Textbox(
-                            label="PUBLIC style folder (empty: release in the full space)",
-                            info=core.STYLE_INFO,
-                            placeholder="/path",
-                            elem_id=f"{ELEM}_public_style_folder",
-                        )
-                        comps["public_style_k"] = gr.Number(
-                            label="k per vector (0 = choose on the style subfolders)",
-                            value=d.public_style_k,
-                            precision=0,
-                        )
-                        comps["clip_norm_from_style"] = gr.Checkbox(
-                            label="C from the style folder (off: the C field)",
-                            value=d.clip_norm_from_style,
-                        )
-                with gr.Accordion("Rehearse on public images (spends nothing)", open=False):
-                    gr.HTML(views.rehearse_info_html())
-                    with gr.Row():
-                        rehearse_folder = gr.Textbox(
-                            label="PUBLIC rehearsal folder",
-                            placeholder="/path",
-                            elem_id=f"{ELEM}_rehearse_folder",
-                        )
-                        rehearse_n = gr.Number(
-                            label="n (the size of your private set)", value=10, precision=0
-                        )
-                        rehearse_draws = gr.Number(
-                            label="noise draws per epsilon", value=2, precision=0
-                        )
-                        rehearse_btn = gr.Button("Rehearse", elem_id=f"{ELEM}_rehearse")
-                    rehearse_grid = gr.Image(
-                        label="Rehearsal: without | non-private | three epsilons",
-                        interactive=False,
-                        elem_id=f"{ELEM}_rehearse_grid",
-                    )
-                    rehearse_html = gr.HTML(elem_id=f"{ELEM}_rehearse_result")
-                with gr.Accordion("Per-image textual inversion", open=False):
-                    with gr.Row():
-                        comps["steps"] = gr.Number(label="TI steps", value=d.steps, precision=0)
-                        comps["learning_rate"] = gr.Number(
-                            label="learning rate", value=d.learning_rate
-                        )
-                        comps["vectors"] = gr.Number(
-                            label="vectors per token", value=d.vectors, precision=0
-                        )
-                        comps["initializer"] = gr.Textbox(
-                            label="initializer word (public centre)", value=d.initializer
-                        )
-                    with gr.Row():
-                        comps["templates"] = gr.Dropdown(
-                            label="templates",
-                            choices=list(options.TEMPLATE_KINDS),
-                            value=d.templates,
-                        )
-                        comps["resolution"] = gr.Number(
-                            label="resolution (0 = the model's)", value=0, precision=0
-                        )
-                        comps["batch_size"] = gr.Number(
-                            label="batch size", value=d.batch_size, precision=0
-                        )
-                        comps["seed"] = gr.Number(
-                            label="training seed (TI randomness only)", value=0, precision=0
-                        )
-                with gr.Accordion("Preview grid", open=False):
-                    with gr.Row():
-                        comps["preview"] = gr.Checkbox(label="with/without preview", value=True)
-                        comps["preview_steps"] = gr.Number(
-                            label="preview steps", value=d.preview_steps, precision=0
-                        )
-                        comps["preview_size"] = gr.Number(
-                            label="preview size (0 = the model's)", value=0, precision=0
-                        )
-            with gr.Column(scale=2):
-                plan_html = gr.HTML(
-                    views.plan_html({"ok": False, "hint": True}), elem_id=f"{ELEM}_plan"
-                )
-                with gr.Row():
-                    run_btn = gr.Button(
-                        "Train and release", variant="primary", elem_id=f"{ELEM}_run"
-                    )
-                    stop_btn = gr.Button("Interrupt", elem_id=f"{ELEM}_interrupt")
-                # the WebUI's progress bar is drawn (position: absolute) in the anchor's parent:
-                # a "progress-container" row (the WebUI's class, position: relative) keeps it
-                # above the progress text instead of over the plan at the top of the column
-                with gr.Row(elem_classes="progress-container"):
-                    gr.HTML(elem_id=f"{ELEM}_progress")
-                preview = gr.Image(
-                    label="Preview: without | with the embedding",
-                    show_label=False,  # gradio 4 draws it over the grid's own "without" label
-                    interactive=False,
-                    elem_id=f"{ELEM}_preview",
-                )
-                result_html = gr.HTML(elem_id=f"{ELEM}_result")
-        id_task = gr.Textbox(visible=False, elem_id=f"{ELEM}_id_task")
-        inputs = [comps[k] for k in _FIELD_ORDER]
-
-        def values_of(args: tuple) -> dict[str, Any]:
-            return dict(zip(_FIELD_ORDER, args, strict=True))
-
-        def refresh_plan(*args: Any) -> str:
-            return plan(values_of(args))["html"]
-
-        for key in _FIELD_ORDER:  # debounced: core.PLAN_EVENTS (no scan per keystroke)
-            kind = "choice" if key in _CHOICE_FIELDS else "text"
-            for event in core.PLAN_EVENTS[kind]:
-                if event == "blur" and isinstance(comps[key], gr.Number):
-                    continue  # gradio 4's Number has no blur event: javascript/dpagg_webui.js
-                listener = getattr(comps[key], event, None)
-                if listener is not None:
-                    listener(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
-        # A number field that is left (blur): dpaggNumberLeft (javascript/dpagg_webui.js) clicks
-        # this hidden button, the same in gradio 3 (A1111) and 4 (Forge, whose gr.Number has no
-        # blur event, so a typed budget or epsilon was not planned until Enter or the next run)
-        replan_btn = gr.Button(visible=False, elem_id=f"{ELEM}_replan")
-        replan_btn.click(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
-
-        def show_target(mode: str):
-            shown = core.target_fields(mode)
-            return gr.update(visible=shown["epsilon"]), gr.update(visible=shown["noise_multiplier"])
-
-        comps["mode"].change(
-            fn=show_target,
-            inputs=[comps["mode"]],
-            outputs=[comps["epsilon"], comps["noise_multiplier"]],
-        )
-
-        def do_run(_id_task: str, *args: Any):
-            return tab_run(values_of(args))
-
-        run_btn.click(
-            fn=wrap_gradio_gpu_call(do_run, extra_outputs=[None, gr.update()]),
-            inputs=[id_task, *inputs],
-            outputs=[preview, plan_html, result_html],
-            **_js_kwargs(run_btn, "dpaggStartRun"),
-        ).then(  # a release: refresh the Extra Networks panes so its card shows at once
-            fn=None, inputs=[result_html], outputs=[], **_js_kwargs(run_btn, "dpaggAfterRun")
-        )
-
-        def do_suggest(_id_task: str, *args: Any):
-            clip_norm, text = tab_suggest(values_of(args))
-            return (gr.update() if clip_norm is None else clip_norm), text
-
-        suggest_btn.click(
-            fn=wrap_gradio_gpu_call(do_suggest, extra_outputs=[gr.update()]),
-            inputs=[id_task, *inputs],
-            outputs=[comps["clip_norm"], result_html],
-            **_js_kwargs(suggest_btn, "dpaggStartRun"),
-        ).then(fn=refresh_plan, inputs=inputs, outputs=[plan_html])  # C was set, not typed
-
-        def do_rehearse(_id_task: str, folder: str, n: Any, draws: Any, *args: Any):
-            asked = {"public_folder": folder, "n": n, "draws": draws}
-            return tab_rehearse(values_of(args) | asked)
-
-        rehearse_btn.click(
-            fn=wrap_gradio_gpu_call(do_rehearse, extra_outputs=[gr.update()]),
-            inputs=[id_task, rehearse_folder, rehearse_n, rehearse_draws, *inputs],
-            outputs=[rehearse_grid, rehearse_html],
-            **_js_kwargs(rehearse_btn, "dpaggStartRun"),
-        )
-        stop_btn.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
-    return [(tab, "Private style (DP)", ELEM)]
+    checkpoints = checkpoint_choices()
+    return layout.build_tab(
+        elem=ELEM,
+        views=views,
+        roots=roots,
+        checkpoints=checkpoints,
+        loaded_checkpoint=loaded_checkpoint_title() if checkpoints else None,
+        plan=plan,
+        tab_run=tab_run,
+        tab_suggest=tab_suggest,
+        tab_rehearse=tab_rehearse,
+        interrupt=lambda: shared.state.interrupt(),
+    )
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

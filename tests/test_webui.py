@@ -467,8 +467,8 @@ _RELOAD = textwrap.dedent(
     spec = importlib.util.spec_from_file_location("dpagg_webui_tab.py", sys.argv[3])
     tab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tab)
-    tab._api_embedding_dbs.append(WebuiDb("api"))
-    done = tab.reload_webui_embeddings()
+    tab.webui_host.api_embedding_dbs.append(WebuiDb("api"))
+    done = tab.webui_host.reload_webui_embeddings()
     print(json.dumps({"done": done, "calls": calls}))
     """
 )
