@@ -125,50 +125,25 @@ def rehearse(
     n: int,
     plan_for: Any,
     epsilon: float,
-    clip_norm: float,
-    out_dir: str | Path,
-    name: str = "rehearsal",
-    centre: str | None = None,
-    public_centre: Any = None,
-    basis: Any = None,
-    mode: str = "clip",
-    postprocess: str = "none",
-    draws: int = 2,
     seed: int = 0,
-    render: Any = None,
-    ledger: Any = None,
+    **options: Any,
 ) -> Rehearsal:
     """Rehearse a release on ``n`` PUBLIC images of ``public_folder`` (module docstring).
 
     ``trainer``: a training driver with ``images(folder, public=True)`` and ``train(loaded)``
     (``training.train_run.Trainer``). ``plan_for(epsilon, n)``: the front end's plan rules at
-    another epsilon (``calibration.plan_from_inputs`` with its delta and sampling). ``render``:
-    ``render(files, labels, out) -> Path`` draws the grid (None: no grid). ``ledger``: the
-    ledger whose private pictures are refused (its key identifies them)."""
-    if draws < 1:
-        raise DpaggError(f"draws={draws}: at least one noise draw per epsilon")
-    postprocess_targets(postprocess, basis)  # checked before any training
+    another epsilon (``calibration.plan_from_inputs`` with its delta and sampling). ``seed``:
+    which ``n`` pictures are drawn (public). ``options``: :func:`rehearse_set`'s (``clip_norm``,
+    ``out_dir``, centre, basis, post-processing, ``draws``, ``render(files, labels, out)`` for
+    the grid, and ``ledger``, whose private pictures are refused), checked before training."""
+    if options.get("draws", 2) < 1:
+        raise DpaggError(f"draws={options['draws']}: at least one noise draw per epsilon")
+    postprocess_targets(options.get("postprocess", "none"), options.get("basis"))
     plans = {e: plan_for(e, n) for e in rehearsal_epsilons(float(epsilon))}
     loaded = trainer.images(Path(public_folder), public=True)
     chosen = pick_public(loaded.count, n, seed)
     eset = trainer.train(_subset(loaded, chosen))
-    return rehearse_set(
-        eset,
-        plans=plans,
-        epsilon=epsilon,
-        clip_norm=clip_norm,
-        out_dir=out_dir,
-        name=name,
-        centre=centre,
-        public_centre=public_centre,
-        basis=basis,
-        mode=mode,
-        postprocess=postprocess,
-        draws=draws,
-        render=render,
-        ledger=ledger,
-        available=loaded.count,
-    )
+    return rehearse_set(eset, plans=plans, epsilon=epsilon, available=loaded.count, **options)
 
 
 def rehearse_set(

@@ -317,7 +317,7 @@ def scan_images(folder: str, ledger: Path) -> tuple[int, str, list[str]]:
 
 
 class Host(Protocol):
-    """What a run needs from the WebUI (``scripts/dpagg_webui_tab.py``; fakes in the tests)."""
+    """What a run needs from the WebUI (``scripts/dpagg_webui_host.py``; fakes in the tests)."""
 
     device: str
 

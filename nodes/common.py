@@ -70,6 +70,7 @@ from PIL import Image
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.images import (
     LoadedImages,
+    check_resolution,
     fit_images,
     identify_pictures,
     look_of,
@@ -376,6 +377,26 @@ def _opt(value: Any) -> float | None:
     """0 (the widget default) means "not given"."""
     value = _first(value)
     return None if value is None or float(value) == 0.0 else float(value)
+
+
+def clip_norm_input(tooltip: str) -> Any:
+    """The clip norm C widget (DP Aggregate, Rehearse; linkable from Public Style's C)."""
+    return io.Float.Input(
+        "clip_norm", default=1.0, min=1e-6, max=1e6, step=0.01, round=False, tooltip=tooltip
+    )
+
+
+def check_folder_inputs(folder: Any, resolution: Any) -> bool | str:
+    """validate_inputs of a folder loader (Load Private / Public Images): the sub-folder of
+    ComfyUI/input and the resolution; a linked (converted) input arrives as None and is checked
+    by execute."""
+    try:
+        if folder is not None:
+            input_folder(str(folder))
+        check_resolution(int(resolution if resolution is not None else 512))
+    except (DpaggError, TypeError, ValueError) as exc:
+        return str(exc)
+    return True
 
 
 def _images_input(tooltip: str, public: bool = False) -> Any:

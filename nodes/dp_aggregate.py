@@ -47,6 +47,7 @@ from .common import (
     _opt,
     _stage_reporter,
     _ui,
+    clip_norm_input,
     clip_release_dir,
     comfy_ledger,
     embeddings_dir,
@@ -72,14 +73,8 @@ class DPAggregate(io.ComfyNode):
             inputs=[
                 EmbeddingSetIO.Input("embedding_set"),
                 DpPlanIO.Input("plan"),
-                io.Float.Input(
-                    "clip_norm",
-                    default=1.0,
-                    min=1e-6,
-                    max=1e6,
-                    step=0.01,
-                    round=False,
-                    tooltip="C: every embedding is clipped to distance C from the centre. Choose "
+                clip_norm_input(
+                    "C: every embedding is clipped to distance C from the centre. Choose "
                     "it from public data, never from these images",
                 ),
                 io.Combo.Input(

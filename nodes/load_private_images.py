@@ -12,7 +12,6 @@ from comfy_api.latest import io
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.files import folder_fingerprint
 from dpagg_core.io.images import (
-    check_resolution,
     load_image_folder,
 )
 
@@ -21,6 +20,7 @@ from .common import (
     CATEGORY,
     PrivateImagesIO,
     _ui,
+    check_folder_inputs,
     comfy_ledger,
     input_folder,
     input_subfolders,
@@ -75,13 +75,7 @@ class LoadPrivateImages(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder: Any = None, resolution: Any = 512) -> bool | str:
-        try:  # a linked (converted) input arrives as None here; execute checks it then
-            if folder is not None:
-                input_folder(str(folder))
-            check_resolution(int(resolution if resolution is not None else 512))
-        except (DpaggError, TypeError, ValueError) as exc:
-            return str(exc)
-        return True
+        return check_folder_inputs(folder, resolution)
 
     @classmethod
     def fingerprint_inputs(cls, folder: Any = None, resolution: Any = 512) -> str:

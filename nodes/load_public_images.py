@@ -20,13 +20,14 @@ from comfy_api.latest import io
 
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.files import folder_fingerprint
-from dpagg_core.io.images import IMAGE_EXTENSIONS, check_resolution, load_image_folder
+from dpagg_core.io.images import IMAGE_EXTENSIONS, load_image_folder
 from dpagg_core.training.public import public_style_folders
 
 from .common import (
     CATEGORY,
     PublicImagesIO,
     _ui,
+    check_folder_inputs,
     input_folder,
     input_subfolders,
     ledger_path,
@@ -135,13 +136,7 @@ class LoadPublicImages(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder: Any = None, resolution: Any = 512) -> bool | str:
-        try:
-            if folder is not None:
-                input_folder(str(folder))
-            check_resolution(int(resolution if resolution is not None else 512))
-        except (DpaggError, TypeError, ValueError) as exc:
-            return str(exc)
-        return True
+        return check_folder_inputs(folder, resolution)
 
     @classmethod
     def fingerprint_inputs(cls, folder: Any = None, resolution: Any = 512) -> str:

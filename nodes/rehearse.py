@@ -40,6 +40,7 @@ from .common import (
     PublicEmbeddingsIO,
     _stage_reporter,
     _ui,
+    clip_norm_input,
     comfy_ledger,
     embeddings_dir,
 )
@@ -47,19 +48,6 @@ from .dp_aggregate import public_centre_input
 from .public_style import public_job
 
 REHEARSAL_SUBDIR = "dpagg_rehearsal"
-
-
-def plan_at(plan: PrivacyPlan, epsilon: float, n: int) -> PrivacyPlan:
-    """``plan``'s rules (delta, sampling, releases) at another epsilon and n."""
-    return calibration.plan_from_inputs(
-        n=n,
-        delta=plan.delta,
-        epsilon=epsilon,
-        sampling=plan.sampling,
-        m=plan.m,
-        q=plan.q,
-        releases=plan.releases,
-    )
 
 
 class Rehearse(io.ComfyNode):
@@ -93,15 +81,7 @@ class Rehearse(io.ComfyNode):
                     tooltip="images drawn from the public folder: 0 = the plan's n (your "
                     "private set's size)",
                 ),
-                io.Float.Input(
-                    "clip_norm",
-                    default=1.0,
-                    min=1e-6,
-                    max=1e6,
-                    step=0.01,
-                    round=False,
-                    tooltip="C, as on DP Aggregate (link Public Style's clip_norm)",
-                ),
+                clip_norm_input("C, as on DP Aggregate (link Public Style's clip_norm)"),
                 io.Combo.Input("centre", options=list(CENTRES), default="initializer"),
                 io.Int.Input("draws", default=2, min=1, max=8, tooltip="noise draws per epsilon"),
                 io.Int.Input(
@@ -166,7 +146,8 @@ class Rehearse(io.ComfyNode):
             raise DpaggError("plan: connect a Privacy Accountant")
         check_clip_norm(float(clip_norm))
         count = int(n) or int(plan.n)
-        plans = {e: plan_at(plan, e, count) for e in rehearsal_epsilons(float(plan.epsilon))}
+        epsilons = rehearsal_epsilons(float(plan.epsilon))
+        plans = {e: calibration.at_epsilon(plan, e, count) for e in epsilons}
         public_centre = public_centre_input(centre, public_embeddings, "")
         rows = pick_public(job.n, count, int(pick_seed))
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)

@@ -319,6 +319,22 @@ def calibrate(
     return plan_from_setting(z, eps, acc, s)
 
 
+def at_epsilon(plan: PrivacyPlan, epsilon: float, n: int | None = None) -> PrivacyPlan:
+    """``plan``'s rules (delta, sampling with its m or q, releases, neighbouring relation) at
+    another target ``epsilon`` (and ``n``): the plan a refusal's "largest epsilon that fits" and a
+    rehearsal's half and double epsilon are computed with (:func:`calibrate`)."""
+    return calibrate(
+        epsilon,
+        plan.delta,
+        plan.n if n is None else n,
+        plan.sampling,
+        m=plan.m,
+        q=plan.q,
+        releases=plan.releases,
+        neighbouring=plan.neighbouring,
+    )
+
+
 def plan_from_inputs(
     *,
     n: int,

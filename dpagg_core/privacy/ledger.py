@@ -80,7 +80,7 @@ from dpagg_core.privacy.accounts import (
     set_account,
     worst,
 )
-from dpagg_core.privacy.calibration import calibrate
+from dpagg_core.privacy.calibration import at_epsilon
 from dpagg_core.privacy.composition import (
     CHARGE_MODES,
     Spend,
@@ -470,8 +470,7 @@ class Ledger:
         upper: float,
     ) -> float | None:
         def recalibrate(eps: float) -> PrivacyPlan:
-            return calibrate(eps, plan.delta, plan.n, plan.sampling, m=plan.m, q=plan.q,
-                             releases=plan.releases, neighbouring=plan.neighbouring)  # fmt: skip
+            return at_epsilon(plan, eps)
 
         try:
             with self._store.connect() as con, read_transaction(con):
