@@ -260,6 +260,14 @@ class DPAggregate(io.ComfyNode):
         lines += budget_request_lines(figures.get("budget"), be, bd, outcome.reused)
         lines += plan_lines(plan)
         flat_dim = sum(int(t.numel()) for t in outcome.vectors.values())
+        if isinstance(public_embeddings, PublicBasisBuild) and isinstance(eset, TrainingJob):
+            differ = public_embeddings.settings_differ(eset.config)
+            if differ:  # a utility warning (all public settings), not a privacy one
+                lines.append(
+                    "warning: Public Style's Per-Image TI was trained with other settings ("
+                    + "; ".join(differ)
+                    + "): its basis, centre and C fit this set best with the same settings"
+                )
         if is_ti:
             outlook = release_forecast(
                 plan, basis, flat_dim, float(clip_norm), str(centre), public_embeddings

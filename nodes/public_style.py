@@ -13,6 +13,7 @@ being charged again (``training.public.cached_public_embeddings``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from comfy_api.latest import io
@@ -119,8 +120,9 @@ class PublicStyle(io.ComfyNode):
         job = public_job(public_embedding_set, "public_embedding_set")
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         public, cached = public_embeddings_of(job, node_id)
-        build: PublicBasisBuild = style_from_public(
-            public, int(k) or "auto", job.public.groups, job.public.styles
+        build: PublicBasisBuild = dataclasses.replace(
+            style_from_public(public, int(k) or "auto", job.public.groups, job.public.styles),
+            ti_config=job.config,
         )
         basis = build.basis
         clip_norm = float(subspace_clip_norms(public, basis, float(clip_quantile))["public_mean"])

@@ -261,3 +261,34 @@ def test_rehearse_writes_the_grid_prompts_and_spends_nothing(
             name="trial",
             mode="clip",
         )
+
+
+def test_dp_aggregate_warns_when_the_public_side_was_trained_otherwise(
+    pack, comfy_base, public_folder, tiny_backend
+):
+    """The two Per-Image TI nodes of the template are set by hand: DP Aggregate names the
+    settings in which they differ (public values; a utility warning, the release still runs),
+    and says nothing when they agree."""
+    basis, build, clip_norm = _style(pack, k=2).args
+    kw = dict(basis=basis, public_embeddings=build, clip_norm=clip_norm, centre="public_mean")
+    job, plan = _private_job(pack, comfy_base)
+    with torch.inference_mode():
+        same = aggregate(pack, job, plan, budget_epsilon=10.0, **kw)
+    assert not [x for x in same.ui["dpagg"][0]["lines"] if "other settings" in x]
+    from image_kinds import write_mixed_sizes
+
+    write_mixed_sizes(comfy_base / "input" / "mine2", seed=3)
+    loaded = pack["load_private_images"].LoadPrivateImages.execute(folder="mine2", resolution=32)
+    widgets = TI_WIDGETS | {"steps": [3], "learning_rate": [0.02]}
+    with torch.inference_mode():
+        ti_node = pack["per_image_ti"].PerImageTI
+        images = [loaded.args[0]]
+        models = {"model": ["M"], "clip": ["C"], "vae": ["V"]}
+        other = ti_node.execute(**models, images=images, **widgets).args[0]
+        plan2 = pack["privacy_accountant"].PrivacyAccountant.execute(
+            **acc_kwargs(), embedding_set=other
+        )
+        out = aggregate(pack, other, plan2.args[0], budget_epsilon=10.0, name="other", **kw)
+    (line,) = [x for x in out.ui["dpagg"][0]["lines"] if "other settings" in x]
+    assert "steps 2 vs 3" in line and "learning_rate 0.01 vs 0.02" in line
+    assert out.ui["dpagg"][0]["reused"] is False  # a warning, not a refusal

@@ -94,6 +94,18 @@ class PublicBasisBuild:
     choice: Any = None
     styles: tuple[str, ...] = ()
     groups: tuple[int, ...] = ()
+    ti_config: Any = None  # the TIConfig the public embeddings were trained with, when known
+
+    def settings_differ(self, config: Any) -> list[str]:
+        """The TI settings that shape an embedding (steps, learning rate, vectors, initializer,
+        templates, flips) in which ``config`` differs from these public embeddings' (empty when
+        unknown): the basis and centre describe embeddings trained like the private ones only
+        when they match. Public values only."""
+        if self.ti_config is None or config is None:
+            return []
+        keys = ("steps", "learning_rate", "vectors", "initializer", "templates", "flip")
+        mine, theirs = vars(self.ti_config), vars(config)
+        return [f"{k} {mine[k]} vs {theirs[k]}" for k in keys if mine.get(k) != theirs.get(k)]
 
     def agreement(self, clip_norm: float, centre: Any, basis: Any = None) -> float:
         """The forecast's rho (``privacy.forecast.agreement``) measured on these PUBLIC
