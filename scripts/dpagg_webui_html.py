@@ -21,7 +21,10 @@ dp-accounting (the Forge test caught exactly that).
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +41,31 @@ def error_html(message: Any, lead: str = "") -> str:
     """An error for the tab, escaped; ``lead`` is trusted markup."""
     text = html.escape(str(message))
     return f"<div class='dpagg-error' style='color:#d33'>{lead}{text}</div>"
+
+
+def inputs_key(values: Mapping[str, Any]) -> str:
+    """A short digest of the tab's field values (public settings and paths)."""
+    text = json.dumps(dict(values), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def refusal_html(message: Any, values: Mapping[str, Any]) -> str:
+    """A refused run ("Nothing released: ..."), escaped, marked with the digest of the fields it
+    was refused for (:func:`stale_refusal`)."""
+    text = html.escape(str(message))
+    return (
+        f"<div class='dpagg-error dpagg-refusal' data-inputs='{inputs_key(values)}' "
+        f"style='color:#d33'><b>Nothing released:</b> {text}</div>"
+    )
+
+
+def stale_refusal(result: Any, values: Mapping[str, Any]) -> bool:
+    """Whether ``result`` (the result box's HTML) is a refusal made for OTHER field values: the
+    plan refresh then clears it, so a refusal the user has since fixed (e.g. a missing budget)
+    does not stay in red under a plan that now fits. A refusal of these very values (a plan
+    refresh racing the run, e.g. a number field left by clicking Train) stays."""
+    found = re.search(r"dpagg-refusal' data-inputs='([0-9a-f]+)'", str(result or ""))
+    return bool(found) and found.group(1) != inputs_key(values)
 
 
 def _budget_line(budget: Mapping[str, Any]) -> str:

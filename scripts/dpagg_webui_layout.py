@@ -272,9 +272,14 @@ def build_tab(
         def values_of(args: tuple) -> dict[str, Any]:
             return dict(zip(_FIELD_ORDER, args, strict=True))
 
-        def refresh_plan(*args: Any) -> str:
-            return plan(values_of(args))["html"]
+        def refresh_plan(*args: Any) -> tuple[str, Any]:
+            """The plan for the fields (the last input is the result box): a refusal made for
+            other values is cleared (``views.stale_refusal``), anything else is kept."""
+            values = values_of(args[:-1])
+            stale = views.stale_refusal(args[-1], values)
+            return plan(values)["html"], (gr.update(value="") if stale else gr.update())
 
+        replan_in, replan_out = [*inputs, result_html], [plan_html, result_html]
         for key in _FIELD_ORDER:  # debounced: core.PLAN_EVENTS (no scan per keystroke)
             kind = "choice" if key in _CHOICE_FIELDS else "text"
             for event in core.PLAN_EVENTS[kind]:
@@ -282,12 +287,12 @@ def build_tab(
                     continue  # gradio 4's Number has no blur event: javascript/dpagg_webui.js
                 listener = getattr(comps[key], event, None)
                 if listener is not None:
-                    listener(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
+                    listener(fn=refresh_plan, inputs=replan_in, outputs=replan_out)
         # A number field that is left (blur): dpaggNumberLeft (javascript/dpagg_webui.js) clicks
         # this hidden button, the same in gradio 3 (A1111) and 4 (Forge, whose gr.Number has no
         # blur event, so a typed budget or epsilon was not planned until Enter or the next run)
         replan_btn = gr.Button(visible=False, elem_id=f"{elem}_replan")
-        replan_btn.click(fn=refresh_plan, inputs=inputs, outputs=[plan_html])
+        replan_btn.click(fn=refresh_plan, inputs=replan_in, outputs=replan_out)
 
         def show_target(mode: str):
             shown = core.target_fields(mode)
@@ -320,7 +325,7 @@ def build_tab(
             inputs=[id_task, *inputs],
             outputs=[comps["clip_norm"], result_html],
             **_js_kwargs(suggest_btn, "dpaggStartRun"),
-        ).then(fn=refresh_plan, inputs=inputs, outputs=[plan_html])  # C was set, not typed
+        ).then(fn=refresh_plan, inputs=replan_in, outputs=replan_out)  # C was set, not typed
 
         def do_rehearse(_id_task: str, folder: str, n: Any, draws: Any, *args: Any):
             asked = {"public_folder": folder, "n": n, "draws": draws}

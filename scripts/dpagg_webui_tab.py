@@ -311,7 +311,7 @@ def tab_run(values: dict[str, Any]) -> tuple[str | None, str, str]:
     try:
         out = run(values)
     except DpaggError as exc:
-        return None, plan(values)["html"], views.error_html(exc, "<b>Nothing released:</b> ")
+        return None, plan(values)["html"], views.refusal_html(exc, values)
     return out.get("preview"), plan(values)["html"], out["html"]
 
 

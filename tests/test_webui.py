@@ -647,8 +647,23 @@ def test_error_html_escapes_a_hostile_file_name(tmp_path, tiny_model_dir):
     shown = views.error_html(info.value, "<b>Nothing released:</b> ")
     assert "<img" not in shown and "&lt;img src=x onerror=alert(1)&gt;.jpg" in shown
     assert shown.count("<b>") == 1
+    refused = views.refusal_html(info.value, {"images": str(folder), "epsilon": 2})
+    assert "<img" not in refused and refused.count("<b>") == 1 and "Nothing released" in refused
     view = core.plan_view(settings(tmp_path, tiny_model_dir), ledger=tmp_path / "l.sqlite")
     assert "<img" not in plan_shown(view) and "&lt;img" in plan_shown(view)
+
+
+def test_a_refusal_is_cleared_by_the_plan_refresh_only_once_the_fields_changed():
+    """A refused run stays in red while the fields are those it was refused for (a plan refresh
+    racing the run keeps it); once the user changed a field (e.g. set the missing budget) the
+    plan refresh clears it, so it never sits under a plan that now fits. Other results (a
+    release report, a C suggestion) are never cleared by a plan refresh."""
+    asked = {"images": "/x", "epsilon": 2, "budget_epsilon": 0}
+    refused = views.refusal_html("budget epsilon: choose the total epsilon", asked)
+    assert not views.stale_refusal(refused, dict(asked))
+    assert views.stale_refusal(refused, asked | {"budget_epsilon": 4})
+    assert not views.stale_refusal("<div>released mystyle.safetensors</div>", asked)
+    assert not views.stale_refusal("", asked) and not views.stale_refusal(None, asked)
 
 
 # The extension script in a stub WebUI with a real FastAPI app, as A1111's webui.py builds it:
