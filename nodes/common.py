@@ -156,18 +156,31 @@ def images_dataset_id(images: Sequence[torch.Tensor]) -> tuple[str, list[str]]:
     return identify_pictures(digests, looks, ledger=ledger_path(), names=names)
 
 
-def private_images(images: Any) -> LoadedImages | None:
-    """The ``PRIVATE_IMAGES`` of an images input (ComfyUI passes a list for list inputs), or
-    None when the input is plain ``IMAGE`` data."""
+def one_loader_output(images: Any, kind: type, mix_error: str) -> Any:
+    """The one ``kind`` object (a loader node's output) of an images input (ComfyUI passes a
+    list for list inputs), or None when there is none; ``mix_error`` when it comes with others."""
     items = images if isinstance(images, (list, tuple)) else [images]
-    found = [x for x in items if isinstance(x, LoadedImages)]
+    found = [x for x in items if isinstance(x, kind)]
     if not found:
         return None
     if len(found) != 1 or len(items) != 1:
-        raise DpaggError(
-            "images: connect ONE Load Private Images output (or plain IMAGE data), not a mix"
-        )
+        raise DpaggError(mix_error)
     return found[0]
+
+
+def private_images(images: Any) -> LoadedImages | None:
+    """The ``PRIVATE_IMAGES`` of an images input, or None when it is plain ``IMAGE`` data."""
+    return one_loader_output(
+        images,
+        LoadedImages,
+        "images: connect ONE Load Private Images output (or plain IMAGE data), not a mix",
+    )
+
+
+def refit(pixels: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Loader pixels (``[N, 3, R, R]`` in [-1, 1]) at another ``resolution``, fitted with the
+    CLI's filter (``images.fit_images``)."""
+    return fit_images(((pixels + 1) / 2).clamp(0, 1), resolution)
 
 
 def loaded_dataset_id(loaded: LoadedImages) -> str:

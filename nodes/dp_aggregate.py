@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from dpagg_core.aggregate.release import (
     CENTRES,
+    PUBLIC_EMBEDDINGS_HINT,
     check_public_centre_inputs,
     release_embeddings,
 )
@@ -25,7 +26,6 @@ from dpagg_core.budget_report import (
 from dpagg_core.errors import BudgetExceeded, DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.names import sanitize_name
-from dpagg_core.io.public_embeddings import public_mean_centre
 from dpagg_core.options import POSTPROCESS
 from dpagg_core.paths import resolve_path
 from dpagg_core.pipeline import train_and_release
@@ -319,13 +319,14 @@ def public_centre_input(centre: Any, public_embeddings: Any, public_embeddings_f
                 "public_embeddings_file: keep one (clear the file). Nothing was spent."
             )
         return public_embeddings.public
+    if centre == PUBLIC_MEAN_CENTRE and not text:
+        raise DpaggError(
+            "centre=public_mean needs the embeddings of PUBLIC images: link Public Style's "
+            f"public_embeddings, or give public_embeddings_file ({PUBLIC_EMBEDDINGS_HINT}). "
+            "Nothing was spent."
+        )
     problem = check_public_centre_inputs(centre, text)
     if problem:
-        if centre == PUBLIC_MEAN_CENTRE and not text:
-            problem = problem.replace(
-                "needs public_embeddings_file:",
-                "needs Public Style's public_embeddings (linked) or public_embeddings_file:",
-            )
         raise DpaggError(problem)
     return resolve_path(text) if centre == PUBLIC_MEAN_CENTRE else None
 
@@ -344,12 +345,7 @@ def release_forecast(
     k = int(basis.dim) if basis is not None else int(flat_dim)
     if not isinstance(public_embeddings, PublicBasisBuild):
         return forecast(plan, k)
-    public = public_embeddings.public
-    centre_vec = {
-        PUBLIC_MEAN_CENTRE: lambda: public_mean_centre(public).flat(),
-        "initializer": public.flat_centre,
-    }.get(centre, lambda: None)()
-    rho = public_embeddings.agreement(clip_norm, centre_vec, basis)
+    rho = public_embeddings.agreement(clip_norm, centre, basis)
     return forecast(plan, k, max(rho, 1e-6), rho_source="measured on Public Style's images")
 
 

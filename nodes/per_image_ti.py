@@ -17,7 +17,6 @@ from comfy_api.latest import io
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.embeddings import EmbeddingSet
 from dpagg_core.io.images import (
-    fit_images,
     load_images,
 )
 from dpagg_core.privacy.identity import image_ids_for
@@ -38,7 +37,9 @@ from .common import (
     images_dataset_id,
     ledger_path,
     loaded_dataset_id,
+    one_loader_output,
     private_images,
+    refit,
     refuse_unstable_loader,
     to_model_images,
 )
@@ -81,7 +82,7 @@ def training_images(
                     f"Load Private Images made {loaded.resolution} px images, upscaled here to "
                     f"{resolution} px (blurry): set its resolution to {resolution}"
                 )
-            x = fit_images(((x + 1) / 2).clamp(0, 1), resolution)  # the CLI's filter
+            x = refit(x, resolution)
         return x, loaded_dataset_id(loaded), warns
     refuse_unstable_loader(hidden)
     imgs = _flatten_images(images)
@@ -95,19 +96,17 @@ def training_images(
 
 def public_images(images: Any) -> PublicImages | None:
     """The ``PUBLIC_IMAGES`` of an images input, or None (private or plain IMAGE data)."""
-    items = images if isinstance(images, (list, tuple)) else [images]
-    found = [x for x in items if isinstance(x, PublicImages)]
-    if not found:
-        return None
-    if len(found) != 1 or len(items) != 1:
-        raise DpaggError("images: connect ONE Load Public Images output, not a mix with others")
-    return found[0]
+    return one_loader_output(
+        images,
+        PublicImages,
+        "images: connect ONE Load Public Images output, not a mix with others",
+    )
 
 
 def public_pixels(public: PublicImages, resolution: int) -> torch.Tensor:
     """The public pictures at ``resolution`` (0: as loaded), fitted as the CLI fits pictures."""
     if resolution and resolution != public.resolution:
-        return fit_images(((public.pixels + 1) / 2).clamp(0, 1), resolution)
+        return refit(public.pixels, resolution)
     return public.pixels
 
 

@@ -20,7 +20,6 @@ from comfy_api.latest import io
 
 from dpagg_core.aggregate.basis_choice import subspace_clip_norms
 from dpagg_core.errors import DpaggError
-from dpagg_core.io.public_embeddings import public_mean_centre
 from dpagg_core.training.public import PublicBasisBuild, style_from_public
 
 from .common import (
@@ -126,7 +125,7 @@ class PublicStyle(io.ComfyNode):
         )
         basis = build.basis
         clip_norm = float(subspace_clip_norms(public, basis, float(clip_quantile))["public_mean"])
-        rho = build.agreement(clip_norm, public_mean_centre(public).flat(), basis)
+        rho = build.agreement(clip_norm, "public_mean", basis)
         how = "from the cache (trained before, same model and settings)" if cached else "trained"
         lines = [
             f"{public.n} PUBLIC images in {len(build.styles)} style(s): embeddings {how}",

@@ -24,7 +24,6 @@ from comfy_api.latest import io
 from dpagg_core.aggregate.release import CENTRES
 from dpagg_core.errors import DpaggError
 from dpagg_core.io.names import sanitize_name
-from dpagg_core.io.public_embeddings import public_mean_centre
 from dpagg_core.options import POSTPROCESS
 from dpagg_core.privacy import calibration
 from dpagg_core.privacy.accountant import PrivacyPlan
@@ -33,7 +32,6 @@ from dpagg_core.rehearsal import pick_public, rehearsal_epsilons, rehearse_set
 
 from .common import (
     CATEGORY,
-    PUBLIC_MEAN_CENTRE,
     DpPlanIO,
     EmbeddingSetIO,
     PublicBasisIO,
@@ -154,9 +152,8 @@ class Rehearse(io.ComfyNode):
         _stage_reporter(node_id, "Rehearse")(f"training {count} of {job.n} PUBLIC pictures")
         eset = job.subset(rows).materialize(node_id)
         rho, source = None, "measured on the drawn public pictures"
-        if public_embeddings is not None and centre == PUBLIC_MEAN_CENTRE:
-            mean = public_mean_centre(public_centre).flat()
-            rho = public_embeddings.agreement(float(clip_norm), mean, basis)
+        if public_embeddings is not None:  # linked only with centre=public_mean (checked above)
+            rho = public_embeddings.agreement(float(clip_norm), str(centre), basis)
             source = "measured on Public Style's images"
         out = embeddings_dir() / REHEARSAL_SUBDIR
         result = rehearse_set(

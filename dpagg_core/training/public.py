@@ -20,6 +20,7 @@ from dpagg_core.errors import DpaggError
 from dpagg_core.io.public_embeddings import (
     PublicEmbeddings,
     load_public_embeddings,
+    public_mean_centre,
     save_public_embeddings,
 )
 from dpagg_core.privacy.forecast import agreement
@@ -107,12 +108,21 @@ class PublicBasisBuild:
         mine, theirs = vars(self.ti_config), vars(config)
         return [f"{k} {mine[k]} vs {theirs[k]}" for k in keys if mine.get(k) != theirs.get(k)]
 
-    def agreement(self, clip_norm: float, centre: Any, basis: Any = None) -> float:
+    def centre_vector(self, centre: str) -> np.ndarray | None:
+        """The flat centre of kind ``centre`` as these public embeddings give it: their mean
+        (``public_mean``), their initializer (``initializer``), or None (``origin``)."""
+        if centre == "public_mean":
+            return public_mean_centre(self.public).flat()
+        return self.public.flat_centre() if centre == "initializer" else None
+
+    def agreement(self, clip_norm: float, centre: str, basis: Any = None) -> float:
         """The forecast's rho (``privacy.forecast.agreement``) measured on these PUBLIC
-        embeddings for a release with ``clip_norm`` around ``centre`` (flat, None: the origin)
-        in ``basis``'s coordinates (None: all D): per public style, the median over styles."""
+        embeddings for a release with ``clip_norm`` around the centre of kind ``centre``
+        (:meth:`centre_vector`) in ``basis``'s coordinates (None: all D): per public style,
+        the median over styles."""
         flat = self.public.flat().astype(np.float64)
-        deltas = flat - (0.0 if centre is None else np.asarray(centre, np.float64))
+        vec = self.centre_vector(centre)
+        deltas = flat - (0.0 if vec is None else np.asarray(vec, np.float64))
         coords = basis.project(deltas) if basis is not None else deltas
         labels = np.asarray(self.groups or [0] * len(coords))
         return agreement([coords[labels == g] for g in np.unique(labels)], clip_norm)
